@@ -1,0 +1,120 @@
+"""`LongExposureConfig`: every knob of the backend, validated on construction."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, fields
+from typing import Optional
+
+ENV_PREFIX = "LECOMPILE_"
+
+PREDICTORS = ("oracle", "svd")
+GRANULARITIES = ("sequence", "tile", "batch")
+
+
+@dataclass(frozen=True)
+class LongExposureConfig:
+    """Configuration of the ``longexposure`` backend.
+
+    Every field can also be set through an environment variable ``LECOMPILE_<FIELD>``
+    (for example ``LECOMPILE_MLP_DENSITY=0.25``) when the config is built with
+    :meth:`from_env`, which is what the registered ``"longexposure"`` backend does.
+    """
+
+    #: Share of MLP neurons kept per group of tokens, in (0, 1]. 1.0 keeps every neuron
+    #: (the rewritten op then runs dense). The kept count is
+    #: ``k = round_up(mlp_density * ffn, k_align)``, capped at ``ffn``.
+    mlp_density: float = 0.5
+    #: Share of attention blocks kept per head, in (0, 1]. Attention blocks are matched and
+    #: reported; their sparse rewrite is not implemented yet, so values below 1.0 only warn.
+    attn_density: float = 1.0
+    #: How neuron indices are predicted: ``"oracle"`` (exact top-k of the dense activation,
+    #: costs a dense pass; for tests and upper bounds) or ``"svd"`` (training-free rank-r
+    #: estimate from the frozen weights, plus the exact low-rank adapter terms).
+    predictor: str = "svd"
+    #: Tokens that share one neuron set: ``"sequence"`` (each sequence of the batch),
+    #: ``"tile"`` (each ``tile_size`` consecutive tokens of a sequence) or ``"batch"``.
+    granularity: str = "sequence"
+    #: Tokens per tile when ``granularity="tile"``: a positive multiple of 16.
+    tile_size: int = 128
+    #: Rank of the SVD predictor's estimate, at least 1.
+    svd_rank: int = 8
+    #: ``k`` is rounded up to a multiple of this (kernel tile; unaligned k was measured
+    #: 2-3x slower), at least 1.
+    k_align: int = 128
+    #: Rewrite matched MLP blocks into the sparse-MLP op. Off: MLPs are only reported.
+    rewrite_mlp: bool = True
+    #: Match attention blocks (reported; the rewrite comes with the attention operator).
+    match_attention: bool = True
+    #: Folder for graph dumps (FX code before and after the passes, and the report).
+    #: ``None`` reads ``LECOMPILE_DUMP_DIR`` when a graph is compiled.
+    dump_dir: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        _check_fraction("mlp_density", self.mlp_density)
+        _check_fraction("attn_density", self.attn_density)
+        _check_choice("predictor", self.predictor, PREDICTORS)
+        _check_choice("granularity", self.granularity, GRANULARITIES)
+        _check_int("tile_size", self.tile_size, "a positive multiple of 16",
+                   lambda v: v > 0 and v % 16 == 0)
+        _check_int("svd_rank", self.svd_rank, "an integer >= 1", lambda v: v >= 1)
+        _check_int("k_align", self.k_align, "an integer >= 1", lambda v: v >= 1)
+        for name in ("rewrite_mlp", "match_attention"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"LongExposureConfig.{name} must be a bool, "
+                                 f"got {getattr(self, name)!r}")
+        if self.dump_dir is not None and not isinstance(self.dump_dir, (str, os.PathLike)):
+            raise ValueError(f"LongExposureConfig.dump_dir must be a path or None, "
+                             f"got {self.dump_dir!r}")
+
+    @classmethod
+    def from_env(cls, **overrides) -> "LongExposureConfig":
+        """Defaults, then ``LECOMPILE_<FIELD>`` environment variables, then ``overrides``."""
+        values = {}
+        by_env = {ENV_PREFIX + f.name.upper(): f for f in fields(cls)}
+        for key, raw in os.environ.items():
+            if key in by_env:
+                values[by_env[key].name] = _parse(by_env[key], key, raw)
+        values.update(overrides)
+        return cls(**values)
+
+    def replace(self, **changes) -> "LongExposureConfig":
+        """A copy with ``changes`` applied (validated like a new config)."""
+        return dataclasses.replace(self, **changes)
+
+    def resolved_dump_dir(self) -> Optional[str]:
+        return self.dump_dir if self.dump_dir is not None else os.environ.get("LECOMPILE_DUMP_DIR")
+
+
+def _parse(field, key, raw):
+    kind = field.type if isinstance(field.type, str) else field.type.__name__
+    try:
+        if kind == "float":
+            return float(raw)
+        if kind == "int":
+            return int(raw)
+        if kind == "bool":
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {key}={raw!r} is not a valid {kind}") from None
+    return raw
+
+
+def _check_fraction(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+        raise ValueError(f"LongExposureConfig.{name} must be in (0, 1], got {value!r}")
+
+
+def _check_choice(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"LongExposureConfig.{name} must be one of {allowed}, got {value!r}")
+
+
+def _check_int(name, value, what, ok):
+    if isinstance(value, bool) or not isinstance(value, int) or not ok(value):
+        raise ValueError(f"LongExposureConfig.{name} must be {what}, got {value!r}")

@@ -1,0 +1,154 @@
+"""``lecompile::sparse_mlp``: an MLP block that computes only the predicted neurons.
+
+``y = fc2(act(fc1(x))[idx])`` (or ``fc2((act(gate(x)) * up(x))[idx])`` for gated MLPs), with
+every linear an :class:`~lecompile.ops.adapted_linear.AdaptedLinear` carrying its PEFT adapters,
+passed packed by :func:`~lecompile.ops.adapted_linear.pack_mlp`.
+
+Index layout: ``idx [G, k]`` int64, each row sorted and unique. The ``T`` tokens of ``x``
+(all leading dims flattened) form ``G`` equal groups of consecutive tokens, and group ``g`` uses
+neurons ``idx[g]``: ``G = 1`` shares one set over the batch, ``G = batch`` is per sequence,
+``G = T / tile`` is per token tile. ``k == ffn`` means every neuron: the op runs dense.
+
+This file holds the PyTorch reference implementation, used on every device until the Triton
+kernels take over on CUDA. Backward recomputes the compact forward (only ``[T, k]`` tensors) and
+differentiates it, so it saves no activation beyond its inputs and the compact LoRA dropout mask,
+and it is exact for every input: adapters, biases, IA3 vectors, the input, and base weights too
+when they require grad (their gradient is non-zero on the kept neurons only).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+from .adapted_linear import ACTIVATIONS, SLOTS, AdaptedLinear, expand_linear, pack_mlp, reduce_linear, unpack_mlp
+
+Tensor = torch.Tensor
+
+
+def sparse_mlp_ref(x: Tensor, idx: Tensor, fc1: AdaptedLinear, up: Optional[AdaptedLinear],
+                   fc2: AdaptedLinear, activation: str, lora_keep: Optional[Tensor] = None,
+                   lora_dropout: float = 0.0) -> Tensor:
+    """Reference sparse MLP. ``lora_keep``: fc2's LoRA dropout keep-mask ``[G, n, k]``."""
+    groups = idx.shape[0]
+    dense = idx.shape[-1] == fc1.weight.shape[0]
+    gidx = None if dense else idx
+
+    def grouped(t):
+        return t.reshape(groups, -1, t.shape[-1])
+
+    def regroup(lin):
+        if lin is None or lin.lora_input is None:
+            return lin
+        return AdaptedLinear(**{**lin.__dict__, "lora_input": grouped(lin.lora_input)})
+
+    xg = grouped(x)
+    h = ACTIVATIONS[activation](expand_linear(xg, regroup(fc1), gidx))
+    if up is not None:
+        h = h * expand_linear(xg, regroup(up), gidx)
+    y = reduce_linear(h, fc2, gidx, lora_keep, lora_dropout)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def _check(x, idx, params, slots, lora_scales, activation):
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"sparse_mlp: activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
+    if len(lora_scales) != 3 or len(params) != len(slots):
+        raise ValueError(f"sparse_mlp: expected 3 lora_scales and one slot per param, got "
+                         f"{len(lora_scales)} scales, {len(params)} params, {len(slots)} slots")
+    if idx.dim() != 2 or idx.dtype != torch.int64:
+        raise ValueError(f"sparse_mlp: idx must be int64 [G, k], got {idx.dtype} {tuple(idx.shape)}")
+    tokens = x.numel() // x.shape[-1]
+    if tokens % idx.shape[0]:
+        raise ValueError(f"sparse_mlp: {tokens} tokens do not split into {idx.shape[0]} equal groups")
+    if idx.shape[1] > params[0].shape[0]:
+        raise ValueError(f"sparse_mlp: k={idx.shape[1]} exceeds ffn={params[0].shape[0]}")
+
+
+def _grouped_keep(keep, idx):
+    return keep.reshape(idx.shape[0], -1, idx.shape[1]) if keep.numel() else None
+
+
+_FC2_WEIGHT = 2 * len(SLOTS)
+_FC2_LORA_A = 2 * len(SLOTS) + SLOTS.index("lora_a")
+
+
+def _has_fc2_lora(slots):
+    return _FC2_LORA_A in slots
+
+
+@torch.library.custom_op("lecompile::sparse_mlp", mutates_args=())
+def sparse_mlp(x: Tensor, idx: Tensor, params: List[Tensor], slots: List[int],
+               lora_scales: List[float], activation: str, fc2_lora_dropout: float) -> tuple[Tensor, Tensor]:
+    """Sparse MLP forward. Returns ``(y, lora_keep)``; ``lora_keep`` is fc2's LoRA dropout
+    keep-mask ``[T, k]`` (bool), empty when there is no such dropout."""
+    _check(x, idx, params, slots, lora_scales, activation)
+    fc1, up, fc2 = unpack_mlp(params, slots, lora_scales)
+    if _has_fc2_lora(slots) and fc2_lora_dropout > 0.0:
+        keep = torch.rand(x.numel() // x.shape[-1], idx.shape[1], device=x.device) >= fc2_lora_dropout
+    else:
+        keep = x.new_empty(0, dtype=torch.bool)
+    y = sparse_mlp_ref(x, idx, fc1, up, fc2, activation, _grouped_keep(keep, idx), fc2_lora_dropout)
+    return y, keep
+
+
+@sparse_mlp.register_fake
+def _(x, idx, params, slots, lora_scales, activation, fc2_lora_dropout):
+    fc2_out = params[slots.index(_FC2_WEIGHT)].shape[0]
+    y = x.new_empty(*x.shape[:-1], fc2_out)
+    if _has_fc2_lora(slots) and fc2_lora_dropout > 0.0:
+        return y, x.new_empty(x.numel() // x.shape[-1], idx.shape[1], dtype=torch.bool)
+    return y, x.new_empty(0, dtype=torch.bool)
+
+
+@torch.library.custom_op("lecompile::sparse_mlp_backward", mutates_args=())
+def sparse_mlp_backward(grad_y: Tensor, x: Tensor, idx: Tensor, params: List[Tensor],
+                        slots: List[int], lora_scales: List[float], activation: str,
+                        fc2_lora_dropout: float, lora_keep: Tensor, wanted: List[bool]) -> List[Tensor]:
+    """Gradients of :func:`sparse_mlp` for the inputs ``[x, *params]`` flagged in ``wanted``,
+    by differentiating the compact recomputed forward."""
+    flat = [x, *params]
+    keep = _grouped_keep(lora_keep, idx)
+
+    def forward(*wanted_inputs):
+        it = iter(wanted_inputs)
+        full = [next(it) if w else t for t, w in zip(flat, wanted)]
+        fc1, up, fc2 = unpack_mlp(full[1:], slots, lora_scales)
+        return sparse_mlp_ref(full[0], idx, fc1, up, fc2, activation, keep, fc2_lora_dropout)
+
+    # torch.func.vjp, not torch.autograd.grad: a custom op's kernel runs below the autograd
+    # dispatch key, where only functorch's own transforms still record a graph.
+    _, vjp = torch.func.vjp(forward, *[t for t, w in zip(flat, wanted) if w])
+    return list(vjp(grad_y))
+
+
+@sparse_mlp_backward.register_fake
+def _(grad_y, x, idx, params, slots, lora_scales, activation, fc2_lora_dropout, lora_keep, wanted):
+    return [torch.empty_like(t) for t, w in zip([x, *params], wanted) if w]
+
+
+def _setup_context(ctx, inputs, output):
+    x, idx, params, slots, lora_scales, activation, p = inputs
+    ctx.wanted = [t.requires_grad for t in (x, *params)]
+    ctx.args = (slots, lora_scales, activation, p)
+    ctx.save_for_backward(idx, output[1], x, *params)
+
+
+def _backward(ctx, grad_y, _grad_keep):
+    idx, keep, x, *params = ctx.saved_tensors
+    slots, lora_scales, activation, p = ctx.args
+    grads = iter(sparse_mlp_backward(grad_y.contiguous(), x, idx, params, slots, lora_scales,
+                                     activation, p, keep, ctx.wanted))
+    out = [next(grads) if w else None for w in ctx.wanted]
+    return out[0], None, out[1:], None, None, None, None
+
+
+sparse_mlp.register_autograd(_backward, setup_context=_setup_context)
+
+
+def sparse_mlp_call(x: Tensor, idx: Tensor, fc1: AdaptedLinear, up: Optional[AdaptedLinear],
+                    fc2: AdaptedLinear, activation: str, fc2_lora_dropout: float = 0.0) -> Tensor:
+    """The op on :class:`AdaptedLinear` arguments, returning ``y`` only."""
+    params, slots, scales = pack_mlp(fc1, up, fc2)
+    return sparse_mlp(x, idx, params, slots, scales, activation, fc2_lora_dropout)[0]

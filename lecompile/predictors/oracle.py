@@ -1,0 +1,19 @@
+"""The oracle: exact MLP activations, so its top-k is the best any predictor can choose."""
+
+from typing import Optional
+
+import torch
+
+from ..ops.adapted_linear import ACTIVATIONS, AdaptedLinear, expand_linear
+
+
+def oracle_scores(x: torch.Tensor, fc1: AdaptedLinear, up: Optional[AdaptedLinear],
+                  activation: str, rank: int = 0) -> torch.Tensor:
+    """``|h|^2`` per token and neuron, ``h`` the exact dense intermediate (adapters included).
+
+    ``x`` is ``[T, d]``; ``rank`` is unused (same signature as the other predictors).
+    """
+    h = ACTIVATIONS[activation](expand_linear(x, fc1))
+    if up is not None:
+        h = h * expand_linear(x, up)
+    return h.float().square()
