@@ -1,0 +1,19 @@
+"""lecompile: a PyTorch compiler backend for sparse parameter-efficient fine-tuning.
+
+::
+
+    model = torch.compile(model, backend="longexposure")
+    model = torch.compile(model, backend=lecompile.longexposure(lecompile.LongExposureConfig(mlp_density=0.25)))
+    report = lecompile.explain(model, **batch)
+"""
+
+import logging
+
+from .backend import LongExposureBackend, explain, longexposure
+from .config import LongExposureConfig
+from .report import Report
+
+logging.getLogger("lecompile").addHandler(logging.NullHandler())
+
+__version__ = "0.1.0"
+__all__ = ["LongExposureBackend", "LongExposureConfig", "Report", "explain", "longexposure"]

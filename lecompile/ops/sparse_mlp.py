@@ -57,6 +57,8 @@ def _check(x, idx, params, slots, lora_scales, activation):
     if len(lora_scales) != 3 or len(params) != len(slots):
         raise ValueError(f"sparse_mlp: expected 3 lora_scales and one slot per param, got "
                          f"{len(lora_scales)} scales, {len(params)} params, {len(slots)} slots")
+    if _FC2_WEIGHT not in slots:
+        raise ValueError(f"sparse_mlp: fc2's weight (slot {_FC2_WEIGHT}) is missing from slots {list(slots)}")
     if idx.dim() != 2 or idx.dtype != torch.int64:
         raise ValueError(f"sparse_mlp: idx must be int64 [G, k], got {idx.dtype} {tuple(idx.shape)}")
     tokens = x.numel() // x.shape[-1]
@@ -120,12 +122,12 @@ def sparse_mlp_backward(grad_y: Tensor, x: Tensor, idx: Tensor, params: List[Ten
     # torch.func.vjp, not torch.autograd.grad: a custom op's kernel runs below the autograd
     # dispatch key, where only functorch's own transforms still record a graph.
     _, vjp = torch.func.vjp(forward, *[t for t, w in zip(flat, wanted) if w])
-    return list(vjp(grad_y))
+    return [g.contiguous() for g in vjp(grad_y)]
 
 
 @sparse_mlp_backward.register_fake
 def _(grad_y, x, idx, params, slots, lora_scales, activation, fc2_lora_dropout, lora_keep, wanted):
-    return [torch.empty_like(t) for t, w in zip([x, *params], wanted) if w]
+    return [t.new_empty(t.shape) for t, w in zip([x, *params], wanted) if w]
 
 
 def _setup_context(ctx, inputs, output):

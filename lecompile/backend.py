@@ -1,0 +1,97 @@
+"""The ``longexposure`` Dynamo backend: lecompile's passes, then Inductor."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+import torch.fx as fx
+
+from .config import LongExposureConfig
+from .passes import run_passes
+from .report import Report
+
+log = logging.getLogger("lecompile")
+_graph_ids = itertools.count()
+
+
+class LongExposureBackend:
+    """A Dynamo backend: ``torch.compile(model, backend=LongExposureBackend(config))``.
+
+    Runs :data:`lecompile.passes.PASSES` on each FX graph, then compiles the result with
+    Inductor (``compile_fx``), so everything the passes leave alone gets ordinary Inductor
+    fusion forward and backward. The report of every graph is kept in :attr:`reports`.
+    """
+
+    def __init__(self, config: Optional[LongExposureConfig] = None, *, inductor: bool = True):
+        if config is not None and not isinstance(config, LongExposureConfig):
+            raise TypeError(f"config must be a LongExposureConfig, got {type(config).__name__}")
+        self.config = config if config is not None else LongExposureConfig.from_env()
+        self.inductor = inductor
+        self.reports: List[Report] = []
+
+    def __call__(self, gm: fx.GraphModule, example_inputs):
+        graph_id = next(_graph_ids)
+        dump_dir = self.config.resolved_dump_dir()
+        before = gm.code if dump_dir else None
+        report = run_passes(gm, example_inputs, self.config)
+        self.reports.append(report)
+        log.info("graph %d: %d MLP block(s) rewritten of %d matched, %d attention block(s), "
+                 "%d unmatched", graph_id, report.mlp_rewritten, len(report.mlp),
+                 len(report.attention), len(report.unmatched))
+        log.debug("graph %d report:\n%s", graph_id, report)
+        if dump_dir:
+            _dump(Path(dump_dir), graph_id, before, gm.code, report)
+        if not self.inductor:
+            return gm.forward
+        from torch._inductor.compile_fx import compile_fx
+        return compile_fx(gm, example_inputs)
+
+    @property
+    def report(self) -> Report:
+        """All graphs' reports merged."""
+        merged = Report()
+        for r in self.reports:
+            merged = merged.merge(r)
+        return merged
+
+
+def _dump(folder: Path, graph_id: int, before: str, after: str, report: Report) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = f"graph_{os.getpid()}_{graph_id:03d}"
+    (folder / f"{stem}_before.py").write_text(before)
+    (folder / f"{stem}_after.py").write_text(after)
+    (folder / f"{stem}_report.txt").write_text(str(report) + "\n")
+    (folder / f"{stem}_report.json").write_text(report.to_json() + "\n")
+    log.info("graph %d dumped to %s/%s_*", graph_id, folder, stem)
+
+
+def longexposure(config: Optional[LongExposureConfig] = None) -> LongExposureBackend:
+    """A ``longexposure`` backend with ``config`` (default: :meth:`LongExposureConfig.from_env`).
+
+    ``torch.compile(model, backend=lecompile.longexposure(LongExposureConfig(mlp_density=0.25)))``
+    """
+    return LongExposureBackend(config)
+
+
+def longexposure_backend(gm: fx.GraphModule, example_inputs):
+    """The backend registered as ``"longexposure"`` (entry point group
+    ``torch_dynamo_backends``): the default config, with ``LECOMPILE_*`` overrides."""
+    return LongExposureBackend()(gm, example_inputs)
+
+
+def explain(model: torch.nn.Module, *args, config: Optional[LongExposureConfig] = None,
+            **kwargs) -> Report:
+    """What the backend would rewrite in ``model`` for this input, and why not, without
+    compiling anything with Inductor: runs one forward pass through Dynamo and the passes.
+
+    ``report = lecompile.explain(model, **batch)``
+    """
+    backend = LongExposureBackend(config, inductor=False)
+    compiled = torch.compile(model, backend=backend)
+    compiled(*args, **kwargs)
+    return backend.report

@@ -1,0 +1,86 @@
+"""lecompile's graph passes, run in order on the FX graph Dynamo hands the backend.
+
+Each pass is a plain function ``(ctx: PassContext) -> None``; :data:`PASSES` lists them with the
+config switch that turns them off. Passes only emit op calls; they never launch kernels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Sequence
+
+import torch
+import torch.fx as fx
+
+from ..config import LongExposureConfig
+from ..report import AttentionEntry, MLPEntry, Report, Unmatched
+from .fold_adapters import LinearMatch, fold_adapters
+from .match_attention import AttentionMatch, match_attention
+from .match_mlp import MLPMatch, match_mlp
+from .rewrite_mlp import kept_neurons, rewrite_mlp
+
+
+@dataclass
+class PassContext:
+    """What the passes share about one graph."""
+
+    gm: fx.GraphModule
+    config: LongExposureConfig
+    trainable: Dict[fx.Node, bool]
+    training: bool
+    report: Report = field(default_factory=lambda: Report(graphs=1))
+    linears: List[LinearMatch] = field(default_factory=list)
+    linear_by_out: Dict[fx.Node, LinearMatch] = field(default_factory=dict)
+    mlps: List[MLPMatch] = field(default_factory=list)
+    attention: List[AttentionMatch] = field(default_factory=list)
+
+    def unmatched(self, where: str, reason: str) -> None:
+        self.report.unmatched.append(Unmatched(where, reason))
+
+    def report_mlp(self, mlp: MLPMatch, k: int, granularity: str, note: str) -> MLPEntry:
+        entry = MLPEntry(mlp.name, mlp.pattern, mlp.peft, mlp.ffn, k, k / mlp.ffn, granularity,
+                         rewritten=False, note=note)
+        self.report.mlp.append(entry)
+        return entry
+
+
+def _record_attention(ctx: PassContext) -> None:
+    note = "attention rewrite not implemented yet: runs dense"
+    if ctx.config.attn_density < 1.0:
+        note += f" (attn_density={ctx.config.attn_density} has no effect)"
+    for att in ctx.attention:
+        ctx.report.attention.append(AttentionEntry(att.name, att.kind, att.heads, att.query_len,
+                                                   att.head_dim, att.peft, False, note))
+
+
+@dataclass(frozen=True)
+class Pass:
+    name: str
+    run: Callable[[PassContext], None]
+    enabled: Callable[[LongExposureConfig], bool] = lambda config: True
+
+
+#: The pipeline, in order. ``rewrite_mlp`` also runs with ``rewrite_mlp=False``, to report.
+PASSES: Sequence[Pass] = (
+    Pass("fold_adapters", fold_adapters),
+    Pass("match_mlp", match_mlp),
+    Pass("match_attention", match_attention, lambda c: c.match_attention),
+    Pass("record_attention", _record_attention, lambda c: c.match_attention),
+    Pass("rewrite_mlp", rewrite_mlp),
+)
+
+
+def run_passes(gm: fx.GraphModule, example_inputs, config: LongExposureConfig) -> Report:
+    """Run :data:`PASSES` on ``gm`` in place; return the report."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    trainable = {n: isinstance(t, torch.Tensor) and t.requires_grad
+                 for n, t in zip(placeholders, example_inputs)}
+    training = torch.is_grad_enabled() and any(trainable.values())
+    ctx = PassContext(gm, config, trainable, training)
+    for p in PASSES:
+        if p.enabled(config):
+            p.run(ctx)
+    return ctx.report
+
+
+__all__ = ["PASSES", "Pass", "PassContext", "run_passes", "kept_neurons"]

@@ -1,0 +1,123 @@
+"""Small helpers to read the torch-level FX graphs Dynamo hands a backend."""
+
+from __future__ import annotations
+
+import operator
+import re
+from typing import Iterable, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+LINEAR = (torch._C._nn.linear, F.linear)
+ADDMM = (torch.addmm,)
+DROPOUT = (F.dropout, torch.dropout)
+SDPA = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
+SOFTMAX = (F.softmax, torch.softmax)
+MATMUL = (torch.matmul, operator.matmul, torch.bmm)
+VIEWS = ("view", "reshape")
+#: Methods that only change dtype or layout; the sparse ops compute in the base dtype.
+CASTS = ("to", "float", "half", "bfloat16", "type", "contiguous")
+
+#: Elementwise ops an activation region between two linears may contain.
+ELEMENTWISE_FUNCTIONS = {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.pow,
+    torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.pow, torch.tanh, torch.erf,
+    torch.sigmoid, torch.exp, torch.relu, torch.sqrt, torch.rsqrt,
+    F.relu, F.gelu, F.silu, F.sigmoid, F.tanh, F.mish, F.leaky_relu,
+}
+ELEMENTWISE_METHODS = {"add", "sub", "mul", "div", "neg", "pow", "tanh", "erf", "sigmoid", "exp",
+                       "relu", "sqrt", "rsqrt", *CASTS}
+#: Ops that make an elementwise region non-linear: only those regions are MLP candidates.
+NONLINEAR = {torch.tanh, torch.erf, torch.sigmoid, torch.relu, F.relu, F.gelu, F.silu, F.sigmoid,
+             F.tanh, F.mish, F.leaky_relu, "tanh", "erf", "sigmoid", "relu"}
+
+
+def is_call(node: fx.Node, targets: Iterable) -> bool:
+    return node.op == "call_function" and node.target in targets
+
+
+def is_method(node: fx.Node, names: Iterable[str]) -> bool:
+    return node.op == "call_method" and node.target in names
+
+
+def is_cast(node: fx.Node) -> bool:
+    return is_method(node, CASTS)
+
+
+def is_elementwise(node: fx.Node) -> bool:
+    return ((node.op == "call_function" and node.target in ELEMENTWISE_FUNCTIONS)
+            or is_method(node, ELEMENTWISE_METHODS))
+
+
+def is_nonlinear(node: fx.Node) -> bool:
+    return node.target in NONLINEAR
+
+
+def strip_casts(node: fx.Node) -> fx.Node:
+    while is_cast(node) and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
+def only_user(node: fx.Node) -> Optional[fx.Node]:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def meta_value(node) -> Optional[torch.Tensor]:
+    value = node.meta.get("example_value") if isinstance(node, fx.Node) else None
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def shape(node) -> Optional[tuple]:
+    value = meta_value(node)
+    return tuple(value.shape) if value is not None else None
+
+
+def static_shape(node) -> Optional[tuple]:
+    """The node's shape if every dim is a plain int, else ``None`` (dynamic shapes)."""
+    s = shape(node)
+    return s if s is not None and all(type(d) is int for d in s) else None
+
+
+def tensor_args(node: fx.Node):
+    return [a for a in node.all_input_nodes]
+
+
+def dropout_p(node: fx.Node) -> float:
+    """The probability of a ``F.dropout`` call, 0.0 when it is not in training mode."""
+    args = list(node.args) + [None] * 4
+    p = node.kwargs.get("p", args[1] if args[1] is not None else 0.5)
+    training = node.kwargs.get("training", args[2] if args[2] is not None else True)
+    return float(p) if training else 0.0
+
+
+def source_name(node: fx.Node) -> str:
+    """The module path Dynamo recorded for a placeholder (``layers.0.mlp.fc1.weight``)."""
+    grapharg = node.meta.get("grapharg")
+    name = getattr(getattr(grapharg, "source", None), "name", None)
+    if callable(name):
+        name = name()
+    if not isinstance(name, str):
+        return node.name
+    name = re.sub(r"\.?(?:__dict__\[')?_(?:modules|parameters|buffers)'?\]?\['([^']+)'\]", r".\1", name)
+    name = re.sub(r"\[(\d+)\]", r".\1", name)
+    name = re.sub(r"^L\['[^']+'\]\.?", "", name)
+    name = re.sub(r"^base_model\.model\.", "", name)
+    return name.replace(".base_layer", "")
+
+
+def module_of(param_name: str) -> str:
+    return param_name.rsplit(".", 1)[0] if "." in param_name else param_name
+
+
+def common_prefix(names: Iterable[str]) -> str:
+    parts = [n.split(".") for n in names]
+    prefix = []
+    for pieces in zip(*parts):
+        if len(set(pieces)) != 1:
+            break
+        prefix.append(pieces[0])
+    return ".".join(prefix)

@@ -1,0 +1,165 @@
+"""Match MLP blocks on the canonical graph: ``fc2(act(fc1(x)))`` and ``down(act(gate(x)) * up(x))``.
+
+The activation is whatever elementwise region lies between the linears (``F.gelu``, GPT-2's
+hand-written tanh formula, ``silu``, casts...). It is identified numerically: the region is
+evaluated on probe values and compared with each known activation, so a new spelling of GELU
+needs no new pattern.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Set, Union
+
+import torch
+import torch.fx as fx
+
+from ..ops.adapted_linear import ACTIVATIONS
+from .fold_adapters import LinearMatch
+from .graph import common_prefix, is_cast, is_elementwise, is_nonlinear, static_shape
+
+MAX_REGION = 64
+
+
+@dataclass
+class MLPMatch:
+    fc1: LinearMatch                 # fc1, or the gate of a gated MLP
+    up: Optional[LinearMatch]
+    fc2: LinearMatch
+    activation: str
+    name: str
+
+    @property
+    def pattern(self) -> str:
+        return f"{self.activation}_gated" if self.up is not None else self.activation
+
+    @property
+    def ffn(self) -> int:
+        return self.fc1.out_features
+
+    @property
+    def peft(self) -> List[str]:
+        roles = (("fc1" if self.up is None else "gate", self.fc1), ("up", self.up), ("fc2", self.fc2))
+        return [f"{role}:{label}" for role, lin in roles if lin is not None for label in lin.peft]
+
+
+def match_mlp(ctx) -> None:
+    """Fill ``ctx.mlps``; candidates that fail a check go to the report with the reason."""
+    for fc2 in ctx.linears:
+        found = _region(fc2.x, ctx.linear_by_out)
+        if found is None:
+            continue
+        match = found if isinstance(found, str) else _match(fc2, *found)
+        if isinstance(match, str):
+            ctx.unmatched(fc2.name, f"MLP candidate ending in {fc2.name}: {match}")
+        else:
+            ctx.mlps.append(match)
+
+
+def _region(h: fx.Node, by_out: Dict[fx.Node, LinearMatch]):
+    """Walk back from fc2's input through elementwise ops to linear outputs.
+
+    Returns ``(sources, region)``, a reason string when a non-linear region hits something
+    else, or ``None`` when this is no MLP candidate (no non-linearity on the way).
+    """
+    sources: List[LinearMatch] = []
+    region: Set[fx.Node] = set()
+    stack, nonlinear, failure = [h], False, None
+    while stack:
+        node = stack.pop()
+        if node in by_out:
+            if by_out[node] not in sources:
+                sources.append(by_out[node])
+            continue
+        if node in region:
+            continue
+        if not is_elementwise(node):
+            failure = f"`{_describe(node)}` between the linears is not elementwise"
+            break
+        region.add(node)
+        nonlinear |= is_nonlinear(node)
+        if len(region) > MAX_REGION:
+            failure = f"more than {MAX_REGION} ops between the linears"
+            break
+        stack.extend(node.all_input_nodes)
+    if not nonlinear:
+        return None
+    return failure if failure else (sources, region)
+
+
+def _match(fc2: LinearMatch, sources: List[LinearMatch], region: Set[fx.Node]) -> Union[MLPMatch, str]:
+    if len(sources) not in (1, 2):
+        return f"the activation reads {len(sources)} linear outputs (expected 1, or 2 when gated)"
+    for src in sources:
+        if src.out_features != fc2.in_features:
+            return f"{src.name} has {src.out_features} outputs but fc2 reads {fc2.in_features}"
+    if len(sources) == 2 and sources[0].x is not sources[1].x:
+        return "gate and up read different inputs"
+    inside = region | fc2.nodes
+    for node in region:
+        if node is not fc2.x and any(u not in inside for u in node.users):
+            return f"the intermediate `{node.name}` is used outside the MLP"
+    if any(u not in inside for u in fc2.x.users):
+        return f"the intermediate `{fc2.x.name}` is used outside the MLP"
+    for src in sources:
+        if any(u not in region and u not in fc2.nodes for u in src.out.users):
+            return f"the output of {src.name} is used outside the MLP"
+    if static_shape(sources[0].x) is None:
+        return "dynamic shapes are not supported yet"
+    found = _identify(fc2.x, sources, region)
+    if found is None:
+        return "the activation is none of " + ", ".join(ACTIVATIONS) + " (or their gated forms)"
+    activation, gate_first = found
+    if len(sources) == 2 and not gate_first:
+        sources = sources[::-1]
+    up = sources[1] if len(sources) == 2 else None
+    name = common_prefix([s.name for s in sources] + [fc2.name]) or fc2.name
+    return MLPMatch(sources[0], up, fc2, activation, name)
+
+
+def _identify(h: fx.Node, sources: List[LinearMatch], region: Set[fx.Node]):
+    """``(activation, gate_is_first_source)`` by evaluating the region on probe values."""
+    order = {n: i for i, n in enumerate(h.graph.nodes)}
+    nodes = sorted(region, key=order.__getitem__)
+    gen = torch.Generator().manual_seed(0)
+    if len(sources) == 1:
+        a = torch.linspace(-8, 8, 2001, dtype=torch.float64)
+        out = _evaluate(nodes, {sources[0].out: a}, h)
+        for name, act in ACTIVATIONS.items():
+            if out is not None and torch.allclose(out, act(a), atol=1e-6, rtol=1e-6):
+                return name, True
+        return None
+    g = torch.randn(4096, generator=gen, dtype=torch.float64) * 4
+    u = torch.randn(4096, generator=gen, dtype=torch.float64)
+    for gate_first in (True, False):
+        values = (g, u) if gate_first else (u, g)
+        out = _evaluate(nodes, {sources[0].out: values[0], sources[1].out: values[1]}, h)
+        for name, act in ACTIVATIONS.items():
+            if out is not None and torch.allclose(out, act(g) * u, atol=1e-6, rtol=1e-6):
+                return name, gate_first
+    return None
+
+
+def _evaluate(nodes: List[fx.Node], env: Dict[fx.Node, torch.Tensor], h: fx.Node):
+    env = dict(env)
+
+    def value(a):
+        return fx.node.map_arg(a, lambda n: env[n])
+
+    try:
+        for node in nodes:
+            args, kwargs = value(node.args), value(node.kwargs)
+            if is_cast(node):
+                env[node] = args[0]  # probes stay float64; the op computes in the base dtype
+            elif node.op == "call_method":
+                env[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
+            else:
+                env[node] = node.target(*args, **kwargs)
+        return env[h]
+    except Exception:  # an op that does not accept probe values is simply not an activation
+        return None
+
+
+def _describe(node: fx.Node) -> str:
+    target = node.target if node.op != "call_function" else getattr(node.target, "__name__", node.target)
+    return f"{node.op} {target}"

@@ -1,0 +1,102 @@
+"""The rewrite report: what each compiled graph matched, what it rewrote, and why not."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import List, Optional
+
+
+@dataclass
+class MLPEntry:
+    """One matched MLP block."""
+
+    layer: str
+    pattern: str                 # relu / gelu / gelu_tanh / silu_gated / ...
+    peft: List[str]              # adapters found on its linears, e.g. ["fc1:lora", "fc2:ia3"]
+    ffn: int
+    k: int
+    density: float               # k / ffn, the density actually computed
+    granularity: str             # sequence / tile / batch
+    rewritten: bool
+    note: str = ""
+
+
+@dataclass
+class AttentionEntry:
+    """One matched attention block (reported; not rewritten yet)."""
+
+    layer: str
+    kind: str                    # sdpa / eager
+    heads: Optional[int]
+    query_len: Optional[int]
+    head_dim: Optional[int]
+    peft: List[str]
+    rewritten: bool = False
+    note: str = ""
+
+
+@dataclass
+class Unmatched:
+    """A candidate the passes looked at and left alone."""
+
+    where: str
+    reason: str
+
+
+@dataclass
+class Report:
+    """What the ``longexposure`` backend did to the graphs Dynamo handed it.
+
+    ``str(report)`` is a table for people, :meth:`to_json` is for tools.
+    """
+
+    graphs: int = 0
+    mlp: List[MLPEntry] = field(default_factory=list)
+    attention: List[AttentionEntry] = field(default_factory=list)
+    unmatched: List[Unmatched] = field(default_factory=list)
+
+    def merge(self, other: "Report") -> "Report":
+        return Report(self.graphs + other.graphs, self.mlp + other.mlp,
+                      self.attention + other.attention, self.unmatched + other.unmatched)
+
+    @property
+    def mlp_rewritten(self) -> int:
+        return sum(e.rewritten for e in self.mlp)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self, indent: int = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def __str__(self) -> str:
+        lines = [f"lecompile report: {self.graphs} graph(s), {len(self.mlp)} MLP block(s) matched "
+                 f"({self.mlp_rewritten} rewritten), {len(self.attention)} attention block(s), "
+                 f"{len(self.unmatched)} unmatched"]
+        if self.mlp:
+            lines.append(_table(
+                ["layer", "pattern", "peft", "ffn", "k", "density", "granularity", "rewritten"],
+                [[e.layer, e.pattern, ",".join(e.peft) or "-", e.ffn, e.k, f"{e.density:.3f}",
+                  e.granularity, "yes" if e.rewritten else "no"] for e in self.mlp]))
+            notes = sorted({e.note for e in self.mlp if e.note})
+            lines += [f"  note: {n}" for n in notes]
+        if self.attention:
+            lines.append(_table(
+                ["attention", "kind", "heads", "query_len", "head_dim", "peft", "rewritten"],
+                [[e.layer, e.kind, e.heads, e.query_len, e.head_dim, ",".join(e.peft) or "-",
+                  "yes" if e.rewritten else "no"] for e in self.attention]))
+            notes = sorted({e.note for e in self.attention if e.note})
+            lines += [f"  note: {n}" for n in notes]
+        if self.unmatched:
+            lines.append(_table(["unmatched", "reason"], [[u.where, u.reason] for u in self.unmatched]))
+        return "\n".join(lines)
+
+
+def _table(header, rows) -> str:
+    cells = [header] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    out = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
+    out += [fmt.format(*r) for r in cells[1:]]
+    return "\n".join(out)

@@ -1,0 +1,71 @@
+"""Tiny random Hugging Face models with PEFT adapters, and a train-step helper, for the tests."""
+
+from __future__ import annotations
+
+import peft
+import torch
+from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig,
+                          OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+
+VOCAB, HIDDEN, FFN, LAYERS, HEADS = 128, 64, 256, 2, 4
+BATCH, SEQ = 2, 16
+
+# (builder, LoRA targets, IA3 targets, IA3 feed-forward targets)
+ARCHS = {
+    "opt": (lambda: OPTForCausalLM(OPTConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, ffn_dim=FFN, num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS, max_position_embeddings=64, word_embed_proj_dim=HIDDEN,
+        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)),
+        ["q_proj", "v_proj", "fc1", "fc2"], ["k_proj", "v_proj", "fc2"], ["fc2"]),
+    "gpt2": (lambda: GPT2LMHeadModel(GPT2Config(
+        vocab_size=VOCAB, n_embd=HIDDEN, n_inner=FFN, n_layer=LAYERS, n_head=HEADS, n_positions=64,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)),
+        ["c_attn", "c_fc", "c_proj"], ["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
+    "llama": (lambda: LlamaForCausalLM(LlamaConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS, num_key_value_heads=2, max_position_embeddings=64, mlp_bias=True)),
+        ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"], ["k_proj", "v_proj", "down_proj"],
+        ["down_proj"]),
+    "qwen2": (lambda: Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS, num_key_value_heads=2, max_position_embeddings=64)),
+        ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"], ["k_proj", "v_proj", "down_proj"],
+        ["down_proj"]),
+}
+METHODS = ("plain", "lora", "ia3", "bias")
+
+
+def tiny_model(arch: str, method: str, seed: int = 0, dtype=torch.float32) -> torch.nn.Module:
+    """A 2-layer ``arch`` model, train mode, with ``method`` adapters (``plain``: full fine-tuning)."""
+    torch.manual_seed(seed)
+    build, lora_targets, ia3_targets, ia3_ff = ARCHS[arch]
+    model = build().to(dtype)
+    if method == "lora":
+        model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=lora_targets,
+                                                           lora_dropout=0.0, init_lora_weights=False))
+    elif method == "ia3":
+        model = peft.get_peft_model(model, peft.IA3Config(target_modules=ia3_targets,
+                                                          feedforward_modules=ia3_ff,
+                                                          init_ia3_weights=False))
+    elif method == "bias":
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.endswith("bias"))
+        if not any(p.requires_grad for p in model.parameters()):  # no biases: train the norms
+            for name, p in model.named_parameters():
+                p.requires_grad_("norm" in name)
+    return model.train()
+
+
+def batch(seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)
+    return {"input_ids": ids, "labels": ids, "use_cache": False}
+
+
+def train_step(model, params_of, inputs):
+    """Loss and gradients (by parameter name) of one forward + backward of ``model``."""
+    for p in params_of.parameters():
+        p.grad = None
+    loss = model(**inputs).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in params_of.named_parameters() if p.grad is not None}
