@@ -94,4 +94,7 @@ def explain(model: torch.nn.Module, *args, config: Optional[LongExposureConfig] 
     backend = LongExposureBackend(config, inductor=False)
     compiled = torch.compile(model, backend=backend)
     compiled(*args, **kwargs)
+    if not backend.reports:
+        raise RuntimeError("explain: Dynamo compiled no graph for this call (its recompile limit for "
+                           "this model's forward may be reached); call torch._dynamo.reset() first")
     return backend.report

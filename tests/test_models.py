@@ -28,9 +28,7 @@ def mask_mlp_intermediate(model, arch: str, k: int):
         return ((grouped * mask).reshape(h.shape),) + args[1:]
 
     handles = [m.register_forward_pre_hook(hook) for name, m in model.named_modules()
-               if name.endswith(FC2_NAMES[arch]) and not name.endswith("base_layer")
-               and isinstance(m, torch.nn.Module) and hasattr(m, "weight") or
-               (name.endswith(FC2_NAMES[arch]) and hasattr(m, "base_layer"))]
+               if name.endswith(FC2_NAMES[arch])]
     assert len(handles) == LAYERS
     return handles
 

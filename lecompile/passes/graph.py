@@ -20,18 +20,20 @@ VIEWS = ("view", "reshape")
 #: Methods that only change dtype or layout; the sparse ops compute in the base dtype.
 CASTS = ("to", "float", "half", "bfloat16", "type", "contiguous")
 
+#: Activation functions, known or not to the ops: any of them makes a region an MLP candidate.
+ACTIVATION_FUNCTIONS = {torch.tanh, torch.erf, torch.sigmoid, torch.relu, F.relu, F.gelu, F.silu,
+                        F.sigmoid, F.tanh, F.mish, F.leaky_relu, F.softplus, F.elu, F.selu, F.celu,
+                        F.hardswish, F.hardtanh, F.relu6, F.softsign, F.logsigmoid, F.hardsigmoid}
 #: Elementwise ops an activation region between two linears may contain.
-ELEMENTWISE_FUNCTIONS = {
+ELEMENTWISE_FUNCTIONS = ACTIVATION_FUNCTIONS | {
     operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.pow,
-    torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.pow, torch.tanh, torch.erf,
-    torch.sigmoid, torch.exp, torch.relu, torch.sqrt, torch.rsqrt,
-    F.relu, F.gelu, F.silu, F.sigmoid, F.tanh, F.mish, F.leaky_relu,
+    torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.pow, torch.exp, torch.sqrt,
+    torch.rsqrt,
 }
 ELEMENTWISE_METHODS = {"add", "sub", "mul", "div", "neg", "pow", "tanh", "erf", "sigmoid", "exp",
                        "relu", "sqrt", "rsqrt", *CASTS}
 #: Ops that make an elementwise region non-linear: only those regions are MLP candidates.
-NONLINEAR = {torch.tanh, torch.erf, torch.sigmoid, torch.relu, F.relu, F.gelu, F.silu, F.sigmoid,
-             F.tanh, F.mish, F.leaky_relu, "tanh", "erf", "sigmoid", "relu"}
+NONLINEAR = ACTIVATION_FUNCTIONS | {"tanh", "erf", "sigmoid", "relu"}
 
 
 def is_call(node: fx.Node, targets: Iterable) -> bool:

@@ -59,8 +59,9 @@ def match_mlp(ctx) -> None:
 def _region(h: fx.Node, by_out: Dict[fx.Node, LinearMatch]):
     """Walk back from fc2's input through elementwise ops to linear outputs.
 
-    Returns ``(sources, region)``, a reason string when a non-linear region hits something
-    else, or ``None`` when this is no MLP candidate (no non-linearity on the way).
+    Returns ``(sources, region)``; a reason string when a non-linear region reaching a linear
+    holds something else (the walk steps over one such op with a single input, such as an
+    activation dropout, to tell); or ``None`` when this is no MLP candidate.
     """
     sources: List[LinearMatch] = []
     region: Set[fx.Node] = set()
@@ -74,15 +75,15 @@ def _region(h: fx.Node, by_out: Dict[fx.Node, LinearMatch]):
         if node in region:
             continue
         if not is_elementwise(node):
+            if failure or len(node.all_input_nodes) != 1:
+                return failure if failure and nonlinear and sources else None
             failure = f"`{_describe(node)}` between the linears is not elementwise"
-            break
         region.add(node)
         nonlinear |= is_nonlinear(node)
         if len(region) > MAX_REGION:
-            failure = f"more than {MAX_REGION} ops between the linears"
-            break
+            return None
         stack.extend(node.all_input_nodes)
-    if not nonlinear:
+    if not (nonlinear and sources):
         return None
     return failure if failure else (sources, region)
 
@@ -113,7 +114,7 @@ def _match(fc2: LinearMatch, sources: List[LinearMatch], region: Set[fx.Node]) -
     if len(sources) == 2 and not gate_first:
         sources = sources[::-1]
     up = sources[1] if len(sources) == 2 else None
-    name = common_prefix([s.name for s in sources] + [fc2.name]) or fc2.name
+    name = common_prefix([s.name for s in sources] + [fc2.name]) or f"{sources[0].name}->{fc2.name}"
     return MLPMatch(sources[0], up, fc2, activation, name)
 
 

@@ -1,0 +1,143 @@
+"""The backend on hand-written modules: renamed layers, adapters, fallbacks, dumps, entry point."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lecompile
+from lecompile import LongExposureConfig
+
+
+class RenamedBlock(nn.Module):
+    """An MLP whose names match no known model, with a bottleneck adapter after it."""
+
+    def __init__(self, d=32, ffn=256, activation=nn.GELU(), between=nn.Identity(), adapter=True):
+        super().__init__()
+        self.widen, self.squash, self.between, self.narrow = nn.Linear(d, ffn), activation, between, nn.Linear(ffn, d)
+        self.adapter = nn.Sequential(nn.Linear(d, 8), nn.ReLU(), nn.Linear(8, d)) if adapter else None
+        for p in (*self.widen.parameters(), *self.narrow.parameters()):
+            p.requires_grad_(False)
+        self.widen.bias.requires_grad_(True)  # BitFit on one bias
+
+    def forward(self, x):
+        y = self.narrow(self.between(self.squash(self.widen(x))))
+        if self.adapter is not None:
+            y = y + self.adapter(y)
+        return x + y
+
+
+def run(model, backend, x):
+    out = torch.compile(model, backend=backend)(x)
+    out.square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return out.detach(), grads
+
+
+def assert_same_as_eager(model, config, x):
+    torch._dynamo.reset()
+    eager_out, eager_grads = run(model, "eager", x)
+    backend = lecompile.longexposure(config)
+    out, grads = run(model, backend, x)
+    torch.testing.assert_close(out, eager_out, atol=2e-5, rtol=1e-4)
+    assert grads.keys() == eager_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], eager_grads[name], atol=2e-5, rtol=1e-4, msg=name)
+    return backend.report
+
+
+def test_renamed_gelu_mlp_with_bottleneck_adapter_matches():
+    torch.manual_seed(0)
+    report = assert_same_as_eager(RenamedBlock(), LongExposureConfig(mlp_density=1.0), torch.randn(2, 8, 32))
+    by_pattern = {e.pattern: e for e in report.mlp}
+    assert by_pattern["gelu"].rewritten and by_pattern["gelu"].layer == "widen->narrow"
+    assert by_pattern["gelu"].peft == ["fc1:bias"]
+    # The adapter itself is a tiny ReLU MLP: matched, but k covers all 8 neurons.
+    assert by_pattern["relu"].ffn == 8 and by_pattern["relu"].k == 8
+
+
+def test_activation_dropout_is_reported_and_left_dense():
+    torch.manual_seed(0)
+    model = RenamedBlock(between=nn.Dropout(0.0), adapter=False)
+    report = assert_same_as_eager(model, LongExposureConfig(mlp_density=0.5), torch.randn(2, 8, 32))
+    assert report.mlp == []
+    assert any("dropout" in u.reason and "not elementwise" in u.reason for u in report.unmatched), str(report)
+
+
+def test_unknown_activation_is_reported():
+    torch.manual_seed(0)
+    model = RenamedBlock(activation=nn.Softplus(), adapter=False)
+    report = assert_same_as_eager(model, LongExposureConfig(mlp_density=0.5), torch.randn(2, 8, 32))
+    assert report.mlp == [] and "activation is none of" in str(report)
+
+
+def test_graph_without_mlp_compiles_as_inductor():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.LayerNorm(16), nn.Linear(16, 4))
+    report = assert_same_as_eager(model, None, torch.randn(3, 16))
+    assert report.graphs == 1 and report.mlp == [] and report.unmatched == []
+
+
+def test_inference_graph_is_left_dense():
+    torch.manual_seed(0)
+    model = RenamedBlock(adapter=False)
+    x = torch.randn(2, 8, 32)
+    backend = lecompile.longexposure(LongExposureConfig(mlp_density=0.5))
+    with torch.no_grad():
+        out = torch.compile(model, backend=backend)(x)
+        torch.testing.assert_close(out, model(x))
+    [entry] = backend.report.mlp
+    assert not entry.rewritten and "inference graph" in entry.note
+
+
+@pytest.mark.parametrize("granularity,seq,expected,note", [
+    ("tile", 32, "tile", ""), ("tile", 24, "sequence", "not a multiple of tile_size"),
+    ("batch", 32, "batch", ""), ("sequence", 32, "sequence", "")])
+def test_granularity(granularity, seq, expected, note):
+    model = RenamedBlock(adapter=False)
+    config = LongExposureConfig(mlp_density=0.5, granularity=granularity, tile_size=16)
+    report = lecompile.explain(model, torch.randn(2, seq, 32), config=config)
+    [entry] = report.mlp
+    assert entry.granularity == expected and note in entry.note and entry.k == 128
+
+
+def test_explain_report_and_dumps(tmp_path, monkeypatch):
+    monkeypatch.setenv("LECOMPILE_DUMP_DIR", str(tmp_path))
+    torch._dynamo.reset()
+    report = lecompile.explain(RenamedBlock(), torch.randn(2, 8, 32), config=LongExposureConfig(mlp_density=0.5))
+    assert "gelu" in str(report) and "lecompile report: 1 graph(s)" in str(report)
+    data = json.loads(report.to_json())
+    assert data["mlp"][0]["pattern"] == "gelu" and data["mlp"][0]["k"] == 128
+    names = sorted(p.name.split("_", 3)[-1] for p in tmp_path.iterdir())
+    assert names == ["after.py", "before.py", "report.json", "report.txt"]
+    after = next(tmp_path.glob("*_after.py")).read_text()
+    before = next(tmp_path.glob("*_before.py")).read_text()
+    assert "lecompile.sparse_mlp" in after and "predict_neurons" in after
+    assert "sparse_mlp" not in before and "gelu" in before
+
+
+def test_backend_rejects_wrong_config_type():
+    with pytest.raises(TypeError, match="LongExposureConfig"):
+        lecompile.longexposure({"mlp_density": 0.5})
+
+
+def test_entry_point_resolves_in_fresh_interpreter():
+    code = (
+        "import sys, torch\n"
+        "assert 'lecompile' not in sys.modules\n"
+        "f = torch.compile(torch.nn.Sequential(torch.nn.Linear(4, 256), torch.nn.ReLU(), torch.nn.Linear(256, 4)),"
+        " backend='longexposure')\n"
+        "f(torch.randn(2, 4, requires_grad=True)).sum().backward()\n"
+        "from torch._dynamo.utils import counters\n"
+        "print('lecompile' in sys.modules, counters['lecompile']['sparse_mlp'])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "LECOMPILE_MLP_DENSITY": "1.0"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["True", "1"]

@@ -1,0 +1,48 @@
+import pytest
+
+from lecompile import LongExposureConfig
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("mlp_density", 0.0, r"mlp_density must be in \(0, 1\], got 0.0"),
+    ("mlp_density", 1.5, r"mlp_density must be in \(0, 1\]"),
+    ("attn_density", -0.1, r"attn_density must be in \(0, 1\]"),
+    ("mlp_density", "0.5", r"mlp_density must be in \(0, 1\], got '0.5'"),
+    ("predictor", "magic", r"predictor must be one of \('oracle', 'svd'\), got 'magic'"),
+    ("granularity", "token", r"granularity must be one of"),
+    ("tile_size", 100, r"tile_size must be a positive multiple of 16, got 100"),
+    ("svd_rank", 0, r"svd_rank must be an integer >= 1"),
+    ("k_align", True, r"k_align must be an integer >= 1"),
+    ("rewrite_mlp", "yes", r"rewrite_mlp must be a bool"),
+])
+def test_bad_values_name_the_field_and_range(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        LongExposureConfig(**{field: value})
+
+
+def test_unknown_field_is_refused():
+    with pytest.raises(TypeError, match="mlp_sparsity"):
+        LongExposureConfig(mlp_sparsity=0.5)
+
+
+def test_environment_overrides(monkeypatch):
+    monkeypatch.setenv("LECOMPILE_MLP_DENSITY", "0.25")
+    monkeypatch.setenv("LECOMPILE_PREDICTOR", "oracle")
+    monkeypatch.setenv("LECOMPILE_REWRITE_MLP", "off")
+    monkeypatch.setenv("LECOMPILE_DUMP_DIR", "/tmp/dumps")
+    config = LongExposureConfig.from_env(svd_rank=4)
+    assert (config.mlp_density, config.predictor, config.rewrite_mlp, config.svd_rank) == (0.25, "oracle", False, 4)
+    assert config.resolved_dump_dir() == "/tmp/dumps"
+    assert LongExposureConfig().resolved_dump_dir() == "/tmp/dumps"
+
+
+def test_bad_environment_value_names_the_variable(monkeypatch):
+    monkeypatch.setenv("LECOMPILE_TILE_SIZE", "big")
+    with pytest.raises(ValueError, match="LECOMPILE_TILE_SIZE='big' is not a valid int"):
+        LongExposureConfig.from_env()
+
+
+def test_replace_validates():
+    assert LongExposureConfig().replace(mlp_density=0.3).mlp_density == 0.3
+    with pytest.raises(ValueError, match="mlp_density"):
+        LongExposureConfig().replace(mlp_density=0)

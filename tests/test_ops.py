@@ -1,0 +1,197 @@
+"""The custom ops and predictors against plain PyTorch references, gradients included."""
+
+import pytest
+import torch
+
+from lecompile.ops import AdaptedLinear, expand_linear, reduce_linear, sparse_mlp, sparse_mlp_call
+from lecompile.ops.adapted_linear import ACTIVATIONS, pack_mlp, unpack_mlp
+from lecompile.predictors import clear_svd_cache, predict_neurons, top_k_per_group
+from lecompile.predictors.oracle import oracle_scores
+from lecompile.predictors.svd import svd_factors, svd_scores
+
+TOL = {torch.float64: dict(atol=1e-10, rtol=1e-9), torch.float32: dict(atol=1e-5, rtol=1e-4),
+       torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+
+
+def make_linear(out_f, in_f, dtype, *, bias=True, lora=False, in_scale=False, out_scale=False,
+                trainable_weight=False, gen=None):
+    def t(*shape, grad=True):
+        return torch.randn(*shape, generator=gen, dtype=dtype).div(in_f ** 0.5).requires_grad_(grad)
+    return AdaptedLinear(
+        weight=t(out_f, in_f, grad=trainable_weight),
+        bias=t(out_f) if bias else None,
+        lora_a=t(4, in_f) if lora else None, lora_b=t(out_f, 4) if lora else None,
+        in_scale=(1 + t(in_f, grad=False)).requires_grad_() if in_scale else None,
+        out_scale=(1 + t(out_f, grad=False)).requires_grad_() if out_scale else None,
+        lora_scale=0.5)
+
+
+def make_mlp(d, ffn, dtype, gated, adapters, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    kw = dict(lora=adapters == "lora", trainable_weight=adapters == "full")
+    fc1 = make_linear(ffn, d, dtype, out_scale=adapters == "ia3", gen=gen, **kw)
+    up = make_linear(ffn, d, dtype, gen=gen, **kw) if gated else None
+    fc2 = make_linear(d, ffn, dtype, in_scale=adapters == "ia3", gen=gen, **kw)
+    return fc1, up, fc2
+
+
+def masked_dense(x, idx, fc1, up, fc2, activation):
+    """Dense MLP with the intermediate zeroed outside ``idx`` (per group of tokens)."""
+    groups = idx.shape[0]
+    xg = x.reshape(groups, -1, x.shape[-1])
+    h = ACTIVATIONS[activation](expand_linear(xg, fc1))
+    if up is not None:
+        h = h * expand_linear(xg, up)
+    mask = torch.zeros(groups, 1, h.shape[-1], dtype=h.dtype).scatter_(-1, idx.unsqueeze(1), 1.0)
+    return reduce_linear(h * mask, fc2).reshape(*x.shape[:-1], -1)
+
+
+def leaves(x, *lins):
+    return [x] + [t for lin in lins if lin is not None for t in lin.tensors()
+                  if t is not None and t.requires_grad]
+
+
+def random_idx(groups, ffn, k, gen):
+    return torch.stack([torch.randperm(ffn, generator=gen)[:k].sort().values for _ in range(groups)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("adapters", ["none", "lora", "ia3", "full"])
+@pytest.mark.parametrize("activation,gated", [("relu", False), ("gelu", False),
+                                              ("gelu_tanh", False), ("silu", True)])
+@pytest.mark.parametrize("batch,seq,d,ffn,k,groups", [(1, 8, 24, 256, 128, 1), (3, 5, 33, 384, 256, 3),
+                                                      (2, 16, 40, 256, 128, 8), (2, 4, 16, 128, 128, 2)])
+def test_sparse_mlp_matches_masked_dense(dtype, adapters, activation, gated, batch, seq, d, ffn, k, groups):
+    gen = torch.Generator().manual_seed(1)
+    fc1, up, fc2 = make_mlp(d, ffn, dtype, gated, adapters)
+    x = torch.randn(batch, seq, d, generator=gen, dtype=dtype, requires_grad=True)
+    idx = random_idx(groups, ffn, k, gen)
+    y = sparse_mlp_call(x, idx, fc1, up, fc2, activation)
+    ref = masked_dense(x, idx, fc1, up, fc2, activation)
+    torch.testing.assert_close(y, ref, **TOL[dtype])
+    grad = torch.randn(y.shape, generator=gen, dtype=dtype)
+    inputs = leaves(x, fc1, up, fc2)
+    for got, want in zip(torch.autograd.grad(y, inputs, grad), torch.autograd.grad(ref, inputs, grad)):
+        torch.testing.assert_close(got, want, **TOL[dtype])
+
+
+def test_sparse_mlp_gradcheck():
+    fc1, up, fc2 = make_mlp(6, 256, torch.float64, True, "lora")
+    x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    idx = random_idx(2, 256, 128, torch.Generator().manual_seed(0))
+
+    def f(x, *params):
+        it = iter(params)
+        lins = [AdaptedLinear(*[next(it) if t is not None and t.requires_grad else t for t in lin.tensors()],
+                              lora_scale=lin.lora_scale) for lin in (fc1, up, fc2)]
+        return sparse_mlp_call(x, idx, *lins, "silu")
+
+    assert torch.autograd.gradcheck(f, leaves(x, fc1, up, fc2))
+
+
+def test_sparse_mlp_base_weight_grad_only_on_kept_rows():
+    fc1, _, fc2 = make_mlp(8, 256, torch.float64, False, "full")
+    x = torch.randn(1, 4, 8, dtype=torch.float64)
+    idx = torch.arange(0, 256, 2).unsqueeze(0)
+    sparse_mlp_call(x, idx, fc1, None, fc2, "gelu").sum().backward()
+    dropped = torch.arange(1, 256, 2)
+    assert fc1.weight.grad[dropped].abs().max() == 0 and fc1.weight.grad[idx[0]].abs().max() > 0
+    assert fc2.weight.grad[:, dropped].abs().max() == 0
+
+
+def test_sparse_mlp_lora_dropout_uses_returned_mask():
+    torch.manual_seed(0)
+    fc1, _, fc2 = make_mlp(8, 256, torch.float64, False, "lora")
+    x = torch.randn(2, 4, 8, dtype=torch.float64, requires_grad=True)
+    idx = random_idx(2, 256, 128, torch.Generator().manual_seed(0))
+    params, slots, scales = pack_mlp(fc1, None, fc2)
+    y, keep = sparse_mlp(x, idx, params, slots, scales, "relu", 0.5)
+    assert keep.shape == (8, 128) and keep.dtype == torch.bool and 0 < keep.float().mean() < 1
+    from lecompile.ops.sparse_mlp import sparse_mlp_ref
+    ref = sparse_mlp_ref(x, idx, fc1, None, fc2, "relu", keep.reshape(2, 4, 128), 0.5)
+    torch.testing.assert_close(y, ref)
+    inputs = leaves(x, fc1, fc2)
+    for got, want in zip(torch.autograd.grad(y.sum(), inputs), torch.autograd.grad(ref.sum(), inputs)):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("gated,adapters,dropout", [(False, "lora", 0.0), (True, "ia3", 0.0),
+                                                     (False, "lora", 0.25)])
+def test_opcheck(gated, adapters, dropout):
+    fc1, up, fc2 = make_mlp(12, 256, torch.float32, gated, adapters)
+    x = torch.randn(2, 3, 12, requires_grad=True)
+    idx = random_idx(2, 256, 128, torch.Generator().manual_seed(0))
+    params, slots, scales = pack_mlp(fc1, up, fc2)
+    # The dropout mask is random, so compare outputs only without dropout.
+    tests = ("test_schema", "test_autograd_registration", "test_faketensor") if dropout else None
+    kwargs = {"test_utils": tests} if tests else {}
+    torch.library.opcheck(torch.ops.lecompile.sparse_mlp.default,
+                          (x, idx, params, slots, scales, "silu" if gated else "relu", dropout), **kwargs)
+    torch.library.opcheck(torch.ops.lecompile.predict_neurons.default,
+                          (x.detach(), [p.detach() for p in params[:2]], slots[:2], scales, "relu", "svd",
+                           128, 3, 4))
+
+
+def test_pack_unpack_roundtrip():
+    fc1, up, fc2 = make_mlp(8, 128, torch.float32, True, "lora")
+    params, slots, scales = pack_mlp(fc1, up, fc2)
+    a, b, c = unpack_mlp(params, slots, scales)
+    for orig, back in ((fc1, a), (up, b), (fc2, c)):
+        assert [t is u for t, u in zip(orig.tensors(), back.tensors())] == [True] * 7
+    with pytest.raises(ValueError, match="fc1"):
+        unpack_mlp(params[1:], slots[1:], scales)
+
+
+def test_bad_op_inputs_name_the_problem():
+    fc1, _, fc2 = make_mlp(8, 128, torch.float32, False, "none")
+    params, slots, scales = pack_mlp(fc1, None, fc2)
+    x = torch.randn(6, 8)
+    with pytest.raises(ValueError, match="activation"):
+        sparse_mlp(x, torch.zeros(1, 128, dtype=torch.long), params, slots, scales, "swish", 0.0)
+    with pytest.raises(ValueError, match="equal groups"):
+        sparse_mlp(x, torch.zeros(4, 128, dtype=torch.long), params, slots, scales, "relu", 0.0)
+    with pytest.raises(ValueError, match="exceeds ffn"):
+        sparse_mlp(x, torch.zeros(1, 256, dtype=torch.long), params, slots, scales, "relu", 0.0)
+    with pytest.raises(ValueError, match="int64"):
+        sparse_mlp(x, torch.zeros(1, 128, dtype=torch.int32), params, slots, scales, "relu", 0.0)
+
+
+def test_top_k_per_group():
+    scores = torch.tensor([[0., 5, 1, 3], [0, 5, 1, 3], [9, 0, 0, 1], [9, 0, 0, 1]])
+    assert top_k_per_group(scores, 2, 2).tolist() == [[1, 3], [0, 3]]
+    assert top_k_per_group(scores, 2, 4).tolist() == [[0, 1]]
+    with pytest.raises(ValueError, match="groups of 3"):
+        top_k_per_group(scores, 2, 3)
+    with pytest.raises(ValueError, match="k must be"):
+        top_k_per_group(scores, 5, 2)
+
+
+def test_oracle_is_exact_and_full_rank_svd_equals_it():
+    fc1, up, _ = make_mlp(16, 128, torch.float64, True, "lora")
+    x = torch.randn(10, 16, dtype=torch.float64)
+    h = (torch.nn.functional.silu(expand_linear(x, fc1)) * expand_linear(x, up)).float()
+    torch.testing.assert_close(oracle_scores(x, fc1, up, "silu"), h.square())
+    torch.testing.assert_close(svd_scores(x, fc1, up, "silu", rank=16), h.square())
+    assert not torch.allclose(svd_scores(x, fc1, up, "silu", rank=2), h.square())
+
+
+def test_svd_cache_notices_weight_updates():
+    clear_svd_cache()
+    w = torch.randn(64, 16)
+    p1, q1 = svd_factors(w, 4)
+    assert svd_factors(w, 4)[0] is p1
+    with torch.no_grad():
+        w.mul_(2)
+    p2, q2 = svd_factors(w, 4)
+    assert p2 is not p1
+    torch.testing.assert_close(q2 @ p2.t(), 2 * (q1 @ p1.t()), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["oracle", "svd"])
+def test_predict_neurons_shapes_and_sorted(method):
+    fc1, up, fc2 = make_mlp(16, 256, torch.float32, True, "lora")
+    params, slots, scales = pack_mlp(fc1, up, fc2)
+    x = torch.randn(4, 8, 16)
+    idx = predict_neurons(x, params, slots, scales, "silu", method, 128, 8, 4)
+    assert idx.shape == (4, 128) and idx.dtype == torch.int64
+    assert (idx.diff(dim=-1) > 0).all()
