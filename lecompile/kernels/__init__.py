@@ -1,0 +1,1 @@
+"""Triton kernels for lecompile's ops (CUDA). Kernels only: no graphs, no autograd glue."""
