@@ -1,5 +1,6 @@
 """The backend on hand-written modules: renamed layers, adapters, fallbacks, dumps, entry point."""
 
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -127,6 +128,8 @@ def test_backend_rejects_wrong_config_type():
         lecompile.longexposure({"mlp_density": 0.5})
 
 
+@pytest.mark.skipif("longexposure" not in importlib.metadata.entry_points(group="torch_dynamo_backends").names,
+                    reason="lecompile is not pip-installed, so its entry point is not registered")
 def test_entry_point_resolves_in_fresh_interpreter():
     code = (
         "import sys, torch\n"
@@ -141,3 +144,16 @@ def test_entry_point_resolves_in_fresh_interpreter():
                          env={**os.environ, "LECOMPILE_MLP_DENSITY": "1.0"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["True", "1"]
+
+
+class BrokenMLP(RenamedBlock):
+    def forward(self, x):
+        h = self.squash(self.widen(x))
+        torch._dynamo.graph_break()
+        return self.narrow(h)
+
+
+def test_graph_break_inside_an_mlp_is_reported():
+    report = lecompile.explain(BrokenMLP(adapter=False), torch.randn(2, 8, 32))
+    assert report.graphs == 2 and report.mlp == []
+    assert any("not between two linear layers" in u.reason for u in report.unmatched), str(report)

@@ -53,6 +53,11 @@ def is_elementwise(node: fx.Node) -> bool:
             or is_method(node, ELEMENTWISE_METHODS))
 
 
+def is_activation(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in ACTIVATION_FUNCTIONS and node.target not in (
+        torch.tanh, torch.erf, torch.sigmoid, F.tanh, F.sigmoid)  # also parts of other formulas
+
+
 def is_nonlinear(node: fx.Node) -> bool:
     return node.target in NONLINEAR
 

@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from ..ops.adapted_linear import ACTIVATIONS
 from .fold_adapters import LinearMatch
-from .graph import common_prefix, is_cast, is_elementwise, is_nonlinear, static_shape
+from .graph import common_prefix, is_activation, is_cast, is_elementwise, is_nonlinear, static_shape
 
 MAX_REGION = 64
 
@@ -44,28 +44,37 @@ class MLPMatch:
 
 
 def match_mlp(ctx) -> None:
-    """Fill ``ctx.mlps``; candidates that fail a check go to the report with the reason."""
+    """Fill ``ctx.mlps``; candidates that fail a check go to the report with the reason, and so
+    does every activation left outside any candidate (a graph break between an MLP's linears
+    shows up this way)."""
+    seen: Set[fx.Node] = set()
     for fc2 in ctx.linears:
-        found = _region(fc2.x, ctx.linear_by_out)
-        if found is None:
+        sources, region, failure = _region(fc2.x, ctx.linear_by_out)
+        if sources is None:
             continue
-        match = found if isinstance(found, str) else _match(fc2, *found)
+        seen |= region
+        match = failure or _match(fc2, sources, region)
         if isinstance(match, str):
             ctx.unmatched(fc2.name, f"MLP candidate ending in {fc2.name}: {match}")
         else:
             ctx.mlps.append(match)
+    for node in ctx.gm.graph.nodes:
+        if is_activation(node) and node not in seen:
+            ctx.unmatched(node.name, f"activation `{_describe(node)}` is not between two linear layers "
+                                     "of this graph (not an MLP, or a graph break splits it)")
 
 
 def _region(h: fx.Node, by_out: Dict[fx.Node, LinearMatch]):
     """Walk back from fc2's input through elementwise ops to linear outputs.
 
-    Returns ``(sources, region)``; a reason string when a non-linear region reaching a linear
-    holds something else (the walk steps over one such op with a single input, such as an
-    activation dropout, to tell); or ``None`` when this is no MLP candidate.
+    Returns ``(sources, region, failure)``. ``failure`` is the reason when a non-linear region
+    reaching a linear holds something else (the walk steps over one such op with a single
+    input, such as an activation dropout, to tell). ``sources`` is ``None`` when this is no MLP
+    candidate: no linear output or no non-linearity behind ``h``.
     """
     sources: List[LinearMatch] = []
     region: Set[fx.Node] = set()
-    stack, nonlinear, failure = [h], False, None
+    stack, nonlinear, failure, stopped = [h], False, None, False
     while stack:
         node = stack.pop()
         if node in by_out:
@@ -76,16 +85,16 @@ def _region(h: fx.Node, by_out: Dict[fx.Node, LinearMatch]):
             continue
         if not is_elementwise(node):
             if failure or len(node.all_input_nodes) != 1:
-                return failure if failure and nonlinear and sources else None
+                stopped = True
+                break
             failure = f"`{_describe(node)}` between the linears is not elementwise"
         region.add(node)
         nonlinear |= is_nonlinear(node)
         if len(region) > MAX_REGION:
-            return None
+            return None, region, None
         stack.extend(node.all_input_nodes)
-    if not (nonlinear and sources):
-        return None
-    return failure if failure else (sources, region)
+    candidate = nonlinear and sources and (failure or not stopped)
+    return (sources if candidate else None), region, failure
 
 
 def _match(fc2: LinearMatch, sources: List[LinearMatch], region: Set[fx.Node]) -> Union[MLPMatch, str]:
