@@ -49,8 +49,12 @@ def test_train_step_matches_eager(arch, method):
     assert eager_grads, "nothing trainable"
 
     loss, grads, report = compiled_step(model, LongExposureConfig(mlp_density=1.0), inputs)
-    assert report.mlp_rewritten == LAYERS, str(report)
-    assert counters["lecompile"]["sparse_mlp"] == LAYERS
+    assert counters["lecompile"]["sparse_mlp_calls"] == LAYERS, "each layer's MLP runs the op once"
+    # One match per layer, unless a graph break made Dynamo compile the decoder layer as its own
+    # frame, whose one graph then serves every layer (OPT in transformers < 5.23).
+    layer_frames = all("layers" not in e.layer for e in report.mlp)
+    assert report.mlp_rewritten == (1 if layer_frames else LAYERS), str(report)
+    assert counters["lecompile"]["sparse_mlp"] == report.mlp_rewritten
     assert all(e.k == FFN for e in report.mlp)
     torch.testing.assert_close(loss, eager_loss, **TOL)
     assert grads.keys() == eager_grads.keys()
@@ -63,8 +67,8 @@ def test_train_step_matches_eager(arch, method):
         h.remove()
     loss, grads, report = compiled_step(
         model, LongExposureConfig(mlp_density=0.5, predictor="oracle", k_align=64), inputs)
-    assert [e.k for e in report.mlp] == [FFN // 2] * LAYERS, str(report)
-    assert report.mlp_rewritten == LAYERS
+    assert counters["lecompile"]["sparse_mlp_calls"] == LAYERS
+    assert {e.k for e in report.mlp} == {FFN // 2} and all(e.rewritten for e in report.mlp), str(report)
     assert {e.granularity for e in report.mlp} == {"sequence"}
     torch.testing.assert_close(loss, ref_loss, **TOL)
     assert abs(loss.item() - eager_loss.item()) > 1e-6, "masking had no effect: the test cannot fail"

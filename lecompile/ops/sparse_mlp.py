@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import List, Optional
 
 import torch
+from torch._dynamo.utils import counters
 
 from .adapted_linear import ACTIVATIONS, SLOTS, AdaptedLinear, expand_linear, pack_mlp, reduce_linear, unpack_mlp
 
@@ -86,6 +87,7 @@ def sparse_mlp(x: Tensor, idx: Tensor, params: List[Tensor], slots: List[int],
     """Sparse MLP forward. Returns ``(y, lora_keep)``; ``lora_keep`` is fc2's LoRA dropout
     keep-mask ``[T, k]`` (bool), empty when there is no such dropout."""
     _check(x, idx, params, slots, lora_scales, activation)
+    counters["lecompile"]["sparse_mlp_calls"] += 1
     fc1, up, fc2 = unpack_mlp(params, slots, lora_scales)
     if _has_fc2_lora(slots) and fc2_lora_dropout > 0.0:
         keep = torch.rand(x.numel() // x.shape[-1], idx.shape[1], device=x.device) >= fc2_lora_dropout
