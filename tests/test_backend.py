@@ -157,3 +157,25 @@ def test_graph_break_inside_an_mlp_is_reported():
     report = lecompile.explain(BrokenMLP(adapter=False), torch.randn(2, 8, 32))
     assert report.graphs == 2 and report.mlp == []
     assert any("not between two linear layers" in u.reason for u in report.unmatched), str(report)
+
+
+def test_lora_dropout_and_steady_steps_without_recompiles():
+    """LoRA with dropout > 0 still matches (fc1's dropout stays in the graph, fc2's moves into
+    the op), every adapter gets a gradient, and new batches of the same shape reuse the graph."""
+    import peft
+    from models import ARCHS, batch, tiny_model
+
+    torch.manual_seed(0)
+    model = peft.get_peft_model(tiny_model("llama", "plain"), peft.LoraConfig(
+        r=4, target_modules=ARCHS["llama"][1], lora_dropout=0.1, init_lora_weights=False))
+    backend = lecompile.longexposure(LongExposureConfig(mlp_density=0.5, k_align=64))
+    compiled = torch.compile(model, backend=backend)
+    for step in range(3):
+        model.zero_grad(set_to_none=True)
+        loss = compiled(**batch(seed=step)).loss
+        loss.backward()
+        assert torch.isfinite(loss)
+    assert len(backend.reports) == 1, "a new batch recompiled the graph"
+    assert backend.report.mlp_rewritten == 2 and all("fc2:lora" in e.peft for e in backend.report.mlp)
+    lora = {n: p.grad for n, p in model.named_parameters() if "lora_" in n}
+    assert lora and all(g is not None and g.abs().sum() > 0 for g in lora.values())
