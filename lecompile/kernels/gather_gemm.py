@@ -1,0 +1,331 @@
+"""Gather-GEMMs on neuron-major weights: the two primitives of the sparse MLP.
+
+``M [ffn, d]`` holds one row per neuron (``W1`` as is, ``W2.T`` made contiguous), ``idx [G, k]``
+the kept neurons of each group of ``group_tokens`` consecutive tokens (each row sorted):
+
+- N-gather ``y = x @ M[idx].T``: output column ``j`` is neuron ``idx[g, j]`` (fc1, gate/up, and
+  the input gradient of fc2). Epilogue: ``+ s * u @ B[idx].T`` (LoRA), ``+ bias[idx]``,
+  ``* out_scale[idx]`` (IA3), saving the pre-activation, then the activation; a second weight
+  computed in the same launch gives gated MLPs ``act(gate) * up``.
+- K-gather ``y = h @ M[idx]``: the reduction runs over the kept neurons (fc2, and the input
+  gradient of fc1); optionally a second ``(h2, M2)`` pair (gated backward) and ``+ bias``.
+
+The rows are gathered inside the kernel, along the contiguous ``d`` axis of ``M``: no gathered
+weight copy is written to memory. fp32 accumulation; fp16, bf16 and fp32 inputs.
+Each launcher has a PyTorch twin (``*_ref``) that the tests compare it with.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+ACT_NONE, ACT_RELU, ACT_GELU, ACT_GELU_TANH, ACT_SILU = 0, 1, 2, 3, 4
+ACT_CODES = {None: ACT_NONE, "relu": ACT_RELU, "gelu": ACT_GELU, "gelu_tanh": ACT_GELU_TANH,
+             "silu": ACT_SILU}
+#: Token tiles must not straddle groups: ``group_tokens`` must be a multiple of this.
+MIN_GROUP_TOKENS = 16
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _configs(tile_names):
+    if _interpreting():  # the CPU interpreter: one small config keeps tests fast
+        return [triton.Config(dict(zip(tile_names, (16, 32, 32))), num_warps=1)]
+    return [triton.Config(dict(zip(tile_names, (bt, bn, bk))), num_warps=w, num_stages=s)
+            for bt in (64, 128) for bn in (64, 128) for bk in (32, 64)
+            for w in (4, 8) for s in (3, 4) if not (bt == 128 and bn == 128 and w == 4)]
+
+
+def _prune_by_group(configs, named_args, **kwargs):
+    group = named_args["group_tokens"]
+    kept = [c for c in configs if group % c.kwargs["BLOCK_T"] == 0]
+    return kept or [triton.Config({**configs[0].kwargs, "BLOCK_T": MIN_GROUP_TOKENS},
+                                  num_warps=configs[0].num_warps)]
+
+
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
+    if DOT_FP32:  # Triton's CPU interpreter gets bf16 dots wrong (triton 3.9): test in fp32
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _activate(a, ACT: tl.constexpr):
+    if ACT == 1:
+        a = tl.maximum(a, 0.0)
+    elif ACT == 2:
+        a = 0.5 * a * (1.0 + tl.erf(a * 0.7071067811865476))
+    elif ACT == 3:
+        inner = 0.7978845608028654 * (a + 0.044715 * a * a * a)
+        a = 0.5 * a * (1.0 + (2.0 * tl.sigmoid(2.0 * inner) - 1.0))
+    elif ACT == 4:
+        a = a * tl.sigmoid(a)
+    return a
+
+
+@triton.jit
+def _ngather_tile(x_ptr, m_ptr, rows, offs_t, offs_n, T, D, KSEL, stride_xt, stride_m,
+                  u_ptr, b_ptr, R, lora_scale, bias_ptr, oscale_ptr,
+                  HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_OSCALE: tl.constexpr,
+                  R_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
+    mask_t = offs_t < T
+    mask_n = offs_n < KSEL
+    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        xt = tl.load(x_ptr + offs_t[:, None].to(tl.int64) * stride_xt + offs_d[None, :],
+                     mask=mask_t[:, None] & mask_d[None, :], other=0.0)
+        mt = tl.load(m_ptr + rows[None, :] * stride_m + offs_d[:, None],
+                     mask=mask_d[:, None] & mask_n[None, :], other=0.0)
+        acc = _dot(xt, mt, acc, PRECISION, DOT_FP32)
+    if HAS_LORA:
+        offs_r = tl.arange(0, R_PAD)
+        mask_r = offs_r < R
+        ut = tl.load(u_ptr + offs_t[:, None].to(tl.int64) * R + offs_r[None, :],
+                     mask=mask_t[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
+        bt = tl.load(b_ptr + rows[None, :] * R + offs_r[:, None],
+                     mask=mask_r[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+        acc += lora_scale * tl.dot(ut, bt, input_precision="ieee")
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rows, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if HAS_OSCALE:
+        acc *= tl.load(oscale_ptr + rows, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.autotune(configs=_configs(("BLOCK_T", "BLOCK_N", "BLOCK_D")),
+                 key=["D", "KSEL", "group_tokens", "R", "GATED", "HAS_LORA", "ACT"],
+                 prune_configs_by={"early_config_prune": _prune_by_group})
+@triton.jit
+def _ngather_kernel(x_ptr, idx_ptr, out_ptr, pre_ptr, pre2_ptr,
+                    m_ptr, u_ptr, b_ptr, bias_ptr, oscale_ptr,
+                    m2_ptr, u2_ptr, b2_ptr, bias2_ptr, oscale2_ptr,
+                    T, D, KSEL, group_tokens, R, lora_scale, lora_scale2,
+                    stride_xt, stride_m, stride_m2, stride_idx,
+                    ACT: tl.constexpr, GATED: tl.constexpr, SAVE_PRE: tl.constexpr,
+                    HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_OSCALE: tl.constexpr,
+                    HAS_LORA2: tl.constexpr, HAS_BIAS2: tl.constexpr, HAS_OSCALE2: tl.constexpr,
+                    R_PAD: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+                    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_t = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < KSEL
+    group = (pid_t * BLOCK_T) // group_tokens
+    rows = tl.load(idx_ptr + group * stride_idx + offs_n, mask=mask_n, other=0).to(tl.int64)
+    a = _ngather_tile(x_ptr, m_ptr, rows, offs_t, offs_n, T, D, KSEL, stride_xt, stride_m,
+                      u_ptr, b_ptr, R, lora_scale, bias_ptr, oscale_ptr, HAS_LORA, HAS_BIAS,
+                      HAS_OSCALE, R_PAD, BLOCK_T, BLOCK_N, BLOCK_D, PRECISION, DOT_FP32)
+    out_offs = offs_t[:, None].to(tl.int64) * KSEL + offs_n[None, :]
+    mask = (offs_t < T)[:, None] & mask_n[None, :]
+    if SAVE_PRE:
+        tl.store(pre_ptr + out_offs, a.to(pre_ptr.dtype.element_ty), mask=mask)
+    h = _activate(a, ACT)
+    if GATED:
+        b = _ngather_tile(x_ptr, m2_ptr, rows, offs_t, offs_n, T, D, KSEL, stride_xt, stride_m2,
+                          u2_ptr, b2_ptr, R, lora_scale2, bias2_ptr, oscale2_ptr, HAS_LORA2,
+                          HAS_BIAS2, HAS_OSCALE2, R_PAD, BLOCK_T, BLOCK_N, BLOCK_D, PRECISION,
+                          DOT_FP32)
+        if SAVE_PRE:
+            tl.store(pre2_ptr + out_offs, b.to(pre2_ptr.dtype.element_ty), mask=mask)
+        h = h * b
+    tl.store(out_ptr + out_offs, h.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(configs=_configs(("BLOCK_T", "BLOCK_D", "BLOCK_K")),
+                 key=["D", "KSEL", "group_tokens", "TWO"],
+                 prune_configs_by={"early_config_prune": _prune_by_group})
+@triton.jit
+def _kgather_kernel(h_ptr, m_ptr, h2_ptr, m2_ptr, idx_ptr, bias_ptr, out_ptr,
+                    T, D, KSEL, group_tokens, stride_m, stride_m2, stride_idx,
+                    TWO: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+                    DOT_FP32: tl.constexpr,
+                    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_t = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_t = offs_t < T
+    mask_d = offs_d < D
+    group = (pid_t * BLOCK_T) // group_tokens
+    acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+    for j0 in range(0, KSEL, BLOCK_K):
+        offs_j = j0 + tl.arange(0, BLOCK_K)
+        mask_j = offs_j < KSEL
+        rows = tl.load(idx_ptr + group * stride_idx + offs_j, mask=mask_j, other=0).to(tl.int64)
+        h_offs = offs_t[:, None].to(tl.int64) * KSEL + offs_j[None, :]
+        h_mask = mask_t[:, None] & mask_j[None, :]
+        m_mask = mask_j[:, None] & mask_d[None, :]
+        ht = tl.load(h_ptr + h_offs, mask=h_mask, other=0.0)
+        mt = tl.load(m_ptr + rows[:, None] * stride_m + offs_d[None, :], mask=m_mask, other=0.0)
+        acc = _dot(ht, mt, acc, PRECISION, DOT_FP32)
+        if TWO:
+            ht = tl.load(h2_ptr + h_offs, mask=h_mask, other=0.0)
+            mt = tl.load(m2_ptr + rows[:, None] * stride_m2 + offs_d[None, :], mask=m_mask, other=0.0)
+            acc = _dot(ht, mt, acc, PRECISION, DOT_FP32)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+    out_offs = offs_t[:, None].to(tl.int64) * D + offs_d[None, :]
+    tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_d[None, :])
+
+
+class Neurons:
+    """The per-neuron terms of one N-gather weight: ``M [ffn, d]`` and optional
+    ``lora = (u [T, r], B [ffn, r], scale)``, ``bias [ffn]``, ``out_scale [ffn]``."""
+
+    def __init__(self, m: torch.Tensor, lora: Optional[Tuple[torch.Tensor, torch.Tensor, float]] = None,
+                 bias: Optional[torch.Tensor] = None, out_scale: Optional[torch.Tensor] = None):
+        self.m, self.lora, self.bias, self.out_scale = m, lora, bias, out_scale
+
+
+def _check_common(name, a, m, idx, group_tokens):
+    if a.dim() != 2 or m.dim() != 2 or idx.dim() != 2:
+        raise ValueError(f"{name}: expected 2-D input, weight and idx, got {a.dim()}, {m.dim()}, {idx.dim()}")
+    if m.stride(1) != 1:
+        raise ValueError(f"{name}: the neuron-major weight must have contiguous rows")
+    if idx.dtype != torch.int64 or not idx.is_contiguous():
+        raise ValueError(f"{name}: idx must be contiguous int64")
+    tokens = a.shape[0]
+    if group_tokens <= 0 or tokens % group_tokens or idx.shape[0] != tokens // group_tokens:
+        raise ValueError(f"{name}: {tokens} tokens, group_tokens={group_tokens} and {idx.shape[0]} "
+                         "index rows do not agree")
+    if group_tokens % MIN_GROUP_TOKENS:
+        raise ValueError(f"{name}: group_tokens={group_tokens} must be a multiple of {MIN_GROUP_TOKENS}")
+
+
+def _dot_fp32(dtype):
+    return _interpreting() and dtype == torch.bfloat16
+
+
+def _precision(dtype):
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def ngather_matmul(x: torch.Tensor, idx: torch.Tensor, group_tokens: int, first: Neurons,
+                   second: Optional[Neurons] = None, activation: Optional[str] = None,
+                   save_pre: bool = False):
+    """``act(first(x)) [* second(x)]`` for the kept neurons: ``[T, k]``.
+
+    ``first(x) = ((x @ M[idx].T) + s * u @ B[idx].T + bias[idx]) * out_scale[idx]``. With
+    ``save_pre``, also returns the pre-activations (``first``, and ``second`` when given).
+    """
+    _check_common("ngather_matmul", x, first.m, idx, group_tokens)
+    x = x.contiguous()
+    tokens, d = x.shape
+    ksel = idx.shape[1]
+    out = x.new_empty(tokens, ksel)
+    pre = x.new_empty(tokens, ksel) if save_pre else out
+    pre2 = x.new_empty(tokens, ksel) if save_pre and second is not None else out
+    gated = second is not None
+    s2 = second or first
+
+    def lora(n: Neurons):
+        if n.lora is None:
+            return out, out, 0.0, 0
+        u, b, scale = n.lora
+        return u.contiguous(), b.contiguous(), float(scale), u.shape[1]
+
+    u1, b1, sc1, r1 = lora(first)
+    u2, b2, sc2, r2 = lora(s2)
+    if first.lora is not None and second is not None and second.lora is not None and r1 != r2:
+        raise ValueError(f"ngather_matmul: gate and up LoRA ranks differ ({r1} vs {r2})")
+    rank = max(r1, r2)
+    grid = lambda meta: (triton.cdiv(tokens, meta["BLOCK_T"]), triton.cdiv(ksel, meta["BLOCK_N"]))  # noqa: E731
+    _ngather_kernel[grid](
+        x, idx, out, pre, pre2,
+        first.m, u1, b1, first.bias if first.bias is not None else out,
+        first.out_scale if first.out_scale is not None else out,
+        s2.m, u2, b2, s2.bias if s2.bias is not None else out,
+        s2.out_scale if s2.out_scale is not None else out,
+        tokens, d, ksel, group_tokens, rank, sc1, sc2,
+        x.stride(0), first.m.stride(0), s2.m.stride(0), idx.stride(0),
+        ACT=ACT_CODES[activation], GATED=gated, SAVE_PRE=save_pre,
+        HAS_LORA=first.lora is not None, HAS_BIAS=first.bias is not None,
+        HAS_OSCALE=first.out_scale is not None,
+        HAS_LORA2=gated and second.lora is not None, HAS_BIAS2=gated and second.bias is not None,
+        HAS_OSCALE2=gated and second.out_scale is not None,
+        R_PAD=max(16, triton.next_power_of_2(max(rank, 1))), PRECISION=_precision(x.dtype),
+        DOT_FP32=_dot_fp32(x.dtype))
+    if not save_pre:
+        return out
+    return (out, pre, pre2) if gated else (out, pre)
+
+
+def kgather_matmul(h: torch.Tensor, m: torch.Tensor, idx: torch.Tensor, group_tokens: int,
+                   bias: Optional[torch.Tensor] = None,
+                   second: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+    """``h @ M[idx] (+ h2 @ M2[idx]) + bias``: ``[T, d]`` from compact ``h [T, k]``."""
+    _check_common("kgather_matmul", h, m, idx, group_tokens)
+    h = h.contiguous()
+    tokens, ksel = h.shape
+    d = m.shape[1]
+    out = h.new_empty(tokens, d)
+    h2, m2 = second if second is not None else (h, m)
+    grid = lambda meta: (triton.cdiv(tokens, meta["BLOCK_T"]), triton.cdiv(d, meta["BLOCK_D"]))  # noqa: E731
+    _kgather_kernel[grid](h, m, h2.contiguous(), m2, idx, bias if bias is not None else out, out,
+                          tokens, d, ksel, group_tokens, m.stride(0), m2.stride(0), idx.stride(0),
+                          TWO=second is not None, HAS_BIAS=bias is not None,
+                          PRECISION=_precision(h.dtype), DOT_FP32=_dot_fp32(h.dtype))
+    return out
+
+
+# ---- PyTorch twins -------------------------------------------------------------------------
+
+def _grouped_rows(t, idx):
+    return t[idx]  # [G, k, ...]
+
+
+def _neurons_ref(x, idx, group_tokens, n: Neurons):
+    g = idx.shape[0]
+    xg = x.reshape(g, group_tokens, -1).float()
+    a = xg @ _grouped_rows(n.m, idx).float().transpose(1, 2)
+    if n.lora is not None:
+        u, b, scale = n.lora
+        a = a + scale * (u.reshape(g, group_tokens, -1).float() @ _grouped_rows(b, idx).float().transpose(1, 2))
+    if n.bias is not None:
+        a = a + n.bias[idx].float().unsqueeze(1)
+    if n.out_scale is not None:
+        a = a * n.out_scale[idx].float().unsqueeze(1)
+    return a.reshape(x.shape[0], -1)
+
+
+def _act_ref(a, activation):
+    from ..ops.adapted_linear import ACTIVATIONS
+    return a if activation is None else ACTIVATIONS[activation](a)
+
+
+def ngather_matmul_ref(x, idx, group_tokens, first, second=None, activation=None, save_pre=False):
+    """PyTorch twin of :func:`ngather_matmul` (fp32 math, output in ``x.dtype``)."""
+    a = _neurons_ref(x, idx, group_tokens, first)
+    h = _act_ref(a, activation)
+    b = None
+    if second is not None:
+        b = _neurons_ref(x, idx, group_tokens, second)
+        h = h * b
+    if not save_pre:
+        return h.to(x.dtype)
+    pres = (a.to(x.dtype),) + ((b.to(x.dtype),) if b is not None else ())
+    return (h.to(x.dtype),) + pres
+
+
+def kgather_matmul_ref(h, m, idx, group_tokens, bias=None, second=None):
+    """PyTorch twin of :func:`kgather_matmul`."""
+    g = idx.shape[0]
+    out = h.reshape(g, group_tokens, -1).float() @ _grouped_rows(m, idx).float()
+    if second is not None:
+        h2, m2 = second
+        out = out + h2.reshape(g, group_tokens, -1).float() @ _grouped_rows(m2, idx).float()
+    if bias is not None:
+        out = out + bias.float()
+    return out.reshape(h.shape[0], -1).to(h.dtype)

@@ -1,0 +1,83 @@
+"""Gather-GEMM kernels against their PyTorch twins (Triton's interpreter on CPU machines)."""
+
+import pytest
+import torch
+
+from lecompile.kernels.gather_gemm import (Neurons, kgather_matmul, kgather_matmul_ref, ngather_matmul,
+                                           ngather_matmul_ref)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=2e-2, rtol=1e-2),
+       torch.bfloat16: dict(atol=5e-2, rtol=2e-2)}
+
+
+def rand(*shape, dtype=torch.float32, gen=None, scale=1.0):
+    return (torch.randn(*shape, generator=gen) * scale).to(dtype=dtype, device=DEVICE)
+
+
+def sorted_idx(groups, ffn, k, gen):
+    return torch.stack([torch.randperm(ffn, generator=gen)[:k].sort().values
+                        for _ in range(groups)]).to(DEVICE)
+
+
+# (tokens, group_tokens, d, ffn, k): odd d, k from 128 to 1024, 1 to 3 groups
+SHAPES = [(32, 32, 33, 256, 128), (48, 16, 40, 512, 256), (64, 32, 17, 1024, 512),
+          (16, 16, 24, 1024, 1024)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,group,d,ffn,k", SHAPES)
+@pytest.mark.parametrize("activation", [None, "relu", "gelu", "gelu_tanh", "silu"])
+def test_ngather(dtype, tokens, group, d, ffn, k, activation):
+    gen = torch.Generator().manual_seed(0)
+    x, m = rand(tokens, d, dtype=dtype, gen=gen), rand(ffn, d, dtype=dtype, gen=gen, scale=d ** -0.5)
+    idx = sorted_idx(tokens // group, ffn, k, gen)
+    first = Neurons(m, bias=rand(ffn, dtype=dtype, gen=gen))
+    got = ngather_matmul(x, idx, group, first, activation=activation)
+    torch.testing.assert_close(got, ngather_matmul_ref(x, idx, group, first, activation=activation), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rank", [4, 16])
+def test_ngather_gated_with_adapters_saves_pre(dtype, rank):
+    gen = torch.Generator().manual_seed(1)
+    tokens, group, d, ffn, k = 48, 16, 40, 384, 256
+    x = rand(tokens, d, dtype=dtype, gen=gen)
+
+    def neurons():
+        return Neurons(rand(ffn, d, dtype=dtype, gen=gen, scale=d ** -0.5),
+                       lora=(rand(tokens, rank, gen=gen), rand(ffn, rank, gen=gen, scale=0.1), 0.5),
+                       bias=rand(ffn, dtype=dtype, gen=gen), out_scale=1 + rand(ffn, gen=gen, scale=0.1))
+
+    gate, up = neurons(), neurons()
+    idx = sorted_idx(tokens // group, ffn, k, gen)
+    got = ngather_matmul(x, idx, group, gate, up, activation="silu", save_pre=True)
+    want = ngather_matmul_ref(x, idx, group, gate, up, activation="silu", save_pre=True)
+    assert len(got) == 3
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,group,d,ffn,k", SHAPES)
+@pytest.mark.parametrize("two,bias", [(False, False), (False, True), (True, False)])
+def test_kgather(dtype, tokens, group, d, ffn, k, two, bias):
+    gen = torch.Generator().manual_seed(2)
+    h, m = rand(tokens, k, dtype=dtype, gen=gen), rand(ffn, d, dtype=dtype, gen=gen, scale=k ** -0.5)
+    idx = sorted_idx(tokens // group, ffn, k, gen)
+    second = (rand(tokens, k, dtype=dtype, gen=gen), rand(ffn, d, dtype=dtype, gen=gen, scale=k ** -0.5)) if two else None
+    b = rand(d, dtype=dtype, gen=gen) if bias else None
+    got = kgather_matmul(h, m, idx, group, bias=b, second=second)
+    torch.testing.assert_close(got, kgather_matmul_ref(h, m, idx, group, bias=b, second=second), **TOL[dtype])
+
+
+def test_kernels_reject_bad_layouts():
+    x, m = rand(32, 16), rand(256, 16)
+    idx = torch.arange(128, device=DEVICE).unsqueeze(0)
+    with pytest.raises(ValueError, match="do not agree"):
+        ngather_matmul(x, idx, 16, Neurons(m))
+    with pytest.raises(ValueError, match="multiple of 16"):
+        ngather_matmul(x[:24], idx, 24, Neurons(m))
+    with pytest.raises(ValueError, match="contiguous rows"):
+        kgather_matmul(rand(32, 128), m.t().contiguous().t(), idx, 32)
