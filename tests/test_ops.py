@@ -105,7 +105,7 @@ def test_sparse_mlp_lora_dropout_uses_returned_mask():
     x = torch.randn(2, 4, 8, dtype=torch.float64, requires_grad=True)
     idx = random_idx(2, 256, 128, torch.Generator().manual_seed(0))
     params, slots, scales = pack_mlp(fc1, None, fc2)
-    y, keep = sparse_mlp(x, idx, params, slots, scales, "relu", 0.5)
+    y, keep, _, _ = sparse_mlp(x, idx, params, slots, scales, "relu", 0.5)
     assert keep.shape == (8, 128) and keep.dtype == torch.bool and 0 < keep.float().mean() < 1
     from lecompile.ops.sparse_mlp import sparse_mlp_ref
     ref = sparse_mlp_ref(x, idx, fc1, None, fc2, "relu", keep.reshape(2, 4, 128), 0.5)
@@ -195,3 +195,54 @@ def test_predict_neurons_shapes_and_sorted(method):
     idx = predict_neurons(x, params, slots, scales, "silu", method, 128, 8, 4)
     assert idx.shape == (4, 128) and idx.dtype == torch.int64
     assert (idx.diff(dim=-1) > 0).all()
+
+
+@pytest.fixture
+def kernels_on_cpu(monkeypatch):
+    """Route the op through its Triton kernel path, in Triton's interpreter on CPU tensors."""
+    import os
+    from lecompile.ops import sparse_mlp_kernels
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    monkeypatch.setattr(sparse_mlp_kernels, "INTERPRET_ON_CPU", True)
+
+
+@pytest.mark.parametrize("adapters", ["lora", "ia3", "full", "none"])
+@pytest.mark.parametrize("activation,gated", [("relu", False), ("gelu_tanh", False), ("silu", True)])
+def test_kernel_path_matches_reference(kernels_on_cpu, adapters, activation, gated):
+    """Forward and every gradient of the kernel path equal the reference path's."""
+    from lecompile.ops.sparse_mlp import _uses_kernels
+    gen = torch.Generator().manual_seed(3)
+    d, ffn, k, batch, seq = 24, 256, 128, 2, 16
+    fc1, up, fc2 = make_mlp(d, ffn, torch.float32, gated, adapters)
+    fc1.out_scale = None  # IA3 on fc1's output is a reference-only layout
+    if adapters == "lora":
+        fc1.lora_input = torch.randn(batch, seq, d, generator=gen).requires_grad_()
+    x = torch.randn(batch, seq, d, generator=gen, requires_grad=True)
+    idx = random_idx(batch, ffn, k, gen)
+    params, slots, scales = pack_mlp(fc1, up, fc2)
+    assert _uses_kernels(x, idx, params, slots)
+    y, _, pre1, _ = sparse_mlp(x, idx, params, slots, scales, activation, 0.0)
+    assert pre1.shape == (batch * seq, k), "the kernel path saves compact pre-activations"
+    ref = masked_dense(x, idx, fc1, up, fc2, activation)
+    torch.testing.assert_close(y, ref, **TOL[torch.float32])
+    grad = torch.randn(y.shape, generator=gen)
+    inputs = leaves(x, fc1, up, fc2)
+    for got, want in zip(torch.autograd.grad(y, inputs, grad), torch.autograd.grad(ref, inputs, grad)):
+        torch.testing.assert_close(got, want, **TOL[torch.float32])
+
+
+def test_kernel_path_with_fc2_lora_dropout(kernels_on_cpu):
+    from lecompile.ops.sparse_mlp import sparse_mlp_ref
+    gen = torch.Generator().manual_seed(4)
+    fc1, _, fc2 = make_mlp(24, 256, torch.float32, False, "lora")
+    x = torch.randn(2, 16, 24, generator=gen, requires_grad=True)
+    idx = random_idx(2, 256, 128, gen)
+    params, slots, scales = pack_mlp(fc1, None, fc2)
+    y, keep, pre1, _ = sparse_mlp(x, idx, params, slots, scales, "relu", 0.3)
+    assert pre1.numel() and keep.shape == (32, 128)
+    ref = sparse_mlp_ref(x, idx, fc1, None, fc2, "relu", keep.reshape(2, 16, 128), 0.3)
+    torch.testing.assert_close(y, ref, **TOL[torch.float32])
+    inputs = leaves(x, fc1, fc2)
+    for got, want in zip(torch.autograd.grad(y.sum(), inputs), torch.autograd.grad(ref.sum(), inputs)):
+        torch.testing.assert_close(got, want, **TOL[torch.float32])

@@ -9,8 +9,9 @@ Index layout: ``idx [G, k]`` int64, each row sorted and unique. The ``T`` tokens
 neurons ``idx[g]``: ``G = 1`` shares one set over the batch, ``G = batch`` is per sequence,
 ``G = T / tile`` is per token tile. ``k == ffn`` means every neuron: the op runs dense.
 
-This file holds the PyTorch reference implementation, used on every device until the Triton
-kernels take over on CUDA. Backward recomputes the compact forward (only ``[T, k]`` tensors) and
+On CUDA the op runs the Triton gather-GEMM kernels (``sparse_mlp_kernels``) for the layouts
+they cover; everywhere else, and for the dense case (``k == ffn``), it runs the PyTorch
+reference below. The reference backward recomputes the compact forward (only ``[T, k]`` tensors) and
 differentiates it, so it saves no activation beyond its inputs and the compact LoRA dropout mask,
 and it is exact for every input: adapters, biases, IA3 vectors, the input, and base weights too
 when they require grad (their gradient is non-zero on the kept neurons only).
@@ -23,7 +24,13 @@ from typing import List, Optional
 import torch
 from torch._dynamo.utils import counters
 
-from .adapted_linear import ACTIVATIONS, SLOTS, AdaptedLinear, expand_linear, pack_mlp, reduce_linear, unpack_mlp
+from .adapted_linear import (ACTIVATIONS, MLP_LINEARS, SLOTS, AdaptedLinear, expand_linear, pack_mlp,
+                             reduce_linear, unpack_mlp)
+
+try:
+    from . import sparse_mlp_kernels as kernel_impl
+except ImportError:  # no Triton: the reference runs everywhere
+    kernel_impl = None
 
 Tensor = torch.Tensor
 
@@ -81,11 +88,19 @@ def _has_fc2_lora(slots):
     return _FC2_LORA_A in slots
 
 
+def _uses_kernels(x, idx, params, slots) -> bool:
+    if kernel_impl is None or idx.shape[1] == params[0].shape[0]:
+        return False  # no Triton, or dense: the reference runs cuBLAS GEMMs
+    return kernel_impl.supported(x, idx, slots)
+
+
 @torch.library.custom_op("lecompile::sparse_mlp", mutates_args=())
-def sparse_mlp(x: Tensor, idx: Tensor, params: List[Tensor], slots: List[int],
-               lora_scales: List[float], activation: str, fc2_lora_dropout: float) -> tuple[Tensor, Tensor]:
-    """Sparse MLP forward. Returns ``(y, lora_keep)``; ``lora_keep`` is fc2's LoRA dropout
-    keep-mask ``[T, k]`` (bool), empty when there is no such dropout."""
+def sparse_mlp(x: Tensor, idx: Tensor, params: List[Tensor], slots: List[int], lora_scales: List[float],
+               activation: str, fc2_lora_dropout: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Sparse MLP forward. Returns ``(y, lora_keep, pre1, pre2)``: ``lora_keep`` is fc2's LoRA
+    dropout keep-mask ``[T, k]`` (bool), empty without such dropout; ``pre1``/``pre2`` are the
+    compact pre-activations ``[T, k]`` the CUDA kernels save for backward (of fc1 or gate, and
+    of up), empty on the reference path."""
     _check(x, idx, params, slots, lora_scales, activation)
     counters["lecompile"]["sparse_mlp_calls"] += 1
     fc1, up, fc2 = unpack_mlp(params, slots, lora_scales)
@@ -93,25 +108,45 @@ def sparse_mlp(x: Tensor, idx: Tensor, params: List[Tensor], slots: List[int],
         keep = torch.rand(x.numel() // x.shape[-1], idx.shape[1], device=x.device) >= fc2_lora_dropout
     else:
         keep = x.new_empty(0, dtype=torch.bool)
+    kept = keep if keep.numel() else None
+    if _uses_kernels(x, idx, params, slots):
+        y, pre1, pre2 = kernel_impl.forward(x, idx, fc1, up, fc2, activation, kept, fc2_lora_dropout)
+        return y, keep, pre1, pre2
     y = sparse_mlp_ref(x, idx, fc1, up, fc2, activation, _grouped_keep(keep, idx), fc2_lora_dropout)
-    return y, keep
+    return y, keep, x.new_empty(0), x.new_empty(0)
 
 
 @sparse_mlp.register_fake
 def _(x, idx, params, slots, lora_scales, activation, fc2_lora_dropout):
-    fc2_out = params[slots.index(_FC2_WEIGHT)].shape[0]
-    y = x.new_empty(*x.shape[:-1], fc2_out)
+    tokens = x.numel() // x.shape[-1]
+    y = x.new_empty(*x.shape[:-1], params[slots.index(_FC2_WEIGHT)].shape[0])
+    keep = x.new_empty(0, dtype=torch.bool)
     if _has_fc2_lora(slots) and fc2_lora_dropout > 0.0:
-        return y, x.new_empty(x.numel() // x.shape[-1], idx.shape[1], dtype=torch.bool)
-    return y, x.new_empty(0, dtype=torch.bool)
+        keep = x.new_empty(tokens, idx.shape[1], dtype=torch.bool)
+    pre1, pre2 = x.new_empty(0), x.new_empty(0)
+    if _uses_kernels(x, idx, params, slots):
+        pre1 = x.new_empty(tokens, idx.shape[1])
+        if slots.count(len(SLOTS)):  # gated: up's weight is present
+            pre2 = x.new_empty(tokens, idx.shape[1])
+    return y, keep, pre1, pre2
 
 
 @torch.library.custom_op("lecompile::sparse_mlp_backward", mutates_args=())
 def sparse_mlp_backward(grad_y: Tensor, x: Tensor, idx: Tensor, params: List[Tensor],
                         slots: List[int], lora_scales: List[float], activation: str,
-                        fc2_lora_dropout: float, lora_keep: Tensor, wanted: List[bool]) -> List[Tensor]:
-    """Gradients of :func:`sparse_mlp` for the inputs ``[x, *params]`` flagged in ``wanted``,
-    by differentiating the compact recomputed forward."""
+                        fc2_lora_dropout: float, lora_keep: Tensor, pre1: Tensor, pre2: Tensor,
+                        wanted: List[bool]) -> List[Tensor]:
+    """Gradients of :func:`sparse_mlp` for the inputs ``[x, *params]`` flagged in ``wanted``:
+    with the kernels when the forward saved pre-activations, else by differentiating the
+    compact recomputed reference forward."""
+    if pre1.numel():
+        fc1, up, fc2 = unpack_mlp(params, slots, lora_scales)
+        keys = ["x"] + [f"{MLP_LINEARS[s // len(SLOTS)]}.{SLOTS[s % len(SLOTS)]}" for s in slots]
+        grads = kernel_impl.backward(grad_y, x, idx, fc1, up, fc2, activation,
+                                     lora_keep if lora_keep.numel() else None, fc2_lora_dropout,
+                                     pre1, pre2, dict(zip(keys, wanted)))
+        flat = [x, *params]
+        return [grads[k].to(t.dtype).contiguous() for k, t, w in zip(keys, flat, wanted) if w]
     flat = [x, *params]
     keep = _grouped_keep(lora_keep, idx)
 
@@ -128,7 +163,8 @@ def sparse_mlp_backward(grad_y: Tensor, x: Tensor, idx: Tensor, params: List[Ten
 
 
 @sparse_mlp_backward.register_fake
-def _(grad_y, x, idx, params, slots, lora_scales, activation, fc2_lora_dropout, lora_keep, wanted):
+def _(grad_y, x, idx, params, slots, lora_scales, activation, fc2_lora_dropout, lora_keep, pre1,
+      pre2, wanted):
     return [t.new_empty(t.shape) for t, w in zip([x, *params], wanted) if w]
 
 
@@ -136,14 +172,14 @@ def _setup_context(ctx, inputs, output):
     x, idx, params, slots, lora_scales, activation, p = inputs
     ctx.wanted = [t.requires_grad for t in (x, *params)]
     ctx.args = (slots, lora_scales, activation, p)
-    ctx.save_for_backward(idx, output[1], x, *params)
+    ctx.save_for_backward(idx, output[1], output[2], output[3], x, *params)
 
 
-def _backward(ctx, grad_y, _grad_keep):
-    idx, keep, x, *params = ctx.saved_tensors
+def _backward(ctx, grad_y, _grad_keep, _grad_pre1, _grad_pre2):
+    idx, keep, pre1, pre2, x, *params = ctx.saved_tensors
     slots, lora_scales, activation, p = ctx.args
     grads = iter(sparse_mlp_backward(grad_y.contiguous(), x, idx, params, slots, lora_scales,
-                                     activation, p, keep, ctx.wanted))
+                                     activation, p, keep, pre1, pre2, ctx.wanted))
     out = [next(grads) if w else None for w in ctx.wanted]
     return out[0], None, out[1:], None, None, None, None
 

@@ -1,0 +1,223 @@
+"""The sparse MLP on CUDA: forward and backward built on the gather-GEMM kernels.
+
+Every large GEMM is a kernel launch on neuron-major weights (``lecompile.kernels.gather_gemm``):
+
+| GEMM | kernel |
+|---|---|
+| fc1 (and up) forward, LoRA + bias + activation fused | N-gather on ``W1`` |
+| fc2 forward, + bias | K-gather on ``W2T`` |
+| fc2 input gradient, + LoRA | N-gather on ``W2T`` |
+| fc1 input gradient (gate and up in one launch) | K-gather on ``W1`` |
+
+Adapter, bias and IA3 gradients come from compact ``[T, k]`` and ``[T, r]`` tensors with torch.
+Forward saves the compact pre-activations only. ``W2.T`` is made contiguous once per weight
+version and cached. Layouts the kernels do not cover (IA3 on fc1/up or on fc2's output, token
+groups not a multiple of 16, CPU tensors) use the PyTorch reference instead: see :func:`supported`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from ..kernels.gather_gemm import MIN_GROUP_TOKENS, Neurons, kgather_matmul, ngather_matmul
+from .adapted_linear import ACTIVATIONS, SLOTS, AdaptedLinear
+
+Tensor = torch.Tensor
+_UNSUPPORTED_SLOTS = {li * len(SLOTS) + SLOTS.index(s) for li, s in
+                      ((0, "in_scale"), (0, "out_scale"), (1, "in_scale"), (1, "out_scale"),
+                       (2, "out_scale"))}
+_NEURON_MAJOR: Dict[tuple, Tuple[int, Tensor]] = {}
+#: Tests set this to run the kernels on CPU tensors in Triton's interpreter.
+INTERPRET_ON_CPU = False
+
+
+def supported(x: Tensor, idx: Tensor, slots: List[int]) -> bool:
+    """Whether the kernel path handles this call (decided from metadata only, so the fake
+    implementation agrees with the real one)."""
+    tokens = x.numel() // x.shape[-1]
+    on_device = x.device.type == "cuda" or (INTERPRET_ON_CPU and os.environ.get("TRITON_INTERPRET") == "1")
+    return (on_device and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and idx.shape[0] > 0 and (tokens // idx.shape[0]) % MIN_GROUP_TOKENS == 0
+            and not _UNSUPPORTED_SLOTS.intersection(slots))
+
+
+def neuron_major(weight: Tensor) -> Tensor:
+    """``weight.t().contiguous()``, cached per weight version (frozen weights convert once)."""
+    key = (weight.data_ptr(), tuple(weight.shape), weight.dtype, weight.device)
+    hit = _NEURON_MAJOR.get(key)
+    if hit is None or hit[0] != weight._version:
+        hit = _NEURON_MAJOR[key] = (weight._version, weight.detach().t().contiguous())
+    return hit[1]
+
+
+def _lora_u(lin: AdaptedLinear, x2: Tensor) -> Optional[Tensor]:
+    if lin.lora_a is None:
+        return None
+    lx = x2 if lin.lora_input is None else lin.lora_input.reshape(x2.shape[0], -1)
+    return lx.to(lin.lora_a.dtype) @ lin.lora_a.t()
+
+
+def _neurons(lin: AdaptedLinear, u: Optional[Tensor]) -> Neurons:
+    return Neurons(lin.weight, lora=(u, lin.lora_b, lin.lora_scale) if u is not None else None,
+                   bias=lin.bias)
+
+
+def _per_group(t: Tensor, groups: int) -> Tensor:
+    return t.reshape(groups, -1, t.shape[-1])
+
+
+def forward(x: Tensor, idx: Tensor, fc1: AdaptedLinear, up: Optional[AdaptedLinear],
+            fc2: AdaptedLinear, activation: str, keep: Optional[Tensor], p: float):
+    """``(y, pre1, pre2)``: output and the compact pre-activations saved for backward."""
+    tokens, d = x.numel() // x.shape[-1], x.shape[-1]
+    groups = idx.shape[0]
+    n = tokens // groups
+    x2 = x.reshape(tokens, d)
+    first = _neurons(fc1, _lora_u(fc1, x2))
+    second = _neurons(up, _lora_u(up, x2)) if up is not None else None
+    if second is None:
+        h, pre1 = ngather_matmul(x2, idx, n, first, activation=activation, save_pre=True)
+        pre2 = x.new_empty(0)
+    else:
+        h, pre1, pre2 = ngather_matmul(x2, idx, n, first, second, activation=activation, save_pre=True)
+    y = _fc2_forward(h, idx, n, fc2, keep, p)
+    return y.reshape(*x.shape[:-1], -1), pre1, pre2
+
+
+def _fc2_input(h: Tensor, idx: Tensor, fc2: AdaptedLinear) -> Tensor:
+    if fc2.in_scale is None:
+        return h
+    s = fc2.in_scale[idx].unsqueeze(1)  # [G, 1, k]
+    return (_per_group(h, idx.shape[0]).to(s.dtype) * s).to(h.dtype).reshape(h.shape)
+
+
+def _fc2_lora_input(hs: Tensor, fc2: AdaptedLinear, keep: Optional[Tensor], p: float) -> Tensor:
+    lh = hs.to(fc2.lora_a.dtype)
+    return lh * keep / (1.0 - p) if keep is not None else lh
+
+
+def _fc2_forward(h, idx, n, fc2, keep, p):
+    hs = _fc2_input(h, idx, fc2)
+    y = kgather_matmul(hs, neuron_major(fc2.weight), idx, n, bias=fc2.bias)
+    if fc2.lora_a is not None:
+        groups = idx.shape[0]
+        lh = _per_group(_fc2_lora_input(hs, fc2, keep, p), groups)
+        u2 = torch.bmm(lh, neuron_major(fc2.lora_a)[idx])  # [G, n, r]
+        y = (y + fc2.lora_scale * (u2.reshape(y.shape[0], -1) @ fc2.lora_b.t())).to(y.dtype)
+    return y
+
+
+def _act_grad(a: Tensor, activation: str) -> Tuple[Tensor, Tensor]:
+    """``(act(a), act'(a))`` in fp32 (torch.func: custom-op kernels run below autograd)."""
+    out, vjp = torch.func.vjp(ACTIVATIONS[activation], a.float())
+    (grad,) = vjp(torch.ones_like(out))
+    return out, grad
+
+
+def backward(grad_y: Tensor, x: Tensor, idx: Tensor, fc1: AdaptedLinear, up: Optional[AdaptedLinear],
+             fc2: AdaptedLinear, activation: str, keep: Optional[Tensor], p: float,
+             pre1: Tensor, pre2: Tensor, wants: Dict[str, bool]) -> Dict[str, Tensor]:
+    """Gradients keyed ``"x"`` and ``"<linear>.<slot>"`` for every ``wants`` entry that is True."""
+    tokens, d = x.numel() // x.shape[-1], x.shape[-1]
+    groups = idx.shape[0]
+    n = tokens // groups
+    x2, dy = x.reshape(tokens, d), grad_y.reshape(tokens, -1)
+    grads: Dict[str, Tensor] = {}
+
+    # Recompute the compact intermediate from the saved pre-activations.
+    act1, dact1 = _act_grad(pre1, activation)
+    h = (act1 * pre2.float() if up is not None else act1).to(x.dtype)
+    hs = _fc2_input(h, idx, fc2)
+
+    # fc2: its adapters, then the gradient of its (compact) input.
+    w2t = neuron_major(fc2.weight)
+    lora_v = None
+    if fc2.lora_a is not None:
+        lora_v = dy.to(fc2.lora_b.dtype) @ fc2.lora_b  # [T, r]
+        lh = _fc2_lora_input(hs, fc2, keep, p)
+        u2 = torch.bmm(_per_group(lh, groups), neuron_major(fc2.lora_a)[idx]).reshape(tokens, -1)
+        _put(grads, wants, "fc2.lora_b", lambda: fc2.lora_scale * dy.t().to(u2.dtype) @ u2)
+        _put(grads, wants, "fc2.lora_a", lambda: _scatter_cols(
+            fc2.lora_a, idx, fc2.lora_scale * torch.bmm(_per_group(lora_v, groups).transpose(1, 2),
+                                                         _per_group(lh, groups))))
+    _put(grads, wants, "fc2.bias", lambda: dy.sum(0).to(fc2.bias.dtype))
+    _put(grads, wants, "fc2.weight", lambda: _scatter_cols(
+        fc2.weight, idx, torch.bmm(_per_group(dy, groups).transpose(1, 2), _per_group(hs, groups))))
+    fold_lora = lora_v is not None and keep is None
+    dhs = ngather_matmul(dy.to(x.dtype), idx, n, Neurons(
+        w2t, lora=(lora_v, neuron_major(fc2.lora_a), fc2.lora_scale) if fold_lora else None)).float()
+    if lora_v is not None and not fold_lora:
+        dl = torch.bmm(_per_group(lora_v, groups), neuron_major(fc2.lora_a)[idx].transpose(1, 2))
+        dhs = dhs + fc2.lora_scale * dl.reshape(tokens, -1) * keep / (1.0 - p)
+    dh = dhs
+    if fc2.in_scale is not None:
+        s = fc2.in_scale[idx].unsqueeze(1).float()
+        _put(grads, wants, "fc2.in_scale", lambda: _scatter_vec(
+            fc2.in_scale, idx, (_per_group(dhs, groups) * _per_group(h, groups).float()).sum(1)))
+        dh = (_per_group(dhs, groups) * s).reshape(tokens, -1)
+
+    # The activation, then fc1 (and up).
+    if up is None:
+        das = [(fc1, "fc1", dh * dact1)]
+    else:
+        das = [(fc1, "fc1", dh * pre2.float() * dact1), (up, "up", dh * act1)]
+    dx = None
+    for lin, role, da in das:
+        da_c = da.to(x.dtype)
+        dx_lin = _linear_input_grads(lin, role, da, x2, idx, groups, grads, wants)
+        if dx_lin is not None:
+            dx = dx_lin if dx is None else dx + dx_lin
+        _put(grads, wants, f"{role}.bias", lambda: _scatter_vec(lin.bias, idx, _per_group(da, groups).sum(1)))
+        _put(grads, wants, f"{role}.weight", lambda: _scatter_rows(
+            lin.weight, idx, torch.bmm(_per_group(da_c, groups).transpose(1, 2), _per_group(x2, groups))))
+    if wants.get("x"):
+        second = (das[1][2].to(x.dtype), up.weight) if up is not None else None
+        dx_base = kgather_matmul(das[0][2].to(x.dtype), fc1.weight, idx, n, second=second)
+        grads["x"] = (dx_base if dx is None else (dx_base.float() + dx)).to(x.dtype).reshape(x.shape)
+    return grads
+
+
+def _linear_input_grads(lin, role, da, x2, idx, groups, grads, wants) -> Optional[Tensor]:
+    """LoRA gradients of fc1/up; returns the gradient its LoRA sends to ``x`` (or ``None``)."""
+    if lin.lora_a is None:
+        return None
+    lx = x2 if lin.lora_input is None else lin.lora_input.reshape(x2.shape[0], -1)
+    lx = lx.to(lin.lora_a.dtype)
+    u = lx @ lin.lora_a.t()
+    v = torch.bmm(_per_group(da.to(u.dtype), groups), lin.lora_b[idx]).reshape(x2.shape[0], -1)  # [T, r]
+    s = lin.lora_scale
+    _put(grads, wants, f"{role}.lora_b", lambda: _scatter_rows(
+        lin.lora_b, idx, s * torch.bmm(_per_group(da.to(u.dtype), groups).transpose(1, 2), _per_group(u, groups))))
+    _put(grads, wants, f"{role}.lora_a", lambda: s * v.t() @ lx)
+    d_lora_input = s * v @ lin.lora_a
+    if lin.lora_input is not None:
+        _put(grads, wants, f"{role}.lora_input", lambda: d_lora_input.reshape(lin.lora_input.shape))
+        return None
+    return d_lora_input.float()
+
+
+def _put(grads, wants, key, compute):
+    if wants.get(key):
+        grads[key] = compute()
+
+
+def _scatter_rows(param: Tensor, idx: Tensor, per_group: Tensor) -> Tensor:
+    """Dense gradient of ``param [ffn, ...]`` from per-group rows ``[G, k, ...]``."""
+    out = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
+    out.index_add_(0, idx.reshape(-1), per_group.reshape(-1, *param.shape[1:]).float())
+    return out.to(param.dtype)
+
+
+def _scatter_cols(param: Tensor, idx: Tensor, per_group: Tensor) -> Tensor:
+    """Dense gradient of ``param [..., ffn]`` from per-group columns ``[G, ..., k]``."""
+    rows = per_group.transpose(1, 2)  # [G, k, ...]
+    return _scatter_rows(param.t(), idx, rows).t()
+
+
+def _scatter_vec(param: Tensor, idx: Tensor, per_group: Tensor) -> Tensor:
+    out = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
+    out.index_add_(0, idx.reshape(-1), per_group.reshape(-1).float())
+    return out.to(param.dtype)
