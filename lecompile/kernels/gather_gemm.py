@@ -35,16 +35,27 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# (token tile, neuron or feature tile, reduction tile, warps, stages)
+_TILINGS = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+            (64, 64, 64, 4, 4), (128, 128, 32, 8, 4), (128, 64, 32, 4, 3), (64, 64, 32, 4, 3)]
+
+
 def _configs(tile_names):
     if _interpreting():  # the CPU interpreter: one small config keeps tests fast
         return [triton.Config(dict(zip(tile_names, (16, 32, 32))), num_warps=1)]
     return [triton.Config(dict(zip(tile_names, (bt, bn, bk))), num_warps=w, num_stages=s)
-            for bt in (64, 128) for bn in (64, 128) for bk in (32, 64)
-            for w in (4, 8) for s in (3, 4) if not (bt == 128 and bn == 128 and w == 4)]
+            for bt, bn, bk, w, s in _TILINGS]
+
+
+def group_align(group_tokens: int) -> int:
+    """Largest power of two up to 128 dividing ``group_tokens``: the autotune key for groups
+    (token tiles must not straddle groups), so group sizes that allow the same tiles share
+    one tuning."""
+    return min(128, group_tokens & -group_tokens)
 
 
 def _prune_by_group(configs, named_args, **kwargs):
-    group = named_args["group_tokens"]
+    group = named_args["GROUP_ALIGN"]
     kept = [c for c in configs if group % c.kwargs["BLOCK_T"] == 0]
     return kept or [triton.Config({**configs[0].kwargs, "BLOCK_T": MIN_GROUP_TOKENS},
                                   num_warps=configs[0].num_warps)]
@@ -104,13 +115,13 @@ def _ngather_tile(x_ptr, m_ptr, rows, offs_t, offs_n, T, D, KSEL, stride_xt, str
 
 
 @triton.autotune(configs=_configs(("BLOCK_T", "BLOCK_N", "BLOCK_D")),
-                 key=["D", "KSEL", "group_tokens", "R", "GATED", "HAS_LORA", "ACT"],
+                 key=["D", "KSEL", "GROUP_ALIGN", "R", "GATED", "HAS_LORA", "ACT"],
                  prune_configs_by={"early_config_prune": _prune_by_group})
 @triton.jit
 def _ngather_kernel(x_ptr, idx_ptr, out_ptr, pre_ptr, pre2_ptr,
                     m_ptr, u_ptr, b_ptr, bias_ptr, oscale_ptr,
                     m2_ptr, u2_ptr, b2_ptr, bias2_ptr, oscale2_ptr,
-                    T, D, KSEL, group_tokens, R, lora_scale, lora_scale2,
+                    T, D, KSEL, group_tokens, GROUP_ALIGN, R, lora_scale, lora_scale2,
                     stride_xt, stride_m, stride_m2, stride_idx,
                     ACT: tl.constexpr, GATED: tl.constexpr, SAVE_PRE: tl.constexpr,
                     HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_OSCALE: tl.constexpr,
@@ -144,11 +155,11 @@ def _ngather_kernel(x_ptr, idx_ptr, out_ptr, pre_ptr, pre2_ptr,
 
 
 @triton.autotune(configs=_configs(("BLOCK_T", "BLOCK_D", "BLOCK_K")),
-                 key=["D", "KSEL", "group_tokens", "TWO"],
+                 key=["D", "KSEL", "GROUP_ALIGN", "TWO"],
                  prune_configs_by={"early_config_prune": _prune_by_group})
 @triton.jit
 def _kgather_kernel(h_ptr, m_ptr, h2_ptr, m2_ptr, idx_ptr, bias_ptr, out_ptr,
-                    T, D, KSEL, group_tokens, stride_m, stride_m2, stride_idx,
+                    T, D, KSEL, group_tokens, GROUP_ALIGN, stride_m, stride_m2, stride_idx,
                     TWO: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
                     DOT_FP32: tl.constexpr,
                     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -248,7 +259,7 @@ def ngather_matmul(x: torch.Tensor, idx: torch.Tensor, group_tokens: int, first:
         first.out_scale if first.out_scale is not None else out,
         s2.m, u2, b2, s2.bias if s2.bias is not None else out,
         s2.out_scale if s2.out_scale is not None else out,
-        tokens, d, ksel, group_tokens, rank, sc1, sc2,
+        tokens, d, ksel, group_tokens, group_align(group_tokens), rank, sc1, sc2,
         x.stride(0), first.m.stride(0), s2.m.stride(0), idx.stride(0),
         ACT=ACT_CODES[activation], GATED=gated, SAVE_PRE=save_pre,
         HAS_LORA=first.lora is not None, HAS_BIAS=first.bias is not None,
@@ -274,7 +285,8 @@ def kgather_matmul(h: torch.Tensor, m: torch.Tensor, idx: torch.Tensor, group_to
     h2, m2 = second if second is not None else (h, m)
     grid = lambda meta: (triton.cdiv(tokens, meta["BLOCK_T"]), triton.cdiv(d, meta["BLOCK_D"]))  # noqa: E731
     _kgather_kernel[grid](h, m, h2.contiguous(), m2, idx, bias if bias is not None else out, out,
-                          tokens, d, ksel, group_tokens, m.stride(0), m2.stride(0), idx.stride(0),
+                          tokens, d, ksel, group_tokens, group_align(group_tokens), m.stride(0),
+                          m2.stride(0), idx.stride(0),
                           TWO=second is not None, HAS_BIAS=bias is not None,
                           PRECISION=_precision(h.dtype), DOT_FP32=_dot_fp32(h.dtype))
     return out

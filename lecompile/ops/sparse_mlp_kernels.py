@@ -22,6 +22,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from ..weight_cache import WeightCache
 from ..kernels.gather_gemm import MIN_GROUP_TOKENS, Neurons, kgather_matmul, ngather_matmul
 from .adapted_linear import ACTIVATIONS, SLOTS, AdaptedLinear
 
@@ -29,7 +30,6 @@ Tensor = torch.Tensor
 _UNSUPPORTED_SLOTS = {li * len(SLOTS) + SLOTS.index(s) for li, s in
                       ((0, "in_scale"), (0, "out_scale"), (1, "in_scale"), (1, "out_scale"),
                        (2, "out_scale"))}
-_NEURON_MAJOR: Dict[tuple, Tuple[int, Tensor]] = {}
 #: Tests set this to run the kernels on CPU tensors in Triton's interpreter.
 INTERPRET_ON_CPU = False
 
@@ -44,13 +44,8 @@ def supported(x: Tensor, idx: Tensor, slots: List[int]) -> bool:
             and not _UNSUPPORTED_SLOTS.intersection(slots))
 
 
-def neuron_major(weight: Tensor) -> Tensor:
-    """``weight.t().contiguous()``, cached per weight version (frozen weights convert once)."""
-    key = (weight.data_ptr(), tuple(weight.shape), weight.dtype, weight.device)
-    hit = _NEURON_MAJOR.get(key)
-    if hit is None or hit[0] != weight._version:
-        hit = _NEURON_MAJOR[key] = (weight._version, weight.detach().t().contiguous())
-    return hit[1]
+#: ``weight.t().contiguous()``, cached per weight version (frozen weights convert once).
+neuron_major = WeightCache(lambda weight: weight.t().contiguous())
 
 
 def _lora_u(lin: AdaptedLinear, x2: Tensor) -> Optional[Tensor]:

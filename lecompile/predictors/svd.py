@@ -5,37 +5,27 @@ Unlike SparseLoRA we add the exact adapter terms (LoRA is itself low rank, IA3 a
 vectors), so the estimate follows the adapters as they train at almost no extra cost.
 """
 
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
+from ..weight_cache import WeightCache
 from ..ops.adapted_linear import ACTIVATIONS, AdaptedLinear, expand_linear
 
-# (data_ptr, shape, dtype, device, rank) -> (weight version, P [in, r], Q [out, r])
-_FACTORS: Dict[tuple, Tuple[int, torch.Tensor, torch.Tensor]] = {}
+def _factorize(weight: torch.Tensor, rank: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    u, s, vh = torch.linalg.svd(weight.float(), full_matrices=False)
+    r = min(rank, s.numel())
+    return vh[:r].t().contiguous().to(weight.dtype), (u[:, :r] * s[:r]).contiguous().to(weight.dtype)
+
+
+#: ``svd_factors(weight, rank) -> (P [in, r], Q [out, r])`` with ``weight ~= Q @ P.T``, computed
+#: once per weight version (an in-place update of the weight is noticed).
+svd_factors = WeightCache(_factorize)
 
 
 def clear_svd_cache() -> None:
     """Forget every cached factorization."""
-    _FACTORS.clear()
-
-
-def svd_factors(weight: torch.Tensor, rank: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(P, Q)`` with ``weight ~= Q @ P.T``, computed once per weight and cached.
-
-    The cache key includes the tensor's version counter, so an in-place update of the weight
-    (full fine-tuning, ``load_state_dict``) is noticed and the factors are recomputed.
-    """
-    key = (weight.data_ptr(), tuple(weight.shape), weight.dtype, weight.device, rank)
-    version = weight._version
-    hit = _FACTORS.get(key)
-    if hit is None or hit[0] != version:
-        u, s, vh = torch.linalg.svd(weight.detach().float(), full_matrices=False)
-        r = min(rank, s.numel())
-        p = vh[:r].t().contiguous().to(weight.dtype)
-        q = (u[:, :r] * s[:r]).contiguous().to(weight.dtype)
-        hit = _FACTORS[key] = (version, p, q)
-    return hit[1], hit[2]
+    svd_factors.clear()
 
 
 def _estimate(x: torch.Tensor, lin: AdaptedLinear, rank: int) -> torch.Tensor:

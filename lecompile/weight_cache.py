@@ -1,0 +1,38 @@
+"""Values derived from frozen weights (neuron-major copies, SVD factors), computed once.
+
+An entry is reused while the weight's storage is alive and its version counter unchanged, so an
+in-place update (an optimizer step on a trainable weight, ``load_state_dict``) is noticed, and a
+new tensor that happens to reuse a freed address is never served a stale value.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Tuple
+
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+
+
+class WeightCache:
+    """``cache(weight, *args)`` returns ``compute(weight, *args)``, cached per weight version."""
+
+    def __init__(self, compute: Callable[..., Any]):
+        self.compute = compute
+        self._entries: Dict[tuple, Tuple[StorageWeakRef, int, Any]] = {}
+
+    def __call__(self, weight: torch.Tensor, *args) -> Any:
+        key = (weight.data_ptr(), tuple(weight.shape), tuple(weight.stride()), weight.dtype,
+               weight.device, *args)
+        hit = self._entries.get(key)
+        if hit is None or hit[0].expired() or hit[1] != weight._version:
+            self._prune()
+            hit = self._entries[key] = (StorageWeakRef(weight.untyped_storage()), weight._version,
+                                        self.compute(weight.detach(), *args))
+        return hit[2]
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def _prune(self) -> None:
+        for key in [k for k, (ref, _, _) in self._entries.items() if ref.expired()]:
+            del self._entries[key]
