@@ -1,0 +1,45 @@
+"""Shared pieces of the benchmarks: model shapes, timing, and the results file format."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+#: MLP shapes of the models the issues name: (d_model, ffn, activation, gated).
+MLP_SHAPES = {
+    "opt-1.3b": (2048, 8192, "relu", False),
+    "opt-2.7b": (2560, 10240, "relu", False),
+    "gpt2-1.5b": (1600, 6400, "gelu_tanh", False),
+    "llama-3-8b": (4096, 14336, "silu", True),
+}
+
+
+def meta(benchmark: str, command: str) -> dict:
+    import triton
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip() or None
+    except OSError:
+        commit = None
+    return {"benchmark": benchmark,
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "torch": torch.__version__, "triton": triton.__version__, "git_commit": commit,
+            "date": datetime.date.today().isoformat(), "command": command}
+
+
+def write_results(name: str, data: dict, folder: Path = RESULTS) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    return path
+
+
+def command_line() -> str:
+    return "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:])
