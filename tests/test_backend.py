@@ -55,12 +55,15 @@ def assert_same_as_eager(model, config, x):
 
 def test_renamed_gelu_mlp_with_bottleneck_adapter_matches():
     torch.manual_seed(0)
-    report = assert_same_as_eager(RenamedBlock(), LongExposureConfig(mlp_density=1.0), torch.randn(2, 8, 32))
+    report = lecompile.explain(RenamedBlock(), torch.randn(2, 8, 32), config=LongExposureConfig(mlp_density=0.5))
     by_pattern = {e.pattern: e for e in report.mlp}
     assert by_pattern["gelu"].rewritten and by_pattern["gelu"].layer == "widen->narrow"
-    assert by_pattern["gelu"].peft == ["fc1:bias"]
+    assert by_pattern["gelu"].peft == ["fc1:bias"] and by_pattern["gelu"].k == 128
     # The adapter itself is a tiny ReLU MLP: matched, but k covers all 8 neurons.
-    assert by_pattern["relu"].ffn == 8 and by_pattern["relu"].k == 8
+    assert by_pattern["relu"].ffn == 8 and by_pattern["relu"].k == 8 and not by_pattern["relu"].rewritten
+    assert "covers all 8 neurons" in by_pattern["relu"].note
+    report = assert_same_as_eager(RenamedBlock(), LongExposureConfig(mlp_density=1.0), torch.randn(2, 8, 32))
+    assert len(report.mlp) == 2 and report.mlp_rewritten == 0
 
 
 def test_activation_dropout_is_reported_and_left_dense():
@@ -141,7 +144,7 @@ def test_entry_point_resolves_in_fresh_interpreter():
         "print('lecompile' in sys.modules, counters['lecompile']['sparse_mlp'])\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "LECOMPILE_MLP_DENSITY": "1.0"})
+                         env={**os.environ, "LECOMPILE_MLP_DENSITY": "0.5"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["True", "1"]
 

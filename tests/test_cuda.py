@@ -1,4 +1,5 @@
-"""On a CUDA machine: the compiled bf16 train step matches eager (skipped elsewhere)."""
+"""On a CUDA machine: the compiled bf16 train step matches eager at density 1.0, and the sparse
+kernel path runs inside compiled graphs (skipped elsewhere)."""
 
 import pytest
 import torch
@@ -18,13 +19,13 @@ def test_bf16_lora_step_on_cuda_matches_eager(arch):
     eager_loss, eager_grads = train_step(model, model, inputs)
     backend = lecompile.longexposure(LongExposureConfig(mlp_density=1.0))
     loss, grads = train_step(torch.compile(model, backend=backend), model, inputs)
-    assert backend.report.mlp_rewritten == LAYERS
+    assert len(backend.report.mlp) == LAYERS
     torch.testing.assert_close(loss, eager_loss, atol=2e-2, rtol=2e-2)
     for name in grads:
         torch.testing.assert_close(grads[name].float(), eager_grads[name].float(), atol=3e-2, rtol=5e-2,
                                    msg=name)
-    # and it runs sparse
     backend = lecompile.longexposure(LongExposureConfig(mlp_density=0.5, k_align=64))
     torch._dynamo.reset()
-    loss, _ = train_step(torch.compile(model, backend=backend), model, inputs)
+    loss, grads = train_step(torch.compile(model, backend=backend), model, inputs)
     assert torch.isfinite(loss) and backend.report.mlp_rewritten == LAYERS
+    assert all(torch.isfinite(g).all() for g in grads.values())

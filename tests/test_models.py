@@ -1,7 +1,7 @@
 """Compiled train steps of tiny Hugging Face models through the backend, against eager PyTorch.
 
-Per (architecture, PEFT method), one model: at density 1.0 the compiled step matches eager
-(loss and every gradient), and at density 0.5 with the oracle predictor it matches an eager
+Per (architecture, PEFT method), one model: at density 1.0 every MLP is matched and left dense,
+and the compiled step matches eager (loss and every gradient); at density 0.5 with the oracle predictor it matches an eager
 model whose MLP intermediate is masked to the oracle's per-sequence top-k neurons.
 """
 
@@ -49,13 +49,12 @@ def test_train_step_matches_eager(arch, method):
     assert eager_grads, "nothing trainable"
 
     loss, grads, report = compiled_step(model, LongExposureConfig(mlp_density=1.0), inputs)
-    assert counters["lecompile"]["sparse_mlp_calls"] == LAYERS, "each layer's MLP runs the op once"
     # One match per layer, unless a graph break made Dynamo compile the decoder layer as its own
     # frame, whose one graph then serves every layer (OPT in transformers < 5.23).
     layer_frames = not any(part.isdigit() for e in report.mlp for part in e.layer.split("."))
-    assert report.mlp_rewritten == (1 if layer_frames else LAYERS), str(report)
-    assert counters["lecompile"]["sparse_mlp"] == report.mlp_rewritten
-    assert all(e.k == FFN for e in report.mlp)
+    assert len(report.mlp) == (1 if layer_frames else LAYERS), str(report)
+    assert all(e.k == FFN and not e.rewritten and "left dense" in e.note for e in report.mlp)
+    assert counters["lecompile"]["sparse_mlp_calls"] == 0
     torch.testing.assert_close(loss, eager_loss, **TOL)
     assert grads.keys() == eager_grads.keys()
     for name in grads:
@@ -67,7 +66,8 @@ def test_train_step_matches_eager(arch, method):
         h.remove()
     loss, grads, report = compiled_step(
         model, LongExposureConfig(mlp_density=0.5, predictor="oracle", k_align=64), inputs)
-    assert counters["lecompile"]["sparse_mlp_calls"] == LAYERS
+    assert counters["lecompile"]["sparse_mlp_calls"] == LAYERS, "each layer's MLP runs the op once"
+    assert counters["lecompile"]["sparse_mlp"] == len(report.mlp)
     assert {e.k for e in report.mlp} == {FFN // 2} and all(e.rewritten for e in report.mlp), str(report)
     assert {e.granularity for e in report.mlp} == {"sequence"}
     torch.testing.assert_close(loss, ref_loss, **TOL)

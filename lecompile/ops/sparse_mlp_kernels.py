@@ -18,13 +18,13 @@ groups not a multiple of 16, CPU tensors) use the PyTorch reference instead: see
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import torch
 
 from ..weight_cache import WeightCache
 from ..kernels.gather_gemm import MIN_GROUP_TOKENS, Neurons, kgather_matmul, ngather_matmul
-from .adapted_linear import ACTIVATIONS, SLOTS, AdaptedLinear
+from .adapted_linear import ACTIVATION_GRADS, SLOTS, AdaptedLinear
 
 Tensor = torch.Tensor
 _UNSUPPORTED_SLOTS = {li * len(SLOTS) + SLOTS.index(s) for li, s in
@@ -105,13 +105,6 @@ def _fc2_forward(h, idx, n, fc2, keep, p):
     return y
 
 
-def _act_grad(a: Tensor, activation: str) -> Tuple[Tensor, Tensor]:
-    """``(act(a), act'(a))`` in fp32 (torch.func: custom-op kernels run below autograd)."""
-    out, vjp = torch.func.vjp(ACTIVATIONS[activation], a.float())
-    (grad,) = vjp(torch.ones_like(out))
-    return out, grad
-
-
 def backward(grad_y: Tensor, x: Tensor, idx: Tensor, fc1: AdaptedLinear, up: Optional[AdaptedLinear],
              fc2: AdaptedLinear, activation: str, keep: Optional[Tensor], p: float,
              pre1: Tensor, pre2: Tensor, wants: Dict[str, bool]) -> Dict[str, Tensor]:
@@ -123,7 +116,7 @@ def backward(grad_y: Tensor, x: Tensor, idx: Tensor, fc1: AdaptedLinear, up: Opt
     grads: Dict[str, Tensor] = {}
 
     # Recompute the compact intermediate from the saved pre-activations.
-    act1, dact1 = _act_grad(pre1, activation)
+    act1, dact1 = ACTIVATION_GRADS[activation](pre1.float())
     h = (act1 * pre2.float() if up is not None else act1).to(x.dtype)
     hs = _fc2_input(h, idx, fc2)
 

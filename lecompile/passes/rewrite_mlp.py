@@ -13,7 +13,7 @@ from torch._dynamo.utils import counters
 
 from ..ops import sparse_mlp  # noqa: F401  (registers torch.ops.lecompile.sparse_mlp)
 from ..ops.adapted_linear import SLOTS, AdaptedLinear, pack_mlp
-from ..predictors.op import all_neurons, predict_neurons
+from ..predictors.op import predict_neurons
 from .fold_adapters import LinearMatch
 from .graph import static_shape
 from .match_mlp import MLPMatch
@@ -32,10 +32,12 @@ def rewrite_mlp(ctx) -> None:
     for mlp in ctx.mlps:
         k = kept_neurons(cfg.mlp_density, mlp.ffn, cfg.k_align)
         group_size, granularity, note = _group_size(mlp.fc1.x, cfg)
-        if k == mlp.ffn and cfg.mlp_density < 1.0:
-            note = _join(note, f"k rounded up to a multiple of {cfg.k_align} covers all {mlp.ffn} "
-                               "neurons: runs dense")
         entry = ctx.report_mlp(mlp, k, granularity, note)
+        if k == mlp.ffn:
+            why = "density 1.0" if cfg.mlp_density == 1.0 else (
+                f"k rounded up to a multiple of {cfg.k_align} covers all {mlp.ffn} neurons")
+            entry.note = _join(entry.note, f"{why}: left dense to Inductor")
+            continue
         if not ctx.training:
             entry.note = _join(entry.note, "inference graph (nothing requires grad): left dense")
             continue
@@ -92,13 +94,10 @@ def _rewrite(graph: fx.Graph, mlp: MLPMatch, k: int, group_size: int, cfg) -> No
         fc2.lora_input = None  # fc2's LoRA reads the compact intermediate inside the op
         params, slots, scales = pack_mlp(fc1, up, fc2)
         x = mlp.fc1.x
-        if k == mlp.ffn:
-            idx = graph.call_function(all_neurons, (x, mlp.ffn))
-        else:
-            n = sum(s < 2 * len(SLOTS) for s in slots)  # the predictor reads fc1 and up only
-            idx = graph.call_function(predict_neurons, (
-                x, params[:n], slots[:n], scales, mlp.activation, cfg.predictor, k, group_size,
-                cfg.svd_rank))
+        n = sum(s < 2 * len(SLOTS) for s in slots)  # the predictor reads fc1 and up only
+        idx = graph.call_function(predict_neurons, (
+            x, params[:n], slots[:n], scales, mlp.activation, cfg.predictor, k, group_size,
+            cfg.svd_rank))
         result = graph.call_function(torch.ops.lecompile.sparse_mlp.default, (
             x, idx, params, slots, scales, mlp.activation, mlp.fc2.lora_dropout))
         y = graph.call_function(operator.getitem, (result, 0))

@@ -53,8 +53,3 @@ def predict_neurons(x: Tensor, params: List[Tensor], slots: List[int], lora_scal
     gradient, and the predictor's math never enters the backward graph."""
     return _predict_neurons(x.detach(), [t.detach() for t in params], slots, lora_scales,
                             activation, method, k, group_size, rank)
-
-
-def all_neurons(x: Tensor, ffn: int) -> Tensor:
-    """``idx [1, ffn]`` selecting every neuron: the op's dense path at density 1.0."""
-    return torch.arange(ffn, device=x.device).unsqueeze(0)
