@@ -81,3 +81,21 @@ def test_kernels_reject_bad_layouts():
         ngather_matmul(x[:24], idx, 24, Neurons(m))
     with pytest.raises(ValueError, match="contiguous rows"):
         kgather_matmul(rand(32, 128), m.t().contiguous().t(), idx, 32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "silu"])
+@pytest.mark.parametrize("gated,lora", [(False, False), (True, False), (False, True)])
+def test_ngather_grad_fuses_activation_derivative(dtype, activation, gated, lora):
+    from lecompile.kernels.gather_gemm import ngather_matmul_grad, ngather_matmul_grad_ref
+    gen = torch.Generator().manual_seed(5)
+    tokens, group, d, ffn, k = 48, 16, 40, 384, 256
+    dy = rand(tokens, d, dtype=dtype, gen=gen)
+    m = Neurons(rand(ffn, d, dtype=dtype, gen=gen, scale=d ** -0.5),
+                lora=(rand(tokens, 8, gen=gen), rand(ffn, 8, gen=gen, scale=0.1), 0.5) if lora else None)
+    idx = sorted_idx(tokens // group, ffn, k, gen)
+    pre, pre_up = rand(tokens, k, dtype=dtype, gen=gen), (rand(tokens, k, dtype=dtype, gen=gen) if gated else None)
+    got = ngather_matmul_grad(dy, idx, group, m, activation, pre, pre_up)
+    want = ngather_matmul_grad_ref(dy, idx, group, m, activation, pre, pre_up)
+    for g, w in zip(got if gated else (got,), want if gated else (want,)):
+        torch.testing.assert_close(g, w, **TOL[dtype])

@@ -83,6 +83,23 @@ def _activate(a, ACT: tl.constexpr):
 
 
 @triton.jit
+def _activate_with_grad(a, ACT: tl.constexpr):
+    """``(act(a), act'(a))`` for the backward epilogue."""
+    if ACT == 1:
+        return tl.maximum(a, 0.0), (a > 0).to(tl.float32)
+    elif ACT == 2:
+        cdf = 0.5 * (1.0 + tl.erf(a * 0.7071067811865476))
+        return a * cdf, cdf + a * 0.3989422804014327 * tl.exp(-0.5 * a * a)
+    elif ACT == 3:
+        t = 2.0 * tl.sigmoid(2.0 * 0.7978845608028654 * (a + 0.044715 * a * a * a)) - 1.0
+        grad = 0.5 * (1.0 + t) + 0.5 * a * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * a * a)
+        return 0.5 * a * (1.0 + t), grad
+    else:
+        sig = tl.sigmoid(a)
+        return a * sig, sig * (1.0 + a * (1.0 - sig))
+
+
+@triton.jit
 def _ngather_tile(x_ptr, m_ptr, rows, offs_t, offs_n, T, D, KSEL, stride_xt, stride_m,
                   u_ptr, b_ptr, R, lora_scale, bias_ptr, oscale_ptr,
                   HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_OSCALE: tl.constexpr,
@@ -115,15 +132,16 @@ def _ngather_tile(x_ptr, m_ptr, rows, offs_t, offs_n, T, D, KSEL, stride_xt, str
 
 
 @triton.autotune(configs=_configs(("BLOCK_T", "BLOCK_N", "BLOCK_D")),
-                 key=["D", "KSEL", "GROUP_ALIGN", "R", "GATED", "HAS_LORA", "ACT"],
+                 key=["D", "KSEL", "GROUP_ALIGN", "R", "GATED", "HAS_LORA", "ACT", "GRAD_ACT"],
                  prune_configs_by={"early_config_prune": _prune_by_group})
 @triton.jit
-def _ngather_kernel(x_ptr, idx_ptr, out_ptr, pre_ptr, pre2_ptr,
+def _ngather_kernel(x_ptr, idx_ptr, out_ptr, out2_ptr, pre_ptr, pre2_ptr,
                     m_ptr, u_ptr, b_ptr, bias_ptr, oscale_ptr,
                     m2_ptr, u2_ptr, b2_ptr, bias2_ptr, oscale2_ptr,
                     T, D, KSEL, group_tokens, GROUP_ALIGN, R, lora_scale, lora_scale2,
                     stride_xt, stride_m, stride_m2, stride_idx,
-                    ACT: tl.constexpr, GATED: tl.constexpr, SAVE_PRE: tl.constexpr,
+                    ACT: tl.constexpr, GRAD_ACT: tl.constexpr, GATED: tl.constexpr,
+                    SAVE_PRE: tl.constexpr,
                     HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_OSCALE: tl.constexpr,
                     HAS_LORA2: tl.constexpr, HAS_BIAS2: tl.constexpr, HAS_OSCALE2: tl.constexpr,
                     R_PAD: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
@@ -140,18 +158,29 @@ def _ngather_kernel(x_ptr, idx_ptr, out_ptr, pre_ptr, pre2_ptr,
                       HAS_OSCALE, R_PAD, BLOCK_T, BLOCK_N, BLOCK_D, PRECISION, DOT_FP32)
     out_offs = offs_t[:, None].to(tl.int64) * KSEL + offs_n[None, :]
     mask = (offs_t < T)[:, None] & mask_n[None, :]
-    if SAVE_PRE:
-        tl.store(pre_ptr + out_offs, a.to(pre_ptr.dtype.element_ty), mask=mask)
-    h = _activate(a, ACT)
-    if GATED:
-        b = _ngather_tile(x_ptr, m2_ptr, rows, offs_t, offs_n, T, D, KSEL, stride_xt, stride_m2,
-                          u2_ptr, b2_ptr, R, lora_scale2, bias2_ptr, oscale2_ptr, HAS_LORA2,
-                          HAS_BIAS2, HAS_OSCALE2, R_PAD, BLOCK_T, BLOCK_N, BLOCK_D, PRECISION,
-                          DOT_FP32)
+    if GRAD_ACT != 0:  # backward: ``a`` is dL/dh; chain through the saved pre-activation(s)
+        g = tl.load(pre_ptr + out_offs, mask=mask, other=0.0).to(tl.float32)
+        act_g, dact_g = _activate_with_grad(g, GRAD_ACT)
+        if GATED:
+            u = tl.load(pre2_ptr + out_offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(out2_ptr + out_offs, (a * act_g).to(out2_ptr.dtype.element_ty), mask=mask)
+            a = a * u * dact_g
+        else:
+            a = a * dact_g
+        tl.store(out_ptr + out_offs, a.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
         if SAVE_PRE:
-            tl.store(pre2_ptr + out_offs, b.to(pre2_ptr.dtype.element_ty), mask=mask)
-        h = h * b
-    tl.store(out_ptr + out_offs, h.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.store(pre_ptr + out_offs, a.to(pre_ptr.dtype.element_ty), mask=mask)
+        h = _activate(a, ACT)
+        if GATED:
+            b = _ngather_tile(x_ptr, m2_ptr, rows, offs_t, offs_n, T, D, KSEL, stride_xt, stride_m2,
+                              u2_ptr, b2_ptr, R, lora_scale2, bias2_ptr, oscale2_ptr, HAS_LORA2,
+                              HAS_BIAS2, HAS_OSCALE2, R_PAD, BLOCK_T, BLOCK_N, BLOCK_D, PRECISION,
+                              DOT_FP32)
+            if SAVE_PRE:
+                tl.store(pre2_ptr + out_offs, b.to(pre2_ptr.dtype.element_ty), mask=mask)
+            h = h * b
+        tl.store(out_ptr + out_offs, h.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.autotune(configs=_configs(("BLOCK_T", "BLOCK_D", "BLOCK_K")),
@@ -231,14 +260,30 @@ def ngather_matmul(x: torch.Tensor, idx: torch.Tensor, group_tokens: int, first:
     ``first(x) = ((x @ M[idx].T) + s * u @ B[idx].T + bias[idx]) * out_scale[idx]``. With
     ``save_pre``, also returns the pre-activations (``first``, and ``second`` when given).
     """
+    return _launch_ngather(x, idx, group_tokens, first, second, activation, save_pre, None)
+
+
+def ngather_matmul_grad(dy: torch.Tensor, idx: torch.Tensor, group_tokens: int, m: Neurons,
+                        activation: str, pre: torch.Tensor, pre_up: Optional[torch.Tensor] = None):
+    """Backward of the activation fused into the N-gather: with ``dh = m(dy)`` (``dy @ M[idx].T``
+    plus its LoRA term), returns ``dh * act'(pre)``, or for a gated MLP
+    ``(dh * up * act'(gate), dh * act(gate))`` with ``pre = gate``, ``pre_up = up``."""
+    return _launch_ngather(dy, idx, group_tokens, m, None, None, False, (activation, pre, pre_up))
+
+
+def _launch_ngather(x, idx, group_tokens, first, second, activation, save_pre, grad_of):
     _check_common("ngather_matmul", x, first.m, idx, group_tokens)
     x = x.contiguous()
     tokens, d = x.shape
     ksel = idx.shape[1]
     out = x.new_empty(tokens, ksel)
-    pre = x.new_empty(tokens, ksel) if save_pre else out
-    pre2 = x.new_empty(tokens, ksel) if save_pre and second is not None else out
-    gated = second is not None
+    gated = second is not None or (grad_of is not None and grad_of[2] is not None)
+    out2 = x.new_empty(tokens, ksel) if grad_of is not None and gated else out
+    if grad_of is not None:
+        pre, pre2 = grad_of[1].contiguous(), (grad_of[2].contiguous() if gated else out)
+    else:
+        pre = x.new_empty(tokens, ksel) if save_pre else out
+        pre2 = x.new_empty(tokens, ksel) if save_pre and gated else out
     s2 = second or first
 
     def lora(n: Neurons):
@@ -254,20 +299,24 @@ def ngather_matmul(x: torch.Tensor, idx: torch.Tensor, group_tokens: int, first:
     rank = max(r1, r2)
     grid = lambda meta: (triton.cdiv(tokens, meta["BLOCK_T"]), triton.cdiv(ksel, meta["BLOCK_N"]))  # noqa: E731
     _ngather_kernel[grid](
-        x, idx, out, pre, pre2,
+        x, idx, out, out2, pre, pre2,
         first.m, u1, b1, first.bias if first.bias is not None else out,
         first.out_scale if first.out_scale is not None else out,
         s2.m, u2, b2, s2.bias if s2.bias is not None else out,
         s2.out_scale if s2.out_scale is not None else out,
         tokens, d, ksel, group_tokens, group_align(group_tokens), rank, sc1, sc2,
         x.stride(0), first.m.stride(0), s2.m.stride(0), idx.stride(0),
-        ACT=ACT_CODES[activation], GATED=gated, SAVE_PRE=save_pre,
+        ACT=ACT_CODES[activation], GRAD_ACT=ACT_CODES[grad_of[0]] if grad_of else ACT_NONE,
+        GATED=gated, SAVE_PRE=save_pre,
         HAS_LORA=first.lora is not None, HAS_BIAS=first.bias is not None,
         HAS_OSCALE=first.out_scale is not None,
-        HAS_LORA2=gated and second.lora is not None, HAS_BIAS2=gated and second.bias is not None,
-        HAS_OSCALE2=gated and second.out_scale is not None,
+        HAS_LORA2=second is not None and second.lora is not None,
+        HAS_BIAS2=second is not None and second.bias is not None,
+        HAS_OSCALE2=second is not None and second.out_scale is not None,
         R_PAD=max(16, triton.next_power_of_2(max(rank, 1))), PRECISION=_precision(x.dtype),
         DOT_FP32=_dot_fp32(x.dtype))
+    if grad_of is not None:
+        return (out, out2) if gated else out
     if not save_pre:
         return out
     return (out, pre, pre2) if gated else (out, pre)
@@ -329,6 +378,16 @@ def ngather_matmul_ref(x, idx, group_tokens, first, second=None, activation=None
         return h.to(x.dtype)
     pres = (a.to(x.dtype),) + ((b.to(x.dtype),) if b is not None else ())
     return (h.to(x.dtype),) + pres
+
+
+def ngather_matmul_grad_ref(dy, idx, group_tokens, m, activation, pre, pre_up=None):
+    """PyTorch twin of :func:`ngather_matmul_grad`."""
+    from ..ops.adapted_linear import ACTIVATION_GRADS
+    dh = _neurons_ref(dy, idx, group_tokens, m)
+    act, dact = ACTIVATION_GRADS[activation](pre.float())
+    if pre_up is None:
+        return (dh * dact).to(dy.dtype)
+    return (dh * pre_up.float() * dact).to(dy.dtype), (dh * act).to(dy.dtype)
 
 
 def kgather_matmul_ref(h, m, idx, group_tokens, bias=None, second=None):

@@ -23,7 +23,8 @@ from typing import Dict, List, Optional
 import torch
 
 from ..weight_cache import WeightCache
-from ..kernels.gather_gemm import MIN_GROUP_TOKENS, Neurons, kgather_matmul, ngather_matmul
+from ..kernels.gather_gemm import (MIN_GROUP_TOKENS, Neurons, kgather_matmul, ngather_matmul,
+                                   ngather_matmul_grad)
 from .adapted_linear import ACTIVATION_GRADS, SLOTS, AdaptedLinear
 
 Tensor = torch.Tensor
@@ -115,10 +116,13 @@ def backward(grad_y: Tensor, x: Tensor, idx: Tensor, fc1: AdaptedLinear, up: Opt
     x2, dy = x.reshape(tokens, d), grad_y.reshape(tokens, -1)
     grads: Dict[str, Tensor] = {}
 
-    # Recompute the compact intermediate from the saved pre-activations.
-    act1, dact1 = ACTIVATION_GRADS[activation](pre1.float())
-    h = (act1 * pre2.float() if up is not None else act1).to(x.dtype)
-    hs = _fc2_input(h, idx, fc2)
+    # The fused path: dh never exists alone, the N-gather applies the activation's derivative.
+    fused = fc2.in_scale is None and (fc2.lora_a is None or keep is None)
+    need_h = not fused or fc2.lora_a is not None or wants.get("fc2.weight")
+    if need_h:  # recompute the compact intermediate from the saved pre-activations
+        act1, dact1 = ACTIVATION_GRADS[activation](pre1.float())
+        h = (act1 * pre2.float() if up is not None else act1).to(x.dtype)
+        hs = _fc2_input(h, idx, fc2)
 
     # fc2: its adapters, then the gradient of its (compact) input.
     w2t = neuron_major(fc2.weight)
@@ -135,30 +139,33 @@ def backward(grad_y: Tensor, x: Tensor, idx: Tensor, fc1: AdaptedLinear, up: Opt
     _put(grads, wants, "fc2.weight", lambda: _scatter_cols(
         fc2.weight, idx, torch.bmm(_per_group(dy, groups).transpose(1, 2), _per_group(hs, groups))))
     fold_lora = lora_v is not None and keep is None
-    dhs = ngather_matmul(dy.to(x.dtype), idx, n, Neurons(
-        w2t, lora=(lora_v, neuron_major(fc2.lora_a), fc2.lora_scale) if fold_lora else None)).float()
-    if lora_v is not None and not fold_lora:
-        dl = torch.bmm(_per_group(lora_v, groups), neuron_major(fc2.lora_a)[idx].transpose(1, 2))
-        dhs = dhs + fc2.lora_scale * dl.reshape(tokens, -1) * keep / (1.0 - p)
-    dh = dhs
-    if fc2.in_scale is not None:
-        s = fc2.in_scale[idx].unsqueeze(1).float()
-        _put(grads, wants, "fc2.in_scale", lambda: _scatter_vec(
-            fc2.in_scale, idx, (_per_group(dhs, groups) * _per_group(h, groups).float()).sum(1)))
-        dh = (_per_group(dhs, groups) * s).reshape(tokens, -1)
-
-    # The activation, then fc1 (and up).
-    if up is None:
-        das = [(fc1, "fc1", dh * dact1)]
+    m2 = Neurons(w2t, lora=(lora_v, neuron_major(fc2.lora_a), fc2.lora_scale) if fold_lora else None)
+    if fused:
+        res = ngather_matmul_grad(dy.to(x.dtype), idx, n, m2, activation, pre1,
+                                  pre2 if up is not None else None)
+        das = [(fc1, "fc1", res)] if up is None else [(fc1, "fc1", res[0]), (up, "up", res[1])]
     else:
-        das = [(fc1, "fc1", dh * pre2.float() * dact1), (up, "up", dh * act1)]
+        dhs = ngather_matmul(dy.to(x.dtype), idx, n, m2).float()
+        if lora_v is not None and not fold_lora:
+            dl = torch.bmm(_per_group(lora_v, groups), neuron_major(fc2.lora_a)[idx].transpose(1, 2))
+            dhs = dhs + fc2.lora_scale * dl.reshape(tokens, -1) * keep / (1.0 - p)
+        dh = dhs
+        if fc2.in_scale is not None:
+            s = fc2.in_scale[idx].unsqueeze(1).float()
+            _put(grads, wants, "fc2.in_scale", lambda: _scatter_vec(
+                fc2.in_scale, idx, (_per_group(dhs, groups) * _per_group(h, groups).float()).sum(1)))
+            dh = (_per_group(dhs, groups) * s).reshape(tokens, -1)
+        if up is None:
+            das = [(fc1, "fc1", dh * dact1)]
+        else:
+            das = [(fc1, "fc1", dh * pre2.float() * dact1), (up, "up", dh * act1)]
     dx = None
     for lin, role, da in das:
         da_c = da.to(x.dtype)
         dx_lin = _linear_input_grads(lin, role, da, x2, idx, groups, grads, wants)
         if dx_lin is not None:
             dx = dx_lin if dx is None else dx + dx_lin
-        _put(grads, wants, f"{role}.bias", lambda: _scatter_vec(lin.bias, idx, _per_group(da, groups).sum(1)))
+        _put(grads, wants, f"{role}.bias", lambda: _scatter_vec(lin.bias, idx, _per_group(da.float(), groups).sum(1)))
         _put(grads, wants, f"{role}.weight", lambda: _scatter_rows(
             lin.weight, idx, torch.bmm(_per_group(da_c, groups).transpose(1, 2), _per_group(x2, groups))))
     if wants.get("x"):
