@@ -50,9 +50,10 @@ def test_train_step_matches_eager(arch, method):
 
     loss, grads, report = compiled_step(model, LongExposureConfig(mlp_density=1.0), inputs)
     # One match per layer, unless a graph break made Dynamo compile the decoder layer as its own
-    # frame, whose one graph then serves every layer (OPT in transformers < 5.23).
+    # frame (OPT in transformers < 5.23): then one graph serves every layer, or one per layer when
+    # the layers' guards differ (PEFT wrappers).
     layer_frames = not any(part.isdigit() for e in report.mlp for part in e.layer.split("."))
-    assert len(report.mlp) == (1 if layer_frames else LAYERS), str(report)
+    assert len(report.mlp) in ((1, LAYERS) if layer_frames else (LAYERS,)), str(report)
     assert all(e.k == FFN and not e.rewritten and "left dense" in e.note for e in report.mlp)
     assert counters["lecompile"]["sparse_mlp_calls"] == 0
     torch.testing.assert_close(loss, eager_loss, **TOL)
