@@ -99,44 +99,47 @@ def run(shapes, tokens_list, densities, dtype=torch.bfloat16):
     rows = []
     cases = [(s, t) for s in shapes for t in tokens_list]
     for shape, tokens in tqdm(cases, desc="sparse_mlp"):
-        d, ffn, act, gated = MLP_SHAPES[shape]
-        batch, seq = TOKENS[tokens]
-        w1, wu, w2 = make_weights(d, ffn, gated, dtype)
-        x = torch.randn(batch, seq, d, device="cuda", dtype=dtype, requires_grad=True)
-        base = measure(lambda x: dense_fn(x, w1, wu, w2, act), x, ("fwd", "fwd+bwd"))
-        common = dict(case=f"{shape} mlp", d=d, ffn=ffn, activation=act + ("_gated" if gated else ""),
-                      tokens=batch * seq, batch=batch, seq=seq, dtype=str(dtype).replace("torch.", ""))
-        for p in ("fwd", "fwd+bwd"):
-            rows.append(dict(common, **{"pass": p}, variant="dense", density=1.0, k=ffn, ms=base[p][0],
-                             baseline="dense", baseline_ms=base[p][0], speedup=1.0, ideal_ratio=1.0,
-                             graph_ms=base[p][2], baseline_graph_ms=base[p][2],
-                             peak_mem_gib=base[p][1], baseline_peak_mem_gib=base[p][1],
-                             saved_mib=base["saved_mib"]))
-        for density in densities:
-            k = min(ffn, math.ceil(density * ffn / 128) * 128)
-            variants = {"lecompile-tile": indices(batch * seq // TILE, ffn, k),
-                        "lecompile-sequence": indices(batch, ffn, k),
-                        "lecompile-shared": indices(1, ffn, k)}
-            fns = {name: (lambda x, idx=idx: lecompile_fn(x, w1, wu, w2, act, idx)) for name, idx in variants.items()}
-            fns["sparselora-eager"] = lambda x, idx=variants["lecompile-shared"]: sparselora_fn(x, w1, wu, w2, act, idx)
-            for name, fn in fns.items():
-                try:
-                    got = measure(fn, x, ("fwd", "fwd+bwd"))
-                except Exception as err:  # a failed case is recorded, not dropped
-                    rows.append(dict(common, variant=name, density=density, k=k, error=repr(err)[:300]))
-                    continue
-                for p in ("fwd", "fwd+bwd"):
-                    ms = got[p][0]
-                    rows.append(dict(common, **{"pass": p}, variant=name, density=round(k / ffn, 4),
-                                     requested_density=density, k=k, ms=ms, baseline="dense",
-                                     baseline_ms=base[p][0], speedup=base[p][0] / ms,
-                                     ideal_ratio=base[p][0] * (k / ffn) / ms,
-                                     graph_ms=got[p][2], baseline_graph_ms=base[p][2],
-                                     graph_ideal_ratio=_ratio(base[p][2], k / ffn, got[p][2]),
-                                     peak_mem_gib=got[p][1],
-                                     baseline_peak_mem_gib=base[p][1], saved_mib=got["saved_mib"]))
-        del w1, wu, w2, x
+        rows += run_case(shape, tokens, densities, dtype)
         torch.cuda.empty_cache()
+    return rows
+
+
+def run_case(shape, tokens, densities, dtype):
+    d, ffn, act, gated = MLP_SHAPES[shape]
+    batch, seq = TOKENS[tokens]
+    w1, wu, w2 = make_weights(d, ffn, gated, dtype)
+    x = torch.randn(batch, seq, d, device="cuda", dtype=dtype, requires_grad=True)
+    base = measure(lambda x: dense_fn(x, w1, wu, w2, act), x, ("fwd", "fwd+bwd"))
+    common = dict(case=f"{shape} mlp", d=d, ffn=ffn, activation=act + ("_gated" if gated else ""),
+                  tokens=batch * seq, batch=batch, seq=seq, dtype=str(dtype).replace("torch.", ""))
+    rows = [dict(common, **{"pass": p}, variant="dense", density=1.0, k=ffn, ms=base[p][0],
+                 baseline="dense", baseline_ms=base[p][0], speedup=1.0, ideal_ratio=1.0,
+                 graph_ms=base[p][2], baseline_graph_ms=base[p][2],
+                 peak_mem_gib=base[p][1], baseline_peak_mem_gib=base[p][1], saved_mib=base["saved_mib"])
+            for p in ("fwd", "fwd+bwd")]
+    for density in densities:
+        k = min(ffn, math.ceil(density * ffn / 128) * 128)
+        variants = {"lecompile-tile": indices(batch * seq // TILE, ffn, k),
+                    "lecompile-sequence": indices(batch, ffn, k),
+                    "lecompile-shared": indices(1, ffn, k)}
+        fns = {name: (lambda x, idx=idx: lecompile_fn(x, w1, wu, w2, act, idx)) for name, idx in variants.items()}
+        fns["sparselora-eager"] = lambda x, idx=variants["lecompile-shared"]: sparselora_fn(x, w1, wu, w2, act, idx)
+        for name, fn in fns.items():
+            try:
+                got = measure(fn, x, ("fwd", "fwd+bwd"))
+            except Exception as err:  # a failed case is recorded, not dropped
+                rows.append(dict(common, variant=name, density=density, k=k, error=repr(err)[:300]))
+                continue
+            for p in ("fwd", "fwd+bwd"):
+                ms = got[p][0]
+                rows.append(dict(common, **{"pass": p}, variant=name, density=round(k / ffn, 4),
+                                 requested_density=density, k=k, ms=ms, baseline="dense",
+                                 baseline_ms=base[p][0], speedup=base[p][0] / ms,
+                                 ideal_ratio=base[p][0] * (k / ffn) / ms,
+                                 graph_ms=got[p][2], baseline_graph_ms=base[p][2],
+                                 graph_ideal_ratio=_ratio(base[p][2], k / ffn, got[p][2]),
+                                 peak_mem_gib=got[p][1],
+                                 baseline_peak_mem_gib=base[p][1], saved_mib=got["saved_mib"]))
     return rows
 
 

@@ -21,8 +21,6 @@ def _demo(args) -> int:
 
 
 def _explain(args) -> int:
-    import torch
-
     from .backend import explain
     from .config import LongExposureConfig
     from .data import load_model

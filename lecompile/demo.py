@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from .backend import LongExposureBackend
 from .config import LongExposureConfig
 from .data import batches, load_model, token_splits
-from .report import _table
+from .report import format_table
 
 
 @dataclass
@@ -93,5 +93,5 @@ def format_results(results: List[RunResult]) -> str:
     rows = [[r.variant, f"{r.step_ms:.0f}", f"{base / r.step_ms:.2f}x", f"{r.first_step_s:.1f}",
              f"{r.first_loss:.3f}", f"{r.last_loss:.3f}", f"{r.heldout_loss:.3f}", r.density, r.matched]
             for r in results]
-    return _table(["variant", "step ms", "speedup", "1st step s", "loss@1", "loss@end", "heldout",
+    return format_table(["variant", "step ms", "speedup", "1st step s", "loss@1", "loss@end", "heldout",
                    "mlp density", "matches"], rows)

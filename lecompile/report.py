@@ -75,25 +75,26 @@ class Report:
                  f"({self.mlp_rewritten} rewritten), {len(self.attention)} attention block(s), "
                  f"{len(self.unmatched)} unmatched"]
         if self.mlp:
-            lines.append(_table(
+            lines.append(format_table(
                 ["layer", "pattern", "peft", "ffn", "k", "density", "granularity", "rewritten"],
                 [[e.layer, e.pattern, ",".join(e.peft) or "-", e.ffn, e.k, f"{e.density:.3f}",
                   e.granularity, "yes" if e.rewritten else "no"] for e in self.mlp]))
             notes = sorted({e.note for e in self.mlp if e.note})
             lines += [f"  note: {n}" for n in notes]
         if self.attention:
-            lines.append(_table(
+            lines.append(format_table(
                 ["attention", "kind", "heads", "query_len", "head_dim", "peft", "rewritten"],
                 [[e.layer, e.kind, e.heads, e.query_len, e.head_dim, ",".join(e.peft) or "-",
                   "yes" if e.rewritten else "no"] for e in self.attention]))
             notes = sorted({e.note for e in self.attention if e.note})
             lines += [f"  note: {n}" for n in notes]
         if self.unmatched:
-            lines.append(_table(["unmatched", "reason"], [[u.where, u.reason] for u in self.unmatched]))
+            lines.append(format_table(["unmatched", "reason"], [[u.where, u.reason] for u in self.unmatched]))
         return "\n".join(lines)
 
 
-def _table(header, rows) -> str:
+def format_table(header, rows) -> str:
+    """A plain-text table with aligned columns."""
     cells = [header] + [[str(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)

@@ -35,6 +35,10 @@ except ImportError:  # no Triton: the reference runs everywhere
 Tensor = torch.Tensor
 
 
+_FC2_WEIGHT = 2 * len(SLOTS)
+_FC2_LORA_A = 2 * len(SLOTS) + SLOTS.index("lora_a")
+
+
 def sparse_mlp_ref(x: Tensor, idx: Tensor, fc1: AdaptedLinear, up: Optional[AdaptedLinear],
                    fc2: AdaptedLinear, activation: str, lora_keep: Optional[Tensor] = None,
                    lora_dropout: float = 0.0) -> Tensor:
@@ -78,10 +82,6 @@ def _check(x, idx, params, slots, lora_scales, activation):
 
 def _grouped_keep(keep, idx):
     return keep.reshape(idx.shape[0], -1, idx.shape[1]) if keep.numel() else None
-
-
-_FC2_WEIGHT = 2 * len(SLOTS)
-_FC2_LORA_A = 2 * len(SLOTS) + SLOTS.index("lora_a")
 
 
 def _has_fc2_lora(slots):

@@ -89,10 +89,6 @@ def static_shape(node) -> Optional[tuple]:
     return s if s is not None and all(type(d) is int for d in s) else None
 
 
-def tensor_args(node: fx.Node):
-    return [a for a in node.all_input_nodes]
-
-
 def dropout_p(node: fx.Node) -> float:
     """The probability of a ``F.dropout`` call, 0.0 when it is not in training mode."""
     args = list(node.args) + [None] * 4
@@ -114,10 +110,6 @@ def source_name(node: fx.Node) -> str:
     name = re.sub(r"^L\['[^']+'\]\.?", "", name)
     name = re.sub(r"^base_model\.model\.", "", name)
     return name.replace(".base_layer", "")
-
-
-def module_of(param_name: str) -> str:
-    return param_name.rsplit(".", 1)[0] if "." in param_name else param_name
 
 
 def common_prefix(names: Iterable[str]) -> str:
