@@ -49,11 +49,14 @@ def supported(x: Tensor, idx: Tensor, slots: List[int]) -> bool:
 neuron_major = WeightCache(lambda weight: weight.t().contiguous())
 
 
-def _lora_u(lin: AdaptedLinear, x2: Tensor) -> Optional[Tensor]:
-    if lin.lora_a is None:
-        return None
+def _lora_input(lin: AdaptedLinear, x2: Tensor) -> Tensor:
+    """What LoRA's ``A`` reads, ``[T, in]`` in the adapter dtype."""
     lx = x2 if lin.lora_input is None else lin.lora_input.reshape(x2.shape[0], -1)
-    return lx.to(lin.lora_a.dtype) @ lin.lora_a.t()
+    return lx.to(lin.lora_a.dtype)
+
+
+def _lora_u(lin: AdaptedLinear, x2: Tensor) -> Optional[Tensor]:
+    return None if lin.lora_a is None else _lora_input(lin, x2) @ lin.lora_a.t()
 
 
 def _neurons(lin: AdaptedLinear, u: Optional[Tensor]) -> Neurons:
@@ -152,7 +155,7 @@ def backward(grad_y: Tensor, x: Tensor, idx: Tensor, fc1: AdaptedLinear, up: Opt
         dh = dhs
         if fc2.in_scale is not None:
             s = fc2.in_scale[idx].unsqueeze(1).float()
-            _put(grads, wants, "fc2.in_scale", lambda: _scatter_vec(
+            _put(grads, wants, "fc2.in_scale", lambda: _scatter_rows(
                 fc2.in_scale, idx, (_per_group(dhs, groups) * _per_group(h, groups).float()).sum(1)))
             dh = (_per_group(dhs, groups) * s).reshape(tokens, -1)
         if up is None:
@@ -165,7 +168,7 @@ def backward(grad_y: Tensor, x: Tensor, idx: Tensor, fc1: AdaptedLinear, up: Opt
         dx_lin = _linear_input_grads(lin, role, da, x2, idx, groups, grads, wants)
         if dx_lin is not None:
             dx = dx_lin if dx is None else dx + dx_lin
-        _put(grads, wants, f"{role}.bias", lambda: _scatter_vec(lin.bias, idx, _per_group(da.float(), groups).sum(1)))
+        _put(grads, wants, f"{role}.bias", lambda: _scatter_rows(lin.bias, idx, _per_group(da.float(), groups).sum(1)))
         _put(grads, wants, f"{role}.weight", lambda: _scatter_rows(
             lin.weight, idx, torch.bmm(_per_group(da_c, groups).transpose(1, 2), _per_group(x2, groups))))
     if wants.get("x"):
@@ -179,13 +182,13 @@ def _linear_input_grads(lin, role, da, x2, idx, groups, grads, wants) -> Optiona
     """LoRA gradients of fc1/up; returns the gradient its LoRA sends to ``x`` (or ``None``)."""
     if lin.lora_a is None:
         return None
-    lx = x2 if lin.lora_input is None else lin.lora_input.reshape(x2.shape[0], -1)
-    lx = lx.to(lin.lora_a.dtype)
+    lx = _lora_input(lin, x2)
     u = lx @ lin.lora_a.t()
-    v = torch.bmm(_per_group(da.to(u.dtype), groups), lin.lora_b[idx]).reshape(x2.shape[0], -1)  # [T, r]
+    da_g = _per_group(da.to(u.dtype), groups)
+    v = torch.bmm(da_g, lin.lora_b[idx]).reshape(x2.shape[0], -1)  # [T, r]
     s = lin.lora_scale
     _put(grads, wants, f"{role}.lora_b", lambda: _scatter_rows(
-        lin.lora_b, idx, s * torch.bmm(_per_group(da.to(u.dtype), groups).transpose(1, 2), _per_group(u, groups))))
+        lin.lora_b, idx, s * torch.bmm(da_g.transpose(1, 2), _per_group(u, groups))))
     _put(grads, wants, f"{role}.lora_a", lambda: s * v.t() @ lx)
     d_lora_input = s * v @ lin.lora_a
     if lin.lora_input is not None:
@@ -200,7 +203,7 @@ def _put(grads, wants, key, compute):
 
 
 def _scatter_rows(param: Tensor, idx: Tensor, per_group: Tensor) -> Tensor:
-    """Dense gradient of ``param [ffn, ...]`` from per-group rows ``[G, k, ...]``."""
+    """Dense gradient of ``param [ffn, ...]`` (a vector too) from per-group rows ``[G, k, ...]``."""
     out = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
     out.index_add_(0, idx.reshape(-1), per_group.reshape(-1, *param.shape[1:]).float())
     return out.to(param.dtype)
@@ -210,9 +213,3 @@ def _scatter_cols(param: Tensor, idx: Tensor, per_group: Tensor) -> Tensor:
     """Dense gradient of ``param [..., ffn]`` from per-group columns ``[G, ..., k]``."""
     rows = per_group.transpose(1, 2)  # [G, k, ...]
     return _scatter_rows(param.t(), idx, rows).t()
-
-
-def _scatter_vec(param: Tensor, idx: Tensor, per_group: Tensor) -> Tensor:
-    out = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
-    out.index_add_(0, idx.reshape(-1), per_group.reshape(-1).float())
-    return out.to(param.dtype)
