@@ -25,7 +25,7 @@ import torch
 from ..weight_cache import WeightCache
 from ..kernels.gather_gemm import (MIN_GROUP_TOKENS, Neurons, kgather_matmul, ngather_matmul,
                                    ngather_matmul_grad)
-from .adapted_linear import ACTIVATION_GRADS, SLOTS, AdaptedLinear
+from .adapted_linear import ACTIVATION_GRADS, SLOTS, AdaptedLinear, _neuron_vector, _scale
 
 Tensor = torch.Tensor
 _UNSUPPORTED_SLOTS = {li * len(SLOTS) + SLOTS.index(s) for li, s in
@@ -89,8 +89,7 @@ def forward(x: Tensor, idx: Tensor, fc1: AdaptedLinear, up: Optional[AdaptedLine
 def _fc2_input(h: Tensor, idx: Tensor, fc2: AdaptedLinear) -> Tensor:
     if fc2.in_scale is None:
         return h
-    s = fc2.in_scale[idx].unsqueeze(1)  # [G, 1, k]
-    return (_per_group(h, idx.shape[0]).to(s.dtype) * s).to(h.dtype).reshape(h.shape)
+    return _scale(_per_group(h, idx.shape[0]), _neuron_vector(fc2.in_scale, idx)).reshape(h.shape)
 
 
 def _fc2_lora_input(hs: Tensor, fc2: AdaptedLinear, keep: Optional[Tensor], p: float) -> Tensor:

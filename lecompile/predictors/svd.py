@@ -10,7 +10,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..weight_cache import WeightCache
-from ..ops.adapted_linear import ACTIVATIONS, AdaptedLinear, expand_linear
+from ..ops.adapted_linear import ACTIVATIONS, AdaptedLinear, _scale, expand_linear
 
 def _factorize(weight: torch.Tensor, rank: int) -> Tuple[torch.Tensor, torch.Tensor]:
     u, s, vh = torch.linalg.svd(weight.float(), full_matrices=False)
@@ -30,7 +30,7 @@ def clear_svd_cache() -> None:
 
 def _estimate(x: torch.Tensor, lin: AdaptedLinear, rank: int) -> torch.Tensor:
     p, q = svd_factors(lin.weight, rank)
-    xs = x if lin.in_scale is None else (x.to(lin.in_scale.dtype) * lin.in_scale).to(x.dtype)
+    xs = x if lin.in_scale is None else _scale(x, lin.in_scale)
     return expand_linear(x, lin, base=(xs @ p) @ q.t())
 
 
