@@ -45,6 +45,11 @@ class LongExposureConfig:
     k_align: int = 128
     #: Rewrite matched MLP blocks into the sparse-MLP op. Off: MLPs are only reported.
     rewrite_mlp: bool = True
+    #: Run LoRA's matmuls on tensor cores in the activation dtype (fp16/bf16 operands, fp32
+    #: accumulation), fused with the base linear (``lecompile::lora_linear``) or inside the
+    #: sparse MLP; adapter weights and their gradients stay fp32. ``False`` keeps PEFT's exact
+    #: fp32 adapter math. fp32 models compute in fp32 either way.
+    fuse_adapters: bool = True
     #: Match attention blocks (reported; the rewrite comes with the attention operator).
     match_attention: bool = True
     #: Folder for graph dumps (FX code before and after the passes, and the report).
@@ -60,7 +65,7 @@ class LongExposureConfig:
                    lambda v: v > 0 and v % 16 == 0)
         _check_int("svd_rank", self.svd_rank, "an integer >= 1", lambda v: v >= 1)
         _check_int("k_align", self.k_align, "an integer >= 1", lambda v: v >= 1)
-        for name in ("rewrite_mlp", "match_attention"):
+        for name in ("rewrite_mlp", "fuse_adapters", "match_attention"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"LongExposureConfig.{name} must be a bool, "
                                  f"got {getattr(self, name)!r}")

@@ -37,6 +37,16 @@ class AttentionEntry:
 
 
 @dataclass
+class LinearEntry:
+    """One LoRA-wrapped linear outside a rewritten MLP."""
+
+    layer: str
+    peft: List[str]
+    fused: bool                  # rewritten into lecompile::lora_linear
+    note: str = ""
+
+
+@dataclass
 class Unmatched:
     """A candidate the passes looked at and left alone."""
 
@@ -54,15 +64,20 @@ class Report:
     graphs: int = 0
     mlp: List[MLPEntry] = field(default_factory=list)
     attention: List[AttentionEntry] = field(default_factory=list)
+    linears: List[LinearEntry] = field(default_factory=list)
     unmatched: List[Unmatched] = field(default_factory=list)
 
     def merge(self, other: "Report") -> "Report":
-        return Report(self.graphs + other.graphs, self.mlp + other.mlp,
-                      self.attention + other.attention, self.unmatched + other.unmatched)
+        return Report(self.graphs + other.graphs, self.mlp + other.mlp, self.attention + other.attention,
+                      self.linears + other.linears, self.unmatched + other.unmatched)
 
     @property
     def mlp_rewritten(self) -> int:
         return sum(e.rewritten for e in self.mlp)
+
+    @property
+    def linears_fused(self) -> int:
+        return sum(e.fused for e in self.linears)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -73,6 +88,7 @@ class Report:
     def __str__(self) -> str:
         lines = [f"lecompile report: {self.graphs} graph(s), {len(self.mlp)} MLP block(s) matched "
                  f"({self.mlp_rewritten} rewritten), {len(self.attention)} attention block(s), "
+                 f"{len(self.linears)} other LoRA linear(s) ({self.linears_fused} fused), "
                  f"{len(self.unmatched)} unmatched"]
         if self.mlp:
             lines.append(format_table(
@@ -88,6 +104,10 @@ class Report:
                   "yes" if e.rewritten else "no"] for e in self.attention]))
             notes = sorted({e.note for e in self.attention if e.note})
             lines += [f"  note: {n}" for n in notes]
+        if self.linears:
+            lines.append(format_table(["LoRA linear", "peft", "fused"], [
+                [e.layer, ",".join(e.peft), "yes" if e.fused else "no"] for e in self.linears]))
+            lines += [f"  note: {n}" for n in sorted({e.note for e in self.linears if e.note})]
         if self.unmatched:
             lines.append(format_table(["unmatched", "reason"], [[u.where, u.reason] for u in self.unmatched]))
         return "\n".join(lines)

@@ -181,3 +181,30 @@ def test_lora_dropout_and_steady_steps_without_recompiles():
     assert backend.report.mlp_rewritten == 2 and all("fc2:lora" in e.peft for e in backend.report.mlp)
     lora = {n: p.grad for n, p in model.named_parameters() if "lora_" in n}
     assert lora and all(g is not None and g.abs().sum() > 0 for g in lora.values())
+
+
+def test_fuse_adapters_switch_and_bf16_step_close_to_peft():
+    """Every LoRA linear outside a sparse MLP becomes ``lora_linear`` (and none with
+    ``fuse_adapters=False``); a bf16 step with adapters on tensor cores stays within bf16
+    tolerance of PEFT's fp32-adapter eager step, and its adapter gradients stay fp32."""
+    from torch._dynamo.utils import counters
+    from models import ARCHS, LAYERS, batch, tiny_model, train_step
+
+    model, inputs = tiny_model("llama", "lora", dtype=torch.bfloat16), batch()
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "lora_" in n)
+    eager_loss, eager_grads = train_step(model, model, inputs)
+    lora_linears = LAYERS * len(ARCHS["llama"][1])
+    for fuse, fused in ((False, 0), (True, lora_linears)):
+        torch._dynamo.reset()
+        counters.clear()
+        backend = lecompile.longexposure(LongExposureConfig(mlp_density=1.0, fuse_adapters=fuse))
+        loss, grads = train_step(torch.compile(model, backend=backend), model, inputs)
+        assert counters["lecompile"]["lora_linear"] == fused, str(backend.report)
+        assert backend.report.linears_fused == fused
+        assert counters["lecompile"]["lora_linear_calls"] == fused
+        torch.testing.assert_close(loss, eager_loss, atol=2e-2, rtol=2e-2)
+        for name, g in grads.items():
+            assert g.dtype == eager_grads[name].dtype, name
+            scale = eager_grads[name].abs().max().item()
+            torch.testing.assert_close(g, eager_grads[name], atol=5e-2 * scale, rtol=0, msg=name)
+    assert "fuse_adapters=False" not in str(backend.report)

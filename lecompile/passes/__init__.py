@@ -15,6 +15,7 @@ import torch.fx as fx
 from ..config import LongExposureConfig
 from ..report import AttentionEntry, MLPEntry, Report, Unmatched
 from .fold_adapters import LinearMatch, fold_adapters
+from .fuse_lora import fuse_lora
 from .match_attention import AttentionMatch, match_attention
 from .match_mlp import MLPMatch, match_mlp
 from .rewrite_mlp import kept_neurons, rewrite_mlp
@@ -60,13 +61,15 @@ class Pass:
     enabled: Callable[[LongExposureConfig], bool] = lambda config: True
 
 
-#: The pipeline, in order. ``rewrite_mlp`` also runs with ``rewrite_mlp=False``, to report.
+#: The pipeline, in order. ``rewrite_mlp`` and ``fuse_lora`` also run when their config switch
+#: is off, to report.
 PASSES: Sequence[Pass] = (
     Pass("fold_adapters", fold_adapters),
     Pass("match_mlp", match_mlp),
     Pass("match_attention", match_attention, lambda c: c.match_attention),
     Pass("record_attention", _record_attention, lambda c: c.match_attention),
     Pass("rewrite_mlp", rewrite_mlp),
+    Pass("fuse_lora", fuse_lora),
 )
 
 

@@ -41,6 +41,7 @@ class LinearMatch:
     lora_dropout: float = 0.0
     nodes: Set[fx.Node] = field(default_factory=set)  # every node folded into this linear
     peft: List[str] = field(default_factory=list)
+    consumed: bool = False          # rewritten as part of a larger op (the sparse MLP)
 
 
 def fold_adapters(ctx) -> None:

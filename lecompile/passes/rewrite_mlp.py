@@ -15,7 +15,7 @@ from ..ops import sparse_mlp  # noqa: F401  (registers torch.ops.lecompile.spars
 from ..ops.adapted_linear import SLOTS, AdaptedLinear, pack_mlp
 from ..predictors.op import predict_neurons
 from .fold_adapters import LinearMatch
-from .graph import static_shape
+from .graph import meta_value, static_shape
 from .match_mlp import MLPMatch
 
 MAX_WALK = 32
@@ -45,6 +45,9 @@ def rewrite_mlp(ctx) -> None:
             entry.note = _join(entry.note, "rewrite_mlp=False: left dense")
             continue
         _rewrite(ctx.gm.graph, mlp, k, group_size, cfg)
+        for lin in (mlp.fc1, mlp.up, mlp.fc2):
+            if lin is not None:
+                lin.consumed = True
         entry.rewritten = True
         counters["lecompile"]["sparse_mlp"] += 1
     if ctx.mlps:
@@ -89,8 +92,10 @@ def _sequence_length(x: fx.Node, tokens: int) -> Optional[int]:
 def _rewrite(graph: fx.Graph, mlp: MLPMatch, k: int, group_size: int, cfg) -> None:
     out = mlp.fc2.out
     with graph.inserting_before(out):
-        fc1, up = _operand(graph, mlp.fc1), _operand(graph, mlp.up) if mlp.up else None
-        fc2 = _operand(graph, mlp.fc2)
+        dtype = meta_value(mlp.fc1.x).dtype if cfg.fuse_adapters else None
+        fc1 = _operand(graph, mlp.fc1, dtype)
+        up = _operand(graph, mlp.up, dtype) if mlp.up else None
+        fc2 = _operand(graph, mlp.fc2, dtype)
         fc2.lora_input = None  # fc2's LoRA reads the compact intermediate inside the op
         params, slots, scales = pack_mlp(fc1, up, fc2)
         x = mlp.fc1.x
@@ -104,12 +109,23 @@ def _rewrite(graph: fx.Graph, mlp: MLPMatch, k: int, group_size: int, cfg) -> No
     out.replace_all_uses_with(y)
 
 
-def _operand(graph: fx.Graph, lin: LinearMatch) -> AdaptedLinear:
-    """The op's view of a matched linear: weight as ``[out, in]``, nodes as arguments."""
+def _operand(graph: fx.Graph, lin: LinearMatch, adapter_dtype: Optional[torch.dtype]) -> AdaptedLinear:
+    """The op's view of a matched linear: weight as ``[out, in]``, nodes as arguments.
+
+    With ``adapter_dtype`` (``fuse_adapters``), LoRA's weights are cast to it in the graph (the
+    cast's backward hands fp32 gradients to the fp32 weights), and LoRA reads the layer input
+    itself unless dropout makes a separate one.
+    """
     a = lin.adapted
     weight = graph.call_method("t", (a.weight,)) if lin.weight_transposed else a.weight
-    return AdaptedLinear(weight, a.bias, a.lora_input, a.lora_a, a.lora_b, a.in_scale,
-                         a.out_scale, a.lora_scale)
+    lora_input, lora_a, lora_b = a.lora_input, a.lora_a, a.lora_b
+    if adapter_dtype is not None and lora_a is not None:
+        lora_a = graph.call_method("to", (lora_a, adapter_dtype))
+        lora_b = graph.call_method("to", (lora_b, adapter_dtype))
+        if lin.lora_dropout == 0.0:
+            lora_input = None
+    return AdaptedLinear(weight, a.bias, lora_input, lora_a, lora_b, a.in_scale, a.out_scale,
+                         a.lora_scale)
 
 
 def _join(a: str, b: str) -> str:

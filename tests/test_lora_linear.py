@@ -1,0 +1,100 @@
+"""``lecompile::lora_linear`` against PEFT's own fp32-adapter math, gradients included."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lecompile.ops.lora_linear import lora_linear, lora_linear_ref
+
+#: fp32 activations compute exactly what PEFT computes; bf16/fp16 ones round LoRA's [T, r]
+#: projection and output to the activation dtype (PEFT rounds only the final sum).
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-4), torch.bfloat16: dict(atol=3e-2, rtol=3e-2),
+       torch.float16: dict(atol=5e-3, rtol=5e-3)}
+
+
+def peft_linear(x, weight, bias, lora_input, a, b, scale):
+    """PEFT's LoRA forward with ``autocast_adapter_dtype=True``: fp32 adapters, casts around them."""
+    lx = x if lora_input is None else lora_input
+    result = F.linear(x, weight, bias)
+    return (result + F.linear(F.linear(lx.to(a.dtype), a), b) * scale).to(x.dtype)
+
+
+def make(dtype, tokens=(2, 24), d_in=40, d_out=56, r=8, *, bias=True, train_bias=False,
+         train_weight=False, dropout=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def t(*shape, dt=dtype, grad=False):
+        return (torch.randn(*shape, generator=g) / shape[-1] ** 0.5).to(dt).requires_grad_(grad)
+    x = t(*tokens, d_in, grad=True)
+    weight = t(d_out, d_in, grad=train_weight)
+    b = t(d_out, grad=train_bias) if bias else None
+    a, lb = t(r, d_in, dt=torch.float32, grad=True), t(d_out, r, dt=torch.float32, grad=True)
+    lora_input = None
+    if dropout:  # what PEFT's LoRA dropout hands A: a masked fp32 copy of x, on x's graph
+        lora_input = x.float() * (torch.rand(x.shape, generator=g) > 0.25) / 0.75
+    return [x, weight, b, lora_input, a, lb, 0.5]
+
+
+def grads_of(fn, args):
+    leaves = [t for t in args if isinstance(t, torch.Tensor) and t.requires_grad and t.is_leaf]
+    for t in leaves:
+        t.grad = None
+    y = fn(*args)
+    torch.manual_seed(3)
+    dy = torch.randn(y.shape).to(y.dtype)
+    (y.float() * dy.float()).sum().backward(retain_graph=True)
+    return y.detach(), [t.grad.clone() for t in leaves]
+
+
+def op(*args):
+    return lora_linear(*args)[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", ["plain", "no_bias", "train_bias", "train_weight", "dropout"])
+def test_matches_peft(dtype, case):
+    args = make(dtype, bias=case != "no_bias", train_bias=case == "train_bias",
+                train_weight=case == "train_weight", dropout=case == "dropout")
+    y, grads = grads_of(op, args)
+    y_ref, grads_ref = grads_of(peft_linear, args)
+    torch.testing.assert_close(y, y_ref, **TOL[dtype])
+    assert len(grads) == len(grads_ref) >= 3
+    leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad and a.is_leaf]
+    for g, g_ref, t in zip(grads, grads_ref, leaves):
+        assert g.dtype == t.dtype, "gradients come back in each parameter's own dtype (fp32 adapters)"
+        torch.testing.assert_close(g.float(), g_ref.float(), **TOL[dtype])
+
+
+def test_reference_is_the_ops_math():
+    args = make(torch.bfloat16)
+    torch.testing.assert_close(op(*args), lora_linear_ref(*args), atol=1e-2, rtol=1e-2)
+
+
+def test_gradcheck_float64():
+    args = make(torch.float64, tokens=(5,), d_in=6, d_out=7, r=2, train_bias=True, train_weight=True)
+    args[4], args[5] = (t.detach().double().requires_grad_() for t in args[4:6])
+    assert torch.autograd.gradcheck(lambda *a: op(*a, 0.5), args[:6])
+
+
+def test_transposed_weight_view():
+    """GPT-2's Conv1D stores ``W`` as ``[in, out]``; the pass hands the op ``W.t()``."""
+    args = make(torch.float32)
+    stored = args[1].t().contiguous()
+    args[1] = stored.t()
+    torch.testing.assert_close(op(*args), peft_linear(*args))
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_opcheck(dropout):
+    args = make(torch.float32, train_bias=True, dropout=dropout)
+    if dropout:
+        args[3] = args[3].detach().requires_grad_()
+    torch.library.opcheck(torch.ops.lecompile.lora_linear.default, args)
+
+
+def test_bad_shapes_name_the_problem():
+    x, w, b, li, a, lb, s = make(torch.float32)
+    with pytest.raises(ValueError, match="lora_b"):
+        lora_linear(x, w, b, li, a, lb.t(), s)
+    with pytest.raises(ValueError, match="weight must be"):
+        lora_linear(x, w.t(), None, li, a, lb, s)
