@@ -1,14 +1,11 @@
-"""Shared pieces of the benchmarks: model shapes, timing, and the results file format."""
+"""Shared pieces of the benchmarks: model shapes and where results go."""
 
 from __future__ import annotations
 
-import datetime
-import json
-import subprocess
-import sys
 from pathlib import Path
 
-import torch
+from lecompile.results import command_line, meta  # noqa: F401  (re-exported for the benchmarks)
+from lecompile.results import write_results as _write_results
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -21,25 +18,5 @@ MLP_SHAPES = {
 }
 
 
-def meta(benchmark: str, command: str) -> dict:
-    import triton
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip() or None
-    except OSError:
-        commit = None
-    return {"benchmark": benchmark,
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-            "torch": torch.__version__, "triton": triton.__version__, "git_commit": commit,
-            "date": datetime.date.today().isoformat(), "command": command}
-
-
 def write_results(name: str, data: dict, folder: Path = RESULTS) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}.json"
-    path.write_text(json.dumps(data, indent=1) + "\n")
-    return path
-
-
-def command_line() -> str:
-    return "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:])
+    return _write_results(name, data, folder)

@@ -1,4 +1,4 @@
-"""The ``lecompile`` command: ``demo`` and ``explain``."""
+"""The ``lecompile`` command: ``demo``, ``explain`` and ``bench``."""
 
 from __future__ import annotations
 
@@ -35,6 +35,12 @@ def _explain(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    from .e2e import run
+    run(args)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="lecompile", description=__doc__)
     parser.add_argument("-v", "--verbose", action="count", default=0, help="-v info, -vv debug logs")
@@ -60,6 +66,11 @@ def main(argv=None) -> int:
     common(explain, 64)
     explain.add_argument("--json", action="store_true")
     explain.set_defaults(run=_explain)
+
+    bench = sub.add_parser("bench", help="time whole PEFT training steps: lecompile vs eager and Inductor")
+    from .e2e import add_arguments
+    add_arguments(bench)
+    bench.set_defaults(run=_bench)
 
     args = parser.parse_args(argv)
     level = logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose else logging.WARNING

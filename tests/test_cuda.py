@@ -29,3 +29,16 @@ def test_bf16_lora_step_on_cuda_matches_eager(arch):
     loss, grads = train_step(torch.compile(model, backend=backend), model, inputs)
     assert torch.isfinite(loss) and backend.report.mlp_rewritten == LAYERS
     assert all(torch.isfinite(g).all() for g in grads.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_lora_linear_on_cuda_matches_peft(dtype):
+    """The op's CUDA path (fp32-output GEMMs for the adapter gradients) against PEFT's math."""
+    from test_lora_linear import TOL, grads_of, make, op, peft_linear
+    args = [t.cuda().detach().requires_grad_(t.requires_grad) if torch.is_tensor(t) else t
+            for t in make(dtype, tokens=(4, 64), d_in=96, d_out=160, train_bias=True)]
+    y, grads = grads_of(op, args)
+    y_ref, grads_ref = grads_of(peft_linear, args)
+    torch.testing.assert_close(y, y_ref, **TOL[dtype])
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g.float(), g_ref.float(), **TOL[dtype])

@@ -41,7 +41,7 @@ def grads_of(fn, args):
         t.grad = None
     y = fn(*args)
     torch.manual_seed(3)
-    dy = torch.randn(y.shape).to(y.dtype)
+    dy = torch.randn(y.shape).to(y.device, y.dtype)
     (y.float() * dy.float()).sum().backward(retain_graph=True)
     return y.detach(), [t.grad.clone() for t in leaves]
 

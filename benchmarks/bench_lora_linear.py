@@ -1,0 +1,91 @@
+"""One LoRA-wrapped linear, forward + backward: PEFT's math vs ``lecompile::lora_linear``, on the GPU.
+
+Variants (bf16 activations and base weight, LoRA r=16, input and adapters require grad):
+``peft`` (fp32 adapters, PEFT's default), ``peft-tf32`` (same with TF32 matmuls on),
+``peft-bf16-adapters`` (``autocast_adapter_dtype=False``), each eager and through Inductor
+(``+inductor``), and ``lecompile`` (the op). Ratios are to ``peft+inductor`` in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import command_line, meta, write_results  # noqa: E402
+from lecompile.ops.lora_linear import lora_linear  # noqa: E402
+
+#: (in_features, out_features) of q_proj-like and fc1-like linears.
+SHAPES = {"opt-1.3b q_proj": (2048, 2048), "opt-1.3b fc1": (2048, 8192),
+          "llama-3-8b q_proj": (4096, 4096), "llama-3-8b gate_proj": (4096, 14336)}
+RANK, SCALE = 16, 2.0
+
+
+def peft_linear(x, w, b, a, lb):
+    """PEFT's LoRA forward: adapters in their own dtype, result cast back."""
+    return (F.linear(x, w, b) + F.linear(F.linear(x.to(a.dtype), a), lb) * SCALE).to(x.dtype)
+
+
+def lecompile_linear(x, w, b, a, lb):
+    return lora_linear(x, w, b, None, a, lb, SCALE)[0]
+
+
+def bench_case(name, d_in, d_out, tokens):
+    from triton.testing import do_bench
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(tokens, d_in, device="cuda", generator=g).bfloat16().requires_grad_()
+    w = (torch.randn(d_out, d_in, device="cuda", generator=g) / d_in ** 0.5).bfloat16()
+    b = torch.zeros(d_out, device="cuda").bfloat16()
+    dy = torch.randn(tokens, d_out, device="cuda", generator=g).bfloat16()
+    rows, base = [], None
+    for adapters in (torch.float32, torch.bfloat16):
+        a = (torch.randn(RANK, d_in, device="cuda", generator=g) / d_in ** 0.5).to(adapters).requires_grad_()
+        lb = (torch.randn(d_out, RANK, device="cuda", generator=g) / RANK).to(adapters).requires_grad_()
+        variants = []
+        if adapters == torch.float32:
+            variants += [("peft", peft_linear, False), ("peft-tf32", peft_linear, True),
+                         ("lecompile", lecompile_linear, False)]
+        else:
+            variants += [("peft-bf16-adapters", peft_linear, False)]
+        for vname, fn, tf32 in variants:
+            compiled = [("", fn)] if vname == "lecompile" else [("", fn), ("+inductor", torch.compile(fn))]
+            for suffix, f in compiled:
+                torch.backends.cuda.matmul.allow_tf32 = tf32
+
+                def step():
+                    f(x, w, b, a, lb).backward(dy)
+                    x.grad = a.grad = lb.grad = None
+                ms = do_bench(step, warmup=25, rep=200)
+                torch.backends.cuda.matmul.allow_tf32 = False
+                rows.append(dict(case=name, d_in=d_in, d_out=d_out, tokens=tokens, rank=RANK,
+                                 dtype="bfloat16", adapters=str(adapters).split(".")[-1],
+                                 **{"pass": "fwd+bwd"}, variant=vname + suffix, ms=round(ms, 4)))
+    base = next(r["ms"] for r in rows if r["variant"] == "peft+inductor")
+    strongest = min(r["ms"] for r in rows if r["variant"].endswith("+inductor"))
+    for r in rows:
+        r.update(baseline="peft+inductor", baseline_ms=base, speedup=round(base / r["ms"], 3),
+                 speedup_vs_strongest_inductor=round(strongest / r["ms"], 3))
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = parser.parse_args()
+    rows = []
+    for name, (d_in, d_out) in SHAPES.items():
+        rows += bench_case(name, d_in, d_out, args.tokens)
+    data = {"meta": meta("lora_linear", command_line()), "rows": rows}
+    path = write_results("lora_linear", data, Path(args.out))
+    for r in rows:
+        print(f"{r['case']:22s} {r['variant']:30s} {r['ms']:8.3f} ms  x{r['speedup']:.2f}")
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,435 @@
+"""End-to-end PEFT training steps: lecompile against what users run today (``lecompile bench``).
+
+Every case (model x PEFT method x batch shape) is timed for each variant in one process, on
+a random-init bf16 model built from its config (weights identical across variants: same seed):
+
+- ``eager`` / ``inductor``: PEFT's defaults (fp32 adapters, TF32 off), eager and ``torch.compile``;
+- ``*-tf32`` / ``*-bf16-adapters``: the strongest user-side settings (TF32 matmuls on, or
+  ``autocast_adapter_dtype=False``);
+- ``lecompile-d<density>``: the ``longexposure`` backend at that MLP density (1.0 is the
+  overhead check: adapter fusion only).
+
+A step is forward + backward + AdamW. Rows carry the median step time over ``steps`` timed
+steps (after compilation and warm-up), tokens/s, peak memory, compile time (the first step)
+and the loss of step 1, checked against eager's at density 1.0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch._dynamo.utils import counters
+
+from .backend import LongExposureBackend
+from .config import LongExposureConfig
+
+log = logging.getLogger(__name__)
+
+#: Loss at step 1 of a density-1.0 variant may differ from eager's by this much (relative, bf16).
+LOSS_RTOL = 2e-2
+
+
+def _opt(hidden, ffn, layers, heads, proj=None, **kw):
+    from transformers import OPTConfig
+    return OPTConfig(hidden_size=hidden, ffn_dim=ffn, num_hidden_layers=layers, num_attention_heads=heads,
+                     word_embed_proj_dim=proj or hidden, max_position_embeddings=2048, dropout=0.0,
+                     attention_dropout=0.0, activation_dropout=0.0, **kw)
+
+
+def _gpt2(hidden, layers, heads):
+    from transformers import GPT2Config
+    return GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, n_positions=2048, resid_pdrop=0.0,
+                      embd_pdrop=0.0, attn_pdrop=0.0)
+
+
+def _llama(hidden, ffn, layers, heads, kv_heads, vocab=128256, **kw):
+    from transformers import LlamaConfig
+    return LlamaConfig(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
+                       max_position_embeddings=8192, **kw)
+
+
+#: Model configs by name (Hugging Face's published shapes); ``tiny-*`` ones are for CPU checks.
+MODELS: Dict[str, Callable] = {
+    "opt-350m": lambda: _opt(1024, 4096, 24, 16, proj=512, do_layer_norm_before=False),
+    "opt-1.3b": lambda: _opt(2048, 8192, 24, 32),
+    "opt-2.7b": lambda: _opt(2560, 10240, 32, 32),
+    "gpt2-large": lambda: _gpt2(1280, 36, 20),
+    "gpt2-xl": lambda: _gpt2(1600, 48, 25),
+    "llama-3.2-1b": lambda: _llama(2048, 8192, 16, 32, 8, tie_word_embeddings=True),
+    "llama-3-8b": lambda: _llama(4096, 14336, 32, 32, 8),
+    "tiny-opt": lambda: _opt(64, 256, 2, 4, vocab_size=256),
+    "tiny-llama": lambda: _llama(64, 256, 2, 4, 2, vocab=256),
+}
+
+#: LoRA on the attention's query and value projections, per architecture.
+_QV = {"opt": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"]}
+
+
+def _peft_config(method: str, arch: str):
+    import peft
+    if method == "lora":
+        return peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
+    if method == "lora-qv":
+        return peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=_QV[arch])
+    if method == "ia3":
+        return peft.IA3Config()
+    raise ValueError(f"unknown PEFT method {method!r}; choose from {METHODS}")
+
+
+METHODS = ("lora", "lora-qv", "ia3", "bitfit")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way to run the same training step."""
+
+    name: str
+    backend: str                     # eager / inductor / lecompile
+    tf32: bool = False
+    adapters_fp32: bool = True       # PEFT's autocast_adapter_dtype
+    config: Optional[LongExposureConfig] = None
+
+    @property
+    def mlp_density(self) -> float:
+        return self.config.mlp_density if self.config is not None else 1.0
+
+
+def variants(densities: Sequence[float] = (1.0, 0.5, 0.25, 0.15), predictor: str = "svd",
+             granularity: str = "sequence", baselines: bool = True) -> List[Variant]:
+    """The baselines, then lecompile at each MLP density."""
+    out = []
+    if baselines:
+        out = [Variant("eager", "eager"), Variant("eager-bf16-adapters", "eager", adapters_fp32=False),
+               Variant("inductor", "inductor"), Variant("inductor-tf32", "inductor", tf32=True),
+               Variant("inductor-bf16-adapters", "inductor", adapters_fp32=False)]
+    for d in densities:
+        out.append(Variant(f"lecompile-d{d:g}", "lecompile", config=LongExposureConfig(
+            mlp_density=d, predictor=predictor, granularity=granularity)))
+    return out
+
+
+@dataclass
+class Case:
+    model: str
+    method: str
+    batch: int
+    seq: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.model} {self.method} {self.batch}x{self.seq}"
+
+
+@dataclass
+class StepResult:
+    ms: float
+    compile_s: float
+    loss_step1: float
+    peak_mem_gib: float
+    extra: Dict[str, object] = field(default_factory=dict)
+
+
+def build(case: Case, variant: Variant, device: str, dtype=torch.bfloat16):
+    """The model of ``case`` with its PEFT method, seeded so every variant gets the same weights."""
+    import peft
+    from transformers import AutoModelForCausalLM
+    config = MODELS[case.model]()
+    arch = config.model_type
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if case.method == "bitfit":
+        biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
+        if not biases:
+            raise ValueError(f"{case.model} has no biases: BitFit does not apply")
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in biases:
+            p.requires_grad_(True)
+    else:
+        model = peft.get_peft_model(model, _peft_config(case.method, arch),
+                                    autocast_adapter_dtype=variant.adapters_fp32)
+    model.config.use_cache = False
+    return model.train()
+
+
+@contextlib.contextmanager
+def _tf32(on: bool):
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = on
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_variant(case: Case, variant: Variant, device: str, steps: int = 20, warmup: int = 3) -> StepResult:
+    """Compile (first step), warm up, then time ``steps`` training steps."""
+    torch._dynamo.reset()
+    counters.clear()
+    model = build(case, variant, device)
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab, (case.batch, case.seq), generator=g).to(device)
+    backend = None
+    if variant.backend == "lecompile":
+        backend = LongExposureBackend(variant.config)
+        fn = torch.compile(model, backend=backend)
+    elif variant.backend == "inductor":
+        fn = torch.compile(model)
+    else:
+        fn = model
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+
+    def step():
+        loss = fn(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    cuda = torch.device(device).type == "cuda"
+    with _tf32(variant.tf32):
+        t0 = time.perf_counter()
+        loss1 = step().item()
+        _sync(device)
+        compile_s = time.perf_counter() - t0
+        for _ in range(warmup):
+            step()
+        _sync(device)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(steps):
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                step()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t = time.perf_counter()
+                step()
+                times.append((time.perf_counter() - t) * 1e3)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    extra = {}
+    if backend is not None:
+        report = backend.report
+        extra = {"mlp_rewritten": report.mlp_rewritten, "mlp_matched": len(report.mlp),
+                 "lora_linears_fused": report.linears_fused,
+                 "recompiles": max(0, len(backend.reports) - report.graphs)}
+    del fn, model, opt, params
+    if cuda:
+        torch.cuda.empty_cache()
+    return StepResult(statistics.median(times), compile_s, loss1, peak, extra)
+
+
+def run_case(case: Case, variant_list: Sequence[Variant], device: str, steps: int = 20,
+             warmup: int = 3, progress=None, on_row: Optional[Callable[[dict], None]] = None) -> List[dict]:
+    """Every variant of ``case``, with ratios to the baselines measured in this call.
+    ``on_row`` sees each row as soon as it is measured (to save partial results)."""
+    rows = []
+    for v in variant_list:
+        if progress is not None:
+            progress.set_postfix_str(f"{case.name} {v.name}")
+        row = dict(case=case.name, model=case.model, method=case.method, batch=case.batch, seq=case.seq,
+                   tokens=case.batch * case.seq, dtype="bfloat16", variant=v.name,
+                   mlp_density=v.mlp_density, attn_density=1.0, tf32=v.tf32,
+                   adapters="fp32" if v.adapters_fp32 else "bf16")
+        try:
+            r = run_variant(case, v, device, steps, warmup)
+            row.update(ms=round(r.ms, 3), tokens_per_s=round(case.batch * case.seq / r.ms * 1e3),
+                       peak_mem_gib=round(r.peak_mem_gib, 3), compile_s=round(r.compile_s, 1),
+                       loss_step1=round(r.loss_step1, 5), **r.extra)
+        except Exception as err:  # a case that cannot run is recorded, not dropped
+            log.warning("%s %s failed: %r", case.name, v.name, err)
+            row["error"] = repr(err)[:400]
+            torch._dynamo.reset()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+        if progress is not None:
+            progress.update()
+    _add_ratios(rows)
+    return rows
+
+
+def _add_ratios(rows: List[dict]) -> None:
+    by = {r["variant"]: r for r in rows if "ms" in r}
+    eager, inductor = by.get("eager"), by.get("inductor")
+    strongest = min((r for n, r in by.items() if n.startswith("inductor")), key=lambda r: r["ms"], default=None)
+    for r in rows:
+        if "ms" not in r:
+            continue
+        if inductor is not None:
+            r.update(baseline="inductor", baseline_ms=inductor["ms"], speedup=round(inductor["ms"] / r["ms"], 3))
+        if eager is not None:
+            r.update(speedup_vs_eager=round(eager["ms"] / r["ms"], 3),
+                     mem_vs_eager=round(r["peak_mem_gib"] / eager["peak_mem_gib"], 3)
+                     if eager["peak_mem_gib"] == eager["peak_mem_gib"] else None)
+            if r["mlp_density"] == 1.0:
+                r["loss_matches_eager"] = math.isclose(r["loss_step1"], eager["loss_step1"], rel_tol=LOSS_RTOL)
+        if strongest is not None:
+            r.update(strongest_baseline=strongest["variant"],
+                     speedup_vs_strongest=round(strongest["ms"] / r["ms"], 3))
+
+
+def breakdown(case: Case, variant: Variant, device: str = "cuda", steps: int = 3) -> dict:
+    """Where one variant's step spends GPU time (PyTorch profiler), in ms per step."""
+    from torch.profiler import ProfilerActivity, profile
+    model = build(case, variant, device)
+    ids = torch.randint(0, model.config.vocab_size, (case.batch, case.seq), device=device)
+    torch._dynamo.reset()
+    fn = torch.compile(model, backend=LongExposureBackend(variant.config)) if variant.config else model
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+    def step():
+        fn(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    # Top-level ops only (their device time includes their kernels), so nothing counts twice.
+    groups = {"mlp": "lecompile::sparse_mlp", "predictor": "lecompile::predict_neurons",
+              "lora_linear": "lecompile::lora_linear", "attention": "aten::_scaled_dot_product_"}
+    totals = dict.fromkeys(groups, 0.0)
+    kernel_total = 0.0
+    for e in prof.key_averages():
+        for k, prefix in groups.items():
+            if e.key.startswith(prefix):
+                totals[k] += e.device_time_total / 1e3 / steps
+        if e.device_type.name == "CUDA":
+            kernel_total += e.self_device_time_total / 1e3 / steps
+    totals = {k: round(v, 3) for k, v in totals.items()}
+    totals["kernels_total"] = round(kernel_total, 3)
+    totals["rest"] = round(kernel_total - sum(v for k, v in totals.items() if k != "kernels_total"), 3)
+    return dict(case=case.name, variant=variant.name, unit="ms per step", **totals)
+
+
+SHAPES = {"8x512": (8, 512), "4x1024": (4, 1024), "2x2048": (2, 2048)}
+
+
+def plot(rows: List[dict], path) -> None:
+    """Speedup over Inductor vs MLP density per case, and peak memory per variant."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ok = [r for r in rows if "ms" in r]
+    cases = list(dict.fromkeys(r["case"] for r in ok))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
+    for case in cases:
+        lec = sorted((r for r in ok if r["case"] == case and r["variant"].startswith("lecompile")),
+                     key=lambda r: -r["mlp_density"])
+        if lec and "speedup" in lec[0]:
+            ax1.plot([r["mlp_density"] for r in lec], [r["speedup"] for r in lec], "o-", label=f"{case}: lecompile")
+        strongest = [r for r in ok if r["case"] == case and r["variant"] == (lec[0].get("strongest_baseline") if lec else None)]
+        for r in strongest:
+            ax1.axhline(r["speedup"], ls=":", lw=1, color=ax1.lines[-1].get_color() if ax1.lines else None)
+    ax1.axhline(1.0, color="grey", lw=1)
+    ax1.invert_xaxis()
+    ax1.set(xlabel="MLP density", ylabel="step speedup over Inductor (PEFT defaults)",
+            title="training step (dotted: strongest Inductor baseline)")
+    ax1.legend(fontsize=7)
+    names = list(dict.fromkeys(r["variant"] for r in ok))
+    width = 0.8 / max(1, len(cases))
+    for i, case in enumerate(cases):
+        mem = {r["variant"]: r["peak_mem_gib"] for r in ok if r["case"] == case}
+        ax2.bar([j + i * width for j in range(len(names))], [mem.get(n, 0) for n in names], width, label=case)
+    ax2.set_xticks([j + width * (len(cases) - 1) / 2 for j in range(len(names))], names, rotation=45,
+                   ha="right", fontsize=7)
+    ax2.set(ylabel="peak memory (GiB)", title="peak memory per step")
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--models", nargs="+", default=["opt-1.3b"], choices=list(MODELS))
+    parser.add_argument("--methods", nargs="+", default=["lora"], choices=METHODS)
+    parser.add_argument("--shapes", nargs="+", default=["8x512"], choices=list(SHAPES))
+    parser.add_argument("--densities", nargs="+", type=float, default=[1.0, 0.5, 0.25, 0.15])
+    parser.add_argument("--predictor", default="svd", choices=("svd", "oracle"))
+    parser.add_argument("--granularity", default="sequence", choices=("sequence", "tile", "batch"))
+    parser.add_argument("--no-baselines", action="store_true", help="lecompile variants only")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per variant (median)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also profile lecompile at the lowest density on the first case (GPU)")
+    parser.add_argument("--out", default="e2e-results", help="folder for e2e.json and e2e.png")
+
+
+def run(args) -> dict:
+    """Run the benchmark described by parsed ``args``; write JSON and plot; return the data."""
+    from pathlib import Path
+
+    from tqdm.auto import tqdm
+
+    from .results import command_line, meta, write_results
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cases = [Case(m, meth, *SHAPES[s]) for m in args.models for meth in args.methods for s in args.shapes]
+    vs = variants(args.densities, args.predictor, args.granularity, baselines=not args.no_baselines)
+    rows: List[dict] = []
+    out = Path(args.out)
+    data = {"meta": meta("e2e", command_line(), settings=dict(
+        steps=args.steps, warmup=args.warmup, optimizer="AdamW", predictor=args.predictor,
+        granularity=args.granularity, attention="dense (attn_density 1.0)", init="random, seed 0")),
+        "rows": rows}
+
+    measured: List[dict] = []  # rows so far, saved as they come in case the run is cut short
+
+    def save_partial(row):
+        measured.append(row)
+        write_results("e2e", dict(data, rows=measured), out)
+
+    with tqdm(total=len(cases) * len(vs), desc="e2e", unit="run") as bar:
+        for case in cases:
+            rows += run_case(case, vs, device, args.steps, args.warmup, progress=bar, on_row=save_partial)
+    if args.breakdown and device == "cuda":
+        low = min(args.densities)
+        data["breakdown"] = [breakdown(cases[0], v, device) for v in vs
+                             if v.backend == "lecompile" and v.mlp_density in (1.0, low)]
+    path = write_results("e2e", data, out)
+    plot(rows, out / "e2e.png")
+    print(format_rows(rows))
+    print(f"wrote {path} and {out / 'e2e.png'}")
+    return data
+
+
+def format_rows(rows: List[dict]) -> str:
+    from .report import format_table
+    cols = ["case", "variant", "ms", "tokens_per_s", "peak_mem_gib", "compile_s", "loss_step1",
+            "speedup", "speedup_vs_eager", "speedup_vs_strongest"]
+    return format_table(cols, [[r.get(c, r.get("error", "-") if c == "ms" else "-") for c in cols] for r in rows])
+
+
+def main(argv=None) -> int:
+    import argparse
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    run(parser.parse_args(argv))
+    return 0

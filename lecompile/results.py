@@ -1,0 +1,41 @@
+"""The results-file format every benchmark writes (see ``BENCHMARKS.md``): ``{"meta", "rows"}``."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+
+def meta(benchmark: str, command: str, **extra) -> dict:
+    """Device, versions, commit, date and the command that made the results."""
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip() or None
+    except OSError:
+        commit = None
+    return {"benchmark": benchmark,
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "torch": torch.__version__, "triton": triton_version, "git_commit": commit,
+            "date": datetime.date.today().isoformat(), "command": command, **extra}
+
+
+def write_results(name: str, data: dict, folder: Path) -> Path:
+    """Write ``folder/<name>.json``; returns its path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    return path
+
+
+def command_line() -> str:
+    return "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:])
