@@ -49,7 +49,8 @@ class LongExposureBackend:
         if not self.inductor:
             return gm.forward
         from torch._inductor.compile_fx import compile_fx
-        return compile_fx(gm, example_inputs)
+        patches = {"triton.cudagraphs": True} if self.config.cudagraphs else {}
+        return compile_fx(gm, example_inputs, config_patches=patches)
 
     @property
     def report(self) -> Report:

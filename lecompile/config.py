@@ -50,6 +50,11 @@ class LongExposureConfig:
     #: sparse MLP; adapter weights and their gradients stay fp32. ``False`` keeps PEFT's exact
     #: fp32 adapter math. fp32 models compute in fp32 either way.
     fuse_adapters: bool = True
+    #: Replay each compiled graph as a CUDA graph (what ``mode="reduce-overhead"`` does for
+    #: Inductor): removes the Python and launch overhead of many small ops. Inputs are copied
+    #: into static buffers and outputs are overwritten by the next replay (see PyTorch's
+    #: CUDA graph trees); frozen weights must not be replaced in place between steps.
+    cudagraphs: bool = False
     #: Match attention blocks (reported; the rewrite comes with the attention operator).
     match_attention: bool = True
     #: Folder for graph dumps (FX code before and after the passes, and the report).
@@ -65,7 +70,7 @@ class LongExposureConfig:
                    lambda v: v > 0 and v % 16 == 0)
         _check_int("svd_rank", self.svd_rank, "an integer >= 1", lambda v: v >= 1)
         _check_int("k_align", self.k_align, "an integer >= 1", lambda v: v >= 1)
-        for name in ("rewrite_mlp", "fuse_adapters", "match_attention"):
+        for name in ("rewrite_mlp", "fuse_adapters", "cudagraphs", "match_attention"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"LongExposureConfig.{name} must be a bool, "
                                  f"got {getattr(self, name)!r}")

@@ -95,6 +95,7 @@ class Variant:
     backend: str                     # eager / inductor / lecompile
     tf32: bool = False
     adapters_fp32: bool = True       # PEFT's autocast_adapter_dtype
+    cudagraphs: bool = False         # Inductor's mode="reduce-overhead" (CUDA graph trees)
     config: Optional[LongExposureConfig] = None
 
     @property
@@ -103,16 +104,21 @@ class Variant:
 
 
 def variants(densities: Sequence[float] = (1.0, 0.5, 0.25, 0.15), predictor: str = "svd",
-             granularity: str = "sequence", baselines: bool = True) -> List[Variant]:
-    """The baselines, then lecompile at each MLP density."""
+             granularity: str = "sequence", baselines: bool = True, cudagraphs: bool = False) -> List[Variant]:
+    """The baselines, then lecompile at each MLP density. ``cudagraphs`` adds the strongest
+    baseline and every lecompile variant replayed as CUDA graphs (suffix ``-cg``)."""
     out = []
     if baselines:
         out = [Variant("eager", "eager"), Variant("eager-bf16-adapters", "eager", adapters_fp32=False),
                Variant("inductor", "inductor"), Variant("inductor-tf32", "inductor", tf32=True),
                Variant("inductor-bf16-adapters", "inductor", adapters_fp32=False)]
-    for d in densities:
-        out.append(Variant(f"lecompile-d{d:g}", "lecompile", config=LongExposureConfig(
-            mlp_density=d, predictor=predictor, granularity=granularity)))
+        if cudagraphs:
+            out.append(Variant("inductor-bf16-adapters-cg", "inductor", adapters_fp32=False, cudagraphs=True))
+    for cg in (False, True) if cudagraphs else (False,):
+        for d in densities:
+            out.append(Variant(f"lecompile-d{d:g}" + ("-cg" if cg else ""), "lecompile", cudagraphs=cg,
+                               config=LongExposureConfig(mlp_density=d, predictor=predictor,
+                                                         granularity=granularity, cudagraphs=cg)))
     return out
 
 
@@ -189,7 +195,7 @@ def run_variant(case: Case, variant: Variant, device: str, steps: int = 20, warm
         backend = LongExposureBackend(variant.config)
         fn = torch.compile(model, backend=backend)
     elif variant.backend == "inductor":
-        fn = torch.compile(model)
+        fn = torch.compile(model, mode="reduce-overhead" if variant.cudagraphs else None)
     else:
         fn = model
     params = [p for p in model.parameters() if p.requires_grad]
@@ -250,7 +256,7 @@ def run_case(case: Case, variant_list: Sequence[Variant], device: str, steps: in
         row = dict(case=case.name, model=case.model, method=case.method, batch=case.batch, seq=case.seq,
                    tokens=case.batch * case.seq, dtype="bfloat16", variant=v.name,
                    mlp_density=v.mlp_density, attn_density=1.0, tf32=v.tf32,
-                   adapters="fp32" if v.adapters_fp32 else "bf16")
+                   adapters="fp32" if v.adapters_fp32 else "bf16", cudagraphs=v.cudagraphs)
         try:
             r = run_variant(case, v, device, steps, warmup)
             row.update(ms=round(r.ms, 3), tokens_per_s=round(case.batch * case.seq / r.ms * 1e3),
@@ -375,6 +381,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--predictor", default="svd", choices=("svd", "oracle"))
     parser.add_argument("--granularity", default="sequence", choices=("sequence", "tile", "batch"))
     parser.add_argument("--no-baselines", action="store_true", help="lecompile variants only")
+    parser.add_argument("--cudagraphs", action="store_true",
+                        help="add CUDA-graph variants (-cg) of the strongest baseline and of lecompile")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per variant (median)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -392,7 +400,8 @@ def run(args) -> dict:
     from .results import command_line, meta, write_results
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cases = [Case(m, meth, *SHAPES[s]) for m in args.models for meth in args.methods for s in args.shapes]
-    vs = variants(args.densities, args.predictor, args.granularity, baselines=not args.no_baselines)
+    vs = variants(args.densities, args.predictor, args.granularity, baselines=not args.no_baselines,
+                  cudagraphs=args.cudagraphs)
     rows: List[dict] = []
     out = Path(args.out)
     data = {"meta": meta("e2e", command_line(), settings=dict(

@@ -201,7 +201,6 @@ def test_fuse_adapters_switch_and_bf16_step_close_to_peft():
         loss, grads = train_step(torch.compile(model, backend=backend), model, inputs)
         assert counters["lecompile"]["lora_linear"] == fused, str(backend.report)
         assert backend.report.linears_fused == fused
-        assert counters["lecompile"]["lora_linear_calls"] == fused
         torch.testing.assert_close(loss, eager_loss, atol=2e-2, rtol=2e-2)
         for name, g in grads.items():
             assert g.dtype == eager_grads[name].dtype, name

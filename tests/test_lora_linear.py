@@ -4,10 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lecompile.ops.lora_linear import lora_linear, lora_linear_ref
+from lecompile.ops.lora_linear import lora_linear
 
 #: fp32 activations compute exactly what PEFT computes; bf16/fp16 ones round LoRA's [T, r]
-#: projection and output to the activation dtype (PEFT rounds only the final sum).
+#: projection, its output and the adapter gradients to the activation dtype (PEFT rounds only
+#: the final sum, and keeps fp32 gradients).
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-4), torch.bfloat16: dict(atol=3e-2, rtol=3e-2),
        torch.float16: dict(atol=5e-3, rtol=5e-3)}
 
@@ -47,7 +48,7 @@ def grads_of(fn, args):
 
 
 def op(*args):
-    return lora_linear(*args)[0]
+    return lora_linear(*args)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -65,9 +66,15 @@ def test_matches_peft(dtype, case):
         torch.testing.assert_close(g.float(), g_ref.float(), **TOL[dtype])
 
 
-def test_reference_is_the_ops_math():
-    args = make(torch.bfloat16)
-    torch.testing.assert_close(op(*args), lora_linear_ref(*args), atol=1e-2, rtol=1e-2)
+def test_compiles_without_graph_breaks_and_matches_eager():
+    """Inductor traces the op into plain matmuls (forward and the backward it derives)."""
+    args = make(torch.bfloat16, train_bias=True)
+    y, grads = grads_of(op, args)
+    compiled = torch.compile(op, backend="inductor", fullgraph=True)
+    y_c, grads_c = grads_of(compiled, args)
+    torch.testing.assert_close(y_c, y, **TOL[torch.bfloat16])
+    for g, g_c in zip(grads, grads_c):
+        torch.testing.assert_close(g_c, g, **TOL[torch.bfloat16])
 
 
 def test_gradcheck_float64():
@@ -84,17 +91,9 @@ def test_transposed_weight_view():
     torch.testing.assert_close(op(*args), peft_linear(*args))
 
 
-@pytest.mark.parametrize("dropout", [False, True])
-def test_opcheck(dropout):
-    args = make(torch.float32, train_bias=True, dropout=dropout)
-    if dropout:
-        args[3] = args[3].detach().requires_grad_()
-    torch.library.opcheck(torch.ops.lecompile.lora_linear.default, args)
-
-
 def test_bad_shapes_name_the_problem():
     x, w, b, li, a, lb, s = make(torch.float32)
     with pytest.raises(ValueError, match="lora_b"):
         lora_linear(x, w, b, li, a, lb.t(), s)
     with pytest.raises(ValueError, match="weight must be"):
-        lora_linear(x, w.t(), None, li, a, lb, s)
+        lora_linear(x, torch.cat([w, w], 1), None, li, a, lb, s)

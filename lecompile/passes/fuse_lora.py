@@ -7,16 +7,15 @@ projections, dense MLP linears and any other adapted linear are covered alike.
 
 from __future__ import annotations
 
-import operator
-
 import torch
 import torch.fx as fx
 from torch._dynamo.utils import counters
 
-from ..ops import lora_linear  # noqa: F401  (registers torch.ops.lecompile.lora_linear)
+from ..ops.lora_linear import lora_linear
 from ..report import LinearEntry
 from .fold_adapters import LinearMatch
 from .graph import meta_value
+
 
 def fuse_lora(ctx) -> None:
     """Replace each remaining LoRA linear and record it in the report."""
@@ -56,9 +55,8 @@ def _rewrite(graph: fx.Graph, lin: LinearMatch) -> None:
     with graph.inserting_before(lin.out):
         weight = graph.call_method("t", (a.weight,)) if lin.weight_transposed else a.weight
         lora_input = a.lora_input if lin.lora_dropout > 0.0 else None  # else casts of x only
-        result = graph.call_function(torch.ops.lecompile.lora_linear.default, (
-            lin.x, weight, a.bias, lora_input, a.lora_a, a.lora_b, a.lora_scale))
-        y = graph.call_function(operator.getitem, (result, 0))
+        y = graph.call_function(lora_linear, (lin.x, weight, a.bias, lora_input, a.lora_a, a.lora_b,
+                                              a.lora_scale))
         out_dtype = meta_value(lin.out).dtype
         if out_dtype != meta_value(lin.x).dtype:
             y = graph.call_method("to", (y, out_dtype))
