@@ -45,7 +45,8 @@ def supported(x: Tensor, idx: Tensor, slots: List[int]) -> bool:
             and not _UNSUPPORTED_SLOTS.intersection(slots))
 
 
-#: ``weight.t().contiguous()``, cached per weight version (frozen weights convert once).
+#: ``weight.t().contiguous()``, cached per weight version (frozen weights convert once; the
+#: rewrite pass converts them at compile time, outside any CUDA graph memory pool).
 neuron_major = WeightCache(lambda weight: weight.t().contiguous())
 
 
@@ -103,7 +104,7 @@ def _fc2_forward(h, idx, n, fc2, keep, p):
     if fc2.lora_a is not None:
         groups = idx.shape[0]
         lh = _per_group(_fc2_lora_input(hs, fc2, keep, p), groups)
-        u2 = torch.bmm(lh, neuron_major(fc2.lora_a)[idx])  # [G, n, r]
+        u2 = torch.bmm(lh, fc2.lora_a.t()[idx])  # [G, n, r]
         y = (y + fc2.lora_scale * (u2.reshape(y.shape[0], -1) @ fc2.lora_b.t())).to(y.dtype)
     return y
 
@@ -130,9 +131,10 @@ def backward(grad_y: Tensor, x: Tensor, idx: Tensor, fc1: AdaptedLinear, up: Opt
     w2t = neuron_major(fc2.weight)
     lora_v = None
     if fc2.lora_a is not None:
+        a2t = fc2.lora_a.t().contiguous()  # [ffn, r], small: not cached (it changes every step)
         lora_v = dy.to(fc2.lora_b.dtype) @ fc2.lora_b  # [T, r]
         lh = _fc2_lora_input(hs, fc2, keep, p)
-        u2 = torch.bmm(_per_group(lh, groups), neuron_major(fc2.lora_a)[idx]).reshape(tokens, -1)
+        u2 = torch.bmm(_per_group(lh, groups), a2t[idx]).reshape(tokens, -1)
         _put(grads, wants, "fc2.lora_b", lambda: fc2.lora_scale * dy.t().to(u2.dtype) @ u2)
         _put(grads, wants, "fc2.lora_a", lambda: _scatter_cols(
             fc2.lora_a, idx, fc2.lora_scale * torch.bmm(_per_group(lora_v, groups).transpose(1, 2),
@@ -141,7 +143,7 @@ def backward(grad_y: Tensor, x: Tensor, idx: Tensor, fc1: AdaptedLinear, up: Opt
     _put(grads, wants, "fc2.weight", lambda: _scatter_cols(
         fc2.weight, idx, torch.bmm(_per_group(dy, groups).transpose(1, 2), _per_group(hs, groups))))
     fold_lora = lora_v is not None and keep is None
-    m2 = Neurons(w2t, lora=(lora_v, neuron_major(fc2.lora_a), fc2.lora_scale) if fold_lora else None)
+    m2 = Neurons(w2t, lora=(lora_v, a2t, fc2.lora_scale) if fold_lora else None)
     if fused:
         res = ngather_matmul_grad(dy.to(x.dtype), idx, n, m2, activation, pre1,
                                   pre2 if up is not None else None)
@@ -149,7 +151,7 @@ def backward(grad_y: Tensor, x: Tensor, idx: Tensor, fc1: AdaptedLinear, up: Opt
     else:
         dhs = ngather_matmul(dy.to(x.dtype), idx, n, m2).float()
         if lora_v is not None and not fold_lora:
-            dl = torch.bmm(_per_group(lora_v, groups), neuron_major(fc2.lora_a)[idx].transpose(1, 2))
+            dl = torch.bmm(_per_group(lora_v, groups), a2t[idx].transpose(1, 2))
             dhs = dhs + fc2.lora_scale * dl.reshape(tokens, -1) * keep / (1.0 - p)
         dh = dhs
         if fc2.in_scale is not None:
