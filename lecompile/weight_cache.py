@@ -7,6 +7,7 @@ new tensor that happens to reuse a freed address is never served a stale value.
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Callable, Dict, Tuple
 
 import torch
@@ -27,7 +28,7 @@ class WeightCache:
         if hit is None or hit[0].expired() or hit[1] != weight._version:
             self._prune()
             hit = self._entries[key] = (StorageWeakRef(weight.untyped_storage()), weight._version,
-                                        self.compute(weight.detach(), *args))
+                                        _outside_graph_pools(self.compute, weight.detach(), *args))
         return hit[2]
 
     def clear(self) -> None:
@@ -36,3 +37,32 @@ class WeightCache:
     def _prune(self) -> None:
         for key in [k for k, (ref, _, _) in self._entries.items() if ref.expired()]:
             del self._entries[key]
+
+
+def _outside_graph_pools(compute: Callable[..., Any], weight: torch.Tensor, *args) -> Any:
+    """``compute(weight, *args)``, allocating from PyTorch's ordinary CUDA memory.
+
+    Inductor's CUDA graph trees send every allocation of the calling thread to their private
+    pool while a compiled graph warms up, and refuse to record when a tensor there outlives the
+    graph's outputs. A cached value does, so it is computed on a helper thread, whose
+    allocations go to the ordinary pool.
+    """
+    if weight.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return compute(weight, *args)
+    torch.cuda.current_stream(weight.device).synchronize()
+    box = {}
+
+    def work():
+        try:
+            with torch.cuda.device(weight.device):
+                box["value"] = compute(weight, *args)
+                torch.cuda.current_stream().synchronize()
+        except BaseException as err:  # re-raised in the caller's thread
+            box["error"] = err
+
+    thread = threading.Thread(target=work, name="lecompile-weight-cache")
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]

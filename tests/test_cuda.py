@@ -42,3 +42,25 @@ def test_lora_linear_on_cuda_matches_peft(dtype):
     torch.testing.assert_close(y, y_ref, **TOL[dtype])
     for g, g_ref in zip(grads, grads_ref):
         torch.testing.assert_close(g.float(), g_ref.float(), **TOL[dtype])
+
+
+def test_cudagraphs_with_sparse_mlp_matches_without():
+    """``cudagraphs=True`` records the sparse ops (their weight caches stay outside the graph
+    pool, for every layer that shares one compiled graph) and gives the same steps."""
+    losses = {}
+    for cg in (False, True):
+        torch._dynamo.reset()
+        model = tiny_model("opt", "lora", dtype=torch.bfloat16).cuda()
+        inputs = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch().items()}
+        backend = lecompile.longexposure(LongExposureConfig(mlp_density=0.5, k_align=64, cudagraphs=cg))
+        compiled = torch.compile(model, backend=backend)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        losses[cg] = []
+        for _ in range(4):
+            loss = compiled(**inputs).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses[cg].append(loss.item())
+        assert backend.report.mlp_rewritten >= 1
+    torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), atol=2e-2, rtol=2e-2)

@@ -45,8 +45,7 @@ def supported(x: Tensor, idx: Tensor, slots: List[int]) -> bool:
             and not _UNSUPPORTED_SLOTS.intersection(slots))
 
 
-#: ``weight.t().contiguous()``, cached per weight version (frozen weights convert once; the
-#: rewrite pass converts them at compile time, outside any CUDA graph memory pool).
+#: ``weight.t().contiguous()``, cached per weight version (frozen weights convert once).
 neuron_major = WeightCache(lambda weight: weight.t().contiguous())
 
 

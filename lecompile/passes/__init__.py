@@ -29,7 +29,6 @@ class PassContext:
     config: LongExposureConfig
     trainable: Dict[fx.Node, bool]
     training: bool
-    example: Dict[fx.Node, torch.Tensor] = field(default_factory=dict)  # placeholder -> tensor
     report: Report = field(default_factory=lambda: Report(graphs=1))
     linears: List[LinearMatch] = field(default_factory=list)
     linear_by_out: Dict[fx.Node, LinearMatch] = field(default_factory=dict)
@@ -80,8 +79,7 @@ def run_passes(gm: fx.GraphModule, example_inputs, config: LongExposureConfig) -
     trainable = {n: isinstance(t, torch.Tensor) and t.requires_grad
                  for n, t in zip(placeholders, example_inputs)}
     training = torch.is_grad_enabled() and any(trainable.values())
-    example = {n: t for n, t in zip(placeholders, example_inputs) if isinstance(t, torch.Tensor)}
-    ctx = PassContext(gm, config, trainable, training, example=example)
+    ctx = PassContext(gm, config, trainable, training)
     for p in PASSES:
         if p.enabled(config):
             p.run(ctx)

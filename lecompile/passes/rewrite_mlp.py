@@ -11,10 +11,9 @@ import torch
 import torch.fx as fx
 from torch._dynamo.utils import counters
 
-from ..ops.sparse_mlp import kernel_impl  # importing registers torch.ops.lecompile.sparse_mlp
+from ..ops import sparse_mlp  # noqa: F401  (registers torch.ops.lecompile.sparse_mlp)
 from ..ops.adapted_linear import SLOTS, AdaptedLinear, pack_mlp
 from ..predictors.op import predict_neurons
-from ..predictors.svd import svd_factors
 from .fold_adapters import LinearMatch
 from .graph import meta_value, static_shape
 from .match_mlp import MLPMatch
@@ -46,7 +45,6 @@ def rewrite_mlp(ctx) -> None:
             entry.note = _join(entry.note, "rewrite_mlp=False: left dense")
             continue
         _rewrite(ctx.gm.graph, mlp, k, group_size, cfg)
-        _warm_caches(ctx, mlp)
         for lin in (mlp.fc1, mlp.up, mlp.fc2):
             if lin is not None:
                 lin.consumed = True
@@ -109,26 +107,6 @@ def _rewrite(graph: fx.Graph, mlp: MLPMatch, k: int, group_size: int, cfg) -> No
             x, idx, params, slots, scales, mlp.activation, mlp.fc2.lora_dropout))
         y = graph.call_function(operator.getitem, (result, 0))
     out.replace_all_uses_with(y)
-
-
-def _warm_caches(ctx, mlp: MLPMatch) -> None:
-    """Compute what the op caches per frozen weight (fc2 in neuron-major order, SVD factors)
-    now, at compile time: computed on the first step instead, inside a CUDA graph capture
-    (``cudagraphs=True``), it would live in the graph's private memory pool."""
-    def weight(lin: LinearMatch) -> Optional[torch.Tensor]:
-        w = ctx.example.get(lin.adapted.weight)
-        if w is None or w.device.type != "cuda" or ctx.trainable.get(lin.adapted.weight, False):
-            return None
-        return w.detach().t() if lin.weight_transposed else w.detach()
-
-    w2 = weight(mlp.fc2)
-    if w2 is not None and kernel_impl is not None:
-        kernel_impl.neuron_major(w2)
-    if ctx.config.predictor == "svd":
-        for lin in (mlp.fc1, mlp.up):
-            w = weight(lin) if lin is not None else None
-            if w is not None:
-                svd_factors(w, ctx.config.svd_rank)
 
 
 def _operand(graph: fx.Graph, lin: LinearMatch, adapter_dtype: Optional[torch.dtype]) -> AdaptedLinear:
