@@ -5,9 +5,9 @@ import torch
 
 from lecompile.ops import AdaptedLinear, expand_linear, reduce_linear, sparse_mlp, sparse_mlp_call
 from lecompile.ops.adapted_linear import ACTIVATIONS, pack_mlp, unpack_mlp
-from lecompile.predictors import clear_svd_cache, predict_neurons, top_k_per_group
-from lecompile.predictors.oracle import oracle_scores
-from lecompile.predictors.svd import svd_factors, svd_scores
+from lecompile.predictors import clear_svd_cache, predict_neurons, top_k
+from lecompile.predictors.oracle import oracle_group_scores
+from lecompile.predictors.svd import group_scores_ref, low_rank, svd_factors, svd_group_scores
 
 TOL = {torch.float64: dict(atol=1e-10, rtol=1e-9), torch.float32: dict(atol=1e-5, rtol=1e-4),
        torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
@@ -156,23 +156,51 @@ def test_bad_op_inputs_name_the_problem():
         sparse_mlp(x, torch.zeros(1, 128, dtype=torch.int32), params, slots, scales, "relu", 0.0)
 
 
-def test_top_k_per_group():
-    scores = torch.tensor([[0., 5, 1, 3], [0, 5, 1, 3], [9, 0, 0, 1], [9, 0, 0, 1]])
-    assert top_k_per_group(scores, 2, 2).tolist() == [[1, 3], [0, 3]]
-    assert top_k_per_group(scores, 2, 4).tolist() == [[0, 1]]
-    with pytest.raises(ValueError, match="groups of 3"):
-        top_k_per_group(scores, 2, 3)
+def test_top_k():
+    scores = torch.tensor([[0., 5, 1, 3], [9, 0, 0, 1]])
+    assert top_k(scores, 2).tolist() == [[1, 3], [0, 3]]
     with pytest.raises(ValueError, match="k must be"):
-        top_k_per_group(scores, 5, 2)
+        top_k(scores, 5)
 
 
-def test_oracle_is_exact_and_full_rank_svd_equals_it():
-    fc1, up, _ = make_mlp(16, 128, torch.float64, True, "lora")
-    x = torch.randn(10, 16, dtype=torch.float64)
+def test_predict_neurons_rejects_uneven_groups():
+    fc1, up, fc2 = make_mlp(16, 256, torch.float32, True, "lora")
+    params, slots, scales = pack_mlp(fc1, up, fc2)
+    with pytest.raises(ValueError, match="groups of 3"):
+        predict_neurons(torch.randn(2, 8, 16), params, slots, scales, "silu", "svd", 128, 3, 4)
+
+
+@pytest.mark.parametrize("adapters", ["lora", "ia3"])
+def test_oracle_is_exact_and_full_rank_svd_equals_it(adapters):
+    fc1, up, _ = make_mlp(16, 128, torch.float64, True, adapters)
+    x = torch.randn(12, 16, dtype=torch.float64)
     h = (torch.nn.functional.silu(expand_linear(x, fc1)) * expand_linear(x, up)).float()
-    torch.testing.assert_close(oracle_scores(x, fc1, up, "silu"), h.square())
-    torch.testing.assert_close(svd_scores(x, fc1, up, "silu", rank=16), h.square())
-    assert not torch.allclose(svd_scores(x, fc1, up, "silu", rank=2), h.square())
+    per_group = h.square().reshape(3, 4, -1).sum(1)
+    torch.testing.assert_close(oracle_group_scores(x, fc1, up, "silu", 0, 4), per_group)
+    torch.testing.assert_close(svd_group_scores(x, fc1, up, "silu", 16, 4), per_group, rtol=2e-5, atol=1e-4)  # fp32 math
+    assert not torch.allclose(svd_group_scores(x, fc1, up, "silu", 2, 4), per_group)
+
+
+@pytest.mark.parametrize("activation,gated,bias", [("relu", False, True), ("gelu", False, False),
+                                                   ("gelu_tanh", False, True), ("silu", True, True)])
+@pytest.mark.parametrize("tokens,group", [(48, 16), (64, 64), (40, 8)])
+def test_group_scores_kernel_matches_reference(activation, gated, bias, tokens, group):
+    """The fused Triton scoring kernel (interpreter on CPU) against its PyTorch twin."""
+    import os
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("runs the kernel on CPU tensors: needs TRITON_INTERPRET=1")
+    from lecompile.kernels.group_scores import group_scores
+    gen = torch.Generator().manual_seed(7)
+    fc1, up, _ = make_mlp(24, 200, torch.float32, gated, "lora", seed=2)
+    if not bias:
+        fc1.bias = None
+    x = torch.randn(tokens, 24, generator=gen)
+    first = low_rank(x, fc1, 8)
+    second = low_rank(x, up, 8) if gated else None
+    assert first[0].shape == (tokens, 8 + 4)
+    got = group_scores(*first, group, activation, second)
+    want = group_scores_ref(*first, group, activation, second)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 def test_svd_cache_notices_weight_updates():

@@ -1,13 +1,13 @@
 """Neuron predictors: which MLP neurons each group of tokens keeps.
 
-A predictor scores every neuron for every token (``[T, ffn]``, larger = more important);
-:func:`top_k_per_group` turns scores into the sparse-MLP op's sorted ``idx [G, k]``. The
+A predictor scores every neuron for every group of consecutive tokens (``[G, ffn]``, larger =
+more important); :func:`top_k` turns scores into the sparse-MLP op's sorted ``idx [G, k]``. The
 ``lecompile::predict_neurons`` op runs a predictor inside the compiled graph with static shapes.
 """
 
-from .oracle import oracle_scores
-from .svd import svd_scores, clear_svd_cache
-from .op import predict_neurons, top_k_per_group, PREDICTORS
+from .oracle import oracle_group_scores
+from .svd import svd_group_scores, clear_svd_cache
+from .op import predict_neurons, top_k, PREDICTORS
 
-__all__ = ["oracle_scores", "svd_scores", "clear_svd_cache", "predict_neurons", "top_k_per_group",
+__all__ = ["oracle_group_scores", "svd_group_scores", "clear_svd_cache", "predict_neurons", "top_k",
            "PREDICTORS"]

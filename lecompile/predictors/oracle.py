@@ -7,13 +7,14 @@ import torch
 from ..ops.adapted_linear import ACTIVATIONS, AdaptedLinear, expand_linear
 
 
-def oracle_scores(x: torch.Tensor, fc1: AdaptedLinear, up: Optional[AdaptedLinear],
-                  activation: str, rank: int = 0) -> torch.Tensor:
-    """``|h|^2`` per token and neuron, ``h`` the exact dense intermediate (adapters included).
+def oracle_group_scores(x: torch.Tensor, fc1: AdaptedLinear, up: Optional[AdaptedLinear],
+                        activation: str, rank: int, group: int) -> torch.Tensor:
+    """``sum |h|^2`` per group of ``group`` consecutive tokens and neuron, ``h`` the exact dense
+    intermediate (adapters included): ``[T / group, ffn]``.
 
     ``x`` is ``[T, d]``; ``rank`` is unused (same signature as the other predictors).
     """
     h = ACTIVATIONS[activation](expand_linear(x, fc1))
     if up is not None:
         h = h * expand_linear(x, up)
-    return h.float().square()
+    return h.float().square().reshape(-1, group, h.shape[-1]).sum(1)

@@ -3,14 +3,24 @@
 ``x @ W.T ~= (x @ V_r) @ (U_r S_r).T`` costs ``T * r * (d + ffn)`` instead of ``T * d * ffn``.
 Unlike SparseLoRA we add the exact adapter terms (LoRA is itself low rank, IA3 and biases are
 vectors), so the estimate follows the adapters as they train at almost no extra cost.
+
+Each linear's estimate is one low-rank product ``U @ V.T + b`` (SVD and LoRA coordinates side
+by side); on CUDA the per-group scores come from a fused kernel that never writes the
+``[T, ffn]`` estimate (:mod:`lecompile.kernels.group_scores`).
 """
 
 from typing import Optional, Tuple
 
 import torch
 
+from ..ops.adapted_linear import ACTIVATIONS, AdaptedLinear, _scale
 from ..weight_cache import WeightCache
-from ..ops.adapted_linear import ACTIVATIONS, AdaptedLinear, _scale, expand_linear
+
+try:
+    from ..kernels.group_scores import group_scores
+except ImportError:  # no Triton
+    group_scores = None
+
 
 def _factorize(weight: torch.Tensor, rank: int) -> Tuple[torch.Tensor, torch.Tensor]:
     u, s, vh = torch.linalg.svd(weight.float(), full_matrices=False)
@@ -28,16 +38,42 @@ def clear_svd_cache() -> None:
     svd_factors.clear()
 
 
-def _estimate(x: torch.Tensor, lin: AdaptedLinear, rank: int) -> torch.Tensor:
+def low_rank(x: torch.Tensor, lin: AdaptedLinear, rank: int):
+    """``(U [T, R], V [ffn, R], b)`` with ``U @ V.T + b`` the estimate of ``lin(x)``: the
+    rank-``rank`` SVD of the frozen weight plus the exact LoRA, IA3 and bias terms."""
     p, q = svd_factors(lin.weight, rank)
     xs = x if lin.in_scale is None else _scale(x, lin.in_scale)
-    return expand_linear(x, lin, base=(xs @ p) @ q.t())
+    us, vs = [(xs @ p).float()], [q.float()]
+    if lin.lora_a is not None:
+        lx = xs if lin.lora_input is None else lin.lora_input
+        us.append(lin.lora_scale * (lx.to(lin.lora_a.dtype) @ lin.lora_a.t()).float())
+        vs.append(lin.lora_b.float())
+    u, v = torch.cat(us, 1), torch.cat(vs, 1)
+    b = lin.bias.float() if lin.bias is not None else None
+    if lin.out_scale is not None:
+        s = lin.out_scale.float()
+        v, b = v * s[:, None], (b * s if b is not None else None)
+    return u, v, b
 
 
-def svd_scores(x: torch.Tensor, fc1: AdaptedLinear, up: Optional[AdaptedLinear],
-               activation: str, rank: int = 8) -> torch.Tensor:
-    """Estimated ``|h|^2`` per token and neuron from rank-``rank`` weights plus exact adapters."""
-    h = ACTIVATIONS[activation](_estimate(x, fc1, rank))
-    if up is not None:
-        h = h * _estimate(x, up, rank)
-    return h.float().square()
+def group_scores_ref(u, v, bias, group: int, activation: str, second=None) -> torch.Tensor:
+    """``sum over each group of tokens of h^2``, ``h = act(U @ V.T + b) [* (U2 @ V2.T + b2)]``,
+    in PyTorch (materializes the ``[T, ffn]`` estimate)."""
+    h = u.float() @ v.float().t()
+    if bias is not None:
+        h = h + bias.float()
+    h = ACTIVATIONS[activation](h)
+    if second is not None:
+        u2, v2, b2 = second
+        h2 = u2.float() @ v2.float().t()
+        h = h * (h2 + b2.float() if b2 is not None else h2)
+    return h.square().reshape(-1, group, h.shape[-1]).sum(1)
+
+
+def svd_group_scores(x: torch.Tensor, fc1: AdaptedLinear, up: Optional[AdaptedLinear],
+                     activation: str, rank: int, group: int) -> torch.Tensor:
+    """Estimated ``sum |h|^2`` per group of ``group`` tokens and neuron: ``[T / group, ffn]``."""
+    first = low_rank(x, fc1, rank)
+    second = low_rank(x, up, rank) if up is not None else None
+    fused = group_scores is not None and x.is_cuda
+    return (group_scores if fused else group_scores_ref)(*first, group, activation, second)
