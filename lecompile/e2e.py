@@ -383,6 +383,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-baselines", action="store_true", help="lecompile variants only")
     parser.add_argument("--cudagraphs", action="store_true",
                         help="add CUDA-graph variants (-cg) of the strongest baseline and of lecompile")
+    parser.add_argument("--variants", nargs="+", default=None,
+                        help="run only these variants (names as in the results, e.g. eager lecompile-d0.25-cg)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per variant (median)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -402,6 +404,11 @@ def run(args) -> dict:
     cases = [Case(m, meth, *SHAPES[s]) for m in args.models for meth in args.methods for s in args.shapes]
     vs = variants(args.densities, args.predictor, args.granularity, baselines=not args.no_baselines,
                   cudagraphs=args.cudagraphs)
+    if args.variants:
+        unknown = set(args.variants) - {v.name for v in vs}
+        if unknown:
+            raise ValueError(f"unknown variants {sorted(unknown)}; with these options: {[v.name for v in vs]}")
+        vs = [v for v in vs if v.name in args.variants]
     rows: List[dict] = []
     out = Path(args.out)
     data = {"meta": meta("e2e", command_line(), settings=dict(
@@ -421,7 +428,7 @@ def run(args) -> dict:
     if args.breakdown and device == "cuda":
         low = min(args.densities)
         data["breakdown"] = [breakdown(cases[0], v, device) for v in vs
-                             if v.backend == "lecompile" and v.mlp_density in (1.0, low)]
+                             if v.backend == "lecompile" and not v.cudagraphs and v.mlp_density in (1.0, low)]
     path = write_results("e2e", data, out)
     plot(rows, out / "e2e.png")
     print(format_rows(rows))
