@@ -80,6 +80,26 @@ def bench_case(name, d_in, d_out, tokens):
     return rows
 
 
+def plot(rows, path):
+    """GPU time (CUDA graph replay) of each variant, per shape."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    names = list(dict.fromkeys(r["variant"] for r in rows))
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        ms = {r["case"]: r["graph_ms"] for r in rows if r["variant"] == name}
+        ax.bar([j + i * width for j in range(len(cases))], [ms.get(c, 0) for c in cases], width, label=name)
+    ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(cases))], cases)
+    ax.set(ylabel="fwd+bwd GPU time (ms, CUDA graph)", title=f"one LoRA linear (r={RANK}), bf16, {rows[0]['tokens']} tokens")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tokens", type=int, default=4096)
@@ -90,6 +110,7 @@ def main():
         rows += bench_case(name, d_in, d_out, args.tokens)
     data = {"meta": meta("lora_linear", command_line()), "rows": rows}
     path = write_results("lora_linear", data, Path(args.out))
+    plot(rows, Path(args.out) / "lora_linear.png")
     for r in rows:
         print(f"{r['case']:22s} {r['variant']:30s} {r['ms']:8.3f} ms  x{r['speedup']:.2f}  "
               f"graph {r['graph_ms']:8.3f} ms  x{r['speedup_graph']:.2f}")

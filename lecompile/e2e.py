@@ -218,6 +218,7 @@ def run_variant(case: Case, variant: Variant, device: str, steps: int = 20, warm
             step()
         _sync(device)
         if cuda:
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         times = []
         for _ in range(steps):
@@ -233,15 +234,17 @@ def run_variant(case: Case, variant: Variant, device: str, steps: int = 20, warm
                 step()
                 times.append((time.perf_counter() - t) * 1e3)
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    # CUDA graph trees allocate from a private pool that max_memory_allocated() under-reports.
+    reserved = torch.cuda.max_memory_reserved() / 2**30 if cuda else float("nan")
     extra = {}
     if backend is not None:
         report = backend.report
         extra = {"mlp_rewritten": report.mlp_rewritten, "mlp_matched": len(report.mlp),
-                 "lora_linears_fused": report.linears_fused,
-                 "recompiles": max(0, len(backend.reports) - report.graphs)}
+                 "lora_linears_fused": report.linears_fused, "graphs_compiled": len(backend.reports)}
     del fn, model, opt, params
     if cuda:
         torch.cuda.empty_cache()
+    extra["peak_reserved_gib"] = round(reserved, 3)
     return StepResult(statistics.median(times), compile_s, loss1, peak, extra)
 
 
@@ -339,7 +342,8 @@ SHAPES = {"8x512": (8, 512), "4x1024": (4, 1024), "2x2048": (2, 2048)}
 
 
 def plot(rows: List[dict], path) -> None:
-    """Speedup over Inductor vs MLP density per case, and peak memory per variant."""
+    """Speedup over Inductor (PEFT defaults) vs MLP density per case, with and without CUDA
+    graphs, and peak memory per variant."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -347,13 +351,16 @@ def plot(rows: List[dict], path) -> None:
     cases = list(dict.fromkeys(r["case"] for r in ok))
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
     for case in cases:
-        lec = sorted((r for r in ok if r["case"] == case and r["variant"].startswith("lecompile")),
-                     key=lambda r: -r["mlp_density"])
-        if lec and "speedup" in lec[0]:
-            ax1.plot([r["mlp_density"] for r in lec], [r["speedup"] for r in lec], "o-", label=f"{case}: lecompile")
-        strongest = [r for r in ok if r["case"] == case and r["variant"] == (lec[0].get("strongest_baseline") if lec else None)]
-        for r in strongest:
-            ax1.axhline(r["speedup"], ls=":", lw=1, color=ax1.lines[-1].get_color() if ax1.lines else None)
+        for cg, style in ((False, "o-"), (True, "s--")):
+            lec = sorted((r for r in ok if r["case"] == case and r["variant"].startswith("lecompile")
+                          and r.get("cudagraphs") == cg and "speedup" in r), key=lambda r: -r["mlp_density"])
+            if lec:
+                ax1.plot([r["mlp_density"] for r in lec], [r["speedup"] for r in lec], style,
+                         label=f"{case}: lecompile" + (" + CUDA graphs" if cg else ""))
+        best = [r for r in ok if r["case"] == case and r["variant"] == r.get("strongest_baseline")]
+        for r in best:
+            ax1.axhline(r["speedup"], ls=":", lw=1, color=ax1.lines[-1].get_color() if ax1.lines else None,
+                        label=f"{case}: {r['variant']}")
     ax1.axhline(1.0, color="grey", lw=1)
     ax1.invert_xaxis()
     ax1.set(xlabel="MLP density", ylabel="step speedup over Inductor (PEFT defaults)",
@@ -366,7 +373,8 @@ def plot(rows: List[dict], path) -> None:
         ax2.bar([j + i * width for j in range(len(names))], [mem.get(n, 0) for n in names], width, label=case)
     ax2.set_xticks([j + width * (len(cases) - 1) / 2 for j in range(len(names))], names, rotation=45,
                    ha="right", fontsize=7)
-    ax2.set(ylabel="peak memory (GiB)", title="peak memory per step")
+    ax2.set(ylabel="peak memory allocated (GiB)",
+            title="peak memory per step (-cg: CUDA graph pools not counted)")
     ax2.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -425,6 +433,7 @@ def run(args) -> dict:
     with tqdm(total=len(cases) * len(vs), desc="e2e", unit="run") as bar:
         for case in cases:
             rows += run_case(case, vs, device, args.steps, args.warmup, progress=bar, on_row=save_partial)
+            write_results("e2e", data, out)  # with the case's ratios
     if args.breakdown and device == "cuda":
         low = min(args.densities)
         data["breakdown"] = [breakdown(cases[0], v, device) for v in vs
