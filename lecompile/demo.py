@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Optional
 
 import torch
@@ -26,6 +26,7 @@ class RunResult:
     heldout_loss: float
     density: str
     matched: str
+    losses: List[float] = field(default_factory=list)  # training loss of every step
 
 
 def lora_model(model, r: int, targets: List[str]):
@@ -61,7 +62,7 @@ def train(model, variant: str, backend, train_batches, heldout, device, lr: floa
         density = f"{backend.config.mlp_density} ({backend.config.predictor}, {backend.config.granularity})"
         matched = f"{report.mlp_rewritten}/{len(report.mlp)} MLP, {len(report.attention)} attn"
     return RunResult(variant, 1000 * steady[len(steady) // 2], times[0], losses[0], losses[-1],
-                     heldout_loss, density, matched)
+                     heldout_loss, density, matched, losses)
 
 
 def run_demo(model_path: Optional[str] = None, steps: int = 8, batch_size: int = 2, seq_len: int = 128,
