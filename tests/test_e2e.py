@@ -1,0 +1,33 @@
+"""The end-to-end benchmark harness (``lecompile bench``) on a tiny model on the CPU."""
+
+import json
+
+import pytest
+
+from lecompile import e2e
+
+
+def test_run_case_records_ratios_and_checks_loss(tmp_path):
+    case = e2e.Case("tiny-llama", "lora", 2, 32)
+    chosen = [v for v in e2e.variants(densities=(1.0,)) if v.name in ("eager", "lecompile-d1")]
+    rows = e2e.run_case(case, chosen, "cpu", steps=1, warmup=0)
+    assert [r["variant"] for r in rows] == ["eager", "lecompile-d1"]
+    eager, lec = rows
+    assert "error" not in lec, lec.get("error")
+    assert lec["loss_matches_eager"] is True, (lec["loss_step1"], eager["loss_step1"])
+    assert lec["speedup_vs_eager"] == pytest.approx(eager["ms"] / lec["ms"], rel=1e-2)
+    assert lec["lora_linears_fused"] > 0 and lec["mlp_matched"] == 2
+    e2e.plot(rows, tmp_path / "e2e.png")
+    assert (tmp_path / "e2e.png").stat().st_size > 0
+    json.dumps(rows)  # the results file takes them as they are
+
+
+def test_cases_that_cannot_run_are_recorded_not_dropped():
+    case = e2e.Case("tiny-llama", "bitfit", 2, 32)  # LLaMA has no biases
+    rows = e2e.run_case(case, e2e.variants(densities=(1.0,), baselines=False), "cpu", steps=1, warmup=0)
+    assert rows and all("no biases" in r["error"] for r in rows)
+
+
+def test_unknown_variant_is_named():
+    with pytest.raises(ValueError, match="unknown variants"):
+        e2e.main(["--models", "tiny-llama", "--variants", "fastest", "--out", "unused"])
