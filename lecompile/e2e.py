@@ -323,7 +323,7 @@ def breakdown(case: Case, variant: Variant, device: str = "cuda", steps: int = 3
         torch.cuda.synchronize()
     # Top-level ops only (their device time includes their kernels), so nothing counts twice.
     groups = {"mlp": "lecompile::sparse_mlp", "predictor": "lecompile::predict_neurons",
-              "lora_linear": "lecompile::lora_linear", "attention": "aten::_scaled_dot_product_"}
+              "attention": "aten::_scaled_dot_product_"}
     totals = dict.fromkeys(groups, 0.0)
     kernel_total = 0.0
     for e in prof.key_averages():
