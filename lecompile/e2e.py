@@ -7,7 +7,9 @@ a random-init bf16 model built from its config (weights identical across variant
 - ``*-tf32`` / ``*-bf16-adapters``: the strongest user-side settings (TF32 matmuls on, or
   ``autocast_adapter_dtype=False``);
 - ``lecompile-d<density>``: the ``longexposure`` backend at that MLP density (1.0 is the
-  overhead check: adapter fusion only).
+  overhead check: adapter fusion only);
+- ``-cg`` suffix (``--cudagraphs``): the same replayed as CUDA graphs (Inductor's
+  ``mode="reduce-overhead"``, lecompile's ``cudagraphs=True``).
 
 A step is forward + backward + AdamW. Rows carry the median step time over ``steps`` timed
 steps (after compilation and warm-up), tokens/s, peak memory, compile time (the first step)
