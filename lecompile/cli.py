@@ -1,4 +1,4 @@
-"""The ``lecompile`` command: ``demo``, ``explain`` and ``bench``."""
+"""The ``lecompile`` command: ``demo``, ``explain``, ``dump`` and ``bench``."""
 
 from __future__ import annotations
 
@@ -21,16 +21,24 @@ def _demo(args) -> int:
 
 
 def _explain(args) -> int:
+    import torch
+
     from .backend import explain
     from .config import LongExposureConfig
-    from .data import load_model
-    model, tokenizer = load_model(args.model)
-    ids = tokenizer(["lecompile explains what it would rewrite."] * args.batch, return_tensors="pt",
-                    padding="max_length", max_length=args.seq, truncation=True).input_ids
+    if args.model is not None:
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained(args.model)
+    else:
+        from .data import load_model
+        model = load_model(None)[0]
+    # The rewrite depends on shapes only: random token ids of the requested batch shape do.
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq))
     config = LongExposureConfig(mlp_density=args.density, predictor=args.predictor,
-                                granularity=args.granularity)
+                                granularity=args.granularity, dump_dir=getattr(args, "out", None))
     model.train()
     report = explain(model, input_ids=ids, labels=ids, use_cache=False, config=config)
+    if getattr(args, "out", None):
+        print(f"graphs and reports written to {args.out}/ (see docs/reading-a-dump.md)")
     print(report.to_json() if args.json else report)
     return 0
 
@@ -66,6 +74,12 @@ def main(argv=None) -> int:
     common(explain, 64)
     explain.add_argument("--json", action="store_true")
     explain.set_defaults(run=_explain)
+
+    dump = sub.add_parser("dump", help="write each graph before/after the passes and its report")
+    common(dump, 64)
+    dump.add_argument("--json", action="store_true")
+    dump.add_argument("--out", default="lecompile-dump", help="folder (default: lecompile-dump)")
+    dump.set_defaults(run=_explain)
 
     bench = sub.add_parser("bench", help="time whole PEFT training steps: lecompile vs eager and Inductor")
     from .e2e import add_arguments

@@ -207,3 +207,16 @@ def test_fuse_adapters_switch_and_bf16_step_close_to_peft():
             scale = eager_grads[name].abs().max().item()
             torch.testing.assert_close(g, eager_grads[name], atol=5e-2 * scale, rtol=0, msg=name)
     assert "fuse_adapters=False" not in str(backend.report)
+
+
+def test_cli_explain_and_dump_a_checkpoint(tmp_path, capsys):
+    """``lecompile dump --model PATH`` prints the report and writes the graphs of a saved model."""
+    from lecompile.cli import main
+    from models import tiny_model
+
+    tiny_model("llama", "plain").save_pretrained(tmp_path / "ckpt")
+    out = tmp_path / "dump"
+    assert main(["dump", "--model", str(tmp_path / "ckpt"), "--out", str(out), "--seq", "16"]) == 0
+    assert "MLP block(s) matched" in capsys.readouterr().out
+    names = {p.name.split("_", 3)[-1] for p in out.iterdir()}
+    assert {"before.py", "after.py", "report.txt", "report.json"} <= names
