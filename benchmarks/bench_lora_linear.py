@@ -93,7 +93,8 @@ def plot(rows, path):
         ms = {r["case"]: r["graph_ms"] for r in rows if r["variant"] == name}
         ax.bar([j + i * width for j in range(len(cases))], [ms.get(c, 0) for c in cases], width, label=name)
     ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(cases))], cases)
-    ax.set(ylabel="fwd+bwd GPU time (ms, CUDA graph)", title=f"one LoRA linear (r={RANK}), bf16, {rows[0]['tokens']} tokens")
+    ax.set(ylabel="fwd+bwd GPU time (ms, CUDA graph)",
+           title=f"one LoRA linear (r={RANK}), bf16, {rows[0]['tokens']} tokens")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -188,6 +188,8 @@ def run_variant(case: Case, variant: Variant, device: str, steps: int = 20, warm
     """Compile (first step), warm up, then time ``steps`` training steps."""
     torch._dynamo.reset()
     counters.clear()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()  # the previous variant's model is gone: start from its memory
     model = build(case, variant, device)
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(1)
@@ -243,9 +245,6 @@ def run_variant(case: Case, variant: Variant, device: str, steps: int = 20, warm
         report = backend.report
         extra = {"mlp_rewritten": report.mlp_rewritten, "mlp_matched": len(report.mlp),
                  "lora_linears_fused": report.linears_fused, "graphs_compiled": len(backend.reports)}
-    del fn, model, opt, params
-    if cuda:
-        torch.cuda.empty_cache()
     extra["peak_reserved_gib"] = round(reserved, 3)
     return StepResult(statistics.median(times), compile_s, loss1, peak, extra)
 

@@ -7,7 +7,6 @@ projections, dense MLP linears and any other adapted linear are covered alike.
 
 from __future__ import annotations
 
-import torch
 import torch.fx as fx
 from torch._dynamo.utils import counters
 
