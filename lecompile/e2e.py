@@ -179,16 +179,12 @@ def _tf32(on: bool):
         torch.backends.cuda.matmul.allow_tf32 = old
 
 
-def _sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
 def run_variant(case: Case, variant: Variant, device: str, steps: int = 20, warmup: int = 3) -> StepResult:
     """Compile (first step), warm up, then time ``steps`` training steps."""
     torch._dynamo.reset()
     counters.clear()
-    if torch.device(device).type == "cuda":
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
         torch.cuda.empty_cache()  # the previous variant's model is gone: start from its memory
     model = build(case, variant, device)
     vocab = model.config.vocab_size
@@ -212,16 +208,14 @@ def run_variant(case: Case, variant: Variant, device: str, steps: int = 20, warm
         opt.zero_grad(set_to_none=True)
         return loss
 
-    cuda = torch.device(device).type == "cuda"
     with _tf32(variant.tf32):
         t0 = time.perf_counter()
-        loss1 = step().item()
-        _sync(device)
+        loss1 = step().item()  # .item() waits for the GPU
         compile_s = time.perf_counter() - t0
         for _ in range(warmup):
             step()
-        _sync(device)
         if cuda:
+            torch.cuda.synchronize()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         times = []
@@ -269,9 +263,6 @@ def run_case(case: Case, variant_list: Sequence[Variant], device: str, steps: in
         except Exception as err:  # a case that cannot run is recorded, not dropped
             log.warning("%s %s failed: %r", case.name, v.name, err)
             row["error"] = repr(err)[:400]
-            torch._dynamo.reset()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
         rows.append(row)
         if on_row is not None:
             on_row(row)
@@ -409,6 +400,10 @@ def run(args) -> dict:
     from tqdm.auto import tqdm
 
     from .results import command_line, meta, write_results
+    try:
+        import matplotlib  # noqa: F401  (the plot comes last: fail before measuring, not after)
+    except ImportError:
+        raise RuntimeError("lecompile bench plots its results: pip install 'lecompile[bench]'") from None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cases = [Case(m, meth, *SHAPES[s]) for m in args.models for meth in args.methods for s in args.shapes]
     vs = variants(args.densities, args.predictor, args.granularity, baselines=not args.no_baselines,

@@ -64,6 +64,10 @@ def _group_scores_kernel(u_ptr, v_ptr, b_ptr, u2_ptr, v2_ptr, b2_ptr, out_ptr, G
     tl.store(out_ptr + g * FFN + offs_n, acc, mask=n_mask)
 
 
+def _fp32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return t.float().contiguous() if t is not None else None
+
+
 def _block_r(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
@@ -78,20 +82,17 @@ def group_scores(u: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
         raise ValueError(f"group_scores: {tokens} tokens do not split into groups of {group}")
     if u.shape[1] != v.shape[1]:
         raise ValueError(f"group_scores: U is [T, {u.shape[1]}] but V is [ffn, {v.shape[1]}]")
-    u, v = u.float().contiguous(), v.float().contiguous()
-    b = bias.float().contiguous() if bias is not None else None
-    u2 = v2 = b2 = None
-    if second is not None:
-        u2, v2, b2 = second
-        u2, v2 = u2.float().contiguous(), v2.float().contiguous()
-        b2 = b2.float().contiguous() if b2 is not None else None
+    u, v, b = (_fp32(t) for t in (u, v, bias))
+    u2, v2, b2 = (_fp32(t) for t in (second or (None, None, None)))
+    gated = u2 is not None
     out = torch.empty(tokens // group, ffn, device=u.device, dtype=torch.float32)
     grid = lambda meta: (tokens // group, triton.cdiv(ffn, meta["BLOCK_N"]))  # noqa: E731
-    r2 = u2.shape[1] if u2 is not None else 1
+    r2 = u2.shape[1] if gated else 1
+    # Absent operands get any valid pointer (``u``): the constexpr flags keep them unread.
     _group_scores_kernel[grid](
-        u, v, b if b is not None else u, u2 if u2 is not None else u, v2 if v2 is not None else v,
+        u, v, b if b is not None else u, u2 if gated else u, v2 if gated else u,
         b2 if b2 is not None else u, out, group, ffn, u.shape[1], r2, u.stride(0), v.stride(0),
-        u2.stride(0) if u2 is not None else 0, v2.stride(0) if v2 is not None else 0,
-        HAS_BIAS=b is not None, GATED=u2 is not None, HAS_BIAS2=b2 is not None,
+        u2.stride(0) if gated else 0, v2.stride(0) if gated else 0,
+        HAS_BIAS=b is not None, GATED=gated, HAS_BIAS2=b2 is not None,
         ACT=ACT_CODES[activation], BLOCK_R=_block_r(u.shape[1]), BLOCK_R2=_block_r(r2))
     return out

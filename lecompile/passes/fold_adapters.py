@@ -43,6 +43,12 @@ class LinearMatch:
     peft: List[str] = field(default_factory=list)
     consumed: bool = False          # rewritten as part of a larger op (the sparse MLP)
 
+    @property
+    def dropped_lora_input(self) -> Optional[fx.Node]:
+        """What LoRA's ``A`` reads when dropout makes it differ from ``x``; ``None`` when it is
+        ``x`` behind casts only, so fused ops can read ``x`` in its own dtype."""
+        return self.adapted.lora_input if self.lora_dropout > 0.0 else None
+
 
 def fold_adapters(ctx) -> None:
     """Find every linear layer; fill ``ctx.linears`` and ``ctx.linear_by_out``."""

@@ -53,9 +53,8 @@ def _rewrite(graph: fx.Graph, lin: LinearMatch) -> None:
     a = lin.adapted
     with graph.inserting_before(lin.out):
         weight = graph.call_method("t", (a.weight,)) if lin.weight_transposed else a.weight
-        lora_input = a.lora_input if lin.lora_dropout > 0.0 else None  # else casts of x only
-        y = graph.call_function(lora_linear, (lin.x, weight, a.bias, lora_input, a.lora_a, a.lora_b,
-                                              a.lora_scale))
+        y = graph.call_function(lora_linear, (lin.x, weight, a.bias, lin.dropped_lora_input, a.lora_a,
+                                              a.lora_b, a.lora_scale))
         out_dtype = meta_value(lin.out).dtype
         if out_dtype != meta_value(lin.x).dtype:
             y = graph.call_method("to", (y, out_dtype))

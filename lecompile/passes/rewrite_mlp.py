@@ -122,8 +122,7 @@ def _operand(graph: fx.Graph, lin: LinearMatch, adapter_dtype: Optional[torch.dt
     if adapter_dtype is not None and lora_a is not None:
         lora_a = graph.call_method("to", (lora_a, adapter_dtype))
         lora_b = graph.call_method("to", (lora_b, adapter_dtype))
-        if lin.lora_dropout == 0.0:
-            lora_input = None
+        lora_input = lin.dropped_lora_input
     return AdaptedLinear(weight, a.bias, lora_input, lora_a, lora_b, a.in_scale, a.out_scale,
                          a.lora_scale)
 
