@@ -10,6 +10,7 @@ from typing import Optional
 ENV_PREFIX = "LECOMPILE_"
 
 PREDICTORS = ("oracle", "svd")
+ATTN_PREDICTORS = ("pooled", "oracle")
 GRANULARITIES = ("sequence", "tile", "batch")
 
 
@@ -26,9 +27,17 @@ class LongExposureConfig:
     #: (the rewritten op then runs dense). The kept count is
     #: ``k = round_up(mlp_density * ffn, k_align)``, capped at ``ffn``.
     mlp_density: float = 0.5
-    #: Share of attention blocks kept per head, in (0, 1]. Attention blocks are matched and
-    #: reported; their sparse rewrite is not implemented yet, so values below 1.0 only warn.
+    #: Share of the allowed (causal) attention blocks each head of each sequence computes, in
+    #: (0, 1]. 1.0 leaves attention dense. The diagonal and the first key block are always
+    #: kept, so very low values keep about ``2 / (L / attn_block)``.
     attn_density: float = 1.0
+    #: Tokens per attention block (queries and keys): a positive multiple of 16; 64 or 128 on
+    #: the GPU. Sequences must be a multiple of it for attention to be rewritten.
+    attn_block: int = 128
+    #: How attention blocks are chosen: ``"pooled"`` (block-mean queries against block-mean
+    #: keys, then the atomic layouts with the most mass per block) or ``"oracle"`` (the same
+    #: choice on the exact attention mass; costs a dense pass, for studies).
+    attn_predictor: str = "pooled"
     #: How neuron indices are predicted: ``"oracle"`` (exact top-k of the dense activation,
     #: costs a dense pass; for tests and upper bounds) or ``"svd"`` (training-free rank-r
     #: estimate from the frozen weights, plus the exact low-rank adapter terms).
@@ -55,8 +64,10 @@ class LongExposureConfig:
     #: into static buffers and outputs are overwritten by the next replay (see PyTorch's
     #: CUDA graph trees); frozen weights must not be replaced in place between steps.
     cudagraphs: bool = False
-    #: Match attention blocks (reported; the rewrite comes with the attention operator).
+    #: Match attention blocks (for the report and the rewrite).
     match_attention: bool = True
+    #: Rewrite matched attention into block-sparse attention when ``attn_density < 1``.
+    rewrite_attention: bool = True
     #: Folder for graph dumps (FX code before and after the passes, and the report).
     #: ``None`` reads ``LECOMPILE_DUMP_DIR`` when a graph is compiled.
     dump_dir: Optional[str] = None
@@ -66,11 +77,14 @@ class LongExposureConfig:
         _check_fraction("attn_density", self.attn_density)
         _check_choice("predictor", self.predictor, PREDICTORS)
         _check_choice("granularity", self.granularity, GRANULARITIES)
+        _check_choice("attn_predictor", self.attn_predictor, ATTN_PREDICTORS)
+        _check_int("attn_block", self.attn_block, "a positive multiple of 16",
+                   lambda v: v > 0 and v % 16 == 0)
         _check_int("tile_size", self.tile_size, "a positive multiple of 16",
                    lambda v: v > 0 and v % 16 == 0)
         _check_int("svd_rank", self.svd_rank, "an integer >= 1", lambda v: v >= 1)
         _check_int("k_align", self.k_align, "an integer >= 1", lambda v: v >= 1)
-        for name in ("rewrite_mlp", "fuse_adapters", "cudagraphs", "match_attention"):
+        for name in ("rewrite_mlp", "fuse_adapters", "cudagraphs", "match_attention", "rewrite_attention"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"LongExposureConfig.{name} must be a bool, "
                                  f"got {getattr(self, name)!r}")

@@ -24,7 +24,7 @@ class MLPEntry:
 
 @dataclass
 class AttentionEntry:
-    """One matched attention block (reported; not rewritten yet)."""
+    """One matched attention block."""
 
     layer: str
     kind: str                    # sdpa / eager
@@ -32,6 +32,8 @@ class AttentionEntry:
     query_len: Optional[int]
     head_dim: Optional[int]
     peft: List[str]
+    density: float = 1.0         # the block budget per head (attn_density)
+    block: int = 0               # tokens per block
     rewritten: bool = False
     note: str = ""
 
@@ -76,6 +78,10 @@ class Report:
         return sum(e.rewritten for e in self.mlp)
 
     @property
+    def attention_rewritten(self) -> int:
+        return sum(e.rewritten for e in self.attention)
+
+    @property
     def linears_fused(self) -> int:
         return sum(e.fused for e in self.linears)
 
@@ -87,7 +93,8 @@ class Report:
 
     def __str__(self) -> str:
         lines = [f"lecompile report: {self.graphs} graph(s), {len(self.mlp)} MLP block(s) matched "
-                 f"({self.mlp_rewritten} rewritten), {len(self.attention)} attention block(s), "
+                 f"({self.mlp_rewritten} rewritten), {len(self.attention)} attention block(s) "
+                 f"({self.attention_rewritten} rewritten), "
                  f"{len(self.linears)} other LoRA linear(s) ({self.linears_fused} fused), "
                  f"{len(self.unmatched)} unmatched"]
         if self.mlp:
@@ -99,9 +106,10 @@ class Report:
             lines += [f"  note: {n}" for n in notes]
         if self.attention:
             lines.append(format_table(
-                ["attention", "kind", "heads", "query_len", "head_dim", "peft", "rewritten"],
+                ["attention", "kind", "heads", "query_len", "head_dim", "peft", "density", "block",
+                 "rewritten"],
                 [[e.layer, e.kind, e.heads, e.query_len, e.head_dim, ",".join(e.peft) or "-",
-                  "yes" if e.rewritten else "no"] for e in self.attention]))
+                  f"{e.density:.3f}", e.block, "yes" if e.rewritten else "no"] for e in self.attention]))
             notes = sorted({e.note for e in self.attention if e.note})
             lines += [f"  note: {n}" for n in notes]
         if self.linears:

@@ -13,11 +13,12 @@ import torch
 import torch.fx as fx
 
 from ..config import LongExposureConfig
-from ..report import AttentionEntry, MLPEntry, Report, Unmatched
+from ..report import MLPEntry, Report, Unmatched
 from .fold_adapters import LinearMatch, fold_adapters
 from .fuse_lora import fuse_lora
 from .match_attention import AttentionMatch, match_attention
 from .match_mlp import MLPMatch, match_mlp
+from .rewrite_attention import rewrite_attention
 from .rewrite_mlp import kept_neurons, rewrite_mlp
 
 
@@ -45,15 +46,6 @@ class PassContext:
         return entry
 
 
-def _record_attention(ctx: PassContext) -> None:
-    note = "attention rewrite not implemented yet: runs dense"
-    if ctx.config.attn_density < 1.0:
-        note += f" (attn_density={ctx.config.attn_density} has no effect)"
-    for att in ctx.attention:
-        ctx.report.attention.append(AttentionEntry(att.name, att.kind, att.heads, att.query_len,
-                                                   att.head_dim, att.peft, False, note))
-
-
 @dataclass(frozen=True)
 class Pass:
     name: str
@@ -61,14 +53,13 @@ class Pass:
     enabled: Callable[[LongExposureConfig], bool] = lambda config: True
 
 
-#: The pipeline, in order. ``rewrite_mlp`` and ``fuse_lora`` also run when their config switch
-#: is off, to report.
+#: The pipeline, in order. The rewrites also run when their config switch is off, to report.
 PASSES: Sequence[Pass] = (
     Pass("fold_adapters", fold_adapters),
     Pass("match_mlp", match_mlp),
     Pass("match_attention", match_attention, lambda c: c.match_attention),
-    Pass("record_attention", _record_attention, lambda c: c.match_attention),
     Pass("rewrite_mlp", rewrite_mlp),
+    Pass("rewrite_attention", rewrite_attention, lambda c: c.match_attention),
     Pass("fuse_lora", fuse_lora),
 )
 

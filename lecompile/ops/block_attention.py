@@ -1,0 +1,196 @@
+"""Block-sparse attention: attention restricted to a chosen set of (query block, key block) pairs.
+
+The scores are described the way the model's graph computes them: ``q @ k.T`` followed by
+``steps``, each one of
+
+- ``("mul", x)`` / ``("div", x)``: multiply or divide by a number or a broadcastable tensor;
+- ``("add", m)``: add a broadcastable tensor (an additive mask);
+- ``("mask", m)``: keep scores where the boolean tensor ``m`` is True (SDPA's boolean mask);
+
+plus ``causal`` (query ``i`` sees keys ``j <= i``). The block mask ``keep [B, H, L / block,
+S / block]`` says which blocks are computed; everything outside is masked out, so the result is
+the dense attention of the same scores with the blocks outside ``keep`` masked.
+
+Two implementations with the same semantics, picked by device:
+
+- :func:`block_attention_ref`: dense scores, masked, softmax, ``@ v`` (the reference; CPU);
+- :func:`block_attention_flex`: FlexAttention with a :class:`~torch.nn.attention.flex_attention.BlockMask`
+  built directly from ``keep`` (no per-step mask evaluation); blocks whose every position is
+  allowed skip the mask function. Inside a compiled graph Inductor lowers it to its fused Triton
+  kernels, forward and backward.
+
+These are plain functions, not custom ops: the compiler traces through them, so FlexAttention's
+higher-order op reaches Inductor.
+"""
+
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple, Union
+
+import torch
+from torch._higher_order_ops.flex_attention import flex_attention as flex_attention_hop
+from torch.nn.attention.flex_attention import BlockMask, _apply_kernel_options
+
+Tensor = torch.Tensor
+Operand = Union[float, int, Tensor]
+
+STEP_KINDS = ("mul", "div", "add", "mask")
+
+
+def check_steps(steps: Sequence[str], operands: Sequence[Operand]) -> None:
+    if len(steps) != len(operands):
+        raise ValueError(f"block attention: {len(steps)} steps but {len(operands)} operands")
+    for kind, x in zip(steps, operands):
+        if kind not in STEP_KINDS:
+            raise ValueError(f"block attention: step must be one of {STEP_KINDS}, got {kind!r}")
+        if kind in ("add", "mask") and not isinstance(x, Tensor):
+            raise ValueError(f"block attention: a {kind!r} step needs a tensor, got {type(x).__name__}")
+        if kind == "mask" and x.dtype != torch.bool:
+            raise ValueError(f"block attention: a 'mask' step needs a bool tensor, got {x.dtype}")
+
+
+def leading_scale(steps: Sequence[str], operands: Sequence[Operand]) -> Tuple[float, int]:
+    """The product of the leading scalar ``mul``/``div`` steps, and how many steps that is."""
+    scale, n = 1.0, 0
+    for kind, x in zip(steps, operands):
+        if kind not in ("mul", "div") or isinstance(x, Tensor):
+            break
+        scale = scale * x if kind == "mul" else scale / x
+        n += 1
+    return scale, n
+
+
+def allowed_blocks(steps: Sequence[str], operands: Sequence[Operand], causal: bool, q_len: int,
+                   kv_len: int, block: int, device) -> Tuple[Tensor, Tensor]:
+    """``(any, all)`` of the positions the scores allow, per block: bool ``[B', H', L/block, S/block]``
+    (``B'``, ``H'`` are 1 where no mask has those dims). A position is allowed when it is causal
+    (if ``causal``), every ``mask`` step is True there and every ``add`` step is above
+    ``finfo.min / 2`` (transformers' additive masks use ``finfo.min``)."""
+    allowed = torch.ones(1, 1, q_len, kv_len, dtype=torch.bool, device=device)
+    if causal:
+        allowed = allowed.tril(kv_len - q_len)
+    for kind, x in zip(steps, operands):
+        if kind == "mask":
+            allowed = allowed & x
+        elif kind == "add" and x.is_floating_point() and x.dim() >= 2:
+            allowed = allowed & (x > torch.finfo(x.dtype).min / 2)
+    tiles = allowed.reshape(*allowed.shape[:2], q_len // block, block, kv_len // block, block)
+    return tiles.any(-1).any(-2), tiles.all(-1).all(-2)
+
+
+def block_attention_ref(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, steps: Sequence[str],
+                        operands: Sequence[Operand], causal: bool, block: int,
+                        enable_gqa: bool = False) -> Tensor:
+    """Reference: dense scores with ``steps`` applied, blocks outside ``keep`` masked, softmax in
+    fp32, ``@ v``. ``q [B, H, L, D]``, ``k``/``v [B, Hkv, S, D]``, ``keep`` bool
+    ``[B | 1, H | 1, L / block, S / block]``."""
+    scores = masked_scores(q, k, steps, operands, causal, enable_gqa)
+    if enable_gqa and v.shape[1] != q.shape[1]:
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    allowed = keep.repeat_interleave(block, -2).repeat_interleave(block, -1)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    # A query with no allowed key (left padding) gets zeros, as in FlexAttention and SDPA.
+    return scores.softmax(-1).nan_to_num(0.0).to(v.dtype) @ v
+
+
+def masked_scores(q: Tensor, k: Tensor, steps: Sequence[str], operands: Sequence[Operand], causal: bool,
+                  enable_gqa: bool = False) -> Tensor:
+    """The dense scores ``q @ k.T`` (fp32 at least) with ``steps`` and the causal mask applied (-inf where masked)."""
+    check_steps(steps, operands)
+    if enable_gqa and k.shape[1] != q.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    scores = (q @ k.transpose(-1, -2)).to(torch.promote_types(q.dtype, torch.float32))
+    for kind, x in zip(steps, operands):
+        if kind == "mul":
+            scores = scores * x
+        elif kind == "div":
+            scores = scores / x
+        elif kind == "add":
+            scores = scores + x
+        else:
+            scores = scores.masked_fill(~x, float("-inf"))
+    if causal:
+        q_len, kv_len = scores.shape[-2:]
+        causal_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril(kv_len - q_len)
+        scores = scores.masked_fill(~causal_mask, float("-inf"))
+    return scores
+
+
+def kv_block_lists(blocks: Tensor) -> Tuple[Tensor, Tensor]:
+    """``(num [B, H, n], indices [B, H, n, m])`` of the True entries of ``blocks [B, H, n, m]``,
+    each row's kept indices first and ascending (FlexAttention's ``kv_num_blocks``/``kv_indices``)."""
+    num = blocks.sum(-1, dtype=torch.int32)
+    order = torch.argsort(blocks.to(torch.int8), dim=-1, descending=True, stable=True)
+    return num, order.to(torch.int32)
+
+
+def block_attention_flex(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, full: Tensor,
+                         steps: Sequence[str], operands: Sequence[Operand], causal: bool, block: int,
+                         enable_gqa: bool = False) -> Tensor:
+    """FlexAttention over the blocks in ``keep``; ``full`` marks kept blocks whose positions are
+    all allowed (no mask evaluation there). Same semantics as :func:`block_attention_ref`."""
+    check_steps(steps, operands)
+    B, H, q_len, _ = q.shape
+    kv_len = k.shape[-2]
+    keep = keep.expand(B, H, *keep.shape[-2:])
+    full = full.expand(B, H, *full.shape[-2:]) & keep
+    partial = keep & ~full
+    scale, n_lead = leading_scale(steps, operands)
+    rest = list(zip(steps[n_lead:], operands[n_lead:]))
+    masks = [_as_4d(x) for kind, x in rest if kind == "mask"]
+    score_kinds = [kind for kind, _ in rest if kind != "mask"]
+    score_operands = [_as_4d(x) if isinstance(x, Tensor) else x for kind, x in rest if kind != "mask"]
+    score_tensors = [x for x in score_operands if isinstance(x, Tensor)]
+    offset = kv_len - q_len
+
+    # Tensors reach the mods as explicit buffers (FlexAttention lifts them into its subgraphs).
+    # The kernels skip blocks outside the lists, but FlexAttention's math implementation (eager,
+    # CPU) evaluates mask_mod everywhere: it must say which blocks are kept too.
+    def mask_mod(b, h, qi, ki, keep, *masks):
+        ok = keep[b, h, qi // block, ki // block]
+        if causal:
+            ok = ok & (qi + offset >= ki)
+        for m in masks:
+            ok = ok & _at(m, b, h, qi, ki)
+        return ok
+
+    def score_mod(score, b, h, qi, ki, *tensors):
+        tensors = iter(tensors)
+        for kind, x in zip(score_kinds, score_operands):
+            x = _at(next(tensors), b, h, qi, ki) if isinstance(x, Tensor) else x
+            score = score * x if kind == "mul" else score / x if kind == "div" else score + x
+        return score
+
+    num, idx = kv_block_lists(partial)
+    full_num, full_idx = kv_block_lists(full)
+    mask = BlockMask.from_kv_blocks(num, idx, full_num, full_idx, BLOCK_SIZE=block, mask_mod=mask_mod,
+                                    seq_lengths=(q_len, kv_len))
+    # The higher-order op itself, as flex_attention calls it under Dynamo: inside the backend's
+    # graph AOTAutograd traces it and Inductor lowers it; run eagerly (tests) it is the unfused
+    # math implementation, which also trains on the CPU.
+    options = _apply_kernel_options(q, k, v, False, None, None)
+    out, _, _ = flex_attention_hop(q, k, v, score_mod, mask.as_tuple(), float(scale), options,
+                                   tuple(score_tensors), (keep, *masks))
+    return out
+
+
+def _as_4d(x: Tensor) -> Tensor:
+    return x if x.dim() in (0, 4) else x.reshape((1,) * (4 - x.dim()) + tuple(x.shape))
+
+
+def _at(x: Tensor, b, h, qi, ki):
+    """``x[b, h, qi, ki]`` of a 4-d (or 0-d) ``x``, broadcasting its size-1 dims."""
+    if x.dim() == 0:
+        return x
+    index = [i if size > 1 else 0 for i, size in zip((b, h, qi, ki), x.shape)]
+    return x[index[0], index[1], index[2], index[3]]
+
+
+def block_attention(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, full: Tensor, steps: List[str],
+                    operands: List[Operand], causal: bool, block: int, enable_gqa: bool = False) -> Tensor:
+    """Block-sparse attention: FlexAttention on CUDA, the dense reference elsewhere (FlexAttention's
+    CPU kernels do not train). See the module docstring for the arguments."""
+    if q.device.type == "cuda":
+        return block_attention_flex(q, k, v, keep, full, steps, operands, causal, block, enable_gqa)
+    return block_attention_ref(q, k, v, keep, steps, operands, causal, block, enable_gqa)
+

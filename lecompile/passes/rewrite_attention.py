@@ -1,0 +1,94 @@
+"""Rewrite each matched attention block into ``predict_blocks`` + ``block_attention``.
+
+Per graph, the atomic layouts of each block-grid shape and the allowed blocks of each distinct
+mask are built by one node each, shared by every layer that uses them.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Dict, Tuple
+
+import torch.fx as fx
+from torch._dynamo.utils import counters
+
+from ..ops.block_attention import allowed_blocks, block_attention
+from ..predictors.attention import atomic_layouts, predict_blocks
+from ..report import AttentionEntry
+from .graph import meta_value, static_shape
+from .match_attention import AttentionMatch
+
+
+def rewrite_attention(ctx) -> None:
+    """Replace every rewritable attention in ``ctx.attention``; report each decision."""
+    cfg = ctx.config
+    layouts: Dict[Tuple[int, int], fx.Node] = {}
+    allowed: Dict[tuple, Tuple[fx.Node, fx.Node]] = {}
+    changed = False
+    for att in ctx.attention:
+        entry = AttentionEntry(att.name, att.kind, att.heads, att.query_len, att.head_dim, att.peft,
+                               density=cfg.attn_density, block=cfg.attn_block)
+        ctx.report.attention.append(entry)
+        entry.note = _why_dense(att, ctx)
+        if entry.note:
+            continue
+        _rewrite(ctx, att, layouts, allowed)
+        entry.rewritten = True
+        counters["lecompile"]["block_attention"] += 1
+        changed = True
+    if changed:
+        ctx.gm.graph.eliminate_dead_code()
+        ctx.gm.graph.lint()
+        ctx.gm.recompile()
+
+
+def _why_dense(att: AttentionMatch, ctx) -> str:
+    cfg = ctx.config
+    if cfg.attn_density == 1.0:
+        return "attn_density 1.0: dense"
+    if not cfg.rewrite_attention:
+        return "rewrite_attention=False: dense"
+    if not ctx.training:
+        return "inference graph (nothing requires grad): dense"
+    if att.why_not:
+        return att.why_not + ": dense"
+    q, k, v = (static_shape(n) for n in (att.q, att.k, att.v))
+    if q is None or k is None or v is None:
+        return "dynamic or unknown q/k/v shapes: dense"
+    if len(q) != 4 or len(k) != 4 or len(v) != 4:
+        return f"q/k/v are not [batch, heads, seq, dim] (q {q}, k {k}): dense"
+    if q[1] != k[1] and not att.enable_gqa:
+        return f"{q[1]} query heads but {k[1]} key heads without enable_gqa: dense"
+    if q[-2] % cfg.attn_block or k[-2] % cfg.attn_block:
+        return (f"sequence lengths {q[-2]} / {k[-2]} are not multiples of attn_block={cfg.attn_block}: "
+                "dense")
+    if q[-2] > k[-2]:
+        return f"more queries ({q[-2]}) than keys ({k[-2]}): dense"
+    return ""
+
+
+def _rewrite(ctx, att: AttentionMatch, layouts, allowed) -> None:
+    cfg, graph = ctx.config, ctx.gm.graph
+    q_len, kv_len = static_shape(att.q)[-2], static_shape(att.k)[-2]
+    n, m = q_len // cfg.attn_block, kv_len // cfg.attn_block
+    device = meta_value(att.q).device
+    steps, operands = list(att.steps), list(att.operands)
+    with graph.inserting_before(att.out):
+        if (n, m) not in layouts:
+            built = graph.call_function(atomic_layouts, (n, m, device))
+            layouts[(n, m)] = graph.call_function(operator.getitem, (built, 0))
+        key = (tuple(steps), tuple(operands), att.causal, q_len, kv_len)
+        if key not in allowed:
+            both = graph.call_function(allowed_blocks, (steps, operands, att.causal, q_len, kv_len,
+                                                        cfg.attn_block, device))
+            allowed[key] = tuple(graph.call_function(operator.getitem, (both, i)) for i in range(2))
+        any_block, all_block = allowed[key]
+        keep = graph.call_function(predict_blocks, (
+            att.q, att.k, any_block, steps, operands, att.causal, cfg.attn_block, cfg.attn_density,
+            cfg.attn_predictor, layouts[(n, m)]))
+        out = graph.call_function(block_attention, (att.q, att.k, att.v, keep, all_block, steps, operands,
+                                                    att.causal, cfg.attn_block, att.enable_gqa))
+        out_dtype = meta_value(att.out).dtype
+        if out_dtype != meta_value(att.v).dtype:
+            out = graph.call_method("to", (out, out_dtype))
+    att.out.replace_all_uses_with(out)

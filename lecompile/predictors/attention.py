@@ -1,0 +1,120 @@
+"""Attention block predictors: which (query block, key block) pairs each head computes.
+
+Long Exposure's attention exposer finds that each head's attention concentrates on a few
+*atomic* block layouts, different per head: attention sinks and other vertical columns (every
+query block reads key block ``j``), the local window and other diagonal bands (query block ``i``
+reads ``i - o``). The layouts of one shape are built once (:func:`atomic_layouts`); at run time a
+predictor scores them per (sequence, head) and keeps the best ones under a block budget
+(:func:`choose_layouts`), always with the diagonal block (every query sees itself) and the sink.
+
+Scores (``[B, H, n, m]`` attention mass per block pair, rows summing to 1):
+
+- ``"pooled"``: softmax of block-mean queries against block-mean keys: ``O(n m d)``, no dense pass;
+- ``"oracle"``: exact block mass of the dense attention probabilities (costs a dense pass; tests
+  and upper bounds).
+
+The output is a bool block mask with static shape: the number of kept blocks varies, the
+capacity does not.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from ..ops.block_attention import Operand, leading_scale, masked_scores
+
+Tensor = torch.Tensor
+
+SELECTION_ROUNDS = 2
+
+
+def atomic_layouts(n: int, m: int, device=None) -> Tuple[Tensor, Tuple[str, ...]]:
+    """The atomic layouts for ``n`` query blocks and ``m`` key blocks, as bool ``[P, n, m]``
+    with their names: ``column j`` for every key block, ``diagonal o`` for every offset (query
+    block ``i`` reads key block ``i + (m - n) - o``; ``diagonal 0`` is the causal diagonal).
+    The backend builds them once per shape and graph, for all its layers; callers intersect
+    them with the positions the scores allow."""
+    rows = torch.arange(n, device=device)[:, None]
+    cols = torch.arange(m, device=device)[None, :]
+    columns = (cols[None] == torch.arange(m, device=device)[:, None, None]).expand(m, n, m)
+    offsets = sorted(range(1 - n, m), key=abs)  # diagonal 0 first
+    diagonals = (rows + (m - n) - cols)[None] == torch.tensor(offsets, device=device)[:, None, None]
+    names = tuple(f"column {j}" for j in range(m)) + tuple(f"diagonal {o}" for o in offsets)
+    return torch.cat([columns, diagonals]), names
+
+
+def choose_layouts(mass: Tensor, allowed: Tensor, density: float, layouts: Optional[Tensor] = None) -> Tensor:
+    """Per (sequence, head), the union of the atomic layouts with the most attention mass per block,
+    within ``density`` of the allowed blocks. ``mass [B, H, n, m]``, ``allowed`` bool broadcastable
+    to it; ``layouts`` from :func:`atomic_layouts` (built here if ``None``). Returns bool
+    ``[B, H, n, m]``. The causal diagonal (``diagonal 0``) and the sink (``column 0``) are always
+    kept."""
+    B, H, n, m = mass.shape
+    if layouts is None:
+        layouts = atomic_layouts(n, m, mass.device)[0]
+    allowed = allowed.expand(B, H, n, m)
+    flat = layouts.flatten(1).float()                                     # [P, n*m]
+    budget = density * allowed.flatten(2).sum(-1, keepdim=True)
+    must = torch.zeros(flat.shape[0], dtype=torch.bool, device=mass.device)
+    must[0] = must[m] = True                                              # column 0, diagonal 0
+    keep = allowed & (must.float() @ flat).reshape(n, m).bool()
+    # Greedy by mass per new block; a layout's cost is the blocks it adds, which overlap makes
+    # smaller once others are kept, so a second round spends what the first left over.
+    for _ in range(SELECTION_ROUNDS):
+        new = (allowed & ~keep).flatten(2).float()
+        cost = new @ flat.T                                               # [B, H, P]
+        gain = (mass.flatten(2) * new) @ flat.T
+        ratio = torch.where(cost > 0, gain / cost.clamp(min=1), -1.0)
+        order = ratio.argsort(dim=-1, descending=True)
+        spent = cost.gather(-1, order).cumsum(-1) + keep.flatten(2).sum(-1, keepdim=True)
+        chosen = (spent <= budget) & (ratio.gather(-1, order) >= 0)
+        picked = torch.zeros_like(chosen).scatter(-1, order, chosen)
+        keep = keep | ((picked.float() @ flat).reshape(B, H, n, m) > 0) & allowed
+    return keep
+
+
+def pooled_mass(q: Tensor, k: Tensor, allowed: Tensor, scale: float, block: int) -> Tensor:
+    """Softmax over key blocks of block-mean queries against block-mean keys: ``[B, H, n, m]``."""
+    B, H, L, D = q.shape
+    q_blocks = q.float().reshape(B, H, L // block, block, D).mean(3)
+    k_blocks = k.float().reshape(B, k.shape[1], k.shape[2] // block, block, D).mean(3)
+    if k_blocks.shape[1] != H:
+        k_blocks = k_blocks.repeat_interleave(H // k_blocks.shape[1], dim=1)
+    scores = (q_blocks @ k_blocks.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return scores.softmax(-1).nan_to_num(0.0)
+
+
+def oracle_mass(q: Tensor, k: Tensor, steps: Sequence[str], operands: Sequence[Operand], causal: bool,
+                block: int) -> Tensor:
+    """Exact attention mass per block pair (mean over the queries of a block): ``[B, H, n, m]``."""
+    probs = masked_scores(q, k, steps, operands, causal, enable_gqa=True).softmax(-1).nan_to_num(0.0)
+    B, H, L, S = probs.shape
+    return probs.reshape(B, H, L // block, block, S // block, block).sum(-1).mean(-2)
+
+
+METHODS = ("pooled", "oracle")
+
+
+@torch.no_grad()
+def predict_blocks(q: Tensor, k: Tensor, allowed: Tensor, steps: Sequence[str], operands: Sequence[Operand],
+                   causal: bool, block: int, density: float, method: str,
+                   layouts: Optional[Tensor] = None) -> Tensor:
+    """The blocks each (sequence, head) computes: bool ``[B, H, L / block, S / block]``.
+
+    ``allowed`` is the ``any`` half of :func:`~lecompile.ops.block_attention.allowed_blocks`;
+    ``steps``/``operands``/``causal`` describe the scores as for
+    :func:`~lecompile.ops.block_attention.block_attention`. Inputs are read without gradient.
+    """
+    if method not in METHODS:
+        raise ValueError(f"predict_blocks: method must be one of {METHODS}, got {method!r}")
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"predict_blocks: density must be in (0, 1], got {density!r}")
+    q, k = q.detach(), k.detach()
+    if method == "pooled":
+        mass = pooled_mass(q, k, allowed, leading_scale(steps, operands)[0], block)
+    else:
+        mass = oracle_mass(q, k, steps, operands, causal, block)
+    return choose_layouts(mass, allowed, density, layouts)
