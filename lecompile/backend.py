@@ -25,6 +25,8 @@ class LongExposureBackend:
     Runs :data:`lecompile.passes.PASSES` on each FX graph, then compiles the result with
     Inductor (``compile_fx``), so everything the passes leave alone gets ordinary Inductor
     fusion forward and backward. The report of every graph is kept in :attr:`reports`.
+    ``torch.compile``'s ``mode=`` and ``options=`` are handed to Inductor as they would be with
+    ``backend="inductor"``.
     """
 
     def __init__(self, config: Optional[LongExposureConfig] = None, *, inductor: bool = True):
@@ -34,7 +36,9 @@ class LongExposureBackend:
         self.inductor = inductor
         self.reports: List[Report] = []
 
-    def __call__(self, gm: fx.GraphModule, example_inputs):
+    def __call__(self, gm: fx.GraphModule, example_inputs, mode: Optional[str] = None,
+                 options: Optional[dict] = None):
+        patches = _inductor_patches(mode, options, self.config)
         graph_id = next(_graph_ids)
         dump_dir = self.config.resolved_dump_dir()
         before = gm.code if dump_dir else None
@@ -49,7 +53,6 @@ class LongExposureBackend:
         if not self.inductor:
             return gm.forward
         from torch._inductor.compile_fx import compile_fx
-        patches = {"triton.cudagraphs": True} if self.config.cudagraphs else {}
         return compile_fx(gm, example_inputs, config_patches=patches)
 
     @property
@@ -59,6 +62,23 @@ class LongExposureBackend:
         for r in self.reports:
             merged = merged.merge(r)
         return merged
+
+
+def _inductor_patches(mode: Optional[str], options: Optional[dict], config: LongExposureConfig) -> dict:
+    """Inductor config patches for ``torch.compile(mode=..., options=...)`` plus ``cudagraphs``."""
+    from torch._inductor import list_mode_options
+
+    modes = list_mode_options()
+    if mode is not None and mode not in modes:
+        raise ValueError(f"torch.compile(mode={mode!r}) with backend longexposure: mode must be one of "
+                         f"{sorted(modes)}")
+    if options is not None and not isinstance(options, dict):
+        raise ValueError(f"torch.compile(options=...) must be a dict of Inductor options, got {options!r}")
+    patches = dict(list_mode_options(mode)) if mode else {}
+    patches.update(options or {})
+    if config.cudagraphs:
+        patches["triton.cudagraphs"] = True
+    return patches
 
 
 def _dump(folder: Path, graph_id: int, before: str, after: str, report: Report) -> None:
@@ -79,10 +99,11 @@ def longexposure(config: Optional[LongExposureConfig] = None) -> LongExposureBac
     return LongExposureBackend(config)
 
 
-def longexposure_backend(gm: fx.GraphModule, example_inputs):
+def longexposure_backend(gm: fx.GraphModule, example_inputs, mode: Optional[str] = None,
+                         options: Optional[dict] = None):
     """The backend registered as ``"longexposure"`` (entry point group
     ``torch_dynamo_backends``): the default config, with ``LECOMPILE_*`` overrides."""
-    return LongExposureBackend()(gm, example_inputs)
+    return LongExposureBackend()(gm, example_inputs, mode=mode, options=options)
 
 
 def explain(model: torch.nn.Module, *args, config: Optional[LongExposureConfig] = None,

@@ -7,7 +7,8 @@ a random-init bf16 model built from its config (weights identical across variant
 - ``*-tf32`` / ``*-bf16-adapters``: the strongest user-side settings (TF32 matmuls on, or
   ``autocast_adapter_dtype=False``);
 - ``lecompile-d<density>``: the ``longexposure`` backend at that MLP density (1.0 is the
-  overhead check: adapter fusion only);
+  overhead check: adapter fusion only); ``-a<density>`` adds block-sparse attention at that
+  attention density;
 - ``-cg`` suffix (``--cudagraphs``): the same replayed as CUDA graphs (Inductor's
   ``mode="reduce-overhead"``, lecompile's ``cudagraphs=True``).
 
@@ -104,11 +105,17 @@ class Variant:
     def mlp_density(self) -> float:
         return self.config.mlp_density if self.config is not None else 1.0
 
+    @property
+    def attn_density(self) -> float:
+        return self.config.attn_density if self.config is not None else 1.0
+
 
 def variants(densities: Sequence[float] = (1.0, 0.5, 0.25, 0.15), predictor: str = "svd",
-             granularity: str = "sequence", baselines: bool = True, cudagraphs: bool = False) -> List[Variant]:
-    """The baselines, then lecompile at each MLP density. ``cudagraphs`` adds the strongest
-    baseline and every lecompile variant replayed as CUDA graphs (suffix ``-cg``)."""
+             granularity: str = "sequence", baselines: bool = True, cudagraphs: bool = False,
+             attn_densities: Sequence[float] = (1.0,), attn_block: int = 64) -> List[Variant]:
+    """The baselines, then lecompile at each MLP density and attention density. ``cudagraphs``
+    adds the strongest baseline and every lecompile variant replayed as CUDA graphs (suffix
+    ``-cg``)."""
     out = []
     if baselines:
         out = [Variant("eager", "eager"), Variant("eager-bf16-adapters", "eager", adapters_fp32=False),
@@ -117,10 +124,12 @@ def variants(densities: Sequence[float] = (1.0, 0.5, 0.25, 0.15), predictor: str
         if cudagraphs:
             out.append(Variant("inductor-bf16-adapters-cg", "inductor", adapters_fp32=False, cudagraphs=True))
     for cg in (False, True) if cudagraphs else (False,):
-        for d in densities:
-            out.append(Variant(f"lecompile-d{d:g}" + ("-cg" if cg else ""), "lecompile", cudagraphs=cg,
-                               config=LongExposureConfig(mlp_density=d, predictor=predictor,
-                                                         granularity=granularity, cudagraphs=cg)))
+        for a in attn_densities:
+            for d in densities:
+                name = f"lecompile-d{d:g}" + (f"-a{a:g}" if a < 1.0 else "") + ("-cg" if cg else "")
+                out.append(Variant(name, "lecompile", cudagraphs=cg, config=LongExposureConfig(
+                    mlp_density=d, predictor=predictor, granularity=granularity, cudagraphs=cg,
+                    attn_density=a, attn_block=attn_block)))
     return out
 
 
@@ -238,6 +247,7 @@ def run_variant(case: Case, variant: Variant, device: str, steps: int = 20, warm
     if backend is not None:
         report = backend.report
         extra = {"mlp_rewritten": report.mlp_rewritten, "mlp_matched": len(report.mlp),
+                 "attention_rewritten": report.attention_rewritten,
                  "lora_linears_fused": report.linears_fused, "graphs_compiled": len(backend.reports)}
     extra["peak_reserved_gib"] = round(reserved, 3)
     return StepResult(statistics.median(times), compile_s, loss1, peak, extra)
@@ -253,7 +263,7 @@ def run_case(case: Case, variant_list: Sequence[Variant], device: str, steps: in
             progress.set_postfix_str(f"{case.name} {v.name}")
         row = dict(case=case.name, model=case.model, method=case.method, batch=case.batch, seq=case.seq,
                    tokens=case.batch * case.seq, dtype="bfloat16", variant=v.name,
-                   mlp_density=v.mlp_density, attn_density=1.0, tf32=v.tf32,
+                   mlp_density=v.mlp_density, attn_density=v.attn_density, tf32=v.tf32,
                    adapters="fp32" if v.adapters_fp32 else "bf16", cudagraphs=v.cudagraphs)
         try:
             r = run_variant(case, v, device, steps, warmup)
@@ -285,7 +295,7 @@ def _add_ratios(rows: List[dict]) -> None:
             r.update(speedup_vs_eager=round(eager["ms"] / r["ms"], 3),
                      mem_vs_eager=round(r["peak_mem_gib"] / eager["peak_mem_gib"], 3)
                      if eager["peak_mem_gib"] == eager["peak_mem_gib"] else None)
-            if r["mlp_density"] == 1.0:
+            if r["mlp_density"] == 1.0 and r["attn_density"] == 1.0:
                 r["loss_matches_eager"] = math.isclose(r["loss_step1"], eager["loss_step1"], rel_tol=LOSS_RTOL)
         if strongest is not None:
             r.update(strongest_baseline=strongest["variant"],
@@ -343,12 +353,15 @@ def plot(rows: List[dict], path) -> None:
     cases = list(dict.fromkeys(r["case"] for r in ok))
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
     for case in cases:
-        for cg, style in ((False, "o-"), (True, "s--")):
+        attn = sorted({r["attn_density"] for r in ok if r["case"] == case}, reverse=True)
+        for (cg, style), a in ((s, a) for s in ((False, "o-"), (True, "s--")) for a in attn):
             lec = sorted((r for r in ok if r["case"] == case and r["variant"].startswith("lecompile")
-                          and r.get("cudagraphs") == cg and "speedup" in r), key=lambda r: -r["mlp_density"])
+                          and r.get("cudagraphs") == cg and r["attn_density"] == a and "speedup" in r),
+                         key=lambda r: -r["mlp_density"])
             if lec:
                 ax1.plot([r["mlp_density"] for r in lec], [r["speedup"] for r in lec], style,
-                         label=f"{case}: lecompile" + (" + CUDA graphs" if cg else ""))
+                         label=f"{case}: lecompile" + (f", attention {a:g}" if a < 1 else "")
+                         + (" + CUDA graphs" if cg else ""))
         best = [r for r in ok if r["case"] == case and r["variant"] == r.get("strongest_baseline")]
         for r in best:
             ax1.axhline(r["speedup"], ls=":", lw=1, color=ax1.lines[-1].get_color() if ax1.lines else None,
@@ -378,6 +391,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--methods", nargs="+", default=["lora"], choices=METHODS)
     parser.add_argument("--shapes", nargs="+", default=["8x512"], choices=list(SHAPES))
     parser.add_argument("--densities", nargs="+", type=float, default=[1.0, 0.5, 0.25, 0.15])
+    parser.add_argument("--attn-densities", nargs="+", type=float, default=[1.0],
+                        help="attention densities of the lecompile variants (1.0: dense attention)")
+    parser.add_argument("--attn-block", type=int, default=64, help="tokens per attention block")
     parser.add_argument("--predictor", default="svd", choices=("svd", "oracle"))
     parser.add_argument("--granularity", default="sequence", choices=("sequence", "tile", "batch"))
     parser.add_argument("--no-baselines", action="store_true", help="lecompile variants only")
@@ -407,7 +423,7 @@ def run(args) -> dict:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cases = [Case(m, meth, *SHAPES[s]) for m in args.models for meth in args.methods for s in args.shapes]
     vs = variants(args.densities, args.predictor, args.granularity, baselines=not args.no_baselines,
-                  cudagraphs=args.cudagraphs)
+                  cudagraphs=args.cudagraphs, attn_densities=args.attn_densities, attn_block=args.attn_block)
     if args.variants:
         unknown = set(args.variants) - {v.name for v in vs}
         if unknown:
@@ -417,7 +433,8 @@ def run(args) -> dict:
     out = Path(args.out)
     data = {"meta": meta("e2e", command_line(), settings=dict(
         steps=args.steps, warmup=args.warmup, optimizer="AdamW", predictor=args.predictor,
-        granularity=args.granularity, attention="dense (attn_density 1.0)", init="random, seed 0")),
+        granularity=args.granularity, attn_block=args.attn_block, attn_predictor="pooled",
+        init="random, seed 0")),
         "rows": rows}
 
     measured: List[dict] = []  # rows so far, saved as they come in case the run is cut short
@@ -433,7 +450,8 @@ def run(args) -> dict:
     if args.breakdown and device == "cuda":
         low = min(args.densities)
         data["breakdown"] = [breakdown(cases[0], v, device) for v in vs
-                             if v.backend == "lecompile" and not v.cudagraphs and v.mlp_density in (1.0, low)]
+                             if v.backend == "lecompile" and not v.cudagraphs and v.mlp_density in (1.0, low)
+                             and v.attn_density == min(args.attn_densities)]
     path = write_results("e2e", data, out)
     plot(rows, out / "e2e.png")
     print(format_rows(rows))

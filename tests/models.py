@@ -9,26 +9,27 @@ from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCaus
 
 VOCAB, HIDDEN, FFN, LAYERS, HEADS = 128, 64, 256, 2, 4
 BATCH, SEQ = 2, 16
+MAX_POSITIONS = 256
 
 # (builder, LoRA targets, IA3 targets, IA3 feed-forward targets)
 ARCHS = {
     "opt": (lambda: OPTForCausalLM(OPTConfig(
         vocab_size=VOCAB, hidden_size=HIDDEN, ffn_dim=FFN, num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS, max_position_embeddings=64, word_embed_proj_dim=HIDDEN,
+        num_attention_heads=HEADS, max_position_embeddings=MAX_POSITIONS, word_embed_proj_dim=HIDDEN,
         dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)),
         ["q_proj", "v_proj", "fc1", "fc2"], ["k_proj", "v_proj", "fc2"], ["fc2"]),
     "gpt2": (lambda: GPT2LMHeadModel(GPT2Config(
-        vocab_size=VOCAB, n_embd=HIDDEN, n_inner=FFN, n_layer=LAYERS, n_head=HEADS, n_positions=64,
+        vocab_size=VOCAB, n_embd=HIDDEN, n_inner=FFN, n_layer=LAYERS, n_head=HEADS, n_positions=MAX_POSITIONS,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)),
         ["c_attn", "c_fc", "c_proj"], ["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
     "llama": (lambda: LlamaForCausalLM(LlamaConfig(
         vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS, num_key_value_heads=2, max_position_embeddings=64, mlp_bias=True)),
+        num_attention_heads=HEADS, num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS, mlp_bias=True)),
         ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"], ["k_proj", "v_proj", "down_proj"],
         ["down_proj"]),
     "qwen2": (lambda: Qwen2ForCausalLM(Qwen2Config(
         vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS, num_key_value_heads=2, max_position_embeddings=64)),
+        num_attention_heads=HEADS, num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS)),
         ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"], ["k_proj", "v_proj", "down_proj"],
         ["down_proj"]),
 }

@@ -152,7 +152,7 @@ def test_bad_inputs_name_the_problem():
 SEQ = 64
 
 
-def reference_attention(density):
+def reference_attention(density, block=BLOCK):
     """An SDPA replacement for transformers that runs the same predictor and the reference op."""
     def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
                   **kwargs):
@@ -162,9 +162,9 @@ def reference_attention(density):
         else:
             steps, operands, causal = ["mul", "mask"], [scale, attention_mask], False
         L, S = query.shape[-2], key.shape[-2]
-        any_b, _ = allowed_blocks(steps, operands, causal, L, S, BLOCK, query.device)
-        keep = predict_blocks(query, key, any_b, steps, operands, causal, BLOCK, density, "pooled")
-        out = block_attention_ref(query, key, value, keep, steps, operands, causal, BLOCK, enable_gqa=True)
+        any_b, _ = allowed_blocks(steps, operands, causal, L, S, block, query.device)
+        keep = predict_blocks(query, key, any_b, steps, operands, causal, block, density, "pooled")
+        out = block_attention_ref(query, key, value, keep, steps, operands, causal, block, enable_gqa=True)
         return out.transpose(1, 2).contiguous(), None
     return attention
 

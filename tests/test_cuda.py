@@ -64,3 +64,29 @@ def test_cudagraphs_with_sparse_mlp_matches_without():
             losses[cg].append(loss.item())
         assert backend.report.mlp_rewritten >= 1
     torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("arch,impl", [("llama", "sdpa"), ("opt", "sdpa"), ("gpt2", "eager")])
+def test_block_sparse_attention_on_cuda_matches_reference_model(arch, impl, monkeypatch):
+    """The FlexAttention path (Inductor's fused kernels, forward and backward) against an eager
+    model whose attention runs the reference op with the same predictor."""
+    import transformers
+    from test_attention import reference_attention
+
+    torch.manual_seed(0)
+    model = tiny_model(arch, "lora").cuda()
+    model.base_model.model.config._attn_implementation = impl
+    seq, block = 256, 64
+    ids = torch.randint(0, 128, (2, seq), device="cuda")
+    inputs = {"input_ids": ids, "labels": ids, "use_cache": False}
+    backend = lecompile.longexposure(LongExposureConfig(mlp_density=1.0, attn_density=0.5, attn_block=block))
+    torch._dynamo.reset()
+    loss, grads = train_step(torch.compile(model, backend=backend), model, inputs)
+    assert backend.report.attention_rewritten == LAYERS, str(backend.report)
+    model.base_model.model.config._attn_implementation = "sdpa"
+    monkeypatch.setitem(transformers.modeling_utils.ALL_ATTENTION_FUNCTIONS, "sdpa",
+                        reference_attention(0.5, block))
+    ref_loss, ref_grads = train_step(model, model, inputs)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-4, rtol=1e-4)
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-3, rtol=1e-3, msg=name)

@@ -22,6 +22,16 @@ def test_run_case_records_ratios_and_checks_loss(tmp_path):
     json.dumps(rows)  # the results file takes them as they are
 
 
+def test_sparse_attention_variant_rewrites_attention(tmp_path):
+    case = e2e.Case("tiny-llama", "lora", 2, 64)
+    chosen = [v for v in e2e.variants(densities=(0.5,), baselines=False, attn_densities=(1.0, 0.5), attn_block=16)]
+    assert [v.name for v in chosen] == ["lecompile-d0.5", "lecompile-d0.5-a0.5"]
+    rows = e2e.run_case(case, chosen, "cpu", steps=1, warmup=0)
+    assert [r.get("attention_rewritten") for r in rows] == [0, 2], rows
+    assert rows[1]["attn_density"] == 0.5
+    e2e.plot(rows, tmp_path / "e2e.png")
+
+
 def test_cases_that_cannot_run_are_recorded_not_dropped():
     case = e2e.Case("tiny-llama", "bitfit", 2, 32)  # LLaMA has no biases
     rows = e2e.run_case(case, e2e.variants(densities=(1.0,), baselines=False), "cpu", steps=1, warmup=0)

@@ -6,6 +6,7 @@ config switch that turns them off. Passes only emit op calls; they never launch 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Sequence
 
@@ -20,6 +21,8 @@ from .match_attention import AttentionMatch, match_attention
 from .match_mlp import MLPMatch, match_mlp
 from .rewrite_attention import rewrite_attention
 from .rewrite_mlp import kept_neurons, rewrite_mlp
+
+log = logging.getLogger("lecompile")
 
 
 @dataclass
@@ -71,10 +74,27 @@ def run_passes(gm: fx.GraphModule, example_inputs, config: LongExposureConfig) -
                  for n, t in zip(placeholders, example_inputs)}
     training = torch.is_grad_enabled() and any(trainable.values())
     ctx = PassContext(gm, config, trainable, training)
+    _graph_level_notes(ctx, example_inputs)
     for p in PASSES:
         if p.enabled(config):
             p.run(ctx)
     return ctx.report
+
+
+def _graph_level_notes(ctx: PassContext, example_inputs) -> None:
+    """Report what makes a whole graph, or parts of it, invisible to the matchers."""
+    checkpointed = [n for n in ctx.gm.graph.nodes
+                    if n.op == "call_function" and "activation_checkpoint" in str(n.target)]
+    if checkpointed:
+        ctx.unmatched(checkpointed[0].name, f"gradient checkpointing: {len(checkpointed)} region(s) run under "
+                      "torch.utils.checkpoint and are compiled by Inductor as they are (their MLP and "
+                      "attention blocks are not matched); turn checkpointing off to use the rewrites")
+    if any(isinstance(x, torch.SymInt) for x in example_inputs):
+        ctx.unmatched("graph", "dynamic shapes (dynamic=True, or sizes that changed between calls): blocks "
+                      "with symbolic sizes are left to Inductor; compile with dynamic=False and fixed "
+                      "batch shapes (pad to a fixed length)")
+    for note in ctx.report.unmatched:
+        log.warning("lecompile: %s", note.reason)
 
 
 __all__ = ["PASSES", "Pass", "PassContext", "run_passes", "kept_neurons"]

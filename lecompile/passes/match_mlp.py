@@ -61,7 +61,8 @@ def match_mlp(ctx) -> None:
     for node in ctx.gm.graph.nodes:
         if is_activation(node) and node not in seen:
             ctx.unmatched(node.name, f"activation `{_describe(node)}` is not between two linear layers "
-                                     "of this graph (not an MLP, or a graph break splits it)")
+                                     "lecompile recognizes (not an MLP, a graph break splits it, or an "
+                                     "unsupported PEFT wrapper such as DoRA or LoHa; see docs/supported.md)")
 
 
 def _region(h: fx.Node, by_out: Dict[fx.Node, LinearMatch]):

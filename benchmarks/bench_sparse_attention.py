@@ -1,0 +1,148 @@
+"""Block-sparse attention vs dense FlashAttention, forward and forward+backward, on the GPU.
+
+Variants (bf16, causal, q/k/v require grad), each compiled with ``torch.compile`` (FlexAttention
+needs it) except the baseline:
+
+- ``dense-flash``: ``scaled_dot_product_attention(is_causal=True)`` on the FlashAttention backend,
+  the baseline of every ratio;
+- ``lecompile-op``: ``block_attention`` with a fixed block mask of the requested density (the
+  operator alone);
+- ``lecompile``: the pooled predictor and the operator, what the rewritten graph runs.
+
+``density`` is the budget (share of the causal blocks); ``kept_density`` what the predictor kept
+(the diagonal and the first key block are always kept). ``ideal_ratio = dense_ms * kept_density
+/ ms``. Times are GPU time of CUDA-graph replays (``triton.testing.do_bench_cudagraph``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import command_line, meta, write_results  # noqa: E402
+from lecompile.ops.block_attention import allowed_blocks, block_attention_flex  # noqa: E402
+from lecompile.predictors.attention import predict_blocks  # noqa: E402
+
+#: (query heads, key/value heads, head dim)
+SHAPES = {"llama-3.2-1b": (32, 8, 64), "llama-3-8b": (32, 8, 128), "opt-1.3b": (32, 32, 64)}
+SEQS = (512, 1024, 2048, 4096, 8192)
+DENSITIES = (1.0, 0.5, 0.25, 0.1)
+TOKENS = 16384  # batch = TOKENS // seq
+
+
+def dense_flash(q, k, v):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+
+def time_passes(fn, inputs):
+    from triton.testing import do_bench_cudagraph
+
+    grad = torch.randn_like(inputs[0])
+    out = {}
+    for name, run in (("fwd", lambda: fn(*inputs)), ("fwd+bwd", lambda: fn(*inputs).backward(grad))):
+        run()  # compile / warm up outside the graph capture
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        out[name] = (do_bench_cudagraph(run, rep=100), torch.cuda.max_memory_allocated() / 2**30)
+    return out
+
+
+def bench_seq(name, seq, densities, block):
+    """Rows of every density for one shape and sequence length (the dense baseline and the
+    operator compiled once; the predictor's density is a constant of its graph)."""
+    heads, kv_heads, head_dim = SHAPES[name]
+    batch = max(1, TOKENS // seq)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    make = lambda h: torch.randn(batch, h, seq, head_dim, device="cuda", generator=g,  # noqa: E731
+                                 dtype=torch.bfloat16).requires_grad_()
+    q, k, v = make(heads), make(kv_heads), make(kv_heads)
+    steps, operands = ["mul"], [head_dim ** -0.5]
+    any_b, all_b = allowed_blocks(steps, operands, True, seq, seq, block, "cuda")
+
+    def op_only(q, k, v, keep):
+        return block_attention_flex(q, k, v, keep, all_b, steps, operands, True, block, enable_gqa=True)
+
+    def with_predictor(density):
+        def attention(q, k, v):
+            keep = predict_blocks(q, k, any_b, steps, operands, True, block, density, "pooled")
+            return op_only(q, k, v, keep)
+        return attention
+
+    dense = time_passes(dense_flash, (q, k, v))
+    compiled_op = torch.compile(op_only, fullgraph=True)
+    rows = []
+    for density in densities:
+        keep = predict_blocks(q, k, any_b, steps, operands, True, block, density, "pooled")
+        kept = (keep.sum((-1, -2)).float() / any_b.sum()).mean().item()
+        case = dict(case=f"{name} attention", batch=batch, seq=seq, heads=heads, kv_heads=kv_heads,
+                    head_dim=head_dim, block=block, dtype="bfloat16", density=density, kept_density=kept)
+        variants = {"lecompile-op": (compiled_op, (q, k, v, keep)),
+                    "lecompile": (torch.compile(with_predictor(density), fullgraph=True), (q, k, v))}
+        for variant, (fn, inputs) in variants.items():
+            try:
+                timed = time_passes(fn, inputs)
+            except Exception as e:  # noqa: BLE001 - recorded in the results, per BENCHMARKS.md
+                rows.append({**case, "variant": variant, "error": f"{type(e).__name__}: {e}"[:300]})
+                continue
+            for p, (ms, mem) in timed.items():
+                base_ms, base_mem = dense[p]
+                rows.append({**case, "pass": p, "variant": variant, "ms": ms, "baseline": "dense-flash",
+                             "baseline_ms": base_ms, "speedup": base_ms / ms,
+                             "ideal_ratio": base_ms * kept / ms, "peak_mem_gib": mem,
+                             "baseline_peak_mem_gib": base_mem})
+    return rows
+
+
+def plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted({r["case"] for r in rows})
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        for density in sorted({r["density"] for r in rows}, reverse=True):
+            sel = sorted((r for r in rows if r["case"] == name and r.get("pass") == "fwd+bwd"
+                          and r["variant"] == "lecompile" and r["density"] == density), key=lambda r: r["seq"])
+            if sel:
+                ax.plot([r["seq"] for r in sel], [r["speedup"] for r in sel], marker="o", label=f"density {density}")
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set(xscale="log", xlabel="sequence length", ylabel="speedup vs FlashAttention (fwd+bwd)", title=name)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="+", default=["llama-3.2-1b"], choices=list(SHAPES))
+    parser.add_argument("--seqs", nargs="+", type=int, default=list(SEQS))
+    parser.add_argument("--densities", nargs="+", type=float, default=list(DENSITIES))
+    parser.add_argument("--block", type=int, default=128)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_sparse_attention needs a CUDA GPU")
+    rows = []
+    for n, s in tqdm([(n, s) for n in args.shapes for s in args.seqs], desc="attention"):
+        rows += bench_seq(n, s, args.densities, args.block)
+        torch._dynamo.reset()
+        write_results("sparse_attention", {"meta": meta("sparse_attention", command_line()), "rows": rows},
+                      args.out)
+    data = {"meta": meta("sparse_attention", command_line(), tokens_per_case=TOKENS), "rows": rows}
+    path = write_results("sparse_attention", data, args.out)
+    plot(rows, args.out / "sparse_attention.png")
+    print(path)
+
+
+if __name__ == "__main__":
+    main()
