@@ -1,0 +1,76 @@
+"""What users get wrong or try first: each case either works or says what to do."""
+
+import peft
+import pytest
+import torch
+
+import lecompile
+from lecompile import LongExposureConfig
+
+from models import ARCHS, LAYERS, batch, tiny_model, train_step
+
+SPARSE = LongExposureConfig(mlp_density=0.5, k_align=64, predictor="oracle")
+
+
+def llama():
+    torch.manual_seed(0)
+    return ARCHS["llama"][0]().train()
+
+
+def compiled(model, config=SPARSE, **compile_kwargs):
+    torch._dynamo.reset()
+    backend = lecompile.longexposure(config)
+    loss, grads = train_step(torch.compile(model, backend=backend, **compile_kwargs), model, batch())
+    return loss, grads, backend.report
+
+
+def assert_dense_and_same_as_eager(model, report_reason, **compile_kwargs):
+    eager_loss, eager_grads = train_step(model, model, batch())
+    loss, grads, report = compiled(model, **compile_kwargs)
+    assert report.mlp_rewritten == 0
+    assert any(report_reason in u.reason for u in report.unmatched), str(report)
+    torch.testing.assert_close(loss, eager_loss, atol=2e-5, rtol=1e-4)
+    for name in grads:
+        torch.testing.assert_close(grads[name], eager_grads[name], atol=2e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("wrapper", ["dora", "loha"])
+def test_unsupported_peft_wrappers_run_dense_and_are_named(wrapper):
+    targets = ["gate_proj", "up_proj", "down_proj"]
+    config = (peft.LoraConfig(r=4, target_modules=targets, use_dora=True, init_lora_weights=False)
+              if wrapper == "dora" else peft.LoHaConfig(r=4, target_modules=targets, init_weights=False))
+    assert_dense_and_same_as_eager(peft.get_peft_model(llama(), config), "unsupported PEFT wrapper")
+
+
+def test_gradient_checkpointing_is_reported():
+    model = tiny_model("llama", "lora")
+    model.gradient_checkpointing_enable()
+    assert_dense_and_same_as_eager(model, "gradient checkpointing")
+
+
+def test_dynamic_shapes_are_reported():
+    assert_dense_and_same_as_eager(tiny_model("llama", "lora"), "dynamic shapes", dynamic=True)
+
+
+def test_prompt_tuning_trains_with_the_rewrite():
+    model = peft.get_peft_model(llama(), peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    loss, grads, report = compiled(model)
+    assert report.mlp_rewritten == LAYERS and torch.isfinite(loss)
+    assert [n for n in grads] == ["prompt_encoder.default.embedding.weight"]
+
+
+def test_compile_modes_reach_inductor():
+    model = tiny_model("llama", "lora")
+    loss, _, report = compiled(model, mode="max-autotune-no-cudagraphs")
+    assert report.mlp_rewritten == LAYERS and torch.isfinite(loss)
+    with pytest.raises(Exception, match="mode must be one of"):
+        compiled(model, mode="fastest")
+
+
+def test_model_with_nothing_to_match_compiles_as_inductor():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
+    x = torch.randn(4, 8)
+    torch._dynamo.reset()
+    backend = lecompile.longexposure(SPARSE)
+    torch.testing.assert_close(torch.compile(model, backend=backend)(x), model(x))
+    assert backend.report.mlp == [] and backend.report.attention == []
