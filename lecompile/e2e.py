@@ -188,8 +188,10 @@ def _tf32(on: bool):
         torch.backends.cuda.matmul.allow_tf32 = old
 
 
-def run_variant(case: Case, variant: Variant, device: str, steps: int = 20, warmup: int = 3) -> StepResult:
-    """Compile (first step), warm up, then time ``steps`` training steps."""
+def run_variant(case: Case, variant: Variant, device: str, steps: int = 20, warmup: int = 3,
+                wrap: Optional[Callable[[torch.nn.Module], torch.nn.Module]] = None) -> StepResult:
+    """Compile (first step), warm up, then time ``steps`` training steps. ``wrap`` wraps the
+    model before compiling (for example in ``DistributedDataParallel``)."""
     torch._dynamo.reset()
     counters.clear()
     cuda = torch.device(device).type == "cuda"
@@ -200,13 +202,12 @@ def run_variant(case: Case, variant: Variant, device: str, steps: int = 20, warm
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, vocab, (case.batch, case.seq), generator=g).to(device)
     backend = None
+    fn = wrap(model) if wrap is not None else model
     if variant.backend == "lecompile":
         backend = LongExposureBackend(variant.config)
-        fn = torch.compile(model, backend=backend)
+        fn = torch.compile(fn, backend=backend)
     elif variant.backend == "inductor":
-        fn = torch.compile(model, mode="reduce-overhead" if variant.cudagraphs else None)
-    else:
-        fn = model
+        fn = torch.compile(fn, mode="reduce-overhead" if variant.cudagraphs else None)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
 

@@ -1,0 +1,119 @@
+"""Training steps on one GPU and on N GPUs with DDP: does lecompile's speedup hold?
+
+    python benchmarks/distributed.py --nproc 2            # runs one GPU, then torchrun on 2
+
+Every variant is timed on one process, then on ``--nproc`` processes (``torchrun``, NCCL, DDP;
+each rank runs the same per-GPU batch, so the work per GPU is equal and rank 0's loss at step 1
+must equal the single-GPU loss). Rows carry ``world_size``; the speedup over Inductor is taken
+within each world size, and ``ratio_held`` = (speedup on N GPUs) / (speedup on one GPU).
+``--device cpu`` runs the same on CPU processes over gloo (a smoke test, no speed claim).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import RESULTS, command_line, meta, write_results  # noqa: E402
+from lecompile import e2e  # noqa: E402
+
+VARIANTS = ("inductor", "lecompile-d1", "lecompile-d0.25")
+
+
+def measure(args, world_size: int, rank: int, device: str):
+    wrap = None
+    if world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        def wrap(model):
+            ids = [torch.device(device).index] if device.startswith("cuda") else None
+            return DistributedDataParallel(model, device_ids=ids)
+    case = e2e.Case(args.model, "lora", *e2e.SHAPES[args.shape])
+    chosen = [v for v in e2e.variants(densities=(1.0, 0.25)) if v.name in args.variants]
+    rows = []
+    for v in chosen:
+        row = dict(case=case.name, variant=v.name, world_size=world_size, mlp_density=v.mlp_density,
+                   tokens_per_gpu=case.batch * case.seq, dtype="bfloat16")
+        try:
+            r = e2e.run_variant(case, v, device, args.steps, args.warmup, wrap=wrap)
+            row.update(ms=round(r.ms, 3), loss_step1=round(r.loss_step1, 5), compile_s=round(r.compile_s, 1),
+                       peak_mem_gib=round(r.peak_mem_gib, 3), **r.extra)
+        except Exception as err:  # noqa: BLE001 - recorded, per BENCHMARKS.md
+            row["error"] = repr(err)[:400]
+        rows.append(row)
+        if rank == 0:
+            print(row, flush=True)
+    return rows
+
+
+def add_ratios(rows):
+    base = {r["world_size"]: r["ms"] for r in rows if r["variant"] == "inductor" and "ms" in r}
+    for r in rows:
+        if "ms" in r and r["world_size"] in base:
+            r.update(baseline="inductor", baseline_ms=base[r["world_size"]],
+                     speedup=round(base[r["world_size"]] / r["ms"], 3))
+    single = {r["variant"]: r for r in rows if r["world_size"] == 1 and "speedup" in r}
+    for r in rows:
+        one = single.get(r["variant"])
+        if r["world_size"] > 1 and "speedup" in r and one is not None:
+            r["ratio_held"] = round(r["speedup"] / one["speedup"], 3)
+            r["loss_matches_single"] = abs(r["loss_step1"] - one["loss_step1"]) <= 1e-2 * abs(one["loss_step1"])
+
+
+def worker(args):
+    """One torchrun rank: DDP over NCCL (gloo on CPU); rank 0 writes the rows to ``--part``."""
+    import torch.distributed as dist
+
+    cuda = args.device == "cuda"
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = f"cuda:{int(os.environ['LOCAL_RANK'])}" if cuda else "cpu"
+    if cuda:
+        torch.cuda.set_device(device)
+    try:
+        rows = measure(args, world, rank, device)
+        if rank == 0:
+            Path(args.part).write_text(json.dumps(rows))
+    finally:
+        dist.destroy_process_group()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="llama-3.2-1b", choices=list(e2e.MODELS))
+    parser.add_argument("--shape", default="8x512", choices=list(e2e.SHAPES))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--part", help=argparse.SUPPRESS)  # set for the torchrun ranks
+    args = parser.parse_args(argv)
+    if args.part:
+        return worker(args)
+    if args.device == "cuda" and torch.cuda.device_count() < args.nproc:
+        raise SystemExit(f"--nproc {args.nproc} needs {args.nproc} GPUs, found {torch.cuda.device_count()}")
+    rows = measure(args, 1, 0, args.device)
+    part = args.out / "distributed.part.json"
+    args.out.mkdir(parents=True, exist_ok=True)
+    forwarded = list(argv if argv is not None else sys.argv[1:])
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    f"--nproc_per_node={args.nproc}", __file__, *forwarded, "--part", str(part)], check=True)
+    rows += json.loads(part.read_text())
+    part.unlink()
+    add_ratios(rows)
+    data = {"meta": meta("distributed", command_line(), steps=args.steps, warmup=args.warmup,
+                         optimizer="AdamW", parallelism="DDP", same_batch_on_every_rank=True), "rows": rows}
+    print(write_results("distributed", data, args.out))
+
+
+if __name__ == "__main__":
+    main()
