@@ -35,18 +35,30 @@ class LongExposureBackend:
         self.config = config if config is not None else LongExposureConfig.from_env()
         self.inductor = inductor
         self.reports: List[Report] = []
+        self._warmup_until: Optional[int] = None  # optimizer step that ends the dense warm-up
 
     def __call__(self, gm: fx.GraphModule, example_inputs, mode: Optional[str] = None,
                  options: Optional[dict] = None):
         patches = _inductor_patches(mode, options, self.config)
+        if self.inductor and self.config.warmup_steps and _needs_grad(example_inputs):
+            if self._warmup_until is None:
+                self._warmup_until = optimizer_steps() + self.config.warmup_steps
+            if optimizer_steps() < self._warmup_until:
+                sparse_graph = _copy(gm)
+                dense = self._compile(gm, example_inputs, patches, dense_warmup=True)
+                return _WarmupSwitch(dense, lambda args: self._compile(sparse_graph, args, patches),
+                                     self._warmup_until)
+        return self._compile(gm, example_inputs, patches)
+
+    def _compile(self, gm: fx.GraphModule, example_inputs, patches: dict, dense_warmup: bool = False):
         graph_id = next(_graph_ids)
         dump_dir = self.config.resolved_dump_dir()
         before = gm.code if dump_dir else None
-        report = run_passes(gm, example_inputs, self.config)
+        report = run_passes(gm, example_inputs, self.config, dense_warmup=dense_warmup)
         self.reports.append(report)
-        log.info("graph %d: %d MLP block(s) rewritten of %d matched, %d attention block(s), "
-                 "%d unmatched", graph_id, report.mlp_rewritten, len(report.mlp),
-                 len(report.attention), len(report.unmatched))
+        log.info("graph %d%s: %d MLP block(s) rewritten of %d matched, %d attention block(s) (%d rewritten), "
+                 "%d unmatched", graph_id, " (dense warm-up)" if dense_warmup else "", report.mlp_rewritten,
+                 len(report.mlp), len(report.attention), report.attention_rewritten, len(report.unmatched))
         log.debug("graph %d report:\n%s", graph_id, report)
         if dump_dir:
             _dump(Path(dump_dir), graph_id, before, gm.code, report)
@@ -62,6 +74,53 @@ class LongExposureBackend:
         for r in self.reports:
             merged = merged.merge(r)
         return merged
+
+
+class _WarmupSwitch:
+    """A compiled graph that runs ``dense`` until the process has taken ``until`` optimizer steps,
+    then compiles the sparse graph once (at its first call, with that call's inputs as example
+    inputs) and runs it."""
+
+    def __init__(self, dense, compile_sparse, until: int):
+        self.dense, self.compile_sparse, self.sparse, self.until = dense, compile_sparse, None, until
+
+    def __call__(self, *args):
+        if self.sparse is None:
+            if optimizer_steps() < self.until:
+                return self.dense(*args)
+            log.info("dense warm-up over (optimizer step %d): compiling the sparse graph", self.until)
+            self.sparse = self.compile_sparse(list(args))
+            self.dense = None
+        return self.sparse(*args)
+
+
+_step_count = 0
+_step_hook = None
+
+
+def optimizer_steps() -> int:
+    """``torch.optim`` optimizer steps taken in this process since lecompile started counting
+    (the first warm-up graph installs a global post-step hook)."""
+    global _step_hook
+    if _step_hook is None:
+        def count(optimizer, args, kwargs):
+            global _step_count
+            _step_count += 1
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+        _step_hook = register_optimizer_step_post_hook(count)
+    return _step_count
+
+
+def _needs_grad(example_inputs) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs)
+
+
+def _copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A second graph module over the same parameters, with its own copy of the graph."""
+    graph = fx.Graph()
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    return fx.GraphModule(gm, graph)
 
 
 def _inductor_patches(mode: Optional[str], options: Optional[dict], config: LongExposureConfig) -> dict:

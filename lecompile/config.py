@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, fields
-from typing import Optional
+from typing import Optional, Tuple
 
 ENV_PREFIX = "LECOMPILE_"
 
@@ -27,6 +27,11 @@ class LongExposureConfig:
     #: (the rewritten op then runs dense). The kept count is
     #: ``k = round_up(mlp_density * ffn, k_align)``, capped at ``ffn``.
     mlp_density: float = 0.5
+    #: Per-layer MLP densities (SparseLoRA's non-uniform sparsity): entry ``i`` is the density
+    #: of decoder layer ``i`` (the first number in the MLP's module path, e.g.
+    #: ``model.layers.3.mlp``); layers past the end use ``mlp_density``. ``(1.0, 1.0)`` keeps
+    #: the first two layers dense. From the environment: comma-separated numbers.
+    mlp_layer_densities: Tuple[float, ...] = ()
     #: Share of the allowed (causal) attention blocks each head of each sequence computes, in
     #: (0, 1]. 1.0 leaves attention dense. The diagonal and the first key block are always
     #: kept, so very low values keep about ``2 / (L / attn_block)``.
@@ -38,6 +43,10 @@ class LongExposureConfig:
     #: keys, then the atomic layouts with the most mass per block) or ``"oracle"`` (the same
     #: choice on the exact attention mass; costs a dense pass, for studies).
     attn_predictor: str = "pooled"
+    #: Dense warm-up: the first ``warmup_steps`` training forward passes run the dense graph
+    #: (fused adapters only); then the sparse graph is compiled once and used. Counted per
+    #: ``torch.compile``'d model (calls of its first graph).
+    warmup_steps: int = 0
     #: How neuron indices are predicted: ``"oracle"`` (exact top-k of the dense activation,
     #: costs a dense pass; for tests and upper bounds) or ``"svd"`` (training-free rank-r
     #: estimate from the frozen weights, plus the exact low-rank adapter terms).
@@ -74,6 +83,12 @@ class LongExposureConfig:
 
     def __post_init__(self) -> None:
         _check_fraction("mlp_density", self.mlp_density)
+        if not isinstance(self.mlp_layer_densities, tuple):
+            raise ValueError(f"LongExposureConfig.mlp_layer_densities must be a tuple of densities, "
+                             f"got {self.mlp_layer_densities!r}")
+        for i, d in enumerate(self.mlp_layer_densities):
+            _check_fraction(f"mlp_layer_densities[{i}]", d)
+        _check_int("warmup_steps", self.warmup_steps, "an integer >= 0", lambda v: v >= 0)
         _check_fraction("attn_density", self.attn_density)
         _check_choice("predictor", self.predictor, PREDICTORS)
         _check_choice("granularity", self.granularity, GRANULARITIES)
@@ -107,6 +122,12 @@ class LongExposureConfig:
         """A copy with ``changes`` applied (validated like a new config)."""
         return dataclasses.replace(self, **changes)
 
+    def mlp_density_of(self, layer: Optional[int]) -> float:
+        """The MLP density of decoder layer ``layer`` (``None``: index unknown)."""
+        if layer is not None and layer < len(self.mlp_layer_densities):
+            return self.mlp_layer_densities[layer]
+        return self.mlp_density
+
     def resolved_dump_dir(self) -> Optional[str]:
         return self.dump_dir if self.dump_dir is not None else os.environ.get("LECOMPILE_DUMP_DIR")
 
@@ -118,6 +139,8 @@ def _parse(field, key, raw):
             return float(raw)
         if kind == "int":
             return int(raw)
+        if kind.startswith("Tuple"):
+            return tuple(float(v) for v in raw.split(",") if v.strip())
         if kind == "bool":
             if raw.lower() in ("1", "true", "yes", "on"):
                 return True

@@ -33,6 +33,7 @@ class PassContext:
     config: LongExposureConfig
     trainable: Dict[fx.Node, bool]
     training: bool
+    dense_warmup: bool = False     # the dense graph of warmup_steps: match and report, no sparsity
     report: Report = field(default_factory=lambda: Report(graphs=1))
     linears: List[LinearMatch] = field(default_factory=list)
     linear_by_out: Dict[fx.Node, LinearMatch] = field(default_factory=dict)
@@ -67,13 +68,15 @@ PASSES: Sequence[Pass] = (
 )
 
 
-def run_passes(gm: fx.GraphModule, example_inputs, config: LongExposureConfig) -> Report:
-    """Run :data:`PASSES` on ``gm`` in place; return the report."""
+def run_passes(gm: fx.GraphModule, example_inputs, config: LongExposureConfig,
+               dense_warmup: bool = False) -> Report:
+    """Run :data:`PASSES` on ``gm`` in place; return the report. ``dense_warmup``: the warm-up
+    graph, where MLPs and attention stay dense (adapters are still fused)."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     trainable = {n: isinstance(t, torch.Tensor) and t.requires_grad
                  for n, t in zip(placeholders, example_inputs)}
     training = torch.is_grad_enabled() and any(trainable.values())
-    ctx = PassContext(gm, config, trainable, training)
+    ctx = PassContext(gm, config, trainable, training, dense_warmup)
     _graph_level_notes(ctx, example_inputs)
     for p in PASSES:
         if p.enabled(config):

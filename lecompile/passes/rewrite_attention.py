@@ -48,6 +48,8 @@ def _why_dense(att: AttentionMatch, ctx) -> str:
         return "attn_density 1.0: dense"
     if not cfg.rewrite_attention:
         return "rewrite_attention=False: dense"
+    if ctx.dense_warmup:
+        return f"dense warm-up graph (warmup_steps={cfg.warmup_steps})"
     if not ctx.training:
         return "inference graph (nothing requires grad): dense"
     if att.why_not:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import operator
+import re
 from collections import deque
 from typing import Optional, Tuple
 
@@ -30,11 +31,18 @@ def rewrite_mlp(ctx) -> None:
     """Replace every MLP in ``ctx.mlps`` and record each decision in the report."""
     cfg = ctx.config
     for mlp in ctx.mlps:
-        k = kept_neurons(cfg.mlp_density, mlp.ffn, cfg.k_align)
+        layer = layer_index(mlp.name)
+        density = cfg.mlp_density_of(layer)
+        k = kept_neurons(density, mlp.ffn, cfg.k_align)
         group_size, granularity, note = _group_size(mlp.fc1.x, cfg)
+        if cfg.mlp_layer_densities and layer is None:
+            note = _join(note, "layer index not in the module path: mlp_density used")
         entry = ctx.report_mlp(mlp, k, granularity, note)
+        if ctx.dense_warmup:
+            entry.note = _join(entry.note, f"dense warm-up graph (warmup_steps={cfg.warmup_steps})")
+            continue
         if k == mlp.ffn:
-            why = "density 1.0" if cfg.mlp_density == 1.0 else (
+            why = "density 1.0" if density == 1.0 else (
                 f"k rounded up to a multiple of {cfg.k_align} covers all {mlp.ffn} neurons")
             entry.note = _join(entry.note, f"{why}: left dense to Inductor")
             continue
@@ -54,6 +62,12 @@ def rewrite_mlp(ctx) -> None:
         ctx.gm.graph.eliminate_dead_code()
         ctx.gm.graph.lint()
         ctx.gm.recompile()
+
+
+def layer_index(name: str) -> Optional[int]:
+    """The decoder layer of a module path: its first number (``model.layers.3.mlp`` -> 3)."""
+    found = re.search(r"(?:^|\.)(\d+)(?:\.|$)", name)
+    return int(found.group(1)) if found else None
 
 
 def _group_size(x: fx.Node, cfg) -> Tuple[int, str, str]:
