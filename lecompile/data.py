@@ -71,6 +71,12 @@ def load_model(path: str | None = None, dtype: torch.dtype = torch.float32):
     gguf = smollm2_gguf()
     kwargs = dict(gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=dtype, **kwargs)
+    # transformers dequantizes GGUF weights on load but keeps the model marked quantized, and
+    # Trainer refuses to train quantized models: it is a plain float model, so say so.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
     return model, tokenizer
 
