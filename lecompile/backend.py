@@ -105,7 +105,8 @@ def optimizer_steps() -> int:
     if _step_hook is None:
         def count(optimizer, args, kwargs):
             global _step_count
-            _step_count += 1
+            if not getattr(optimizer, "_lecompile_internal", False):  # the learned predictor's own
+                _step_count += 1
         from torch.optim.optimizer import register_optimizer_step_post_hook
         _step_hook = register_optimizer_step_post_hook(count)
     return _step_count

@@ -9,7 +9,7 @@ from typing import Optional, Tuple
 
 ENV_PREFIX = "LECOMPILE_"
 
-PREDICTORS = ("oracle", "svd")
+PREDICTORS = ("oracle", "svd", "learned")
 ATTN_PREDICTORS = ("pooled", "oracle")
 GRANULARITIES = ("sequence", "tile", "batch")
 
@@ -48,16 +48,22 @@ class LongExposureConfig:
     #: ``torch.compile``'d model (calls of its first graph).
     warmup_steps: int = 0
     #: How neuron indices are predicted: ``"oracle"`` (exact top-k of the dense activation,
-    #: costs a dense pass; for tests and upper bounds) or ``"svd"`` (training-free rank-r
-    #: estimate from the frozen weights, plus the exact low-rank adapter terms).
+    #: costs a dense pass; for tests and upper bounds), ``"svd"`` (training-free rank-r
+    #: estimate from the frozen weights, plus the exact low-rank adapter terms) or
+    #: ``"learned"`` (the SVD estimator's factors trained on the exact activations of the
+    #: first batches and refreshed every ``learned_refresh`` calls; not with ``cudagraphs``).
     predictor: str = "svd"
     #: Tokens that share one neuron set: ``"sequence"`` (each sequence of the batch),
     #: ``"tile"`` (each ``tile_size`` consecutive tokens of a sequence) or ``"batch"``.
     granularity: str = "sequence"
     #: Tokens per tile when ``granularity="tile"``: a positive multiple of 16.
     tile_size: int = 128
-    #: Rank of the SVD predictor's estimate, at least 1.
+    #: Rank of the SVD and learned predictors' estimate, at least 1.
     svd_rank: int = 8
+    #: Learned predictor: optimizer steps per training call (each on up to 1024 tokens).
+    learned_train_steps: int = 20
+    #: Learned predictor: retrain every this many calls per MLP (0: only the first calls).
+    learned_refresh: int = 100
     #: ``k`` is rounded up to a multiple of this (kernel tile; unaligned k was measured
     #: 2-3x slower), at least 1.
     k_align: int = 128
@@ -99,10 +105,15 @@ class LongExposureConfig:
                    lambda v: v > 0 and v % 16 == 0)
         _check_int("svd_rank", self.svd_rank, "an integer >= 1", lambda v: v >= 1)
         _check_int("k_align", self.k_align, "an integer >= 1", lambda v: v >= 1)
+        _check_int("learned_train_steps", self.learned_train_steps, "an integer >= 1", lambda v: v >= 1)
+        _check_int("learned_refresh", self.learned_refresh, "an integer >= 0", lambda v: v >= 0)
         for name in ("rewrite_mlp", "fuse_adapters", "cudagraphs", "match_attention", "rewrite_attention"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"LongExposureConfig.{name} must be a bool, "
                                  f"got {getattr(self, name)!r}")
+        if self.predictor == "learned" and self.cudagraphs:
+            raise ValueError("LongExposureConfig: predictor='learned' trains inside the step, which a CUDA "
+                             "graph cannot replay: use cudagraphs=False or predictor='svd'")
         if self.dump_dir is not None and not isinstance(self.dump_dir, (str, os.PathLike)):
             raise ValueError(f"LongExposureConfig.dump_dir must be a path or None, "
                              f"got {self.dump_dir!r}")

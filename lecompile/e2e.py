@@ -395,7 +395,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--attn-densities", nargs="+", type=float, default=[1.0],
                         help="attention densities of the lecompile variants (1.0: dense attention)")
     parser.add_argument("--attn-block", type=int, default=64, help="tokens per attention block")
-    parser.add_argument("--predictor", default="svd", choices=("svd", "oracle"))
+    parser.add_argument("--predictor", default="svd", choices=("svd", "learned", "oracle"))
     parser.add_argument("--granularity", default="sequence", choices=("sequence", "tile", "batch"))
     parser.add_argument("--no-baselines", action="store_true", help="lecompile variants only")
     parser.add_argument("--cudagraphs", action="store_true",

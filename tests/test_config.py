@@ -8,7 +8,7 @@ from lecompile import LongExposureConfig
     ("mlp_density", 1.5, r"mlp_density must be in \(0, 1\]"),
     ("attn_density", -0.1, r"attn_density must be in \(0, 1\]"),
     ("mlp_density", "0.5", r"mlp_density must be in \(0, 1\], got '0.5'"),
-    ("predictor", "magic", r"predictor must be one of \('oracle', 'svd'\), got 'magic'"),
+    ("predictor", "magic", r"predictor must be one of \('oracle', 'svd', 'learned'\), got 'magic'"),
     ("granularity", "token", r"granularity must be one of"),
     ("tile_size", 100, r"tile_size must be a positive multiple of 16, got 100"),
     ("svd_rank", 0, r"svd_rank must be an integer >= 1"),

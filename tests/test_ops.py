@@ -129,7 +129,7 @@ def test_opcheck(gated, adapters, dropout):
                           (x, idx, params, slots, scales, "silu" if gated else "relu", dropout), **kwargs)
     torch.library.opcheck(torch.ops.lecompile.predict_neurons.default,
                           (x.detach(), [p.detach() for p in params[:2]], slots[:2], scales, "relu", "svd",
-                           128, 3, 4))
+                           128, 3, 4, [20, 100]))
 
 
 def test_pack_unpack_roundtrip():
@@ -216,7 +216,7 @@ def test_svd_cache_notices_weight_updates():
     torch.testing.assert_close(q2 @ p2.t(), 2 * (q1 @ p1.t()), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("method", ["oracle", "svd"])
+@pytest.mark.parametrize("method", ["oracle", "svd", "learned"])
 def test_predict_neurons_shapes_and_sorted(method):
     fc1, up, fc2 = make_mlp(16, 256, torch.float32, True, "lora")
     params, slots, scales = pack_mlp(fc1, up, fc2)

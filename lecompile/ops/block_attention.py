@@ -168,10 +168,10 @@ def block_attention_flex(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, full: Te
     # The higher-order op itself, as flex_attention calls it under Dynamo: inside the backend's
     # graph AOTAutograd traces it and Inductor lowers it; run eagerly (tests) it is the unfused
     # math implementation, which also trains on the CPU.
-    options = _apply_kernel_options(q, k, v, False, None, None)
-    out, _, _ = flex_attention_hop(q, k, v, score_mod, mask.as_tuple(), float(scale), options,
-                                   tuple(score_tensors), (keep, *masks))
-    return out
+    options = _apply_kernel_options(q, k, v, False, None)
+    outputs = flex_attention_hop(q, k, v, score_mod, mask.as_tuple(), float(scale), options,
+                                 tuple(score_tensors), (keep, *masks))
+    return outputs[0]  # (out, logsumexp[, max_scores]) depending on the torch version
 
 
 def _as_4d(x: Tensor) -> Tensor:

@@ -116,7 +116,7 @@ def _rewrite(graph: fx.Graph, mlp: MLPMatch, k: int, group_size: int, cfg) -> No
         n = sum(s < 2 * len(SLOTS) for s in slots)  # the predictor reads fc1 and up only
         idx = graph.call_function(predict_neurons, (
             x, params[:n], slots[:n], scales, mlp.activation, cfg.predictor, k, group_size,
-            cfg.svd_rank))
+            cfg.svd_rank, [cfg.learned_train_steps, cfg.learned_refresh]))
         result = graph.call_function(torch.ops.lecompile.sparse_mlp.default, (
             x, idx, params, slots, scales, mlp.activation, mlp.fc2.lora_dropout))
         y = graph.call_function(operator.getitem, (result, 0))

@@ -1,10 +1,11 @@
 """``lecompile::predict_neurons``: a predictor as an opaque op with a static output shape."""
 
-from typing import List
+from typing import List, Sequence
 
 import torch
 
 from ..ops.adapted_linear import SLOTS, unpack_mlp
+from .learned import learned_group_scores
 from .oracle import oracle_group_scores
 from .svd import svd_group_scores
 
@@ -14,7 +15,7 @@ LORA_INPUT = SLOTS.index("lora_input")
 
 #: Predictor name -> scoring function
 #: ``(x [T, d], fc1, up, activation, rank, group) -> [T / group, ffn]`` (larger = keep).
-PREDICTORS = {"oracle": oracle_group_scores, "svd": svd_group_scores}
+PREDICTORS = {"oracle": oracle_group_scores, "svd": svd_group_scores, "learned": learned_group_scores}
 
 
 def top_k(scores: Tensor, k: int) -> Tensor:
@@ -24,9 +25,17 @@ def top_k(scores: Tensor, k: int) -> Tensor:
     return scores.topk(k, dim=-1, sorted=False).indices.sort(dim=-1).values
 
 
+def recall(scores: Tensor, exact: Tensor, k: int) -> float:
+    """Share of the exact top-``k`` mass that the top-``k`` of ``scores`` keeps (1.0 = oracle):
+    ``exact`` is the oracle's ``[G, ffn]`` scores of the same groups."""
+    kept = exact.gather(-1, top_k(scores, k)).sum()
+    return (kept / exact.topk(k, dim=-1).values.sum()).item()
+
+
 @torch.library.custom_op("lecompile::predict_neurons", mutates_args=())
 def _predict_neurons(x: Tensor, params: List[Tensor], slots: List[int], lora_scales: List[float],
-                     activation: str, method: str, k: int, group_size: int, rank: int) -> Tensor:
+                     activation: str, method: str, k: int, group_size: int, rank: int,
+                     schedule: List[int]) -> Tensor:
     if method not in PREDICTORS:
         raise ValueError(f"predict_neurons: method must be one of {tuple(PREDICTORS)}, got {method!r}")
     tokens = x.numel() // x.shape[-1]
@@ -35,20 +44,23 @@ def _predict_neurons(x: Tensor, params: List[Tensor], slots: List[int], lora_sca
     flat = [t.reshape(-1, t.shape[-1]) if s % len(SLOTS) == LORA_INPUT else t
             for t, s in zip(params, slots)]
     fc1, up, _ = unpack_mlp(flat, slots, lora_scales)
-    scores = PREDICTORS[method](x.reshape(-1, x.shape[-1]), fc1, up, activation, rank, group_size)
+    extra = dict(zip(("train_steps", "refresh"), schedule)) if method == "learned" else {}
+    scores = PREDICTORS[method](x.reshape(-1, x.shape[-1]), fc1, up, activation, rank, group_size, **extra)
     return top_k(scores, k)
 
 
 @_predict_neurons.register_fake
-def _(x, params, slots, lora_scales, activation, method, k, group_size, rank):
+def _(x, params, slots, lora_scales, activation, method, k, group_size, rank, schedule):
     tokens = x.numel() // x.shape[-1]
     return x.new_empty(tokens // group_size, k, dtype=torch.int64)
 
 
 def predict_neurons(x: Tensor, params: List[Tensor], slots: List[int], lora_scales: List[float],
-                    activation: str, method: str, k: int, group_size: int, rank: int) -> Tensor:
+                    activation: str, method: str, k: int, group_size: int, rank: int,
+                    schedule: Sequence[int] = (20, 100)) -> Tensor:
     """Predict neuron indices ``[T / group_size, k]`` for the MLP packed in ``params``/``slots``
     (:func:`~lecompile.ops.adapted_linear.pack_mlp`). Inputs are detached: indices carry no
-    gradient, and the predictor's math never enters the backward graph."""
+    gradient, and the predictor's math never enters the backward graph. ``schedule`` is the
+    learned predictor's ``(train_steps, refresh)``."""
     return _predict_neurons(x.detach(), [t.detach() for t in params], slots, lora_scales,
-                            activation, method, k, group_size, rank)
+                            activation, method, k, group_size, rank, list(schedule))

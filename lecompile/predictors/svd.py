@@ -38,12 +38,13 @@ def clear_svd_cache() -> None:
     svd_factors.clear()
 
 
-def low_rank(x: torch.Tensor, lin: AdaptedLinear, rank: int):
+def low_rank(x: torch.Tensor, lin: AdaptedLinear, rank: int, factors=None):
     """``(U [T, R], V [ffn, R], b)`` with ``U @ V.T + b`` the estimate of ``lin(x)``: the
-    rank-``rank`` SVD of the frozen weight plus the exact LoRA, IA3 and bias terms."""
-    p, q = svd_factors(lin.weight, rank)
+    rank-``rank`` SVD of the frozen weight (or the given ``factors`` ``(P, Q)``) plus the exact
+    LoRA, IA3 and bias terms."""
+    p, q = factors if factors is not None else svd_factors(lin.weight, rank)
     xs = x if lin.in_scale is None else _scale(x, lin.in_scale)
-    us, vs = [(xs @ p).float()], [q.float()]
+    us, vs = [(xs.to(p.dtype) @ p).float()], [q.float()]
     if lin.lora_a is not None:
         lx = xs if lin.lora_input is None else lin.lora_input
         us.append(lin.lora_scale * (lx.to(lin.lora_a.dtype) @ lin.lora_a.t()).float())

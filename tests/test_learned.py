@@ -1,0 +1,76 @@
+"""The learned predictor: trained on the exposer's labels it beats the SVD estimate on data
+the SVD cannot see, keeps its state outside the model, and runs inside a compiled step."""
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import lecompile
+from lecompile import LongExposureConfig
+from lecompile.predictors import clear_svd_cache
+from lecompile.predictors.learned import clear_learned, learned_factors, learned_group_scores
+from lecompile.predictors.op import recall
+from lecompile.predictors.oracle import oracle_group_scores
+from lecompile.predictors.svd import svd_group_scores
+
+from models import batch, tiny_model
+from test_ops import make_mlp
+
+RANK = 4
+
+
+def subspace_tokens(d, n, seed):
+    """Tokens on a ``RANK``-dimensional subspace: a data distribution the SVD of the weight ignores."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.randn(RANK, d, generator=torch.Generator().manual_seed(0))
+    return torch.randn(n, RANK, generator=g) @ basis
+
+
+@pytest.mark.parametrize("activation,gated", [("relu", False), ("silu", True)])
+def test_learned_recall_beats_svd_on_held_out_tokens(activation, gated):
+    clear_learned()
+    clear_svd_cache()
+    fc1, up, _ = make_mlp(64, 512, torch.float32, gated, "lora")
+    train, test = subspace_tokens(64, 512, 1), subspace_tokens(64, 256, 2)
+    counters.clear()
+    learned_group_scores(train, fc1, up, activation, RANK, 16, train_steps=300, refresh=0)
+    assert counters["lecompile"]["learned_train_calls"] == 1 and counters["lecompile"]["learned_train_ms"] > 0
+    exact = oracle_group_scores(test, fc1, up, activation, 0, 16)
+    f1 = learned_factors(fc1.weight, RANK)
+    f1.calls = 10  # past the initial training calls: score only
+    learned = learned_group_scores(test, fc1, up, activation, RANK, 16, train_steps=300, refresh=0)
+    svd = svd_group_scores(test, fc1, up, activation, RANK, 16)
+    r_learned, r_svd = recall(learned, exact, 128), recall(svd, exact, 128)
+    assert r_learned > r_svd + 0.05, (r_learned, r_svd)
+    assert recall(exact, exact, 128) == pytest.approx(1.0)
+
+
+def test_learned_schedule_trains_first_calls_then_every_refresh():
+    clear_learned()
+    fc1, _, _ = make_mlp(16, 128, torch.float32, False, "none")
+    x = torch.randn(64, 16)
+    counters.clear()
+    for _ in range(7):
+        learned_group_scores(x, fc1, None, "relu", RANK, 16, train_steps=1, refresh=5)
+    assert counters["lecompile"]["learned_train_calls"] == 4  # calls 0, 1, 2 and 5
+
+
+def test_learned_predictor_trains_in_a_compiled_step_outside_the_model():
+    clear_learned()
+    model = tiny_model("llama", "lora")
+    n_params = len(list(model.parameters()))
+    counters.clear()
+    torch._dynamo.reset()
+    backend = lecompile.longexposure(LongExposureConfig(mlp_density=0.5, k_align=64, predictor="learned",
+                                                        learned_train_steps=3))
+    loss = torch.compile(model, backend=backend)(**batch()).loss
+    loss.backward()
+    assert torch.isfinite(loss) and backend.report.mlp_rewritten == 2
+    assert counters["lecompile"]["learned_train_calls"] == 2  # one MLP call each, trained first
+    assert len(list(model.parameters())) == n_params
+    assert not any(p.grad is None for p in model.parameters() if p.requires_grad)
+
+
+def test_learned_with_cudagraphs_is_refused():
+    with pytest.raises(ValueError, match="cudagraphs=False or predictor='svd'"):
+        LongExposureConfig(predictor="learned", cudagraphs=True)
