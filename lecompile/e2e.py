@@ -335,6 +335,8 @@ def breakdown(case: Case, variant: Variant, device: str = "cuda", steps: int = 3
                 totals[k] += e.device_time_total / 1e3 / steps
         if e.device_type.name == "CUDA":
             kernel_total += e.self_device_time_total / 1e3 / steps
+            if "flex_attention" in e.key:  # Inductor's FlexAttention kernels (no top-level op)
+                totals["attention"] += e.self_device_time_total / 1e3 / steps
     totals = {k: round(v, 3) for k, v in totals.items()}
     totals["kernels_total"] = round(kernel_total, 3)
     totals["rest"] = round(kernel_total - sum(v for k, v in totals.items() if k != "kernels_total"), 3)
