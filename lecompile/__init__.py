@@ -5,6 +5,7 @@
     model = torch.compile(model, backend="longexposure")
     model = torch.compile(model, backend=lecompile.longexposure(lecompile.LongExposureConfig(mlp_density=0.25)))
     report = lecompile.explain(model, **batch)
+    densities = lecompile.auto_layer_densities(model, input_ids, mean_density=0.5)
 """
 
 import logging
@@ -12,8 +13,9 @@ import logging
 from .backend import LongExposureBackend, explain, longexposure
 from .config import LongExposureConfig
 from .report import Report
+from .sensitivity import auto_layer_densities
 
 logging.getLogger("lecompile").addHandler(logging.NullHandler())
 
 __version__ = "0.1.0"
-__all__ = ["LongExposureBackend", "LongExposureConfig", "Report", "explain", "longexposure"]
+__all__ = ["LongExposureBackend", "LongExposureConfig", "Report", "auto_layer_densities", "explain", "longexposure"]

@@ -14,6 +14,7 @@ import torch.fx as fx
 from .config import LongExposureConfig
 from .passes import run_passes
 from .report import Report
+from .warmup import WarmupSwitch, copy_graph, optimizer_steps
 
 log = logging.getLogger("lecompile")
 _graph_ids = itertools.count()
@@ -44,9 +45,9 @@ class LongExposureBackend:
             if self._warmup_until is None:
                 self._warmup_until = optimizer_steps() + self.config.warmup_steps
             if optimizer_steps() < self._warmup_until:
-                sparse_graph = _copy(gm)
+                sparse_graph = copy_graph(gm)
                 dense = self._compile(gm, example_inputs, patches, dense_warmup=True)
-                return _WarmupSwitch(dense, lambda args: self._compile(sparse_graph, args, patches),
+                return WarmupSwitch(dense, lambda args: self._compile(sparse_graph, args, patches),
                                      self._warmup_until)
         return self._compile(gm, example_inputs, patches)
 
@@ -76,52 +77,8 @@ class LongExposureBackend:
         return merged
 
 
-class _WarmupSwitch:
-    """A compiled graph that runs ``dense`` until the process has taken ``until`` optimizer steps,
-    then compiles the sparse graph once (at its first call, with that call's inputs as example
-    inputs) and runs it."""
-
-    def __init__(self, dense, compile_sparse, until: int):
-        self.dense, self.compile_sparse, self.sparse, self.until = dense, compile_sparse, None, until
-
-    def __call__(self, *args):
-        if self.sparse is None:
-            if optimizer_steps() < self.until:
-                return self.dense(*args)
-            log.info("dense warm-up over (optimizer step %d): compiling the sparse graph", self.until)
-            self.sparse = self.compile_sparse(list(args))
-            self.dense = None
-        return self.sparse(*args)
-
-
-_step_count = 0
-_step_hook = None
-
-
-def optimizer_steps() -> int:
-    """``torch.optim`` optimizer steps taken in this process since lecompile started counting
-    (the first warm-up graph installs a global post-step hook)."""
-    global _step_hook
-    if _step_hook is None:
-        def count(optimizer, args, kwargs):
-            global _step_count
-            if not getattr(optimizer, "_lecompile_internal", False):  # the learned predictor's own
-                _step_count += 1
-        from torch.optim.optimizer import register_optimizer_step_post_hook
-        _step_hook = register_optimizer_step_post_hook(count)
-    return _step_count
-
-
 def _needs_grad(example_inputs) -> bool:
     return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs)
-
-
-def _copy(gm: fx.GraphModule) -> fx.GraphModule:
-    """A second graph module over the same parameters, with its own copy of the graph."""
-    graph = fx.Graph()
-    out = graph.graph_copy(gm.graph, {})
-    graph.output(out)
-    return fx.GraphModule(gm, graph)
 
 
 def _inductor_patches(mode: Optional[str], options: Optional[dict], config: LongExposureConfig) -> dict:

@@ -7,9 +7,9 @@ whose value the rewrite replaces, and, when it cannot be rewritten, why.
 
 from __future__ import annotations
 
+import operator
 from collections import deque
 from dataclasses import dataclass
-import operator
 from typing import List, Optional, Tuple, Union
 
 import torch

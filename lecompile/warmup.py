@@ -1,0 +1,59 @@
+"""Dense warm-up: run a graph dense for the first optimizer steps, then switch to its sparse form.
+
+Steps are counted with a process-wide ``torch.optim`` post-step hook (optimizers marked
+``_lecompile_internal``, such as the learned predictor's, are not counted), so a warm-up of N
+steps means N ``optimizer.step()`` calls of the user's training loop, whatever graph breaks or
+layer-shared graphs the model has.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch.fx as fx
+
+log = logging.getLogger("lecompile")
+
+
+class WarmupSwitch:
+    """A compiled graph that runs ``dense`` until the process has taken ``until`` optimizer steps,
+    then compiles the sparse graph once (at its first call, with that call's inputs as example
+    inputs) and runs it."""
+
+    def __init__(self, dense, compile_sparse, until: int):
+        self.dense, self.compile_sparse, self.sparse, self.until = dense, compile_sparse, None, until
+
+    def __call__(self, *args):
+        if self.sparse is None:
+            if optimizer_steps() < self.until:
+                return self.dense(*args)
+            log.info("dense warm-up over (optimizer step %d): compiling the sparse graph", self.until)
+            self.sparse = self.compile_sparse(list(args))
+            self.dense = None
+        return self.sparse(*args)
+
+
+_step_count = 0
+_step_hook = None
+
+
+def optimizer_steps() -> int:
+    """``torch.optim`` optimizer steps taken in this process since lecompile started counting
+    (the first warm-up graph installs a global post-step hook)."""
+    global _step_hook
+    if _step_hook is None:
+        def count(optimizer, args, kwargs):
+            global _step_count
+            if not getattr(optimizer, "_lecompile_internal", False):  # the learned predictor's own
+                _step_count += 1
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+        _step_hook = register_optimizer_step_post_hook(count)
+    return _step_count
+
+
+def copy_graph(gm: fx.GraphModule) -> fx.GraphModule:
+    """A second graph module over the same parameters, with its own copy of the graph."""
+    graph = fx.Graph()
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    return fx.GraphModule(gm, graph)
