@@ -189,7 +189,8 @@ def main():
         if r.get("pass") == "fwd+bwd" and r.get("variant") != "dense" and "ms" in r:
             print(f"{r['case']:18s} {r['batch']}x{r['seq']:<5d} {r['variant']:20s} d={r['density']:.3f} "
                   f"{r['ms']:7.3f} ms  speedup {r['speedup']:5.2f}  ideal {r['ideal_ratio']:4.2f}  "
-                  f"graph {r['graph_ms'] or float('nan'):7.3f} ms  ideal {r.get('graph_ideal_ratio') or float('nan'):4.2f}")
+                  f"graph {r['graph_ms'] or float('nan'):7.3f} ms  "
+                  f"ideal {r.get('graph_ideal_ratio') or float('nan'):4.2f}")
 
 
 if __name__ == "__main__":

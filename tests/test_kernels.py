@@ -66,7 +66,8 @@ def test_kgather(dtype, tokens, group, d, ffn, k, two, bias):
     gen = torch.Generator().manual_seed(2)
     h, m = rand(tokens, k, dtype=dtype, gen=gen), rand(ffn, d, dtype=dtype, gen=gen, scale=k ** -0.5)
     idx = sorted_idx(tokens // group, ffn, k, gen)
-    second = (rand(tokens, k, dtype=dtype, gen=gen), rand(ffn, d, dtype=dtype, gen=gen, scale=k ** -0.5)) if two else None
+    second = ((rand(tokens, k, dtype=dtype, gen=gen), rand(ffn, d, dtype=dtype, gen=gen, scale=k ** -0.5))
+              if two else None)
     b = rand(d, dtype=dtype, gen=gen) if bias else None
     got = kgather_matmul(h, m, idx, group, bias=b, second=second)
     torch.testing.assert_close(got, kgather_matmul_ref(h, m, idx, group, bias=b, second=second), **TOL[dtype])

@@ -1,8 +1,9 @@
 """Compiled train steps of tiny Hugging Face models through the backend, against eager PyTorch.
 
 Per (architecture, PEFT method), one model: at density 1.0 every MLP is matched and left dense,
-and the compiled step matches eager (loss and every gradient); at density 0.5 with the oracle predictor it matches an eager
-model whose MLP intermediate is masked to the oracle's per-sequence top-k neurons.
+and the compiled step matches eager (loss and every gradient); at density 0.5 with the oracle
+predictor it matches an eager model whose MLP intermediate is masked to the oracle's
+per-sequence top-k neurons.
 """
 
 import pytest
