@@ -1,0 +1,210 @@
+"""Accuracy study: LoRA fine-tuning of SmolLM2-135M on pydoc text, dense vs sparse MLPs.
+
+Every run starts from the same LoRA model and sees the same batches (fixed split and seed). The
+task is continuation: the first half of each row is context (label -100), the second half is
+predicted. After ``--steps`` steps the fine-tuned model is evaluated dense on held-out rows (as it
+would be served). Sparse runs keep, in every MLP, the neurons their predictor chooses per token
+group; this is emulated by masking the MLP intermediate to those neurons (the compiled
+``lecompile::sparse_mlp`` equals that masked dense computation, forward and backward:
+``tests/test_models.py``), so the study runs anywhere without compiling.
+
+Rows: ``predictor`` (oracle / svd / learned, or ``sparselora`` for SparseLoRA's recipe: SVD
+estimator, one neuron set per batch, first ``--sparselora-dense-layers`` layers dense, dense
+warm-up for the first 10% of steps, sparsity on context tokens only), ``granularity``,
+``mlp_density`` (requested), ``kept_density`` (after rounding k), ``heldout_loss``, and the loss
+curve. Writes ``accuracy.json`` and a plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import RESULTS, command_line, meta, write_results  # noqa: E402
+from lecompile.data import batches, load_model, token_splits  # noqa: E402
+from lecompile.demo import lora_model  # noqa: E402
+from lecompile.ops.adapted_linear import AdaptedLinear  # noqa: E402
+from lecompile.passes.rewrite_mlp import kept_neurons  # noqa: E402
+from lecompile.predictors import PREDICTORS, clear_learned, top_k  # noqa: E402
+
+TARGETS = ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
+TILE = 64
+
+
+def adapted(module) -> AdaptedLinear:
+    """A PEFT LoRA linear (or a plain one) as the predictors' :class:`AdaptedLinear`."""
+    base = getattr(module, "base_layer", module)
+    if not hasattr(module, "lora_A"):
+        return AdaptedLinear(base.weight.detach(), None if base.bias is None else base.bias.detach())
+    return AdaptedLinear(base.weight.detach(), None if base.bias is None else base.bias.detach(),
+                         lora_a=module.lora_A["default"].weight.detach(),
+                         lora_b=module.lora_B["default"].weight.detach(),
+                         lora_scale=float(module.scaling["default"]))
+
+
+class SparseMLPs:
+    """Hooks that keep, in every MLP, the neurons ``predictor`` chooses per token group."""
+
+    def __init__(self, model, predictor, granularity, density, align, dense_layers=0, context_only=False):
+        self.predictor, self.granularity, self.density = predictor, granularity, density
+        self.align, self.dense_layers, self.context_only = align, dense_layers, context_only
+        self.active, self.context, self.kept = True, None, []
+        self.handles = []
+        for i, layer in enumerate(model.base_model.model.model.layers):
+            if i >= dense_layers:
+                self.handles.append(layer.mlp.register_forward_pre_hook(self._capture))
+                self.handles.append(layer.mlp.down_proj.register_forward_pre_hook(self._mask(layer.mlp)))
+
+    def _capture(self, mlp, args):
+        mlp._lecompile_x = args[0].detach()
+
+    def _mask(self, mlp):
+        def hook(module, args):
+            if not self.active:
+                return None
+            h, x = args[0], mlp._lecompile_x
+            batch, seq, ffn = h.shape
+            k = kept_neurons(self.density, ffn, self.align)
+            group = {"sequence": seq, "tile": TILE, "batch": batch * seq}[self.granularity]
+            scores = PREDICTORS[self.predictor](x.reshape(-1, x.shape[-1]), adapted(mlp.gate_proj),
+                                                adapted(mlp.up_proj), "silu", 8, group)
+            idx = top_k(scores, k)
+            mask = torch.zeros(idx.shape[0], ffn, dtype=h.dtype, device=h.device).scatter_(-1, idx, 1.0)
+            mask = mask.repeat_interleave(group, 0).reshape(batch, seq, ffn)
+            if self.context_only:  # output tokens (labels != -100) stay dense
+                mask = torch.where(self.context.unsqueeze(-1), mask, torch.ones_like(mask))
+            self.kept.append(mask.mean().item())
+            return (h * mask,) + args[1:]
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def continuation_labels(ids):
+    labels = ids.clone()
+    labels[:, : ids.shape[1] // 2] = -100
+    return labels
+
+
+def run(start, name, train, heldout, lr, hooks_fn=None, warmup=0):
+    model = copy.deepcopy(start)
+    hooks = hooks_fn(model) if hooks_fn else None
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    losses = []
+    for step, ids in enumerate(tqdm(train, desc=name, leave=False)):
+        labels = continuation_labels(ids)
+        if hooks:
+            hooks.active = step >= warmup
+            hooks.context = labels == -100
+        loss = model(input_ids=ids, labels=labels, use_cache=False).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(round(loss.item(), 4))
+    kept = 1.0
+    if hooks and hooks.kept:  # compute share of the MLPs during sparse steps, dense layers included
+        layers = len(start.base_model.model.model.layers)
+        kept = (sum(hooks.kept) / len(hooks.kept) * (layers - hooks.dense_layers) + hooks.dense_layers) / layers
+    if hooks:
+        hooks.remove()
+    model.eval()
+    with torch.no_grad():
+        held = sum(model(input_ids=h, labels=continuation_labels(h), use_cache=False).loss.item()
+                   for h in heldout) / len(heldout)
+    return held, kept, losses
+
+
+def plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    dense = next(r for r in rows if r["variant"] == "dense")
+    series = sorted({(r["predictor"], r["granularity"]) for r in rows if r["variant"] != "dense"})
+    for predictor, granularity in series:
+        sel = sorted((r for r in rows if r["predictor"] == predictor and r["granularity"] == granularity),
+                     key=lambda r: r["kept_density"])
+        ax1.plot([r["kept_density"] for r in sel], [r["heldout_loss"] for r in sel], "o-",
+                 label=f"{predictor}, {granularity}")
+    for pct, style in ((1, ":"), (3, "-.")):
+        ax1.axhline(dense["heldout_loss"] * (1 + pct / 100), color="gray", ls=style, label=f"dense + {pct}%")
+    ax1.axhline(dense["heldout_loss"], color="black", lw=1, label="dense LoRA")
+    ax1.set(xlabel="MLP compute kept (share of neurons over tokens and layers)", ylabel="held-out loss",
+            title="SmolLM2-135M LoRA on pydoc: held-out loss vs density")
+    ax1.legend(fontsize=7)
+    for r in rows:
+        if r["variant"] == "dense" or r["mlp_density"] == min(x["mlp_density"] for x in rows):
+            ax2.plot(r["losses"], lw=1, label=r["variant"])
+    ax2.set(xlabel="step", ylabel="training loss", title="loss curves (dense and the lowest density)")
+    ax2.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--heldout", type=int, default=8, help="held-out batches")
+    parser.add_argument("--densities", nargs="+", type=float, default=[0.7, 0.5, 0.35, 0.25])
+    parser.add_argument("--predictors", nargs="+", default=["oracle", "svd", "learned"], choices=list(PREDICTORS))
+    parser.add_argument("--granularities", nargs="+", default=["tile", "sequence"], choices=["tile", "sequence"])
+    parser.add_argument("--no-sparselora", action="store_true", help="skip SparseLoRA's recipe")
+    parser.add_argument("--sparselora-dense-layers", type=int, default=3)
+    parser.add_argument("--align", type=int, default=64, help="k is rounded up to a multiple of this")
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    base, tokenizer = load_model()
+    splits = token_splits(tokenizer, args.seq_len)
+    train = batches(splits["train"], args.batch_size, args.steps, args.seed)
+    heldout = batches(splits["heldout"], args.batch_size, args.heldout, args.seed + 1)
+    torch.manual_seed(args.seed)
+    start = lora_model(base, 8, TARGETS)
+    common = dict(model="SmolLM2-135M-Instruct (GGUF, fp32)", steps=args.steps, batch=args.batch_size,
+                  seq=args.seq_len, lora="r=8 on " + ",".join(TARGETS))
+    rows = []
+    held, _, losses = run(start, "dense", train, heldout, args.lr)
+    rows.append(dict(variant="dense", predictor="dense", granularity="-", mlp_density=1.0, kept_density=1.0,
+                     heldout_loss=round(held, 5), losses=losses, **common))
+    configs = [(p, g, d, False) for p in args.predictors for g in args.granularities for d in args.densities]
+    if not args.no_sparselora:
+        configs += [("sparselora", "batch", d, True) for d in args.densities]
+    for predictor, granularity, density, recipe in tqdm(configs, desc="runs"):
+        clear_learned()
+        name = f"{predictor}-{granularity}-d{density:g}"
+        if recipe:
+            hooks = lambda m, d=density: SparseMLPs(m, "svd", "batch", d, args.align,  # noqa: E731
+                                                     args.sparselora_dense_layers, context_only=True)
+            held, kept, losses = run(start, name, train, heldout, args.lr, hooks, warmup=args.steps // 10)
+        else:
+            hooks = lambda m, p=predictor, g=granularity, d=density: SparseMLPs(m, p, g, d, args.align)  # noqa: E731
+            held, kept, losses = run(start, name, train, heldout, args.lr, hooks)
+        rows.append(dict(variant=name, predictor=predictor, granularity=granularity, mlp_density=density,
+                         kept_density=round(kept, 4), heldout_loss=round(held, 5), losses=losses, **common))
+        write_results("accuracy", {"meta": meta("accuracy", command_line()), "rows": rows}, args.out)
+    data = {"meta": meta("accuracy", command_line(), text="pydoc_data.topics, fixed train/held-out split",
+                         task="continuation: loss on the second half of each row", seed=args.seed), "rows": rows}
+    path = write_results("accuracy", data, args.out)
+    plot(rows, args.out / "accuracy.png")
+    dense_loss = rows[0]["heldout_loss"]
+    for r in rows:
+        print(f"{r['variant']:28s} kept {r['kept_density']:.3f} held-out {r['heldout_loss']:.4f} "
+              f"({100 * (r['heldout_loss'] / dense_loss - 1):+.2f}%)")
+    print(path)
+
+
+if __name__ == "__main__":
+    main()
