@@ -25,8 +25,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import RESULTS, command_line, meta, write_results  # noqa: E402
 from lecompile.data import load_model, token_splits  # noqa: E402
-from lecompile.ops.block_attention import allowed_blocks, block_attention_ref  # noqa: E402
-from lecompile.predictors.attention import choose_layouts, predict_blocks  # noqa: E402
+from lecompile.predictors.attention import choose_layouts, transformers_attention  # noqa: E402
 
 DENSITIES = (0.75, 0.5, 0.35, 0.25)
 PREDICTORS = ("pooled", "oracle", "local")
@@ -41,24 +40,11 @@ def local_mass(n: int, m: int) -> torch.Tensor:
 
 def sparse_attention(predictor: str, density: float, block: int, kept: list):
     """An SDPA replacement for transformers running the reference op on the chosen blocks."""
-    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
-                  **kwargs):
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        if attention_mask is None:
-            steps, operands, causal = ["mul"], [scale], True
-        else:
-            steps, operands, causal = ["mul", "mask"], [scale, attention_mask], False
-        L, S = query.shape[-2], key.shape[-2]
-        any_b, _ = allowed_blocks(steps, operands, causal, L, S, block, query.device)
-        if predictor == "local":
-            B, H = query.shape[:2]
-            keep = choose_layouts(local_mass(L // block, S // block).expand(B, H, -1, -1), any_b, density)
-        else:
-            keep = predict_blocks(query, key, any_b, steps, operands, causal, block, density, predictor)
-        kept.append((keep.sum((-1, -2)).float() / any_b.sum((-1, -2))).mean().item())
-        out = block_attention_ref(query, key, value, keep, steps, operands, causal, block, enable_gqa=True)
-        return out.transpose(1, 2).contiguous(), None
-    return attention
+    def local(query, key, allowed):
+        B, H, L, S = query.shape[0], query.shape[1], query.shape[-2], key.shape[-2]
+        return choose_layouts(local_mass(L // block, S // block).expand(B, H, -1, -1), allowed, density)
+    return transformers_attention(density, block, method=predictor, choose=local if predictor == "local" else None,
+                                  kept=kept)
 
 
 @torch.no_grad()

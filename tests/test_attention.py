@@ -11,7 +11,8 @@ import lecompile
 from lecompile import LongExposureConfig
 from lecompile.ops.block_attention import (allowed_blocks, block_attention_flex, block_attention_ref,
                                            kv_block_lists)
-from lecompile.predictors.attention import atomic_layouts, choose_layouts, predict_blocks
+from lecompile.predictors.attention import (atomic_layouts, choose_layouts, predict_blocks,
+                                            transformers_attention)
 
 from models import ARCHS, LAYERS, VOCAB, tiny_model, train_step
 
@@ -153,20 +154,8 @@ SEQ = 64
 
 
 def reference_attention(density, block=BLOCK):
-    """An SDPA replacement for transformers that runs the same predictor and the reference op."""
-    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
-                  **kwargs):
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        if attention_mask is None:
-            steps, operands, causal = ["mul"], [scale], True
-        else:
-            steps, operands, causal = ["mul", "mask"], [scale, attention_mask], False
-        L, S = query.shape[-2], key.shape[-2]
-        any_b, _ = allowed_blocks(steps, operands, causal, L, S, block, query.device)
-        keep = predict_blocks(query, key, any_b, steps, operands, causal, block, density, "pooled")
-        out = block_attention_ref(query, key, value, keep, steps, operands, causal, block, enable_gqa=True)
-        return out.transpose(1, 2).contiguous(), None
-    return attention
+    """An SDPA replacement for transformers running the same predictor and the reference op."""
+    return transformers_attention(density, block)
 
 
 def attention_batch(padded: bool):

@@ -118,3 +118,31 @@ def predict_blocks(q: Tensor, k: Tensor, allowed: Tensor, steps: Sequence[str], 
     else:
         mass = oracle_mass(q, k, steps, operands, causal, block)
     return choose_layouts(mass, allowed, density, layouts)
+
+
+def transformers_attention(density: float, block: int, method: str = "pooled", choose=None, kept=None):
+    """An attention function for transformers' ``AttentionInterface`` (the SDPA signature) that
+    runs the reference block-sparse attention with this module's predictor: the eager twin of
+    what the backend compiles, for references and accuracy studies.
+
+    ``choose(query, key, allowed) -> keep`` replaces the predictor; ``kept`` (a list) receives
+    the share of allowed blocks each call keeps."""
+    from ..ops.block_attention import allowed_blocks, block_attention_ref
+
+    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                  **kwargs):
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        if attention_mask is None:
+            steps, operands, causal = ["mul"], [scale], True
+        else:
+            steps, operands, causal = ["mul", "mask"], [scale, attention_mask], False
+        any_b, _ = allowed_blocks(steps, operands, causal, query.shape[-2], key.shape[-2], block, query.device)
+        if choose is not None:
+            keep = choose(query, key, any_b)
+        else:
+            keep = predict_blocks(query, key, any_b, steps, operands, causal, block, density, method)
+        if kept is not None:
+            kept.append((keep.sum((-1, -2)).float() / any_b.sum((-1, -2))).mean().item())
+        out = block_attention_ref(query, key, value, keep, steps, operands, causal, block, enable_gqa=True)
+        return out.transpose(1, 2).contiguous(), None
+    return attention
