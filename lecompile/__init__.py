@@ -17,5 +17,17 @@ from .sensitivity import auto_layer_densities
 
 logging.getLogger("lecompile").addHandler(logging.NullHandler())
 
+
+def _register_torch_logs() -> None:
+    """Make ``TORCH_LOGS="lecompile"`` (INFO) and ``TORCH_LOGS="+lecompile"`` (DEBUG) work."""
+    try:
+        from torch._logging._internal import register_log
+    except ImportError:  # a torch without it: the logging module still works
+        return
+    register_log("lecompile", "lecompile")
+
+
+_register_torch_logs()
+
 __version__ = "0.1.0"
 __all__ = ["LongExposureBackend", "LongExposureConfig", "Report", "auto_layer_densities", "explain", "longexposure"]

@@ -132,20 +132,31 @@ def test_backend_rejects_wrong_config_type():
 
 @pytest.mark.skipif("longexposure" not in importlib.metadata.entry_points(group="torch_dynamo_backends").names,
                     reason="lecompile is not pip-installed, so its entry point is not registered")
-def test_entry_point_resolves_in_fresh_interpreter():
-    code = (
-        "import sys, torch\n"
-        "assert 'lecompile' not in sys.modules\n"
-        "f = torch.compile(torch.nn.Sequential(torch.nn.Linear(4, 256), torch.nn.ReLU(), torch.nn.Linear(256, 4)),"
-        " backend='longexposure')\n"
-        "f(torch.randn(2, 4, requires_grad=True)).sum().backward()\n"
-        "from torch._dynamo.utils import counters\n"
-        "print('lecompile' in sys.modules, counters['lecompile']['sparse_mlp'])\n"
-    )
+def run_fresh(code: str, **env) -> subprocess.CompletedProcess:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "LECOMPILE_MLP_DENSITY": "0.5"})
+                         env={**os.environ, "LECOMPILE_MLP_DENSITY": "0.5", **env})
     assert out.returncode == 0, out.stderr[-2000:]
+    return out
+
+
+TINY_STEP = (
+    "f = torch.compile(torch.nn.Sequential(torch.nn.Linear(4, 256), torch.nn.ReLU(), torch.nn.Linear(256, 4)),"
+    " backend='longexposure')\n"
+    "f(torch.randn(2, 4, requires_grad=True)).sum().backward()\n"
+)
+
+
+def test_entry_point_resolves_in_fresh_interpreter():
+    out = run_fresh("import sys, torch\nassert 'lecompile' not in sys.modules\n" + TINY_STEP +
+                    "from torch._dynamo.utils import counters\n"
+                    "print('lecompile' in sys.modules, counters['lecompile']['sparse_mlp'])\n")
     assert out.stdout.split() == ["True", "1"]
+
+
+def test_torch_logs_reach_the_lecompile_logger():
+    out = run_fresh("import torch\n" + TINY_STEP, TORCH_LOGS="+lecompile")
+    assert "1 MLP block(s) rewritten of 1 matched" in out.stderr  # INFO
+    assert "lecompile report:" in out.stderr  # DEBUG (the "+")
 
 
 class BrokenMLP(RenamedBlock):
