@@ -12,7 +12,7 @@ import torch
 import torch.fx as fx
 
 from .config import LongExposureConfig
-from .passes import run_passes
+from .passes import is_training_graph, run_passes
 from .report import Report
 from .warmup import WarmupSwitch, copy_graph, optimizer_steps
 
@@ -41,7 +41,7 @@ class LongExposureBackend:
     def __call__(self, gm: fx.GraphModule, example_inputs, mode: Optional[str] = None,
                  options: Optional[dict] = None):
         patches = _inductor_patches(mode, options, self.config)
-        if self.inductor and self.config.warmup_steps and _needs_grad(example_inputs):
+        if self.inductor and self.config.warmup_steps and is_training_graph(example_inputs):
             if self._warmup_until is None:
                 self._warmup_until = optimizer_steps() + self.config.warmup_steps
             if optimizer_steps() < self._warmup_until:
@@ -75,10 +75,6 @@ class LongExposureBackend:
         for r in self.reports:
             merged = merged.merge(r)
         return merged
-
-
-def _needs_grad(example_inputs) -> bool:
-    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs)
 
 
 def _inductor_patches(mode: Optional[str], options: Optional[dict], config: LongExposureConfig) -> dict:

@@ -43,9 +43,9 @@ class LongExposureConfig:
     #: keys, then the atomic layouts with the most mass per block) or ``"oracle"`` (the same
     #: choice on the exact attention mass; costs a dense pass, for studies).
     attn_predictor: str = "pooled"
-    #: Dense warm-up: the first ``warmup_steps`` training forward passes run the dense graph
-    #: (fused adapters only); then the sparse graph is compiled once and used. Counted per
-    #: ``torch.compile``'d model (calls of its first graph).
+    #: Dense warm-up: during the first ``warmup_steps`` optimizer steps (``torch.optim``
+    #: ``step()`` calls in the process, counted from the backend's first graph) the dense
+    #: graphs run (fused adapters only); then each graph is recompiled once with sparsity.
     warmup_steps: int = 0
     #: How neuron indices are predicted: ``"oracle"`` (exact top-k of the dense activation,
     #: costs a dense pass; for tests and upper bounds), ``"svd"`` (training-free rank-r

@@ -9,10 +9,11 @@ mean over layers equal to the target. The result goes into
 
 from __future__ import annotations
 
-import re
 from typing import Dict, Tuple
 
 import torch
+
+from .passes.rewrite_mlp import layer_index
 
 #: Names of the MLP's second linear, per architecture (its input is the MLP intermediate).
 DOWN_PROJECTIONS = ("mlp.down_proj", "fc2", "mlp.c_proj")
@@ -23,10 +24,9 @@ def _down_projections(model: torch.nn.Module) -> Dict[int, torch.nn.Module]:
     found = {}
     for name, module in model.named_modules():
         clean = name.replace(".base_layer", "")
-        layer = re.search(r"\.(\d+)\.", clean)
-        if layer and clean.endswith(DOWN_PROJECTIONS) and not isinstance(module, torch.nn.ModuleDict) \
-                and int(layer.group(1)) not in found:
-            found[int(layer.group(1))] = module
+        layer = layer_index(clean)
+        if layer is not None and clean.endswith(DOWN_PROJECTIONS) and layer not in found:
+            found[layer] = module
     return found
 
 

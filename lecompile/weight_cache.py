@@ -49,18 +49,30 @@ def _outside_graph_pools(compute: Callable[..., Any], weight: torch.Tensor, *arg
     """
     if weight.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
         return compute(weight, *args)
-    torch.cuda.current_stream(weight.device).synchronize()
+    return on_helper_thread(compute, weight.device, weight, *args)
+
+
+def on_helper_thread(fn: Callable[..., Any], device: torch.device, *args) -> Any:
+    """``fn(*args)`` on a fresh thread, waited for; on CUDA the streams of both threads are
+    synchronized around it. The thread starts from default thread-local state: no CUDA-graph
+    pool routing, grad mode on, no dispatch keys excluded. Errors are re-raised here."""
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.current_stream(device).synchronize()
     box = {}
 
     def work():
         try:
-            with torch.cuda.device(weight.device):
-                box["value"] = compute(weight, *args)
-                torch.cuda.current_stream().synchronize()
+            if cuda:
+                with torch.cuda.device(device):
+                    box["value"] = fn(*args)
+                    torch.cuda.current_stream().synchronize()
+            else:
+                box["value"] = fn(*args)
         except BaseException as err:  # re-raised in the caller's thread
             box["error"] = err
 
-    thread = threading.Thread(target=work, name="lecompile-weight-cache")
+    thread = threading.Thread(target=work, name="lecompile-helper")
     thread.start()
     thread.join()
     if "error" in box:

@@ -75,13 +75,19 @@ def run_passes(gm: fx.GraphModule, example_inputs, config: LongExposureConfig,
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     trainable = {n: isinstance(t, torch.Tensor) and t.requires_grad
                  for n, t in zip(placeholders, example_inputs)}
-    training = torch.is_grad_enabled() and any(trainable.values())
+    training = is_training_graph(example_inputs)
     ctx = PassContext(gm, config, trainable, training, dense_warmup)
     _graph_level_notes(ctx, example_inputs)
     for p in PASSES:
         if p.enabled(config):
             p.run(ctx)
     return ctx.report
+
+
+def is_training_graph(example_inputs) -> bool:
+    """A graph runs for training when grad is enabled and some input requires grad."""
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
+                                           for t in example_inputs)
 
 
 def _graph_level_notes(ctx: PassContext, example_inputs) -> None:
@@ -100,4 +106,4 @@ def _graph_level_notes(ctx: PassContext, example_inputs) -> None:
         log.warning("lecompile: %s", note.reason)
 
 
-__all__ = ["PASSES", "Pass", "PassContext", "run_passes", "kept_neurons"]
+__all__ = ["PASSES", "Pass", "PassContext", "is_training_graph", "run_passes", "kept_neurons"]

@@ -13,7 +13,7 @@ from torch._dynamo.utils import counters
 from ..ops.lora_linear import lora_linear
 from ..report import LinearEntry
 from .fold_adapters import LinearMatch
-from .graph import meta_value
+from .graph import meta_value, recompile
 
 
 def fuse_lora(ctx) -> None:
@@ -30,9 +30,7 @@ def fuse_lora(ctx) -> None:
         counters["lecompile"]["lora_linear"] += 1
         changed = True
     if changed:
-        ctx.gm.graph.eliminate_dead_code()
-        ctx.gm.graph.lint()
-        ctx.gm.recompile()
+        recompile(ctx.gm)
 
 
 def _unsupported(lin: LinearMatch, ctx) -> str:

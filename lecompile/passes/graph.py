@@ -97,6 +97,13 @@ def dropout_p(node: fx.Node) -> float:
     return float(p) if training else 0.0
 
 
+def recompile(gm: fx.GraphModule) -> None:
+    """After a rewrite: drop the nodes it left unused, check the graph, regenerate the code."""
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+
+
 def source_name(node: fx.Node) -> str:
     """The module path Dynamo recorded for a placeholder (``layers.0.mlp.fc1.weight``)."""
     grapharg = node.meta.get("grapharg")

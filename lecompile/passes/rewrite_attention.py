@@ -15,7 +15,7 @@ from torch._dynamo.utils import counters
 from ..ops.block_attention import allowed_blocks, block_attention
 from ..predictors.attention import atomic_layouts, predict_blocks
 from ..report import AttentionEntry
-from .graph import meta_value, static_shape
+from .graph import meta_value, recompile, static_shape
 from .match_attention import AttentionMatch
 
 
@@ -37,9 +37,7 @@ def rewrite_attention(ctx) -> None:
         counters["lecompile"]["block_attention"] += 1
         changed = True
     if changed:
-        ctx.gm.graph.eliminate_dead_code()
-        ctx.gm.graph.lint()
-        ctx.gm.recompile()
+        recompile(ctx.gm)
 
 
 def _why_dense(att: AttentionMatch, ctx) -> str:

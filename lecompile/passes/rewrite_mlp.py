@@ -16,7 +16,7 @@ from ..ops import sparse_mlp  # noqa: F401  (registers torch.ops.lecompile.spars
 from ..ops.adapted_linear import SLOTS, AdaptedLinear, pack_mlp
 from ..predictors.op import predict_neurons
 from .fold_adapters import LinearMatch
-from .graph import meta_value, static_shape
+from .graph import meta_value, recompile, static_shape
 from .match_mlp import MLPMatch
 
 MAX_WALK = 32
@@ -59,9 +59,7 @@ def rewrite_mlp(ctx) -> None:
         entry.rewritten = True
         counters["lecompile"]["sparse_mlp"] += 1
     if ctx.mlps:
-        ctx.gm.graph.eliminate_dead_code()
-        ctx.gm.graph.lint()
-        ctx.gm.recompile()
+        recompile(ctx.gm)
 
 
 def layer_index(name: str) -> Optional[int]:

@@ -15,16 +15,16 @@ optimizer. Training time and calls are counted in ``torch._dynamo.utils.counters
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import Optional
 
 import torch
 from torch._dynamo.utils import counters
 
-from ..ops.adapted_linear import ACTIVATIONS, AdaptedLinear, expand_linear
-from ..weight_cache import WeightCache
-from .svd import _factorize, group_scores, group_scores_ref, low_rank
+from ..ops.adapted_linear import AdaptedLinear
+from ..weight_cache import WeightCache, on_helper_thread
+from .oracle import mlp_intermediate
+from .svd import _factorize, estimate, group_scores, group_scores_ref, low_rank
 
 INITIAL_TRAIN_CALLS = 3
 LEARNING_RATE = 1e-3
@@ -53,21 +53,14 @@ def clear_learned() -> None:
 
 
 def _estimate(x, fc1, up, activation, f1: LearnedFactors, f2: Optional[LearnedFactors]):
-    def one(lin, f):
-        u, v, b = low_rank(x, lin, 0, factors=(f.p, f.q))
-        h = u @ v.t()
-        return h + b if b is not None else h
-    h = ACTIVATIONS[activation](one(fc1, f1))
-    return h * one(up, f2) if up is not None else h
+    second = low_rank(x, up, 0, factors=(f2.p, f2.q)) if up is not None else None
+    return estimate(*low_rank(x, fc1, 0, factors=(f1.p, f1.q)), activation, second)
 
 
 def _train(x, fc1, up, activation, f1, f2, steps: int) -> None:
     start = time.perf_counter()
     with torch.no_grad():
-        target = ACTIVATIONS[activation](expand_linear(x, fc1))
-        if up is not None:
-            target = target * expand_linear(x, up)
-        target = target.float().abs()
+        target = mlp_intermediate(x, fc1, up, activation).float().abs()
         scale = target.square().mean().clamp(min=1e-12)
     optimizers = [f.optimizer for f in (f1, f2) if f is not None]
     g = torch.Generator(device=x.device).manual_seed(f1.calls)
@@ -86,31 +79,6 @@ def _train(x, fc1, up, activation, f1, f2, steps: int) -> None:
     counters["lecompile"]["learned_train_ms"] += (time.perf_counter() - start) * 1e3
 
 
-def _with_autograd(fn, *args) -> None:
-    """Run ``fn(*args)`` on a helper thread: the predictor runs inside a custom op's kernel,
-    below the autograd dispatch key, where backward() has no graph; a fresh thread records one."""
-    box = {}
-
-    def work():
-        try:
-            if args[0].is_cuda:
-                with torch.cuda.device(args[0].device):
-                    fn(*args)
-                    torch.cuda.current_stream().synchronize()
-            else:
-                fn(*args)
-        except BaseException as err:  # re-raised in the caller's thread
-            box["error"] = err
-
-    if args[0].is_cuda:
-        torch.cuda.current_stream().synchronize()
-    thread = threading.Thread(target=work, name="lecompile-learned-predictor")
-    thread.start()
-    thread.join()
-    if "error" in box:
-        raise box["error"]
-
-
 def _rows(lin: Optional[AdaptedLinear], rows) -> Optional[AdaptedLinear]:
     """``lin`` for a subset of tokens (LoRA's separate input, when there is one, is per token)."""
     if lin is None or lin.lora_input is None:
@@ -126,7 +94,9 @@ def learned_group_scores(x: torch.Tensor, fc1: AdaptedLinear, up: Optional[Adapt
     f1 = learned_factors(fc1.weight, rank)
     f2 = learned_factors(up.weight, rank) if up is not None else None
     if f1.calls < INITIAL_TRAIN_CALLS or (refresh > 0 and f1.calls % refresh == 0):
-        _with_autograd(_train, x, fc1, up, activation, f1, f2, train_steps)
+        # The predictor runs inside a custom op's kernel, below the autograd dispatch key, where
+        # backward() records nothing; a fresh thread starts with autograd on.
+        on_helper_thread(_train, x.device, x, fc1, up, activation, f1, f2, train_steps)
     f1.calls += 1
     with torch.no_grad():
         first = low_rank(x, fc1, 0, factors=(f1.p.detach(), f1.q.detach()))

@@ -7,6 +7,13 @@ import torch
 from ..ops.adapted_linear import ACTIVATIONS, AdaptedLinear, expand_linear
 
 
+def mlp_intermediate(x: torch.Tensor, fc1: AdaptedLinear, up: Optional[AdaptedLinear],
+                     activation: str) -> torch.Tensor:
+    """The exact dense intermediate ``act(fc1(x)) [* up(x)]``, adapters included: ``[T, ffn]``."""
+    h = ACTIVATIONS[activation](expand_linear(x, fc1))
+    return h * expand_linear(x, up) if up is not None else h
+
+
 def oracle_group_scores(x: torch.Tensor, fc1: AdaptedLinear, up: Optional[AdaptedLinear],
                         activation: str, rank: int, group: int) -> torch.Tensor:
     """``sum |h|^2`` per group of ``group`` consecutive tokens and neuron, ``h`` the exact dense
@@ -14,7 +21,5 @@ def oracle_group_scores(x: torch.Tensor, fc1: AdaptedLinear, up: Optional[Adapte
 
     ``x`` is ``[T, d]``; ``rank`` is unused (same signature as the other predictors).
     """
-    h = ACTIVATIONS[activation](expand_linear(x, fc1))
-    if up is not None:
-        h = h * expand_linear(x, up)
+    h = mlp_intermediate(x, fc1, up, activation)
     return h.float().square().reshape(-1, group, h.shape[-1]).sum(1)

@@ -57,9 +57,8 @@ def low_rank(x: torch.Tensor, lin: AdaptedLinear, rank: int, factors=None):
     return u, v, b
 
 
-def group_scores_ref(u, v, bias, group: int, activation: str, second=None) -> torch.Tensor:
-    """``sum over each group of tokens of h^2``, ``h = act(U @ V.T + b) [* (U2 @ V2.T + b2)]``,
-    in PyTorch (materializes the ``[T, ffn]`` estimate)."""
+def estimate(u, v, bias, activation: str, second=None) -> torch.Tensor:
+    """The estimated intermediate ``h = act(U @ V.T + b) [* (U2 @ V2.T + b2)]``: ``[T, ffn]``."""
     h = u.float() @ v.float().t()
     if bias is not None:
         h = h + bias.float()
@@ -68,6 +67,13 @@ def group_scores_ref(u, v, bias, group: int, activation: str, second=None) -> to
         u2, v2, b2 = second
         h2 = u2.float() @ v2.float().t()
         h = h * (h2 + b2.float() if b2 is not None else h2)
+    return h
+
+
+def group_scores_ref(u, v, bias, group: int, activation: str, second=None) -> torch.Tensor:
+    """``sum over each group of tokens of h^2`` of :func:`estimate`, in PyTorch (materializes the
+    ``[T, ffn]`` estimate)."""
+    h = estimate(u, v, bias, activation, second)
     return h.square().reshape(-1, group, h.shape[-1]).sum(1)
 
 
