@@ -119,6 +119,25 @@ def test_operator_matches_masked_dense_reference(density, heads, masking, predic
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=impl)
 
 
+@pytest.mark.parametrize("masking", ["causal", "additive"])
+def test_operator_under_users_torch_compile(masking):
+    """Traced by Dynamo (benchmarks, users' own compiled functions) the operator goes through the
+    public flex_attention; same results as the reference. (FlexAttention does not train on the
+    CPU: tests/test_cuda.py checks the gradients of this path.)"""
+    q, k, v = (t.detach() for t in qkv(H=4, Hkv=2))
+    L, scale = q.shape[-2], q.shape[-1] ** -0.5
+    steps, operands, causal = (["mul"], [scale], True) if masking == "causal" else (
+        ["div", "add"], [torch.tensor(scale ** -1), torch.zeros(2, 1, L, L).masked_fill(~padded_mask(2, L, 5), -3e38)],
+        False)
+    any_b, all_b = allowed_blocks(steps, operands, causal, L, L, BLOCK, "cpu")
+    keep = predict_blocks(q, k, any_b, steps, operands, causal, BLOCK, 0.5, "pooled")
+    torch._dynamo.reset()
+    compiled = torch.compile(block_attention_flex, backend="eager", fullgraph=True)
+    out = compiled(q, k, v, keep, all_b, steps, operands, causal, BLOCK, enable_gqa=True)
+    expected = block_attention_ref(q, k, v, keep, steps, operands, causal, BLOCK, enable_gqa=True)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_reference_gradcheck_float64():
     q, k, v = (t.detach().double().requires_grad_() for t in qkv(B=1, H=2, Hkv=1, L=32, D=4))
     keep = torch.tensor([[1, 0], [1, 1]], dtype=torch.bool)[None, None].expand(1, 2, 2, 2)

@@ -7,6 +7,8 @@ the mean of the two single-process gradients (no cross-rank state in the predict
 
 import os
 import socket
+import time
+from datetime import timedelta
 
 import pytest
 import torch
@@ -20,6 +22,8 @@ from models import LAYERS, batch, tiny_model, train_step
 
 CONFIG = dict(mlp_density=0.5, k_align=64, predictor="oracle")
 WORLD = 2
+#: seconds a rank may take; a stuck collective fails the test instead of hanging the suite
+RANK_TIMEOUT = 300
 
 
 def rank_batch(rank):
@@ -29,7 +33,10 @@ def rank_batch(rank):
 
 def _worker(rank, port, wrapper, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    # One compile process per rank: Inductor's worker pools of two ranks on a small CI machine
+    # compete for its cores.
+    torch._inductor.config.compile_threads = 1
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=RANK_TIMEOUT))
     try:
         model = tiny_model("llama", "lora")
         if wrapper == "ddp":
@@ -62,12 +69,21 @@ def test_two_ranks_match_single_process_halves(wrapper, tmp_path):
         pytest.skip("torch.distributed with gloo is not available")
     ctx = mp.get_context("spawn")
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, wrapper, str(tmp_path))) for r in range(WORLD)]
+    procs = [ctx.Process(target=_worker, args=(r, port, wrapper, str(tmp_path)), daemon=True)
+             for r in range(WORLD)]
     for p in procs:
         p.start()
+    deadline = time.monotonic() + 2 * RANK_TIMEOUT
     for p in procs:
-        p.join(timeout=600)
-        assert p.exitcode == 0, f"a rank failed (exit code {p.exitcode})"
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
+    stuck = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:  # never leave a rank behind: pytest would wait for it at exit
+        if p.is_alive():
+            p.kill()
+            p.join()
+    assert not stuck, f"ranks {stuck} did not finish within {2 * RANK_TIMEOUT} s"
+    codes = [p.exitcode for p in procs]
+    assert codes == [0] * WORLD, f"a rank failed (exit codes {codes})"
     got = {r: torch.load(tmp_path / f"{r}.pt") for r in range(WORLD)}
 
     singles = []

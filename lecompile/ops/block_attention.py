@@ -28,8 +28,9 @@ from __future__ import annotations
 from typing import List, Sequence, Tuple, Union
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 from torch._higher_order_ops.flex_attention import flex_attention as flex_attention_hop
-from torch.nn.attention.flex_attention import BlockMask, _apply_kernel_options
+from torch.nn.attention.flex_attention import BlockMask, _apply_kernel_options, flex_attention
 
 Tensor = torch.Tensor
 Operand = Union[float, int, Tensor]
@@ -124,6 +125,16 @@ def kv_block_lists(blocks: Tensor) -> Tuple[Tensor, Tensor]:
     return num, order.to(torch.int32)
 
 
+def kernel_options(block: int) -> dict:
+    """FlexAttention kernel tiles that divide ``block`` (its defaults assume blocks of 128)."""
+    if block >= 128:
+        return {}
+    b = min(block, 64)
+    half = max(16, b // 2)
+    return {"fwd_BLOCK_M": b, "fwd_BLOCK_N": b,
+            "bwd_BLOCK_M1": half, "bwd_BLOCK_N1": b, "bwd_BLOCK_M2": b, "bwd_BLOCK_N2": half}
+
+
 def block_attention_flex(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, full: Tensor,
                          steps: Sequence[str], operands: Sequence[Operand], causal: bool, block: int,
                          enable_gqa: bool = False) -> Tensor:
@@ -143,14 +154,19 @@ def block_attention_flex(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, full: Te
     score_tensors = [x for x in score_operands if isinstance(x, Tensor)]
     offset = kv_len - q_len
 
-    # Tensors reach the mods as explicit buffers (FlexAttention lifts them into its subgraphs).
-    # The kernels skip blocks outside the lists, but FlexAttention's math implementation (eager,
-    # CPU) evaluates mask_mod everywhere: it must say which blocks are kept too.
-    def mask_mod(b, h, qi, ki, keep, *masks):
-        ok = keep[b, h, qi // block, ki // block]
-        if causal:
-            ok = ok & (qi + offset >= ki)
-        for m in masks:
+    # Traced for Inductor (the backend's graph: fake tensors), blocks outside the lists are never
+    # visited, so mask_mod needs only the model's own mask. FlexAttention's math implementation
+    # (eager calls; Dynamo with another backend) evaluates mask_mod everywhere: there it must say
+    # which blocks are kept too.
+    with_keep = torch.compiler.is_dynamo_compiling() or not is_fake(q)
+    buffers = (keep, *masks) if with_keep else tuple(masks)
+
+    def mask_mod(b, h, qi, ki, *buffers):
+        ok = qi + offset >= ki if causal else qi >= 0
+        if with_keep:
+            keep, *buffers = buffers
+            ok = ok & keep[b, h, qi // block, ki // block]
+        for m in buffers:
             ok = ok & _at(m, b, h, qi, ki)
         return ok
 
@@ -163,14 +179,24 @@ def block_attention_flex(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, full: Te
 
     num, idx = kv_block_lists(partial)
     full_num, full_idx = kv_block_lists(full)
+    options = kernel_options(block)
+    if torch.compiler.is_dynamo_compiling():
+        # Traced by Dynamo (a user's torch.compile around this function): the public API, the
+        # one Dynamo reads; it lifts the tensors the closures capture as buffers.
+        mask = BlockMask.from_kv_blocks(num, idx, full_num, full_idx, BLOCK_SIZE=block,
+                                        mask_mod=lambda b, h, qi, ki: mask_mod(b, h, qi, ki, *buffers),
+                                        seq_lengths=(q_len, kv_len))
+        return flex_attention(q, k, v, lambda s, b, h, qi, ki: score_mod(s, b, h, qi, ki, *score_tensors),
+                              mask, scale=float(scale), enable_gqa=q.shape[1] != k.shape[1],
+                              kernel_options=options)
     mask = BlockMask.from_kv_blocks(num, idx, full_num, full_idx, BLOCK_SIZE=block, mask_mod=mask_mod,
                                     seq_lengths=(q_len, kv_len))
     # The higher-order op itself, as flex_attention calls it under Dynamo: inside the backend's
-    # graph AOTAutograd traces it and Inductor lowers it; run eagerly (tests) it is the unfused
-    # math implementation, which also trains on the CPU.
-    options = _apply_kernel_options(q, k, v, False, None)
-    outputs = flex_attention_hop(q, k, v, score_mod, mask.as_tuple(), float(scale), options,
-                                 tuple(score_tensors), (keep, *masks))
+    # graph AOTAutograd traces it and Inductor lowers it; run eagerly it is the unfused math
+    # implementation, which also trains on the CPU.
+    outputs = flex_attention_hop(q, k, v, score_mod, mask.as_tuple(), float(scale),
+                                 _apply_kernel_options(q, k, v, False, options), tuple(score_tensors),
+                                 tuple(buffers))
     return outputs[0]  # (out, logsumexp[, max_scores]) depending on the torch version
 
 
