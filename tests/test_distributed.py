@@ -32,9 +32,13 @@ def rank_batch(rank):
 
 
 def _worker(rank, port, wrapper, out_dir):
+    # Each rank's output goes to a log the test shows if the rank fails.
+    log = open(os.path.join(out_dir, f"{rank}.log"), "w")
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    # One compile process per rank: Inductor's worker pools of two ranks on a small CI machine
-    # compete for its cores.
+    # One thread and no compile workers per rank: two ranks share a small CI machine's cores.
+    torch.set_num_threads(1)
     torch._inductor.config.compile_threads = 1
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=RANK_TIMEOUT))
     try:
@@ -57,6 +61,10 @@ def _worker(rank, port, wrapper, out_dir):
         dist.destroy_process_group()
 
 
+def _tail(path, chars=3000) -> str:
+    return path.read_text(errors="replace")[-chars:] if path.exists() else "(no log)"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -74,16 +82,20 @@ def test_two_ranks_match_single_process_halves(wrapper, tmp_path):
     for p in procs:
         p.start()
     deadline = time.monotonic() + 2 * RANK_TIMEOUT
-    for p in procs:
-        p.join(timeout=max(0.0, deadline - time.monotonic()))
-    stuck = [r for r, p in enumerate(procs) if p.is_alive()]
+    while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
+        if any(p.exitcode not in (None, 0) for p in procs):
+            break  # one rank failed: the other would wait for it
+        time.sleep(0.5)
+    codes = [p.exitcode for p in procs]
     for p in procs:  # never leave a rank behind: pytest would wait for it at exit
         if p.is_alive():
             p.kill()
             p.join()
-    assert not stuck, f"ranks {stuck} did not finish within {2 * RANK_TIMEOUT} s"
-    codes = [p.exitcode for p in procs]
-    assert codes == [0] * WORLD, f"a rank failed (exit codes {codes})"
+    if codes != [0] * WORLD:
+        logs = "\n".join(f"--- rank {r} (exit code {c}) ---\n" + _tail(tmp_path / f"{r}.log")
+                         for r, c in enumerate(codes))
+        pytest.fail(f"ranks did not all finish within {2 * RANK_TIMEOUT} s (exit codes {codes}; None: "
+                    f"still running)\n{logs}")
     got = {r: torch.load(tmp_path / f"{r}.pt") for r in range(WORLD)}
 
     singles = []
