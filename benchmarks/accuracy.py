@@ -1,16 +1,19 @@
 """Accuracy study: LoRA fine-tuning of SmolLM2-135M on pydoc text, dense vs sparse MLPs.
 
 Every run starts from the same LoRA model and sees the same batches (fixed split and seed). The
-task is continuation: the first half of each row is context (label -100), the second half is
-predicted. After ``--steps`` steps the fine-tuned model is evaluated dense on held-out rows (as it
-would be served). Sparse runs keep, in every MLP, the neurons their predictor chooses per token
+task is continuation: the loss reads the second half of each row (the first half is context).
+After ``--steps`` steps the fine-tuned model is evaluated dense on held-out rows (as it would be
+served). Sparse runs keep, in every MLP, the neurons their predictor chooses per token
 group; this is emulated by masking the MLP intermediate to those neurons (the compiled
 ``lecompile::sparse_mlp`` equals that masked dense computation, forward and backward:
 ``tests/test_models.py``), so the study runs anywhere without compiling.
 
 Rows: ``predictor`` (oracle / svd / learned, or ``sparselora`` for SparseLoRA's recipe: SVD
 estimator, one neuron set per batch, first ``--sparselora-dense-layers`` layers dense, dense
-warm-up for the first 10% of steps, sparsity on context tokens only), ``granularity``,
+warm-up for the first 10% of steps, sparsity on context tokens only), ``recipe`` (``lecompile``
+rows apply the same schedule with lecompile's own means: the learned predictor per 64-token tile,
+``mlp_layer_densities`` for the dense layers, ``warmup_steps``, and ``dense_output_share=0.5``,
+which runs the tiles holding output tokens dense), ``granularity``,
 ``mlp_density`` (requested), ``kept_density`` (after rounding k), ``heldout_loss``, and the loss
 curve. Writes ``accuracy.json`` and a plot.
 """
@@ -30,6 +33,7 @@ from benchmarks.common import RESULTS, command_line, meta, write_results  # noqa
 from lecompile.data import batches, load_model, token_splits  # noqa: E402
 from lecompile.demo import lora_model  # noqa: E402
 from lecompile.ops.adapted_linear import AdaptedLinear  # noqa: E402
+from lecompile.ops.token_groups import dense_first_order  # noqa: E402
 from lecompile.passes.rewrite_mlp import kept_neurons  # noqa: E402
 from lecompile.predictors import PREDICTORS, clear_learned, top_k  # noqa: E402
 
@@ -51,9 +55,11 @@ def adapted(module) -> AdaptedLinear:
 class SparseMLPs:
     """Hooks that keep, in every MLP, the neurons ``predictor`` chooses per token group."""
 
-    def __init__(self, model, predictor, granularity, density, align, dense_layers=0, context_only=False):
+    def __init__(self, model, predictor, granularity, density, align, dense_layers=0, context_only=False,
+                 dense_output_share=0.0):
         self.predictor, self.granularity, self.density = predictor, granularity, density
         self.align, self.dense_layers, self.context_only = align, dense_layers, context_only
+        self.dense_output_share = dense_output_share
         self.active, self.context, self.kept = True, None, []
         self.handles = []
         for i, layer in enumerate(model.base_model.model.model.layers):
@@ -77,8 +83,14 @@ class SparseMLPs:
             idx = top_k(scores, k)
             mask = torch.zeros(idx.shape[0], ffn, dtype=h.dtype, device=h.device).scatter_(-1, idx, 1.0)
             mask = mask.repeat_interleave(group, 0).reshape(batch, seq, ffn)
-            if self.context_only:  # output tokens (labels != -100) stay dense
+            if self.context_only:  # SparseLoRA: output tokens (labels != -100) stay dense
                 mask = torch.where(self.context.unsqueeze(-1), mask, torch.ones_like(mask))
+            if self.dense_output_share:  # lecompile's dense_output_share: whole groups, outputs first
+                order, _ = dense_first_order(~self.context.reshape(-1), group)
+                dense = min(idx.shape[0] - 1, round(self.dense_output_share * idx.shape[0]))
+                grouped = mask.reshape(idx.shape[0], group, ffn)
+                grouped[order[:dense]] = 1.0
+                mask = grouped.reshape(batch, seq, ffn)
             self.kept.append(mask.mean().item())
             return (h * mask,) + args[1:]
         return hook
@@ -89,8 +101,10 @@ class SparseMLPs:
 
 
 def continuation_labels(ids):
+    """Labels whose loss covers exactly the positions of the second half (the causal-LM loss
+    shifts labels by one)."""
     labels = ids.clone()
-    labels[:, : ids.shape[1] // 2] = -100
+    labels[:, : ids.shape[1] // 2 + 1] = -100
     return labels
 
 
@@ -104,7 +118,8 @@ def run(start, name, train, heldout, lr, hooks_fn=None, warmup=0):
         labels = continuation_labels(ids)
         if hooks:
             hooks.active = step >= warmup
-            hooks.context = labels == -100
+            # context: positions the loss does not read (its targets are the labels shifted by one)
+            hooks.context = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100) == -100
         loss = model(input_ids=ids, labels=labels, use_cache=False).loss
         loss.backward()
         opt.step()
@@ -130,12 +145,13 @@ def plot(rows, path):
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     dense = next(r for r in rows if r["variant"] == "dense")
-    series = sorted({(r["predictor"], r["granularity"]) for r in rows if r["variant"] != "dense"})
-    for predictor, granularity in series:
-        sel = sorted((r for r in rows if r["predictor"] == predictor and r["granularity"] == granularity),
-                     key=lambda r: r["kept_density"])
-        ax1.plot([r["kept_density"] for r in sel], [r["heldout_loss"] for r in sel], "o-",
-                 label=f"{predictor}, {granularity}")
+    series = sorted({(r["predictor"], r["granularity"], r.get("recipe", "none")) for r in rows
+                     if r["variant"] != "dense"})
+    for predictor, granularity, recipe in series:
+        sel = sorted((r for r in rows if (r["predictor"], r["granularity"], r.get("recipe", "none"))
+                      == (predictor, granularity, recipe)), key=lambda r: r["kept_density"])
+        label = f"{predictor}, {granularity}" + (", lecompile's schedule" if recipe == "lecompile" else "")
+        ax1.plot([r["kept_density"] for r in sel], [r["heldout_loss"] for r in sel], "o-", label=label)
     for pct, style in ((1, ":"), (3, "-.")):
         ax1.axhline(dense["heldout_loss"] * (1 + pct / 100), color="gray", ls=style, label=f"dense + {pct}%")
     ax1.axhline(dense["heldout_loss"], color="black", lw=1, label="dense LoRA")
@@ -160,7 +176,9 @@ def main(argv=None):
     parser.add_argument("--densities", nargs="+", type=float, default=[0.7, 0.5, 0.35, 0.25])
     parser.add_argument("--predictors", nargs="+", default=["oracle", "svd", "learned"], choices=list(PREDICTORS))
     parser.add_argument("--granularities", nargs="+", default=["tile", "sequence"], choices=["tile", "sequence"])
-    parser.add_argument("--no-sparselora", action="store_true", help="skip SparseLoRA's recipe")
+    parser.add_argument("--recipes", nargs="*", default=["sparselora", "lecompile"],
+                        choices=["sparselora", "lecompile"],
+                        help="schedules run at each density besides the plain predictor rows (none: --recipes)")
     parser.add_argument("--sparselora-dense-layers", type=int, default=3)
     parser.add_argument("--align", type=int, default=64, help="k is rounded up to a multiple of this")
     parser.add_argument("--lr", type=float, default=2e-4)
@@ -177,23 +195,27 @@ def main(argv=None):
                   seq=args.seq_len, lora="r=8 on " + ",".join(TARGETS))
     rows = []
     held, _, losses = run(start, "dense", train, heldout, args.lr)
-    rows.append(dict(variant="dense", predictor="dense", granularity="-", mlp_density=1.0, kept_density=1.0,
-                     heldout_loss=round(held, 5), losses=losses, **common))
-    configs = [(p, g, d, False) for p in args.predictors for g in args.granularities for d in args.densities]
-    if not args.no_sparselora:
-        configs += [("sparselora", "batch", d, True) for d in args.densities]
+    rows.append(dict(variant="dense", predictor="dense", granularity="-", recipe="none", mlp_density=1.0,
+                     kept_density=1.0, heldout_loss=round(held, 5), losses=losses, **common))
+    configs = [(p, g, d, "none") for p in args.predictors for g in args.granularities for d in args.densities]
+    configs += [({"sparselora": "sparselora", "lecompile": "learned"}[r], {"sparselora": "batch"}.get(r, "tile"), d, r)
+                for r in args.recipes for d in args.densities]
     for predictor, granularity, density, recipe in tqdm(configs, desc="runs"):
         clear_learned()
-        name = f"{predictor}-{granularity}-d{density:g}"
-        if recipe:
+        name = f"{predictor}-{granularity}-d{density:g}" + ("-recipe" if recipe == "lecompile" else "")
+        if recipe == "sparselora":
             hooks = lambda m, d=density: SparseMLPs(m, "svd", "batch", d, args.align,  # noqa: E731
                                                      args.sparselora_dense_layers, context_only=True)
-            held, kept, losses = run(start, name, train, heldout, args.lr, hooks, warmup=args.steps // 10)
+        elif recipe == "lecompile":
+            hooks = lambda m, d=density: SparseMLPs(m, "learned", "tile", d, args.align,  # noqa: E731
+                                                     args.sparselora_dense_layers, dense_output_share=0.5)
         else:
             hooks = lambda m, p=predictor, g=granularity, d=density: SparseMLPs(m, p, g, d, args.align)  # noqa: E731
-            held, kept, losses = run(start, name, train, heldout, args.lr, hooks)
-        rows.append(dict(variant=name, predictor=predictor, granularity=granularity, mlp_density=density,
-                         kept_density=round(kept, 4), heldout_loss=round(held, 5), losses=losses, **common))
+        warmup = args.steps // 10 if recipe != "none" else 0
+        held, kept, losses = run(start, name, train, heldout, args.lr, hooks, warmup=warmup)
+        rows.append(dict(variant=name, predictor=predictor, granularity=granularity, recipe=recipe,
+                         mlp_density=density, kept_density=round(kept, 4), heldout_loss=round(held, 5),
+                         losses=losses, **common))
         write_results("accuracy", {"meta": meta("accuracy", command_line()), "rows": rows}, args.out)
     data = {"meta": meta("accuracy", command_line(), text="pydoc_data.topics, fixed train/held-out split",
                          task="continuation: loss on the second half of each row", seed=args.seed), "rows": rows}

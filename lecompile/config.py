@@ -47,6 +47,12 @@ class LongExposureConfig:
     #: ``step()`` calls in the process, counted from the backend's first graph) the dense
     #: graphs run (fused adapters only); then each graph is recompiled once with sparsity.
     warmup_steps: int = 0
+    #: Context-only sparsity (SparseLoRA): share of the token groups (tiles or sequences, see
+    #: ``granularity``) whose MLPs run dense, in [0, 1). The groups holding output tokens
+    #: (those whose label is not the loss's ``ignore_index``, usually -100) fill it first,
+    #: then context groups; when output groups outnumber it, the rest run sparse. Needs the
+    #: labels in the graph (``model(..., labels=...)``). 0 turns it off.
+    dense_output_share: float = 0.0
     #: How neuron indices are predicted: ``"oracle"`` (exact top-k of the dense activation,
     #: costs a dense pass; for tests and upper bounds), ``"svd"`` (training-free rank-r
     #: estimate from the frozen weights, plus the exact low-rank adapter terms) or
@@ -96,6 +102,10 @@ class LongExposureConfig:
             _check_fraction(f"mlp_layer_densities[{i}]", d)
         _check_int("warmup_steps", self.warmup_steps, "an integer >= 0", lambda v: v >= 0)
         _check_fraction("attn_density", self.attn_density)
+        if (isinstance(self.dense_output_share, bool) or not isinstance(self.dense_output_share, (int, float))
+                or not 0.0 <= self.dense_output_share < 1.0):
+            raise ValueError(f"LongExposureConfig.dense_output_share must be in [0, 1), "
+                             f"got {self.dense_output_share!r}")
         _check_choice("predictor", self.predictor, PREDICTORS)
         _check_choice("granularity", self.granularity, GRANULARITIES)
         _check_choice("attn_predictor", self.attn_predictor, ATTN_PREDICTORS)

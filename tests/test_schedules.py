@@ -9,7 +9,7 @@ from torch._dynamo.utils import counters
 import lecompile
 from lecompile import LongExposureConfig
 
-from models import FFN, batch, tiny_model
+from models import FFN, batch, tiny_model, train_step
 
 SPARSE = dict(mlp_density=0.5, k_align=64, predictor="oracle")
 
@@ -75,3 +75,53 @@ def test_dense_warmup_then_one_sparse_compile():
     # The first sparse step equals a model compiled sparse from the start with the same weights.
     sparse_loss = steps(after_warmup, lecompile.longexposure(LongExposureConfig(**SPARSE)), 1, seed=3)
     assert losses[2] == pytest.approx(sparse_loss[0], abs=1e-5)
+
+
+FC2 = {"llama": "down_proj", "opt": "fc2"}
+
+
+@pytest.mark.parametrize("share,dense_tiles", [(0.5, [2, 3, 6, 7]), (0.25, [2, 3])])
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_context_only_runs_output_tiles_dense(arch, share, dense_tiles):
+    """Output tokens' tiles (the second half of each sequence) run dense, the others keep the
+    oracle's per-tile top-k: loss and gradients match an eager model masked that way."""
+    model, tile = tiny_model(arch, "lora"), 16
+    ids = torch.randint(0, 128, (2, 4 * tile), generator=torch.Generator().manual_seed(3))
+    labels = ids.clone()
+    labels[:, : 2 * tile + 1] = -100  # the loss reads positions 2 * tile .. end (labels shift by one)
+    inputs = {"input_ids": ids, "labels": labels, "use_cache": False}
+
+    def mask_tiles(module, args):
+        grouped = args[0].reshape(-1, tile, FFN)
+        top = grouped.detach().square().sum(1).topk(FFN // 2, dim=-1).indices
+        keep = torch.zeros(grouped.shape[0], 1, FFN).scatter_(-1, top.unsqueeze(1), 1.0)
+        keep[dense_tiles] = 1.0
+        return ((grouped * keep).reshape(args[0].shape),) + args[1:]
+
+    handles = [m.register_forward_pre_hook(mask_tiles) for n, m in model.named_modules() if n.endswith(FC2[arch])]
+    ref_loss, ref_grads = train_step(model, model, inputs)
+    for h in handles:
+        h.remove()
+    torch._dynamo.reset()
+    backend = lecompile.longexposure(LongExposureConfig(**SPARSE, granularity="tile", tile_size=tile,
+                                                        dense_output_share=share))
+    loss, grads = train_step(torch.compile(model, backend=backend), model, inputs)
+    notes = {e.note for e in backend.report.mlp}
+    assert all(e.rewritten for e in backend.report.mlp)
+    assert notes == {f"context-only: {len(dense_tiles)} of 8 token groups dense, output tokens first"}, notes
+    torch.testing.assert_close(loss, ref_loss, atol=2e-5, rtol=1e-4)
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_context_only_without_labels_is_reported_and_validated():
+    model = tiny_model("llama", "lora")
+    report = lecompile.explain(model, input_ids=batch()["input_ids"], use_cache=False,
+                               config=LongExposureConfig(**SPARSE, dense_output_share=0.5))
+    assert all(e.rewritten and "context-only sparsity off: no cross-entropy loss" in e.note for e in report.mlp)
+    report = lecompile.explain(model, **batch(), config=LongExposureConfig(**SPARSE, granularity="batch",
+                                                                           dense_output_share=0.5))
+    assert all("dense_output_share=0.5 of 1 token group(s) leaves none dense" in e.note for e in report.mlp)
+    for bad in (1.0, -0.1, True):
+        with pytest.raises(ValueError, match="dense_output_share must be in \\[0, 1\\)"):
+            LongExposureConfig(dense_output_share=bad)

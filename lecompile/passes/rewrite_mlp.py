@@ -6,7 +6,8 @@ import math
 import operator
 import re
 from collections import deque
-from typing import Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.fx as fx
@@ -14,9 +15,11 @@ from torch._dynamo.utils import counters
 
 from ..ops import sparse_mlp  # noqa: F401  (registers torch.ops.lecompile.sparse_mlp)
 from ..ops.adapted_linear import SLOTS, AdaptedLinear, pack_mlp
+from ..ops.token_groups import all_neurons, dense_first_order, merge_groups, split_groups
 from ..predictors.op import predict_neurons
 from .fold_adapters import LinearMatch
 from .graph import meta_value, recompile, static_shape
+from .labels import output_token_mask
 from .match_mlp import MLPMatch
 
 MAX_WALK = 32
@@ -27,9 +30,54 @@ def kept_neurons(density: float, ffn: int, align: int) -> int:
     return min(ffn, math.ceil(density * ffn / align) * align)
 
 
+@dataclass
+class ContextSplit:
+    """Context-only sparsity in one graph: the output-token mask, and which token groups of an
+    MLP run dense (``dense_output_share`` of them, groups holding output tokens first)."""
+
+    mask: Optional[fx.Node]
+    tokens: int
+    why_not: str
+    share: float
+    orders: Dict[int, Tuple[fx.Node, fx.Node]] = field(default_factory=dict)
+
+    @classmethod
+    def find(cls, graph: fx.Graph, share: float) -> "ContextSplit":
+        return cls(*output_token_mask(graph), share=share) if share > 0 else cls(None, 0, "", 0.0)
+
+    def dense_groups(self, tokens: int, group: int) -> Tuple[int, str]:
+        """How many of the MLP's ``tokens / group`` groups run dense, and the report's note."""
+        if self.share == 0:
+            return 0, ""
+        off = "context-only sparsity off: "
+        if self.mask is None:
+            return 0, off + self.why_not
+        if tokens != self.tokens:
+            return 0, off + f"the loss reads {self.tokens} tokens, the MLP {tokens}"
+        n = tokens // group
+        dense = min(n - 1, round(self.share * n))
+        if dense == 0:
+            return 0, off + f"dense_output_share={self.share} of {n} token group(s) leaves none dense"
+        return dense, f"context-only: {dense} of {n} token groups dense, output tokens first"
+
+    def order(self, graph: fx.Graph, group: int) -> Tuple[fx.Node, fx.Node]:
+        """Nodes ``(order, inverse)`` of the groups of ``group`` tokens (one pair per size)."""
+        if group not in self.orders:
+            with graph.inserting_after(self.mask):
+                pair = graph.call_function(dense_first_order, (self.mask, group))
+            with graph.inserting_after(pair):
+                order = graph.call_function(operator.getitem, (pair, 0))
+            with graph.inserting_after(order):
+                inverse = graph.call_function(operator.getitem, (pair, 1))
+            self.orders[group] = (order, inverse)
+        return self.orders[group]
+
+
 def rewrite_mlp(ctx) -> None:
     """Replace every MLP in ``ctx.mlps`` and record each decision in the report."""
     cfg = ctx.config
+    sparse_graph = ctx.mlps and ctx.training and not ctx.dense_warmup and cfg.rewrite_mlp
+    split = ContextSplit.find(ctx.gm.graph, cfg.dense_output_share if sparse_graph else 0.0)
     for mlp in ctx.mlps:
         layer = layer_index(mlp.name)
         density = cfg.mlp_density_of(layer)
@@ -52,7 +100,11 @@ def rewrite_mlp(ctx) -> None:
         if not cfg.rewrite_mlp:
             entry.note = _join(entry.note, "rewrite_mlp=False: left dense")
             continue
-        _rewrite(ctx.gm.graph, mlp, k, group_size, cfg)
+        tokens = math.prod(static_shape(mlp.fc1.x)[:-1])
+        dense_groups, split_note = split.dense_groups(tokens, group_size)
+        entry.note = _join(entry.note, split_note)
+        groups = (*split.order(ctx.gm.graph, group_size), dense_groups) if dense_groups else None
+        _rewrite(ctx.gm.graph, mlp, k, group_size, cfg, groups)
         for lin in (mlp.fc1, mlp.up, mlp.fc2):
             if lin is not None:
                 lin.consumed = True
@@ -101,7 +153,10 @@ def _sequence_length(x: fx.Node, tokens: int) -> Optional[int]:
     return None
 
 
-def _rewrite(graph: fx.Graph, mlp: MLPMatch, k: int, group_size: int, cfg) -> None:
+def _rewrite(graph: fx.Graph, mlp: MLPMatch, k: int, group_size: int, cfg,
+             groups: Optional[Tuple[fx.Node, fx.Node, int]]) -> None:
+    """``groups = (order, inverse, dense)``: the first ``dense`` token groups of ``order`` run
+    dense, the rest sparse (context-only sparsity); ``None``: every group sparse."""
     out = mlp.fc2.out
     with graph.inserting_before(out):
         dtype = meta_value(mlp.fc1.x).dtype if cfg.fuse_adapters else None
@@ -111,13 +166,34 @@ def _rewrite(graph: fx.Graph, mlp: MLPMatch, k: int, group_size: int, cfg) -> No
         fc2.lora_input = None  # fc2's LoRA reads the compact intermediate inside the op
         params, slots, scales = pack_mlp(fc1, up, fc2)
         x = mlp.fc1.x
-        n = sum(s < 2 * len(SLOTS) for s in slots)  # the predictor reads fc1 and up only
-        idx = graph.call_function(predict_neurons, (
-            x, params[:n], slots[:n], scales, mlp.activation, cfg.predictor, k, group_size,
-            cfg.svd_rank, [cfg.learned_train_steps, cfg.learned_refresh]))
-        result = graph.call_function(torch.ops.lecompile.sparse_mlp.default, (
-            x, idx, params, slots, scales, mlp.activation, mlp.fc2.lora_dropout))
-        y = graph.call_function(operator.getitem, (result, 0))
+
+        def sparse(x, params, idx=None):
+            if idx is None:
+                n = sum(s < 2 * len(SLOTS) for s in slots)  # the predictor reads fc1 and up only
+                idx = graph.call_function(predict_neurons, (
+                    x, params[:n], slots[:n], scales, mlp.activation, cfg.predictor, k, group_size,
+                    cfg.svd_rank, [cfg.learned_train_steps, cfg.learned_refresh]))
+            result = graph.call_function(torch.ops.lecompile.sparse_mlp.default, (
+                x, idx, params, slots, scales, mlp.activation, mlp.fc2.lora_dropout))
+            return graph.call_function(operator.getitem, (result, 0))
+
+        if groups is None:
+            y = sparse(x, params)
+        else:
+            order, inverse, dense = groups
+
+            def parts(t):  # token-aligned tensor -> (dense groups' rows, sparse groups' rows)
+                pair = graph.call_function(split_groups, (t, order, group_size, dense))
+                return tuple(graph.call_function(operator.getitem, (pair, i)) for i in (0, 1))
+
+            x_dense, x_sparse = parts(x)
+            p_dense, p_sparse = list(params), list(params)
+            for i, s in enumerate(slots):
+                if SLOTS[s % len(SLOTS)] == "lora_input":
+                    p_dense[i], p_sparse[i] = parts(params[i])
+            y_dense = sparse(x_dense, p_dense, graph.call_function(all_neurons, (x, mlp.ffn)))
+            y = graph.call_function(merge_groups, (y_dense, sparse(x_sparse, p_sparse), inverse, group_size,
+                                                   static_shape(x)))
     out.replace_all_uses_with(y)
 
 
