@@ -178,7 +178,9 @@ def main(argv=None):
     parser.add_argument("--granularities", nargs="+", default=["tile", "sequence"], choices=["tile", "sequence"])
     parser.add_argument("--recipes", nargs="*", default=["sparselora", "lecompile"],
                         choices=["sparselora", "lecompile"],
-                        help="schedules run at each density besides the plain predictor rows (none: --recipes)")
+                        help="schedules run besides the plain predictor rows (none: --recipes)")
+    parser.add_argument("--recipe-densities", nargs="+", type=float,
+                        help="MLP densities of the schedules' rows (default: --densities)")
     parser.add_argument("--sparselora-dense-layers", type=int, default=3)
     parser.add_argument("--align", type=int, default=64, help="k is rounded up to a multiple of this")
     parser.add_argument("--lr", type=float, default=2e-4)
@@ -199,7 +201,7 @@ def main(argv=None):
                      kept_density=1.0, heldout_loss=round(held, 5), losses=losses, **common))
     configs = [(p, g, d, "none") for p in args.predictors for g in args.granularities for d in args.densities]
     configs += [({"sparselora": "sparselora", "lecompile": "learned"}[r], {"sparselora": "batch"}.get(r, "tile"), d, r)
-                for r in args.recipes for d in args.densities]
+                for r in args.recipes for d in (args.recipe_densities or args.densities)]
     for predictor, granularity, density, recipe in tqdm(configs, desc="runs"):
         clear_learned()
         name = f"{predictor}-{granularity}-d{density:g}" + ("-recipe" if recipe == "lecompile" else "")
