@@ -138,6 +138,21 @@ def run(start, name, train, heldout, lr, hooks_fn=None, warmup=0):
     return held, kept, losses
 
 
+def frontier(rows):
+    """Per series (predictor, granularity, schedule): the lowest MLP compute share whose held-out
+    loss stays within 1% and within 3% of dense LoRA (None: no row does)."""
+    dense = next(r["heldout_loss"] for r in rows if r["variant"] == "dense")
+    out = []
+    for key in sorted({(r["predictor"], r["granularity"], r.get("recipe", "none")) for r in rows
+                       if r["variant"] != "dense"}):
+        sel = [r for r in rows if (r["predictor"], r["granularity"], r.get("recipe", "none")) == key]
+        best = {pct: min((r["kept_density"] for r in sel if r["heldout_loss"] <= dense * (1 + pct / 100)),
+                         default=None) for pct in (1, 3)}
+        out.append(dict(predictor=key[0], granularity=key[1], recipe=key[2],
+                        lowest_density_within_1pct=best[1], lowest_density_within_3pct=best[3]))
+    return out
+
+
 def plot(rows, path):
     import matplotlib
     matplotlib.use("Agg")
@@ -220,7 +235,8 @@ def main(argv=None):
                          losses=losses, **common))
         write_results("accuracy", {"meta": meta("accuracy", command_line()), "rows": rows}, args.out)
     data = {"meta": meta("accuracy", command_line(), text="pydoc_data.topics, fixed train/held-out split",
-                         task="continuation: loss on the second half of each row", seed=args.seed), "rows": rows}
+                         task="continuation: loss on the second half of each row", seed=args.seed),
+            "frontier": frontier(rows), "rows": rows}
     path = write_results("accuracy", data, args.out)
     plot(rows, args.out / "accuracy.png")
     dense_loss = rows[0]["heldout_loss"]
