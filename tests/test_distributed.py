@@ -94,8 +94,8 @@ def test_two_ranks_match_single_process_halves(wrapper, tmp_path):
     if codes != [0] * WORLD:
         logs = "\n".join(f"--- rank {r} (exit code {c}) ---\n" + _tail(tmp_path / f"{r}.log")
                          for r, c in enumerate(codes))
-        pytest.fail(f"ranks did not all finish within {2 * RANK_TIMEOUT} s (exit codes {codes}; None: "
-                    f"still running)\n{logs}")
+        pytest.fail(f"a rank failed or ran past {2 * RANK_TIMEOUT} s (exit codes {codes}; None: still "
+                    f"running when stopped)\n{logs}")
     got = {r: torch.load(tmp_path / f"{r}.pt") for r in range(WORLD)}
 
     singles = []
