@@ -193,7 +193,7 @@ def main(argv=None):
     parser.add_argument("--granularities", nargs="+", default=["tile", "sequence"], choices=["tile", "sequence"])
     parser.add_argument("--recipes", nargs="*", default=["sparselora", "lecompile"],
                         choices=["sparselora", "lecompile"],
-                        help="schedules run besides the plain predictor rows (none: --recipes)")
+                        help="schedules run besides the plain predictor rows (--recipes alone: none)")
     parser.add_argument("--recipe-densities", nargs="+", type=float,
                         help="MLP densities of the schedules' rows (default: --densities)")
     parser.add_argument("--sparselora-dense-layers", type=int, default=3)
