@@ -112,3 +112,22 @@ def test_block_attention_under_users_torch_compile_trains(block):
     grad = torch.randn_like(out)
     for got, want in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
         torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
+
+
+def test_context_only_on_cuda_matches_reference_model():
+    """dense_output_share on CUDA (the dense token groups through the sparse-MLP kernels with
+    every neuron): loss and gradients match the eager masked model."""
+    from test_schedules import context_only_inputs, context_only_reference
+
+    tile = 16
+    model, inputs = tiny_model("llama", "lora").cuda(), context_only_inputs(tile, "cuda")
+    ref_loss, ref_grads = context_only_reference(model, "llama", inputs, tile, [2, 3, 6, 7])
+    torch._dynamo.reset()
+    backend = lecompile.longexposure(LongExposureConfig(mlp_density=0.5, k_align=64, predictor="oracle",
+                                                        granularity="tile", tile_size=tile, dense_output_share=0.5))
+    loss, grads = train_step(torch.compile(model, backend=backend), model, inputs)
+    assert all(e.rewritten and e.note.startswith("context-only: 4 of 8") for e in backend.report.mlp), \
+        str(backend.report)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-4, rtol=1e-4)
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-3, rtol=1e-3, msg=name)

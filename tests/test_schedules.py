@@ -80,28 +80,41 @@ def test_dense_warmup_then_one_sparse_compile():
 FC2 = {"llama": "down_proj", "opt": "fc2"}
 
 
+def context_only_inputs(tile, device="cpu"):
+    """Two sequences of four tiles; the loss reads the last two tiles of each (labels shift by one)."""
+    ids = torch.randint(0, 128, (2, 4 * tile), generator=torch.Generator().manual_seed(3))
+    labels = ids.clone()
+    labels[:, : 2 * tile + 1] = -100
+    return {"input_ids": ids.to(device), "labels": labels.to(device), "use_cache": False}
+
+
+def context_only_reference(model, arch, inputs, tile, dense_tiles):
+    """Loss and gradients of ``model`` with each MLP intermediate kept to the oracle's per-tile
+    top half of neurons, except the tiles in ``dense_tiles`` (all neurons)."""
+    def mask_tiles(module, args):
+        grouped = args[0].reshape(-1, tile, FFN)
+        top = grouped.detach().square().sum(1).topk(FFN // 2, dim=-1).indices
+        keep = torch.zeros(grouped.shape[0], 1, FFN, device=grouped.device).scatter_(-1, top.unsqueeze(1), 1.0)
+        keep[dense_tiles] = 1.0
+        return ((grouped * keep).reshape(args[0].shape),) + args[1:]
+
+    handles = [m.register_forward_pre_hook(mask_tiles) for n, m in model.named_modules() if n.endswith(FC2[arch])]
+    try:
+        return train_step(model, model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @pytest.mark.parametrize("share,dense_tiles", [(0.5, [2, 3, 6, 7]), (0.25, [2, 3])])
 @pytest.mark.parametrize("arch", ["llama", "opt"])
 def test_context_only_runs_output_tiles_dense(arch, share, dense_tiles):
     """Output tokens' tiles (the second half of each sequence) run dense, the others keep the
     oracle's per-tile top-k: loss and gradients match an eager model masked that way."""
     model, tile = tiny_model(arch, "lora"), 16
-    ids = torch.randint(0, 128, (2, 4 * tile), generator=torch.Generator().manual_seed(3))
-    labels = ids.clone()
-    labels[:, : 2 * tile + 1] = -100  # the loss reads positions 2 * tile .. end (labels shift by one)
-    inputs = {"input_ids": ids, "labels": labels, "use_cache": False}
+    inputs = context_only_inputs(tile)
 
-    def mask_tiles(module, args):
-        grouped = args[0].reshape(-1, tile, FFN)
-        top = grouped.detach().square().sum(1).topk(FFN // 2, dim=-1).indices
-        keep = torch.zeros(grouped.shape[0], 1, FFN).scatter_(-1, top.unsqueeze(1), 1.0)
-        keep[dense_tiles] = 1.0
-        return ((grouped * keep).reshape(args[0].shape),) + args[1:]
-
-    handles = [m.register_forward_pre_hook(mask_tiles) for n, m in model.named_modules() if n.endswith(FC2[arch])]
-    ref_loss, ref_grads = train_step(model, model, inputs)
-    for h in handles:
-        h.remove()
+    ref_loss, ref_grads = context_only_reference(model, arch, inputs, tile, dense_tiles)
     torch._dynamo.reset()
     backend = lecompile.longexposure(LongExposureConfig(**SPARSE, granularity="tile", tile_size=tile,
                                                         dense_output_share=share))
