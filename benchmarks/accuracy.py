@@ -33,7 +33,7 @@ from benchmarks.common import RESULTS, command_line, meta, write_results  # noqa
 from lecompile.data import batches, load_model, token_splits  # noqa: E402
 from lecompile.demo import lora_model  # noqa: E402
 from lecompile.ops.adapted_linear import AdaptedLinear  # noqa: E402
-from lecompile.ops.token_groups import dense_first_order  # noqa: E402
+from lecompile.ops.token_groups import dense_first_order, dense_group_count  # noqa: E402
 from lecompile.passes.rewrite_mlp import kept_neurons  # noqa: E402
 from lecompile.predictors import PREDICTORS, clear_learned, top_k  # noqa: E402
 
@@ -87,7 +87,7 @@ class SparseMLPs:
                 mask = torch.where(self.context.unsqueeze(-1), mask, torch.ones_like(mask))
             if self.dense_output_share:  # lecompile's dense_output_share: whole groups, outputs first
                 order, _ = dense_first_order(~self.context.reshape(-1), group)
-                dense = min(idx.shape[0] - 1, round(self.dense_output_share * idx.shape[0]))
+                dense = dense_group_count(self.dense_output_share, idx.shape[0])
                 grouped = mask.reshape(idx.shape[0], group, ffn)
                 grouped[order[:dense]] = 1.0
                 mask = grouped.reshape(batch, seq, ffn)

@@ -21,6 +21,12 @@ def output_tokens(target: Tensor, ignore_index: int) -> Tensor:
     return target.reshape(-1) != ignore_index
 
 
+def dense_group_count(share: float, groups: int) -> int:
+    """How many of ``groups`` token groups ``dense_output_share=share`` runs dense: the nearest
+    whole number, leaving at least one group sparse."""
+    return min(groups - 1, round(share * groups))
+
+
 def dense_first_order(outputs: Tensor, group: int) -> Tuple[Tensor, Tensor]:
     """``(order, inverse)`` of the ``T / group`` groups: groups holding an output token first
     (each part in its original order), and the permutation that undoes it."""

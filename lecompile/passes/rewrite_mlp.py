@@ -15,7 +15,7 @@ from torch._dynamo.utils import counters
 
 from ..ops import sparse_mlp  # noqa: F401  (registers torch.ops.lecompile.sparse_mlp)
 from ..ops.adapted_linear import SLOTS, AdaptedLinear, pack_mlp
-from ..ops.token_groups import all_neurons, dense_first_order, merge_groups, split_groups
+from ..ops.token_groups import all_neurons, dense_first_order, dense_group_count, merge_groups, split_groups
 from ..predictors.op import predict_neurons
 from .fold_adapters import LinearMatch
 from .graph import meta_value, recompile, static_shape
@@ -55,7 +55,7 @@ class ContextSplit:
         if tokens != self.tokens:
             return 0, off + f"the loss reads {self.tokens} tokens, the MLP {tokens}"
         n = tokens // group
-        dense = min(n - 1, round(self.share * n))
+        dense = dense_group_count(self.share, n)
         if dense == 0:
             return 0, off + f"dense_output_share={self.share} of {n} token group(s) leaves none dense"
         return dense, f"context-only: {dense} of {n} token groups dense, output tokens first"
