@@ -1,11 +1,14 @@
-"""Training steps on one GPU and on N GPUs with DDP: does lecompile's speedup hold?
+"""Training steps on one GPU and on N GPUs with DDP or FSDP2: does lecompile's speedup hold?
 
     python benchmarks/distributed.py --nproc 2            # runs one GPU, then torchrun on 2
 
-Every variant is timed on one process, then on ``--nproc`` processes (``torchrun``, NCCL, DDP;
-each rank runs the same per-GPU batch, so the work per GPU is equal and rank 0's loss at step 1
-must equal the single-GPU loss). Rows carry ``world_size``; the speedup over Inductor is taken
-within each world size, and ``ratio_held`` = (speedup on N GPUs) / (speedup on one GPU).
+Every variant is timed on one process, then on ``--nproc`` processes for each of
+``--parallelism`` (``torchrun``, NCCL; ``ddp`` with Dynamo's DDP graph splitting off, as
+docs/training-stacks.md advises, ``ddp-split`` with it on, or ``fsdp2``: ``fully_shard`` on every
+decoder layer and the model; each rank runs the same per-GPU batch, so the work per GPU is equal
+and rank 0's loss at step 1 must equal the single-GPU loss). Rows carry ``world_size`` and ``parallelism``; the
+speedup over Inductor is taken within each of them, and ``ratio_held`` = (speedup on N GPUs) /
+(speedup on one GPU).
 ``--device cpu`` runs the same on CPU processes over gloo (a smoke test, no speed claim).
 """
 
@@ -24,23 +27,49 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import RESULTS, command_line, meta, write_results  # noqa: E402
 from lecompile import e2e  # noqa: E402
 
-VARIANTS = ("inductor", "lecompile-d1", "lecompile-d0.25")
+CUDA_GRAPHS = ("inductor", "inductor-bf16-adapters-cg", "lecompile-d1-cg", "lecompile-d0.25-cg")
+NO_CUDA_GRAPHS = ("inductor", "inductor-bf16-adapters", "lecompile-d1", "lecompile-d0.25")
+#: The variants each way of running times. ``ddp`` is the documented setting (Dynamo's DDP graph
+#: splitting off); ``ddp-split`` keeps Dynamo's default to show what the splitting costs. FSDP2
+#: runs without CUDA graphs, which its hooks between the graphs break.
+PARALLELISMS = {"none": tuple(dict.fromkeys(CUDA_GRAPHS + NO_CUDA_GRAPHS)), "ddp": CUDA_GRAPHS,
+                "ddp-split": ("inductor", "lecompile-d0.25-cg"), "fsdp2": NO_CUDA_GRAPHS}
 
 
-def measure(args, world_size: int, rank: int, device: str):
-    wrap = None
-    if world_size > 1:
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The model's stack of decoder layers: its longest ``ModuleList``."""
+    return max((m for m in model.modules() if isinstance(m, torch.nn.ModuleList)), key=len)
+
+
+def wrapper(parallelism: str, device: str):
+    """How each rank wraps its model before compiling."""
+    if parallelism.startswith("ddp"):
         from torch.nn.parallel import DistributedDataParallel
+
+        torch._dynamo.config.optimize_ddp = parallelism == "ddp-split"
 
         def wrap(model):
             ids = [torch.device(device).index] if device.startswith("cuda") else None
             return DistributedDataParallel(model, device_ids=ids)
+    else:
+        from torch.distributed.fsdp import fully_shard
+
+        def wrap(model):
+            for layer in decoder_layers(model):
+                fully_shard(layer)
+            return fully_shard(model)
+    return wrap
+
+
+def measure(args, world_size: int, rank: int, device: str, parallelism: str = "none"):
+    wrap = wrapper(parallelism, device) if world_size > 1 else None
     case = e2e.Case(args.model, "lora", *e2e.SHAPES[args.shape])
-    chosen = [v for v in e2e.variants(densities=(1.0, 0.25)) if v.name in args.variants]
+    names = [n for n in PARALLELISMS[parallelism] if args.variants is None or n in args.variants]
+    chosen = [v for v in e2e.variants(densities=(1.0, 0.25), cudagraphs=True) if v.name in names]
     rows = []
     for v in chosen:
-        row = dict(case=case.name, variant=v.name, world_size=world_size, mlp_density=v.mlp_density,
-                   tokens_per_gpu=case.batch * case.seq, dtype="bfloat16")
+        row = dict(case=case.name, variant=v.name, world_size=world_size, parallelism=parallelism,
+                   mlp_density=v.mlp_density, tokens_per_gpu=case.batch * case.seq, dtype="bfloat16")
         try:
             r = e2e.run_variant(case, v, device, args.steps, args.warmup, wrap=wrap)
             row.update(ms=round(r.ms, 3), loss_step1=round(r.loss_step1, 5), compile_s=round(r.compile_s, 1),
@@ -54,11 +83,11 @@ def measure(args, world_size: int, rank: int, device: str):
 
 
 def add_ratios(rows):
-    base = {r["world_size"]: r["ms"] for r in rows if r["variant"] == "inductor" and "ms" in r}
+    base = {r["parallelism"]: r["ms"] for r in rows if r["variant"] == "inductor" and "ms" in r}
     for r in rows:
-        if "ms" in r and r["world_size"] in base:
-            r.update(baseline="inductor", baseline_ms=base[r["world_size"]],
-                     speedup=round(base[r["world_size"]] / r["ms"], 3))
+        if "ms" in r and r["parallelism"] in base:
+            r.update(baseline="inductor", baseline_ms=base[r["parallelism"]],
+                     speedup=round(base[r["parallelism"]] / r["ms"], 3))
     single = {r["variant"]: r for r in rows if r["world_size"] == 1 and "speedup" in r}
     for r in rows:
         one = single.get(r["variant"])
@@ -68,7 +97,7 @@ def add_ratios(rows):
 
 
 def worker(args):
-    """One torchrun rank: DDP over NCCL (gloo on CPU); rank 0 writes the rows to ``--part``."""
+    """One torchrun rank over NCCL (gloo on CPU); rank 0 writes the rows to ``--part``."""
     import torch.distributed as dist
 
     cuda = args.device == "cuda"
@@ -78,7 +107,7 @@ def worker(args):
     if cuda:
         torch.cuda.set_device(device)
     try:
-        rows = measure(args, world, rank, device)
+        rows = measure(args, world, rank, device, args.part_parallelism)
         if rank == 0:
             Path(args.part).write_text(json.dumps(rows))
     finally:
@@ -87,15 +116,18 @@ def worker(args):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="llama-3.2-1b", choices=list(e2e.MODELS))
+    parser.add_argument("--model", default="opt-1.3b", choices=list(e2e.MODELS))
     parser.add_argument("--shape", default="8x512", choices=list(e2e.SHAPES))
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", help="only these (default: each parallelism's own list)")
     parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--parallelism", nargs="+", default=["ddp", "ddp-split", "fsdp2"],
+                        choices=("ddp", "ddp-split", "fsdp2"))
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--part", help=argparse.SUPPRESS)  # set for the torchrun ranks
+    parser.add_argument("--part-parallelism", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.part:
         return worker(args)
@@ -104,15 +136,24 @@ def main(argv=None):
     rows = measure(args, 1, 0, args.device)
     part = args.out / "distributed.part.json"
     args.out.mkdir(parents=True, exist_ok=True)
-    forwarded = list(argv if argv is not None else sys.argv[1:])
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                    f"--nproc_per_node={args.nproc}", __file__, *forwarded, "--part", str(part)], check=True)
-    rows += json.loads(part.read_text())
-    part.unlink()
-    add_ratios(rows)
-    data = {"meta": meta("distributed", command_line(), steps=args.steps, warmup=args.warmup,
-                         optimizer="AdamW", parallelism="DDP", same_batch_on_every_rank=True), "rows": rows}
-    print(write_results("distributed", data, args.out))
+    for parallelism in args.parallelism:
+        # Only the ranks' own options: torchrun's parser rejects any prefix of its options (--nproc).
+        rank_args = ["--model", args.model, "--shape", args.shape, "--steps", str(args.steps),
+                     "--warmup", str(args.warmup), "--device", args.device, "--part", str(part),
+                     "--part-parallelism", parallelism, *(["--variants", *args.variants] if args.variants else [])]
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                               f"--nproc_per_node={args.nproc}", __file__, *rank_args])
+        if done.returncode != 0:
+            rows.append(dict(variant="all", world_size=args.nproc, parallelism=parallelism,
+                             error=f"torchrun exited with {done.returncode}"))
+            continue
+        rows += json.loads(part.read_text())
+        part.unlink()
+        add_ratios(rows)
+        data = {"meta": meta("distributed", command_line(), steps=args.steps, warmup=args.warmup,
+                             optimizer="AdamW", same_batch_on_every_rank=True,
+                             fsdp2_wraps="every decoder layer, then the model"), "rows": rows}
+        print(write_results("distributed", data, args.out))
 
 
 if __name__ == "__main__":

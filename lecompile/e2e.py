@@ -324,6 +324,11 @@ def breakdown(case: Case, variant: Variant, device: str = "cuda", steps: int = 3
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
+    return dict(case=case.name, variant=variant.name, unit="ms per step", **device_time_groups(prof, steps))
+
+
+def device_time_groups(prof, steps: int) -> Dict[str, float]:
+    """GPU ms per step of a profiled run in MLP, predictor, attention and the rest."""
     # Top-level ops only (their device time includes their kernels), so nothing counts twice.
     groups = {"mlp": "lecompile::sparse_mlp", "predictor": "lecompile::predict_neurons",
               "attention": "aten::_scaled_dot_product_"}
@@ -340,7 +345,7 @@ def breakdown(case: Case, variant: Variant, device: str = "cuda", steps: int = 3
     totals = {k: round(v, 3) for k, v in totals.items()}
     totals["kernels_total"] = round(kernel_total, 3)
     totals["rest"] = round(kernel_total - sum(v for k, v in totals.items() if k != "kernels_total"), 3)
-    return dict(case=case.name, variant=variant.name, unit="ms per step", **totals)
+    return totals
 
 
 SHAPES = {"8x512": (8, 512), "4x1024": (4, 1024), "2x2048": (2, 2048)}

@@ -8,6 +8,7 @@ needs no new pattern.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Set, Union
 
@@ -16,9 +17,14 @@ import torch.fx as fx
 
 from ..ops.adapted_linear import ACTIVATIONS
 from .fold_adapters import LinearMatch
-from .graph import common_prefix, is_activation, is_cast, is_elementwise, is_nonlinear, static_shape
+from .graph import common_prefix, ddp_splits_graphs, is_activation, is_cast, is_elementwise, is_nonlinear, static_shape
 
+log = logging.getLogger("lecompile")
 MAX_REGION = 64
+DDP_SPLIT = ("DDP's graph splitting cut the block at a gradient-bucket boundary: set "
+             "torch._dynamo.config.optimize_ddp = False before the first step; adapter gradients are "
+             "small, so overlapping their all-reduce with the backward gains little; see "
+             "docs/training-stacks.md")
 
 
 @dataclass
@@ -58,11 +64,14 @@ def match_mlp(ctx) -> None:
             ctx.unmatched(fc2.name, f"MLP candidate ending in {fc2.name}: {match}")
         else:
             ctx.mlps.append(match)
-    for node in ctx.gm.graph.nodes:
-        if is_activation(node) and node not in seen:
-            ctx.unmatched(node.name, f"activation `{_describe(node)}` is not between two linear layers "
-                                     "lecompile recognizes (not an MLP, a graph break splits it, or an "
-                                     "unsupported PEFT wrapper such as DoRA or LoHa; see docs/supported.md)")
+    cause = DDP_SPLIT if ddp_splits_graphs() else ("not an MLP, a graph break splits it, or an unsupported "
+                                                   "PEFT wrapper such as DoRA or LoHa; see docs/supported.md")
+    cut = [node for node in ctx.gm.graph.nodes if is_activation(node) and node not in seen]
+    for node in cut:
+        ctx.unmatched(node.name, f"activation `{_describe(node)}` is not between two linear layers "
+                                 f"lecompile recognizes ({cause})")
+    if cut and cause is DDP_SPLIT:
+        log.warning("lecompile: %d MLP block(s) run dense: %s", len(cut), DDP_SPLIT)
 
 
 def _region(h: fx.Node, by_out: Dict[fx.Node, LinearMatch]):
