@@ -41,9 +41,9 @@ class LongExposureBackend:
     def __call__(self, gm: fx.GraphModule, example_inputs, mode: Optional[str] = None,
                  options: Optional[dict] = None):
         patches = _inductor_patches(mode, options, self.config)
-        if self.inductor and self.config.warmup_steps and is_training_graph(example_inputs):
+        if self.inductor and self.config.dense_warmup_steps and is_training_graph(example_inputs):
             if self._warmup_until is None:
-                self._warmup_until = optimizer_steps() + self.config.warmup_steps
+                self._warmup_until = optimizer_steps() + self.config.dense_warmup_steps
             if optimizer_steps() < self._warmup_until:
                 sparse_graph = copy_graph(gm)
                 dense = self._compile(gm, example_inputs, patches, dense_warmup=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, fields
 from typing import Optional, Tuple
@@ -47,6 +48,12 @@ class LongExposureConfig:
     #: ``step()`` calls in the process, counted from the backend's first graph) the dense
     #: graphs run (fused adapters only); then each graph is recompiled once with sparsity.
     warmup_steps: int = 0
+    #: Dense warm-up as a share of the run, in [0, 1): the first
+    #: ``ceil(warmup_fraction * total_steps)`` optimizer steps run dense. Needs ``total_steps``;
+    #: use it or ``warmup_steps``, not both.
+    warmup_fraction: float = 0.0
+    #: Optimizer steps the run will take (for ``warmup_fraction``; 0: unknown).
+    total_steps: int = 0
     #: Context-only sparsity (SparseLoRA): share of the token groups (tiles or sequences, see
     #: ``granularity``) whose MLPs run dense, in [0, 1). The groups holding output tokens
     #: (those whose label is not the loss's ``ignore_index``, usually -100) fill it first,
@@ -101,11 +108,16 @@ class LongExposureConfig:
         for i, d in enumerate(self.mlp_layer_densities):
             _check_fraction(f"mlp_layer_densities[{i}]", d)
         _check_int("warmup_steps", self.warmup_steps, "an integer >= 0", lambda v: v >= 0)
+        _check_int("total_steps", self.total_steps, "an integer >= 0", lambda v: v >= 0)
+        _check_share("warmup_fraction", self.warmup_fraction)
+        if self.warmup_fraction and self.warmup_steps:
+            raise ValueError(f"LongExposureConfig: set warmup_steps ({self.warmup_steps}) or warmup_fraction "
+                             f"({self.warmup_fraction}), not both")
+        if self.warmup_fraction and not self.total_steps:
+            raise ValueError(f"LongExposureConfig.warmup_fraction={self.warmup_fraction} needs total_steps, the "
+                             f"run's number of optimizer steps (for example TrainingArguments.max_steps)")
         _check_fraction("attn_density", self.attn_density)
-        if (isinstance(self.dense_output_share, bool) or not isinstance(self.dense_output_share, (int, float))
-                or not 0.0 <= self.dense_output_share < 1.0):
-            raise ValueError(f"LongExposureConfig.dense_output_share must be in [0, 1), "
-                             f"got {self.dense_output_share!r}")
+        _check_share("dense_output_share", self.dense_output_share)
         _check_choice("predictor", self.predictor, PREDICTORS)
         _check_choice("granularity", self.granularity, GRANULARITIES)
         _check_choice("attn_predictor", self.attn_predictor, ATTN_PREDICTORS)
@@ -149,6 +161,11 @@ class LongExposureConfig:
             return self.mlp_layer_densities[layer]
         return self.mlp_density
 
+    @property
+    def dense_warmup_steps(self) -> int:
+        """Optimizer steps of dense warm-up, from ``warmup_steps`` or ``warmup_fraction``."""
+        return self.warmup_steps or math.ceil(self.warmup_fraction * self.total_steps)
+
     def resolved_dump_dir(self) -> Optional[str]:
         return self.dump_dir if self.dump_dir is not None else os.environ.get("LECOMPILE_DUMP_DIR")
 
@@ -176,6 +193,11 @@ def _parse(field, key, raw):
 def _check_fraction(name, value):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
         raise ValueError(f"LongExposureConfig.{name} must be in (0, 1], got {value!r}")
+
+
+def _check_share(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"LongExposureConfig.{name} must be in [0, 1), got {value!r}")
 
 
 def _check_choice(name, value, allowed):

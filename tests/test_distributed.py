@@ -111,3 +111,29 @@ def test_two_ranks_match_single_process_halves(wrapper, tmp_path):
         for name, g in grads.items():
             mean = (singles[0][1][name] + singles[1][1][name]) / WORLD
             torch.testing.assert_close(g, mean, atol=2e-5, rtol=1e-4, msg=f"rank {rank} {name}")
+
+
+def test_ddp_graph_splitting_is_reported_and_turning_it_off_keeps_the_rewrites(monkeypatch, caplog):
+    """Tiny gradient buckets make Dynamo's DDP optimizer cut every MLP block: the report and the
+    logger say so and name the fix; with ``optimize_ddp`` off every MLP is rewritten."""
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    from torch.nn.parallel import DistributedDataParallel
+
+    monkeypatch.setattr(dist, "_DEFAULT_FIRST_BUCKET_BYTES", 1000)  # DDP's first bucket <= the others
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    reports = {}
+    try:
+        for split in (True, False):
+            torch._dynamo.reset()
+            model = DistributedDataParallel(tiny_model("llama", "lora"), bucket_cap_mb=0.005)
+            backend = lecompile.longexposure(LongExposureConfig(**CONFIG))
+            with torch._dynamo.config.patch(optimize_ddp=split):
+                torch.compile(model, backend=backend)(**batch()).loss.backward()
+            reports[split] = backend.report
+    finally:
+        dist.destroy_process_group()
+    assert reports[True].mlp_rewritten == 0
+    assert any("optimize_ddp = False" in u.reason for u in reports[True].unmatched)
+    assert "optimize_ddp = False" in caplog.text
+    assert reports[False].mlp_rewritten == LAYERS and not reports[False].unmatched

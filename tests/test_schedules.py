@@ -49,13 +49,28 @@ def test_layer_densities_from_environment_and_validation(monkeypatch):
         LongExposureConfig(warmup_steps=-1)
 
 
-def test_dense_warmup_then_one_sparse_compile():
+def test_warmup_as_a_fraction_of_the_run_and_validation():
+    assert LongExposureConfig(warmup_fraction=0.1, total_steps=25).dense_warmup_steps == 3
+    assert LongExposureConfig(warmup_steps=4).dense_warmup_steps == 4
+    assert LongExposureConfig().dense_warmup_steps == 0
+    with pytest.raises(ValueError, match="warmup_fraction=0.1 needs total_steps"):
+        LongExposureConfig(warmup_fraction=0.1)
+    with pytest.raises(ValueError, match=r"set warmup_steps \(2\) or warmup_fraction \(0.1\), not both"):
+        LongExposureConfig(warmup_steps=2, warmup_fraction=0.1, total_steps=10)
+    with pytest.raises(ValueError, match=r"warmup_fraction must be in \[0, 1\), got 1.0"):
+        LongExposureConfig(warmup_fraction=1.0, total_steps=10)
+    with pytest.raises(ValueError, match="total_steps must be an integer >= 0"):
+        LongExposureConfig(total_steps=-5)
+
+
+@pytest.mark.parametrize("warmup", [dict(warmup_steps=2), dict(warmup_fraction=0.2, total_steps=10)])
+def test_dense_warmup_then_one_sparse_compile(warmup):
     warm, dense = tiny_model("llama", "lora"), tiny_model("llama", "lora")
     dense_losses = steps(dense, lecompile.longexposure(LongExposureConfig(mlp_density=1.0)), 2)
 
     torch._dynamo.reset()
     counters.clear()
-    backend = lecompile.longexposure(LongExposureConfig(**SPARSE, warmup_steps=2))
+    backend = lecompile.longexposure(LongExposureConfig(**SPARSE, **warmup))
     compiled = torch.compile(warm, backend=backend)
     opt = torch.optim.SGD([p for p in warm.parameters() if p.requires_grad], lr=0.5)
     losses, sparse_calls = [], []

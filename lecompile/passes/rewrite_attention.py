@@ -47,7 +47,7 @@ def _why_dense(att: AttentionMatch, ctx) -> str:
     if not cfg.rewrite_attention:
         return "rewrite_attention=False: dense"
     if ctx.dense_warmup:
-        return f"dense warm-up graph (warmup_steps={cfg.warmup_steps})"
+        return f"dense warm-up graph ({cfg.dense_warmup_steps} steps)"
     if not ctx.training:
         return "inference graph (nothing requires grad): dense"
     if att.why_not:

@@ -87,7 +87,7 @@ def rewrite_mlp(ctx) -> None:
             note = _join(note, "layer index not in the module path: mlp_density used")
         entry = ctx.report_mlp(mlp, k, granularity, note)
         if ctx.dense_warmup:
-            entry.note = _join(entry.note, f"dense warm-up graph (warmup_steps={cfg.warmup_steps})")
+            entry.note = _join(entry.note, f"dense warm-up graph ({cfg.dense_warmup_steps} steps)")
             continue
         if k == mlp.ffn:
             why = "density 1.0" if density == 1.0 else (
