@@ -96,6 +96,32 @@ def add_ratios(rows):
             r["loss_matches_single"] = abs(r["loss_step1"] - one["loss_step1"]) <= 1e-2 * abs(one["loss_step1"])
 
 
+def plot(rows, path):
+    """Speedup over Inductor per variant, one group of bars per way of running."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if "speedup" in r]
+    groups = list(dict.fromkeys(r["parallelism"] for r in ok))
+    names = list(dict.fromkeys(r["variant"] for r in ok))
+    fig, ax = plt.subplots(figsize=(10, 4))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        xs = [g + i * width for g, p in enumerate(groups) for r in ok if r["parallelism"] == p and r["variant"] == name]
+        ys = [r["speedup"] for p in groups for r in ok if r["parallelism"] == p and r["variant"] == name]
+        ax.bar(xs, ys, width, label=name)
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))],
+                  ["one GPU" if p == "none" else f"{p}, {world} GPUs" for p, world in
+                   ((p, next(r["world_size"] for r in ok if r["parallelism"] == p)) for p in groups)])
+    ax.set(ylabel="speedup over Inductor", title=(ok[0]["case"] + ", bars: speedup over the Inductor row of the same "
+                                                  "way of running") if ok else "")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def worker(args):
     """One torchrun rank over NCCL (gloo on CPU); rank 0 writes the rows to ``--part``."""
     import torch.distributed as dist
@@ -154,6 +180,7 @@ def main(argv=None):
                              optimizer="AdamW", same_batch_on_every_rank=True,
                              fsdp2_wraps="every decoder layer, then the model"), "rows": rows}
         print(write_results("distributed", data, args.out))
+    plot(rows, args.out / "distributed.png")
 
 
 if __name__ == "__main__":
