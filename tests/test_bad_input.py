@@ -74,3 +74,23 @@ def test_model_with_nothing_to_match_compiles_as_inductor():
     backend = lecompile.longexposure(SPARSE)
     torch.testing.assert_close(torch.compile(model, backend=backend)(x), model(x))
     assert backend.report.mlp == [] and backend.report.attention == []
+
+
+def test_block_with_weights_on_two_devices_is_left_dense_and_reported():
+    """A model spread over devices: a block whose input and weights disagree runs dense. No second
+    device here, so the graph is told that each ``down_proj`` weight lives on ``meta``."""
+    torch._dynamo.reset()
+    backend = lecompile.longexposure(SPARSE)
+
+    def down_proj_on_meta(gm, example_inputs):
+        for node in gm.graph.nodes:
+            value = node.meta.get("example_value")
+            if node.op == "placeholder" and "down_proj" in node.name and node.name.endswith("weight_"):
+                node.meta["example_value"] = torch.empty(value.shape, dtype=value.dtype, device="meta")
+        return backend(gm, example_inputs)
+
+    model = tiny_model("llama", "lora")
+    train_step(torch.compile(model, backend=down_proj_on_meta), model, batch())
+    report = backend.report
+    assert len(report.mlp) == LAYERS and report.mlp_rewritten == 0, str(report)
+    assert all("different devices (cpu, meta)" in e.note for e in report.mlp), str(report)

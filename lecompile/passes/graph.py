@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import operator
 import re
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Set
 
 import torch
 import torch.fx as fx
@@ -76,6 +76,11 @@ def only_user(node: fx.Node) -> Optional[fx.Node]:
 def meta_value(node) -> Optional[torch.Tensor]:
     value = node.meta.get("example_value") if isinstance(node, fx.Node) else None
     return value if isinstance(value, torch.Tensor) else None
+
+
+def devices(nodes: Iterable) -> Set[str]:
+    """The devices of the tensors behind ``nodes`` (nodes without an example tensor are skipped)."""
+    return {str(v.device) for v in map(meta_value, nodes) if v is not None}
 
 
 def shape(node) -> Optional[tuple]:

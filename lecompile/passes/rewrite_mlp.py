@@ -18,7 +18,7 @@ from ..ops.adapted_linear import SLOTS, AdaptedLinear, pack_mlp
 from ..ops.token_groups import all_neurons, dense_first_order, dense_group_count, merge_groups, split_groups
 from ..predictors.op import predict_neurons
 from .fold_adapters import LinearMatch
-from .graph import meta_value, recompile, static_shape
+from .graph import devices, meta_value, recompile, static_shape
 from .labels import output_token_mask
 from .match_mlp import MLPMatch
 
@@ -99,6 +99,12 @@ def rewrite_mlp(ctx) -> None:
             continue
         if not cfg.rewrite_mlp:
             entry.note = _join(entry.note, "rewrite_mlp=False: left dense")
+            continue
+        on = devices(node for lin in (mlp.fc1, mlp.up, mlp.fc2) if lin is not None
+                     for node in (lin.x, *vars(lin.adapted).values()))
+        if len(on) > 1:
+            entry.note = _join(entry.note, f"input and weights on different devices ({', '.join(sorted(on))}): "
+                                           "left dense; place each block's weights on one device")
             continue
         tokens = math.prod(static_shape(mlp.fc1.x)[:-1])
         dense_groups, split_note = split.dense_groups(tokens, group_size)
