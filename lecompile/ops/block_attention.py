@@ -158,7 +158,8 @@ def block_attention_flex(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, full: Te
     # visited, so mask_mod needs only the model's own mask. FlexAttention's math implementation
     # (eager calls; Dynamo with another backend) evaluates mask_mod everywhere: there it must say
     # which blocks are kept too.
-    with_keep = torch.compiler.is_dynamo_compiling() or not is_fake(q)
+    dynamo = torch.compiler.is_dynamo_compiling()
+    with_keep = dynamo or not is_fake(q)
     buffers = (keep, *masks) if with_keep else tuple(masks)
 
     def mask_mod(b, h, qi, ki, *buffers):
@@ -177,20 +178,18 @@ def block_attention_flex(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, full: Te
             score = score * x if kind == "mul" else score / x if kind == "div" else score + x
         return score
 
+    # Traced by Dynamo (a user's torch.compile around this function), the public API is called,
+    # the one Dynamo reads; it lifts the tensors the closures capture as buffers.
     num, idx = kv_block_lists(partial)
     full_num, full_idx = kv_block_lists(full)
+    mask = BlockMask.from_kv_blocks(
+        num, idx, full_num, full_idx, BLOCK_SIZE=block, seq_lengths=(q_len, kv_len),
+        mask_mod=(lambda b, h, qi, ki: mask_mod(b, h, qi, ki, *buffers)) if dynamo else mask_mod)
     options = kernel_options(block)
-    if torch.compiler.is_dynamo_compiling():
-        # Traced by Dynamo (a user's torch.compile around this function): the public API, the
-        # one Dynamo reads; it lifts the tensors the closures capture as buffers.
-        mask = BlockMask.from_kv_blocks(num, idx, full_num, full_idx, BLOCK_SIZE=block,
-                                        mask_mod=lambda b, h, qi, ki: mask_mod(b, h, qi, ki, *buffers),
-                                        seq_lengths=(q_len, kv_len))
+    if dynamo:
         return flex_attention(q, k, v, lambda s, b, h, qi, ki: score_mod(s, b, h, qi, ki, *score_tensors),
                               mask, scale=float(scale), enable_gqa=q.shape[1] != k.shape[1],
                               kernel_options=options)
-    mask = BlockMask.from_kv_blocks(num, idx, full_num, full_idx, BLOCK_SIZE=block, mask_mod=mask_mod,
-                                    seq_lengths=(q_len, kv_len))
     # The higher-order op itself, as flex_attention calls it under Dynamo: inside the backend's
     # graph AOTAutograd traces it and Inductor lowers it; run eagerly it is the unfused math
     # implementation, which also trains on the CPU.
