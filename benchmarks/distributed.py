@@ -6,9 +6,9 @@ Every variant is timed on one process, then on ``--nproc`` processes for each of
 ``--parallelism`` (``torchrun``, NCCL; ``ddp`` with Dynamo's DDP graph splitting off, as
 docs/training-stacks.md advises, ``ddp-split`` with it on, or ``fsdp2``: ``fully_shard`` on every
 decoder layer and the model; each rank runs the same per-GPU batch, so the work per GPU is equal
-and rank 0's loss at step 1 must equal the single-GPU loss). Rows carry ``world_size`` and ``parallelism``; the
-speedup over Inductor is taken within each of them, and ``ratio_held`` = (speedup on N GPUs) /
-(speedup on one GPU).
+and rank 0's loss at step 1 must equal the single-GPU loss). Rows carry ``world_size`` and
+``parallelism``; the speedup over Inductor is taken within each way of running, and
+``ratio_held`` = (speedup on N GPUs) / (speedup on one GPU).
 ``--device cpu`` runs the same on CPU processes over gloo (a smoke test, no speed claim).
 """
 

@@ -42,14 +42,7 @@ def measure(case: e2e.Case, predictor: str, density: float, steps: int, refresh:
 
     for _ in range(5):  # compile, and the learned predictor's first training calls
         step()
-    times = []
-    for _ in range(steps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+    times = [e2e.timed_ms(step, cuda=True) for _ in range(steps)]
     median = statistics.median(times)
     retrain = [t for t in times if t > 1.5 * median]
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:

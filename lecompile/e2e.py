@@ -228,19 +228,7 @@ def run_variant(case: Case, variant: Variant, device: str, steps: int = 20, warm
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        times = []
-        for _ in range(steps):
-            if cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                step()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t = time.perf_counter()
-                step()
-                times.append((time.perf_counter() - t) * 1e3)
+        times = [timed_ms(step, cuda) for _ in range(steps)]
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     # CUDA graph trees allocate from a private pool that max_memory_allocated() under-reports.
     reserved = torch.cuda.max_memory_reserved() / 2**30 if cuda else float("nan")
@@ -252,6 +240,20 @@ def run_variant(case: Case, variant: Variant, device: str, steps: int = 20, warm
                  "lora_linears_fused": report.linears_fused, "graphs_compiled": len(backend.reports)}
     extra["peak_reserved_gib"] = round(reserved, 3)
     return StepResult(statistics.median(times), compile_s, loss1, peak, extra)
+
+
+def timed_ms(step: Callable[[], object], cuda: bool) -> float:
+    """Milliseconds one call of ``step`` takes: GPU time between CUDA events, or wall time."""
+    if not cuda:
+        t = time.perf_counter()
+        step()
+        return (time.perf_counter() - t) * 1e3
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    step()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
 
 
 def run_case(case: Case, variant_list: Sequence[Variant], device: str, steps: int = 20,
