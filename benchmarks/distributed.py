@@ -108,13 +108,13 @@ def plot(rows, path):
     fig, ax = plt.subplots(figsize=(10, 4))
     width = 0.8 / len(names)
     for i, name in enumerate(names):
-        xs = [g + i * width for g, p in enumerate(groups) for r in ok if r["parallelism"] == p and r["variant"] == name]
-        ys = [r["speedup"] for p in groups for r in ok if r["parallelism"] == p and r["variant"] == name]
-        ax.bar(xs, ys, width, label=name)
+        bars = [(g + i * width, r["speedup"]) for g, p in enumerate(groups) for r in ok
+                if r["parallelism"] == p and r["variant"] == name]
+        ax.bar([x for x, _ in bars], [y for _, y in bars], width, label=name)
     ax.axhline(1.0, color="gray", lw=0.8)
+    world = {r["parallelism"]: r["world_size"] for r in ok}
     ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))],
-                  ["one GPU" if p == "none" else f"{p}, {world} GPUs" for p, world in
-                   ((p, next(r["world_size"] for r in ok if r["parallelism"] == p)) for p in groups)])
+                  ["one GPU" if p == "none" else f"{p}, {world[p]} GPUs" for p in groups])
     ax.set(ylabel="speedup over Inductor", title=(ok[0]["case"] + ", bars: speedup over the Inductor row of the same "
                                                   "way of running") if ok else "")
     ax.legend(fontsize=8)
