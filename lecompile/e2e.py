@@ -10,7 +10,14 @@ a random-init bf16 model built from its config (weights identical across variant
   overhead check: adapter fusion only); ``-a<density>`` adds block-sparse attention at that
   attention density;
 - ``-cg`` suffix (``--cudagraphs``): the same replayed as CUDA graphs (Inductor's
-  ``mode="reduce-overhead"``, lecompile's ``cudagraphs=True``).
+  ``mode="reduce-overhead"``, lecompile's ``cudagraphs=True``);
+- ``sparselora-d<density>``: SparseLoRA's way of running sparse MLPs (SVD-scored neurons per
+  batch, base weights sliced every step, dense eager matmuls: :mod:`lecompile.sparselora`) at
+  each lecompile density below 1.
+
+PEFT methods: LoRA r=16 on all linear layers (``lora``) or on the attention's query and value
+projections (``lora-qv``), IA3 (PEFT's defaults), a bottleneck adapter after every MLP
+(``adapter``, :class:`BottleneckAdapter`), and BitFit (``bitfit``: biases only).
 
 A step is forward + backward + AdamW. Rows carry the median step time over ``steps`` timed
 steps (after compilation and warm-up), tokens/s, peak memory, compile time (the first step)
@@ -28,10 +35,13 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 from torch._dynamo.utils import counters
 
 from .backend import LongExposureBackend
 from .config import LongExposureConfig
+from .sparselora import SlicedOutput, mlp_blocks, replace, sparsify_mlps
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +56,10 @@ def _opt(hidden, ffn, layers, heads, proj=None, **kw):
                      attention_dropout=0.0, activation_dropout=0.0, **kw)
 
 
-def _gpt2(hidden, layers, heads):
+def _gpt2(hidden, layers, heads, **kw):
     from transformers import GPT2Config
     return GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, n_positions=2048, resid_pdrop=0.0,
-                      embd_pdrop=0.0, attn_pdrop=0.0)
+                      embd_pdrop=0.0, attn_pdrop=0.0, **kw)
 
 
 def _llama(hidden, ffn, layers, heads, kv_heads, vocab=128256, **kw):
@@ -70,6 +80,7 @@ MODELS: Dict[str, Callable] = {
     "llama-3-8b": lambda: _llama(4096, 14336, 32, 32, 8),
     "tiny-opt": lambda: _opt(64, 256, 2, 4, vocab_size=256),
     "tiny-llama": lambda: _llama(64, 256, 2, 4, 2, vocab=256),
+    "tiny-gpt2": lambda: _gpt2(64, 2, 4, vocab_size=256),
 }
 
 #: LoRA on the attention's query and value projections, per architecture.
@@ -87,7 +98,32 @@ def _peft_config(method: str, arch: str):
     raise ValueError(f"unknown PEFT method {method!r}; choose from {METHODS}")
 
 
-METHODS = ("lora", "lora-qv", "ia3", "bitfit")
+METHODS = ("lora", "lora-qv", "ia3", "adapter", "bitfit")
+
+
+class BottleneckAdapter(nn.Module):
+    """A bottleneck adapter after a frozen linear (Houlsby et al., placed after the MLP as in
+    Pfeiffer et al.): ``y + up(relu(down(y)))``, ``up`` starting at zero so training starts from
+    the base model."""
+
+    def __init__(self, base: nn.Module, width: int, size: int = 64, device=None, dtype=None):
+        super().__init__()
+        self.base = base
+        self.down = nn.Linear(width, size, device=device, dtype=dtype)
+        self.up = nn.Linear(size, width, device=device, dtype=dtype)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        return y + self.up(F.relu(self.down(y)))
+
+
+def _trainable_only(model: nn.Module, params) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
 
 
 @dataclass(frozen=True)
@@ -95,7 +131,7 @@ class Variant:
     """One way to run the same training step."""
 
     name: str
-    backend: str                     # eager / inductor / lecompile
+    backend: str                     # eager / inductor / lecompile / sparselora (eager)
     tf32: bool = False
     adapters_fp32: bool = True       # PEFT's autocast_adapter_dtype
     cudagraphs: bool = False         # Inductor's mode="reduce-overhead" (CUDA graph trees)
@@ -123,6 +159,8 @@ def variants(densities: Sequence[float] = (1.0, 0.5, 0.25, 0.15), predictor: str
                Variant("inductor-bf16-adapters", "inductor", adapters_fp32=False)]
         if cudagraphs:
             out.append(Variant("inductor-bf16-adapters-cg", "inductor", adapters_fp32=False, cudagraphs=True))
+        out += [Variant(f"sparselora-d{d:g}", "sparselora", config=LongExposureConfig(mlp_density=d))
+                for d in densities if d < 1.0]
     for cg in (False, True) if cudagraphs else (False,):
         for a in attn_densities:
             for d in densities:
@@ -139,10 +177,12 @@ class Case:
     method: str
     batch: int
     seq: int
+    layers: Optional[int] = None  # fewer decoder layers than the published model (to fit the GPU)
 
     @property
     def name(self) -> str:
-        return f"{self.model} {self.method} {self.batch}x{self.seq}"
+        layers = f" ({self.layers} layers)" if self.layers else ""
+        return f"{self.model}{layers} {self.method} {self.batch}x{self.seq}"
 
 
 @dataclass
@@ -159,6 +199,8 @@ def build(case: Case, variant: Variant, device: str, dtype=torch.bfloat16):
     import peft
     from transformers import AutoModelForCausalLM
     config = MODELS[case.model]()
+    if case.layers:
+        config.num_hidden_layers = case.layers
     arch = config.model_type
     torch.manual_seed(0)
     with torch.device(device):
@@ -167,13 +209,19 @@ def build(case: Case, variant: Variant, device: str, dtype=torch.bfloat16):
         biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
         if not biases:
             raise ValueError(f"{case.model} has no biases: BitFit does not apply")
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for p in biases:
-            p.requires_grad_(True)
-    else:
+        _trainable_only(model, biases)
+    elif case.method != "adapter":
         model = peft.get_peft_model(model, _peft_config(case.method, arch),
                                     autocast_adapter_dtype=variant.adapters_fp32)
+    if variant.backend == "sparselora":
+        sparsify_mlps(model, arch, variant.mlp_density, rank=variant.config.svd_rank, align=variant.config.k_align)
+    if case.method == "adapter":  # after the MLPs are sliced: the adapter reads the MLP's output
+        adapters = []
+        for block in mlp_blocks(model, arch):
+            adapters.append(BottleneckAdapter(block.layer.get_submodule(block.output), config.hidden_size,
+                                              device=device, dtype=dtype))
+            replace(block.layer, block.output, adapters[-1])
+        _trainable_only(model, [p for a in adapters for p in (*a.down.parameters(), *a.up.parameters())])
     model.config.use_cache = False
     return model.train()
 
@@ -238,6 +286,8 @@ def run_variant(case: Case, variant: Variant, device: str, steps: int = 20, warm
         extra = {"mlp_rewritten": report.mlp_rewritten, "mlp_matched": len(report.mlp),
                  "attention_rewritten": report.attention_rewritten,
                  "lora_linears_fused": report.linears_fused, "graphs_compiled": len(backend.reports)}
+    elif variant.backend == "sparselora":
+        extra = {"mlp_rewritten": sum(isinstance(m, SlicedOutput) for m in model.modules())}
     extra["peak_reserved_gib"] = round(reserved, 3)
     return StepResult(statistics.median(times), compile_s, loss1, peak, extra)
 
@@ -265,6 +315,7 @@ def run_case(case: Case, variant_list: Sequence[Variant], device: str, steps: in
         if progress is not None:
             progress.set_postfix_str(f"{case.name} {v.name}")
         row = dict(case=case.name, model=case.model, method=case.method, batch=case.batch, seq=case.seq,
+                   layers=case.layers or MODELS[case.model]().num_hidden_layers,
                    tokens=case.batch * case.seq, dtype="bfloat16", variant=v.name,
                    mlp_density=v.mlp_density, attn_density=v.attn_density, tf32=v.tf32,
                    adapters="fp32" if v.adapters_fp32 else "bf16", cudagraphs=v.cudagraphs)
@@ -303,6 +354,9 @@ def _add_ratios(rows: List[dict]) -> None:
         if strongest is not None:
             r.update(strongest_baseline=strongest["variant"],
                      speedup_vs_strongest=round(strongest["ms"] / r["ms"], 3))
+        sparselora = by.get(f"sparselora-d{r['mlp_density']:g}")
+        if sparselora is not None and r["variant"].startswith("lecompile"):
+            r["speedup_vs_sparselora"] = round(sparselora["ms"] / r["ms"], 3)
 
 
 def breakdown(case: Case, variant: Variant, device: str = "cuda", steps: int = 3) -> dict:
@@ -372,6 +426,11 @@ def plot(rows: List[dict], path) -> None:
                 ax1.plot([r["mlp_density"] for r in lec], [r["speedup"] for r in lec], style,
                          label=f"{case}: lecompile" + (f", attention {a:g}" if a < 1 else "")
                          + (" + CUDA graphs" if cg else ""))
+        sparselora = sorted((r for r in ok if r["case"] == case and r["variant"].startswith("sparselora")
+                             and "speedup" in r), key=lambda r: -r["mlp_density"])
+        if sparselora:
+            ax1.plot([r["mlp_density"] for r in sparselora], [r["speedup"] for r in sparselora], "x:",
+                     label=f"{case}: SparseLoRA-style eager")
         best = [r for r in ok if r["case"] == case and r["variant"] == r.get("strongest_baseline")]
         for r in best:
             ax1.axhline(r["speedup"], ls=":", lw=1, color=ax1.lines[-1].get_color() if ax1.lines else None,
@@ -400,6 +459,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--models", nargs="+", default=["opt-1.3b"], choices=list(MODELS))
     parser.add_argument("--methods", nargs="+", default=["lora"], choices=METHODS)
     parser.add_argument("--shapes", nargs="+", default=["8x512"], choices=list(SHAPES))
+    parser.add_argument("--layers", type=int, default=None,
+                        help="build the models with this many decoder layers (default: all)")
     parser.add_argument("--densities", nargs="+", type=float, default=[1.0, 0.5, 0.25, 0.15])
     parser.add_argument("--attn-densities", nargs="+", type=float, default=[1.0],
                         help="attention densities of the lecompile variants (1.0: dense attention)")
@@ -431,7 +492,10 @@ def run(args) -> dict:
     except ImportError:
         raise RuntimeError("lecompile bench plots its results: pip install 'lecompile[bench]'") from None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    cases = [Case(m, meth, *SHAPES[s]) for m in args.models for meth in args.methods for s in args.shapes]
+    if args.layers is not None and args.layers < 1:
+        raise ValueError(f"--layers must be >= 1, got {args.layers}")
+    cases = [Case(m, meth, *SHAPES[s], layers=args.layers) for m in args.models for meth in args.methods
+             for s in args.shapes]
     vs = variants(args.densities, args.predictor, args.granularity, baselines=not args.no_baselines,
                   cudagraphs=args.cudagraphs, attn_densities=args.attn_densities, attn_block=args.attn_block)
     if args.variants:
@@ -472,7 +536,7 @@ def run(args) -> dict:
 def format_rows(rows: List[dict]) -> str:
     from .report import format_table
     cols = ["case", "variant", "ms", "tokens_per_s", "peak_mem_gib", "compile_s", "loss_step1",
-            "speedup", "speedup_vs_eager", "speedup_vs_strongest"]
+            "speedup", "speedup_vs_eager", "speedup_vs_strongest", "speedup_vs_sparselora"]
     return format_table(cols, [[r.get(c, r.get("error", "-") if c == "ms" else "-") for c in cols] for r in rows])
 
 

@@ -41,3 +41,17 @@ def test_cases_that_cannot_run_are_recorded_not_dropped():
 def test_unknown_variant_is_named():
     with pytest.raises(ValueError, match="unknown variants"):
         e2e.main(["--models", "tiny-llama", "--variants", "fastest", "--out", "unused"])
+
+
+@pytest.mark.parametrize("name", ["tiny-opt", "tiny-llama"])
+def test_bottleneck_adapter_method_keeps_the_mlps_rewritable(name):
+    case = e2e.Case(name, "adapter", 2, 32)
+    chosen = [v for v in e2e.variants(densities=(1.0, 0.5)) if v.name in ("eager", "lecompile-d1", "lecompile-d0.5")]
+    rows = e2e.run_case(case, chosen, "cpu", steps=1, warmup=0)
+    eager, dense, sparse = rows
+    assert "error" not in sparse, sparse.get("error")
+    assert dense["loss_matches_eager"] is True
+    assert sparse["mlp_rewritten"] == 2, sparse
+    model = e2e.build(case, chosen[0], "cpu")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".down." in n or ".up." in n for n in trainable), sorted(trainable)
