@@ -64,6 +64,9 @@ def _why_dense(att: AttentionMatch, ctx) -> str:
                 "dense")
     if q[-2] > k[-2]:
         return f"more queries ({q[-2]}) than keys ({k[-2]}): dense"
+    if any(d & (d - 1) for d in (q[-1], v[-1])):
+        # Inductor's FlexAttention backward finds no kernel config for them (OPT-2.7B's 80, H100).
+        return f"head dim {q[-1]} (values {v[-1]}) is not a power of two, which FlexAttention's backward needs: dense"
     return ""
 
 
