@@ -261,6 +261,26 @@ def test_kernel_path_matches_reference(kernels_on_cpu, adapters, activation, gat
         torch.testing.assert_close(got, want, **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("gated", [False, True])
+def test_kernel_path_takes_transposed_weights(kernels_on_cpu, gated):
+    """GPT-2's Conv1D weights reach the op as transposed views ([ffn, d] with column-major rows)."""
+    gen = torch.Generator().manual_seed(5)
+    fc1, up, fc2 = make_mlp(24, 256, torch.float32, gated, "lora")
+    for lin in (fc1, up, fc2):
+        if lin is not None:
+            lin.weight = lin.weight.t().contiguous().t()
+    assert fc1.weight.stride(-1) != 1
+    x = torch.randn(2, 16, 24, generator=gen, requires_grad=True)
+    idx = random_idx(2, 256, 128, gen)
+    params, slots, scales = pack_mlp(fc1, up, fc2)
+    y = sparse_mlp(x, idx, params, slots, scales, "gelu_tanh", 0.0)[0]
+    ref = masked_dense(x, idx, fc1, up, fc2, "gelu_tanh")
+    torch.testing.assert_close(y, ref, **TOL[torch.float32])
+    inputs = leaves(x, fc1, up, fc2)
+    for got, want in zip(torch.autograd.grad(y.sum(), inputs), torch.autograd.grad(ref.sum(), inputs)):
+        torch.testing.assert_close(got, want, **TOL[torch.float32])
+
+
 def test_kernel_path_with_fc2_lora_dropout(kernels_on_cpu):
     from lecompile.ops.sparse_mlp import sparse_mlp_ref
     gen = torch.Generator().manual_seed(4)

@@ -47,6 +47,13 @@ def supported(x: Tensor, idx: Tensor, slots: List[int]) -> bool:
 
 #: ``weight.t().contiguous()``, cached per weight version (frozen weights convert once).
 neuron_major = WeightCache(lambda weight: weight.t().contiguous())
+_contiguous = WeightCache(lambda weight: weight.contiguous())
+
+
+def neuron_rows(weight: Tensor) -> Tensor:
+    """``weight [ffn, d]`` with contiguous rows, as the kernels read it: GPT-2's ``Conv1D``
+    weights reach the op transposed, and are copied once per weight version."""
+    return weight if weight.stride(-1) == 1 else _contiguous(weight)
 
 
 def _lora_input(lin: AdaptedLinear, x2: Tensor) -> Tensor:
@@ -60,7 +67,7 @@ def _lora_u(lin: AdaptedLinear, x2: Tensor) -> Optional[Tensor]:
 
 
 def _neurons(lin: AdaptedLinear, u: Optional[Tensor]) -> Neurons:
-    return Neurons(lin.weight, lora=(u, lin.lora_b, lin.lora_scale) if u is not None else None,
+    return Neurons(neuron_rows(lin.weight), lora=(u, lin.lora_b, lin.lora_scale) if u is not None else None,
                    bias=lin.bias)
 
 
@@ -172,8 +179,8 @@ def backward(grad_y: Tensor, x: Tensor, idx: Tensor, fc1: AdaptedLinear, up: Opt
         _put(grads, wants, f"{role}.weight", lambda: _scatter_rows(
             lin.weight, idx, torch.bmm(_per_group(da_c, groups).transpose(1, 2), _per_group(x2, groups))))
     if wants.get("x"):
-        second = (das[1][2].to(x.dtype), up.weight) if up is not None else None
-        dx_base = kgather_matmul(das[0][2].to(x.dtype), fc1.weight, idx, n, second=second)
+        second = (das[1][2].to(x.dtype), neuron_rows(up.weight)) if up is not None else None
+        dx_base = kgather_matmul(das[0][2].to(x.dtype), neuron_rows(fc1.weight), idx, n, second=second)
         grads["x"] = (dx_base if dx is None else (dx_base.float() + dx)).to(x.dtype).reshape(x.shape)
     return grads
 
