@@ -148,7 +148,7 @@ class Variant:
 
 def variants(densities: Sequence[float] = (1.0, 0.5, 0.25, 0.15), predictor: str = "svd",
              granularity: str = "sequence", baselines: bool = True, cudagraphs: bool = False,
-             attn_densities: Sequence[float] = (1.0,), attn_block: int = 64) -> List[Variant]:
+             attn_densities: Sequence[float] = (1.0,), attn_block: int = 128) -> List[Variant]:
     """The baselines, then lecompile at each MLP density and attention density. ``cudagraphs``
     adds the strongest baseline and every lecompile variant replayed as CUDA graphs (suffix
     ``-cg``)."""
@@ -464,7 +464,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--densities", nargs="+", type=float, default=[1.0, 0.5, 0.25, 0.15])
     parser.add_argument("--attn-densities", nargs="+", type=float, default=[1.0],
                         help="attention densities of the lecompile variants (1.0: dense attention)")
-    parser.add_argument("--attn-block", type=int, default=64, help="tokens per attention block")
+    parser.add_argument("--attn-block", type=int, default=128, help="tokens per attention block")
     parser.add_argument("--predictor", default="svd", choices=("svd", "learned", "oracle"))
     parser.add_argument("--granularity", default="sequence", choices=("sequence", "tile", "batch"))
     parser.add_argument("--no-baselines", action="store_true", help="lecompile variants only")

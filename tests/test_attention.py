@@ -246,13 +246,13 @@ def test_density_one_and_other_reasons_leave_attention_dense():
     assert all(not e.rewritten and "inference graph" in e.note for e in report.attention)
 
 
-def test_head_dims_flex_attention_cannot_train_leave_attention_dense():
-    import peft
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=256, num_hidden_layers=1,
-                                      num_attention_heads=4, num_key_value_heads=2, head_dim=24)
-    model = peft.get_peft_model(transformers.LlamaForCausalLM(config),
-                                peft.LoraConfig(r=4, target_modules="all-linear")).train()
-    report = lecompile.explain(model, **attention_batch(padded=False),
-                               config=LongExposureConfig(attn_density=0.5, attn_block=16))
-    assert report.attention and all(not e.rewritten and "head dim 24 (values 24) is not a power of two" in e.note
-                                    for e in report.attention), str(report)
+def test_blocks_inductors_flex_backward_cannot_tile_leave_attention_dense(monkeypatch):
+    from lecompile.ops import block_attention
+    model, inputs = tiny_model("llama", "lora"), attention_batch(padded=False)
+    config = LongExposureConfig(mlp_density=1.0, attn_density=0.5, attn_block=16)
+    monkeypatch.setattr(block_attention, "flex_backward_tiles", lambda q: [(64, 128, 128, 64)])  # H100's
+    report = lecompile.explain(model, **inputs, config=config)
+    assert report.attention and all(not e.rewritten and "attn_block=16 is not a multiple of (use attn_block=128)"
+                                    in e.note for e in report.attention), str(report)
+    monkeypatch.setattr(block_attention, "flex_backward_tiles", lambda q: [(64, 128, 128, 64), (16, 16, 16, 16)])
+    assert all(e.rewritten for e in lecompile.explain(model, **inputs, config=config).attention)

@@ -25,7 +25,7 @@ higher-order op reaches Inductor.
 
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
@@ -123,6 +123,22 @@ def kv_block_lists(blocks: Tensor) -> Tuple[Tensor, Tensor]:
     num = blocks.sum(-1, dtype=torch.int32)
     order = torch.argsort(blocks.to(torch.int8), dim=-1, descending=True, stable=True)
     return num, order.to(torch.int32)
+
+
+def flex_backward_tiles(q: Tensor) -> Optional[List[Tuple[int, int, int, int]]]:
+    """The tiles ``(BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2)`` of the backward kernel configs
+    Inductor tries for FlexAttention on ``q``'s GPU, or None where no limit is known (CPU, or a
+    PyTorch without this query). Inductor drops the configs whose tiles do not divide the block
+    size before our ``kernel_options`` apply, and fails to compile when none is left (H100, head
+    dims 64 to 128: only 128-wide tiles, so 64-token blocks cannot train)."""
+    if q.device.type != "cuda":
+        return None
+    try:
+        from torch._inductor.choices import InductorChoices
+        configs = InductorChoices().get_flex_attention_bwd_configs(q.shape[-1], q.dtype, "cuda")
+    except (ImportError, AttributeError):
+        return None
+    return [(c.block_m1, c.block_n1, c.block_m2, c.block_n2) for c in configs]
 
 
 def kernel_options(block: int) -> dict:

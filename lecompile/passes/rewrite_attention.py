@@ -6,12 +6,14 @@ mask are built by one node each, shared by every layer that uses them.
 
 from __future__ import annotations
 
+import math
 import operator
 from typing import Dict, Tuple
 
 import torch.fx as fx
 from torch._dynamo.utils import counters
 
+from ..ops import block_attention as block_attention_ops
 from ..ops.block_attention import allowed_blocks, block_attention
 from ..predictors.attention import atomic_layouts, predict_blocks
 from ..report import AttentionEntry
@@ -64,9 +66,11 @@ def _why_dense(att: AttentionMatch, ctx) -> str:
                 "dense")
     if q[-2] > k[-2]:
         return f"more queries ({q[-2]}) than keys ({k[-2]}): dense"
-    if any(d & (d - 1) for d in (q[-1], v[-1])):
-        # Inductor's FlexAttention backward finds no kernel config for them (OPT-2.7B's 80, H100).
-        return f"head dim {q[-1]} (values {v[-1]}) is not a power of two, which FlexAttention's backward needs: dense"
+    tiles = block_attention_ops.flex_backward_tiles(meta_value(att.q))
+    if tiles and not any(all(cfg.attn_block % t == 0 for t in tile) for tile in tiles):
+        need = max(math.lcm(*tile) for tile in tiles)
+        return (f"Inductor's FlexAttention backward on this GPU (head dim {q[-1]}) only has tiles {tiles}, which "
+                f"attn_block={cfg.attn_block} is not a multiple of (use attn_block={need}): dense")
     return ""
 
 
