@@ -408,50 +408,36 @@ SHAPES = {"8x512": (8, 512), "4x1024": (4, 1024), "2x2048": (2, 2048)}
 
 
 def plot(rows: List[dict], path) -> None:
-    """Speedup over Inductor (PEFT defaults) vs MLP density per case, with and without CUDA
-    graphs, and peak memory per variant."""
+    """Per case (latest run of each variant): the step speedup of eager PEFT, the SparseLoRA-style
+    baseline and every CUDA-graph variant over Inductor with PEFT's defaults, and the peak memory of
+    the variants without CUDA graphs (whose pools the allocator's peak does not count) over eager's."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    ok = [r for r in rows if "ms" in r]
-    cases = list(dict.fromkeys(r["case"] for r in ok))
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
-    for case in cases:
-        attn = sorted({r["attn_density"] for r in ok if r["case"] == case}, reverse=True)
-        for (cg, style), a in ((s, a) for s in ((False, "o-"), (True, "s--")) for a in attn):
-            lec = sorted((r for r in ok if r["case"] == case and r["variant"].startswith("lecompile")
-                          and r.get("cudagraphs") == cg and r["attn_density"] == a and "speedup" in r),
-                         key=lambda r: -r["mlp_density"])
-            if lec:
-                ax1.plot([r["mlp_density"] for r in lec], [r["speedup"] for r in lec], style,
-                         label=f"{case}: lecompile" + (f", attention {a:g}" if a < 1 else "")
-                         + (" + CUDA graphs" if cg else ""))
-        sparselora = sorted((r for r in ok if r["case"] == case and r["variant"].startswith("sparselora")
-                             and "speedup" in r), key=lambda r: -r["mlp_density"])
-        if sparselora:
-            ax1.plot([r["mlp_density"] for r in sparselora], [r["speedup"] for r in sparselora], "x:",
-                     label=f"{case}: SparseLoRA-style eager")
-        best = [r for r in ok if r["case"] == case and r["variant"] == r.get("strongest_baseline")]
-        for r in best:
-            ax1.axhline(r["speedup"], ls=":", lw=1, color=ax1.lines[-1].get_color() if ax1.lines else None,
-                        label=f"{case}: {r['variant']}")
-    ax1.axhline(1.0, color="grey", lw=1)
-    ax1.invert_xaxis()
-    ax1.set(xlabel="MLP density", ylabel="step speedup over Inductor (PEFT defaults)",
-            title="training step (dotted: strongest Inductor baseline)")
-    ax1.legend(fontsize=7)
-    names = list(dict.fromkeys(r["variant"] for r in ok))
-    width = 0.8 / max(1, len(cases))
-    for i, case in enumerate(cases):
-        mem = {r["variant"]: r["peak_mem_gib"] for r in ok if r["case"] == case}
-        ax2.bar([j + i * width for j in range(len(names))], [mem.get(n, 0) for n in names], width, label=case)
-    ax2.set_xticks([j + width * (len(cases) - 1) / 2 for j in range(len(names))], names, rotation=45,
-                   ha="right", fontsize=7)
-    ax2.set(ylabel="peak memory allocated (GiB)",
-            title="peak memory per step (-cg: CUDA graph pools not counted)")
-    ax2.legend(fontsize=7)
+    latest = {(r["case"], r["variant"]): r for r in rows if "ms" in r}  # rows come in run order
+    cases = list(dict.fromkeys(case for case, _ in latest))
+    panels = [
+        ("speedup", lambda v: v == "eager" or v.startswith("sparselora") or v.endswith("-cg"),
+         "step speedup over Inductor (PEFT defaults)", "training step, same run's Inductor = 1"),
+        ("mem_vs_eager", lambda v: v != "eager" and not v.endswith("-cg"),
+         "peak memory / eager PEFT's", "peak memory allocated, without CUDA graphs"),
+    ]
+    fig, axes = plt.subplots(2, 1, figsize=(max(8.0, 1.6 * len(cases) + 4), 9))
+    for ax, (key, shown, ylabel, title) in zip(axes, panels):
+        names = [v for v in dict.fromkeys(v for _, v in latest) if shown(v)
+                 and any(latest.get((c, v), {}).get(key) is not None for c in cases)]
+        width = 0.8 / max(1, len(names))
+        for i, name in enumerate(names):
+            values = [(latest.get((c, name)) or {}).get(key) for c in cases]
+            xs = [j + i * width for j, value in enumerate(values) if value is not None]
+            ax.bar(xs, [value for value in values if value is not None], width, label=name)
+        ax.axhline(1.0, color="grey", lw=1)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))], cases, fontsize=8, rotation=15)
+        ax.set(ylabel=ylabel, title=title)
+        if names:
+            ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

@@ -19,8 +19,9 @@ def meta(benchmark: str, command: str, **extra) -> dict:
     except ImportError:
         triton_version = None
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip() or None
+        # "-dirty": the code differs from that commit (uncommitted changes, or a copied work tree)
+        commit = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True,
+                                text=True, cwd=Path(__file__).parent).stdout.strip() or None
     except OSError:
         commit = None
     return {"benchmark": benchmark,
