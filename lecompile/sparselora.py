@@ -74,7 +74,7 @@ def _weight_out_in(base: nn.Module) -> Tensor:
     return base.weight if isinstance(base, nn.Linear) else base.weight.t()
 
 
-class _Kept:
+class KeptNeurons:
     """The neurons one MLP keeps for the current batch, shared by its linears."""
 
     idx: Optional[Tensor] = None
@@ -84,7 +84,7 @@ class SlicedInput(nn.Module):
     """An MLP input linear computing only the kept neurons: ``x @ W[idx].T + b[idx]`` plus LoRA
     with ``B[idx]``. The scored one (``k`` set) chooses ``idx`` for the batch first."""
 
-    def __init__(self, linear: nn.Module, kept: _Kept, k: Optional[int] = None, rank: int = 8,
+    def __init__(self, linear: nn.Module, kept: KeptNeurons, k: Optional[int] = None, rank: int = 8,
                  activation: Optional[Callable[[Tensor], Tensor]] = None, up: Optional[nn.Module] = None):
         super().__init__()
         _base_and_loras(linear)  # fails now on adapters other than LoRA, not at the first step
@@ -124,7 +124,7 @@ class SlicedOutput(nn.Module):
     """An MLP output linear reading only the kept neurons: ``h @ W[:, idx].T + b`` plus LoRA with
     ``A[:, idx]``."""
 
-    def __init__(self, linear: nn.Module, kept: _Kept):
+    def __init__(self, linear: nn.Module, kept: KeptNeurons):
         super().__init__()
         _base_and_loras(linear)
         self.linear, self.kept = linear, kept
@@ -140,7 +140,7 @@ class SlicedOutput(nn.Module):
 
 
 def sparsify_mlps(model: nn.Module, model_type: str, density: float, rank: int = 8,
-                  align: int = 128) -> List[_Kept]:
+                  align: int = 128) -> List[KeptNeurons]:
     """Make every MLP of ``model`` compute ``k = round_up(density * ffn, align)`` neurons per
     batch, SparseLoRA's way. Returns each MLP's kept-neuron holder (its ``idx`` after a forward)."""
     from .passes.rewrite_mlp import kept_neurons
@@ -150,7 +150,7 @@ def sparsify_mlps(model: nn.Module, model_type: str, density: float, rank: int =
     for block in mlp_blocks(model, model_type):
         first = block.layer.get_submodule(block.inputs[0])
         ffn = _weight_out_in(_base_and_loras(first)[0]).shape[0]
-        kept = _Kept()
+        kept = KeptNeurons()
         up = block.layer.get_submodule(block.inputs[1]) if len(block.inputs) > 1 else None
         replace(block.layer, block.inputs[0], SlicedInput(first, kept, kept_neurons(density, ffn, align), rank,
                                                           block.activation, up))
