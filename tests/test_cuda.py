@@ -131,3 +131,22 @@ def test_context_only_on_cuda_matches_reference_model():
     torch.testing.assert_close(loss, ref_loss, atol=1e-4, rtol=1e-4)
     for name in grads:
         torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-3, rtol=1e-3, msg=name)
+
+
+def test_attention_blocks_inductor_cannot_tile_stay_dense_and_train():
+    """bf16, head dim 64, 64-token blocks: on an H100 Inductor's FlexAttention backward has only
+    128-wide tiles for these, so the rewrite would not compile; the step must compile either way."""
+    import peft
+    import transformers
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    model = peft.get_peft_model(transformers.LlamaForCausalLM(config).to("cuda", torch.bfloat16),
+                                peft.LoraConfig(r=4, target_modules="all-linear")).train()
+    ids = torch.randint(0, 128, (2, 256), device="cuda")
+    backend = lecompile.longexposure(LongExposureConfig(mlp_density=1.0, attn_density=0.5, attn_block=64))
+    torch._dynamo.reset()
+    loss = torch.compile(model, backend=backend)(input_ids=ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    entries = backend.report.attention
+    assert entries and all(e.rewritten or "use attn_block=128" in e.note for e in entries), str(backend.report)
