@@ -37,6 +37,7 @@ class LongExposureBackend:
         self.inductor = inductor
         self.reports: List[Report] = []
         self._warmup_until: Optional[int] = None  # optimizer step that ends the dense warm-up
+        self._warned_python_bound = False
 
     def __call__(self, gm: fx.GraphModule, example_inputs, mode: Optional[str] = None,
                  options: Optional[dict] = None):
@@ -63,6 +64,13 @@ class LongExposureBackend:
         log.debug("graph %d report:\n%s", graph_id, report)
         if dump_dir:
             _dump(Path(dump_dir), graph_id, before, gm.code, report)
+        if not self._warned_python_bound and python_bound(report, example_inputs, patches):
+            self._warned_python_bound = True
+            log.warning("%d sparse MLP(s) on CUDA without CUDA graphs: each costs about 2 ms of Python on the CPU "
+                        "per training step, which on an H100 made OPT-1.3B's sparse steps slower than dense ones "
+                        "(README, Results). Set LongExposureConfig(cudagraphs=True) (LECOMPILE_CUDAGRAPHS=1) or "
+                        "torch.compile(..., mode=\"reduce-overhead\"); not with predictor='learned' or FSDP2 "
+                        "(docs/training-stacks.md).", report.mlp_rewritten)
         if not self.inductor:
             return gm.forward
         from torch._inductor.compile_fx import compile_fx
@@ -75,6 +83,13 @@ class LongExposureBackend:
         for r in self.reports:
             merged = merged.merge(r)
         return merged
+
+
+def python_bound(report: Report, example_inputs, patches: dict) -> bool:
+    """Whether this graph's sparse MLPs will run on CUDA without CUDA graphs, where the custom
+    ops' Python (launches, dispatch) rather than the GPU sets the step time."""
+    on_cuda = any(getattr(t, "is_cuda", False) for t in example_inputs)
+    return on_cuda and report.mlp_rewritten > 0 and not patches.get("triton.cudagraphs")
 
 
 def _inductor_patches(mode: Optional[str], options: Optional[dict], config: LongExposureConfig) -> dict:

@@ -130,8 +130,6 @@ def test_backend_rejects_wrong_config_type():
         lecompile.longexposure({"mlp_density": 0.5})
 
 
-@pytest.mark.skipif("longexposure" not in importlib.metadata.entry_points(group="torch_dynamo_backends").names,
-                    reason="lecompile is not pip-installed, so its entry point is not registered")
 def run_fresh(code: str, **env) -> subprocess.CompletedProcess:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "LECOMPILE_MLP_DENSITY": "0.5", **env})
@@ -146,6 +144,8 @@ TINY_STEP = (
 )
 
 
+@pytest.mark.skipif("longexposure" not in importlib.metadata.entry_points(group="torch_dynamo_backends").names,
+                    reason="lecompile is not pip-installed, so its entry point is not registered")
 def test_entry_point_resolves_in_fresh_interpreter():
     out = run_fresh("import sys, torch\nassert 'lecompile' not in sys.modules\n" + TINY_STEP +
                     "from torch._dynamo.utils import counters\n"
@@ -157,6 +157,21 @@ def test_torch_logs_reach_the_lecompile_logger():
     out = run_fresh("import torch\n" + TINY_STEP, TORCH_LOGS="+lecompile")
     assert "1 MLP block(s) rewritten of 1 matched" in out.stderr  # INFO
     assert "lecompile report:" in out.stderr  # DEBUG (the "+")
+
+
+def test_sparse_mlps_on_cuda_without_cuda_graphs_are_flagged():
+    from types import SimpleNamespace
+
+    from lecompile.backend import python_bound
+    from lecompile.report import Report
+    report = lecompile.explain(RenamedBlock(), torch.randn(2, 8, 32, requires_grad=True),
+                               config=LongExposureConfig(mlp_density=0.5, granularity="batch"))
+    assert report.mlp_rewritten == 1
+    on_cuda = [SimpleNamespace(is_cuda=True)]  # stands for a CUDA example input
+    assert python_bound(report, on_cuda, {})
+    assert not python_bound(report, on_cuda, {"triton.cudagraphs": True})
+    assert not python_bound(report, [torch.randn(2)], {})
+    assert not python_bound(Report(), on_cuda, {})
 
 
 class BrokenMLP(RenamedBlock):
