@@ -3,7 +3,9 @@
 Variants (bf16 activations and base weight, LoRA r=16, input and adapters require grad):
 ``peft`` (fp32 adapters, PEFT's default), ``peft-tf32`` (same with TF32 matmuls on),
 ``peft-bf16-adapters`` (``autocast_adapter_dtype=False``), each eager and through Inductor
-(``+inductor``), and ``lecompile`` (the op, eager and as the backend compiles it).
+(``+inductor``), ``lecompile`` (the op, eager and as the backend compiles it), and
+``shared-read`` (eager; an experiment for the op's next step: LoRA's A-projection done inside the
+base GEMM, ``x @ [W; A].T``, so ``x`` is read once; :class:`SharedReadLoRA`).
 ``ms`` is wall time per call (Python and launches included: at these sizes mostly overhead);
 ``graph_ms`` the same step replayed as a CUDA graph, i.e. GPU time. Ratios are to ``peft+inductor`` in the same run.
 """
@@ -36,6 +38,34 @@ def lecompile_linear(x, w, b, a, lb):
     return lora_linear(x, w, b, None, a, lb, SCALE)
 
 
+class SharedReadLoRA(torch.autograd.Function):
+    """``x @ W.T + b + SCALE * (x @ A.T) @ B.T`` with ``x @ [W; A].T`` as one GEMM. ``buf`` holds
+    ``[W; A]`` in the activation dtype: ``W``'s rows written once, ``A``'s refreshed from the fp32
+    adapter every call (``r x in``, small). Backward as ``lecompile::lora_linear``'s."""
+
+    @staticmethod
+    def forward(ctx, x, b, a, lb, buf):
+        n = buf.shape[0] - a.shape[0]
+        with torch.no_grad():
+            buf[n:].copy_(a)
+        both = x @ buf.t()  # [T, out + r]: base output and x @ A.T from one read of x
+        xa = both[:, n:]
+        y = torch.addmm(both[:, :n] + b, xa, lb.to(x.dtype).t(), alpha=SCALE)
+        ctx.save_for_backward(x, xa, lb, buf)
+        ctx.adapter_dtype = a.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, xa, lb, buf = ctx.saved_tensors
+        n = buf.shape[0] - xa.shape[1]
+        dxa = SCALE * (dy @ lb.to(dy.dtype))
+        dx = torch.addmm(dy @ buf[:n], dxa, buf[n:])
+        da = (dxa.t() @ x).to(ctx.adapter_dtype)
+        dlb = (SCALE * (dy.t() @ xa)).to(lb.dtype)
+        return dx, None, da, dlb, None
+
+
 def bench_case(name, d_in, d_out, tokens):
     from triton.testing import do_bench, do_bench_cudagraph
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -49,12 +79,16 @@ def bench_case(name, d_in, d_out, tokens):
         lb = (torch.randn(d_out, RANK, device="cuda", generator=g) / RANK).to(adapters).requires_grad_()
         variants = []
         if adapters == torch.float32:
+            buf = torch.cat([w, a.detach().to(w.dtype)])
+
+            def shared_read(x, w, b, a, lb):
+                return SharedReadLoRA.apply(x, b, a, lb, buf)
             variants += [("peft", peft_linear, False), ("peft-tf32", peft_linear, True),
-                         ("lecompile", lecompile_linear, False)]
+                         ("lecompile", lecompile_linear, False), ("shared-read", shared_read, False)]
         else:
             variants += [("peft-bf16-adapters", peft_linear, False)]
         for vname, fn, tf32 in variants:
-            compiled = [("", fn), ("+inductor", torch.compile(fn))]
+            compiled = [("", fn)] + ([("+inductor", torch.compile(fn))] if vname != "shared-read" else [])
             for suffix, f in compiled:
                 torch.backends.cuda.matmul.allow_tf32 = tf32
 

@@ -97,3 +97,21 @@ def test_bad_shapes_name_the_problem():
         lora_linear(x, w, b, li, a, lb.t(), s)
     with pytest.raises(ValueError, match="weight must be"):
         lora_linear(x, torch.cat([w, w], 1), None, li, a, lb, s)
+
+
+def test_shared_read_experiment_computes_the_op():
+    """The benchmark's one-GEMM-against-[W; A] variant is the same math (values and gradients),
+    with A's rows of its buffer refreshed every call."""
+    from benchmarks.bench_lora_linear import RANK, SCALE, SharedReadLoRA
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 48, generator=gen, requires_grad=True)
+    w, b = torch.randn(40, 48, generator=gen), torch.randn(40, generator=gen)
+    a = torch.randn(RANK, 48, generator=gen, requires_grad=True)
+    lb = torch.randn(40, RANK, generator=gen, requires_grad=True)
+    buf = torch.cat([w, torch.zeros(RANK, 48)])  # stale A rows
+    dy = torch.randn(64, 40, generator=gen)
+    got = SharedReadLoRA.apply(x, b, a, lb, buf)
+    want = lora_linear(x, w, b, None, a, lb, SCALE)
+    torch.testing.assert_close(got, want)
+    for g, h in zip(torch.autograd.grad(got, (x, a, lb), dy), torch.autograd.grad(want, (x, a, lb), dy)):
+        torch.testing.assert_close(g, h)
