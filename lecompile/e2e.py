@@ -17,7 +17,10 @@ a random-init bf16 model built from its config (weights identical across variant
 
 PEFT methods: LoRA r=16 on all linear layers (``lora``) or on the attention's query and value
 projections (``lora-qv``), IA3 (PEFT's defaults), a bottleneck adapter after every MLP
-(``adapter``, :class:`BottleneckAdapter`), and BitFit (``bitfit``: biases only).
+(``adapter``, :class:`BottleneckAdapter`), BitFit (``bitfit``: biases only), and ``norms``
+(only the normalization layers train: the base model's forward and full backward at almost no
+adapter cost; with ``lora`` in the same run each LoRA row gets ``adapter_share``, the share of
+its step the adapters add).
 
 A step is forward + backward + AdamW. Rows carry the median step time over ``steps`` timed
 steps (after compilation and warm-up), tokens/s, peak memory, compile time (the first step)
@@ -98,7 +101,7 @@ def _peft_config(method: str, arch: str):
     raise ValueError(f"unknown PEFT method {method!r}; choose from {METHODS}")
 
 
-METHODS = ("lora", "lora-qv", "ia3", "adapter", "bitfit")
+METHODS = ("lora", "lora-qv", "ia3", "adapter", "bitfit", "norms")
 
 
 class BottleneckAdapter(nn.Module):
@@ -117,6 +120,10 @@ class BottleneckAdapter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         return y + self.up(F.relu(self.down(y)))
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, nn.LayerNorm) or type(module).__name__.endswith("RMSNorm")
 
 
 def _trainable_only(model: nn.Module, params) -> None:
@@ -210,6 +217,8 @@ def build(case: Case, variant: Variant, device: str, dtype=torch.bfloat16):
         if not biases:
             raise ValueError(f"{case.model} has no biases: BitFit does not apply")
         _trainable_only(model, biases)
+    elif case.method == "norms":
+        _trainable_only(model, [p for m in model.modules() if _is_norm(m) for p in m.parameters(recurse=False)])
     elif case.method != "adapter":
         model = peft.get_peft_model(model, _peft_config(case.method, arch),
                                     autocast_adapter_dtype=variant.adapters_fp32)
@@ -334,6 +343,17 @@ def run_case(case: Case, variant_list: Sequence[Variant], device: str, steps: in
             progress.update()
     _add_ratios(rows)
     return rows
+
+
+def add_adapter_shares(rows: List[dict]) -> None:
+    """``adapter_share = 1 - ms(norms) / ms(lora)`` on each LoRA row with a ``norms`` row of the
+    same model, shape and variant: the share of the step that LoRA's adapters add."""
+    norms = {(r["model"], r["layers"], r["batch"], r["seq"], r["variant"]): r["ms"]
+             for r in rows if r["method"] == "norms" and "ms" in r}
+    for r in rows:
+        base = norms.get((r["model"], r["layers"], r["batch"], r["seq"], r["variant"]))
+        if r["method"] == "lora" and "ms" in r and base is not None:
+            r["adapter_share"] = round(1.0 - base / r["ms"], 3)
 
 
 def _add_ratios(rows: List[dict]) -> None:
@@ -506,6 +526,7 @@ def run(args) -> dict:
     with tqdm(total=len(cases) * len(vs), desc="e2e", unit="run") as bar:
         for case in cases:
             rows += run_case(case, vs, device, args.steps, args.warmup, progress=bar, on_row=save_partial)
+            add_adapter_shares(rows)
             write_results("e2e", data, out)  # with the case's ratios
     if args.breakdown and device == "cuda":
         low = min(args.densities)

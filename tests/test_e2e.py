@@ -55,3 +55,17 @@ def test_bottleneck_adapter_method_keeps_the_mlps_rewritable(name):
     model = e2e.build(case, chosen[0], "cpu")
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".down." in n or ".up." in n for n in trainable), sorted(trainable)
+
+
+def test_norms_method_gives_lora_rows_their_adapter_share():
+    chosen = [v for v in e2e.variants(densities=(1.0,)) if v.name in ("eager", "lecompile-d1")]
+    rows = []
+    for method in ("lora", "norms"):
+        rows += e2e.run_case(e2e.Case("tiny-llama", method, 2, 32), chosen, "cpu", steps=1, warmup=0)
+    e2e.add_adapter_shares(rows)
+    lora = [r for r in rows if r["method"] == "lora"]
+    norms = {r["variant"]: r["ms"] for r in rows if r["method"] == "norms"}
+    assert all(r["adapter_share"] == pytest.approx(1 - norms[r["variant"]] / r["ms"], abs=1e-3) for r in lora)
+    model = e2e.build(e2e.Case("tiny-llama", "norms", 2, 32), chosen[0], "cpu")
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("norm" in n for n in trainable), trainable
