@@ -69,3 +69,11 @@ def test_norms_method_gives_lora_rows_their_adapter_share():
     model = e2e.build(e2e.Case("tiny-llama", "norms", 2, 32), chosen[0], "cpu")
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("norm" in n for n in trainable), trainable
+
+
+def test_layers_option_builds_fewer_layers_and_names_them():
+    case = e2e.Case("tiny-opt", "lora", 2, 32, layers=1)
+    model = e2e.build(case, e2e.Variant("eager", "eager"), "cpu")
+    assert model.config.num_hidden_layers == 1 and case.name == "tiny-opt (1 layers) lora 2x32"
+    with pytest.raises(ValueError, match="--layers must be >= 1, got 0"):
+        e2e.main(["--models", "tiny-opt", "--layers", "0", "--out", "unused"])
