@@ -77,3 +77,20 @@ def test_layers_option_builds_fewer_layers_and_names_them():
     assert model.config.num_hidden_layers == 1 and case.name == "tiny-opt (1 layers) lora 2x32"
     with pytest.raises(ValueError, match="--layers must be >= 1, got 0"):
         e2e.main(["--models", "tiny-opt", "--layers", "0", "--out", "unused"])
+
+
+def test_merge_runs_numbers_the_run_and_fills_in_ratios():
+    from benchmarks.merge_runs import merge
+    results = {"meta": {"benchmark": "e2e", "runs": [{"run": 1}]}, "rows": [{"run": 1, "variant": "eager"}]}
+    row = dict(case="m lora 8x512", model="m", method="lora", layers=2, batch=8, seq=512, mlp_density=1.0,
+               attn_density=1.0, peak_mem_gib=1.0, loss_step1=1.0)
+    new = {"meta": {"benchmark": "e2e", "command": "python benchmarks/e2e.py", "git_commit": "abc-dirty"},
+           "rows": [dict(row, variant="eager", ms=20.0), dict(row, variant="inductor", ms=10.0)]}
+    assert merge(results, new, "a run cut short", commit="def") == 2
+    assert results["meta"]["runs"][-1] == {"run": 2, "what": "a run cut short", "command": "python benchmarks/e2e.py",
+                                           "date": None, "git_commit": "def", "device": None, "torch": None,
+                                           "triton": None}
+    eager = results["rows"][1]
+    assert eager["run"] == 2 and eager["speedup"] == 0.5 and eager["loss_matches_eager"] is True
+    with pytest.raises(ValueError, match="cannot merge a 'sparse_mlp' run into 'e2e'"):
+        merge(results, {"meta": {"benchmark": "sparse_mlp"}, "rows": []}, "x")

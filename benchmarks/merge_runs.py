@@ -1,0 +1,64 @@
+"""Append new runs of a benchmark to its results file, so every figure keeps its provenance.
+
+    python benchmarks/merge_runs.py benchmarks/results/e2e.json OUT/e2e.json --what "OPT-2.7B, LoRA"
+
+The new file's rows get the next run number (``run``) and its ``meta`` (command, date, device,
+versions, commit) goes to the results file's ``meta.runs`` with ``what``. ``--commit`` replaces
+the recorded commit (a copied work tree records its stale ``.git``: ``<commit>-dirty``). For
+end-to-end results the per-case ratios are recomputed, since a run cut short saved its rows before
+them. Ratios always compare rows of one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lecompile import e2e  # noqa: E402
+
+_RUN_META = ("command", "date", "git_commit", "device", "torch", "triton")
+
+
+def merge(results: dict, new: dict, what: str, commit: Optional[str] = None) -> int:
+    """Add ``new``'s rows to ``results`` as the next run; returns its number."""
+    if new["meta"]["benchmark"] != results["meta"]["benchmark"]:
+        raise ValueError(f"cannot merge a {new['meta']['benchmark']!r} run into {results['meta']['benchmark']!r} "
+                         "results")
+    runs = results["meta"].setdefault("runs", [])
+    run = 1 + max([r["run"] for r in runs] + [r.get("run", 0) for r in results["rows"]], default=0)
+    entry = {"run": run, "what": what, **{k: new["meta"].get(k) for k in _RUN_META}}
+    if commit:
+        entry["git_commit"] = commit
+    runs.append(entry)
+    rows = [{"run": run, **r} for r in new["rows"]]
+    if new["meta"]["benchmark"] == "e2e":
+        for case in dict.fromkeys(r["case"] for r in rows):
+            e2e._add_ratios([r for r in rows if r["case"] == case])
+        e2e.add_adapter_shares(rows)
+    results["rows"] += rows
+    return run
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", type=Path, help="the results file to extend, e.g. benchmarks/results/e2e.json")
+    parser.add_argument("new", type=Path, help="the new run's results file")
+    parser.add_argument("--what", required=True, help="one line: what the run measured, what cut it short")
+    parser.add_argument("--commit", default=None, help="the commit the run's code was (overrides the recorded one)")
+    parser.add_argument("--plot", action="store_true", help="redraw e2e.png beside the results (e2e only)")
+    args = parser.parse_args(argv)
+    results, new = json.loads(args.results.read_text()), json.loads(args.new.read_text())
+    run = merge(results, new, args.what, args.commit)
+    args.results.write_text(json.dumps(results, indent=1) + "\n")
+    if args.plot and results["meta"]["benchmark"] == "e2e":
+        e2e.plot(results["rows"], args.results.with_suffix(".png"))
+    print(f"{args.new} -> {args.results}: run {run}, {len(new['rows'])} rows")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
