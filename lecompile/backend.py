@@ -64,7 +64,7 @@ class LongExposureBackend:
         log.debug("graph %d report:\n%s", graph_id, report)
         if dump_dir:
             _dump(Path(dump_dir), graph_id, before, gm.code, report)
-        if not self._warned_python_bound and python_bound(report, example_inputs, patches):
+        if self.inductor and not self._warned_python_bound and python_bound(report, example_inputs, patches):
             self._warned_python_bound = True
             log.warning("%d sparse MLP(s) on CUDA without CUDA graphs: each costs about 2 ms of Python on the CPU "
                         "per training step, which on an H100 made OPT-1.3B's sparse steps slower than dense ones "
