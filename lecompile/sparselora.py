@@ -64,8 +64,10 @@ def _base_and_loras(linear: nn.Module):
         return linear, []
     if not hasattr(linear, "lora_A"):
         raise ValueError(f"SparseLoRA-style MLPs support LoRA and plain linears, not {type(linear).__name__}")
-    loras = [(linear.lora_A[a], linear.lora_B[a], linear.scaling[a], linear.lora_dropout[a])
-             for a in linear.active_adapters if a in linear.lora_A]
+    active = [a for a in linear.active_adapters if a in linear.lora_A]
+    if any(getattr(linear, "use_dora", {}).get(a) for a in active):
+        raise ValueError("SparseLoRA-style MLPs do not implement DoRA (its magnitude vector would be ignored)")
+    loras = [(linear.lora_A[a], linear.lora_B[a], linear.scaling[a], linear.lora_dropout[a]) for a in active]
     return linear.base_layer, loras
 
 
@@ -100,7 +102,8 @@ class SlicedInput(nn.Module):
         y = F.linear(x, _weight_out_in(base).index_select(0, idx), bias)
         for a, b, scale, dropout in loras:
             lx = dropout(x.to(a.weight.dtype))
-            y = y + (F.linear(a(lx), b.weight.index_select(0, idx)) * scale).to(y.dtype)
+            b_bias = b.bias.index_select(0, idx) if b.bias is not None else None  # PEFT's lora_bias
+            y = y + (F.linear(a(lx), b.weight.index_select(0, idx), b_bias) * scale).to(y.dtype)
         return y
 
     @torch.no_grad()

@@ -65,6 +65,32 @@ def test_sparse_mlps_match_the_masked_dense_model(name, method):
     _assert_same(got, _loss_and_grads(dense, ids))
 
 
+def test_lora_bias_is_sliced_and_dora_is_refused():
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    def tiny(**lora):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(e2e.MODELS["tiny-llama"]())
+        model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules="all-linear", **lora))
+        torch.manual_seed(1)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.data.normal_(0, 0.05)
+        return model
+
+    dense, sliced = tiny(lora_bias=True), tiny(lora_bias=True)
+    kept = sparsify_mlps(sliced, "llama", 0.5)
+    ids = _ids()
+    got = _loss_and_grads(sliced, ids)
+    for block, k in zip(mlp_blocks(dense, "llama"), kept):
+        mask = torch.zeros(256).index_fill_(0, k.idx, 1.0)
+        block.layer.get_submodule(block.output).register_forward_pre_hook(lambda m, args, mask=mask: args[0] * mask)
+    _assert_same(got, _loss_and_grads(dense, ids))
+    with pytest.raises(ValueError, match="do not implement DoRA"):
+        sparsify_mlps(tiny(use_dora=True), "llama", 0.5)
+
+
 def test_the_scored_neurons_are_the_svd_estimates_top_k():
     from lecompile.predictors.svd import svd_factors
     model = _model("tiny-opt")
