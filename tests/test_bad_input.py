@@ -42,6 +42,12 @@ def test_unsupported_peft_wrappers_run_dense_and_are_named(wrapper):
     assert_dense_and_same_as_eager(peft.get_peft_model(llama(), config), "unsupported PEFT wrapper")
 
 
+def test_lora_bias_runs_dense_and_is_named():
+    config = peft.LoraConfig(r=4, target_modules=["gate_proj", "up_proj", "down_proj"], lora_bias=True,
+                             init_lora_weights=False)
+    assert_dense_and_same_as_eager(peft.get_peft_model(llama(), config), "lora_bias=True")
+
+
 def test_gradient_checkpointing_is_reported():
     model = tiny_model("llama", "lora")
     model.gradient_checkpointing_enable()
