@@ -42,10 +42,15 @@ def test_unsupported_peft_wrappers_run_dense_and_are_named(wrapper):
     assert_dense_and_same_as_eager(peft.get_peft_model(llama(), config), "unsupported PEFT wrapper")
 
 
-def test_lora_bias_runs_dense_and_is_named():
-    config = peft.LoraConfig(r=4, target_modules=["gate_proj", "up_proj", "down_proj"], lora_bias=True,
-                             init_lora_weights=False)
-    assert_dense_and_same_as_eager(peft.get_peft_model(llama(), config), "lora_bias=True")
+@pytest.mark.parametrize("case", ["lora_bias", "two adapters"])
+def test_lora_variants_not_folded_run_dense_and_are_named(case):
+    targets = ["gate_proj", "up_proj", "down_proj"]
+    config = peft.LoraConfig(r=4, target_modules=targets, lora_bias=case == "lora_bias", init_lora_weights=False)
+    model = peft.get_peft_model(llama(), config)
+    if case == "two adapters":
+        model.add_adapter("second", peft.LoraConfig(r=2, target_modules=targets, init_lora_weights=False))
+        model.base_model.set_adapter(["default", "second"])
+    assert_dense_and_same_as_eager(model, "lora_bias=True or a second active LoRA adapter")
 
 
 def test_gradient_checkpointing_is_reported():

@@ -110,8 +110,8 @@ def _region(h: fx.Node, by_out: Dict[fx.Node, LinearMatch]):
 def _match(fc2: LinearMatch, sources: List[LinearMatch], region: Set[fx.Node]) -> Union[MLPMatch, str]:
     if len(sources) not in (1, 2):
         return (f"the activation reads {len(sources)} linear outputs (expected 1, or 2 when gated; an adapter "
-                "lecompile does not fold, such as PEFT's lora_bias=True, leaves its linears separate: "
-                "see docs/supported.md)")
+                "lecompile does not fold, such as PEFT's lora_bias=True or a second active LoRA adapter, leaves its "
+                "linears separate: see docs/supported.md)")
     for src in sources:
         if src.out_features != fc2.in_features:
             return f"{src.name} has {src.out_features} outputs but fc2 reads {fc2.in_features}"
