@@ -246,3 +246,51 @@ def test_cli_explain_and_dump_a_checkpoint(tmp_path, capsys):
     assert "MLP block(s) matched" in capsys.readouterr().out
     names = {p.name.split("_", 3)[-1] for p in out.iterdir()}
     assert {"before.py", "after.py", "report.txt", "report.json"} <= names
+
+
+class MatmulLinear(nn.Linear):
+    """A linear written as ``x @ W.T + b`` (Falcon's ``FalconLinear``)."""
+
+    def forward(self, x):
+        h = x @ self.weight.T
+        return h if self.bias is None else h + self.bias
+
+
+class MatmulMLP(nn.Module):
+    def __init__(self, d=32, ffn=256):
+        super().__init__()
+        self.up, self.down = MatmulLinear(d, ffn, bias=False), MatmulLinear(ffn, d)
+
+    def forward(self, x):
+        return x + self.down(torch.nn.functional.gelu(self.up(x)))
+
+
+def test_linears_written_as_matmul_with_the_transposed_weight():
+    import peft
+    torch.manual_seed(0)
+    model = peft.get_peft_model(MatmulMLP(), peft.LoraConfig(r=4, target_modules=["up", "down"],
+                                                             init_lora_weights=False))
+    x = torch.randn(2, 16, 32)
+    report = assert_same_as_eager(model, LongExposureConfig(mlp_density=1.0), x)
+    assert len(report.mlp) == 1 and report.mlp[0].peft == ["fc1:lora", "fc2:lora"], str(report)
+    assert report.linears_fused == 2
+
+
+    def keep_top_half(module, args):  # the oracle's choice over the whole batch, masked in eager
+        h = args[0]
+        top = h.detach().square().reshape(-1, h.shape[-1]).sum(0).topk(128).indices
+        return (h * torch.zeros(h.shape[-1]).index_fill_(0, top, 1.0),)
+
+    with torch.no_grad():
+        dense_out = model(x)
+    handle = model.base_model.model.down.register_forward_pre_hook(keep_top_half)
+    torch._dynamo.reset()
+    ref_out, ref_grads = run(model, "eager", x)
+    handle.remove()
+    backend = lecompile.longexposure(LongExposureConfig(mlp_density=0.5, predictor="oracle", granularity="batch"))
+    out, grads = run(model, backend, x)
+    assert backend.report.mlp_rewritten == 1
+    assert not torch.allclose(ref_out, dense_out, atol=1e-3), "masking had no effect: the test cannot fail"
+    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=1e-4)
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=2e-5, rtol=1e-4, msg=name)

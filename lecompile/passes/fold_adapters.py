@@ -1,6 +1,7 @@
 """Canonicalize: fold each linear and the PEFT wrappers around it into one :class:`LinearMatch`.
 
-Recognized around a base ``linear(x, W, b)`` (or GPT-2's Conv1D ``addmm(b, x.view(-1, d), W)``):
+Recognized around a base ``linear(x, W, b)`` (or GPT-2's Conv1D ``addmm(b, x.view(-1, d), W)``,
+or Falcon's ``x @ W.T + b``):
 
 - LoRA: ``out + B(A(dropout(x.to(dtype)))) * scale``, then ``.to(result_dtype)``;
 - IA3 on the output: ``(out * s).to(dtype)``; IA3 on a feed-forward input: ``W @ (x * s)``;
@@ -74,6 +75,19 @@ def _base(node: fx.Node):
         bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
         if _placeholder_2d(weight):
             return node.args[0], weight, bias, False, node, {node}
+    if is_call(node, (operator.matmul, torch.matmul)) and len(node.args) == 2:
+        wt = node.args[1]
+        if (isinstance(wt, fx.Node) and is_call(wt, (getattr,)) and wt.args[1] == "T"
+                and _placeholder_2d(wt.args[0]) and only_user(wt) is node):
+            weight, out, nodes = wt.args[0], node, {wt, node}
+            add = only_user(node)
+            bias = add.args[1] if add is not None and is_call(add, ADD) and add.args[0] is node else None
+            if bias is not None and isinstance(bias, fx.Node) and bias.op == "placeholder" \
+                    and shape(bias) == (shape(weight)[0],):
+                out, nodes = add, nodes | {add}
+            else:
+                bias = None
+            return node.args[0], weight, bias, False, out, nodes
     if is_call(node, ADDMM) and len(node.args) == 3 and _placeholder_2d(node.args[2]):
         flat = node.args[1]
         if isinstance(flat, fx.Node) and is_method(flat, VIEWS) and only_user(flat) is node:
