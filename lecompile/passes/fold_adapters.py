@@ -79,15 +79,11 @@ def _base(node: fx.Node):
         wt = node.args[1]
         if (isinstance(wt, fx.Node) and is_call(wt, (getattr,)) and wt.args[1] == "T"
                 and _placeholder_2d(wt.args[0]) and only_user(wt) is node):
-            weight, out, nodes = wt.args[0], node, {wt, node}
-            add = only_user(node)
+            weight, add = wt.args[0], only_user(node)
             bias = add.args[1] if add is not None and is_call(add, ADD) and add.args[0] is node else None
-            if bias is not None and isinstance(bias, fx.Node) and bias.op == "placeholder" \
-                    and shape(bias) == (shape(weight)[0],):
-                out, nodes = add, nodes | {add}
-            else:
-                bias = None
-            return node.args[0], weight, bias, False, out, nodes
+            if isinstance(bias, fx.Node) and bias.op == "placeholder" and shape(bias) == (shape(weight)[0],):
+                return node.args[0], weight, bias, False, add, {wt, node, add}
+            return node.args[0], weight, None, False, node, {wt, node}
     if is_call(node, ADDMM) and len(node.args) == 3 and _placeholder_2d(node.args[2]):
         flat = node.args[1]
         if isinstance(flat, fx.Node) and is_method(flat, VIEWS) and only_user(flat) is node:
