@@ -294,3 +294,31 @@ def test_linears_written_as_matmul_with_the_transposed_weight():
     torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=1e-4)
     for name in grads:
         torch.testing.assert_close(grads[name], ref_grads[name], atol=2e-5, rtol=1e-4, msg=name)
+
+
+class TanhGelu(torch.autograd.Function):
+    """An activation as a custom autograd.Function (BLOOM's GeLUFunction is one)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.nn.functional.gelu(x, approximate="tanh")
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        t = torch.tanh(0.7978845608 * x * (1 + 0.044715 * x * x))
+        return grad * (0.5 * x * (1 - t * t) * (0.7978845608 + 0.1070322243 * x * x) + 0.5 * (1 + t))
+
+
+class FunctionMLP(RenamedBlock):
+    def forward(self, x):
+        return x + self.narrow(TanhGelu.apply(self.widen(x)))
+
+
+def test_activation_in_a_custom_autograd_function_is_reported_and_left_dense():
+    torch.manual_seed(0)
+    model, x = FunctionMLP(adapter=False), torch.randn(2, 8, 32)
+    report = assert_same_as_eager(model, LongExposureConfig(mlp_density=0.5), x)
+    assert report.mlp_rewritten == 0
+    assert any("custom autograd.Function" in u.reason for u in report.unmatched), str(report)

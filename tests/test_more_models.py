@@ -22,6 +22,14 @@ ARCHS = {
     "gpt_neox": (lambda: T.GPTNeoXForCausalLM(T.GPTNeoXConfig(**COMMON)), "dense_4h_to_h"),
     "phi": (lambda: T.PhiForCausalLM(T.PhiConfig(**COMMON)), "fc2"),
     "starcoder2": (lambda: T.Starcoder2ForCausalLM(T.Starcoder2Config(num_key_value_heads=2, **COMMON)), "c_proj"),
+    "qwen3": (lambda: T.Qwen3ForCausalLM(T.Qwen3Config(num_key_value_heads=2, head_dim=16, **COMMON)), "down_proj"),
+    "gemma2": (lambda: T.Gemma2ForCausalLM(T.Gemma2Config(num_key_value_heads=2, head_dim=16, **COMMON)),
+               "down_proj"),
+    "olmo2": (lambda: T.Olmo2ForCausalLM(T.Olmo2Config(num_key_value_heads=2, **COMMON)), "down_proj"),
+    "granite": (lambda: T.GraniteForCausalLM(T.GraniteConfig(num_key_value_heads=2, **COMMON)), "down_proj"),
+    "stablelm": (lambda: T.StableLmForCausalLM(T.StableLmConfig(num_key_value_heads=2, **COMMON)), "down_proj"),
+    "gptj": (lambda: T.GPTJForCausalLM(T.GPTJConfig(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS,
+                                                    n_inner=FFN, rotary_dim=8)), "fc_out"),
 }
 
 

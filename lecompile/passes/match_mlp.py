@@ -9,6 +9,7 @@ needs no new pattern.
 from __future__ import annotations
 
 import logging
+import operator
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Set, Union
 
@@ -17,7 +18,8 @@ import torch.fx as fx
 
 from ..ops.adapted_linear import ACTIVATIONS
 from .fold_adapters import LinearMatch
-from .graph import common_prefix, ddp_splits_graphs, is_activation, is_cast, is_elementwise, is_nonlinear, static_shape
+from .graph import (common_prefix, ddp_splits_graphs, is_activation, is_call, is_cast, is_elementwise, is_nonlinear,
+                    static_shape)
 
 log = logging.getLogger("lecompile")
 MAX_REGION = 64
@@ -93,8 +95,20 @@ def _region(h: fx.Node, by_out: Dict[fx.Node, LinearMatch]):
             continue
         if node in region:
             continue
-        if not is_elementwise(node):
-            if failure or len(node.all_input_nodes) != 1:
+        inputs = node.all_input_nodes
+        if is_call(node, (operator.getitem,)) and isinstance(node.args[0], fx.Node) \
+                and _is_custom_function(node.args[0]):
+            pass  # the Function's output, unpacked: walk on to the Function
+        elif _is_custom_function(node):  # opaque, presumably an activation: report it, do not guess
+            inputs = [n for n in inputs if n.op != "get_attr"]  # its forward/backward subgraphs
+            if failure or len(inputs) != 1:
+                stopped = True
+                break
+            failure = ("a custom autograd.Function between the linears (such as BLOOM's GeLUFunction): "
+                       "lecompile cannot read its math")
+            nonlinear = True
+        elif not is_elementwise(node):
+            if failure or len(inputs) != 1:
                 stopped = True
                 break
             failure = f"`{_describe(node)}` between the linears is not elementwise"
@@ -102,9 +116,14 @@ def _region(h: fx.Node, by_out: Dict[fx.Node, LinearMatch]):
         nonlinear |= is_nonlinear(node)
         if len(region) > MAX_REGION:
             return None, region, None
-        stack.extend(node.all_input_nodes)
+        stack.extend(inputs)
     candidate = nonlinear and sources and (failure or not stopped)
     return (sources if candidate else None), region, failure
+
+
+def _is_custom_function(node: fx.Node) -> bool:
+    """A ``torch.autograd.Function`` as Dynamo traces it (the ``autograd_function_apply`` op)."""
+    return node.op == "call_function" and getattr(node.target, "__name__", "") == "autograd_function_apply"
 
 
 def _match(fc2: LinearMatch, sources: List[LinearMatch], region: Set[fx.Node]) -> Union[MLPMatch, str]:
