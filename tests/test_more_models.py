@@ -37,8 +37,12 @@ ARCHS = {
 def test_sparse_lora_step_matches_masked_eager(arch):
     build, fc2 = ARCHS[arch]
     torch.manual_seed(0)
-    model = peft.get_peft_model(build(), peft.LoraConfig(r=4, target_modules="all-linear",
-                                                         init_lora_weights=False)).train()
+    try:
+        base = build()
+    except AttributeError:  # the installed transformers predates this architecture
+        pytest.skip(f"{arch} is not in transformers {T.__version__}")
+    config = peft.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+    model = peft.get_peft_model(base, config).train()
     inputs = batch()
     eager_loss, _ = train_step(model, model, inputs)
     handles = mask_mlp_intermediate(model, "mlp." + fc2, FFN // 2)
