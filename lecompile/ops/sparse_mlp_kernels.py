@@ -47,13 +47,12 @@ def supported(x: Tensor, idx: Tensor, slots: List[int]) -> bool:
 
 #: ``weight.t().contiguous()``, cached per weight version (frozen weights convert once).
 neuron_major = WeightCache(lambda weight: weight.t().contiguous())
-_contiguous = WeightCache(lambda weight: weight.contiguous())
 
 
 def neuron_rows(weight: Tensor) -> Tensor:
     """``weight [ffn, d]`` with contiguous rows, as the kernels read it: GPT-2's ``Conv1D``
     weights reach the op transposed, and are copied once per weight version."""
-    return weight if weight.stride(-1) == 1 else _contiguous(weight)
+    return weight if weight.stride(-1) == 1 else neuron_major(weight.t())
 
 
 def _lora_input(lin: AdaptedLinear, x2: Tensor) -> Tensor:
