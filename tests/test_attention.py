@@ -247,12 +247,13 @@ def test_density_one_and_other_reasons_leave_attention_dense():
 
 
 def test_blocks_inductors_flex_backward_cannot_tile_leave_attention_dense(monkeypatch):
-    from lecompile.ops import block_attention
+    import importlib
+    rewrite_attention = importlib.import_module("lecompile.passes.rewrite_attention")  # the module, not the pass
     model, inputs = tiny_model("llama", "lora"), attention_batch(padded=False)
     config = LongExposureConfig(mlp_density=1.0, attn_density=0.5, attn_block=16)
-    monkeypatch.setattr(block_attention, "flex_backward_tiles", lambda q: [(64, 128, 128, 64)])  # H100's
+    monkeypatch.setattr(rewrite_attention, "flex_backward_tiles", lambda q: [(64, 128, 128, 64)])  # H100's
     report = lecompile.explain(model, **inputs, config=config)
     assert report.attention and all(not e.rewritten and "attn_block=16 is not a multiple of (use attn_block=128)"
                                     in e.note for e in report.attention), str(report)
-    monkeypatch.setattr(block_attention, "flex_backward_tiles", lambda q: [(64, 128, 128, 64), (16, 16, 16, 16)])
+    monkeypatch.setattr(rewrite_attention, "flex_backward_tiles", lambda q: [(64, 128, 128, 64), (16, 16, 16, 16)])
     assert all(e.rewritten for e in lecompile.explain(model, **inputs, config=config).attention)

@@ -13,8 +13,7 @@ from typing import Dict, Tuple
 import torch.fx as fx
 from torch._dynamo.utils import counters
 
-from ..ops import block_attention as block_attention_ops
-from ..ops.block_attention import allowed_blocks, block_attention
+from ..ops.block_attention import allowed_blocks, block_attention, flex_backward_tiles
 from ..predictors.attention import atomic_layouts, predict_blocks
 from ..report import AttentionEntry
 from .graph import meta_value, recompile, static_shape
@@ -66,7 +65,7 @@ def _why_dense(att: AttentionMatch, ctx) -> str:
                 "dense")
     if q[-2] > k[-2]:
         return f"more queries ({q[-2]}) than keys ({k[-2]}): dense"
-    tiles = block_attention_ops.flex_backward_tiles(meta_value(att.q))
+    tiles = flex_backward_tiles(meta_value(att.q))
     if tiles and not any(all(cfg.attn_block % t == 0 for t in tile) for tile in tiles):
         need = max(math.lcm(*tile) for tile in tiles)
         return (f"Inductor's FlexAttention backward on this GPU (head dim {q[-1]}) only has tiles {tiles}, which "
