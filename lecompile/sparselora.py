@@ -89,15 +89,17 @@ class SlicedInput(nn.Module):
     def __init__(self, linear: nn.Module, kept: KeptNeurons, k: Optional[int] = None, rank: int = 8,
                  activation: Optional[Callable[[Tensor], Tensor]] = None, up: Optional[nn.Module] = None):
         super().__init__()
-        _base_and_loras(linear)  # fails now on adapters other than LoRA, not at the first step
         self.linear, self.kept, self.k, self.rank, self.activation = linear, kept, k, rank, activation
-        self.up = [up]  # a gated MLP's up linear, scored with this one (a list: not a submodule)
+        # Resolved once (fails now on adapters other than LoRA); tuples, so not registered twice.
+        self.parts = _base_and_loras(linear)
+        # The frozen weights the estimator scores: this linear's and a gated MLP's up linear's.
+        self.scored = (self.parts[0],) + ((_base_and_loras(up)[0],) if up is not None else ())
 
     def forward(self, x: Tensor) -> Tensor:
         if self.k is not None:
             self.kept.idx = self._choose(x)
         idx = self.kept.idx
-        base, loras = _base_and_loras(self.linear)
+        base, loras = self.parts
         bias = base.bias.index_select(0, idx) if base.bias is not None else None
         y = F.linear(x, _weight_out_in(base).index_select(0, idx), bias)
         for a, b, scale, dropout in loras:
@@ -113,13 +115,13 @@ class SlicedInput(nn.Module):
         from .predictors.svd import svd_factors
         x2 = x.reshape(-1, x.shape[-1])
 
-        def estimate(linear):
-            p, q = svd_factors(_weight_out_in(_base_and_loras(linear)[0]), self.rank)
+        def estimate(base):
+            p, q = svd_factors(_weight_out_in(base), self.rank)
             return (x2 @ p) @ q.t()
 
-        h = self.activation(estimate(self.linear))
-        if self.up[0] is not None:
-            h = h * estimate(self.up[0])
+        h = self.activation(estimate(self.scored[0]))
+        if len(self.scored) > 1:
+            h = h * estimate(self.scored[1])
         return h.float().abs().sum(0).topk(self.k, sorted=False).indices.sort().values
 
 
@@ -129,12 +131,12 @@ class SlicedOutput(nn.Module):
 
     def __init__(self, linear: nn.Module, kept: KeptNeurons):
         super().__init__()
-        _base_and_loras(linear)
         self.linear, self.kept = linear, kept
+        self.parts = _base_and_loras(linear)
 
     def forward(self, h: Tensor) -> Tensor:
         idx = self.kept.idx
-        base, loras = _base_and_loras(self.linear)
+        base, loras = self.parts
         y = F.linear(h, _weight_out_in(base).index_select(1, idx), base.bias)
         for a, b, scale, dropout in loras:
             lh = dropout(h.to(a.weight.dtype))
