@@ -37,7 +37,7 @@ def merge(results: dict, new: dict, what: str, commit: Optional[str] = None) -> 
     rows = [{"run": run, **r} for r in new["rows"]]
     if new["meta"]["benchmark"] == "e2e":
         for case in dict.fromkeys(r["case"] for r in rows):
-            e2e._add_ratios([r for r in rows if r["case"] == case])
+            e2e.add_ratios([r for r in rows if r["case"] == case])
         e2e.add_adapter_shares(rows)
     results["rows"] += rows
     return run

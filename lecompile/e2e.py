@@ -320,11 +320,12 @@ def run_case(case: Case, variant_list: Sequence[Variant], device: str, steps: in
     """Every variant of ``case``, with ratios to the baselines measured in this call.
     ``on_row`` sees each row as soon as it is measured (to save partial results)."""
     rows = []
+    layers = case.layers or MODELS[case.model]().num_hidden_layers
     for v in variant_list:
         if progress is not None:
             progress.set_postfix_str(f"{case.name} {v.name}")
         row = dict(case=case.name, model=case.model, method=case.method, batch=case.batch, seq=case.seq,
-                   layers=case.layers or MODELS[case.model]().num_hidden_layers,
+                   layers=layers,
                    tokens=case.batch * case.seq, dtype="bfloat16", variant=v.name,
                    mlp_density=v.mlp_density, attn_density=v.attn_density, tf32=v.tf32,
                    adapters="fp32" if v.adapters_fp32 else "bf16", cudagraphs=v.cudagraphs)
@@ -341,22 +342,25 @@ def run_case(case: Case, variant_list: Sequence[Variant], device: str, steps: in
             on_row(row)
         if progress is not None:
             progress.update()
-    _add_ratios(rows)
+    add_ratios(rows)
     return rows
 
 
 def add_adapter_shares(rows: List[dict]) -> None:
     """``adapter_share = 1 - ms(norms) / ms(lora)`` on each LoRA row with a ``norms`` row of the
     same model, shape and variant: the share of the step that LoRA's adapters add."""
-    norms = {(r["model"], r["layers"], r["batch"], r["seq"], r["variant"]): r["ms"]
-             for r in rows if r["method"] == "norms" and "ms" in r}
+    def same(r):
+        return r["model"], r["layers"], r["batch"], r["seq"], r["variant"]
+
+    norms = {same(r): r["ms"] for r in rows if r["method"] == "norms" and "ms" in r}
     for r in rows:
-        base = norms.get((r["model"], r["layers"], r["batch"], r["seq"], r["variant"]))
+        base = norms.get(same(r))
         if r["method"] == "lora" and "ms" in r and base is not None:
             r["adapter_share"] = round(1.0 - base / r["ms"], 3)
 
 
-def _add_ratios(rows: List[dict]) -> None:
+def add_ratios(rows: List[dict]) -> None:
+    """Each row's speedups over the baselines among ``rows`` (one case of one run)."""
     by = {r["variant"]: r for r in rows if "ms" in r}
     eager, inductor = by.get("eager"), by.get("inductor")
     strongest = min((r for n, r in by.items() if n.startswith("inductor")), key=lambda r: r["ms"], default=None)
