@@ -31,6 +31,13 @@ def _ids():
     return torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(2))
 
 
+def mask_to_kept(dense, kept):
+    """Zero every MLP intermediate of ``dense`` outside the neurons the sliced model kept."""
+    for block, k in zip(mlp_blocks(dense, dense.config.model_type), kept):
+        mask = torch.zeros(256).index_fill_(0, k.idx, 1.0)
+        block.layer.get_submodule(block.output).register_forward_pre_hook(lambda m, args, mask=mask: args[0] * mask)
+
+
 def _assert_same(a, b):
     (loss_a, grads_a), (loss_b, grads_b) = a, b
     torch.testing.assert_close(loss_a, loss_b, rtol=1e-4, atol=1e-5)
@@ -58,10 +65,7 @@ def test_sparse_mlps_match_the_masked_dense_model(name, method):
     ids = _ids()
     got = _loss_and_grads(sliced, ids)
     assert all(k.idx.numel() == 128 for k in kept)
-    for block, k in zip(mlp_blocks(dense, dense.config.model_type), kept):
-        mask = torch.zeros(256)
-        mask[k.idx] = 1.0
-        block.layer.get_submodule(block.output).register_forward_pre_hook(lambda m, args, mask=mask: args[0] * mask)
+    mask_to_kept(dense, kept)
     _assert_same(got, _loss_and_grads(dense, ids))
 
 
@@ -83,9 +87,7 @@ def test_lora_bias_is_sliced_and_dora_is_refused():
     kept = sparsify_mlps(sliced, "llama", 0.5)
     ids = _ids()
     got = _loss_and_grads(sliced, ids)
-    for block, k in zip(mlp_blocks(dense, "llama"), kept):
-        mask = torch.zeros(256).index_fill_(0, k.idx, 1.0)
-        block.layer.get_submodule(block.output).register_forward_pre_hook(lambda m, args, mask=mask: args[0] * mask)
+    mask_to_kept(dense, kept)
     _assert_same(got, _loss_and_grads(dense, ids))
     with pytest.raises(ValueError, match="do not implement DoRA"):
         sparsify_mlps(tiny(use_dora=True), "llama", 0.5)
