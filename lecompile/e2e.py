@@ -404,7 +404,16 @@ def breakdown(case: Case, variant: Variant, device: str = "cuda", steps: int = 3
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
-    return dict(case=case.name, variant=variant.name, unit="ms per step", **device_time_groups(prof, steps))
+    return dict(case=case.name, variant=variant.name, unit="ms per step", **device_time_groups(prof, steps),
+                top_kernels=top_kernels(prof, steps))
+
+
+def top_kernels(prof, steps: int, n: int = 30) -> List[dict]:
+    """The ``n`` GPU kernels with the most device time per step, with their launches per step."""
+    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    kernels.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    return [dict(name=e.key[:120], ms=round(e.self_device_time_total / 1e3 / steps, 3),
+                 launches=round(e.count / steps, 1)) for e in kernels[:n]]
 
 
 def device_time_groups(prof, steps: int) -> Dict[str, float]:
