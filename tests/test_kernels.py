@@ -61,16 +61,20 @@ def test_ngather_gated_with_adapters_saves_pre(dtype, rank):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens,group,d,ffn,k", SHAPES)
-@pytest.mark.parametrize("two,bias", [(False, False), (False, True), (True, False)])
-def test_kgather(dtype, tokens, group, d, ffn, k, two, bias):
+@pytest.mark.parametrize("two,bias,rank", [(False, False, 0), (False, True, 0), (True, False, 0),
+                                           (False, True, 16), (True, False, 40)])
+def test_kgather(dtype, tokens, group, d, ffn, k, two, bias, rank):
     gen = torch.Generator().manual_seed(2)
     h, m = rand(tokens, k, dtype=dtype, gen=gen), rand(ffn, d, dtype=dtype, gen=gen, scale=k ** -0.5)
     idx = sorted_idx(tokens // group, ffn, k, gen)
     second = ((rand(tokens, k, dtype=dtype, gen=gen), rand(ffn, d, dtype=dtype, gen=gen, scale=k ** -0.5))
               if two else None)
     b = rand(d, dtype=dtype, gen=gen) if bias else None
-    got = kgather_matmul(h, m, idx, group, bias=b, second=second)
-    torch.testing.assert_close(got, kgather_matmul_ref(h, m, idx, group, bias=b, second=second), **TOL[dtype])
+    # LoRA's B is [d, r]: the low-rank factor arrives as its transposed view
+    low_rank = (rand(tokens, rank, gen=gen), rand(d, rank, dtype=dtype, gen=gen).t()) if rank else None
+    got = kgather_matmul(h, m, idx, group, bias=b, second=second, low_rank=low_rank)
+    want = kgather_matmul_ref(h, m, idx, group, bias=b, second=second, low_rank=low_rank)
+    torch.testing.assert_close(got, want, **TOL[dtype])
 
 
 def test_kernels_reject_bad_layouts():
@@ -82,12 +86,15 @@ def test_kernels_reject_bad_layouts():
         ngather_matmul(x[:24], idx, 24, Neurons(m))
     with pytest.raises(ValueError, match="contiguous rows"):
         kgather_matmul(rand(32, 128), m.t().contiguous().t(), idx, 32)
+    with pytest.raises(ValueError, match="low_rank shapes"):
+        kgather_matmul(rand(32, 128), m, idx, 32, low_rank=(rand(32, 4), rand(4, 15)))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "silu"])
-@pytest.mark.parametrize("gated,lora", [(False, False), (True, False), (False, True)])
-def test_ngather_grad_fuses_activation_derivative(dtype, activation, gated, lora):
+@pytest.mark.parametrize("gated,lora,return_h", [(False, False, False), (True, False, False), (False, True, True),
+                                                 (True, True, True)])
+def test_ngather_grad_fuses_activation_derivative(dtype, activation, gated, lora, return_h):
     from lecompile.kernels.gather_gemm import ngather_matmul_grad, ngather_matmul_grad_ref
     gen = torch.Generator().manual_seed(5)
     tokens, group, d, ffn, k = 48, 16, 40, 384, 256
@@ -96,7 +103,10 @@ def test_ngather_grad_fuses_activation_derivative(dtype, activation, gated, lora
                 lora=(rand(tokens, 8, gen=gen), rand(ffn, 8, gen=gen, scale=0.1), 0.5) if lora else None)
     idx = sorted_idx(tokens // group, ffn, k, gen)
     pre, pre_up = rand(tokens, k, dtype=dtype, gen=gen), (rand(tokens, k, dtype=dtype, gen=gen) if gated else None)
-    got = ngather_matmul_grad(dy, idx, group, m, activation, pre, pre_up)
-    want = ngather_matmul_grad_ref(dy, idx, group, m, activation, pre, pre_up)
-    for g, w in zip(got if gated else (got,), want if gated else (want,)):
+    got = ngather_matmul_grad(dy, idx, group, m, activation, pre, pre_up, return_h=return_h)
+    want = ngather_matmul_grad_ref(dy, idx, group, m, activation, pre, pre_up, return_h=return_h)
+    outputs = 1 + gated + return_h
+    got, want = (got, want) if outputs > 1 else ((got,), (want,))
+    assert len(got) == len(want) == outputs
+    for g, w in zip(got, want):
         torch.testing.assert_close(g, w, **TOL[dtype])

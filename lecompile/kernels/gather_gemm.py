@@ -8,7 +8,8 @@ the kept neurons of each group of ``group_tokens`` consecutive tokens (each row 
   ``* out_scale[idx]`` (IA3), saving the pre-activation, then the activation; a second weight
   computed in the same launch gives gated MLPs ``act(gate) * up``.
 - K-gather ``y = h @ M[idx]``: the reduction runs over the kept neurons (fc2, and the input
-  gradient of fc1); optionally a second ``(h2, M2)`` pair (gated backward) and ``+ bias``.
+  gradient of fc1); optionally a second ``(h2, M2)`` pair (gated backward), a low-rank term
+  ``+ v @ a`` (LoRA's B-projection; the input gradient through LoRA's A) and ``+ bias``.
 
 The rows are gathered inside the kernel, along the contiguous ``d`` axis of ``M``: no gathered
 weight copy is written to memory. fp32 accumulation; fp16, bf16 and fp32 inputs.
@@ -136,13 +137,13 @@ def _ngather_tile(x_ptr, m_ptr, rows, offs_t, offs_n, T, D, KSEL, stride_xt, str
                  key=["D", "KSEL", "GROUP_ALIGN", "R", "GATED", "HAS_LORA", "ACT", "GRAD_ACT"],
                  prune_configs_by={"early_config_prune": _prune_by_group})
 @triton.jit
-def _ngather_kernel(x_ptr, idx_ptr, out_ptr, out2_ptr, pre_ptr, pre2_ptr,
+def _ngather_kernel(x_ptr, idx_ptr, out_ptr, out2_ptr, pre_ptr, pre2_ptr, h_ptr,
                     m_ptr, u_ptr, b_ptr, bias_ptr, oscale_ptr,
                     m2_ptr, u2_ptr, b2_ptr, bias2_ptr, oscale2_ptr,
                     T, D, KSEL, group_tokens, GROUP_ALIGN, R, lora_scale, lora_scale2,
                     stride_xt, stride_m, stride_m2, stride_idx,
                     ACT: tl.constexpr, GRAD_ACT: tl.constexpr, GATED: tl.constexpr,
-                    SAVE_PRE: tl.constexpr,
+                    SAVE_PRE: tl.constexpr, STORE_H: tl.constexpr,
                     HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_OSCALE: tl.constexpr,
                     HAS_LORA2: tl.constexpr, HAS_BIAS2: tl.constexpr, HAS_OSCALE2: tl.constexpr,
                     R_PAD: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
@@ -166,8 +167,11 @@ def _ngather_kernel(x_ptr, idx_ptr, out_ptr, out2_ptr, pre_ptr, pre2_ptr,
             u = tl.load(pre2_ptr + out_offs, mask=mask, other=0.0).to(tl.float32)
             tl.store(out2_ptr + out_offs, (a * act_g).to(out2_ptr.dtype.element_ty), mask=mask)
             a = a * u * dact_g
+            act_g = act_g * u
         else:
             a = a * dact_g
+        if STORE_H:  # the forward's compact output, recomputed for the adapters' gradients
+            tl.store(h_ptr + out_offs, act_g.to(h_ptr.dtype.element_ty), mask=mask)
         tl.store(out_ptr + out_offs, a.to(out_ptr.dtype.element_ty), mask=mask)
     else:
         if SAVE_PRE:
@@ -185,13 +189,14 @@ def _ngather_kernel(x_ptr, idx_ptr, out_ptr, out2_ptr, pre_ptr, pre2_ptr,
 
 
 @triton.autotune(configs=_configs(("BLOCK_T", "BLOCK_D", "BLOCK_K")),
-                 key=["D", "KSEL", "GROUP_ALIGN", "TWO"],
+                 key=["D", "KSEL", "GROUP_ALIGN", "TWO", "R"],
                  prune_configs_by={"early_config_prune": _prune_by_group})
 @triton.jit
-def _kgather_kernel(h_ptr, m_ptr, h2_ptr, m2_ptr, idx_ptr, bias_ptr, out_ptr,
-                    T, D, KSEL, group_tokens, GROUP_ALIGN, stride_m, stride_m2, stride_idx,
-                    TWO: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-                    DOT_FP32: tl.constexpr,
+def _kgather_kernel(h_ptr, m_ptr, h2_ptr, m2_ptr, idx_ptr, bias_ptr, v_ptr, a_ptr, out_ptr,
+                    T, D, KSEL, group_tokens, GROUP_ALIGN, R, stride_m, stride_m2, stride_idx,
+                    stride_ar, stride_ad,
+                    TWO: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LOW_RANK: tl.constexpr,
+                    R_PAD: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
                     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_t = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -215,6 +220,14 @@ def _kgather_kernel(h_ptr, m_ptr, h2_ptr, m2_ptr, idx_ptr, bias_ptr, out_ptr,
             ht = tl.load(h2_ptr + h_offs, mask=h_mask, other=0.0)
             mt = tl.load(m2_ptr + rows[:, None] * stride_m2 + offs_d[None, :], mask=m_mask, other=0.0)
             acc = _dot(ht, mt, acc, PRECISION, DOT_FP32)
+    if HAS_LOW_RANK:  # + v @ a, rank R (LoRA's B-projection, or the input gradient through A)
+        offs_r = tl.arange(0, R_PAD)
+        mask_r = offs_r < R
+        vt = tl.load(v_ptr + offs_t[:, None].to(tl.int64) * R + offs_r[None, :],
+                     mask=mask_t[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
+        at = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_d[None, :] * stride_ad,
+                     mask=mask_r[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+        acc += tl.dot(vt, at, input_precision="ieee")
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
     out_offs = offs_t[:, None].to(tl.int64) * D + offs_d[None, :]
@@ -265,14 +278,16 @@ def ngather_matmul(x: torch.Tensor, idx: torch.Tensor, group_tokens: int, first:
 
 
 def ngather_matmul_grad(dy: torch.Tensor, idx: torch.Tensor, group_tokens: int, m: Neurons,
-                        activation: str, pre: torch.Tensor, pre_up: Optional[torch.Tensor] = None):
+                        activation: str, pre: torch.Tensor, pre_up: Optional[torch.Tensor] = None,
+                        return_h: bool = False):
     """Backward of the activation fused into the N-gather: with ``dh = m(dy)`` (``dy @ M[idx].T``
     plus its LoRA term), returns ``dh * act'(pre)``, or for a gated MLP
-    ``(dh * up * act'(gate), dh * act(gate))`` with ``pre = gate``, ``pre_up = up``."""
-    return _launch_ngather(dy, idx, group_tokens, m, None, None, False, (activation, pre, pre_up))
+    ``(dh * up * act'(gate), dh * act(gate))`` with ``pre = gate``, ``pre_up = up``. With
+    ``return_h``, also the forward's output ``h = act(pre) [* up]``, last."""
+    return _launch_ngather(dy, idx, group_tokens, m, None, None, False, (activation, pre, pre_up), return_h)
 
 
-def _launch_ngather(x, idx, group_tokens, first, second, activation, save_pre, grad_of):
+def _launch_ngather(x, idx, group_tokens, first, second, activation, save_pre, grad_of, return_h=False):
     _check_common("ngather_matmul", x, first.m, idx, group_tokens)
     x = x.contiguous()
     tokens, d = x.shape
@@ -285,6 +300,7 @@ def _launch_ngather(x, idx, group_tokens, first, second, activation, save_pre, g
     else:
         pre = x.new_empty(tokens, ksel) if save_pre else out
         pre2 = x.new_empty(tokens, ksel) if save_pre and gated else out
+    h = x.new_empty(tokens, ksel) if return_h else out
     s2 = second or first
 
     def lora(n: Neurons):
@@ -300,7 +316,7 @@ def _launch_ngather(x, idx, group_tokens, first, second, activation, save_pre, g
     rank = max(r1, r2)
     grid = lambda meta: (triton.cdiv(tokens, meta["BLOCK_T"]), triton.cdiv(ksel, meta["BLOCK_N"]))  # noqa: E731
     _ngather_kernel[grid](
-        x, idx, out, out2, pre, pre2,
+        x, idx, out, out2, pre, pre2, h,
         first.m, u1, b1, first.bias if first.bias is not None else out,
         first.out_scale if first.out_scale is not None else out,
         s2.m, u2, b2, s2.bias if s2.bias is not None else out,
@@ -308,7 +324,7 @@ def _launch_ngather(x, idx, group_tokens, first, second, activation, save_pre, g
         tokens, d, ksel, group_tokens, group_align(group_tokens), rank, sc1, sc2,
         x.stride(0), first.m.stride(0), s2.m.stride(0), idx.stride(0),
         ACT=ACT_CODES[activation], GRAD_ACT=ACT_CODES[grad_of[0]] if grad_of else ACT_NONE,
-        GATED=gated, SAVE_PRE=save_pre,
+        GATED=gated, SAVE_PRE=save_pre, STORE_H=return_h,
         HAS_LORA=first.lora is not None, HAS_BIAS=first.bias is not None,
         HAS_OSCALE=first.out_scale is not None,
         HAS_LORA2=second is not None and second.lora is not None,
@@ -317,7 +333,9 @@ def _launch_ngather(x, idx, group_tokens, first, second, activation, save_pre, g
         R_PAD=max(16, triton.next_power_of_2(max(rank, 1))), PRECISION=_precision(x.dtype),
         DOT_FP32=_dot_fp32(x.dtype))
     if grad_of is not None:
-        return (out, out2) if gated else out
+        grads = (out, out2) if gated else (out,)
+        grads += (h,) if return_h else ()
+        return grads if len(grads) > 1 else out
     if not save_pre:
         return out
     return (out, pre, pre2) if gated else (out, pre)
@@ -325,19 +343,28 @@ def _launch_ngather(x, idx, group_tokens, first, second, activation, save_pre, g
 
 def kgather_matmul(h: torch.Tensor, m: torch.Tensor, idx: torch.Tensor, group_tokens: int,
                    bias: Optional[torch.Tensor] = None,
-                   second: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
-    """``h @ M[idx] (+ h2 @ M2[idx]) + bias``: ``[T, d]`` from compact ``h [T, k]``."""
+                   second: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+                   low_rank: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+    """``h @ M[idx] (+ h2 @ M2[idx]) + v @ a + bias``: ``[T, d]`` from compact ``h [T, k]``;
+    ``low_rank = (v [T, r], a [r, d])`` is added in fp32 before the single rounding."""
     _check_common("kgather_matmul", h, m, idx, group_tokens)
     h = h.contiguous()
     tokens, ksel = h.shape
     d = m.shape[1]
     out = h.new_empty(tokens, d)
     h2, m2 = second if second is not None else (h, m)
+    v, a = low_rank if low_rank is not None else (out, out)
+    rank = v.shape[1] if low_rank is not None else 0
+    if low_rank is not None and (v.shape[0] != tokens or a.shape != (rank, d)):
+        raise ValueError(f"kgather_matmul: low_rank shapes {tuple(v.shape)} and {tuple(a.shape)} do not "
+                         f"fit {tokens} tokens and d={d}")
+    v = v.contiguous()
     grid = lambda meta: (triton.cdiv(tokens, meta["BLOCK_T"]), triton.cdiv(d, meta["BLOCK_D"]))  # noqa: E731
-    _kgather_kernel[grid](h, m, h2.contiguous(), m2, idx, bias if bias is not None else out, out,
-                          tokens, d, ksel, group_tokens, group_align(group_tokens), m.stride(0),
-                          m2.stride(0), idx.stride(0),
-                          TWO=second is not None, HAS_BIAS=bias is not None,
+    _kgather_kernel[grid](h, m, h2.contiguous(), m2, idx, bias if bias is not None else out, v, a, out,
+                          tokens, d, ksel, group_tokens, group_align(group_tokens), rank, m.stride(0),
+                          m2.stride(0), idx.stride(0), a.stride(0), a.stride(1),
+                          TWO=second is not None, HAS_BIAS=bias is not None, HAS_LOW_RANK=low_rank is not None,
+                          R_PAD=max(16, triton.next_power_of_2(max(rank, 1))),
                           PRECISION=_precision(h.dtype), DOT_FP32=_dot_fp32(h.dtype))
     return out
 
@@ -381,23 +408,31 @@ def ngather_matmul_ref(x, idx, group_tokens, first, second=None, activation=None
     return (h.to(x.dtype),) + pres
 
 
-def ngather_matmul_grad_ref(dy, idx, group_tokens, m, activation, pre, pre_up=None):
+def ngather_matmul_grad_ref(dy, idx, group_tokens, m, activation, pre, pre_up=None, return_h=False):
     """PyTorch twin of :func:`ngather_matmul_grad`."""
     from ..ops.adapted_linear import ACTIVATION_GRADS
     dh = _neurons_ref(dy, idx, group_tokens, m)
     act, dact = ACTIVATION_GRADS[activation](pre.float())
     if pre_up is None:
-        return (dh * dact).to(dy.dtype)
-    return (dh * pre_up.float() * dact).to(dy.dtype), (dh * act).to(dy.dtype)
+        grads = ((dh * dact).to(dy.dtype),)
+    else:
+        grads = (dh * pre_up.float() * dact).to(dy.dtype), (dh * act).to(dy.dtype)
+        act = act * pre_up.float()
+    grads += (act.to(dy.dtype),) if return_h else ()
+    return grads if len(grads) > 1 else grads[0]
 
 
-def kgather_matmul_ref(h, m, idx, group_tokens, bias=None, second=None):
+def kgather_matmul_ref(h, m, idx, group_tokens, bias=None, second=None, low_rank=None):
     """PyTorch twin of :func:`kgather_matmul`."""
     g = idx.shape[0]
     out = h.reshape(g, group_tokens, -1).float() @ _grouped_rows(m, idx).float()
     if second is not None:
         h2, m2 = second
         out = out + h2.reshape(g, group_tokens, -1).float() @ _grouped_rows(m2, idx).float()
+    out = out.reshape(h.shape[0], -1)
+    if low_rank is not None:
+        v, a = low_rank
+        out = out + v.float() @ a.float()
     if bias is not None:
         out = out + bias.float()
-    return out.reshape(h.shape[0], -1).to(h.dtype)
+    return out.to(h.dtype)

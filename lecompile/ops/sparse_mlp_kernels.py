@@ -18,7 +18,7 @@ groups not a multiple of 16, CPU tensors) use the PyTorch reference instead: see
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -105,13 +105,12 @@ def _fc2_lora_input(hs: Tensor, fc2: AdaptedLinear, keep: Optional[Tensor], p: f
 
 def _fc2_forward(h, idx, n, fc2, keep, p):
     hs = _fc2_input(h, idx, fc2)
-    y = kgather_matmul(hs, neuron_major(fc2.weight), idx, n, bias=fc2.bias)
-    if fc2.lora_a is not None:
-        groups = idx.shape[0]
-        lh = _per_group(_fc2_lora_input(hs, fc2, keep, p), groups)
+    low_rank = None
+    if fc2.lora_a is not None:  # LoRA's B-projection and scale join the K-gather's epilogue
+        lh = _per_group(_fc2_lora_input(hs, fc2, keep, p), idx.shape[0])
         u2 = torch.bmm(lh, fc2.lora_a.t()[idx])  # [G, n, r]
-        y = (y + fc2.lora_scale * (u2.reshape(y.shape[0], -1) @ fc2.lora_b.t())).to(y.dtype)
-    return y
+        low_rank = (fc2.lora_scale * u2.reshape(h.shape[0], -1), fc2.lora_b.t())
+    return kgather_matmul(hs, neuron_major(fc2.weight), idx, n, bias=fc2.bias, low_rank=low_rank)
 
 
 def backward(grad_y: Tensor, x: Tensor, idx: Tensor, fc1: AdaptedLinear, up: Optional[AdaptedLinear],
@@ -124,40 +123,46 @@ def backward(grad_y: Tensor, x: Tensor, idx: Tensor, fc1: AdaptedLinear, up: Opt
     x2, dy = x.reshape(tokens, d), grad_y.reshape(tokens, -1)
     grads: Dict[str, Tensor] = {}
 
-    # The fused path: dh never exists alone, the N-gather applies the activation's derivative.
+    # The fused path: dh never exists alone, the N-gather applies the activation's derivative
+    # (and recomputes the compact intermediate ``h`` when the adapters need it).
     fused = fc2.in_scale is None and (fc2.lora_a is None or keep is None)
-    need_h = not fused or fc2.lora_a is not None or wants.get("fc2.weight")
-    if need_h:  # recompute the compact intermediate from the saved pre-activations
+    need_h = fc2.lora_a is not None or wants.get("fc2.weight")
+    if not fused:  # recompute the compact intermediate from the saved pre-activations
         act1, dact1 = ACTIVATION_GRADS[activation](pre1.float())
         h = (act1 * pre2.float() if up is not None else act1).to(x.dtype)
-        hs = _fc2_input(h, idx, fc2)
 
-    # fc2: its adapters, then the gradient of its (compact) input.
     w2t = neuron_major(fc2.weight)
-    lora_v = None
+    lora_v = a2t = None
     if fc2.lora_a is not None:
         a2t = fc2.lora_a.t().contiguous()  # [ffn, r], small: not cached (it changes every step)
         lora_v = dy.to(fc2.lora_b.dtype) @ fc2.lora_b  # [T, r]
+    if fused:
+        m2 = Neurons(w2t, lora=(lora_v, a2t, fc2.lora_scale) if lora_v is not None else None)
+        res = ngather_matmul_grad(dy.to(x.dtype), idx, n, m2, activation, pre1,
+                                  pre2 if up is not None else None, return_h=bool(need_h))
+        res = list(res) if isinstance(res, tuple) else [res]
+        if need_h:
+            h = res.pop()
+        das = [(fc1, "fc1", res[0])] if up is None else [(fc1, "fc1", res[0]), (up, "up", res[1])]
+    hs = _fc2_input(h, idx, fc2) if need_h or not fused else None
+
+    # fc2's adapters and weight, from the compact intermediate.
+    if lora_v is not None:
         lh = _fc2_lora_input(hs, fc2, keep, p)
         u2 = torch.bmm(_per_group(lh, groups), a2t[idx]).reshape(tokens, -1)
-        _put(grads, wants, "fc2.lora_b", lambda: fc2.lora_scale * dy.t().to(u2.dtype) @ u2)
+        _put(grads, wants, "fc2.lora_b", lambda: dy.t().to(u2.dtype) @ (fc2.lora_scale * u2))
         _put(grads, wants, "fc2.lora_a", lambda: _scatter_cols(
-            fc2.lora_a, idx, fc2.lora_scale * torch.bmm(_per_group(lora_v, groups).transpose(1, 2),
-                                                         _per_group(lh, groups))))
-    _put(grads, wants, "fc2.bias", lambda: dy.sum(0).to(fc2.bias.dtype))
+            fc2.lora_a, idx, torch.bmm((fc2.lora_scale * _per_group(lora_v, groups)).transpose(1, 2),
+                                       _per_group(lh, groups))))
+    _put(grads, wants, "fc2.bias", lambda: dy.sum(0, dtype=torch.float32).to(fc2.bias.dtype))
     _put(grads, wants, "fc2.weight", lambda: _scatter_cols(
         fc2.weight, idx, torch.bmm(_per_group(dy, groups).transpose(1, 2), _per_group(hs, groups))))
-    fold_lora = lora_v is not None and keep is None
-    m2 = Neurons(w2t, lora=(lora_v, a2t, fc2.lora_scale) if fold_lora else None)
-    if fused:
-        res = ngather_matmul_grad(dy.to(x.dtype), idx, n, m2, activation, pre1,
-                                  pre2 if up is not None else None)
-        das = [(fc1, "fc1", res)] if up is None else [(fc1, "fc1", res[0]), (up, "up", res[1])]
-    else:
-        dhs = ngather_matmul(dy.to(x.dtype), idx, n, m2).float()
-        if lora_v is not None and not fold_lora:
+    if not fused:
+        dhs = ngather_matmul(dy.to(x.dtype), idx, n, Neurons(w2t)).float()
+        if lora_v is not None:
             dl = torch.bmm(_per_group(lora_v, groups), a2t[idx].transpose(1, 2))
-            dhs = dhs + fc2.lora_scale * dl.reshape(tokens, -1) * keep / (1.0 - p)
+            dl = fc2.lora_scale * dl.reshape(tokens, -1)
+            dhs = dhs + (dl * keep / (1.0 - p) if keep is not None else dl)
         dh = dhs
         if fc2.in_scale is not None:
             s = fc2.in_scale[idx].unsqueeze(1).float()
@@ -168,39 +173,44 @@ def backward(grad_y: Tensor, x: Tensor, idx: Tensor, fc1: AdaptedLinear, up: Opt
             das = [(fc1, "fc1", dh * dact1)]
         else:
             das = [(fc1, "fc1", dh * pre2.float() * dact1), (up, "up", dh * act1)]
-    dx = None
+
+    # fc1 (and up): adapters, bias and weight; their input gradient in one K-gather.
+    through_lora = []
     for lin, role, da in das:
-        da_c = da.to(x.dtype)
-        dx_lin = _linear_input_grads(lin, role, da, x2, idx, groups, grads, wants)
-        if dx_lin is not None:
-            dx = dx_lin if dx is None else dx + dx_lin
-        _put(grads, wants, f"{role}.bias", lambda: _scatter_rows(lin.bias, idx, _per_group(da.float(), groups).sum(1)))
+        term = _linear_input_grads(lin, role, da, x2, idx, groups, grads, wants)
+        if term is not None:
+            through_lora.append(term)
+        _put(grads, wants, f"{role}.bias", lambda: _scatter_rows(
+            lin.bias, idx, _per_group(da, groups).sum(1, dtype=torch.float32)))
         _put(grads, wants, f"{role}.weight", lambda: _scatter_rows(
-            lin.weight, idx, torch.bmm(_per_group(da_c, groups).transpose(1, 2), _per_group(x2, groups))))
+            lin.weight, idx, torch.bmm(_per_group(da.to(x.dtype), groups).transpose(1, 2), _per_group(x2, groups))))
     if wants.get("x"):
         second = (das[1][2].to(x.dtype), neuron_rows(up.weight)) if up is not None else None
-        dx_base = kgather_matmul(das[0][2].to(x.dtype), neuron_rows(fc1.weight), idx, n, second=second)
-        grads["x"] = (dx_base if dx is None else (dx_base.float() + dx)).to(x.dtype).reshape(x.shape)
+        low_rank = None
+        if through_lora:  # every LoRA's ``s * v @ A`` as one low-rank term: ranks concatenated
+            low_rank = (torch.cat([v for v, _ in through_lora], 1), torch.cat([a for _, a in through_lora], 0))
+        dx = kgather_matmul(das[0][2].to(x.dtype), neuron_rows(fc1.weight), idx, n, second=second,
+                            low_rank=low_rank)
+        grads["x"] = dx.reshape(x.shape)
     return grads
 
 
-def _linear_input_grads(lin, role, da, x2, idx, groups, grads, wants) -> Optional[Tensor]:
-    """LoRA gradients of fc1/up; returns the gradient its LoRA sends to ``x`` (or ``None``)."""
+def _linear_input_grads(lin, role, da, x2, idx, groups, grads, wants) -> Optional[Tuple[Tensor, Tensor]]:
+    """LoRA gradients of fc1/up. Returns the gradient its LoRA sends to ``x`` as a low-rank pair
+    ``(s * v, A)`` (its product is the gradient), or ``None``."""
     if lin.lora_a is None:
         return None
     lx = _lora_input(lin, x2)
     u = lx @ lin.lora_a.t()
     da_g = _per_group(da.to(u.dtype), groups)
-    v = torch.bmm(da_g, lin.lora_b[idx]).reshape(x2.shape[0], -1)  # [T, r]
-    s = lin.lora_scale
+    sv = lin.lora_scale * torch.bmm(da_g, lin.lora_b[idx]).reshape(x2.shape[0], -1)  # [T, r]
     _put(grads, wants, f"{role}.lora_b", lambda: _scatter_rows(
-        lin.lora_b, idx, s * torch.bmm(da_g.transpose(1, 2), _per_group(u, groups))))
-    _put(grads, wants, f"{role}.lora_a", lambda: s * v.t() @ lx)
-    d_lora_input = s * v @ lin.lora_a
+        lin.lora_b, idx, torch.bmm(da_g.transpose(1, 2), _per_group(lin.lora_scale * u, groups))))
+    _put(grads, wants, f"{role}.lora_a", lambda: sv.t() @ lx)
     if lin.lora_input is not None:
-        _put(grads, wants, f"{role}.lora_input", lambda: d_lora_input.reshape(lin.lora_input.shape))
+        _put(grads, wants, f"{role}.lora_input", lambda: (sv @ lin.lora_a).reshape(lin.lora_input.shape))
         return None
-    return d_lora_input.float()
+    return sv, lin.lora_a
 
 
 def _put(grads, wants, key, compute):
