@@ -42,7 +42,7 @@ def masked_dense(x, idx, fc1, up, fc2, activation):
     h = ACTIVATIONS[activation](expand_linear(xg, fc1))
     if up is not None:
         h = h * expand_linear(xg, up)
-    mask = torch.zeros(groups, 1, h.shape[-1], dtype=h.dtype).scatter_(-1, idx.unsqueeze(1), 1.0)
+    mask = torch.zeros(groups, 1, h.shape[-1], dtype=h.dtype, device=h.device).scatter_(-1, idx.unsqueeze(1), 1.0)
     return reduce_linear(h * mask, fc2).reshape(*x.shape[:-1], -1)
 
 
