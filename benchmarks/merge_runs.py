@@ -6,7 +6,7 @@ The new file's rows get the next run number (``run``) and its ``meta`` (command,
 versions, commit) goes to the results file's ``meta.runs`` with ``what``. ``--commit`` replaces
 the recorded commit (a copied work tree records its stale ``.git``: ``<commit>-dirty``). For
 end-to-end results the per-case ratios are recomputed, since a run cut short saved its rows before
-them. Ratios always compare rows of one run.
+them. Ratios always compare rows of one run. Profiler breakdowns are appended with their run too.
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ def merge(results: dict, new: dict, what: str, commit: Optional[str] = None) -> 
             e2e.add_ratios([r for r in rows if r["case"] == case])
         e2e.add_adapter_shares(rows)
     results["rows"] += rows
+    if new.get("breakdown"):
+        results.setdefault("breakdown", []).extend({"run": run, **b} for b in new["breakdown"])
     return run
 
 

@@ -408,9 +408,15 @@ def breakdown(case: Case, variant: Variant, device: str = "cuda", steps: int = 3
                 top_kernels=top_kernels(prof, steps))
 
 
+def _is_kernel(event) -> bool:
+    """A GPU kernel or copy; not a user annotation (such as ``Optimizer.step``), whose GPU span
+    covers the idle time between its kernels too."""
+    return event.device_type.name == "CUDA" and not getattr(event, "is_user_annotation", False)
+
+
 def top_kernels(prof, steps: int, n: int = 30) -> List[dict]:
     """The ``n`` GPU kernels with the most device time per step, with their launches per step."""
-    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    kernels = [e for e in prof.key_averages() if _is_kernel(e)]
     kernels.sort(key=lambda e: e.self_device_time_total, reverse=True)
     return [dict(name=e.key[:120], ms=round(e.self_device_time_total / 1e3 / steps, 3),
                  launches=round(e.count / steps, 1)) for e in kernels[:n]]
@@ -427,7 +433,7 @@ def device_time_groups(prof, steps: int) -> Dict[str, float]:
         for k, prefix in groups.items():
             if e.key.startswith(prefix):
                 totals[k] += e.device_time_total / 1e3 / steps
-        if e.device_type.name == "CUDA":
+        if _is_kernel(e):
             kernel_total += e.self_device_time_total / 1e3 / steps
             if "flex_attention" in e.key:  # Inductor's FlexAttention kernels (no top-level op)
                 totals["attention"] += e.self_device_time_total / 1e3 / steps

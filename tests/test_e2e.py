@@ -85,8 +85,10 @@ def test_merge_runs_numbers_the_run_and_fills_in_ratios():
     row = dict(case="m lora 8x512", model="m", method="lora", layers=2, batch=8, seq=512, mlp_density=1.0,
                attn_density=1.0, peak_mem_gib=1.0, loss_step1=1.0)
     new = {"meta": {"benchmark": "e2e", "command": "python benchmarks/e2e.py", "git_commit": "abc-dirty"},
-           "rows": [dict(row, variant="eager", ms=20.0), dict(row, variant="inductor", ms=10.0)]}
+           "rows": [dict(row, variant="eager", ms=20.0), dict(row, variant="inductor", ms=10.0)],
+           "breakdown": [{"case": "m lora 8x512", "mlp": 1.0}]}
     assert merge(results, new, "a run cut short", commit="def") == 2
+    assert results["breakdown"] == [{"run": 2, "case": "m lora 8x512", "mlp": 1.0}]
     assert results["meta"]["runs"][-1] == {"run": 2, "what": "a run cut short", "command": "python benchmarks/e2e.py",
                                            "date": None, "git_commit": "def", "device": None, "torch": None,
                                            "triton": None}
