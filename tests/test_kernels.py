@@ -110,3 +110,29 @@ def test_ngather_grad_fuses_activation_derivative(dtype, activation, gated, lora
     assert len(got) == len(want) == outputs
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, **TOL[dtype])
+
+
+@pytest.mark.parametrize("groups,n,k", [(1, 256, 128), (3, 384, 256), (2, 1000, 7), (4, 64, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_top_k_sorted_matches_torch(groups, n, k, dtype):
+    from lecompile.kernels.top_k import top_k_sorted
+    gen = torch.Generator().manual_seed(6)
+    scores = torch.randn(groups, n, generator=gen).to(DEVICE) * 10  # negative and positive
+    scores = scores.to(dtype).float() if dtype == torch.float32 else scores.to(dtype)
+    if dtype == torch.bfloat16:  # rounding makes ties: compare kept values, not indices
+        got = top_k_sorted(scores, k)
+        assert (got.diff(dim=-1) > 0).all()
+        kept = scores.float().gather(-1, got).sort(dim=-1).values
+        torch.testing.assert_close(kept, scores.float().topk(k, dim=-1).values.sort(dim=-1).values)
+        return
+    want = scores.topk(k, dim=-1).indices.sort(dim=-1).values
+    assert torch.equal(top_k_sorted(scores, k), want)
+
+
+def test_top_k_sorted_ties_keep_lowest_indices_and_bad_k_is_named():
+    from lecompile.kernels.top_k import top_k_sorted
+    scores = torch.tensor([[0.0, 2.0, 0.0, 0.0, 1.0, 0.0, 2.0, 0.0],
+                           [5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0]], device=DEVICE)
+    assert top_k_sorted(scores, 4).tolist() == [[0, 1, 4, 6], [0, 1, 2, 3]]
+    with pytest.raises(ValueError, match="k=9, n=8"):
+        top_k_sorted(scores, 9)

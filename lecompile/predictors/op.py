@@ -9,6 +9,11 @@ from .learned import learned_group_scores
 from .oracle import oracle_group_scores
 from .svd import svd_group_scores
 
+try:
+    from ..kernels.top_k import MAX_ROW, top_k_sorted
+except ImportError:  # no Triton
+    top_k_sorted = None
+
 Tensor = torch.Tensor
 
 LORA_INPUT = SLOTS.index("lora_input")
@@ -19,9 +24,12 @@ PREDICTORS = {"oracle": oracle_group_scores, "svd": svd_group_scores, "learned":
 
 
 def top_k(scores: Tensor, k: int) -> Tensor:
-    """Sorted indices ``[G, k]`` of the ``k`` largest scores of each row of ``scores [G, ffn]``."""
+    """Sorted indices ``[G, k]`` of the ``k`` largest scores of each row of ``scores [G, ffn]``
+    (on CUDA one Triton launch, whose ties keep the lowest indices; elsewhere ``torch.topk``)."""
     if not 0 < k <= scores.shape[-1]:
         raise ValueError(f"k must be in [1, {scores.shape[-1]}], got {k}")
+    if top_k_sorted is not None and scores.is_cuda and scores.dim() == 2 and scores.shape[-1] <= MAX_ROW:
+        return top_k_sorted(scores, k)
     return scores.topk(k, dim=-1, sorted=False).indices.sort(dim=-1).values
 
 
