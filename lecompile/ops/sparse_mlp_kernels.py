@@ -187,7 +187,9 @@ def backward(grad_y: Tensor, x: Tensor, idx: Tensor, fc1: AdaptedLinear, up: Opt
     if wants.get("x"):
         second = (das[1][2].to(x.dtype), neuron_rows(up.weight)) if up is not None else None
         low_rank = None
-        if through_lora:  # every LoRA's ``s * v @ A`` as one low-rank term: ranks concatenated
+        if len(through_lora) == 1:
+            low_rank = through_lora[0]
+        elif through_lora:  # gate's and up's ``s * v @ A`` as one low-rank term: ranks concatenated
             low_rank = (torch.cat([v for v, _ in through_lora], 1), torch.cat([a for _, a in through_lora], 0))
         dx = kgather_matmul(das[0][2].to(x.dtype), neuron_rows(fc1.weight), idx, n, second=second,
                             low_rank=low_rank)
