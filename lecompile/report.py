@@ -49,6 +49,15 @@ class LinearEntry:
 
 
 @dataclass
+class LossEntry:
+    """One cross-entropy loss and whether it became ``lecompile::lm_head_cross_entropy``."""
+
+    where: str
+    fused: bool
+    note: str = ""
+
+
+@dataclass
 class Unmatched:
     """A candidate the passes looked at and left alone."""
 
@@ -68,10 +77,12 @@ class Report:
     attention: List[AttentionEntry] = field(default_factory=list)
     linears: List[LinearEntry] = field(default_factory=list)
     unmatched: List[Unmatched] = field(default_factory=list)
+    losses: List[LossEntry] = field(default_factory=list)
 
     def merge(self, other: "Report") -> "Report":
         return Report(self.graphs + other.graphs, self.mlp + other.mlp, self.attention + other.attention,
-                      self.linears + other.linears, self.unmatched + other.unmatched)
+                      self.linears + other.linears, self.unmatched + other.unmatched,
+                      self.losses + other.losses)
 
     @property
     def mlp_rewritten(self) -> int:
@@ -116,6 +127,9 @@ class Report:
             lines.append(format_table(["LoRA linear", "peft", "fused"], [
                 [e.layer, ",".join(e.peft), "yes" if e.fused else "no"] for e in self.linears]))
             lines += [f"  note: {n}" for n in sorted({e.note for e in self.linears if e.note})]
+        if self.losses:
+            lines.append(format_table(["loss", "fused", "note"], [
+                [e.where, "yes" if e.fused else "no", e.note or "-"] for e in self.losses]))
         if self.unmatched:
             lines.append(format_table(["unmatched", "reason"], [[u.where, u.reason] for u in self.unmatched]))
         return "\n".join(lines)

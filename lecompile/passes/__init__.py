@@ -17,6 +17,7 @@ from ..config import LongExposureConfig
 from ..report import MLPEntry, Report, Unmatched
 from .fold_adapters import LinearMatch, fold_adapters
 from .fuse_lora import fuse_lora
+from .fuse_loss import fuse_loss
 from .match_attention import AttentionMatch, match_attention
 from .match_mlp import MLPMatch, match_mlp
 from .rewrite_attention import rewrite_attention
@@ -65,6 +66,7 @@ PASSES: Sequence[Pass] = (
     Pass("rewrite_mlp", rewrite_mlp),
     Pass("rewrite_attention", rewrite_attention, lambda c: c.match_attention),
     Pass("fuse_lora", fuse_lora),
+    Pass("fuse_loss", fuse_loss),
 )
 
 

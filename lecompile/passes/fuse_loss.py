@@ -1,0 +1,110 @@
+"""Rewrite a causal-LM loss on a frozen LM head into ``lecompile::lm_head_cross_entropy``.
+
+The pattern is Hugging Face's ``ForCausalLMLoss``: ``logits = linear(hidden, W[, b])``, then only
+``contiguous`` / ``float`` / ``to(float32)`` / ``view`` / ``reshape`` down to ``[N, vocab]``, then
+``cross_entropy(logits, target, ignore_index=..., reduction="mean" | "sum")``. The logits stay in
+the graph (the model returns them); the loss reads them detached and returns the gradient of
+``hidden`` itself, so nothing of size ``[N, vocab]`` is kept for the backward.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import operator
+from typing import Tuple, Union
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch._dynamo.utils import counters
+
+from ..ops.lm_head_loss import REDUCTIONS
+from ..report import LossEntry
+from .graph import LINEAR, is_call, meta_value, recompile
+
+_VIEWS = ("contiguous", "float", "view", "reshape")
+_CE_SIGNATURE = inspect.signature(F.cross_entropy)
+
+
+def fuse_loss(ctx) -> None:
+    """Rewrite every matching cross-entropy and record each one in the report."""
+    graph = ctx.gm.graph
+    changed = False
+    for ce in [n for n in graph.nodes if is_call(n, (F.cross_entropy,))]:
+        match = _match(ce, ctx)
+        if isinstance(match, str):
+            ctx.report.losses.append(LossEntry(ce.name, False, match))
+            continue
+        _rewrite(graph, ce, *match)
+        ctx.report.losses.append(LossEntry(ce.name, True))
+        counters["lecompile"]["lm_head_loss"] += 1
+        changed = True
+    if changed:
+        recompile(ctx.gm)
+
+
+def _is_fp32_cast(node: fx.Node) -> bool:
+    args = list(node.args[1:]) + list(node.kwargs.values())
+    return node.op == "call_method" and node.target == "to" and args == [torch.float32]
+
+
+def _match(ce: fx.Node, ctx) -> Union[str, Tuple[fx.Node, fx.Node, fx.Node, int, str]]:
+    """``(linear, logits view, target, ignore_index, reduction)``, or why not."""
+    if not ctx.config.fuse_loss:
+        return "fuse_loss=False: left to Inductor"
+    if not ctx.training:
+        return "inference graph (nothing requires grad): left to Inductor"
+    try:
+        bound = _CE_SIGNATURE.bind(*ce.args, **ce.kwargs).arguments
+    except TypeError:
+        return "cross_entropy called with arguments it does not take"
+    extra = {k: v for k, v in bound.items() if k not in ("input", "target", "ignore_index", "reduction")
+             and v != _CE_SIGNATURE.parameters[k].default}
+    if extra:
+        return f"cross_entropy with {sorted(extra)}: left to Inductor"
+    ignore_index = bound.get("ignore_index", -100)
+    reduction = bound.get("reduction", "mean")
+    if not isinstance(ignore_index, int) or reduction not in REDUCTIONS:
+        return f"cross_entropy with ignore_index={ignore_index!r}, reduction={reduction!r}: left to Inductor"
+    node = bound["input"]
+    while isinstance(node, fx.Node) and (node.op == "call_method" and node.target in _VIEWS or _is_fp32_cast(node)):
+        node = node.args[0]
+    if isinstance(node, fx.Node) and node.op == "placeholder":
+        return "the loss's input is a graph input (a graph break between the LM head and the loss?)"
+    if not isinstance(node, fx.Node) or not is_call(node, LINEAR):
+        return "the loss's input is not a linear layer's output (reshaped or cast to fp32 only)"
+    weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    logits, scores, w = meta_value(node), meta_value(bound["input"]), meta_value(weight)
+    target = meta_value(bound["target"])
+    if any(v is None for v in (logits, scores, w, target)):
+        return "no example values for the LM head: left to Inductor"
+    if w.requires_grad or (bias is not None and getattr(meta_value(bias), "requires_grad", True)):
+        return "the LM head trains (its weight or bias requires grad): left to Inductor"
+    if scores.dim() != 2 or scores.shape[1] != logits.shape[-1] or scores.numel() != logits.numel():
+        return f"the loss reads logits {tuple(scores.shape)}, not [tokens, vocab]: left to Inductor"
+    if target.shape != (scores.shape[0],) or target.dtype.is_floating_point:
+        return "the loss's target is not one class index per token: left to Inductor"
+    if math.prod(logits.shape[:-1]) * w.shape[1] != meta_value(node.args[0]).numel():
+        return "the LM head's input is not [tokens, hidden]: left to Inductor"
+    return node, bound["input"], bound["target"], ignore_index, reduction
+
+
+def _rewrite(graph: fx.Graph, ce: fx.Node, linear: fx.Node, scores: fx.Node, target: fx.Node,
+             ignore_index: int, reduction: str) -> None:
+    hidden, weight = linear.args[0], linear.args[1] if len(linear.args) > 1 else linear.kwargs["weight"]
+    vocab, width = meta_value(linear).shape[-1], meta_value(weight).shape[1]
+    with graph.inserting_before(ce):
+        logits = graph.call_method("reshape", (graph.call_method("detach", (linear,)), -1, vocab))
+        rows = graph.call_method("reshape", (hidden, -1, width))
+        pair = graph.call_function(torch.ops.lecompile.lm_head_cross_entropy.default,
+                                   (logits, rows, weight, target, ignore_index, reduction))
+        loss = graph.call_function(operator.getitem, (pair, 0))
+    ce.replace_all_uses_with(loss)
+    graph.erase_node(ce)
+    node = scores  # the fp32 copy and views of the logits, now unused
+    while node is not linear and not node.users:
+        parent = node.args[0]
+        graph.erase_node(node)
+        node = parent

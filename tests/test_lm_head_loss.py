@@ -1,0 +1,131 @@
+"""``lecompile::lm_head_cross_entropy`` and the pass that uses it, against PyTorch's cross-entropy."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lecompile.ops import lm_head_loss
+from lecompile.ops.lm_head_loss import cross_entropy_rows_ref, lm_head_cross_entropy
+
+
+def _case(n=24, d=16, vocab=300, dtype=torch.float32, ignored=(3, 7), seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, d, generator=gen).to(dtype).requires_grad_()
+    weight = torch.randn(vocab, d, generator=gen).to(dtype)
+    target = torch.randint(0, vocab, (n,), generator=gen)
+    target[list(ignored)] = -100
+    return hidden, weight, target
+
+
+def _reference(hidden, weight, target, reduction):
+    logits = hidden @ weight.t()
+    loss = F.cross_entropy(logits.float(), target, ignore_index=-100, reduction=reduction)
+    return loss, torch.autograd.grad(loss, hidden)[0]
+
+
+@pytest.fixture(params=["reference", "kernel"])
+def path(request, monkeypatch):
+    """The op's PyTorch rows, or its Triton kernel in the interpreter on CPU tensors."""
+    import os
+    if request.param == "kernel":
+        if os.environ.get("TRITON_INTERPRET") != "1" or lm_head_loss.cross_entropy_rows is None:
+            pytest.skip("the kernel on CPU tensors needs Triton and TRITON_INTERPRET=1")
+        monkeypatch.setattr(lm_head_loss, "INTERPRET_ON_CPU", True)
+    return request.param
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_op_matches_cross_entropy_loss_and_gradient(path, reduction, dtype, monkeypatch):
+    monkeypatch.setattr(lm_head_loss, "CHUNK_ELEMENTS", 300 * 10)  # three chunks of 10 rows
+    hidden, weight, target = _case(dtype=dtype)
+    logits = (hidden @ weight.t()).detach()
+    loss, _ = lm_head_cross_entropy(logits, hidden, weight, target, -100, reduction)
+    grad = torch.autograd.grad(2.0 * loss, hidden)[0]
+    want_loss, want_grad = _reference(hidden, weight, target, reduction)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(loss, want_loss, **tol)
+    torch.testing.assert_close(grad.float(), 2.0 * want_grad.float(), **tol)
+    assert grad.dtype == dtype
+
+
+def test_rows_of_ignored_targets_get_no_loss_and_no_gradient(path):
+    hidden, weight, target = _case(n=4, ignored=(0, 1, 2, 3))
+    loss_rows = torch.full((4,), 7.0)
+    rows = lm_head_loss._rows_fn(hidden.device)
+    grad = rows(hidden.detach() @ weight.t(), target, torch.ones(1), -100, loss_rows)
+    assert torch.equal(loss_rows, torch.zeros(4)) and torch.equal(grad, torch.zeros_like(grad))
+
+
+def test_kernel_rows_match_reference_rows():
+    import os
+    if os.environ.get("TRITON_INTERPRET") != "1" or lm_head_loss.cross_entropy_rows is None:
+        pytest.skip("needs Triton and TRITON_INTERPRET=1")
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(6, 333, generator=gen) * 5
+    target = torch.tensor([0, 332, -100, 5, 100, 7])
+    got_rows, want_rows = torch.empty(6), torch.empty(6)
+    got = lm_head_loss.cross_entropy_rows(logits, target, torch.tensor([0.25]), -100, got_rows)
+    want = cross_entropy_rows_ref(logits, target, torch.tensor([0.25]), -100, want_rows)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_rows, want_rows)
+
+
+def test_bad_inputs_are_named():
+    hidden, weight, target = _case()
+    logits = (hidden @ weight.t()).detach()
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        lm_head_cross_entropy(logits, hidden, weight, target, -100, "none")
+    with pytest.raises(ValueError, match="expected hidden"):
+        lm_head_cross_entropy(logits, hidden, weight[:, :5], target, -100, "mean")
+    with pytest.raises(ValueError, match="must not require grad"):
+        lm_head_cross_entropy(logits, hidden, weight.requires_grad_(), target, -100, "mean")
+
+
+def test_opcheck():
+    hidden, weight, target = _case()
+    logits = (hidden @ weight.t()).detach()
+    torch.library.opcheck(torch.ops.lecompile.lm_head_cross_entropy.default,
+                          (logits, hidden, weight, target, -100, "mean"))
+
+
+def _compiled_step(arch, method, config, inputs=None):
+    import lecompile
+    from models import batch, tiny_model, train_step
+    model = tiny_model(arch, method)
+    inputs = inputs or batch()
+    want = train_step(model, model, inputs)
+    torch._dynamo.reset()
+    backend = lecompile.longexposure(config)
+    got = train_step(torch.compile(model, backend=backend), model, inputs)
+    return got, want, backend.report
+
+
+@pytest.mark.parametrize("arch,density", [("opt", 1.0), ("llama", 1.0), ("opt", 0.5)])
+def test_backend_fuses_the_loss_with_the_same_loss_and_gradients(arch, density):
+    from lecompile import LongExposureConfig
+    (loss, grads), (want_loss, want_grads), report = _compiled_step(
+        arch, "lora", LongExposureConfig(mlp_density=density, k_align=64))
+    assert [e.fused for e in report.losses] == [True]
+    assert "loss" in str(report) and "lm_head_cross_entropy" not in {u.where for u in report.unmatched}
+    if density < 1.0:  # sparse MLPs: the same backend without the loss rewrite is the reference
+        (want_loss, want_grads), _, _ = _compiled_step(
+            arch, "lora", LongExposureConfig(mlp_density=density, k_align=64, fuse_loss=False))
+    torch.testing.assert_close(loss, want_loss, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == want_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], want_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("method,config,reason", [
+    ("lora", dict(fuse_loss=False), "fuse_loss=False"),
+    ("plain", {}, "the LM head trains"),
+])
+def test_losses_left_to_inductor_are_reported_and_still_right(method, config, reason):
+    from lecompile import LongExposureConfig
+    (loss, grads), (want_loss, want_grads), report = _compiled_step(
+        "opt", method, LongExposureConfig(mlp_density=1.0, **config))
+    assert [e.fused for e in report.losses] == [False] and reason in report.losses[0].note
+    torch.testing.assert_close(loss, want_loss, atol=1e-5, rtol=1e-5)
+    for name in grads:
+        torch.testing.assert_close(grads[name], want_grads[name], atol=1e-4, rtol=1e-3, msg=name)
