@@ -29,8 +29,9 @@ except ImportError:  # no Triton: the reference runs everywhere
 
 Tensor = torch.Tensor
 
-#: Logit elements per chunk (32 Mi: 64 MiB of bf16 gradient in flight).
-CHUNK_ELEMENTS = 1 << 25
+#: Most logit elements per chunk (64 Mi: 128 MiB of bf16 gradient in flight). Chunks are equal:
+#: each chunk's gradient GEMM must fill the GPU (4096 tokens of OPT: four chunks of 1024 rows).
+CHUNK_ELEMENTS = 1 << 26
 REDUCTIONS = ("mean", "sum")
 #: Tests set this to run the Triton kernel on CPU tensors in Triton's interpreter.
 INTERPRET_ON_CPU = False
@@ -77,7 +78,7 @@ def lm_head_cross_entropy(logits: Tensor, hidden: Tensor, weight: Tensor, target
     grad_hidden = torch.empty_like(hidden)
     rows = _rows_fn(logits.device)
     w = weight.to(logits.dtype)
-    chunk = max(1, CHUNK_ELEMENTS // vocab)
+    chunk = -(-n // -(-n * vocab // CHUNK_ELEMENTS))  # ceil(n / number of chunks)
     for start in range(0, n, chunk):
         part = slice(start, start + chunk)
         grad = rows(logits[part], target[part], scale, ignore_index, loss_rows[part])
