@@ -232,6 +232,9 @@ def build(case: Case, variant: Variant, device: str, dtype=torch.bfloat16):
             replace(block.layer, block.output, adapters[-1])
         _trainable_only(model, [p for a in adapters for p in (*a.down.parameters(), *a.up.parameters())])
     model.config.use_cache = False
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base, "loss_type", None) is None:  # GPT-2: transformers' warning would break the graph
+        base.loss_type = "ForCausalLM"
     return model.train()
 
 

@@ -129,3 +129,19 @@ def test_losses_left_to_inductor_are_reported_and_still_right(method, config, re
     torch.testing.assert_close(loss, want_loss, atol=1e-5, rtol=1e-5)
     for name in grads:
         torch.testing.assert_close(grads[name], want_grads[name], atol=1e-4, rtol=1e-3, msg=name)
+
+
+def test_gpt2_graph_break_before_the_loss_is_named_and_the_documented_fix_works():
+    import lecompile
+    from lecompile import LongExposureConfig
+    from models import batch, tiny_model
+    for fix in (False, True):
+        model = tiny_model("gpt2", "lora")
+        if fix:
+            model.get_base_model().loss_type = "ForCausalLM"
+        torch._dynamo.reset()
+        backend = lecompile.longexposure(LongExposureConfig(mlp_density=1.0))
+        torch.compile(model, backend=backend)(**batch()).loss.backward()
+        assert [e.fused for e in backend.report.losses] == [fix]
+        if not fix:
+            assert "loss_type = 'ForCausalLM'" in backend.report.losses[0].note

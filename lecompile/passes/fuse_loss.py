@@ -71,7 +71,8 @@ def _match(ce: fx.Node, ctx) -> Union[str, Tuple[fx.Node, fx.Node, fx.Node, int,
     while isinstance(node, fx.Node) and (node.op == "call_method" and node.target in _VIEWS or _is_fp32_cast(node)):
         node = node.args[0]
     if isinstance(node, fx.Node) and node.op == "placeholder":
-        return "the loss's input is a graph input (a graph break between the LM head and the loss?)"
+        return ("the loss's input is a graph input: a graph break separates it from the LM head (GPT-2: "
+                "transformers' loss_type warning; set model.loss_type = 'ForCausalLM', see docs/troubleshooting.md)")
     if not isinstance(node, fx.Node) or not is_call(node, LINEAR):
         return "the loss's input is not a linear layer's output (reshaped or cast to fp32 only)"
     weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
