@@ -145,3 +145,38 @@ def test_gpt2_graph_break_before_the_loss_is_named_and_the_documented_fix_works(
         assert [e.fused for e in backend.report.losses] == [fix]
         if not fix:
             assert "loss_type = 'ForCausalLM'" in backend.report.losses[0].note
+
+
+class _HeadAndLoss(torch.nn.Module):
+    """A trainable layer, a frozen LM head, and a loss written by hand."""
+
+    def __init__(self, **loss_kwargs):
+        super().__init__()
+        self.body, self.head = torch.nn.Linear(16, 16), torch.nn.Linear(16, 50, bias=False)
+        self.head.requires_grad_(False)
+        self.loss_kwargs = loss_kwargs
+
+    def forward(self, x, target):
+        logits = self.head(torch.relu(self.body(x)))
+        return F.cross_entropy(logits.float().view(-1, 50), target.view(-1), **self.loss_kwargs)
+
+
+@pytest.mark.parametrize("loss_kwargs,fused,reason", [
+    (dict(reduction="sum", ignore_index=3), True, ""),
+    (dict(label_smoothing=0.1), False, "['label_smoothing']"),
+    (dict(reduction="none"), False, "reduction='none'"),
+])
+def test_hand_written_losses(loss_kwargs, fused, reason):
+    import lecompile
+    from lecompile import LongExposureConfig
+    gen = torch.Generator().manual_seed(2)
+    model = _HeadAndLoss(**loss_kwargs)
+    x, target = torch.randn(2, 8, 16, generator=gen), torch.randint(0, 50, (2, 8), generator=gen)
+    backend = lecompile.longexposure(LongExposureConfig())
+    torch._dynamo.reset()
+    loss = torch.compile(model, backend=backend)(x, target)
+    want = model(x, target)
+    assert [e.fused for e in backend.report.losses] == [fused] and reason in backend.report.losses[0].note
+    torch.testing.assert_close(loss, want)
+    got = torch.autograd.grad(loss.sum(), model.body.weight)[0]
+    torch.testing.assert_close(got, torch.autograd.grad(want.sum(), model.body.weight)[0])
