@@ -18,6 +18,7 @@ Each launcher has a PyTorch twin (``*_ref``) that the tests compare it with.
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Optional, Tuple
 
@@ -30,6 +31,12 @@ ACT_CODES = {None: ACT_NONE, "relu": ACT_RELU, "gelu": ACT_GELU, "gelu_tanh": AC
              "silu": ACT_SILU}
 #: Token tiles must not straddle groups: ``group_tokens`` must be a multiple of this.
 MIN_GROUP_TOKENS = 16
+
+
+#: Autotune results go to Triton's cache directory (Triton >= 3.4), so a new process with the same
+#: shapes skips the benchmarking. (On the H100 a sparse model's first step took up to 174 s, about
+#: 20 s when an earlier run in the same process had tuned the kernels.)
+AUTOTUNE_CACHE = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 
 
 def _interpreting() -> bool:
@@ -135,7 +142,7 @@ def _ngather_tile(x_ptr, m_ptr, rows, offs_t, offs_n, T, D, KSEL, stride_xt, str
 
 @triton.autotune(configs=_configs(("BLOCK_T", "BLOCK_N", "BLOCK_D")),
                  key=["D", "KSEL", "GROUP_ALIGN", "R", "GATED", "HAS_LORA", "ACT", "GRAD_ACT"],
-                 prune_configs_by={"early_config_prune": _prune_by_group})
+                 prune_configs_by={"early_config_prune": _prune_by_group}, **AUTOTUNE_CACHE)
 @triton.jit
 def _ngather_kernel(x_ptr, idx_ptr, out_ptr, out2_ptr, pre_ptr, pre2_ptr, h_ptr,
                     m_ptr, u_ptr, b_ptr, bias_ptr, oscale_ptr,
@@ -190,7 +197,7 @@ def _ngather_kernel(x_ptr, idx_ptr, out_ptr, out2_ptr, pre_ptr, pre2_ptr, h_ptr,
 
 @triton.autotune(configs=_configs(("BLOCK_T", "BLOCK_D", "BLOCK_K")),
                  key=["D", "KSEL", "GROUP_ALIGN", "TWO", "R"],
-                 prune_configs_by={"early_config_prune": _prune_by_group})
+                 prune_configs_by={"early_config_prune": _prune_by_group}, **AUTOTUNE_CACHE)
 @triton.jit
 def _kgather_kernel(h_ptr, m_ptr, h2_ptr, m2_ptr, idx_ptr, bias_ptr, v_ptr, a_ptr, out_ptr,
                     T, D, KSEL, group_tokens, GROUP_ALIGN, R, stride_m, stride_m2, stride_idx,

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gather_gemm import ACT_CODES, _activate, _interpreting
+from .gather_gemm import ACT_CODES, AUTOTUNE_CACHE, _activate, _interpreting
 
 
 @triton.jit
@@ -39,7 +39,7 @@ def _configs():
     return [triton.Config({"BLOCK_T": bt, "BLOCK_N": bn}, num_warps=w) for bt, bn, w in tiles]
 
 
-@triton.autotune(configs=_configs(), key=["FFN", "GROUP", "R", "R2", "GATED", "ACT"])
+@triton.autotune(configs=_configs(), key=["FFN", "GROUP", "R", "R2", "GATED", "ACT"], **AUTOTUNE_CACHE)
 @triton.jit
 def _group_scores_kernel(u_ptr, v_ptr, b_ptr, u2_ptr, v2_ptr, b2_ptr, out_ptr, GROUP, FFN, R, R2,
                          stride_u, stride_v, stride_u2, stride_v2,
