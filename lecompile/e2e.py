@@ -465,7 +465,7 @@ def plot(rows: List[dict], path) -> None:
         ("mem_vs_eager", lambda v: v != "eager" and not v.endswith("-cg"),
          "peak memory / eager PEFT's", "peak memory allocated, without CUDA graphs"),
     ]
-    fig, axes = plt.subplots(2, 1, figsize=(max(8.0, 1.6 * len(cases) + 4), 9))
+    fig, axes = plt.subplots(3, 1, figsize=(max(8.0, 1.6 * len(cases) + 4), 13))
     for ax, (key, shown, ylabel, title) in zip(axes, panels):
         names = [v for v in dict.fromkeys(v for _, v in latest) if shown(v)
                  and any(latest.get((c, v), {}).get(key) is not None for c in cases)]
@@ -479,9 +479,34 @@ def plot(rows: List[dict], path) -> None:
         ax.set(ylabel=ylabel, title=title)
         if names:
             ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    _plot_density_curves(axes[2], latest, cases)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def density_curves(latest: Dict[tuple, dict], cases: Sequence[str]) -> Dict[str, List[tuple]]:
+    """Per case, ``(MLP density, speedup over the strongest baseline)`` of its lecompile CUDA-graph
+    variants with dense attention, by density (cases with at least two densities). The strongest
+    baseline replays CUDA graphs, so its time is stable across runs."""
+    curves = {}
+    for case in cases:
+        points = sorted((r["mlp_density"], r["speedup_vs_strongest"]) for (c, v), r in latest.items()
+                        if c == case and v.startswith("lecompile") and v.endswith("-cg")
+                        and r.get("attn_density") == 1.0 and r.get("speedup_vs_strongest") is not None)
+        if len(points) > 1:
+            curves[case] = points
+    return curves
+
+
+def _plot_density_curves(ax, latest, cases) -> None:
+    for case, points in density_curves(latest, cases).items():
+        ax.plot(*zip(*points), marker="o", label=case)
+    ax.axhline(1.0, color="grey", lw=1)
+    ax.set(xlabel="MLP density", ylabel="step speedup over the strongest baseline",
+           title="lecompile with CUDA graphs against Inductor + bf16 adapters + CUDA graphs")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="upper right")
 
 
 def add_arguments(parser) -> None:

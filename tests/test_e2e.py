@@ -96,3 +96,14 @@ def test_merge_runs_numbers_the_run_and_fills_in_ratios():
     assert eager["run"] == 2 and eager["speedup"] == 0.5 and eager["loss_matches_eager"] is True
     with pytest.raises(ValueError, match="cannot merge a 'sparse_mlp' run into 'e2e'"):
         merge(results, {"meta": {"benchmark": "sparse_mlp"}, "rows": []}, "x")
+
+
+def test_density_curves_use_the_cuda_graph_variants_with_dense_attention():
+    row = dict(case="m", attn_density=1.0)
+    latest = {("m", "lecompile-d1-cg"): dict(row, mlp_density=1.0, speedup_vs_strongest=0.98),
+              ("m", "lecompile-d0.25-cg"): dict(row, mlp_density=0.25, speedup_vs_strongest=1.2),
+              ("m", "lecompile-d0.25"): dict(row, mlp_density=0.25, speedup_vs_strongest=0.3),
+              ("m", "lecompile-d0.25-a0.5-cg"): dict(row, mlp_density=0.25, attn_density=0.5,
+                                                     speedup_vs_strongest=1.1),
+              ("one", "lecompile-d1-cg"): dict(row, case="one", mlp_density=1.0, speedup_vs_strongest=1.0)}
+    assert e2e.density_curves(latest, ["m", "one"]) == {"m": [(0.25, 1.2), (1.0, 0.98)]}
