@@ -107,3 +107,8 @@ def test_density_curves_use_the_cuda_graph_variants_with_dense_attention():
                                                      speedup_vs_strongest=1.1),
               ("one", "lecompile-d1-cg"): dict(row, case="one", mlp_density=1.0, speedup_vs_strongest=1.0)}
     assert e2e.density_curves(latest, ["m", "one"]) == {"m": [(0.25, 1.2), (1.0, 0.98)]}
+
+
+def test_models_get_a_loss_type_so_the_loss_stays_in_the_graph():
+    model = e2e.build(e2e.Case("tiny-gpt2", "lora", 2, 32), e2e.Variant("eager", "eager"), "cpu")
+    assert model.get_base_model().loss_type == "ForCausalLM"
