@@ -150,9 +150,9 @@ def test_gpt2_graph_break_before_the_loss_is_named_and_the_documented_fix_works(
 class _HeadAndLoss(torch.nn.Module):
     """A trainable layer, a frozen LM head, and a loss written by hand."""
 
-    def __init__(self, **loss_kwargs):
+    def __init__(self, head_bias=False, **loss_kwargs):
         super().__init__()
-        self.body, self.head = torch.nn.Linear(16, 16), torch.nn.Linear(16, 50, bias=False)
+        self.body, self.head = torch.nn.Linear(16, 16), torch.nn.Linear(16, 50, bias=head_bias)
         self.head.requires_grad_(False)
         self.loss_kwargs = loss_kwargs
 
@@ -163,6 +163,7 @@ class _HeadAndLoss(torch.nn.Module):
 
 @pytest.mark.parametrize("loss_kwargs,fused,reason", [
     (dict(reduction="sum", ignore_index=3), True, ""),
+    (dict(head_bias=True), True, ""),
     (dict(label_smoothing=0.1), False, "['label_smoothing']"),
     (dict(reduction="none"), False, "reduction='none'"),
 ])
