@@ -78,6 +78,10 @@ def test_bad_inputs_are_named():
         lm_head_cross_entropy(logits, hidden, weight, target, -100, "none")
     with pytest.raises(ValueError, match="expected hidden"):
         lm_head_cross_entropy(logits, hidden, weight[:, :5], target, -100, "mean")
+    bad = target.clone()
+    bad[0] = 300  # == vocab
+    with pytest.raises(RuntimeError, match=r"a target is outside \[0, 300\)"):
+        lm_head_cross_entropy(logits, hidden, weight, bad, -100, "mean")
     with pytest.raises(ValueError, match="must not require grad"):
         lm_head_cross_entropy(logits, hidden, weight.requires_grad_(), target, -100, "mean")
 

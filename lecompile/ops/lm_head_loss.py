@@ -72,7 +72,11 @@ def lm_head_cross_entropy(logits: Tensor, hidden: Tensor, weight: Tensor, target
     """``(loss, grad_hidden)`` for ``logits [N, V] = hidden [N, d] @ weight.T (+ bias)``."""
     _check(logits, hidden, weight, target, reduction)
     n, vocab = logits.shape
-    valid = (target != ignore_index).sum().float()
+    kept = target != ignore_index
+    # Checked on the device, without a host sync (CUDA graphs): the kernel would read out of bounds.
+    torch._assert_async((~kept | ((target >= 0) & (target < vocab))).all(),
+                        f"lm_head_cross_entropy: a target is outside [0, {vocab}) and is not ignore_index")
+    valid = kept.sum().float()
     scale = (1.0 / valid if reduction == "mean" else torch.ones_like(valid)).reshape(1)
     loss_rows = torch.empty(n, dtype=torch.float32, device=logits.device)
     grad_hidden = torch.empty_like(hidden)
