@@ -53,7 +53,7 @@ def test_rows_of_ignored_targets_get_no_loss_and_no_gradient(path):
     hidden, weight, target = _case(n=4, ignored=(0, 1, 2, 3))
     loss_rows = torch.full((4,), 7.0)
     rows = lm_head_loss._rows_fn(hidden.device)
-    grad = rows(hidden.detach() @ weight.t(), target, torch.ones(1), -100, loss_rows)
+    grad = rows(hidden.detach() @ weight.t(), target, torch.ones(1), -100, loss_rows, 300)
     assert torch.equal(loss_rows, torch.zeros(4)) and torch.equal(grad, torch.zeros_like(grad))
 
 
@@ -65,10 +65,26 @@ def test_kernel_rows_match_reference_rows():
     logits = torch.randn(6, 333, generator=gen) * 5
     target = torch.tensor([0, 332, -100, 5, 100, 7])
     got_rows, want_rows = torch.empty(6), torch.empty(6)
-    got = lm_head_loss.cross_entropy_rows(logits, target, torch.tensor([0.25]), -100, got_rows)
-    want = cross_entropy_rows_ref(logits, target, torch.tensor([0.25]), -100, want_rows)
+    got = lm_head_loss.cross_entropy_rows(logits, target, torch.tensor([0.25]), -100, got_rows, 336)
+    want = cross_entropy_rows_ref(logits, target, torch.tensor([0.25]), -100, want_rows, 336)
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(got_rows, want_rows)
+    assert got.shape == (6, 336) and torch.equal(got[:, 333:], torch.zeros(6, 3))  # padding columns
+    with pytest.raises(ValueError, match="width 300 is narrower than the vocabulary"):
+        lm_head_loss.cross_entropy_rows(logits, target, torch.tensor([0.25]), -100, got_rows, 300)
+
+
+def test_vocabulary_is_padded_to_16_bytes_for_the_gradient_gemm():
+    assert lm_head_loss._aligned_vocab(50257, torch.bfloat16) == 50264
+    assert lm_head_loss._aligned_vocab(50257, torch.float32) == 50260
+    assert lm_head_loss._aligned_vocab(50272, torch.bfloat16) == 50272
+    weight = torch.randn(5, 3)
+    padded = lm_head_loss._padded_weights(weight, torch.bfloat16, 8)
+    assert padded.shape == (8, 3) and padded.dtype == torch.bfloat16
+    assert torch.equal(padded[:5], weight.bfloat16()) and not padded[5:].any()
+    assert lm_head_loss._padded_weights(weight, torch.bfloat16, 8) is padded  # made once
+    weight.add_(1.0)  # an in-place update is noticed
+    assert torch.equal(lm_head_loss._padded_weights(weight, torch.bfloat16, 8)[:5], weight.bfloat16())
 
 
 def test_bad_inputs_are_named():

@@ -16,7 +16,7 @@ from .gather_gemm import _interpreting
 
 
 @triton.jit
-def _cross_entropy_rows_kernel(logits_ptr, target_ptr, scale_ptr, loss_ptr, grad_ptr, V, stride_row,
+def _cross_entropy_rows_kernel(logits_ptr, target_ptr, scale_ptr, loss_ptr, grad_ptr, V, stride_row, width,
                                ignore_index, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * stride_row
@@ -34,26 +34,29 @@ def _cross_entropy_rows_kernel(logits_ptr, target_ptr, scale_ptr, loss_ptr, grad
     picked = tl.load(base + tl.where(valid, target, 0)).to(tl.float32)
     tl.store(loss_ptr + row, tl.where(valid, lse - picked, 0.0))
     scale = tl.load(scale_ptr)
-    for v0 in range(0, V, BLOCK_V):
+    for v0 in range(0, width, BLOCK_V):
         offs = v0 + tl.arange(0, BLOCK_V)
-        x = tl.load(base + offs, mask=offs < V, other=0.0).to(tl.float32)
+        x = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
         g = (tl.exp(x - lse) - (offs == target).to(tl.float32)) * scale
         g = tl.where(valid, g, 0.0)
-        tl.store(grad_ptr + row * V + offs, g.to(grad_ptr.dtype.element_ty), mask=offs < V)
+        tl.store(grad_ptr + row * width + offs, g.to(grad_ptr.dtype.element_ty), mask=offs < width)
 
 
 def cross_entropy_rows(logits: torch.Tensor, target: torch.Tensor, scale: torch.Tensor,
-                       ignore_index: int, loss_rows: torch.Tensor) -> torch.Tensor:
+                       ignore_index: int, loss_rows: torch.Tensor, width: int) -> torch.Tensor:
     """Per-row losses into ``loss_rows [N]`` (fp32, 0 where ``target == ignore_index``); returns
-    the logits' gradient ``(softmax - onehot) * scale`` as ``[N, V]`` in the logits' dtype.
+    the logits' gradient ``(softmax - onehot) * scale`` as ``[N, width]`` in the logits' dtype,
+    zero in the columns past the vocabulary (``width >= V`` pads a GEMM's reduction dimension).
     ``scale`` is a one-element fp32 tensor (it stays on the device: no host sync). PyTorch twin:
     :func:`lecompile.ops.lm_head_loss.cross_entropy_rows_ref`."""
     n, vocab = logits.shape
+    if width < vocab:
+        raise ValueError(f"cross_entropy_rows: width {width} is narrower than the vocabulary ({vocab})")
     if logits.stride(1) != 1:
         logits = logits.contiguous()
-    grad = torch.empty(n, vocab, dtype=logits.dtype, device=logits.device)
+    grad = torch.empty(n, width, dtype=logits.dtype, device=logits.device)
     block = 128 if _interpreting() else min(4096, triton.next_power_of_2(vocab))
     _cross_entropy_rows_kernel[(n,)](logits, target.contiguous(), scale, loss_rows, grad, vocab,
-                                     logits.stride(0), ignore_index, BLOCK_V=block,
+                                     logits.stride(0), width, ignore_index, BLOCK_V=block,
                                      num_warps=1 if _interpreting() else 8)
     return grad
