@@ -115,3 +115,25 @@ def test_shared_read_experiment_computes_the_op():
     torch.testing.assert_close(got, want)
     for g, h in zip(torch.autograd.grad(got, (x, a, lb), dy), torch.autograd.grad(want, (x, a, lb), dy)):
         torch.testing.assert_close(g, h)
+
+
+@pytest.mark.parametrize("tokens", [(2, 24), (48,)])
+def test_no_sum_directly_over_a_matmul_forward_or_backward(tokens):
+    """Inductor turns ``mm + tensor`` into ``addmm``, which on CUDA copies the addend into the
+    output and re-reads it in the GEMM; the op's graph keeps views between its matmuls and the
+    adds (as PEFT's does), so the sums fuse into their consumers. Forward and backward."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from lecompile.ops.lora_linear import lora_linear_impl
+    args = make(torch.bfloat16, tokens=tokens, bias=False)
+
+    def step(x, weight, a, b):
+        y = lora_linear_impl(x, weight, None, None, a, b, 0.5)
+        return torch.autograd.grad(y.sum(), (x, a, b))
+
+    graph = make_fx(step)(args[0], args[1], args[4], args[5]).graph
+    matmuls = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+    adds = [n for n in graph.nodes if n.target == torch.ops.aten.add.Tensor]
+    assert adds, "the forward's sum and the input gradient's sum are traced"
+    for add in adds:
+        assert not any(getattr(arg, "target", None) in matmuls for arg in add.args), add.format_node()

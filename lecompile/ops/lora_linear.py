@@ -8,7 +8,6 @@ weights stay fp32, the optimizer's master copy (their gradients come back throug
 
     y = x @ W.T + bias + scale * (lora_input @ A.T) @ B.T
 
-with LoRA's up-projection, scale and add as one ``addmm`` on the base output.
 ``lora_input`` is what ``A`` reads when LoRA dropout is active; ``None`` means ``x``. For fp32
 activations the op is PEFT's exact math.
 
@@ -48,10 +47,13 @@ def lora_linear_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_inp
                      lora_a: Tensor, lora_b: Tensor, scale: float) -> Tensor:
     """The op's math; every matmul in ``x.dtype``."""
     _check(x, weight, lora_input, lora_a, lora_b)
-    x2 = x.reshape(-1, x.shape[-1])
-    lx = x2 if lora_input is None else lora_input.reshape(x2.shape).to(x.dtype)
-    xa = F.linear(lx, lora_a.to(x.dtype))
-    y = torch.addmm(F.linear(x2, weight, bias), xa, lora_b.to(x.dtype).t(), alpha=scale)
+    # Batched (3-D) inputs, as in PEFT's own graph: each branch's matmul reads and writes through
+    # views, so Inductor does not merge ``mm + add`` into an ``addmm``, which on CUDA copies one
+    # addend into the output and re-reads it in the GEMM; the add fuses into the consumer instead.
+    x3 = x if x.dim() > 2 else x.unsqueeze(0)
+    lx = x3 if lora_input is None else lora_input.reshape(x3.shape).to(x.dtype)
+    up = F.linear(F.linear(lx, lora_a.to(x.dtype)), lora_b.to(x.dtype))
+    y = F.linear(x3, weight, bias) + up * scale
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
