@@ -15,8 +15,10 @@ def _demo(args) -> int:
                        mlp_density=args.density, predictor=args.predictor, granularity=args.granularity,
                        lora_r=args.lora_r, baseline=args.baseline, device=args.device)
     print(format_results(results))
-    print("Step time is the median after the first step (which compiles); the held-out loss is "
-          "measured dense. CPU timings say nothing about GPU speed.")
+    print("Step time is the median after the first step (which compiles). loss@1 and loss@end are "
+          "each variant's own training forward (lecompile's computes only the predicted neurons, so "
+          "its loss is higher); the held-out loss is measured dense on the trained model. CPU "
+          "timings say nothing about GPU speed.")
     return 0
 
 
