@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 
 from ..ops.adapted_linear import AdaptedLinear
-from .graph import (ADDMM, DROPOUT, LINEAR, VIEWS, dropout_p, is_call, is_cast, is_method,
+from .graph import (ADDMM, DROPOUT, LINEAR, VIEWS, dropout_p, is_call, is_cast, is_method, linear_args,
                     only_user, shape, source_name, strip_casts)
 
 ADD = (operator.add, torch.add)
@@ -71,10 +71,9 @@ def _placeholder_2d(node) -> bool:
 def _base(node: fx.Node):
     """``(x, weight, bias, transposed, out, nodes)`` of a base linear, or ``None``."""
     if is_call(node, LINEAR):
-        weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        x, weight, bias = linear_args(node)
         if _placeholder_2d(weight):
-            return node.args[0], weight, bias, False, node, {node}
+            return x, weight, bias, False, node, {node}
     if is_call(node, (operator.matmul, torch.matmul)) and len(node.args) == 2:
         wt = node.args[1]
         if (isinstance(wt, fx.Node) and is_call(wt, (getattr,)) and wt.args[1] == "T"
@@ -185,8 +184,7 @@ def _lora_branch(branch, x):
 
 
 def _no_bias(linear: fx.Node) -> bool:
-    bias = linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
-    return bias is None
+    return linear_args(linear)[2] is None
 
 
 def _fold_output_scale(match: LinearMatch) -> bool:

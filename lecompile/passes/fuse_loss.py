@@ -21,7 +21,7 @@ from torch._dynamo.utils import counters
 
 from ..ops.lm_head_loss import REDUCTIONS
 from ..report import LossEntry
-from .graph import LINEAR, is_call, meta_value, recompile
+from .graph import LINEAR, is_call, linear_args, meta_value, recompile
 
 _VIEWS = ("contiguous", "float", "view", "reshape")
 _CE_SIGNATURE = inspect.signature(F.cross_entropy)
@@ -75,8 +75,7 @@ def _match(ce: fx.Node, ctx) -> Union[str, Tuple[fx.Node, fx.Node, fx.Node, int,
                 "transformers' loss_type warning; set model.loss_type = 'ForCausalLM', see docs/troubleshooting.md)")
     if not isinstance(node, fx.Node) or not is_call(node, LINEAR):
         return "the loss's input is not a linear layer's output (reshaped or cast to fp32 only)"
-    weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    hidden, weight, bias = linear_args(node)
     logits, scores, w = meta_value(node), meta_value(bound["input"]), meta_value(weight)
     target = meta_value(bound["target"])
     if any(v is None for v in (logits, scores, w, target)):
@@ -87,14 +86,14 @@ def _match(ce: fx.Node, ctx) -> Union[str, Tuple[fx.Node, fx.Node, fx.Node, int,
         return f"the loss reads logits {tuple(scores.shape)}, not [tokens, vocab]: left to Inductor"
     if target.shape != (scores.shape[0],) or target.dtype.is_floating_point:
         return "the loss's target is not one class index per token: left to Inductor"
-    if math.prod(logits.shape[:-1]) * w.shape[1] != meta_value(node.args[0]).numel():
+    if math.prod(logits.shape[:-1]) * w.shape[1] != meta_value(hidden).numel():
         return "the LM head's input is not [tokens, hidden]: left to Inductor"
     return node, bound["input"], bound["target"], ignore_index, reduction
 
 
 def _rewrite(graph: fx.Graph, ce: fx.Node, linear: fx.Node, scores: fx.Node, target: fx.Node,
              ignore_index: int, reduction: str) -> None:
-    hidden, weight = linear.args[0], linear.args[1] if len(linear.args) > 1 else linear.kwargs["weight"]
+    hidden, weight, _ = linear_args(linear)
     vocab, width = meta_value(linear).shape[-1], meta_value(weight).shape[1]
     with graph.inserting_before(ce):
         logits = graph.call_method("reshape", (graph.call_method("detach", (linear,)), -1, vocab))

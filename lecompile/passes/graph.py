@@ -48,6 +48,14 @@ def is_cast(node: fx.Node) -> bool:
     return is_method(node, CASTS)
 
 
+def linear_args(node: fx.Node) -> tuple:
+    """``(input, weight, bias)`` of a ``linear`` call, passed by position or keyword (bias may be ``None``)."""
+    x = node.args[0] if node.args else node.kwargs.get("input")
+    weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    return x, weight, bias
+
+
 def is_elementwise(node: fx.Node) -> bool:
     return ((node.op == "call_function" and node.target in ELEMENTWISE_FUNCTIONS)
             or is_method(node, ELEMENTWISE_METHODS))
