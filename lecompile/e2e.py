@@ -153,12 +153,22 @@ class Variant:
         return self.config.attn_density if self.config is not None else 1.0
 
 
+#: LongExposureConfig fields that :func:`variants` sets itself.
+VARIANT_FIELDS = {"mlp_density", "predictor", "granularity", "cudagraphs", "attn_density", "attn_block"}
+
+
 def variants(densities: Sequence[float] = (1.0, 0.5, 0.25, 0.15), predictor: str = "svd",
              granularity: str = "sequence", baselines: bool = True, cudagraphs: bool = False,
-             attn_densities: Sequence[float] = (1.0,), attn_block: int = 128) -> List[Variant]:
+             attn_densities: Sequence[float] = (1.0,), attn_block: int = 128,
+             settings: Optional[dict] = None) -> List[Variant]:
     """The baselines, then lecompile at each MLP density and attention density. ``cudagraphs``
     adds the strongest baseline and every lecompile variant replayed as CUDA graphs (suffix
-    ``-cg``)."""
+    ``-cg``). ``settings`` are further :class:`LongExposureConfig` fields of every lecompile
+    variant."""
+    clash = sorted(set(settings or {}) & VARIANT_FIELDS)
+    if clash:
+        raise ValueError(f"settings {clash} are set per variant (use the densities, predictor, granularity, "
+                         f"cudagraphs and attention-block options instead)")
     out = []
     if baselines:
         out = [Variant("eager", "eager"), Variant("eager-bf16-adapters", "eager", adapters_fp32=False),
@@ -174,7 +184,7 @@ def variants(densities: Sequence[float] = (1.0, 0.5, 0.25, 0.15), predictor: str
                 name = f"lecompile-d{d:g}" + (f"-a{a:g}" if a < 1.0 else "") + ("-cg" if cg else "")
                 out.append(Variant(name, "lecompile", cudagraphs=cg, config=LongExposureConfig(
                     mlp_density=d, predictor=predictor, granularity=granularity, cudagraphs=cg,
-                    attn_density=a, attn_block=attn_block)))
+                    attn_density=a, attn_block=attn_block, **(settings or {}))))
     return out
 
 
@@ -522,6 +532,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--predictor", default="svd", choices=("svd", "learned", "oracle"))
     parser.add_argument("--granularity", default="sequence", choices=("sequence", "tile", "batch"))
     parser.add_argument("--no-baselines", action="store_true", help="lecompile variants only")
+    parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
+                        help="LongExposureConfig fields of every lecompile variant, e.g. combo_kernels=false")
     parser.add_argument("--cudagraphs", action="store_true",
                         help="add CUDA-graph variants (-cg) of the strongest baseline and of lecompile")
     parser.add_argument("--variants", nargs="+", default=None,
@@ -550,8 +562,10 @@ def run(args) -> dict:
         raise ValueError(f"--layers must be >= 1, got {args.layers}")
     cases = [Case(m, meth, *SHAPES[s], layers=args.layers) for m in args.models for meth in args.methods
              for s in args.shapes]
+    settings = LongExposureConfig.parse_settings(args.set)
     vs = variants(args.densities, args.predictor, args.granularity, baselines=not args.no_baselines,
-                  cudagraphs=args.cudagraphs, attn_densities=args.attn_densities, attn_block=args.attn_block)
+                  cudagraphs=args.cudagraphs, attn_densities=args.attn_densities, attn_block=args.attn_block,
+                  settings=settings)
     if args.variants:
         unknown = set(args.variants) - {v.name for v in vs}
         if unknown:
@@ -562,7 +576,7 @@ def run(args) -> dict:
     data = {"meta": meta("e2e", command_line(), settings=dict(
         steps=args.steps, warmup=args.warmup, optimizer="AdamW", predictor=args.predictor,
         granularity=args.granularity, attn_block=args.attn_block, attn_predictor="pooled",
-        init="random, seed 0")),
+        lecompile_settings=settings, init="random, seed 0")),
         "rows": rows}
 
     measured: List[dict] = []  # rows so far, saved as they come in case the run is cut short
