@@ -93,8 +93,7 @@ def python_bound(report: Report, example_inputs, patches: dict) -> bool:
 
 
 def _inductor_patches(mode: Optional[str], options: Optional[dict], config: LongExposureConfig) -> dict:
-    """Inductor config patches for ``torch.compile(mode=..., options=...)`` plus ``cudagraphs``
-    and ``combo_kernels``."""
+    """Inductor config patches for ``torch.compile(mode=..., options=...)`` plus ``cudagraphs``."""
     from torch._inductor import list_mode_options
 
     modes = list_mode_options()
@@ -107,7 +106,6 @@ def _inductor_patches(mode: Optional[str], options: Optional[dict], config: Long
     patches.update(options or {})
     if config.cudagraphs:
         patches["triton.cudagraphs"] = True
-    patches.setdefault("combo_kernels", config.combo_kernels)
     return patches
 
 

@@ -97,12 +97,6 @@ class LongExposureConfig:
     #: into static buffers and outputs are overwritten by the next replay (see PyTorch's
     #: CUDA graph trees); frozen weights must not be replaced in place between steps.
     cudagraphs: bool = False
-    #: Let Inductor launch independent kernels of a graph together (its ``combo_kernels``
-    #: option): with fp32 adapter weights each step casts every LoRA weight to the activation
-    #: dtype and every gradient back, hundreds of tiny kernels. On the H100 this took OPT-1.3B's
-    #: sparse CUDA-graph step from 53.4 to 51.9 ms (benchmarks/results/e2e.json for the A/B).
-    #: ``torch.compile(..., options={"combo_kernels": ...})`` overrides it.
-    combo_kernels: bool = True
     #: Match attention blocks (for the report and the rewrite).
     match_attention: bool = True
     #: Rewrite matched attention into block-sparse attention when ``attn_density < 1``.
@@ -140,8 +134,7 @@ class LongExposureConfig:
         _check_int("k_align", self.k_align, "an integer >= 1", lambda v: v >= 1)
         _check_int("learned_train_steps", self.learned_train_steps, "an integer >= 1", lambda v: v >= 1)
         _check_int("learned_refresh", self.learned_refresh, "an integer >= 0", lambda v: v >= 0)
-        for name in ("rewrite_mlp", "fuse_adapters", "fuse_loss", "cudagraphs", "combo_kernels", "match_attention",
-                     "rewrite_attention"):
+        for name in ("rewrite_mlp", "fuse_adapters", "fuse_loss", "cudagraphs", "match_attention", "rewrite_attention"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"LongExposureConfig.{name} must be a bool, "
                                  f"got {getattr(self, name)!r}")

@@ -533,7 +533,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--granularity", default="sequence", choices=("sequence", "tile", "batch"))
     parser.add_argument("--no-baselines", action="store_true", help="lecompile variants only")
     parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
-                        help="LongExposureConfig fields of every lecompile variant, e.g. combo_kernels=false")
+                        help="LongExposureConfig fields of every lecompile variant, e.g. svd_rank=16 fuse_loss=false")
     parser.add_argument("--cudagraphs", action="store_true",
                         help="add CUDA-graph variants (-cg) of the strongest baseline and of lecompile")
     parser.add_argument("--variants", nargs="+", default=None,
