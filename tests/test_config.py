@@ -46,3 +46,19 @@ def test_replace_validates():
     assert LongExposureConfig().replace(mlp_density=0.3).mlp_density == 0.3
     with pytest.raises(ValueError, match="mlp_density"):
         LongExposureConfig().replace(mlp_density=0)
+
+
+def test_settings_parse_to_typed_fields():
+    values = LongExposureConfig.parse_settings(["svd_rank=16", "fuse_loss = off", "mlp_layer_densities=1,1,0.5"])
+    assert values == {"svd_rank": 16, "fuse_loss": False, "mlp_layer_densities": (1.0, 1.0, 0.5)}
+    assert LongExposureConfig(**values).svd_rank == 16
+
+
+@pytest.mark.parametrize("item,message", [
+    ("svd_rank", r"'svd_rank' is not FIELD=VALUE"),
+    ("rank=16", r"'rank=16' is not FIELD=VALUE with FIELD one of \[.*'svd_rank'"),
+    ("svd_rank=big", r"svd_rank='big' is not a valid int"),
+])
+def test_bad_settings_name_themselves(item, message):
+    with pytest.raises(ValueError, match=message):
+        LongExposureConfig.parse_settings([item])

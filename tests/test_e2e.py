@@ -38,6 +38,18 @@ def test_cases_that_cannot_run_are_recorded_not_dropped():
     assert rows and all("no biases" in r["error"] for r in rows)
 
 
+def test_settings_reach_every_lecompile_variant_and_no_baseline():
+    vs = e2e.variants(densities=(1.0, 0.5), settings={"svd_rank": 4, "fuse_loss": False})
+    lec = [v for v in vs if v.backend == "lecompile"]
+    assert lec and all(v.config.svd_rank == 4 and not v.config.fuse_loss for v in lec)
+    assert all(v.config is None or v.config.svd_rank == 8 for v in vs if v.backend != "lecompile")
+
+
+def test_settings_that_variants_own_are_refused():
+    with pytest.raises(ValueError, match=r"settings \['mlp_density'\] are set per variant"):
+        e2e.main(["--models", "tiny-llama", "--set", "mlp_density=0.3", "--out", "unused"])
+
+
 def test_unknown_variant_is_named():
     with pytest.raises(ValueError, match="unknown variants"):
         e2e.main(["--models", "tiny-llama", "--variants", "fastest", "--out", "unused"])
