@@ -112,6 +112,35 @@ def test_ngather_grad_fuses_activation_derivative(dtype, activation, gated, lora
         torch.testing.assert_close(g, w, **TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gated,lora", [(False, False), (True, True)])
+def test_ngather_grad_of_a_scale_on_its_output(dtype, gated, lora):
+    """IA3 on fc2's input: ``dh`` is scaled by ``s[idx]`` and ``dL/ds`` comes back per group."""
+    from lecompile.kernels.gather_gemm import ngather_matmul_grad, ngather_matmul_grad_ref
+    gen = torch.Generator().manual_seed(7)
+    tokens, group, d, ffn, k = 64, 32, 40, 384, 256
+    dy = rand(tokens, d, dtype=dtype, gen=gen)
+    s = rand(ffn, gen=gen).add(1.0).to(dtype)
+    m = Neurons(rand(ffn, d, dtype=dtype, gen=gen, scale=d ** -0.5), out_scale=s,
+                lora=(rand(tokens, 8, gen=gen), rand(ffn, 8, gen=gen, scale=0.1), 0.5) if lora else None)
+    idx = sorted_idx(tokens // group, ffn, k, gen)
+    pre, pre_up = rand(tokens, k, dtype=dtype, gen=gen), (rand(tokens, k, dtype=dtype, gen=gen) if gated else None)
+    got = ngather_matmul_grad(dy, idx, group, m, "relu", pre, pre_up, return_h=True, return_scale_grad=True)
+    want = ngather_matmul_grad_ref(dy, idx, group, m, "relu", pre, pre_up, return_h=True, return_scale_grad=True)
+    assert len(got) == len(want) == 3 + gated and got[-1].shape == (tokens // group, k)
+    for g, w in zip(got[:-1], want[:-1]):
+        torch.testing.assert_close(g, w, **TOL[dtype])
+    torch.testing.assert_close(got[-1], want[-1], atol=TOL[dtype]["atol"] * group, rtol=TOL[dtype]["rtol"])
+    if dtype == torch.float32 and not lora:  # the twin's dL/ds against autograd through (h * s) @ M[idx]
+        h = got[-2].reshape(-1, group, k)
+        sg = s[idx].clone().requires_grad_()
+        y = (h * sg.unsqueeze(1)) @ m.m[idx]
+        (y * dy.reshape(-1, group, d)).sum().backward()
+        torch.testing.assert_close(want[-1], sg.grad, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="needs the scale"):
+        ngather_matmul_grad(dy, idx, group, Neurons(m.m), "relu", pre, pre_up, return_scale_grad=True)
+
+
 @pytest.mark.parametrize("groups,n,k", [(1, 256, 128), (3, 384, 256), (2, 1000, 7), (4, 64, 64)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_top_k_sorted_matches_torch(groups, n, k, dtype):

@@ -236,15 +236,17 @@ def kernels_on_cpu(monkeypatch):
     monkeypatch.setattr(sparse_mlp_kernels, "INTERPRET_ON_CPU", True)
 
 
-@pytest.mark.parametrize("adapters", ["lora", "ia3", "full", "none"])
+@pytest.mark.parametrize("adapters", ["lora", "ia3", "lora+ia3", "full", "none"])
 @pytest.mark.parametrize("activation,gated", [("relu", False), ("gelu_tanh", False), ("silu", True)])
 def test_kernel_path_matches_reference(kernels_on_cpu, adapters, activation, gated):
     """Forward and every gradient of the kernel path equal the reference path's."""
     from lecompile.ops.sparse_mlp import _uses_kernels
     gen = torch.Generator().manual_seed(3)
     d, ffn, k, batch, seq = 24, 256, 128, 2, 16
-    fc1, up, fc2 = make_mlp(d, ffn, torch.float32, gated, adapters)
+    fc1, up, fc2 = make_mlp(d, ffn, torch.float32, gated, adapters.split("+")[0])
     fc1.out_scale = None  # IA3 on fc1's output is a reference-only layout
+    if adapters == "lora+ia3":  # IA3's scale on fc2's input and LoRA on fc2 in one backward launch
+        fc2.in_scale = (1 + torch.randn(ffn, generator=gen) / 4).requires_grad_()
     if adapters == "lora":
         fc1.lora_input = torch.randn(batch, seq, d, generator=gen).requires_grad_()
     x = torch.randn(batch, seq, d, generator=gen, requires_grad=True)

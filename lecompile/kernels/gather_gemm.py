@@ -144,13 +144,13 @@ def _ngather_tile(x_ptr, m_ptr, rows, offs_t, offs_n, T, D, KSEL, stride_xt, str
                  key=["D", "KSEL", "GROUP_ALIGN", "R", "GATED", "HAS_LORA", "ACT", "GRAD_ACT"],
                  prune_configs_by={"early_config_prune": _prune_by_group}, **AUTOTUNE_CACHE)
 @triton.jit
-def _ngather_kernel(x_ptr, idx_ptr, out_ptr, out2_ptr, pre_ptr, pre2_ptr, h_ptr,
+def _ngather_kernel(x_ptr, idx_ptr, out_ptr, out2_ptr, pre_ptr, pre2_ptr, h_ptr, sgrad_ptr,
                     m_ptr, u_ptr, b_ptr, bias_ptr, oscale_ptr,
                     m2_ptr, u2_ptr, b2_ptr, bias2_ptr, oscale2_ptr,
                     T, D, KSEL, group_tokens, GROUP_ALIGN, R, lora_scale, lora_scale2,
                     stride_xt, stride_m, stride_m2, stride_idx,
                     ACT: tl.constexpr, GRAD_ACT: tl.constexpr, GATED: tl.constexpr,
-                    SAVE_PRE: tl.constexpr, STORE_H: tl.constexpr,
+                    SAVE_PRE: tl.constexpr, STORE_H: tl.constexpr, SCALE_GRAD: tl.constexpr,
                     HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_OSCALE: tl.constexpr,
                     HAS_LORA2: tl.constexpr, HAS_BIAS2: tl.constexpr, HAS_OSCALE2: tl.constexpr,
                     R_PAD: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
@@ -172,6 +172,15 @@ def _ngather_kernel(x_ptr, idx_ptr, out_ptr, out2_ptr, pre_ptr, pre2_ptr, h_ptr,
         act_g, dact_g = _activate_with_grad(g, GRAD_ACT)
         if GATED:
             u = tl.load(pre2_ptr + out_offs, mask=mask, other=0.0).to(tl.float32)
+        if SCALE_GRAD:  # ``a`` is dL/d(h * s) for a scale ``s`` on h: dL/ds sums ``a * h`` over tokens,
+            # here per 16 tokens (rows of sgrad), which stays exact under autotuning's repeated runs
+            h_full = act_g * u if GATED else act_g
+            part = tl.sum(tl.reshape(tl.where(mask, a * h_full, 0.0), (BLOCK_T // 16, 16, BLOCK_N)), axis=1)
+            chunks = pid_t * (BLOCK_T // 16) + tl.arange(0, BLOCK_T // 16)
+            tl.store(sgrad_ptr + chunks[:, None].to(tl.int64) * KSEL + offs_n[None, :], part,
+                     mask=(chunks * 16 < T)[:, None] & mask_n[None, :])
+            a = a * tl.load(oscale_ptr + rows, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        if GATED:
             tl.store(out2_ptr + out_offs, (a * act_g).to(out2_ptr.dtype.element_ty), mask=mask)
             a = a * u * dact_g
             act_g = act_g * u
@@ -286,15 +295,21 @@ def ngather_matmul(x: torch.Tensor, idx: torch.Tensor, group_tokens: int, first:
 
 def ngather_matmul_grad(dy: torch.Tensor, idx: torch.Tensor, group_tokens: int, m: Neurons,
                         activation: str, pre: torch.Tensor, pre_up: Optional[torch.Tensor] = None,
-                        return_h: bool = False):
+                        return_h: bool = False, return_scale_grad: bool = False):
     """Backward of the activation fused into the N-gather: with ``dh = m(dy)`` (``dy @ M[idx].T``
-    plus its LoRA term), returns ``dh * act'(pre)``, or for a gated MLP
-    ``(dh * up * act'(gate), dh * act(gate))`` with ``pre = gate``, ``pre_up = up``. With
-    ``return_h``, also the forward's output ``h = act(pre) [* up]``, last."""
-    return _launch_ngather(dy, idx, group_tokens, m, None, None, False, (activation, pre, pre_up), return_h)
+    plus its LoRA term, times ``m.out_scale[idx]``), returns ``dh * act'(pre)``, or for a gated
+    MLP ``(dh * up * act'(gate), dh * act(gate))`` with ``pre = gate``, ``pre_up = up``. With
+    ``return_h``, also the forward's output ``h = act(pre) [* up]``. With ``return_scale_grad``
+    (``m.out_scale`` is then the scale ``s`` the next layer applied to ``h``, IA3 on fc2's input),
+    also ``dL/ds`` per group and kept neuron, ``[G, k]`` fp32, last."""
+    if return_scale_grad and m.out_scale is None:
+        raise ValueError("ngather_matmul_grad: return_scale_grad needs the scale as m.out_scale")
+    return _launch_ngather(dy, idx, group_tokens, m, None, None, False, (activation, pre, pre_up), return_h,
+                           return_scale_grad)
 
 
-def _launch_ngather(x, idx, group_tokens, first, second, activation, save_pre, grad_of, return_h=False):
+def _launch_ngather(x, idx, group_tokens, first, second, activation, save_pre, grad_of, return_h=False,
+                    scale_grad=False):
     _check_common("ngather_matmul", x, first.m, idx, group_tokens)
     x = x.contiguous()
     tokens, d = x.shape
@@ -308,6 +323,7 @@ def _launch_ngather(x, idx, group_tokens, first, second, activation, save_pre, g
         pre = x.new_empty(tokens, ksel) if save_pre else out
         pre2 = x.new_empty(tokens, ksel) if save_pre and gated else out
     h = x.new_empty(tokens, ksel) if return_h else out
+    sgrad = torch.empty(tokens // MIN_GROUP_TOKENS, ksel, dtype=torch.float32, device=x.device) if scale_grad else out
     s2 = second or first
 
     def lora(n: Neurons):
@@ -323,7 +339,7 @@ def _launch_ngather(x, idx, group_tokens, first, second, activation, save_pre, g
     rank = max(r1, r2)
     grid = lambda meta: (triton.cdiv(tokens, meta["BLOCK_T"]), triton.cdiv(ksel, meta["BLOCK_N"]))  # noqa: E731
     _ngather_kernel[grid](
-        x, idx, out, out2, pre, pre2, h,
+        x, idx, out, out2, pre, pre2, h, sgrad,
         first.m, u1, b1, first.bias if first.bias is not None else out,
         first.out_scale if first.out_scale is not None else out,
         s2.m, u2, b2, s2.bias if s2.bias is not None else out,
@@ -331,9 +347,9 @@ def _launch_ngather(x, idx, group_tokens, first, second, activation, save_pre, g
         tokens, d, ksel, group_tokens, group_align(group_tokens), rank, sc1, sc2,
         x.stride(0), first.m.stride(0), s2.m.stride(0), idx.stride(0),
         ACT=ACT_CODES[activation], GRAD_ACT=ACT_CODES[grad_of[0]] if grad_of else ACT_NONE,
-        GATED=gated, SAVE_PRE=save_pre, STORE_H=return_h,
+        GATED=gated, SAVE_PRE=save_pre, STORE_H=return_h, SCALE_GRAD=scale_grad,
         HAS_LORA=first.lora is not None, HAS_BIAS=first.bias is not None,
-        HAS_OSCALE=first.out_scale is not None,
+        HAS_OSCALE=first.out_scale is not None and not scale_grad,
         HAS_LORA2=second is not None and second.lora is not None,
         HAS_BIAS2=second is not None and second.bias is not None,
         HAS_OSCALE2=second is not None and second.out_scale is not None,
@@ -342,6 +358,7 @@ def _launch_ngather(x, idx, group_tokens, first, second, activation, save_pre, g
     if grad_of is not None:
         grads = (out, out2) if gated else (out,)
         grads += (h,) if return_h else ()
+        grads += (sgrad.reshape(idx.shape[0], -1, ksel).sum(1),) if scale_grad else ()
         return grads if len(grads) > 1 else out
     if not save_pre:
         return out
@@ -415,17 +432,23 @@ def ngather_matmul_ref(x, idx, group_tokens, first, second=None, activation=None
     return (h.to(x.dtype),) + pres
 
 
-def ngather_matmul_grad_ref(dy, idx, group_tokens, m, activation, pre, pre_up=None, return_h=False):
+def ngather_matmul_grad_ref(dy, idx, group_tokens, m, activation, pre, pre_up=None, return_h=False,
+                            return_scale_grad=False):
     """PyTorch twin of :func:`ngather_matmul_grad`."""
     from ..ops.adapted_linear import ACTIVATION_GRADS
-    dh = _neurons_ref(dy, idx, group_tokens, m)
+    scale = m.out_scale
+    dh = _neurons_ref(dy, idx, group_tokens, Neurons(m.m, m.lora, m.bias))
     act, dact = ACTIVATION_GRADS[activation](pre.float())
+    h = act if pre_up is None else act * pre_up.float()
+    scale_grad = (dh * h).reshape(idx.shape[0], group_tokens, -1).sum(1) if return_scale_grad else None
+    if scale is not None:
+        dh = (dh.reshape(idx.shape[0], group_tokens, -1) * scale[idx].float().unsqueeze(1)).reshape(dh.shape)
     if pre_up is None:
         grads = ((dh * dact).to(dy.dtype),)
     else:
         grads = (dh * pre_up.float() * dact).to(dy.dtype), (dh * act).to(dy.dtype)
-        act = act * pre_up.float()
-    grads += (act.to(dy.dtype),) if return_h else ()
+    grads += (h.to(dy.dtype),) if return_h else ()
+    grads += (scale_grad,) if return_scale_grad else ()
     return grads if len(grads) > 1 else grads[0]
 
 

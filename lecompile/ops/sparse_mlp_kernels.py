@@ -6,7 +6,7 @@ Every large GEMM is a kernel launch on neuron-major weights (``lecompile.kernels
 |---|---|
 | fc1 (and up) forward, LoRA + bias + activation fused | N-gather on ``W1`` |
 | fc2 forward, + bias | K-gather on ``W2T`` |
-| fc2 input gradient, + LoRA | N-gather on ``W2T`` |
+| fc2 input gradient, + LoRA, * IA3 scale (and its gradient) | N-gather on ``W2T`` |
 | fc1 input gradient (gate and up in one launch) | K-gather on ``W1`` |
 
 Adapter, bias and IA3 gradients come from compact ``[T, k]`` and ``[T, r]`` tensors with torch.
@@ -124,8 +124,9 @@ def backward(grad_y: Tensor, x: Tensor, idx: Tensor, fc1: AdaptedLinear, up: Opt
     grads: Dict[str, Tensor] = {}
 
     # The fused path: dh never exists alone, the N-gather applies the activation's derivative
-    # (and recomputes the compact intermediate ``h`` when the adapters need it).
-    fused = fc2.in_scale is None and (fc2.lora_a is None or keep is None)
+    # (and IA3's scale on fc2's input with its gradient; it recomputes the compact intermediate
+    # ``h`` when the adapters need it).
+    fused = fc2.lora_a is None or keep is None
     need_h = fc2.lora_a is not None or wants.get("fc2.weight")
     if not fused:  # recompute the compact intermediate from the saved pre-activations
         act1, dact1 = ACTIVATION_GRADS[activation](pre1.float())
@@ -137,10 +138,16 @@ def backward(grad_y: Tensor, x: Tensor, idx: Tensor, fc1: AdaptedLinear, up: Opt
         a2t = fc2.lora_a.t().contiguous()  # [ffn, r], small: not cached (it changes every step)
         lora_v = dy.to(fc2.lora_b.dtype) @ fc2.lora_b  # [T, r]
     if fused:
-        m2 = Neurons(w2t, lora=(lora_v, a2t, fc2.lora_scale) if lora_v is not None else None)
+        m2 = Neurons(w2t, lora=(lora_v, a2t, fc2.lora_scale) if lora_v is not None else None,
+                     out_scale=fc2.in_scale)
+        scale_grad = fc2.in_scale is not None
         res = ngather_matmul_grad(dy.to(x.dtype), idx, n, m2, activation, pre1,
-                                  pre2 if up is not None else None, return_h=bool(need_h))
+                                  pre2 if up is not None else None, return_h=bool(need_h),
+                                  return_scale_grad=scale_grad)
         res = list(res) if isinstance(res, tuple) else [res]
+        if scale_grad:
+            per_group = res.pop()
+            _put(grads, wants, "fc2.in_scale", lambda: _scatter_rows(fc2.in_scale, idx, per_group))
         if need_h:
             h = res.pop()
         das = [(fc1, "fc1", res[0])] if up is None else [(fc1, "fc1", res[0]), (up, "up", res[1])]
