@@ -152,10 +152,10 @@ class LongExposureConfig:
         by_name = {f.name: f for f in fields(cls)}
         values = {}
         for item in items:
-            name, sep, raw = item.partition("=")
-            if not sep or name.strip() not in by_name:
+            name, sep, raw = (part.strip() for part in item.partition("="))
+            if not sep or name not in by_name:
                 raise ValueError(f"setting {item!r} is not FIELD=VALUE with FIELD one of {sorted(by_name)}")
-            values[name.strip()] = _parse(by_name[name.strip()], name.strip(), raw.strip())
+            values[name] = _parse(by_name[name], name, raw)
         return values
 
     @classmethod

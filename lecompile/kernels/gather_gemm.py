@@ -150,7 +150,7 @@ def _ngather_kernel(x_ptr, idx_ptr, out_ptr, out2_ptr, pre_ptr, pre2_ptr, h_ptr,
                     T, D, KSEL, group_tokens, GROUP_ALIGN, R, lora_scale, lora_scale2,
                     stride_xt, stride_m, stride_m2, stride_idx,
                     ACT: tl.constexpr, GRAD_ACT: tl.constexpr, GATED: tl.constexpr,
-                    SAVE_PRE: tl.constexpr, STORE_H: tl.constexpr, SCALE_GRAD: tl.constexpr,
+                    SAVE_PRE: tl.constexpr, STORE_H: tl.constexpr, SCALE_GRAD: tl.constexpr, CHUNK: tl.constexpr,
                     HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_OSCALE: tl.constexpr,
                     HAS_LORA2: tl.constexpr, HAS_BIAS2: tl.constexpr, HAS_OSCALE2: tl.constexpr,
                     R_PAD: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
@@ -173,12 +173,12 @@ def _ngather_kernel(x_ptr, idx_ptr, out_ptr, out2_ptr, pre_ptr, pre2_ptr, h_ptr,
         if GATED:
             u = tl.load(pre2_ptr + out_offs, mask=mask, other=0.0).to(tl.float32)
         if SCALE_GRAD:  # ``a`` is dL/d(h * s) for a scale ``s`` on h: dL/ds sums ``a * h`` over tokens,
-            # here per 16 tokens (rows of sgrad), which stays exact under autotuning's repeated runs
+            # here per CHUNK tokens (rows of sgrad), which stays exact under autotuning's repeated runs
             h_full = act_g * u if GATED else act_g
-            part = tl.sum(tl.reshape(tl.where(mask, a * h_full, 0.0), (BLOCK_T // 16, 16, BLOCK_N)), axis=1)
-            chunks = pid_t * (BLOCK_T // 16) + tl.arange(0, BLOCK_T // 16)
+            part = tl.sum(tl.reshape(tl.where(mask, a * h_full, 0.0), (BLOCK_T // CHUNK, CHUNK, BLOCK_N)), axis=1)
+            chunks = pid_t * (BLOCK_T // CHUNK) + tl.arange(0, BLOCK_T // CHUNK)
             tl.store(sgrad_ptr + chunks[:, None].to(tl.int64) * KSEL + offs_n[None, :], part,
-                     mask=(chunks * 16 < T)[:, None] & mask_n[None, :])
+                     mask=(chunks * CHUNK < T)[:, None] & mask_n[None, :])
             a = a * tl.load(oscale_ptr + rows, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         if GATED:
             tl.store(out2_ptr + out_offs, (a * act_g).to(out2_ptr.dtype.element_ty), mask=mask)
@@ -347,7 +347,7 @@ def _launch_ngather(x, idx, group_tokens, first, second, activation, save_pre, g
         tokens, d, ksel, group_tokens, group_align(group_tokens), rank, sc1, sc2,
         x.stride(0), first.m.stride(0), s2.m.stride(0), idx.stride(0),
         ACT=ACT_CODES[activation], GRAD_ACT=ACT_CODES[grad_of[0]] if grad_of else ACT_NONE,
-        GATED=gated, SAVE_PRE=save_pre, STORE_H=return_h, SCALE_GRAD=scale_grad,
+        GATED=gated, SAVE_PRE=save_pre, STORE_H=return_h, SCALE_GRAD=scale_grad, CHUNK=MIN_GROUP_TOKENS,
         HAS_LORA=first.lora is not None, HAS_BIAS=first.bias is not None,
         HAS_OSCALE=first.out_scale is not None and not scale_grad,
         HAS_LORA2=second is not None and second.lora is not None,
