@@ -20,9 +20,10 @@ def sorted_idx(groups, ffn, k, gen):
                         for _ in range(groups)]).to(DEVICE)
 
 
-# (tokens, group_tokens, d, ffn, k): odd d, k from 128 to 1024, 1 to 3 groups
+# (tokens, group_tokens, d, ffn, k): odd d, k from 128 to 1024, 1 to 3 groups; d and k that fill
+# the interpreter's tiles exactly (unmasked main loops) and a k that does not
 SHAPES = [(32, 32, 33, 256, 128), (48, 16, 40, 512, 256), (64, 32, 17, 1024, 512),
-          (16, 16, 24, 1024, 1024)]
+          (16, 16, 24, 1024, 1024), (32, 16, 64, 256, 128), (32, 32, 64, 300, 72)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 

@@ -78,6 +78,14 @@ def _dot(a, b, acc, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
 
 
 @triton.jit
+def _load(ptrs, mask, EVEN: tl.constexpr):
+    """A main-loop load: unmasked when the tile cannot cross the edge."""
+    if EVEN:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=mask, other=0)
+
+
+@triton.jit
 def _activate(a, ACT: tl.constexpr):
     if ACT == 1:
         a = tl.maximum(a, 0.0)
@@ -112,19 +120,23 @@ def _activate_with_grad(a, ACT: tl.constexpr):
 def _ngather_tile(x_ptr, m_ptr, rows, offs_t, offs_n, T, D, KSEL, stride_xt, stride_m,
                   u_ptr, b_ptr, R, lora_scale, bias_ptr, oscale_ptr,
                   HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_OSCALE: tl.constexpr,
-                  R_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+                  R_PAD: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
     mask_t = offs_t < T
     mask_n = offs_n < KSEL
+    offs_d = tl.arange(0, BLOCK_D)
+    # The main loop needs masks only for a ragged D: token tiles divide T (they divide the group,
+    # see _prune_by_group), and columns past KSEL read row idx 0 (``rows`` is loaded with other=0)
+    # and are never stored.
+    x_ptrs = x_ptr + offs_t[:, None].to(tl.int64) * stride_xt + offs_d[None, :]
+    m_ptrs = m_ptr + rows[None, :] * stride_m + offs_d[:, None]
     acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        mask_d = offs_d < D
-        xt = tl.load(x_ptr + offs_t[:, None].to(tl.int64) * stride_xt + offs_d[None, :],
-                     mask=mask_t[:, None] & mask_d[None, :], other=0.0)
-        mt = tl.load(m_ptr + rows[None, :] * stride_m + offs_d[:, None],
-                     mask=mask_d[:, None] & mask_n[None, :], other=0.0)
-        acc = _dot(xt, mt, acc, PRECISION, DOT_FP32)
+        mask_d = d0 + offs_d < D
+        acc = _dot(_load(x_ptrs, mask_d[None, :], EVEN_D), _load(m_ptrs, mask_d[:, None], EVEN_D), acc,
+                   PRECISION, DOT_FP32)
+        x_ptrs += BLOCK_D
+        m_ptrs += BLOCK_D
     if HAS_LORA:
         offs_r = tl.arange(0, R_PAD)
         mask_r = offs_r < R
@@ -143,6 +155,7 @@ def _ngather_tile(x_ptr, m_ptr, rows, offs_t, offs_n, T, D, KSEL, stride_xt, str
 @triton.autotune(configs=_configs(("BLOCK_T", "BLOCK_N", "BLOCK_D")),
                  key=["D", "KSEL", "GROUP_ALIGN", "R", "GATED", "HAS_LORA", "ACT", "GRAD_ACT"],
                  prune_configs_by={"early_config_prune": _prune_by_group}, **AUTOTUNE_CACHE)
+@triton.heuristics({"EVEN_D": lambda args: args["D"] % args["BLOCK_D"] == 0})
 @triton.jit
 def _ngather_kernel(x_ptr, idx_ptr, out_ptr, out2_ptr, pre_ptr, pre2_ptr, h_ptr, sgrad_ptr,
                     m_ptr, u_ptr, b_ptr, bias_ptr, oscale_ptr,
@@ -154,7 +167,7 @@ def _ngather_kernel(x_ptr, idx_ptr, out_ptr, out2_ptr, pre_ptr, pre2_ptr, h_ptr,
                     HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_OSCALE: tl.constexpr,
                     HAS_LORA2: tl.constexpr, HAS_BIAS2: tl.constexpr, HAS_OSCALE2: tl.constexpr,
                     R_PAD: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
-                    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                    EVEN_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_t = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -164,7 +177,7 @@ def _ngather_kernel(x_ptr, idx_ptr, out_ptr, out2_ptr, pre_ptr, pre2_ptr, h_ptr,
     rows = tl.load(idx_ptr + group * stride_idx + offs_n, mask=mask_n, other=0).to(tl.int64)
     a = _ngather_tile(x_ptr, m_ptr, rows, offs_t, offs_n, T, D, KSEL, stride_xt, stride_m,
                       u_ptr, b_ptr, R, lora_scale, bias_ptr, oscale_ptr, HAS_LORA, HAS_BIAS,
-                      HAS_OSCALE, R_PAD, BLOCK_T, BLOCK_N, BLOCK_D, PRECISION, DOT_FP32)
+                      HAS_OSCALE, R_PAD, EVEN_D, BLOCK_T, BLOCK_N, BLOCK_D, PRECISION, DOT_FP32)
     out_offs = offs_t[:, None].to(tl.int64) * KSEL + offs_n[None, :]
     mask = (offs_t < T)[:, None] & mask_n[None, :]
     if GRAD_ACT != 0:  # backward: ``a`` is dL/dh; chain through the saved pre-activation(s)
@@ -196,7 +209,7 @@ def _ngather_kernel(x_ptr, idx_ptr, out_ptr, out2_ptr, pre_ptr, pre2_ptr, h_ptr,
         if GATED:
             b = _ngather_tile(x_ptr, m2_ptr, rows, offs_t, offs_n, T, D, KSEL, stride_xt, stride_m2,
                               u2_ptr, b2_ptr, R, lora_scale2, bias2_ptr, oscale2_ptr, HAS_LORA2,
-                              HAS_BIAS2, HAS_OSCALE2, R_PAD, BLOCK_T, BLOCK_N, BLOCK_D, PRECISION,
+                              HAS_BIAS2, HAS_OSCALE2, R_PAD, EVEN_D, BLOCK_T, BLOCK_N, BLOCK_D, PRECISION,
                               DOT_FP32)
             if SAVE_PRE:
                 tl.store(pre2_ptr + out_offs, b.to(pre2_ptr.dtype.element_ty), mask=mask)
@@ -207,12 +220,15 @@ def _ngather_kernel(x_ptr, idx_ptr, out_ptr, out2_ptr, pre_ptr, pre2_ptr, h_ptr,
 @triton.autotune(configs=_configs(("BLOCK_T", "BLOCK_D", "BLOCK_K")),
                  key=["D", "KSEL", "GROUP_ALIGN", "TWO", "R"],
                  prune_configs_by={"early_config_prune": _prune_by_group}, **AUTOTUNE_CACHE)
+@triton.heuristics({"EVEN_K": lambda args: args["KSEL"] % args["BLOCK_K"] == 0,
+                    "EVEN_D": lambda args: args["D"] % args["BLOCK_D"] == 0})
 @triton.jit
 def _kgather_kernel(h_ptr, m_ptr, h2_ptr, m2_ptr, idx_ptr, bias_ptr, v_ptr, a_ptr, out_ptr,
                     T, D, KSEL, group_tokens, GROUP_ALIGN, R, stride_m, stride_m2, stride_idx,
                     stride_ar, stride_ad,
                     TWO: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LOW_RANK: tl.constexpr,
                     R_PAD: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+                    EVEN_K: tl.constexpr, EVEN_D: tl.constexpr,
                     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_t = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -221,21 +237,24 @@ def _kgather_kernel(h_ptr, m_ptr, h2_ptr, m2_ptr, idx_ptr, bias_ptr, v_ptr, a_pt
     mask_t = offs_t < T
     mask_d = offs_d < D
     group = (pid_t * BLOCK_T) // group_tokens
+    # As in the N-gather, masks only for ragged edges: a ragged KSEL (padded neurons read row
+    # idx 0 with a zero h), a ragged D. Token tiles divide T.
+    offs_j = tl.arange(0, BLOCK_K)
+    h_offs = offs_t[:, None].to(tl.int64) * KSEL + offs_j[None, :]
+    idx_ptrs = idx_ptr + group * stride_idx + offs_j
     acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
     for j0 in range(0, KSEL, BLOCK_K):
-        offs_j = j0 + tl.arange(0, BLOCK_K)
-        mask_j = offs_j < KSEL
-        rows = tl.load(idx_ptr + group * stride_idx + offs_j, mask=mask_j, other=0).to(tl.int64)
-        h_offs = offs_t[:, None].to(tl.int64) * KSEL + offs_j[None, :]
-        h_mask = mask_t[:, None] & mask_j[None, :]
-        m_mask = mask_j[:, None] & mask_d[None, :]
-        ht = tl.load(h_ptr + h_offs, mask=h_mask, other=0.0)
-        mt = tl.load(m_ptr + rows[:, None] * stride_m + offs_d[None, :], mask=m_mask, other=0.0)
-        acc = _dot(ht, mt, acc, PRECISION, DOT_FP32)
+        mask_j = j0 + offs_j < KSEL
+        rows = _load(idx_ptrs, mask_j, EVEN_K).to(tl.int64)
+        acc = _dot(_load(h_ptr + h_offs, mask_j[None, :], EVEN_K),
+                   _load(m_ptr + rows[:, None] * stride_m + offs_d[None, :], mask_d[None, :], EVEN_D),
+                   acc, PRECISION, DOT_FP32)
         if TWO:
-            ht = tl.load(h2_ptr + h_offs, mask=h_mask, other=0.0)
-            mt = tl.load(m2_ptr + rows[:, None] * stride_m2 + offs_d[None, :], mask=m_mask, other=0.0)
-            acc = _dot(ht, mt, acc, PRECISION, DOT_FP32)
+            acc = _dot(_load(h2_ptr + h_offs, mask_j[None, :], EVEN_K),
+                       _load(m2_ptr + rows[:, None] * stride_m2 + offs_d[None, :], mask_d[None, :], EVEN_D),
+                       acc, PRECISION, DOT_FP32)
+        h_offs += BLOCK_K
+        idx_ptrs += BLOCK_K
     if HAS_LOW_RANK:  # + v @ a, rank R (LoRA's B-projection, or the input gradient through A)
         offs_r = tl.arange(0, R_PAD)
         mask_r = offs_r < R
