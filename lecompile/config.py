@@ -87,6 +87,10 @@ class LongExposureConfig:
     #: sparse MLP; adapter weights and their gradients stay fp32. ``False`` keeps PEFT's exact
     #: fp32 adapter math. fp32 models compute in fp32 either way.
     fuse_adapters: bool = True
+    #: With ``fuse_adapters``: LoRA linears that read one input (the q, k and v projections)
+    #: compute their A-projections as one GEMM against their stacked ``A`` matrices, so the input
+    #: is read once for all of them, in the forward and again for the input and ``A`` gradients.
+    share_lora_input: bool = True
     #: Compute Hugging Face's causal-LM loss on a frozen LM head as
     #: ``lecompile::lm_head_cross_entropy``: the hidden state's gradient is made in the forward,
     #: a chunk of tokens at a time, so neither fp32 logits nor their gradient are kept for the
@@ -134,7 +138,7 @@ class LongExposureConfig:
         _check_int("k_align", self.k_align, "an integer >= 1", lambda v: v >= 1)
         _check_int("learned_train_steps", self.learned_train_steps, "an integer >= 1", lambda v: v >= 1)
         _check_int("learned_refresh", self.learned_refresh, "an integer >= 0", lambda v: v >= 0)
-        for name in ("rewrite_mlp", "fuse_adapters", "fuse_loss", "cudagraphs", "match_attention", "rewrite_attention"):
+        for name in ("rewrite_mlp", "fuse_adapters", "share_lora_input", "fuse_loss", "cudagraphs", "match_attention", "rewrite_attention"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"LongExposureConfig.{name} must be a bool, "
                                  f"got {getattr(self, name)!r}")

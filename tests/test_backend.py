@@ -235,6 +235,33 @@ def test_fuse_adapters_switch_and_bf16_step_close_to_peft():
     assert "fuse_adapters=False" not in str(backend.report)
 
 
+def test_share_lora_input_groups_linears_of_one_input():
+    """q_proj and v_proj read one input: with ``share_lora_input`` they become one
+    ``lora_linears`` call (the report says so), with the same loss and gradients as without."""
+    from models import batch, tiny_model, train_step
+
+    model, inputs = tiny_model("llama", "lora"), batch()
+    results = {}
+    for share in (True, False):
+        torch._dynamo.reset()
+        backend = lecompile.longexposure(LongExposureConfig(mlp_density=1.0, share_lora_input=share))
+        results[share] = train_step(torch.compile(model, backend=backend), model, inputs)
+        notes = {e.layer: e.note for e in backend.report.linears}
+        shared = {layer for layer, note in notes.items() if note.startswith("A-projection shared with")}
+        if share:
+            assert any(layer.endswith("q_proj") for layer in shared), str(backend.report)
+            q = next(layer for layer in shared if layer.endswith("q_proj"))
+            assert notes[q] == "A-projection shared with " + q.replace("q_proj", "v_proj")
+        else:
+            assert not shared, str(backend.report)
+        assert backend.report.linears_fused == len(backend.report.linears) > 0
+    (loss, grads), (loss_off, grads_off) = results[True], results[False]
+    torch.testing.assert_close(loss, loss_off)
+    assert grads.keys() == grads_off.keys() and any("lora_A" in n for n in grads)
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_off[name], msg=name)
+
+
 def test_cli_explain_and_dump_a_checkpoint(tmp_path, capsys):
     """``lecompile dump --model PATH`` prints the report and writes the graphs of a saved model."""
     from lecompile.cli import main

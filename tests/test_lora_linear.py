@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lecompile.ops.lora_linear import lora_linear
+from lecompile.ops.lora_linear import lora_linear, lora_linears
 
 #: fp32 activations compute exactly what PEFT computes; bf16/fp16 ones round LoRA's [T, r]
 #: projection, its output and the adapter gradients to the activation dtype (PEFT rounds only
@@ -137,3 +137,44 @@ def test_no_sum_directly_over_a_matmul_forward_or_backward(tokens):
     assert adds, "the forward's sum and the input gradient's sum are traced"
     for add in adds:
         assert not any(getattr(arg, "target", None) in matmuls for arg in add.args), add.format_node()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dropout", [False, True])
+def test_linears_of_one_input_match_peft(dtype, dropout):
+    """``lora_linears``: linears of one input (different widths, ranks and biases) with their
+    A-projections as one GEMM match PEFT's separate linears, gradients included."""
+    parts = [make(dtype, d_out=56, r=8, dropout=dropout, seed=1), make(dtype, d_out=24, r=4, bias=False, seed=2),
+             make(dtype, d_out=40, r=8, train_bias=True, seed=3)]
+    x, lora_input = parts[0][0], parts[0][3]
+    flat = [x] + [t for p in parts for t in (p[1], p[2], p[4], p[5])]
+    scales = [0.5, 2.0, 1.0]
+
+    def split(flat):
+        return flat[0], [flat[i:i + 4] for i in range(1, len(flat), 4)]
+
+    def ours(*flat):
+        x, ps = split(flat)
+        return torch.cat(lora_linears(x, [p[0] for p in ps], [p[1] for p in ps], lora_input, [p[2] for p in ps],
+                                      [p[3] for p in ps], scales), -1)
+
+    def peft(*flat):
+        x, ps = split(flat)
+        return torch.cat([peft_linear(x, w, b, lora_input, a, lb, s) for (w, b, a, lb), s in zip(ps, scales)], -1)
+
+    y, grads = grads_of(ours, flat)
+    y_ref, grads_ref = grads_of(peft, flat)
+    torch.testing.assert_close(y, y_ref, **TOL[dtype])
+    assert len(grads) == len(grads_ref) == 8  # x, three A, three B, one trainable bias
+    for g, g_ref in zip(grads, grads_ref):  # sums of several rounded terms: tolerance to scale
+        assert g.dtype == g_ref.dtype
+        scale = g_ref.abs().max().item()
+        torch.testing.assert_close(g.float(), g_ref.float(), atol=TOL[dtype]["atol"] * scale, rtol=TOL[dtype]["rtol"])
+
+
+def test_linears_of_one_input_check_their_lists():
+    x, w, b, li, a, lb, s = make(torch.float32)
+    with pytest.raises(ValueError, match="as many weights"):
+        lora_linears(x, [w, w], [b], li, [a, a], [lb, lb], [s, s])
+    with pytest.raises(ValueError, match="lora_b"):
+        lora_linears(x, [w], [b], li, [a], [lb.t()], [s])

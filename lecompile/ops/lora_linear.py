@@ -9,7 +9,8 @@ weights stay fp32, the optimizer's master copy (their gradients come back throug
     y = x @ W.T + bias + scale * (lora_input @ A.T) @ B.T
 
 ``lora_input`` is what ``A`` reads when LoRA dropout is active; ``None`` means ``x``. For fp32
-activations the op is PEFT's exact math.
+activations the op is PEFT's exact math. ``lecompile::lora_linears`` is the same for several
+linears of one input (attention's q, k and v projections): one GEMM for all their A-projections.
 
 The op is ``CompositeImplicitAutograd``: it shows as one node in the graphs the passes emit, and
 AOTAutograd traces it into plain matmuls, so Inductor fuses its casts and adds and derives its
@@ -19,7 +20,7 @@ but about 0.2 ms of Python per call, which over every linear of a model made the
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,8 @@ Tensor = torch.Tensor
 _lib = torch.library.Library("lecompile", "FRAGMENT")
 _lib.define("lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? lora_input, Tensor lora_a, "
             "Tensor lora_b, float scale) -> Tensor")
+_lib.define("lora_linears(Tensor x, Tensor[] weights, Tensor?[] biases, Tensor? lora_input, Tensor[] lora_a, "
+            "Tensor[] lora_b, float[] scales) -> Tensor[]")
 
 
 def _check(x, weight, lora_input, lora_a, lora_b):
@@ -43,21 +46,46 @@ def _check(x, weight, lora_input, lora_a, lora_b):
                          f"got {tuple(lora_input.shape)}")
 
 
-def lora_linear_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_input: Optional[Tensor],
-                     lora_a: Tensor, lora_b: Tensor, scale: float) -> Tensor:
-    """The op's math; every matmul in ``x.dtype``."""
-    _check(x, weight, lora_input, lora_a, lora_b)
+def lora_linears_impl(x: Tensor, weights: List[Tensor], biases: List[Optional[Tensor]],
+                      lora_input: Optional[Tensor], lora_a: List[Tensor], lora_b: List[Tensor],
+                      scales: List[float]) -> List[Tensor]:
+    """Several LoRA linears reading one input (``lora_linears``); every matmul in ``x.dtype``.
+    Their A-projections are one GEMM against the stacked ``A`` matrices, so ``x`` is read once
+    for all of them, and the backward's ``dA`` and input gradient through ``A`` are one GEMM each."""
+    if not (len(weights) == len(biases) == len(lora_a) == len(lora_b) == len(scales)) or not weights:
+        raise ValueError(f"lora_linears: expected as many weights, biases, lora_a, lora_b and scales (at "
+                         f"least one), got {len(weights)}, {len(biases)}, {len(lora_a)}, {len(lora_b)}, "
+                         f"{len(scales)}")
+    for weight, a, b in zip(weights, lora_a, lora_b):
+        _check(x, weight, lora_input, a, b)
     # Batched (3-D) inputs, as in PEFT's own graph: each branch's matmul reads and writes through
     # views, so Inductor does not merge ``mm + add`` into an ``addmm``, which on CUDA copies one
     # addend into the output and re-reads it in the GEMM; the add fuses into the consumer instead.
     x3 = x if x.dim() > 2 else x.unsqueeze(0)
     lx = x3 if lora_input is None else lora_input.reshape(x3.shape).to(x.dtype)
-    up = F.linear(F.linear(lx, lora_a.to(x.dtype)), lora_b.to(x.dtype))
-    y = F.linear(x3, weight, bias) + up * scale
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    stacked = lora_a[0] if len(lora_a) == 1 else torch.cat(lora_a)
+    xa = F.linear(lx, stacked.to(x.dtype))
+    outs, start = [], 0
+    for weight, bias, a, b, scale in zip(weights, biases, lora_a, lora_b, scales):
+        part = xa if len(lora_a) == 1 else xa[..., start:start + a.shape[0]]
+        up = F.linear(part, b.to(x.dtype))
+        start += a.shape[0]
+        y = F.linear(x3, weight, bias) + up * scale
+        outs.append(y.reshape(*x.shape[:-1], weight.shape[0]))
+    return outs
+
+
+def lora_linear_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_input: Optional[Tensor],
+                     lora_a: Tensor, lora_b: Tensor, scale: float) -> Tensor:
+    """The op's math; every matmul in ``x.dtype``."""
+    return lora_linears_impl(x, [weight], [bias], lora_input, [lora_a], [lora_b], [scale])[0]
 
 
 _lib.impl("lora_linear", lora_linear_impl, "CompositeImplicitAutograd")
+_lib.impl("lora_linears", lora_linears_impl, "CompositeImplicitAutograd")
 
 #: ``lora_linear(x, weight, bias, lora_input, lora_a, lora_b, scale) -> y``
 lora_linear = torch.ops.lecompile.lora_linear.default
+#: ``lora_linears(x, weights, biases, lora_input, lora_a, lora_b, scales) -> [y, ...]``: several
+#: LoRA linears of one input, their A-projections as one GEMM.
+lora_linears = torch.ops.lecompile.lora_linears.default

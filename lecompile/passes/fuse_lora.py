@@ -2,15 +2,20 @@
 
 Runs after ``rewrite_mlp``: linears inside a rewritten MLP already run their adapters in the
 sparse op. The pattern is the canonical :class:`~.fold_adapters.LinearMatch`, so attention
-projections, dense MLP linears and any other adapted linear are covered alike.
+projections, dense MLP linears and any other adapted linear are covered alike. With
+``share_lora_input``, linears that read one input (attention's q, k and v projections) become
+one ``lecompile::lora_linears`` call, their A-projections one GEMM.
 """
 
 from __future__ import annotations
 
+import operator
+from typing import Dict, List
+
 import torch.fx as fx
 from torch._dynamo.utils import counters
 
-from ..ops.lora_linear import lora_linear
+from ..ops.lora_linear import lora_linear, lora_linears
 from ..report import LinearEntry
 from .fold_adapters import LinearMatch
 from .graph import meta_value, recompile
@@ -18,18 +23,26 @@ from .graph import meta_value, recompile
 
 def fuse_lora(ctx) -> None:
     """Replace each remaining LoRA linear and record it in the report."""
-    changed = False
+    todo: List[LinearMatch] = []
+    entries: Dict[fx.Node, LinearEntry] = {}  # by output node
     for lin in ctx.linears:
         if lin.adapted.lora_a is None or lin.consumed:
             continue
         why = _unsupported(lin, ctx)
-        ctx.report.linears.append(LinearEntry(lin.name, lin.peft, not why, why))
-        if why:
-            continue
-        _rewrite(ctx.gm.graph, lin)
-        counters["lecompile"]["lora_linear"] += 1
-        changed = True
-    if changed:
+        entries[lin.out] = LinearEntry(lin.name, lin.peft, not why, why)
+        ctx.report.linears.append(entries[lin.out])
+        if not why:
+            todo.append(lin)
+    groups = _shared_input_groups(ctx.gm.graph, todo) if ctx.config.share_lora_input else [[lin] for lin in todo]
+    for group in groups:
+        if len(group) == 1:
+            _rewrite(ctx.gm.graph, group[0])
+        else:
+            _rewrite_group(ctx.gm.graph, group)
+            for lin in group:
+                entries[lin.out].note = "A-projection shared with " + ", ".join(o.name for o in group if o is not lin)
+        counters["lecompile"]["lora_linear"] += len(group)
+    if groups:
         recompile(ctx.gm)
 
 
@@ -47,13 +60,52 @@ def _unsupported(lin: LinearMatch, ctx) -> str:
     return ""
 
 
+def _shared_input_groups(graph: fx.Graph, lins: List[LinearMatch]) -> List[List[LinearMatch]]:
+    """Linears of one input (and one LoRA input), in graph order. A group's call goes before its
+    first member's output, so a member joins only when everything it reads is defined by then."""
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    groups: Dict[tuple, List[LinearMatch]] = {}
+    for lin in sorted(lins, key=lambda m: order[m.out]):
+        key = (lin.x, lin.dropped_lora_input, getattr(meta_value(lin.adapted.lora_a), "dtype", None))
+        group = groups.get(key)
+        if group is not None and all(order[n] < order[group[0].out] for n in _reads(lin)):
+            group.append(lin)
+        else:
+            groups[key if group is None else (*key, lin.out)] = [lin]
+    return sorted(groups.values(), key=lambda g: order[g[0].out])
+
+
+def _reads(lin: LinearMatch) -> List[fx.Node]:
+    a = lin.adapted
+    return [n for n in (a.weight, a.bias, a.lora_a, a.lora_b) if isinstance(n, fx.Node)]
+
+
+def _weight(graph: fx.Graph, lin: LinearMatch) -> fx.Node:
+    a = lin.adapted
+    return graph.call_method("t", (a.weight,)) if lin.weight_transposed else a.weight
+
+
+def _replace_output(graph: fx.Graph, lin: LinearMatch, y: fx.Node) -> None:
+    out_dtype = meta_value(lin.out).dtype
+    if out_dtype != meta_value(lin.x).dtype:
+        y = graph.call_method("to", (y, out_dtype))
+    lin.out.replace_all_uses_with(y)
+
+
 def _rewrite(graph: fx.Graph, lin: LinearMatch) -> None:
     a = lin.adapted
     with graph.inserting_before(lin.out):
-        weight = graph.call_method("t", (a.weight,)) if lin.weight_transposed else a.weight
-        y = graph.call_function(lora_linear, (lin.x, weight, a.bias, lin.dropped_lora_input, a.lora_a,
-                                              a.lora_b, a.lora_scale))
-        out_dtype = meta_value(lin.out).dtype
-        if out_dtype != meta_value(lin.x).dtype:
-            y = graph.call_method("to", (y, out_dtype))
-    lin.out.replace_all_uses_with(y)
+        y = graph.call_function(lora_linear, (lin.x, _weight(graph, lin), a.bias, lin.dropped_lora_input,
+                                              a.lora_a, a.lora_b, a.lora_scale))
+        _replace_output(graph, lin, y)
+
+
+def _rewrite_group(graph: fx.Graph, group: List[LinearMatch]) -> None:
+    first = group[0]
+    with graph.inserting_before(first.out):
+        ys = graph.call_function(lora_linears, (
+            first.x, [_weight(graph, lin) for lin in group], [lin.adapted.bias for lin in group],
+            first.dropped_lora_input, [lin.adapted.lora_a for lin in group],
+            [lin.adapted.lora_b for lin in group], [lin.adapted.lora_scale for lin in group]))
+        for i, lin in enumerate(group):
+            _replace_output(graph, lin, graph.call_function(operator.getitem, (ys, i)))
