@@ -17,21 +17,22 @@ INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
+def tile_ids(nt, nc, GM: tl.constexpr):
+    """(token tile, column tile) of this program: token tiles fastest, or with GM > 1 in groups of
+    GM token tiles per column band."""
+    pid = tl.program_id(0)
+    if GM > 1:
+        width = GM * nc
+        first = (pid // width) * GM
+        size = min(nt - first, GM)
+        return first + (pid % width) % size, (pid % width) // size
+    return pid % nt, pid // nt
+
+
+@triton.jit
 def ng_kernel(x_ptr, idx_ptr, m_ptr, out_ptr, T, D, KSEL, G, stride_idx,
               VAR: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, GM: tl.constexpr):
-    pid = tl.program_id(0)
-    nt = tl.cdiv(T, BT)
-    nn = tl.cdiv(KSEL, BN)
-    if GM > 1:  # grouped order: GM token tiles per weight column band
-        width = GM * nn
-        gid = pid // width
-        first = gid * GM
-        size = min(nt - first, GM)
-        pid_t = first + (pid % width) % size
-        pid_n = (pid % width) // size
-    else:
-        pid_t = pid % nt
-        pid_n = pid // nt
+    pid_t, pid_n = tile_ids(tl.cdiv(T, BT), tl.cdiv(KSEL, BN), GM)
     offs_t = pid_t * BT + tl.arange(0, BT)
     offs_n = pid_n * BN + tl.arange(0, BN)
     group = (pid_t * BT) // G
@@ -79,19 +80,7 @@ def ng_kernel(x_ptr, idx_ptr, m_ptr, out_ptr, T, D, KSEL, G, stride_idx,
 @triton.jit
 def kg_kernel(h_ptr, m_ptr, idx_ptr, out_ptr, T, D, KSEL, G, stride_idx,
               VAR: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr, GM: tl.constexpr):
-    pid = tl.program_id(0)
-    nt = tl.cdiv(T, BT)
-    nd = tl.cdiv(D, BD)
-    if GM > 1:
-        width = GM * nd
-        gid = pid // width
-        first = gid * GM
-        size = min(nt - first, GM)
-        pid_t = first + (pid % width) % size
-        pid_d = (pid % width) // size
-    else:
-        pid_t = pid % nt
-        pid_d = pid // nt
+    pid_t, pid_d = tile_ids(tl.cdiv(T, BT), tl.cdiv(D, BD), GM)
     offs_t = pid_t * BT + tl.arange(0, BT)
     offs_d = pid_d * BD + tl.arange(0, BD)
     group = (pid_t * BT) // G
@@ -173,6 +162,23 @@ CONFIGS = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (12
            (128, 128, 64, 4, 4), (128, 128, 128, 8, 3), (256, 128, 64, 8, 3), (64, 256, 64, 4, 4)]
 
 
+def sweep(op, launch, operands, ref, cublas_ms, where):
+    """Every config of one variant: rows, and the best printed."""
+    from triton.testing import do_bench
+    rows = []
+    for cfg in CONFIGS:
+        try:
+            err = (launch(*operands, where["var"], *cfg, where["gm"]).float() - ref.float()).abs().max().item()
+            ms = do_bench(lambda: launch(*operands, where["var"], *cfg, where["gm"]), rep=30)
+        except Exception as e:  # a config may not fit the chip's shared memory
+            print(op, "fails", where, cfg, str(e)[:200])
+            continue
+        rows.append(dict(op=op, **where, cfg=list(cfg), ms=ms, cublas_ms=cublas_ms, eff=cublas_ms / ms, err=err))
+    best = min(rows, key=lambda r: r["ms"], default=None)
+    print(op, where, best and (best["cfg"], round(best["ms"], 4), round(best["eff"], 3)), flush=True)
+    return rows
+
+
 def bench():
     from triton.testing import do_bench
 
@@ -195,44 +201,13 @@ def bench():
             cub_k = do_bench(lambda: h @ wk, rep=50)
             ref_n = torch.cat([x[g * G:(g + 1) * G] @ m[idx[g]].T for g in range(T // G)])
             ref_k = torch.cat([h[g * G:(g + 1) * G] @ m[idx[g]] for g in range(T // G)])
-            for var in (0, 1, 2, 3):
-                for gm in (1, 8):
-                    best = None
-                    for bt, bn, bd, w, s in CONFIGS:
-                        try:
-                            y = ngather(x, m, idx, G, var, bt, bn, bd, w, s, gm)
-                            err = (y.float() - ref_n.float()).abs().max().item()
-                            ms = do_bench(lambda: ngather(x, m, idx, G, var, bt, bn, bd, w, s, gm), rep=30)
-                        except Exception as e:  # noqa
-                            print("ng fail", var, (bt, bn, bd, w, s), str(e)[:200])
-                            continue
-                        r = dict(op="ngather", case=name, density=dens, var=var, gm=gm, cfg=[bt, bn, bd, w, s],
-                                 ms=ms, cublas_ms=cub_n, eff=cub_n / ms, err=err)
-                        rows.append(r)
-                        if best is None or ms < best["ms"]:
-                            best = r
-                    print("NG", name, dens, var, gm, best and (best["cfg"], round(best["ms"], 4),
-                                                      round(best["eff"], 3)),
-                          flush=True)
-            for var in (0, 1, 2):
-                for gm in (1, 8):
-                    best = None
-                    for bt, bd, bk, w, s in CONFIGS:
-                        try:
-                            y = kgather(h, m, idx, G, var, bt, bd, bk, w, s, gm)
-                            err = (y.float() - ref_k.float()).abs().max().item()
-                            ms = do_bench(lambda: kgather(h, m, idx, G, var, bt, bd, bk, w, s, gm), rep=30)
-                        except Exception as e:  # noqa
-                            print("kg fail", var, (bt, bd, bk, w, s), str(e)[:200])
-                            continue
-                        r = dict(op="kgather", case=name, density=dens, var=var, gm=gm, cfg=[bt, bd, bk, w, s],
-                                 ms=ms, cublas_ms=cub_k, eff=cub_k / ms, err=err)
-                        rows.append(r)
-                        if best is None or ms < best["ms"]:
-                            best = r
-                    print("KG", name, dens, var, gm, best and (best["cfg"], round(best["ms"], 4),
-                                                      round(best["eff"], 3)),
-                          flush=True)
+            cases = [("ngather", ngather, (x, m, idx, G), ref_n, cub_n, (0, 1, 2, 3)),
+                     ("kgather", kgather, (h, m, idx, G), ref_k, cub_k, (0, 1, 2))]
+            for op, launch, operands, ref, cublas_ms, variants in cases:
+                for var in variants:
+                    for gm in (1, 8):
+                        rows += sweep(op, launch, operands, ref, cublas_ms, dict(case=name, density=dens, var=var,
+                                                                                 gm=gm))
     json.dump(rows, open(os.path.join(os.environ.get("OUT", "."), "kexp.json"), "w"))
 
 
