@@ -44,8 +44,9 @@ class LinearEntry:
 
     layer: str
     peft: List[str]
-    fused: bool                  # rewritten into lecompile::lora_linear
+    fused: bool                  # rewritten into lecompile::lora_linear (or lora_linears)
     note: str = ""
+    shared_with: List[str] = field(default_factory=list)  # linears sharing its A-projection GEMM
 
 
 @dataclass
@@ -124,8 +125,9 @@ class Report:
             notes = sorted({e.note for e in self.attention if e.note})
             lines += [f"  note: {n}" for n in notes]
         if self.linears:
-            lines.append(format_table(["LoRA linear", "peft", "fused"], [
-                [e.layer, ",".join(e.peft), "yes" if e.fused else "no"] for e in self.linears]))
+            lines.append(format_table(["LoRA linear", "peft", "fused", "A-projection shared with"], [
+                [e.layer, ",".join(e.peft), "yes" if e.fused else "no",
+                 ",".join(name.rsplit(".", 1)[-1] for name in e.shared_with) or "-"] for e in self.linears]))
             lines += [f"  note: {n}" for n in sorted({e.note for e in self.linears if e.note})]
         if self.losses:
             lines.append(format_table(["loss", "fused", "note"], [

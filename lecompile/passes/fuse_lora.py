@@ -40,7 +40,7 @@ def fuse_lora(ctx) -> None:
         else:
             _rewrite_group(ctx.gm.graph, group)
             for lin in group:
-                entries[lin.out].note = "A-projection shared with " + ", ".join(o.name for o in group if o is not lin)
+                entries[lin.out].shared_with = [other.name for other in group if other is not lin]
         counters["lecompile"]["lora_linear"] += len(group)
     if groups:
         recompile(ctx.gm)
