@@ -261,6 +261,29 @@ def test_share_lora_input_groups_linears_of_one_input():
         torch.testing.assert_close(grads[name], grads_off[name], msg=name)
 
 
+def test_linears_of_one_input_join_only_when_their_operands_come_first():
+    """A group's call goes before its first member's output: a linear whose bias is computed after
+    that point keeps its own call; one reading only graph inputs joins."""
+    import torch.fx as fx
+    import torch.nn.functional as F
+    from lecompile.ops.adapted_linear import AdaptedLinear
+    from lecompile.passes.fold_adapters import LinearMatch
+    from lecompile.passes.fuse_lora import _shared_input_groups
+
+    graph = fx.Graph()
+    x, *params = (graph.placeholder(name) for name in ("x", "w1", "a1", "b1", "w2", "a2", "b2", "w3", "a3", "b3"))
+
+    def lin(name, w, a, b, bias=None):
+        out = graph.call_function(F.linear, (x, w, bias))
+        return LinearMatch(AdaptedLinear(w, bias, lora_a=a, lora_b=b), x, out, name, 4, 4)
+    first = lin("q", *params[0:3])
+    late_bias = graph.call_function(torch.neg, (params[0],))
+    late = lin("k", *params[3:6], bias=late_bias)
+    third = lin("v", *params[6:9])
+    groups = _shared_input_groups(graph, [first, late, third])
+    assert [[m.name for m in g] for g in groups] == [["q", "v"], ["k"]]
+
+
 def test_cli_explain_and_dump_a_checkpoint(tmp_path, capsys):
     """``lecompile dump --model PATH`` prints the report and writes the graphs of a saved model."""
     from lecompile.cli import main
