@@ -153,10 +153,6 @@ class Variant:
         return self.config.attn_density if self.config is not None else 1.0
 
 
-#: LongExposureConfig fields that :func:`variants` sets itself.
-VARIANT_FIELDS = {"mlp_density", "predictor", "granularity", "cudagraphs", "attn_density", "attn_block"}
-
-
 def variants(densities: Sequence[float] = (1.0, 0.5, 0.25, 0.15), predictor: str = "svd",
              granularity: str = "sequence", baselines: bool = True, cudagraphs: bool = False,
              attn_densities: Sequence[float] = (1.0,), attn_block: int = 128,
@@ -165,7 +161,11 @@ def variants(densities: Sequence[float] = (1.0, 0.5, 0.25, 0.15), predictor: str
     adds the strongest baseline and every lecompile variant replayed as CUDA graphs (suffix
     ``-cg``). ``settings`` are further :class:`LongExposureConfig` fields of every lecompile
     variant."""
-    clash = sorted(set(settings or {}) & VARIANT_FIELDS)
+    def variant_fields(d, a, cg):  # what each lecompile variant sets itself
+        return dict(mlp_density=d, predictor=predictor, granularity=granularity, cudagraphs=cg,
+                    attn_density=a, attn_block=attn_block)
+
+    clash = sorted(set(settings or {}) & set(variant_fields(1.0, 1.0, False)))
     if clash:
         raise ValueError(f"settings {clash} are set per variant (use the densities, predictor, granularity, "
                          f"cudagraphs and attention-block options instead)")
@@ -182,9 +182,8 @@ def variants(densities: Sequence[float] = (1.0, 0.5, 0.25, 0.15), predictor: str
         for a in attn_densities:
             for d in densities:
                 name = f"lecompile-d{d:g}" + (f"-a{a:g}" if a < 1.0 else "") + ("-cg" if cg else "")
-                out.append(Variant(name, "lecompile", cudagraphs=cg, config=LongExposureConfig(
-                    mlp_density=d, predictor=predictor, granularity=granularity, cudagraphs=cg,
-                    attn_density=a, attn_block=attn_block, **(settings or {}))))
+                out.append(Variant(name, "lecompile", cudagraphs=cg,
+                                   config=LongExposureConfig(**variant_fields(d, a, cg), **(settings or {}))))
     return out
 
 
