@@ -13,6 +13,7 @@ import torch.fx as fx
 
 from .config import LongExposureConfig
 from .passes import is_training_graph, run_passes
+from .passes.fuse_loss import with_returned_logits
 from .report import Report
 from .warmup import WarmupSwitch, copy_graph, optimizer_steps
 
@@ -72,9 +73,9 @@ class LongExposureBackend:
                         "torch.compile(..., mode=\"reduce-overhead\"); not with predictor='learned' or FSDP2 "
                         "(docs/training-stacks.md).", report.mlp_rewritten)
         if not self.inductor:
-            return gm.forward
+            return with_returned_logits(gm.forward, gm)
         from torch._inductor.compile_fx import compile_fx
-        return compile_fx(gm, example_inputs, config_patches=patches)
+        return with_returned_logits(compile_fx(gm, example_inputs, config_patches=patches), gm)
 
     @property
     def report(self) -> Report:

@@ -201,3 +201,55 @@ def test_hand_written_losses(loss_kwargs, fused, reason):
     torch.testing.assert_close(loss, want)
     got = torch.autograd.grad(loss.sum(), model.body.weight)[0]
     torch.testing.assert_close(got, torch.autograd.grad(want.sum(), model.body.weight)[0])
+
+
+def _logits_step(model, params_of, inputs):
+    """The logits' grad_fn and the gradients of a step that also differentiates the logits."""
+    for p in params_of.parameters():
+        p.grad = None
+    out = model(**inputs)
+    (out.loss + out.logits.float().square().mean()).backward()
+    return out.logits.grad_fn, {n: p.grad.clone() for n, p in params_of.named_parameters() if p.grad is not None}
+
+
+def test_returned_logits_keep_their_gradient():
+    import lecompile
+    from lecompile import LongExposureConfig
+    from models import batch, tiny_model
+    model = tiny_model("opt", "lora")
+    _, want = _logits_step(model, model, batch())
+    torch._dynamo.reset()
+    backend = lecompile.longexposure(LongExposureConfig(mlp_density=1.0))
+    grad_fn, got = _logits_step(torch.compile(model, backend=backend), model, batch())
+    assert [e.fused for e in backend.report.losses] == [True] and "ReturnedLogits" in type(grad_fn).__name__
+    assert got.keys() == want.keys()
+    for name in got:
+        torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_backward_of_the_fused_loss_makes_nothing_of_the_vocabulary_size():
+    """Logits nothing differentiates get no zero gradient of ``[tokens, vocab]`` (nor a GEMM of it)."""
+    import lecompile
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from lecompile import LongExposureConfig
+    from models import VOCAB, batch, tiny_model
+
+    class Shapes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and VOCAB in t.shape:
+                    self.seen.append((func, tuple(t.shape)))
+            return out
+
+    torch._dynamo.reset()
+    backend = lecompile.longexposure(LongExposureConfig(mlp_density=1.0))
+    model = torch.compile(tiny_model("opt", "lora"), backend=backend)
+    loss = model(**batch()).loss
+    with Shapes() as shapes:
+        loss.backward()
+    assert shapes.seen == []

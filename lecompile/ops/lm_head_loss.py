@@ -130,3 +130,30 @@ def _backward(ctx, grad_loss, _grad_hidden_out):
 
 
 lm_head_cross_entropy.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _ReturnedLogits(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, hidden, weight):
+        ctx.save_for_backward(weight)
+        ctx.hidden_shape, ctx.hidden_dtype = hidden.shape, hidden.dtype
+        return logits.view_as(logits)
+
+    @staticmethod
+    def backward(ctx, grad_logits):
+        (weight,) = ctx.saved_tensors
+        grad = grad_logits.reshape(-1, weight.shape[0]) @ weight.to(grad_logits.dtype)
+        return None, grad.reshape(ctx.hidden_shape).to(ctx.hidden_dtype), None
+
+
+def returned_logits(logits: Tensor, hidden: Tensor, weight: Tensor) -> Tensor:
+    """The model's logits, returned by the compiled graph without a gradient, given back their
+    gradient path ``dL/dhidden = dL/dlogits @ weight`` (the LM head frozen) in an autograd node
+    of their own.
+
+    Inside the graph the logits would be one more differentiable output, and autograd hands a
+    graph's backward zeros for each output nothing used: ``[tokens, vocab]`` of them (393 MiB at
+    4096 tokens of OPT) and a GEMM of the LM head's size over them, every step, when only the
+    fused loss trains. Here the node runs only if something differentiable reads the logits.
+    """
+    return _ReturnedLogits.apply(logits, hidden, weight)

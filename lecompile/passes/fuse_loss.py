@@ -5,6 +5,11 @@ The pattern is Hugging Face's ``ForCausalLMLoss``: ``logits = linear(hidden, W[,
 ``cross_entropy(logits, target, ignore_index=..., reduction="mean" | "sum")``. The logits stay in
 the graph (the model returns them); the loss reads them detached and returns the gradient of
 ``hidden`` itself, so nothing of size ``[N, vocab]`` is kept for the backward.
+
+The graph returns the logits detached too, with the LM head's input and weight as extra outputs;
+:func:`with_returned_logits` wraps the compiled graph to drop those again and give the logits
+their gradient in a node of their own (:func:`lecompile.ops.lm_head_loss.returned_logits`), so
+the backward gets no ``[N, vocab]`` of zeros for logits that nothing differentiates.
 """
 
 from __future__ import annotations
@@ -12,18 +17,21 @@ from __future__ import annotations
 import inspect
 import math
 import operator
-from typing import Tuple, Union
+from typing import Callable, List, Tuple, Union
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
-from ..ops.lm_head_loss import REDUCTIONS
+from ..ops.lm_head_loss import REDUCTIONS, returned_logits
 from ..report import LossEntry
 from .graph import LINEAR, is_call, linear_args, meta_value, recompile
 
 _VIEWS = ("contiguous", "float", "view", "reshape")
+_SAME_DTYPE_VIEWS = ("contiguous", "view", "reshape")
+#: ``gm.meta`` key: ``(logits, hidden, weight)`` output positions for :func:`with_returned_logits`.
+RETURNED_LOGITS = "lecompile_returned_logits"
 _CE_SIGNATURE = inspect.signature(F.cross_entropy)
 
 
@@ -37,6 +45,7 @@ def fuse_loss(ctx) -> None:
             ctx.report.losses.append(LossEntry(ce.name, False, match))
             continue
         _rewrite(graph, ce, *match)
+        _return_logits_detached(ctx.gm, match[0])
         ctx.report.losses.append(LossEntry(ce.name, True))
         counters["lecompile"]["lm_head_loss"] += 1
         changed = True
@@ -108,3 +117,45 @@ def _rewrite(graph: fx.Graph, ce: fx.Node, linear: fx.Node, scores: fx.Node, tar
         parent = node.args[0]
         graph.erase_node(node)
         node = parent
+
+
+def _return_logits_detached(gm: fx.GraphModule, linear: fx.Node) -> None:
+    """Return the graph's outputs that are ``linear``'s logits (or views of them) detached, plus
+    the LM head's input and weight, and note their positions in ``gm.meta``."""
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    if not isinstance(output.args[0], (tuple, list)):
+        return
+    outs = list(output.args[0])
+    hidden, weight, _ = linear_args(linear)
+    logit_outputs = [i for i, node in enumerate(outs) if _views_of(node, linear)]
+    if not logit_outputs:
+        return
+    with gm.graph.inserting_before(output):
+        for i in logit_outputs:
+            outs[i] = gm.graph.call_method("detach", (outs[i],))
+    plan = gm.meta.setdefault(RETURNED_LOGITS, [])
+    plan += [(i, len(outs), len(outs) + 1) for i in logit_outputs]
+    output.args = (type(output.args[0])(outs + [hidden, weight]),)
+
+
+def _views_of(node, linear: fx.Node) -> bool:
+    while isinstance(node, fx.Node) and node.op == "call_method" and node.target in _SAME_DTYPE_VIEWS:
+        node = node.args[0]
+    return node is linear
+
+
+def with_returned_logits(compiled: Callable, gm: fx.GraphModule) -> Callable:
+    """``compiled`` (the graph ``gm`` after :func:`fuse_loss`, compiled) returning the outputs of
+    the graph before the pass: the logits differentiable again, the extra outputs dropped."""
+    plan = gm.meta.get(RETURNED_LOGITS)
+    if not plan:
+        return compiled
+    extra = 2 * len({(h, w) for _, h, w in plan})
+
+    def restore(outs) -> List:
+        outs = list(outs)
+        for logits, hidden, weight in plan:
+            outs[logits] = returned_logits(outs[logits], outs[hidden], outs[weight])
+        return outs[:-extra]
+
+    return lambda *args: restore(compiled(*args))
