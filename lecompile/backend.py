@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -75,7 +76,8 @@ class LongExposureBackend:
         if not self.inductor:
             return with_returned_logits(gm.forward, gm)
         from torch._inductor.compile_fx import compile_fx
-        return with_returned_logits(compile_fx(gm, example_inputs, config_patches=patches), gm)
+        with _partitioner(self.config):
+            return with_returned_logits(compile_fx(gm, example_inputs, config_patches=patches), gm)
 
     @property
     def report(self) -> Report:
@@ -91,6 +93,14 @@ def python_bound(report: Report, example_inputs, patches: dict) -> bool:
     ops' Python (launches, dispatch) rather than the GPU sets the step time."""
     on_cuda = any(getattr(t, "is_cuda", False) for t in example_inputs)
     return on_cuda and report.mlp_rewritten > 0 and not patches.get("triton.cudagraphs")
+
+
+def _partitioner(config: LongExposureConfig):
+    """AOTAutograd's partitioner settings for ``config`` (``recompute_pointwise``)."""
+    from torch._functorch import config as functorch_config
+    if not config.recompute_pointwise:
+        return contextlib.nullcontext()
+    return functorch_config.patch(ban_recompute_materialized_backward=False)
 
 
 def _inductor_patches(mode: Optional[str], options: Optional[dict], config: LongExposureConfig) -> dict:

@@ -371,3 +371,33 @@ def test_activation_in_a_custom_autograd_function_is_reported_and_left_dense():
     report = assert_same_as_eager(model, LongExposureConfig(mlp_density=0.5), x)
     assert report.mlp_rewritten == 0
     assert any("custom autograd.Function" in u.reason for u in report.unmatched), str(report)
+
+
+def test_recompute_pointwise_keeps_less_for_the_backward_with_the_same_gradients():
+    from models import batch, tiny_model
+
+    model, inputs = tiny_model("opt", "lora"), batch()
+    results, kept = {}, {}
+    for recompute in (False, True):
+        storages = {}
+
+        def pack(t):
+            if not isinstance(t, nn.Parameter):
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        torch._dynamo.reset()
+        config = LongExposureConfig(mlp_density=0.5, k_align=64, recompute_pointwise=recompute)
+        compiled = torch.compile(model, backend=lecompile.longexposure(config))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = compiled(**inputs).loss
+        loss.backward()
+        results[recompute] = loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        kept[recompute] = sum(storages.values())
+    assert kept[True] < kept[False], kept
+    (loss, grads), (want_loss, want_grads) = results[True], results[False]
+    torch.testing.assert_close(loss, want_loss)
+    assert grads.keys() == want_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], want_grads[name], msg=name)
