@@ -242,25 +242,19 @@ def _kgather_kernel(h_ptr, m_ptr, h2_ptr, m2_ptr, idx_ptr, bias_ptr, v_ptr, a_pt
     offs_j = tl.arange(0, BLOCK_K)
     h_offs = offs_t[:, None].to(tl.int64) * KSEL + offs_j[None, :]
     idx_ptrs = idx_ptr + group * stride_idx + offs_j
-    rows = tl.load(idx_ptrs, mask=offs_j < KSEL, other=0).to(tl.int64)[:, None]
-    m_ptrs = m_ptr + rows * stride_m + offs_d[None, :]
-    m2_ptrs = m2_ptr + rows * stride_m2 + offs_d[None, :]
     acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
     for j0 in range(0, KSEL, BLOCK_K):
-        # The next block's weight addresses are made an iteration ahead: the weight loads then do
-        # not wait on an index load of the same iteration, which lets Triton pipeline them
-        # (K-gather 5-12% faster on the H100, benchmarks/results/profiles/gather_gemm_main_loops).
         mask_j = j0 + offs_j < KSEL
-        idx_ptrs += BLOCK_K
-        rows = tl.load(idx_ptrs, mask=j0 + BLOCK_K + offs_j < KSEL, other=0).to(tl.int64)[:, None]
-        acc = _dot(_load(h_ptr + h_offs, mask_j[None, :], EVEN_K), _load(m_ptrs, mask_d[None, :], EVEN_D),
+        rows = _load(idx_ptrs, mask_j, EVEN_K).to(tl.int64)
+        acc = _dot(_load(h_ptr + h_offs, mask_j[None, :], EVEN_K),
+                   _load(m_ptr + rows[:, None] * stride_m + offs_d[None, :], mask_d[None, :], EVEN_D),
                    acc, PRECISION, DOT_FP32)
-        m_ptrs = m_ptr + rows * stride_m + offs_d[None, :]
         if TWO:
-            acc = _dot(_load(h2_ptr + h_offs, mask_j[None, :], EVEN_K), _load(m2_ptrs, mask_d[None, :], EVEN_D),
+            acc = _dot(_load(h2_ptr + h_offs, mask_j[None, :], EVEN_K),
+                       _load(m2_ptr + rows[:, None] * stride_m2 + offs_d[None, :], mask_d[None, :], EVEN_D),
                        acc, PRECISION, DOT_FP32)
-            m2_ptrs = m2_ptr + rows * stride_m2 + offs_d[None, :]
         h_offs += BLOCK_K
+        idx_ptrs += BLOCK_K
     if HAS_LOW_RANK:  # + v @ a, rank R (LoRA's B-projection, or the input gradient through A)
         offs_r = tl.arange(0, R_PAD)
         mask_r = offs_r < R
