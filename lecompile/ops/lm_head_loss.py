@@ -11,7 +11,8 @@ only ``dL/dhidden [tokens, hidden]``::
     loss = cross_entropy(logits.float(), target, ignore_index, reduction)
     grad_hidden = dloss/dlogits @ weight
 
-``logits`` are the model's own (still returned to the user; the op reads them detached).
+``logits`` are the model's own (still returned to the user; the op reads them detached, and
+:func:`returned_logits` gives the returned ones their gradient outside the compiled graph).
 On CUDA each chunk's rows run one Triton kernel (``kernels/cross_entropy.py``); elsewhere its
 PyTorch twin.
 """
