@@ -533,6 +533,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-baselines", action="store_true", help="lecompile variants only")
     parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
                         help="LongExposureConfig fields of every lecompile variant, e.g. svd_rank=16 fuse_loss=false")
+    parser.add_argument("--inductor-option", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="torch._inductor.config values for every compiled variant (Inductor baselines and "
+                             "lecompile alike), e.g. combo_kernels=true")
     parser.add_argument("--cudagraphs", action="store_true",
                         help="add CUDA-graph variants (-cg) of the strongest baseline and of lecompile")
     parser.add_argument("--variants", nargs="+", default=None,
@@ -549,6 +552,7 @@ def run(args) -> dict:
     """Run the benchmark described by parsed ``args``; write JSON and plot; return the data."""
     from pathlib import Path
 
+    import torch._inductor.config as inductor_config
     from tqdm.auto import tqdm
 
     from .results import command_line, meta, write_results
@@ -562,6 +566,7 @@ def run(args) -> dict:
     cases = [Case(m, meth, *SHAPES[s], layers=args.layers) for m in args.models for meth in args.methods
              for s in args.shapes]
     settings = LongExposureConfig.parse_settings(args.set)
+    inductor_options = parse_inductor_options(args.inductor_option)
     vs = variants(args.densities, args.predictor, args.granularity, baselines=not args.no_baselines,
                   cudagraphs=args.cudagraphs, attn_densities=args.attn_densities, attn_block=args.attn_block,
                   settings=settings)
@@ -575,7 +580,7 @@ def run(args) -> dict:
     data = {"meta": meta("e2e", command_line(), settings=dict(
         steps=args.steps, warmup=args.warmup, optimizer="AdamW", predictor=args.predictor,
         granularity=args.granularity, attn_block=args.attn_block, attn_predictor="pooled",
-        lecompile_settings=settings, init="random, seed 0")),
+        lecompile_settings=settings, inductor_options=inductor_options, init="random, seed 0")),
         "rows": rows}
 
     measured: List[dict] = []  # rows so far, saved as they come in case the run is cut short
@@ -584,21 +589,44 @@ def run(args) -> dict:
         measured.append(row)
         write_results("e2e", dict(data, rows=measured), out)
 
-    with tqdm(total=len(cases) * len(vs), desc="e2e", unit="run") as bar:
-        for case in cases:
-            rows += run_case(case, vs, device, args.steps, args.warmup, progress=bar, on_row=save_partial)
-            add_adapter_shares(rows)
-            write_results("e2e", data, out)  # with the case's ratios
-    if args.breakdown and device == "cuda":
-        low = min(args.densities)
-        data["breakdown"] = [breakdown(cases[0], v, device) for v in vs
-                             if v.backend == "lecompile" and not v.cudagraphs and v.mlp_density in (1.0, low)
-                             and v.attn_density == min(args.attn_densities)]
+    with inductor_config.patch(inductor_options):
+        with tqdm(total=len(cases) * len(vs), desc="e2e", unit="run") as bar:
+            for case in cases:
+                rows += run_case(case, vs, device, args.steps, args.warmup, progress=bar, on_row=save_partial)
+                add_adapter_shares(rows)
+                write_results("e2e", data, out)  # with the case's ratios
+        if args.breakdown and device == "cuda":
+            low = min(args.densities)
+            data["breakdown"] = [breakdown(cases[0], v, device) for v in vs
+                                 if v.backend == "lecompile" and not v.cudagraphs and v.mlp_density in (1.0, low)
+                                 and v.attn_density == min(args.attn_densities)]
     path = write_results("e2e", data, out)
     plot(rows, out / "e2e.png")
     print(format_rows(rows))
     print(f"wrote {path} and {out / 'e2e.png'}")
     return data
+
+
+def parse_inductor_options(items: Sequence[str]) -> dict:
+    """``["combo_kernels=true", ...]`` as ``torch._inductor.config`` values (``true``/``false``,
+    numbers, else strings); an unknown key or an item without ``=`` names itself."""
+    import torch._inductor.config as inductor_config
+    options = {}
+    for item in items:
+        key, sep, raw = (part.strip() for part in item.partition("="))
+        if not sep or not hasattr(inductor_config, key):
+            raise ValueError(f"--inductor-option {item!r} is not KEY=VALUE with KEY a torch._inductor.config option")
+        if raw.lower() in ("true", "false"):
+            options[key] = raw.lower() == "true"
+        else:
+            try:
+                options[key] = int(raw)
+            except ValueError:
+                try:
+                    options[key] = float(raw)
+                except ValueError:
+                    options[key] = raw
+    return options
 
 
 def format_rows(rows: List[dict]) -> str:

@@ -124,3 +124,27 @@ def test_density_curves_use_the_cuda_graph_variants_with_dense_attention():
 def test_models_get_a_loss_type_so_the_loss_stays_in_the_graph():
     model = e2e.build(e2e.Case("tiny-gpt2", "lora", 2, 32), e2e.Variant("eager", "eager"), "cpu")
     assert model.get_base_model().loss_type == "ForCausalLM"
+
+
+def test_inductor_options_hold_for_the_whole_run_and_are_recorded(tmp_path, monkeypatch):
+    import torch._inductor.config as inductor_config
+    seen, run_case = [], e2e.run_case
+
+    def spy(*args, **kwargs):
+        seen.append(inductor_config.combo_kernels)
+        return run_case(*args, **kwargs)
+
+    monkeypatch.setattr(e2e, "run_case", spy)
+    e2e.main(["--models", "tiny-llama", "--variants", "eager", "--steps", "1", "--warmup", "0",
+              "--inductor-option", "combo_kernels=true", "--out", str(tmp_path)])
+    assert seen == [True] and inductor_config.combo_kernels is False
+    meta = json.loads((tmp_path / "e2e.json").read_text())["meta"]
+    assert meta["settings"]["inductor_options"] == {"combo_kernels": True}
+
+
+def test_inductor_options_are_typed_and_unknown_keys_named():
+    assert e2e.parse_inductor_options(["combo_kernels=True", "max_autotune_gemm_backends=TRITON",
+                                       "combo_kernel_allow_mixed_sizes=2"]) == {
+        "combo_kernels": True, "max_autotune_gemm_backends": "TRITON", "combo_kernel_allow_mixed_sizes": 2}
+    with pytest.raises(ValueError, match="'fastest=1' is not KEY=VALUE"):
+        e2e.parse_inductor_options(["fastest=1"])
