@@ -100,7 +100,7 @@ class LongExposureConfig:
     #: outputs, residual sums, dtype casts) instead of keeping them from the forward: AOTAutograd's
     #: partitioner with ``ban_recompute_materialized_backward`` off. About 1.5 fewer
     #: ``[tokens, hidden]`` tensors kept per decoder layer (OPT-2.7B at 8x512: peak 13.2 -> 11.9
-    #: GiB) for about 2% longer steps on the H100 (README, Results).
+    #: GiB) for 1-2% longer steps on the H100 (README, Results).
     recompute_pointwise: bool = False
     #: Replay each compiled graph as a CUDA graph (what ``mode="reduce-overhead"`` does for
     #: Inductor): removes the Python and launch overhead of many small ops. Inputs are copied

@@ -30,6 +30,7 @@ and the loss of step 1, checked against eager's at density 1.0.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import statistics
@@ -614,7 +615,11 @@ def parse_inductor_options(items: Sequence[str]) -> dict:
     options = {}
     for item in items:
         key, sep, raw = (part.strip() for part in item.partition("="))
-        if not sep or not hasattr(inductor_config, key):
+        try:
+            functools.reduce(getattr, key.split("."), inductor_config)  # "triton.cudagraphs" too
+        except AttributeError:
+            sep = ""
+        if not sep:
             raise ValueError(f"--inductor-option {item!r} is not KEY=VALUE with KEY a torch._inductor.config option")
         if raw.lower() in ("true", "false"):
             options[key] = raw.lower() == "true"

@@ -144,7 +144,8 @@ def test_inductor_options_hold_for_the_whole_run_and_are_recorded(tmp_path, monk
 
 def test_inductor_options_are_typed_and_unknown_keys_named():
     assert e2e.parse_inductor_options(["combo_kernels=True", "max_autotune_gemm_backends=TRITON",
-                                       "combo_kernel_allow_mixed_sizes=2"]) == {
-        "combo_kernels": True, "max_autotune_gemm_backends": "TRITON", "combo_kernel_allow_mixed_sizes": 2}
+                                       "combo_kernel_allow_mixed_sizes=2", "triton.cudagraphs=false"]) == {
+        "combo_kernels": True, "max_autotune_gemm_backends": "TRITON", "combo_kernel_allow_mixed_sizes": 2,
+        "triton.cudagraphs": False}
     with pytest.raises(ValueError, match="'fastest=1' is not KEY=VALUE"):
         e2e.parse_inductor_options(["fastest=1"])

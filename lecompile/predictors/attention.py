@@ -61,8 +61,8 @@ def choose_layouts(mass: Tensor, allowed: Tensor, density: float, layouts: Optio
     # Greedy by mass per new block; a layout's cost is the blocks it adds, which overlap makes
     # smaller once others are kept, so a second round spends what the first left over. Costs and
     # gains are broadcast reductions over [B, H, P, n*m], not matmuls with float layouts: Inductor
-    # fuses them, where the matmuls ran as fp32 CUDA-core GEMMs (this function 1.5-2x faster on
-    # the H100 at OPT-1.3B's shapes).
+    # fuses them, where the matmuls ran as fp32 CUDA-core GEMMs (this function, compiled, 1.4-2.1x
+    # faster on the H100 at the block grids of 8x512 to 2x2048 tokens).
     for _ in range(SELECTION_ROUNDS):
         new = (allowed & ~keep).flatten(2)[:, :, None, :] & flat          # [B, H, P, n*m]
         cost = new.sum(-1, dtype=torch.float32)
