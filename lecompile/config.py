@@ -96,11 +96,11 @@ class LongExposureConfig:
     #: a chunk of tokens at a time, so neither fp32 logits nor their gradient are kept for the
     #: backward (about 1.2 GiB at 4096 tokens and a 50k vocabulary). Same loss and gradients.
     fuse_loss: bool = True
-    #: Let the backward recompute cheap pointwise results that lecompile's ops read (normalization
-    #: outputs, residual sums, dtype casts) instead of keeping them from the forward: AOTAutograd's
-    #: partitioner with ``ban_recompute_materialized_backward`` off. About 1.5 fewer
-    #: ``[tokens, hidden]`` tensors kept per decoder layer (OPT-2.7B at 8x512: peak 13.2 -> 11.9
-    #: GiB) for 1-2% longer steps on the H100 (README, Results).
+    #: Let the backward recompute cheap pointwise results that lecompile's ops read (the norms'
+    #: outputs that the LoRA linears and sparse MLPs take, dtype casts of adapter weights) instead
+    #: of keeping them: AOTAutograd's partitioner with ``ban_recompute_materialized_backward`` off.
+    #: About 1.5 fewer ``[tokens, hidden]`` tensors kept per decoder layer (OPT-2.7B at 8x512: peak
+    #: 13.2 -> 11.9 GiB) for 1-2% longer steps on the H100 (README, Results).
     recompute_pointwise: bool = False
     #: Replay each compiled graph as a CUDA graph (what ``mode="reduce-overhead"`` does for
     #: Inductor): removes the Python and launch overhead of many small ops. Inputs are copied
