@@ -238,11 +238,12 @@ def kernels_on_cpu(monkeypatch):
 
 @pytest.mark.parametrize("adapters", ["lora", "ia3", "lora+ia3", "full", "none"])
 @pytest.mark.parametrize("activation,gated", [("relu", False), ("gelu_tanh", False), ("silu", True)])
-def test_kernel_path_matches_reference(kernels_on_cpu, adapters, activation, gated):
+@pytest.mark.parametrize("k", [128, 256])  # 256: every neuron, the launchers' cuBLAS case
+def test_kernel_path_matches_reference(kernels_on_cpu, adapters, activation, gated, k):
     """Forward and every gradient of the kernel path equal the reference path's."""
     from lecompile.ops.sparse_mlp import _uses_kernels
     gen = torch.Generator().manual_seed(3)
-    d, ffn, k, batch, seq = 24, 256, 128, 2, 16
+    d, ffn, batch, seq = 24, 256, 2, 16
     fc1, up, fc2 = make_mlp(d, ffn, torch.float32, gated, adapters.split("+")[0])
     fc1.out_scale = None  # IA3 on fc1's output is a reference-only layout
     if adapters == "lora+ia3":  # IA3's scale on fc2's input and LoRA on fc2 in one backward launch
