@@ -15,7 +15,8 @@ The rows are gathered inside the kernel, along the contiguous ``d`` axis of ``M`
 weight copy is written to memory. fp32 accumulation; fp16, bf16 and fp32 inputs.
 Each launcher has a PyTorch twin (``*_ref``) that the tests compare it with. When every row is
 kept (``k`` equals ``M``'s rows, so each sorted row of ``idx`` is ``arange``), the launchers run
-cuBLAS GEMMs on the whole weight in the input dtype instead, with the twins' epilogues.
+cuBLAS GEMMs on the whole weight in the input dtype instead (bias and low-rank terms in their
+epilogues), with the twins' activation and gradient epilogues.
 """
 
 from __future__ import annotations
@@ -457,7 +458,8 @@ def ngather_matmul_ref(x, idx, group_tokens, first, second=None, activation=None
 
 
 def _ngather_epilogue(neurons, dtype, first, second, activation, save_pre):
-    """The N-gather's activation, gating and outputs from ``neurons(Neurons)``, fp32 ``[T, k]``."""
+    """The N-gather's activation, gating and outputs from ``neurons(Neurons)`` (``[T, k]``, fp32
+    for the twin, the input dtype for the cuBLAS case)."""
     a = neurons(first)
     h = _act_ref(a, activation)
     b = None
@@ -481,9 +483,10 @@ def ngather_matmul_grad_ref(dy, idx, group_tokens, m, activation, pre, pre_up=No
 
 def _ngather_grad_epilogue(dh, idx, group_tokens, scale, activation, pre, pre_up, return_h, return_scale_grad,
                            dtype):
-    """The backward N-gather's outputs from ``dh`` (fp32 ``[T, k]``); ``scale`` multiplies ``dh``
-    per group (``[G, 1, k]``, or ``[k]`` for every group)."""
+    """The backward N-gather's outputs from ``dh [T, k]`` (math in fp32); ``scale`` multiplies
+    ``dh`` per group (``[G, 1, k]``, or ``[k]`` for every group)."""
     from ..ops.adapted_linear import ACTIVATION_GRADS
+    dh = dh.float()
     act, dact = ACTIVATION_GRADS[activation](pre.float())
     h = act if pre_up is None else act * pre_up.float()
     scale_grad = (dh * h).reshape(idx.shape[0], group_tokens, -1).sum(1) if return_scale_grad else None
@@ -522,27 +525,23 @@ def _every_row(idx, m) -> bool:
 
 
 def _neurons_dense(x):
-    """``Neurons -> [T, ffn]`` fp32 over every row: the GEMM with ``M`` on cuBLAS in ``x``'s dtype
-    (fp32 accumulation), LoRA's rank-r term, bias and scale added in fp32."""
+    """``Neurons -> [T, ffn]`` over every row, in ``x``'s dtype: bias, LoRA's rank-r term and
+    the scale join the GEMM on cuBLAS as its epilogue (fp32 accumulation, one rounding each)."""
     def neurons(n: Neurons):
-        a = (x @ n.m.t()).float()
+        a = x @ n.m.t() if n.bias is None else torch.addmm(n.bias.to(x.dtype), x, n.m.t())
         if n.lora is not None:
             u, b, scale = n.lora
-            a = a + scale * (u.float() @ b.float().t())
-        if n.bias is not None:
-            a = a + n.bias.float()
-        return a * n.out_scale.float() if n.out_scale is not None else a
+            a.addmm_(u.to(x.dtype), b.t().to(x.dtype), alpha=scale)
+        return a.mul_(n.out_scale.to(x.dtype)) if n.out_scale is not None else a
     return neurons
 
 
 def _kgather_dense(h, m, bias, second, low_rank):
-    out = (h @ m).float()
+    out = h @ m if bias is None else torch.addmm(bias.to(h.dtype), h, m)
     if second is not None:
         h2, m2 = second
-        out = out + (h2.to(h.dtype) @ m2).float()
+        out.addmm_(h2.to(h.dtype), m2)
     if low_rank is not None:
         v, a = low_rank
-        out = out + v.float() @ a.float()
-    if bias is not None:
-        out = out + bias.float()
-    return out.to(h.dtype)
+        out.addmm_(v.to(h.dtype), a.to(h.dtype))
+    return out
