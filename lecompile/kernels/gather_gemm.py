@@ -14,9 +14,9 @@ the kept neurons of each group of ``group_tokens`` consecutive tokens (each row 
 The rows are gathered inside the kernel, along the contiguous ``d`` axis of ``M``: no gathered
 weight copy is written to memory. fp32 accumulation; fp16, bf16 and fp32 inputs.
 Each launcher has a PyTorch twin (``*_ref``) that the tests compare it with. When every row is
-kept (``k`` equals ``M``'s rows, so each sorted row of ``idx`` is ``arange``), the launchers run
-cuBLAS GEMMs on the whole weight in the input dtype instead (bias and low-rank terms in their
-epilogues), with the twins' activation and gradient epilogues.
+kept (``k`` equals ``M``'s rows, so each sorted row of ``idx`` is ``arange``), the K-gather is a
+plain GEMM and runs on cuBLAS, its terms added by the GEMM's epilogue (``addmm``); the N-gather
+keeps its kernel, whose fused epilogue would cost passes over ``[T, k]`` outside it.
 """
 
 from __future__ import annotations
@@ -312,9 +312,6 @@ def ngather_matmul(x: torch.Tensor, idx: torch.Tensor, group_tokens: int, first:
     ``first(x) = ((x @ M[idx].T) + s * u @ B[idx].T + bias[idx]) * out_scale[idx]``. With
     ``save_pre``, also returns the pre-activations (``first``, and ``second`` when given).
     """
-    if _every_row(idx, first.m):
-        _check_common("ngather_matmul", x, first.m, idx, group_tokens)
-        return _ngather_epilogue(_neurons_dense(x), x.dtype, first, second, activation, save_pre)
     return _launch_ngather(x, idx, group_tokens, first, second, activation, save_pre, None)
 
 
@@ -329,12 +326,6 @@ def ngather_matmul_grad(dy: torch.Tensor, idx: torch.Tensor, group_tokens: int, 
     also ``dL/ds`` per group and kept neuron, ``[G, k]`` fp32, last."""
     if return_scale_grad and m.out_scale is None:
         raise ValueError("ngather_matmul_grad: return_scale_grad needs the scale as m.out_scale")
-    if _every_row(idx, m.m):
-        _check_common("ngather_matmul_grad", dy, m.m, idx, group_tokens)
-        dh = _neurons_dense(dy)(Neurons(m.m, m.lora, m.bias))
-        scale = m.out_scale.float() if m.out_scale is not None else None
-        return _ngather_grad_epilogue(dh, idx, group_tokens, scale, activation, pre, pre_up, return_h,
-                                      return_scale_grad, dy.dtype)
     return _launch_ngather(dy, idx, group_tokens, m, None, None, False, (activation, pre, pre_up), return_h,
                            return_scale_grad)
 
@@ -401,10 +392,11 @@ def kgather_matmul(h: torch.Tensor, m: torch.Tensor, idx: torch.Tensor, group_to
                    second: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
                    low_rank: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """``h @ M[idx] (+ h2 @ M2[idx]) + v @ a + bias``: ``[T, d]`` from compact ``h [T, k]``;
-    ``low_rank = (v [T, r], a [r, d])`` is added in fp32 before the single rounding."""
+    ``low_rank = (v [T, r], a [r, d])`` is added in fp32 before the single rounding (with every
+    row kept, on cuBLAS, each term's ``addmm`` rounds once)."""
     _check_common("kgather_matmul", h, m, idx, group_tokens)
-    if _every_row(idx, m):
-        return _kgather_dense(h, m, bias, second, low_rank)
+    if idx.shape[1] == m.shape[0]:  # every row, in order: cuBLAS
+        return _kgather_every_row(h, m, bias, second, low_rank)
     h = h.contiguous()
     tokens, ksel = h.shape
     d = m.shape[1]
@@ -423,6 +415,17 @@ def kgather_matmul(h: torch.Tensor, m: torch.Tensor, idx: torch.Tensor, group_to
                           TWO=second is not None, HAS_BIAS=bias is not None, HAS_LOW_RANK=low_rank is not None,
                           R_PAD=max(16, triton.next_power_of_2(max(rank, 1))),
                           PRECISION=_precision(h.dtype), DOT_FP32=_dot_fp32(h.dtype))
+    return out
+
+
+def _kgather_every_row(h, m, bias, second, low_rank):
+    out = h @ m if bias is None else torch.addmm(bias.to(h.dtype), h, m)
+    if second is not None:
+        h2, m2 = second
+        out.addmm_(h2.to(h.dtype), m2)
+    if low_rank is not None:
+        v, a = low_rank
+        out.addmm_(v.to(h.dtype), a.to(h.dtype))
     return out
 
 
@@ -453,50 +456,34 @@ def _act_ref(a, activation):
 
 def ngather_matmul_ref(x, idx, group_tokens, first, second=None, activation=None, save_pre=False):
     """PyTorch twin of :func:`ngather_matmul` (fp32 math, output in ``x.dtype``)."""
-    return _ngather_epilogue(lambda n: _neurons_ref(x, idx, group_tokens, n), x.dtype, first, second, activation,
-                             save_pre)
-
-
-def _ngather_epilogue(neurons, dtype, first, second, activation, save_pre):
-    """The N-gather's activation, gating and outputs from ``neurons(Neurons)`` (``[T, k]``, fp32
-    for the twin, the input dtype for the cuBLAS case)."""
-    a = neurons(first)
+    a = _neurons_ref(x, idx, group_tokens, first)
     h = _act_ref(a, activation)
     b = None
     if second is not None:
-        b = neurons(second)
+        b = _neurons_ref(x, idx, group_tokens, second)
         h = h * b
     if not save_pre:
-        return h.to(dtype)
-    pres = (a.to(dtype),) + ((b.to(dtype),) if b is not None else ())
-    return (h.to(dtype),) + pres
+        return h.to(x.dtype)
+    pres = (a.to(x.dtype),) + ((b.to(x.dtype),) if b is not None else ())
+    return (h.to(x.dtype),) + pres
 
 
 def ngather_matmul_grad_ref(dy, idx, group_tokens, m, activation, pre, pre_up=None, return_h=False,
                             return_scale_grad=False):
     """PyTorch twin of :func:`ngather_matmul_grad`."""
-    dh = _neurons_ref(dy, idx, group_tokens, Neurons(m.m, m.lora, m.bias))
-    scale = m.out_scale[idx].float().unsqueeze(1) if m.out_scale is not None else None
-    return _ngather_grad_epilogue(dh, idx, group_tokens, scale, activation, pre, pre_up, return_h,
-                                  return_scale_grad, dy.dtype)
-
-
-def _ngather_grad_epilogue(dh, idx, group_tokens, scale, activation, pre, pre_up, return_h, return_scale_grad,
-                           dtype):
-    """The backward N-gather's outputs from ``dh [T, k]`` (math in fp32); ``scale`` multiplies
-    ``dh`` per group (``[G, 1, k]``, or ``[k]`` for every group)."""
     from ..ops.adapted_linear import ACTIVATION_GRADS
-    dh = dh.float()
+    scale = m.out_scale
+    dh = _neurons_ref(dy, idx, group_tokens, Neurons(m.m, m.lora, m.bias))
     act, dact = ACTIVATION_GRADS[activation](pre.float())
     h = act if pre_up is None else act * pre_up.float()
     scale_grad = (dh * h).reshape(idx.shape[0], group_tokens, -1).sum(1) if return_scale_grad else None
     if scale is not None:
-        dh = (dh.reshape(idx.shape[0], group_tokens, -1) * scale).reshape(dh.shape)
+        dh = (dh.reshape(idx.shape[0], group_tokens, -1) * scale[idx].float().unsqueeze(1)).reshape(dh.shape)
     if pre_up is None:
-        grads = ((dh * dact).to(dtype),)
+        grads = ((dh * dact).to(dy.dtype),)
     else:
-        grads = (dh * pre_up.float() * dact).to(dtype), (dh * act).to(dtype)
-    grads += (h.to(dtype),) if return_h else ()
+        grads = (dh * pre_up.float() * dact).to(dy.dtype), (dh * act).to(dy.dtype)
+    grads += (h.to(dy.dtype),) if return_h else ()
     grads += (scale_grad,) if return_scale_grad else ()
     return grads if len(grads) > 1 else grads[0]
 
@@ -515,33 +502,3 @@ def kgather_matmul_ref(h, m, idx, group_tokens, bias=None, second=None, low_rank
     if bias is not None:
         out = out + bias.float()
     return out.to(h.dtype)
-
-
-# ---- every row kept: cuBLAS on the whole weight ---------------------------------------------
-
-def _every_row(idx, m) -> bool:
-    """``k`` equals the rows of ``M``: sorted, unique index rows are then ``arange``."""
-    return idx.shape[1] == m.shape[0]
-
-
-def _neurons_dense(x):
-    """``Neurons -> [T, ffn]`` over every row, in ``x``'s dtype: bias, LoRA's rank-r term and
-    the scale join the GEMM on cuBLAS as its epilogue (fp32 accumulation, one rounding each)."""
-    def neurons(n: Neurons):
-        a = x @ n.m.t() if n.bias is None else torch.addmm(n.bias.to(x.dtype), x, n.m.t())
-        if n.lora is not None:
-            u, b, scale = n.lora
-            a.addmm_(u.to(x.dtype), b.t().to(x.dtype), alpha=scale)
-        return a.mul_(n.out_scale.to(x.dtype)) if n.out_scale is not None else a
-    return neurons
-
-
-def _kgather_dense(h, m, bias, second, low_rank):
-    out = h @ m if bias is None else torch.addmm(bias.to(h.dtype), h, m)
-    if second is not None:
-        h2, m2 = second
-        out.addmm_(h2.to(h.dtype), m2)
-    if low_rank is not None:
-        v, a = low_rank
-        out.addmm_(v.to(h.dtype), a.to(h.dtype))
-    return out

@@ -10,8 +10,8 @@ neurons ``idx[g]``: ``G = 1`` shares one set over the batch, ``G = batch`` is pe
 ``G = T / tile`` is per token tile. ``k == ffn`` means every neuron: the op runs dense.
 
 On CUDA the op runs the Triton gather-GEMM kernels (``sparse_mlp_kernels``) for the layouts
-they cover (in the dense case, ``k == ffn``, their launchers run cuBLAS GEMMs on the whole
-weights with the same epilogues); everywhere else it runs the PyTorch reference below. The
+they cover (in the dense case, ``k == ffn``, too: the K-gathers then run on cuBLAS); everywhere
+else it runs the PyTorch reference below. The
 reference backward recomputes the compact forward (only ``[T, k]`` tensors) and differentiates
 it, so it saves no activation beyond its inputs and the compact LoRA dropout mask,
 and it is exact for every input: adapters, biases, IA3 vectors, the input, and base weights too
@@ -90,8 +90,8 @@ def _has_fc2_lora(slots):
 
 
 def _uses_kernels(x, idx, params, slots) -> bool:
-    # With every neuron kept the kernel path runs cuBLAS GEMMs (the launchers' dense case) and
-    # still saves the pre-activation, where the reference would recompute its forward.
+    # With every neuron kept too: the kernel path saves the pre-activation, where the reference
+    # would recompute its forward in the backward.
     return kernel_impl is not None and kernel_impl.supported(x, idx, slots)
 
 

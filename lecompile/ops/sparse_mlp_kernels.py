@@ -1,7 +1,7 @@
 """The sparse MLP on CUDA: forward and backward built on the gather-GEMM kernels.
 
 Every large GEMM is a kernel launch on neuron-major weights (``lecompile.kernels.gather_gemm``;
-with every neuron kept, ``k == ffn``, the launchers run cuBLAS on the whole weight instead):
+with every neuron kept, ``k == ffn``, the K-gathers run on cuBLAS):
 
 | GEMM | kernel |
 |---|---|
