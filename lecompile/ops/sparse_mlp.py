@@ -11,11 +11,11 @@ neurons ``idx[g]``: ``G = 1`` shares one set over the batch, ``G = batch`` is pe
 
 On CUDA the op runs the Triton gather-GEMM kernels (``sparse_mlp_kernels``) for the layouts
 they cover (in the dense case, ``k == ffn``, too: the K-gathers then run on cuBLAS); everywhere
-else it runs the PyTorch reference below. The
-reference backward recomputes the compact forward (only ``[T, k]`` tensors) and differentiates
-it, so it saves no activation beyond its inputs and the compact LoRA dropout mask,
-and it is exact for every input: adapters, biases, IA3 vectors, the input, and base weights too
-when they require grad (their gradient is non-zero on the kept neurons only).
+else it runs the PyTorch reference below. The reference backward recomputes the compact forward
+(only ``[T, k]`` tensors) and differentiates it, so it saves no activation beyond its inputs and
+the compact LoRA dropout mask, and it is exact for every input: adapters, biases, IA3 vectors,
+the input, and base weights too when they require grad (their gradient is non-zero on the kept
+neurons only).
 """
 
 from __future__ import annotations
