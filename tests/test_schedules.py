@@ -142,6 +142,31 @@ def test_context_only_runs_output_tiles_dense(arch, share, dense_tiles):
         torch.testing.assert_close(grads[name], ref_grads[name], atol=2e-5, rtol=1e-4, msg=name)
 
 
+def test_context_only_through_the_kernel_path_matches_reference_model(monkeypatch):
+    """The dense token groups (every neuron kept) take the sparse MLP's kernel path too, its
+    K-gathers on cuBLAS; here in Triton's interpreter on CPU tensors (CUDA: test_cuda.py)."""
+    import os
+    from lecompile.kernels import gather_gemm
+    from lecompile.ops import sparse_mlp_kernels
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("runs the kernels on CPU tensors: needs TRITON_INTERPRET=1")
+    monkeypatch.setattr(sparse_mlp_kernels, "INTERPRET_ON_CPU", True)
+    every_row = []
+    kgather_every_row = gather_gemm._kgather_every_row
+    monkeypatch.setattr(gather_gemm, "_kgather_every_row", lambda *a: every_row.append(1) or kgather_every_row(*a))
+    model, tile = tiny_model("llama", "lora"), 16
+    inputs = context_only_inputs(tile)
+    ref_loss, ref_grads = context_only_reference(model, "llama", inputs, tile, [2, 3, 6, 7])
+    torch._dynamo.reset()
+    backend = lecompile.longexposure(LongExposureConfig(**SPARSE, granularity="tile", tile_size=tile,
+                                                        dense_output_share=0.5))
+    loss, grads = train_step(torch.compile(model, backend=backend), model, inputs)
+    assert len(every_row) == 4, "each layer's dense groups: fc2 forward and the input gradient"
+    torch.testing.assert_close(loss, ref_loss, atol=1e-4, rtol=1e-4)
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-3, rtol=1e-3, msg=name)
+
+
 def test_context_only_without_labels_is_reported_and_validated():
     model = tiny_model("llama", "lora")
     report = lecompile.explain(model, input_ids=batch()["input_ids"], use_cache=False,
