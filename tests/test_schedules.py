@@ -151,6 +151,8 @@ def test_context_only_through_the_kernel_path_matches_reference_model(monkeypatc
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("runs the kernels on CPU tensors: needs TRITON_INTERPRET=1")
     monkeypatch.setattr(sparse_mlp_kernels, "INTERPRET_ON_CPU", True)
+    # The flag changes the op's saved tensors but not Inductor's cache keys: no cache either way.
+    monkeypatch.setattr(torch._inductor.config, "force_disable_caches", True)
     every_row = []
     kgather_every_row = gather_gemm._kgather_every_row
     monkeypatch.setattr(gather_gemm, "_kgather_every_row", lambda *a: every_row.append(1) or kgather_every_row(*a))
