@@ -615,11 +615,7 @@ def parse_inductor_options(items: Sequence[str]) -> dict:
     options = {}
     for item in items:
         key, sep, raw = (part.strip() for part in item.partition("="))
-        try:
-            functools.reduce(getattr, key.split("."), inductor_config)  # "triton.cudagraphs" too
-        except AttributeError:
-            sep = ""
-        if not sep:
+        if not sep or not _has_option(inductor_config, key):
             raise ValueError(f"--inductor-option {item!r} is not KEY=VALUE with KEY a torch._inductor.config option")
         if raw.lower() in ("true", "false"):
             options[key] = raw.lower() == "true"
@@ -632,6 +628,15 @@ def parse_inductor_options(items: Sequence[str]) -> dict:
                 except ValueError:
                     options[key] = raw
     return options
+
+
+def _has_option(config, key: str) -> bool:
+    """Whether ``config`` has ``key``, dotted keys (``triton.cudagraphs``) included."""
+    try:
+        functools.reduce(getattr, key.split("."), config)
+    except AttributeError:
+        return False
+    return True
 
 
 def format_rows(rows: List[dict]) -> str:

@@ -28,8 +28,8 @@ from ..ops.lm_head_loss import REDUCTIONS, returned_logits
 from ..report import LossEntry
 from .graph import LINEAR, is_call, linear_args, meta_value, recompile
 
-_VIEWS = ("contiguous", "float", "view", "reshape")
 _SAME_DTYPE_VIEWS = ("contiguous", "view", "reshape")
+_VIEWS = _SAME_DTYPE_VIEWS + ("float",)
 #: ``gm.meta`` key: ``(logits, hidden, weight)`` output positions for :func:`with_returned_logits`.
 RETURNED_LOGITS = "lecompile_returned_logits"
 _CE_SIGNATURE = inspect.signature(F.cross_entropy)
