@@ -39,11 +39,17 @@ def test_ngather(dtype, tokens, group, d, ffn, k, activation):
     torch.testing.assert_close(got, ngather_matmul_ref(x, idx, group, first, activation=activation), **TOL[dtype])
 
 
+# Kept neurons of the tests below: some, or every one (the GEMM then runs on cuBLAS, the epilogue
+# in the kernel)
+KEPT = [256, 384]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rank", [4, 16])
-def test_ngather_gated_with_adapters_saves_pre(dtype, rank):
+@pytest.mark.parametrize("k", KEPT)
+def test_ngather_gated_with_adapters_saves_pre(dtype, rank, k):
     gen = torch.Generator().manual_seed(1)
-    tokens, group, d, ffn, k = 48, 16, 40, 384, 256
+    tokens, group, d, ffn = 48, 16, 40, 384
     x = rand(tokens, d, dtype=dtype, gen=gen)
 
     def neurons():
@@ -95,10 +101,11 @@ def test_kernels_reject_bad_layouts():
 @pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "silu"])
 @pytest.mark.parametrize("gated,lora,return_h", [(False, False, False), (True, False, False), (False, True, True),
                                                  (True, True, True)])
-def test_ngather_grad_fuses_activation_derivative(dtype, activation, gated, lora, return_h):
+@pytest.mark.parametrize("k", KEPT)
+def test_ngather_grad_fuses_activation_derivative(dtype, activation, gated, lora, return_h, k):
     from lecompile.kernels.gather_gemm import ngather_matmul_grad, ngather_matmul_grad_ref
     gen = torch.Generator().manual_seed(5)
-    tokens, group, d, ffn, k = 48, 16, 40, 384, 256
+    tokens, group, d, ffn = 48, 16, 40, 384
     dy = rand(tokens, d, dtype=dtype, gen=gen)
     m = Neurons(rand(ffn, d, dtype=dtype, gen=gen, scale=d ** -0.5),
                 lora=(rand(tokens, 8, gen=gen), rand(ffn, 8, gen=gen, scale=0.1), 0.5) if lora else None)
@@ -115,11 +122,12 @@ def test_ngather_grad_fuses_activation_derivative(dtype, activation, gated, lora
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("gated,lora", [(False, False), (True, True)])
-def test_ngather_grad_of_a_scale_on_its_output(dtype, gated, lora):
+@pytest.mark.parametrize("k", KEPT)
+def test_ngather_grad_of_a_scale_on_its_output(dtype, gated, lora, k):
     """IA3 on fc2's input: ``dh`` is scaled by ``s[idx]`` and ``dL/ds`` comes back per group."""
     from lecompile.kernels.gather_gemm import ngather_matmul_grad, ngather_matmul_grad_ref
     gen = torch.Generator().manual_seed(7)
-    tokens, group, d, ffn, k = 64, 32, 40, 384, 256
+    tokens, group, d, ffn = 64, 32, 40, 384
     dy = rand(tokens, d, dtype=dtype, gen=gen)
     s = rand(ffn, gen=gen).add(1.0).to(dtype)
     m = Neurons(rand(ffn, d, dtype=dtype, gen=gen, scale=d ** -0.5), out_scale=s,

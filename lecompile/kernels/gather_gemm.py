@@ -14,9 +14,10 @@ the kept neurons of each group of ``group_tokens`` consecutive tokens (each row 
 The rows are gathered inside the kernel, along the contiguous ``d`` axis of ``M``: no gathered
 weight copy is written to memory. fp32 accumulation; fp16, bf16 and fp32 inputs.
 Each launcher has a PyTorch twin (``*_ref``) that the tests compare it with. When every row is
-kept (``k`` equals ``M``'s rows, so each sorted row of ``idx`` is ``arange``), the K-gather is a
-plain GEMM and runs on cuBLAS, its terms added by the GEMM's epilogue (``addmm``); the N-gather
-keeps its kernel, whose fused epilogue would cost passes over ``[T, k]`` outside it.
+kept (``k`` equals ``M``'s rows, so each sorted row of ``idx`` is ``arange``), both are plain GEMMs
+and run on cuBLAS, faster than these main loops: the K-gather's terms are added by ``addmm``, and
+the N-gather's epilogue runs as its kernel with the main loop replaced by a load of cuBLAS's output
+(written over in place: no extra ``[T, k]`` buffer).
 """
 
 from __future__ import annotations
@@ -120,26 +121,30 @@ def _activate_with_grad(a, ACT: tl.constexpr):
 
 
 @triton.jit
-def _ngather_tile(x_ptr, m_ptr, rows, offs_t, offs_n, T, D, KSEL, stride_xt, stride_m,
+def _ngather_tile(x_ptr, m_ptr, base_ptr, rows, offs_t, offs_n, T, D, KSEL, stride_xt, stride_m,
                   u_ptr, b_ptr, R, lora_scale, bias_ptr, oscale_ptr,
                   HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_OSCALE: tl.constexpr,
-                  R_PAD: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
+                  PRECOMPUTED: tl.constexpr, R_PAD: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_T: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
     mask_t = offs_t < T
     mask_n = offs_n < KSEL
-    offs_d = tl.arange(0, BLOCK_D)
-    # The main loop needs masks only for a ragged D: token tiles divide T (they divide the group,
-    # see _prune_by_group), and columns past KSEL read row idx 0 (``rows`` is loaded with other=0)
-    # and are never stored.
-    x_ptrs = x_ptr + offs_t[:, None].to(tl.int64) * stride_xt + offs_d[None, :]
-    m_ptrs = m_ptr + rows[None, :] * stride_m + offs_d[:, None]
-    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        mask_d = d0 + offs_d < D
-        acc = _dot(_load(x_ptrs, mask_d[None, :], EVEN_D), _load(m_ptrs, mask_d[:, None], EVEN_D), acc,
-                   PRECISION, DOT_FP32)
-        x_ptrs += BLOCK_D
-        m_ptrs += BLOCK_D
+    if PRECOMPUTED:  # every neuron kept: ``x @ M.T`` came from cuBLAS, [T, KSEL]
+        acc = tl.load(base_ptr + offs_t[:, None].to(tl.int64) * KSEL + offs_n[None, :],
+                      mask=mask_t[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+    else:
+        offs_d = tl.arange(0, BLOCK_D)
+        # The main loop needs masks only for a ragged D: token tiles divide T (they divide the group,
+        # see _prune_by_group), and columns past KSEL read row idx 0 (``rows`` is loaded with other=0)
+        # and are never stored.
+        x_ptrs = x_ptr + offs_t[:, None].to(tl.int64) * stride_xt + offs_d[None, :]
+        m_ptrs = m_ptr + rows[None, :] * stride_m + offs_d[:, None]
+        acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            mask_d = d0 + offs_d < D
+            acc = _dot(_load(x_ptrs, mask_d[None, :], EVEN_D), _load(m_ptrs, mask_d[:, None], EVEN_D), acc,
+                       PRECISION, DOT_FP32)
+            x_ptrs += BLOCK_D
+            m_ptrs += BLOCK_D
     if HAS_LORA:
         offs_r = tl.arange(0, R_PAD)
         mask_r = offs_r < R
@@ -156,20 +161,21 @@ def _ngather_tile(x_ptr, m_ptr, rows, offs_t, offs_n, T, D, KSEL, stride_xt, str
 
 
 @triton.autotune(configs=_configs(("BLOCK_T", "BLOCK_N", "BLOCK_D")),
-                 key=["D", "KSEL", "GROUP_ALIGN", "R", "GATED", "HAS_LORA", "ACT", "GRAD_ACT"],
-                 prune_configs_by={"early_config_prune": _prune_by_group}, **AUTOTUNE_CACHE)
+                 key=["D", "KSEL", "GROUP_ALIGN", "R", "GATED", "HAS_LORA", "ACT", "GRAD_ACT", "PRECOMPUTED"],
+                 prune_configs_by={"early_config_prune": _prune_by_group},
+                 restore_value=["base_ptr", "base2_ptr"], **AUTOTUNE_CACHE)  # outputs may overwrite them
 @triton.heuristics({"EVEN_D": lambda args: args["D"] % args["BLOCK_D"] == 0})
 @triton.jit
 def _ngather_kernel(x_ptr, idx_ptr, out_ptr, out2_ptr, pre_ptr, pre2_ptr, h_ptr, sgrad_ptr,
-                    m_ptr, u_ptr, b_ptr, bias_ptr, oscale_ptr,
-                    m2_ptr, u2_ptr, b2_ptr, bias2_ptr, oscale2_ptr,
+                    m_ptr, u_ptr, b_ptr, bias_ptr, oscale_ptr, base_ptr,
+                    m2_ptr, u2_ptr, b2_ptr, bias2_ptr, oscale2_ptr, base2_ptr,
                     T, D, KSEL, group_tokens, GROUP_ALIGN, R, lora_scale, lora_scale2,
                     stride_xt, stride_m, stride_m2, stride_idx,
                     ACT: tl.constexpr, GRAD_ACT: tl.constexpr, GATED: tl.constexpr,
                     SAVE_PRE: tl.constexpr, STORE_H: tl.constexpr, SCALE_GRAD: tl.constexpr, CHUNK: tl.constexpr,
                     HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_OSCALE: tl.constexpr,
                     HAS_LORA2: tl.constexpr, HAS_BIAS2: tl.constexpr, HAS_OSCALE2: tl.constexpr,
-                    R_PAD: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+                    PRECOMPUTED: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
                     EVEN_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_t = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -178,9 +184,9 @@ def _ngather_kernel(x_ptr, idx_ptr, out_ptr, out2_ptr, pre_ptr, pre2_ptr, h_ptr,
     mask_n = offs_n < KSEL
     group = (pid_t * BLOCK_T) // group_tokens
     rows = tl.load(idx_ptr + group * stride_idx + offs_n, mask=mask_n, other=0).to(tl.int64)
-    a = _ngather_tile(x_ptr, m_ptr, rows, offs_t, offs_n, T, D, KSEL, stride_xt, stride_m,
+    a = _ngather_tile(x_ptr, m_ptr, base_ptr, rows, offs_t, offs_n, T, D, KSEL, stride_xt, stride_m,
                       u_ptr, b_ptr, R, lora_scale, bias_ptr, oscale_ptr, HAS_LORA, HAS_BIAS,
-                      HAS_OSCALE, R_PAD, EVEN_D, BLOCK_T, BLOCK_N, BLOCK_D, PRECISION, DOT_FP32)
+                      HAS_OSCALE, PRECOMPUTED, R_PAD, EVEN_D, BLOCK_T, BLOCK_N, BLOCK_D, PRECISION, DOT_FP32)
     out_offs = offs_t[:, None].to(tl.int64) * KSEL + offs_n[None, :]
     mask = (offs_t < T)[:, None] & mask_n[None, :]
     if GRAD_ACT != 0:  # backward: ``a`` is dL/dh; chain through the saved pre-activation(s)
@@ -210,10 +216,10 @@ def _ngather_kernel(x_ptr, idx_ptr, out_ptr, out2_ptr, pre_ptr, pre2_ptr, h_ptr,
             tl.store(pre_ptr + out_offs, a.to(pre_ptr.dtype.element_ty), mask=mask)
         h = _activate(a, ACT)
         if GATED:
-            b = _ngather_tile(x_ptr, m2_ptr, rows, offs_t, offs_n, T, D, KSEL, stride_xt, stride_m2,
+            b = _ngather_tile(x_ptr, m2_ptr, base2_ptr, rows, offs_t, offs_n, T, D, KSEL, stride_xt, stride_m2,
                               u2_ptr, b2_ptr, R, lora_scale2, bias2_ptr, oscale2_ptr, HAS_LORA2,
-                              HAS_BIAS2, HAS_OSCALE2, R_PAD, EVEN_D, BLOCK_T, BLOCK_N, BLOCK_D, PRECISION,
-                              DOT_FP32)
+                              HAS_BIAS2, HAS_OSCALE2, PRECOMPUTED, R_PAD, EVEN_D, BLOCK_T, BLOCK_N, BLOCK_D,
+                              PRECISION, DOT_FP32)
             if SAVE_PRE:
                 tl.store(pre2_ptr + out_offs, b.to(pre2_ptr.dtype.element_ty), mask=mask)
             h = h * b
@@ -336,17 +342,22 @@ def _launch_ngather(x, idx, group_tokens, first, second, activation, save_pre, g
     x = x.contiguous()
     tokens, d = x.shape
     ksel = idx.shape[1]
-    out = x.new_empty(tokens, ksel)
+    s2 = second or first
+    every_row = ksel == first.m.shape[0]
     gated = second is not None or (grad_of is not None and grad_of[2] is not None)
+    # With every row kept, the GEMMs' outputs are the buffers the kernel writes over: each program
+    # reads its tile of them before it stores to the same tile of ``out`` and the pre-activations.
+    base = x @ first.m.t() if every_row else None
+    base2 = x @ s2.m.t() if every_row and second is not None else None
+    out = base if base is not None and (grad_of is not None or not save_pre) else x.new_empty(tokens, ksel)
     out2 = x.new_empty(tokens, ksel) if grad_of is not None and gated else out
     if grad_of is not None:
         pre, pre2 = grad_of[1].contiguous(), (grad_of[2].contiguous() if gated else out)
     else:
-        pre = x.new_empty(tokens, ksel) if save_pre else out
-        pre2 = x.new_empty(tokens, ksel) if save_pre and gated else out
+        pre = (base if every_row else x.new_empty(tokens, ksel)) if save_pre else out
+        pre2 = (base2 if every_row else x.new_empty(tokens, ksel)) if save_pre and gated else out
     h = x.new_empty(tokens, ksel) if return_h else out
     sgrad = torch.empty(tokens // MIN_GROUP_TOKENS, ksel, dtype=torch.float32, device=x.device) if scale_grad else out
-    s2 = second or first
 
     def lora(n: Neurons):
         if n.lora is None:
@@ -363,9 +374,9 @@ def _launch_ngather(x, idx, group_tokens, first, second, activation, save_pre, g
     _ngather_kernel[grid](
         x, idx, out, out2, pre, pre2, h, sgrad,
         first.m, u1, b1, first.bias if first.bias is not None else out,
-        first.out_scale if first.out_scale is not None else out,
+        first.out_scale if first.out_scale is not None else out, base if every_row else out,
         s2.m, u2, b2, s2.bias if s2.bias is not None else out,
-        s2.out_scale if s2.out_scale is not None else out,
+        s2.out_scale if s2.out_scale is not None else out, base2 if base2 is not None else out,
         tokens, d, ksel, group_tokens, group_align(group_tokens), rank, sc1, sc2,
         x.stride(0), first.m.stride(0), s2.m.stride(0), idx.stride(0),
         ACT=ACT_CODES[activation], GRAD_ACT=ACT_CODES[grad_of[0]] if grad_of else ACT_NONE,
@@ -374,7 +385,7 @@ def _launch_ngather(x, idx, group_tokens, first, second, activation, save_pre, g
         HAS_OSCALE=first.out_scale is not None and not scale_grad,
         HAS_LORA2=second is not None and second.lora is not None,
         HAS_BIAS2=second is not None and second.bias is not None,
-        HAS_OSCALE2=second is not None and second.out_scale is not None,
+        HAS_OSCALE2=second is not None and second.out_scale is not None, PRECOMPUTED=every_row,
         R_PAD=max(16, triton.next_power_of_2(max(rank, 1))), PRECISION=_precision(x.dtype),
         DOT_FP32=_dot_fp32(x.dtype))
     if grad_of is not None:
