@@ -104,9 +104,7 @@ def _partitioner(config: LongExposureConfig):
 
 
 def _inductor_patches(mode: Optional[str], options: Optional[dict], config: LongExposureConfig) -> dict:
-    """Inductor config patches for ``torch.compile(mode=..., options=...)`` plus ``cudagraphs``
-    and ``combo_kernels`` (the user's ``options`` win over the latter)."""
-    from torch._inductor import config as inductor_config
+    """Inductor config patches for ``torch.compile(mode=..., options=...)`` plus ``cudagraphs``."""
     from torch._inductor import list_mode_options
 
     modes = list_mode_options()
@@ -116,8 +114,6 @@ def _inductor_patches(mode: Optional[str], options: Optional[dict], config: Long
     if options is not None and not isinstance(options, dict):
         raise ValueError(f"torch.compile(options=...) must be a dict of Inductor options, got {options!r}")
     patches = dict(list_mode_options(mode)) if mode else {}
-    if hasattr(inductor_config, "combo_kernels"):  # PyTorch >= 2.5
-        patches["combo_kernels"] = config.combo_kernels
     patches.update(options or {})
     if config.cudagraphs:
         patches["triton.cudagraphs"] = True

@@ -102,11 +102,6 @@ class LongExposureConfig:
     #: About 1.5 fewer ``[tokens, hidden]`` tensors kept per decoder layer (OPT-2.7B at 8x512: peak
     #: 13.2 -> 11.9 GiB) for 1-2% longer steps on the H100 (README, Results).
     recompute_pointwise: bool = False
-    #: Compile with Inductor's combo kernels (``torch._inductor.config.combo_kernels``): independent
-    #: small kernels of a graph (the casts, norms and adds around lecompile's ops) launch as one.
-    #: 1-3% shorter CUDA-graph steps on the H100 (README, Results); off by default in Inductor
-    #: itself. ``torch.compile(options={"combo_kernels": ...})`` overrides it.
-    combo_kernels: bool = True
     #: Replay each compiled graph as a CUDA graph (what ``mode="reduce-overhead"`` does for
     #: Inductor): removes the Python and launch overhead of many small ops. Inputs are copied
     #: into static buffers and outputs are overwritten by the next replay (see PyTorch's
@@ -150,7 +145,7 @@ class LongExposureConfig:
         _check_int("learned_train_steps", self.learned_train_steps, "an integer >= 1", lambda v: v >= 1)
         _check_int("learned_refresh", self.learned_refresh, "an integer >= 0", lambda v: v >= 0)
         for name in ("rewrite_mlp", "fuse_adapters", "share_lora_input", "fuse_loss", "recompute_pointwise",
-                     "combo_kernels", "cudagraphs", "match_attention", "rewrite_attention"):
+                     "cudagraphs", "match_attention", "rewrite_attention"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"LongExposureConfig.{name} must be a bool, "
                                  f"got {getattr(self, name)!r}")

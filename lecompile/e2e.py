@@ -568,8 +568,6 @@ def run(args) -> dict:
              for s in args.shapes]
     settings = LongExposureConfig.parse_settings(args.set)
     inductor_options = parse_inductor_options(args.inductor_option)
-    if "combo_kernels" in inductor_options:  # lecompile patches its own choice over the global one
-        settings.setdefault("combo_kernels", bool(inductor_options["combo_kernels"]))
     vs = variants(args.densities, args.predictor, args.granularity, baselines=not args.no_baselines,
                   cudagraphs=args.cudagraphs, attn_densities=args.attn_densities, attn_block=args.attn_block,
                   settings=settings)

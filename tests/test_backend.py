@@ -401,22 +401,3 @@ def test_recompute_pointwise_keeps_less_for_the_backward_with_the_same_gradients
     assert grads.keys() == want_grads.keys()
     for name in grads:
         torch.testing.assert_close(grads[name], want_grads[name], msg=name)
-
-
-@pytest.mark.parametrize("config_value,options,want", [(True, None, True), (False, None, False),
-                                                       (True, {"combo_kernels": False}, False)])
-def test_combo_kernels_reach_inductor_and_the_users_options_win(monkeypatch, config_value, options, want):
-    import torch._inductor.compile_fx as compile_fx_module
-
-    seen, compile_fx = [], compile_fx_module.compile_fx
-
-    def spy(gm, example_inputs, config_patches=None, **kwargs):
-        seen.append((config_patches or {}).get("combo_kernels"))
-        return compile_fx(gm, example_inputs, config_patches=config_patches, **kwargs)
-
-    monkeypatch.setattr(compile_fx_module, "compile_fx", spy)
-    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU())
-    compiled = torch.compile(model, backend=lecompile.longexposure(LongExposureConfig(combo_kernels=config_value)),
-                             options=options)
-    compiled(torch.randn(2, 8)).sum().backward()
-    assert seen[0] == want  # the graph's compile (compile_fx calls itself again for the backward)

@@ -142,14 +142,6 @@ def test_inductor_options_hold_for_the_whole_run_and_are_recorded(tmp_path, monk
     assert meta["settings"]["inductor_options"] == {"combo_kernels": True}
 
 
-def test_inductor_option_combo_kernels_also_holds_for_lecompile(tmp_path):
-    """lecompile patches its own ``combo_kernels`` over Inductor's global one: the option sets both."""
-    e2e.main(["--models", "tiny-llama", "--variants", "eager", "--steps", "1", "--warmup", "0",
-              "--inductor-option", "combo_kernels=false", "--out", str(tmp_path)])
-    meta = json.loads((tmp_path / "e2e.json").read_text())["meta"]
-    assert meta["settings"]["lecompile_settings"] == {"combo_kernels": False}
-
-
 def test_inductor_options_are_typed_and_unknown_keys_named():
     assert e2e.parse_inductor_options(["combo_kernels=True", "max_autotune_gemm_backends=TRITON",
                                        "combo_kernel_allow_mixed_sizes=2", "triton.cudagraphs=false"]) == {
