@@ -10,7 +10,7 @@ neurons ``idx[g]``: ``G = 1`` shares one set over the batch, ``G = batch`` is pe
 ``G = T / tile`` is per token tile. ``k == ffn`` means every neuron: the op runs dense.
 
 On CUDA the op runs the Triton gather-GEMM kernels (``sparse_mlp_kernels``) for the layouts
-they cover (in the dense case, ``k == ffn``, too: the K-gathers then run on cuBLAS); everywhere
+they cover (in the dense case, ``k == ffn``, too: every GEMM then runs on cuBLAS); everywhere
 else it runs the PyTorch reference below. The reference backward recomputes the compact forward
 (only ``[T, k]`` tensors) and differentiates it, so it saves no activation beyond its inputs and
 the compact LoRA dropout mask, and it is exact for every input: adapters, biases, IA3 vectors,
