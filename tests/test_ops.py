@@ -238,7 +238,7 @@ def kernels_on_cpu(monkeypatch):
 
 @pytest.mark.parametrize("adapters", ["lora", "ia3", "lora+ia3", "full", "none"])
 @pytest.mark.parametrize("activation,gated", [("relu", False), ("gelu_tanh", False), ("silu", True)])
-@pytest.mark.parametrize("k", [128, 256])  # 256: every neuron (the K-gathers on cuBLAS)
+@pytest.mark.parametrize("k", [128, 256])  # 256: every neuron (the GEMMs on cuBLAS)
 def test_kernel_path_matches_reference(kernels_on_cpu, adapters, activation, gated, k):
     """Forward and every gradient of the kernel path equal the reference path's."""
     from lecompile.ops.sparse_mlp import _uses_kernels

@@ -144,7 +144,7 @@ def test_context_only_runs_output_tiles_dense(arch, share, dense_tiles):
 
 def test_context_only_through_the_kernel_path_matches_reference_model(monkeypatch):
     """The dense token groups (every neuron kept) take the sparse MLP's kernel path too, its
-    K-gathers on cuBLAS; here in Triton's interpreter on CPU tensors (CUDA: test_cuda.py)."""
+    GEMMs on cuBLAS; here in Triton's interpreter on CPU tensors (CUDA: test_cuda.py)."""
     import os
     from lecompile.kernels import gather_gemm
     from lecompile.ops import sparse_mlp_kernels

@@ -302,6 +302,12 @@ def _check_common(name, a, m, idx, group_tokens):
         raise ValueError(f"{name}: group_tokens={group_tokens} must be a multiple of {MIN_GROUP_TOKENS}")
 
 
+def _keeps_every_row(idx, m) -> bool:
+    """Whether ``idx`` keeps all of ``M``'s rows: each sorted row of it is then ``arange``, and the
+    gather-GEMM is a plain GEMM (cuBLAS)."""
+    return idx.shape[1] == m.shape[0]
+
+
 def _dot_fp32(dtype):
     return _interpreting() and dtype == torch.bfloat16
 
@@ -343,7 +349,7 @@ def _launch_ngather(x, idx, group_tokens, first, second, activation, save_pre, g
     tokens, d = x.shape
     ksel = idx.shape[1]
     s2 = second or first
-    every_row = ksel == first.m.shape[0]
+    every_row = _keeps_every_row(idx, first.m)
     gated = second is not None or (grad_of is not None and grad_of[2] is not None)
     # With every row kept, the GEMMs' outputs are the buffers the kernel writes over: each program
     # reads its tile of them before it stores to the same tile of ``out`` and the pre-activations.
@@ -406,7 +412,7 @@ def kgather_matmul(h: torch.Tensor, m: torch.Tensor, idx: torch.Tensor, group_to
     ``low_rank = (v [T, r], a [r, d])`` is added in fp32 before the single rounding (with every
     row kept, on cuBLAS, each term's ``addmm`` rounds once)."""
     _check_common("kgather_matmul", h, m, idx, group_tokens)
-    if idx.shape[1] == m.shape[0]:  # every row, in order: cuBLAS
+    if _keeps_every_row(idx, m):
         return _kgather_every_row(h, m, bias, second, low_rank)
     h = h.contiguous()
     tokens, ksel = h.shape
