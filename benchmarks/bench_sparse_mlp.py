@@ -7,6 +7,10 @@ Variants (bf16, frozen weights, the input requires grad):
 - ``sparselora-eager``: SparseLoRA's recipe, ``index_select`` of the weights then dense matmuls
   (shared indices).
 
+Groups of ``COMPACT_MIN_GROUP_TOKENS`` tokens or more (``lecompile.kernels.gather_gemm``: shared
+indices, sequences of 2048 tokens) run on cuBLAS over a compact copy of their kept rows;
+``--compact-min-group-tokens`` moves that threshold (a large value keeps them on the gather kernels).
+
 ``ideal_ratio = dense_ms * density / ms`` (1.0 = perfect scaling). Memory: the bytes the forward
 keeps alive for backward (``saved_mib``) and the peak over forward+backward. ``ms`` is eager
 wall time per call (Python and launch overhead included); ``graph_ms`` the same work replayed as
@@ -26,12 +30,14 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import MLP_SHAPES, command_line, meta, write_results  # noqa: E402
+from lecompile.kernels import gather_gemm  # noqa: E402
 from lecompile.ops.adapted_linear import ACTIVATIONS, AdaptedLinear, pack_mlp  # noqa: E402
 from lecompile.ops.sparse_mlp import sparse_mlp  # noqa: E402
 
 TOKENS = {"8x512": (8, 512), "4x2048": (4, 2048)}
 DENSITIES = (1.0, 0.5, 0.25, 0.1, 0.05)
 TILE = 128
+VARIANTS = ("lecompile-tile", "lecompile-sequence", "lecompile-shared", "sparselora-eager")
 
 
 def make_weights(d, ffn, gated, dtype):
@@ -95,23 +101,24 @@ def measure(fn, x, passes):
     return out
 
 
-def run(shapes, tokens_list, densities, dtype=torch.bfloat16):
+def run(shapes, tokens_list, densities, variants=VARIANTS, dtype=torch.bfloat16):
     rows = []
     cases = [(s, t) for s in shapes for t in tokens_list]
     for shape, tokens in tqdm(cases, desc="sparse_mlp"):
-        rows += run_case(shape, tokens, densities, dtype)
+        rows += run_case(shape, tokens, densities, variants, dtype)
         torch.cuda.empty_cache()
     return rows
 
 
-def run_case(shape, tokens, densities, dtype):
+def run_case(shape, tokens, densities, variants, dtype):
     d, ffn, act, gated = MLP_SHAPES[shape]
     batch, seq = TOKENS[tokens]
     w1, wu, w2 = make_weights(d, ffn, gated, dtype)
     x = torch.randn(batch, seq, d, device="cuda", dtype=dtype, requires_grad=True)
     base = measure(lambda x: dense_fn(x, w1, wu, w2, act), x, ("fwd", "fwd+bwd"))
     common = dict(case=f"{shape} mlp", d=d, ffn=ffn, activation=act + ("_gated" if gated else ""),
-                  tokens=batch * seq, batch=batch, seq=seq, dtype=str(dtype).replace("torch.", ""))
+                  tokens=batch * seq, batch=batch, seq=seq, dtype=str(dtype).replace("torch.", ""),
+                  compact_min_group_tokens=gather_gemm.COMPACT_MIN_GROUP_TOKENS)
     rows = [dict(common, **{"pass": p}, variant="dense", density=1.0, k=ffn, ms=base[p][0],
                  baseline="dense", baseline_ms=base[p][0], speedup=1.0, ideal_ratio=1.0,
                  graph_ms=base[p][2], baseline_graph_ms=base[p][2],
@@ -119,11 +126,13 @@ def run_case(shape, tokens, densities, dtype):
             for p in ("fwd", "fwd+bwd")]
     for density in densities:
         k = min(ffn, math.ceil(density * ffn / 128) * 128)
-        variants = {"lecompile-tile": indices(batch * seq // TILE, ffn, k),
-                    "lecompile-sequence": indices(batch, ffn, k),
-                    "lecompile-shared": indices(1, ffn, k)}
-        fns = {name: (lambda x, idx=idx: lecompile_fn(x, w1, wu, w2, act, idx)) for name, idx in variants.items()}
-        fns["sparselora-eager"] = lambda x, idx=variants["lecompile-shared"]: sparselora_fn(x, w1, wu, w2, act, idx)
+        groups = {"lecompile-tile": batch * seq // TILE, "lecompile-sequence": batch, "lecompile-shared": 1,
+                  "sparselora-eager": 1}
+        fns = {}
+        for name in variants:
+            idx = indices(groups[name], ffn, k)
+            fn = sparselora_fn if name == "sparselora-eager" else lecompile_fn
+            fns[name] = lambda x, idx=idx, fn=fn: fn(x, w1, wu, w2, act, idx)
         for name, fn in fns.items():
             try:
                 got = measure(fn, x, ("fwd", "fwd+bwd"))
@@ -155,7 +164,7 @@ def plot(rows, path):
     fig, axes = plt.subplots(2, len(cases) // 2 + len(cases) % 2, figsize=(4.5 * (len(cases) // 2 + 1), 8),
                              squeeze=False)
     for ax, (case, batch, seq) in zip(axes.flat, cases):
-        for variant in ("lecompile-tile", "lecompile-sequence", "lecompile-shared", "sparselora-eager"):
+        for variant in VARIANTS:
             pts = sorted((r["density"], r.get("graph_ideal_ratio") or r["ideal_ratio"]) for r in rows
                          if r.get("variant") == variant and r["case"] == case and r["batch"] == batch
                          and r.get("pass") == "fwd+bwd" and "ms" in r)
@@ -176,11 +185,18 @@ def main():
     parser.add_argument("--shapes", nargs="+", default=list(MLP_SHAPES), choices=list(MLP_SHAPES))
     parser.add_argument("--tokens", nargs="+", default=list(TOKENS), choices=list(TOKENS))
     parser.add_argument("--densities", nargs="+", type=float, default=list(DENSITIES))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--compact-min-group-tokens", type=int, default=gather_gemm.COMPACT_MIN_GROUP_TOKENS,
+                        help="tokens per group from which the GEMMs run on cuBLAS over a compact copy of the "
+                             "kept rows (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_sparse_mlp: needs a CUDA GPU (CPU timings say nothing about this operator)")
-    rows = run(args.shapes, args.tokens, args.densities)
+    if args.compact_min_group_tokens < 1:
+        parser.error(f"--compact-min-group-tokens must be positive, got {args.compact_min_group_tokens}")
+    gather_gemm.COMPACT_MIN_GROUP_TOKENS = args.compact_min_group_tokens
+    rows = run(args.shapes, args.tokens, args.densities, args.variants)
     data = {"meta": meta("sparse_mlp", command_line()), "rows": rows}
     path = write_results("sparse_mlp", data, args.out)
     plot(rows, args.out / "sparse_mlp.png")

@@ -154,11 +154,15 @@ def test_attention_blocks_inductor_cannot_tile_stay_dense_and_train():
 
 @pytest.mark.parametrize("activation,gated,adapters", [("relu", False, "lora"), ("silu", True, "lora"),
                                                        ("relu", False, "ia3"), ("silu", True, "ia3")])
-def test_sparse_mlp_kernels_on_cuda_match_masked_reference(activation, gated, adapters):
+@pytest.mark.parametrize("compact", [False, True])
+def test_sparse_mlp_kernels_on_cuda_match_masked_reference(activation, gated, adapters, compact, monkeypatch):
     """The Triton kernel path in bf16 (LoRA on every linear, or IA3 on fc2's input, per-sequence
     neurons): output and every gradient against the masked dense MLP in fp32 from the same
-    bf16-rounded values."""
+    bf16-rounded values. ``compact``: the GEMMs on cuBLAS over compact copies of the kept rows
+    (the threshold lowered to these 64-token sequences)."""
+    from lecompile.kernels import gather_gemm
     from lecompile.ops.adapted_linear import AdaptedLinear, pack_mlp
+    monkeypatch.setattr(gather_gemm, "COMPACT_MIN_GROUP_TOKENS", 64 if compact else 2 ** 40)
     from lecompile.ops.sparse_mlp import _uses_kernels, sparse_mlp
     from test_ops import leaves, make_mlp, masked_dense, random_idx
     gen = torch.Generator().manual_seed(0)

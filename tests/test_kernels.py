@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from lecompile.kernels import gather_gemm
 from lecompile.kernels.gather_gemm import (Neurons, kgather_matmul, kgather_matmul_ref, ngather_matmul,
                                            ngather_matmul_ref)
 
@@ -30,7 +31,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens,group,d,ffn,k", SHAPES)
 @pytest.mark.parametrize("activation", [None, "relu", "gelu", "gelu_tanh", "silu"])
-def test_ngather(dtype, tokens, group, d, ffn, k, activation):
+def test_ngather(dtype, tokens, group, d, ffn, k, activation, compact):
     gen = torch.Generator().manual_seed(0)
     x, m = rand(tokens, d, dtype=dtype, gen=gen), rand(ffn, d, dtype=dtype, gen=gen, scale=d ** -0.5)
     idx = sorted_idx(tokens // group, ffn, k, gen)
@@ -39,15 +40,32 @@ def test_ngather(dtype, tokens, group, d, ffn, k, activation):
     torch.testing.assert_close(got, ngather_matmul_ref(x, idx, group, first, activation=activation), **TOL[dtype])
 
 
-# Kept neurons of the tests below: some, or every one (the GEMM then runs on cuBLAS, the epilogue
-# in the kernel)
-KEPT = [256, 384]
+# How the tests below run the GEMM: the gather main loop; cuBLAS on a compact copy of the kept rows
+# (groups of COMPACT_MIN_GROUP_TOKENS tokens or more: lowered here so that small groups take it); cuBLAS
+# on the whole weight (every neuron kept). The epilogue stays in the kernel in the last two.
+KEPT = {"gather": 256, "compact": 256, "every-row": 384}
+
+
+def _route(monkeypatch, path):
+    monkeypatch.setattr(gather_gemm, "COMPACT_MIN_GROUP_TOKENS", 16 if path == "compact" else 2 ** 40)
+
+
+@pytest.fixture(params=list(KEPT))
+def kept(request, monkeypatch):
+    """Kept neurons of 384, for each GEMM path."""
+    _route(monkeypatch, request.param)
+    return KEPT[request.param]
+
+
+@pytest.fixture(params=["gather", "compact"])
+def compact(request, monkeypatch):
+    """Some neurons kept: the gather main loop, or cuBLAS on a compact copy of the kept rows."""
+    _route(monkeypatch, request.param)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rank", [4, 16])
-@pytest.mark.parametrize("k", KEPT)
-def test_ngather_gated_with_adapters_saves_pre(dtype, rank, k):
+def test_ngather_gated_with_adapters_saves_pre(dtype, rank, kept):
     gen = torch.Generator().manual_seed(1)
     tokens, group, d, ffn = 48, 16, 40, 384
     x = rand(tokens, d, dtype=dtype, gen=gen)
@@ -58,7 +76,7 @@ def test_ngather_gated_with_adapters_saves_pre(dtype, rank, k):
                        bias=rand(ffn, dtype=dtype, gen=gen), out_scale=1 + rand(ffn, gen=gen, scale=0.1))
 
     gate, up = neurons(), neurons()
-    idx = sorted_idx(tokens // group, ffn, k, gen)
+    idx = sorted_idx(tokens // group, ffn, kept, gen)
     got = ngather_matmul(x, idx, group, gate, up, activation="silu", save_pre=True)
     want = ngather_matmul_ref(x, idx, group, gate, up, activation="silu", save_pre=True)
     assert len(got) == 3
@@ -70,7 +88,7 @@ def test_ngather_gated_with_adapters_saves_pre(dtype, rank, k):
 @pytest.mark.parametrize("tokens,group,d,ffn,k", SHAPES)
 @pytest.mark.parametrize("two,bias,rank", [(False, False, 0), (False, True, 0), (True, False, 0),
                                            (False, True, 16), (True, False, 40)])
-def test_kgather(dtype, tokens, group, d, ffn, k, two, bias, rank):
+def test_kgather(dtype, tokens, group, d, ffn, k, two, bias, rank, compact):
     gen = torch.Generator().manual_seed(2)
     h, m = rand(tokens, k, dtype=dtype, gen=gen), rand(ffn, d, dtype=dtype, gen=gen, scale=k ** -0.5)
     idx = sorted_idx(tokens // group, ffn, k, gen)
@@ -101,16 +119,16 @@ def test_kernels_reject_bad_layouts():
 @pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "silu"])
 @pytest.mark.parametrize("gated,lora,return_h", [(False, False, False), (True, False, False), (False, True, True),
                                                  (True, True, True)])
-@pytest.mark.parametrize("k", KEPT)
-def test_ngather_grad_fuses_activation_derivative(dtype, activation, gated, lora, return_h, k):
+def test_ngather_grad_fuses_activation_derivative(dtype, activation, gated, lora, return_h, kept):
     from lecompile.kernels.gather_gemm import ngather_matmul_grad, ngather_matmul_grad_ref
     gen = torch.Generator().manual_seed(5)
     tokens, group, d, ffn = 48, 16, 40, 384
     dy = rand(tokens, d, dtype=dtype, gen=gen)
     m = Neurons(rand(ffn, d, dtype=dtype, gen=gen, scale=d ** -0.5),
                 lora=(rand(tokens, 8, gen=gen), rand(ffn, 8, gen=gen, scale=0.1), 0.5) if lora else None)
-    idx = sorted_idx(tokens // group, ffn, k, gen)
-    pre, pre_up = rand(tokens, k, dtype=dtype, gen=gen), (rand(tokens, k, dtype=dtype, gen=gen) if gated else None)
+    idx = sorted_idx(tokens // group, ffn, kept, gen)
+    pre = rand(tokens, kept, dtype=dtype, gen=gen)
+    pre_up = rand(tokens, kept, dtype=dtype, gen=gen) if gated else None
     got = ngather_matmul_grad(dy, idx, group, m, activation, pre, pre_up, return_h=return_h)
     want = ngather_matmul_grad_ref(dy, idx, group, m, activation, pre, pre_up, return_h=return_h)
     outputs = 1 + gated + return_h
@@ -122,8 +140,7 @@ def test_ngather_grad_fuses_activation_derivative(dtype, activation, gated, lora
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("gated,lora", [(False, False), (True, True)])
-@pytest.mark.parametrize("k", KEPT)
-def test_ngather_grad_of_a_scale_on_its_output(dtype, gated, lora, k):
+def test_ngather_grad_of_a_scale_on_its_output(dtype, gated, lora, kept):
     """IA3 on fc2's input: ``dh`` is scaled by ``s[idx]`` and ``dL/ds`` comes back per group."""
     from lecompile.kernels.gather_gemm import ngather_matmul_grad, ngather_matmul_grad_ref
     gen = torch.Generator().manual_seed(7)
@@ -132,16 +149,17 @@ def test_ngather_grad_of_a_scale_on_its_output(dtype, gated, lora, k):
     s = rand(ffn, gen=gen).add(1.0).to(dtype)
     m = Neurons(rand(ffn, d, dtype=dtype, gen=gen, scale=d ** -0.5), out_scale=s,
                 lora=(rand(tokens, 8, gen=gen), rand(ffn, 8, gen=gen, scale=0.1), 0.5) if lora else None)
-    idx = sorted_idx(tokens // group, ffn, k, gen)
-    pre, pre_up = rand(tokens, k, dtype=dtype, gen=gen), (rand(tokens, k, dtype=dtype, gen=gen) if gated else None)
+    idx = sorted_idx(tokens // group, ffn, kept, gen)
+    pre = rand(tokens, kept, dtype=dtype, gen=gen)
+    pre_up = rand(tokens, kept, dtype=dtype, gen=gen) if gated else None
     got = ngather_matmul_grad(dy, idx, group, m, "relu", pre, pre_up, return_h=True, return_scale_grad=True)
     want = ngather_matmul_grad_ref(dy, idx, group, m, "relu", pre, pre_up, return_h=True, return_scale_grad=True)
-    assert len(got) == len(want) == 3 + gated and got[-1].shape == (tokens // group, k)
+    assert len(got) == len(want) == 3 + gated and got[-1].shape == (tokens // group, kept)
     for g, w in zip(got[:-1], want[:-1]):
         torch.testing.assert_close(g, w, **TOL[dtype])
     torch.testing.assert_close(got[-1], want[-1], atol=TOL[dtype]["atol"] * group, rtol=TOL[dtype]["rtol"])
     if dtype == torch.float32 and not lora:  # the twin's dL/ds against autograd through (h * s) @ M[idx]
-        h = got[-2].reshape(-1, group, k)
+        h = got[-2].reshape(-1, group, kept)
         sg = s[idx].clone().requires_grad_()
         y = (h * sg.unsqueeze(1)) @ m.m[idx]
         (y * dy.reshape(-1, group, d)).sum().backward()

@@ -238,10 +238,14 @@ def kernels_on_cpu(monkeypatch):
 
 @pytest.mark.parametrize("adapters", ["lora", "ia3", "lora+ia3", "full", "none"])
 @pytest.mark.parametrize("activation,gated", [("relu", False), ("gelu_tanh", False), ("silu", True)])
-@pytest.mark.parametrize("k", [128, 256])  # 256: every neuron (the GEMMs on cuBLAS)
-def test_kernel_path_matches_reference(kernels_on_cpu, adapters, activation, gated, k):
-    """Forward and every gradient of the kernel path equal the reference path's."""
+@pytest.mark.parametrize("path,k", [("gather", 128), ("compact", 128), ("every-row", 256)])
+def test_kernel_path_matches_reference(kernels_on_cpu, monkeypatch, adapters, activation, gated, path, k):
+    """Forward and every gradient of the kernel path equal the reference path's, with the GEMMs in
+    the gather kernels, on cuBLAS over a compact copy of the kept rows (lowered threshold: 16-token
+    groups take it) or on cuBLAS over the whole weights (every neuron kept)."""
+    from lecompile.kernels import gather_gemm
     from lecompile.ops.sparse_mlp import _uses_kernels
+    monkeypatch.setattr(gather_gemm, "COMPACT_MIN_GROUP_TOKENS", 16 if path == "compact" else 2 ** 40)
     gen = torch.Generator().manual_seed(3)
     d, ffn, batch, seq = 24, 256, 2, 16
     fc1, up, fc2 = make_mlp(d, ffn, torch.float32, gated, adapters.split("+")[0])

@@ -13,11 +13,14 @@ the kept neurons of each group of ``group_tokens`` consecutive tokens (each row 
 
 The rows are gathered inside the kernel, along the contiguous ``d`` axis of ``M``: no gathered
 weight copy is written to memory. fp32 accumulation; fp16, bf16 and fp32 inputs.
-Each launcher has a PyTorch twin (``*_ref``) that the tests compare it with. When every row is
-kept (``k`` equals ``M``'s rows, so each sorted row of ``idx`` is ``arange``), both are plain GEMMs
-and run on cuBLAS, faster than these main loops: the K-gather's terms are added by ``addmm``, and
-the N-gather's epilogue runs as its kernel with the main loop replaced by a load of cuBLAS's output
-(written over in place: no extra ``[T, k]`` buffer).
+Each launcher has a PyTorch twin (``*_ref``) that the tests compare it with.
+
+Two cases run the GEMM on cuBLAS instead, faster than these main loops: every row kept (``k``
+equals ``M``'s rows, so each sorted row of ``idx`` is ``arange``: a plain GEMM), and groups of at
+least :data:`COMPACT_MIN_GROUP_TOKENS` tokens, whose kept rows are copied once per call into a
+compact ``[G, k, d]`` tensor for a batched GEMM. The K-gather's terms are then added by
+``baddbmm``/``addmm``, and the N-gather's epilogue runs as its kernel with the main loop replaced
+by a load of cuBLAS's output (written over in place: no extra ``[T, k]`` buffer).
 """
 
 from __future__ import annotations
@@ -35,6 +38,12 @@ ACT_CODES = {None: ACT_NONE, "relu": ACT_RELU, "gelu": ACT_GELU, "gelu_tanh": AC
              "silu": ACT_SILU}
 #: Token tiles must not straddle groups: ``group_tokens`` must be a multiple of this.
 MIN_GROUP_TOKENS = 16
+#: Groups of at least this many tokens gather their kept rows into a compact copy and run the GEMM
+#: on cuBLAS. The copy moves ``4 k d`` bytes for ``2 k d`` flops per token of the group: on the H100
+#: (3.35 TB/s, about 990 dense bf16 TFLOP/s) about 590 / group_tokens of the GEMM's time, which
+#: the main loops lose to cuBLAS (22-43%, ``benchmarks/results/profiles/gather_gemm_main_loops.txt``)
+#: from about 2048 tokens per group on.
+COMPACT_MIN_GROUP_TOKENS = 2048
 
 
 #: Autotune results go to Triton's cache directory (Triton >= 3.4), so a new process with the same
@@ -72,6 +81,18 @@ def _prune_by_group(configs, named_args, **kwargs):
     kept = [c for c in configs if group % c.kwargs["BLOCK_T"] == 0]
     return kept or [triton.Config({**configs[0].kwargs, "BLOCK_T": MIN_GROUP_TOKENS},
                                   num_warps=configs[0].num_warps)]
+
+
+def _prune_ngather(configs, named_args, **kwargs):
+    """:func:`_prune_by_group`; with the GEMM precomputed only the epilogue runs, so configs that
+    differ only in the reduction tile or the pipeline depth are one."""
+    kept = _prune_by_group(configs, named_args, **kwargs)
+    if not kwargs.get("PRECOMPUTED"):
+        return kept
+    distinct = {}
+    for c in kept:
+        distinct.setdefault((c.kwargs["BLOCK_T"], c.kwargs["BLOCK_N"], c.num_warps), c)
+    return list(distinct.values())
 
 
 @triton.jit
@@ -162,7 +183,7 @@ def _ngather_tile(x_ptr, m_ptr, base_ptr, rows, offs_t, offs_n, T, D, KSEL, stri
 
 @triton.autotune(configs=_configs(("BLOCK_T", "BLOCK_N", "BLOCK_D")),
                  key=["D", "KSEL", "GROUP_ALIGN", "R", "GATED", "HAS_LORA", "ACT", "GRAD_ACT", "PRECOMPUTED"],
-                 prune_configs_by={"early_config_prune": _prune_by_group},
+                 prune_configs_by={"early_config_prune": _prune_ngather},
                  restore_value=["base_ptr", "base2_ptr"], **AUTOTUNE_CACHE)  # outputs may overwrite them
 @triton.heuristics({"EVEN_D": lambda args: args["D"] % args["BLOCK_D"] == 0})
 @triton.jit
@@ -304,8 +325,23 @@ def _check_common(name, a, m, idx, group_tokens):
 
 def _keeps_every_row(idx, m) -> bool:
     """Whether ``idx`` keeps all of ``M``'s rows: each sorted row of it is then ``arange``, and the
-    gather-GEMM is a plain GEMM (cuBLAS)."""
+    gather-GEMM is a plain GEMM."""
     return idx.shape[1] == m.shape[0]
+
+
+def _on_cublas(idx, m, group_tokens) -> bool:
+    """Whether the GEMM runs on cuBLAS rather than in the gather main loop (see the module doc)."""
+    return _keeps_every_row(idx, m) or group_tokens >= COMPACT_MIN_GROUP_TOKENS
+
+
+def _batched(a, m, idx, group_tokens):
+    """``a [T, *]`` per group and ``M``'s kept rows per group, ``([G, n, *], [G, k, d])``, the
+    operands of a batched GEMM; with every row kept, one group of all tokens and ``M`` itself."""
+    if _keeps_every_row(idx, m):
+        return a.unsqueeze(0), m.unsqueeze(0)
+    groups, ksel = idx.shape
+    return (a.reshape(groups, group_tokens, a.shape[1]),
+            m.index_select(0, idx.reshape(-1)).view(groups, ksel, m.shape[1]))
 
 
 def _dot_fp32(dtype):
@@ -349,19 +385,24 @@ def _launch_ngather(x, idx, group_tokens, first, second, activation, save_pre, g
     tokens, d = x.shape
     ksel = idx.shape[1]
     s2 = second or first
-    every_row = _keeps_every_row(idx, first.m)
+    cublas = _on_cublas(idx, first.m, group_tokens)
     gated = second is not None or (grad_of is not None and grad_of[2] is not None)
-    # With every row kept, the GEMMs' outputs are the buffers the kernel writes over: each program
-    # reads its tile of them before it stores to the same tile of ``out`` and the pre-activations.
-    base = x @ first.m.t() if every_row else None
-    base2 = x @ s2.m.t() if every_row and second is not None else None
+
+    def gemm(n: Neurons):
+        xg, mg = _batched(x, n.m, idx, group_tokens)
+        return torch.bmm(xg, mg.transpose(1, 2)).view(tokens, ksel)
+
+    # On cuBLAS, the GEMMs' outputs are the buffers the kernel writes over: each program reads its
+    # tile of them before it stores to the same tile of ``out`` and the pre-activations.
+    base = gemm(first) if cublas else None
+    base2 = gemm(s2) if cublas and second is not None else None
     out = base if base is not None and (grad_of is not None or not save_pre) else x.new_empty(tokens, ksel)
     out2 = x.new_empty(tokens, ksel) if grad_of is not None and gated else out
     if grad_of is not None:
         pre, pre2 = grad_of[1].contiguous(), (grad_of[2].contiguous() if gated else out)
     else:
-        pre = (base if every_row else x.new_empty(tokens, ksel)) if save_pre else out
-        pre2 = (base2 if every_row else x.new_empty(tokens, ksel)) if save_pre and gated else out
+        pre = (base if cublas else x.new_empty(tokens, ksel)) if save_pre else out
+        pre2 = (base2 if cublas else x.new_empty(tokens, ksel)) if save_pre and gated else out
     h = x.new_empty(tokens, ksel) if return_h else out
     sgrad = torch.empty(tokens // MIN_GROUP_TOKENS, ksel, dtype=torch.float32, device=x.device) if scale_grad else out
 
@@ -380,7 +421,7 @@ def _launch_ngather(x, idx, group_tokens, first, second, activation, save_pre, g
     _ngather_kernel[grid](
         x, idx, out, out2, pre, pre2, h, sgrad,
         first.m, u1, b1, first.bias if first.bias is not None else out,
-        first.out_scale if first.out_scale is not None else out, base if every_row else out,
+        first.out_scale if first.out_scale is not None else out, base if cublas else out,
         s2.m, u2, b2, s2.bias if s2.bias is not None else out,
         s2.out_scale if s2.out_scale is not None else out, base2 if base2 is not None else out,
         tokens, d, ksel, group_tokens, group_align(group_tokens), rank, sc1, sc2,
@@ -391,7 +432,7 @@ def _launch_ngather(x, idx, group_tokens, first, second, activation, save_pre, g
         HAS_OSCALE=first.out_scale is not None and not scale_grad,
         HAS_LORA2=second is not None and second.lora is not None,
         HAS_BIAS2=second is not None and second.bias is not None,
-        HAS_OSCALE2=second is not None and second.out_scale is not None, PRECOMPUTED=every_row,
+        HAS_OSCALE2=second is not None and second.out_scale is not None, PRECOMPUTED=cublas,
         R_PAD=max(16, triton.next_power_of_2(max(rank, 1))), PRECISION=_precision(x.dtype),
         DOT_FP32=_dot_fp32(x.dtype))
     if grad_of is not None:
@@ -409,21 +450,21 @@ def kgather_matmul(h: torch.Tensor, m: torch.Tensor, idx: torch.Tensor, group_to
                    second: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
                    low_rank: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """``h @ M[idx] (+ h2 @ M2[idx]) + v @ a + bias``: ``[T, d]`` from compact ``h [T, k]``;
-    ``low_rank = (v [T, r], a [r, d])`` is added in fp32 before the single rounding (with every
-    row kept, on cuBLAS, each term's ``addmm`` rounds once)."""
+    ``low_rank = (v [T, r], a [r, d])`` is added in fp32 before the single rounding (on cuBLAS,
+    see the module doc, each term's ``baddbmm``/``addmm`` rounds once)."""
     _check_common("kgather_matmul", h, m, idx, group_tokens)
-    if _keeps_every_row(idx, m):
-        return _kgather_every_row(h, m, bias, second, low_rank)
-    h = h.contiguous()
     tokens, ksel = h.shape
     d = m.shape[1]
+    if low_rank is not None and (low_rank[0].shape[0] != tokens or low_rank[1].shape != (low_rank[0].shape[1], d)):
+        raise ValueError(f"kgather_matmul: low_rank shapes {tuple(low_rank[0].shape)} and "
+                         f"{tuple(low_rank[1].shape)} do not fit {tokens} tokens and d={d}")
+    if _on_cublas(idx, m, group_tokens):
+        return _kgather_cublas(h, m, idx, group_tokens, bias, second, low_rank)
+    h = h.contiguous()
     out = h.new_empty(tokens, d)
     h2, m2 = second if second is not None else (h, m)
     v, a = low_rank if low_rank is not None else (out, out)
     rank = v.shape[1] if low_rank is not None else 0
-    if low_rank is not None and (v.shape[0] != tokens or a.shape != (rank, d)):
-        raise ValueError(f"kgather_matmul: low_rank shapes {tuple(v.shape)} and {tuple(a.shape)} do not "
-                         f"fit {tokens} tokens and d={d}")
     v = v.contiguous()
     grid = lambda meta: (triton.cdiv(tokens, meta["BLOCK_T"]), triton.cdiv(d, meta["BLOCK_D"]))  # noqa: E731
     _kgather_kernel[grid](h, m, h2.contiguous(), m2, idx, bias if bias is not None else out, v, a, out,
@@ -435,11 +476,13 @@ def kgather_matmul(h: torch.Tensor, m: torch.Tensor, idx: torch.Tensor, group_to
     return out
 
 
-def _kgather_every_row(h, m, bias, second, low_rank):
-    out = h @ m if bias is None else torch.addmm(bias.to(h.dtype), h, m)
+def _kgather_cublas(h, m, idx, group_tokens, bias, second, low_rank):
+    hg, mg = _batched(h, m, idx, group_tokens)
+    out = torch.bmm(hg, mg) if bias is None else torch.baddbmm(bias.to(h.dtype), hg, mg)
     if second is not None:
-        h2, m2 = second
-        out.addmm_(h2.to(h.dtype), m2)
+        h2g, m2g = _batched(second[0].to(h.dtype), second[1], idx, group_tokens)
+        out.baddbmm_(h2g, m2g)
+    out = out.view(h.shape[0], -1)
     if low_rank is not None:
         v, a = low_rank
         out.addmm_(v.to(h.dtype), a.to(h.dtype))
