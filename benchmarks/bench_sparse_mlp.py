@@ -156,10 +156,21 @@ def _ratio(base_ms, density, ms):
     return base_ms * density / ms if base_ms and ms else None
 
 
+def newest(rows):
+    """The rows of the newest run (``run``; rows without one are older) of each case, variant,
+    density and pass."""
+    latest = {}
+    for r in sorted(rows, key=lambda r: r.get("run", 0)):
+        latest[(r["case"], r["batch"], r["seq"], r.get("variant"), r.get("density"), r.get("pass"))] = r
+    return list(latest.values())
+
+
 def plot(rows, path):
+    """Ideal ratio against density per shape and token count, the newest run of each point."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    rows = newest(rows)
     cases = sorted({(r["case"], r["batch"], r["seq"]) for r in rows if "ms" in r})
     fig, axes = plt.subplots(2, len(cases) // 2 + len(cases) % 2, figsize=(4.5 * (len(cases) // 2 + 1), 8),
                              squeeze=False)

@@ -51,13 +51,16 @@ def main(argv=None) -> int:
     parser.add_argument("new", type=Path, help="the new run's results file")
     parser.add_argument("--what", required=True, help="one line: what the run measured, what cut it short")
     parser.add_argument("--commit", default=None, help="the commit the run's code was (overrides the recorded one)")
-    parser.add_argument("--plot", action="store_true", help="redraw e2e.png beside the results (e2e only)")
+    parser.add_argument("--plot", action="store_true", help="redraw the plot beside the results (e2e, sparse_mlp)")
     args = parser.parse_args(argv)
     results, new = json.loads(args.results.read_text()), json.loads(args.new.read_text())
     run = merge(results, new, args.what, args.commit)
     args.results.write_text(json.dumps(results, indent=1) + "\n")
     if args.plot and results["meta"]["benchmark"] == "e2e":
         e2e.plot(results["rows"], args.results.with_suffix(".png"))
+    elif args.plot and results["meta"]["benchmark"] == "sparse_mlp":
+        from benchmarks.bench_sparse_mlp import plot
+        plot(results["rows"], args.results.with_suffix(".png"))
     print(f"{args.new} -> {args.results}: run {run}, {len(new['rows'])} rows")
     return 0
 

@@ -189,8 +189,13 @@ def test_sparse_mlp_kernels_on_cuda_match_masked_reference(activation, gated, ad
     got = torch.autograd.grad(y, leaves(x, *fast), dy.to(y.dtype))
     want = torch.autograd.grad(y_ref, leaves(x_ref, *ref), dy)
     assert len(got) == len(want) > (4 if adapters == "lora" else 2)
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g.float(), w, atol=5e-2, rtol=5e-2)
+    # On cuBLAS the GEMMs' outputs are rounded to bf16 before the epilogue, as in PyTorch's own bf16
+    # MLP: the band each gradient must stay within is that MLP's error, or the kernels' tolerance.
+    y_bf16 = masked_dense(x, idx, *fast, activation)
+    plain = torch.autograd.grad(y_bf16, leaves(x, *fast), dy.to(y.dtype))
+    for g, w, p in zip(got, want, plain):
+        torch.testing.assert_close(g.float(), w, atol=max(5e-2, 1.5 * (p.float() - w).abs().max().item()),
+                                   rtol=5e-2)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
