@@ -63,6 +63,17 @@ def compact(request, monkeypatch):
     _route(monkeypatch, request.param)
 
 
+def test_gemms_go_to_cublas_for_every_row_or_large_groups(monkeypatch):
+    gen = torch.Generator().manual_seed(8)
+    m, idx = rand(384, 24, gen=gen), sorted_idx(2, 384, 256, gen)
+    monkeypatch.setattr(gather_gemm, "COMPACT_MIN_GROUP_TOKENS", 64)
+    assert gather_gemm._on_cublas(idx, m, 64) and not gather_gemm._on_cublas(idx, m, 48)
+    assert gather_gemm._on_cublas(torch.arange(384, device=DEVICE)[None], m, 16)
+    x = rand(128, 24, gen=gen)
+    xg, mg = gather_gemm._batched(x, m, idx, 64)
+    assert xg.shape == (2, 64, 24) and torch.equal(mg, m[idx])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rank", [4, 16])
 def test_ngather_gated_with_adapters_saves_pre(dtype, rank, kept):
