@@ -1,8 +1,8 @@
 """The sparse MLP on CUDA: forward and backward built on the gather-GEMM kernels.
 
 Every large GEMM is a kernel launch on neuron-major weights (``lecompile.kernels.gather_gemm``;
-with every neuron kept, ``k == ffn``, the GEMMs run on cuBLAS and the N-gathers' epilogues in their
-kernel):
+with every neuron kept, ``k == ffn``, or token groups of ``COMPACT_MIN_GROUP_TOKENS`` or more, the
+GEMMs run on cuBLAS and the N-gathers' epilogues in their kernel):
 
 | GEMM | kernel |
 |---|---|
