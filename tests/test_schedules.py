@@ -154,8 +154,13 @@ def test_context_only_through_the_kernel_path_matches_reference_model(monkeypatc
     # The flag changes the op's saved tensors but not Inductor's cache keys: no cache either way.
     monkeypatch.setattr(torch._inductor.config, "force_disable_caches", True)
     every_row = []
-    kgather_every_row = gather_gemm._kgather_every_row
-    monkeypatch.setattr(gather_gemm, "_kgather_every_row", lambda *a: every_row.append(1) or kgather_every_row(*a))
+    kgather_cublas = gather_gemm._kgather_cublas
+
+    def spy(h, m, idx, *args):
+        every_row.append(gather_gemm._keeps_every_row(idx, m))
+        return kgather_cublas(h, m, idx, *args)
+
+    monkeypatch.setattr(gather_gemm, "_kgather_cublas", spy)
     model, tile = tiny_model("llama", "lora"), 16
     inputs = context_only_inputs(tile)
     ref_loss, ref_grads = context_only_reference(model, "llama", inputs, tile, [2, 3, 6, 7])
@@ -163,7 +168,7 @@ def test_context_only_through_the_kernel_path_matches_reference_model(monkeypatc
     backend = lecompile.longexposure(LongExposureConfig(**SPARSE, granularity="tile", tile_size=tile,
                                                         dense_output_share=0.5))
     loss, grads = train_step(torch.compile(model, backend=backend), model, inputs)
-    assert len(every_row) == 4, "each layer's dense groups: fc2 forward and the input gradient"
+    assert every_row == [True] * 4, "each layer's dense groups: fc2 forward and the input gradient"
     torch.testing.assert_close(loss, ref_loss, atol=1e-4, rtol=1e-4)
     for name in grads:
         torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-3, rtol=1e-3, msg=name)
