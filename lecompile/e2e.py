@@ -609,25 +609,38 @@ def run(args) -> dict:
 
 
 def parse_inductor_options(items: Sequence[str]) -> dict:
-    """``["combo_kernels=true", ...]`` as ``torch._inductor.config`` values (``true``/``false``,
-    numbers, else strings); an unknown key or an item without ``=`` names itself."""
+    """``["combo_kernels=true", ...]`` as ``torch._inductor.config`` values, each of the type of the
+    option's current value (bool, int, float, str; for options without one of those, ``true``/``false``,
+    numbers, else the string). An unknown key, a value of the wrong type or an item without ``=``
+    names itself."""
     import torch._inductor.config as inductor_config
     options = {}
     for item in items:
         key, sep, raw = (part.strip() for part in item.partition("="))
         if not sep or not _has_option(inductor_config, key):
             raise ValueError(f"--inductor-option {item!r} is not KEY=VALUE with KEY a torch._inductor.config option")
-        if raw.lower() in ("true", "false"):
-            options[key] = raw.lower() == "true"
-        else:
-            try:
-                options[key] = int(raw)
-            except ValueError:
-                try:
-                    options[key] = float(raw)
-                except ValueError:
-                    options[key] = raw
+        current = functools.reduce(getattr, key.split("."), inductor_config)
+        try:
+            options[key] = _option_value(raw, current)
+        except ValueError:
+            raise ValueError(f"--inductor-option {item!r}: {key} takes {type(current).__name__} values") from None
     return options
+
+
+def _option_value(raw: str, current):
+    kind = type(current) if isinstance(current, (bool, int, float, str)) else None
+    if kind is bool or (kind is None and raw.lower() in ("true", "false")):
+        if raw.lower() not in ("true", "false"):
+            raise ValueError(raw)
+        return raw.lower() == "true"
+    if kind is not None:
+        return kind(raw)
+    for convert in (int, float):
+        try:
+            return convert(raw)
+        except ValueError:
+            pass
+    return raw
 
 
 def _has_option(config, key: str) -> bool:

@@ -149,3 +149,9 @@ def test_inductor_options_are_typed_and_unknown_keys_named():
         "triton.cudagraphs": False}
     with pytest.raises(ValueError, match="'fastest=1' is not KEY=VALUE"):
         e2e.parse_inductor_options(["fastest=1"])
+    with pytest.raises(ValueError, match="'combo_kernels=2': combo_kernels takes bool values"):
+        e2e.parse_inductor_options(["combo_kernels=2"])
+    with pytest.raises(ValueError, match="combo_kernel_allow_mixed_sizes takes int values"):
+        e2e.parse_inductor_options(["combo_kernel_allow_mixed_sizes=yes"])
+    # typed by the option, not by the text: a string option keeps a numeric-looking value
+    assert e2e.parse_inductor_options(["max_autotune_gemm_backends=1"]) == {"max_autotune_gemm_backends": "1"}
