@@ -121,25 +121,32 @@ def context_only_reference(model, arch, inputs, tile, dense_tiles):
             h.remove()
 
 
-@pytest.mark.parametrize("share,dense_tiles", [(0.5, [2, 3, 6, 7]), (0.25, [2, 3])])
-@pytest.mark.parametrize("arch", ["llama", "opt"])
-def test_context_only_runs_output_tiles_dense(arch, share, dense_tiles):
-    """Output tokens' tiles (the second half of each sequence) run dense, the others keep the
-    oracle's per-tile top-k: loss and gradients match an eager model masked that way."""
+def check_context_only(arch, share, dense_tiles, loss_tol, grad_tol):
+    """Compile the tiny model with context-only sparsity over 16-token tiles and compare its loss
+    and gradients with the eager model masked the same way; returns the backend."""
     model, tile = tiny_model(arch, "lora"), 16
     inputs = context_only_inputs(tile)
-
     ref_loss, ref_grads = context_only_reference(model, arch, inputs, tile, dense_tiles)
     torch._dynamo.reset()
     backend = lecompile.longexposure(LongExposureConfig(**SPARSE, granularity="tile", tile_size=tile,
                                                         dense_output_share=share))
     loss, grads = train_step(torch.compile(model, backend=backend), model, inputs)
+    torch.testing.assert_close(loss, ref_loss, **loss_tol)
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], **grad_tol, msg=name)
+    return backend
+
+
+@pytest.mark.parametrize("share,dense_tiles", [(0.5, [2, 3, 6, 7]), (0.25, [2, 3])])
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_context_only_runs_output_tiles_dense(arch, share, dense_tiles):
+    """Output tokens' tiles (the second half of each sequence) run dense, the others keep the
+    oracle's per-tile top-k: loss and gradients match an eager model masked that way."""
+    tol = dict(atol=2e-5, rtol=1e-4)
+    backend = check_context_only(arch, share, dense_tiles, tol, tol)
     notes = {e.note for e in backend.report.mlp}
     assert all(e.rewritten for e in backend.report.mlp)
     assert notes == {f"context-only: {len(dense_tiles)} of 8 token groups dense, output tokens first"}, notes
-    torch.testing.assert_close(loss, ref_loss, atol=2e-5, rtol=1e-4)
-    for name in grads:
-        torch.testing.assert_close(grads[name], ref_grads[name], atol=2e-5, rtol=1e-4, msg=name)
 
 
 def test_context_only_through_the_kernel_path_matches_reference_model(monkeypatch):
@@ -161,17 +168,8 @@ def test_context_only_through_the_kernel_path_matches_reference_model(monkeypatc
         return kgather_cublas(h, m, idx, *args)
 
     monkeypatch.setattr(gather_gemm, "_kgather_cublas", spy)
-    model, tile = tiny_model("llama", "lora"), 16
-    inputs = context_only_inputs(tile)
-    ref_loss, ref_grads = context_only_reference(model, "llama", inputs, tile, [2, 3, 6, 7])
-    torch._dynamo.reset()
-    backend = lecompile.longexposure(LongExposureConfig(**SPARSE, granularity="tile", tile_size=tile,
-                                                        dense_output_share=0.5))
-    loss, grads = train_step(torch.compile(model, backend=backend), model, inputs)
+    check_context_only("llama", 0.5, [2, 3, 6, 7], dict(atol=1e-4, rtol=1e-4), dict(atol=1e-3, rtol=1e-3))
     assert every_row == [True] * 4, "each layer's dense groups: fc2 forward and the input gradient"
-    torch.testing.assert_close(loss, ref_loss, atol=1e-4, rtol=1e-4)
-    for name in grads:
-        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-3, rtol=1e-3, msg=name)
 
 
 def test_context_only_without_labels_is_reported_and_validated():
