@@ -38,11 +38,12 @@ ACT_CODES = {None: ACT_NONE, "relu": ACT_RELU, "gelu": ACT_GELU, "gelu_tanh": AC
              "silu": ACT_SILU}
 #: Token tiles must not straddle groups: ``group_tokens`` must be a multiple of this.
 MIN_GROUP_TOKENS = 16
-#: Groups of at least this many tokens gather their kept rows into a compact copy and run the GEMM
-#: on cuBLAS. The copy moves ``4 k d`` bytes for ``2 k d`` flops per token of the group: on the H100
-#: (3.35 TB/s, about 990 dense bf16 TFLOP/s) about 590 / group_tokens of the GEMM's time, which
-#: the main loops lose to cuBLAS (22-43%, ``benchmarks/results/profiles/gather_gemm_main_loops.txt``)
-#: from about 2048 tokens per group on.
+#: Groups of at least this many tokens gather their kept rows into a compact copy (``[G, k, d]``,
+#: alive for one GEMM) and run the GEMM on cuBLAS. The copy moves ``4 k d`` bytes for ``2 k d``
+#: flops per token of the group: on the H100 (3.35 TB/s, about 990 dense bf16 TFLOP/s) about
+#: 590 / group_tokens of the GEMM's time, less from about 2048 tokens per group on than the gather
+#: main loops lose to cuBLAS (22-43%, ``benchmarks/results/profiles/gather_gemm_main_loops.txt``;
+#: measured in ``benchmarks/results/sparse_mlp.json`` runs 2 and 3).
 COMPACT_MIN_GROUP_TOKENS = 2048
 
 
