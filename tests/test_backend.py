@@ -110,6 +110,20 @@ def test_granularity(granularity, seq, expected, note):
     assert entry.granularity == expected and note in entry.note and entry.k == 128
 
 
+def test_report_names_groups_on_compact_copies(monkeypatch):
+    """Groups of ``COMPACT_MIN_GROUP_TOKENS`` tokens or more (lowered here) run their GEMMs on
+    cuBLAS over compact copies of the kept rows, and the report says so."""
+    from lecompile.kernels import gather_gemm
+    monkeypatch.setattr(gather_gemm, "COMPACT_MIN_GROUP_TOKENS", 64)
+    notes = {}
+    for granularity in ("batch", "sequence"):
+        config = LongExposureConfig(mlp_density=0.5, granularity=granularity)
+        [entry] = lecompile.explain(RenamedBlock(adapter=False), torch.randn(2, 32, 32), config=config).mlp
+        notes[granularity] = entry.note
+    assert "64-token groups: on CUDA the GEMMs run on cuBLAS over compact copies" in notes["batch"]
+    assert "compact copies" not in notes["sequence"]
+
+
 def test_explain_report_and_dumps(tmp_path, monkeypatch):
     monkeypatch.setenv("LECOMPILE_DUMP_DIR", str(tmp_path))
     torch._dynamo.reset()

@@ -14,6 +14,7 @@ import torch.fx as fx
 from torch._dynamo.utils import counters
 
 from ..ops import sparse_mlp  # noqa: F401  (registers torch.ops.lecompile.sparse_mlp)
+from ..ops.sparse_mlp import kernel_impl
 from ..ops.adapted_linear import SLOTS, AdaptedLinear, pack_mlp
 from ..ops.token_groups import all_neurons, dense_first_order, dense_group_count, merge_groups, split_groups
 from ..predictors.op import predict_neurons
@@ -109,6 +110,9 @@ def rewrite_mlp(ctx) -> None:
         tokens = math.prod(static_shape(mlp.fc1.x)[:-1])
         dense_groups, split_note = split.dense_groups(tokens, group_size)
         entry.note = _join(entry.note, split_note)
+        if kernel_impl is not None and kernel_impl.on_compact_copies(group_size):
+            entry.note = _join(entry.note, f"{group_size}-token groups: on CUDA the GEMMs run on cuBLAS over "
+                                           "compact copies of the kept rows")
         groups = (*split.order(ctx.gm.graph, group_size), dense_groups) if dense_groups else None
         _rewrite(ctx.gm.graph, mlp, k, group_size, cfg, groups)
         for lin in (mlp.fc1, mlp.up, mlp.fc2):
