@@ -330,9 +330,15 @@ def _keeps_every_row(idx, m) -> bool:
     return idx.shape[1] == m.shape[0]
 
 
+def uses_compact_copies(group_tokens: int) -> bool:
+    """Whether groups of ``group_tokens`` tokens run their GEMMs on cuBLAS over compact copies of
+    their kept rows rather than in the gather main loops."""
+    return group_tokens >= COMPACT_MIN_GROUP_TOKENS
+
+
 def _on_cublas(idx, m, group_tokens) -> bool:
     """Whether the GEMM runs on cuBLAS rather than in the gather main loop (see the module doc)."""
-    return _keeps_every_row(idx, m) or group_tokens >= COMPACT_MIN_GROUP_TOKENS
+    return _keeps_every_row(idx, m) or uses_compact_copies(group_tokens)
 
 
 def _batched(a, m, idx, group_tokens):

@@ -25,9 +25,9 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from ..weight_cache import WeightCache
-from ..kernels import gather_gemm
 from ..kernels.gather_gemm import (MIN_GROUP_TOKENS, Neurons, kgather_matmul, ngather_matmul,
                                    ngather_matmul_grad)
+from ..kernels.gather_gemm import uses_compact_copies  # noqa: F401  (the rewrite report asks it here)
 from .adapted_linear import ACTIVATION_GRADS, SLOTS, AdaptedLinear, _neuron_vector, _scale
 
 Tensor = torch.Tensor
@@ -46,12 +46,6 @@ def supported(x: Tensor, idx: Tensor, slots: List[int]) -> bool:
     return (on_device and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
             and idx.shape[0] > 0 and (tokens // idx.shape[0]) % MIN_GROUP_TOKENS == 0
             and not _UNSUPPORTED_SLOTS.intersection(slots))
-
-
-def on_compact_copies(group_tokens: int) -> bool:
-    """Whether groups of ``group_tokens`` tokens run their sparse GEMMs on cuBLAS over compact
-    copies of their kept rows rather than in the gather kernels (for the rewrite report)."""
-    return group_tokens >= gather_gemm.COMPACT_MIN_GROUP_TOKENS
 
 
 #: ``weight.t().contiguous()``, cached per weight version (frozen weights convert once).

@@ -110,7 +110,7 @@ def rewrite_mlp(ctx) -> None:
         tokens = math.prod(static_shape(mlp.fc1.x)[:-1])
         dense_groups, split_note = split.dense_groups(tokens, group_size)
         entry.note = _join(entry.note, split_note)
-        if kernel_impl is not None and kernel_impl.on_compact_copies(group_size):
+        if kernel_impl is not None and kernel_impl.uses_compact_copies(group_size):
             entry.note = _join(entry.note, f"{group_size}-token groups: on CUDA the GEMMs run on cuBLAS over "
                                            "compact copies of the kept rows")
         groups = (*split.order(ctx.gm.graph, group_size), dense_groups) if dense_groups else None
