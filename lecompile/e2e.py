@@ -617,9 +617,9 @@ def parse_inductor_options(items: Sequence[str]) -> dict:
     options = {}
     for item in items:
         key, sep, raw = (part.strip() for part in item.partition("="))
-        if not sep or not _has_option(inductor_config, key):
+        current = _option(inductor_config, key)
+        if not sep or current is _MISSING:
             raise ValueError(f"--inductor-option {item!r} is not KEY=VALUE with KEY a torch._inductor.config option")
-        current = functools.reduce(getattr, key.split("."), inductor_config)
         try:
             options[key] = _option_value(raw, current)
         except ValueError:
@@ -643,13 +643,15 @@ def _option_value(raw: str, current):
     return raw
 
 
-def _has_option(config, key: str) -> bool:
-    """Whether ``config`` has ``key``, dotted keys (``triton.cudagraphs``) included."""
+_MISSING = object()
+
+
+def _option(config, key: str):
+    """``config``'s value of ``key``, dotted keys (``triton.cudagraphs``) included, or ``_MISSING``."""
     try:
-        functools.reduce(getattr, key.split("."), config)
+        return functools.reduce(getattr, key.split("."), config)
     except AttributeError:
-        return False
-    return True
+        return _MISSING
 
 
 def format_rows(rows: List[dict]) -> str:

@@ -150,7 +150,7 @@ def _ngather_tile(x_ptr, m_ptr, base_ptr, rows, offs_t, offs_n, T, D, KSEL, stri
                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
     mask_t = offs_t < T
     mask_n = offs_n < KSEL
-    if PRECOMPUTED:  # every neuron kept: ``x @ M.T`` came from cuBLAS, [T, KSEL]
+    if PRECOMPUTED:  # ``x @ M[idx].T`` came from cuBLAS (every row kept, or a compact copy), [T, KSEL]
         acc = tl.load(base_ptr + offs_t[:, None].to(tl.int64) * KSEL + offs_n[None, :],
                       mask=mask_t[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
     else:

@@ -10,12 +10,12 @@ neurons ``idx[g]``: ``G = 1`` shares one set over the batch, ``G = batch`` is pe
 ``G = T / tile`` is per token tile. ``k == ffn`` means every neuron: the op runs dense.
 
 On CUDA the op runs the Triton gather-GEMM kernels (``sparse_mlp_kernels``) for the layouts
-they cover (in the dense case, ``k == ffn``, too: every GEMM then runs on cuBLAS); everywhere
-else it runs the PyTorch reference below. The reference backward recomputes the compact forward
-(only ``[T, k]`` tensors) and differentiates it, so it saves no activation beyond its inputs and
-the compact LoRA dropout mask, and it is exact for every input: adapters, biases, IA3 vectors,
-the input, and base weights too when they require grad (their gradient is non-zero on the kept
-neurons only).
+they cover (in the dense case, ``k == ffn``, too: every GEMM then runs on cuBLAS, as for token
+groups of 2048 tokens or more); everywhere else it runs the PyTorch reference below. The
+reference backward recomputes the compact forward (only ``[T, k]`` tensors) and differentiates
+it, so it saves no activation beyond its inputs and the compact LoRA dropout mask, and it is
+exact for every input: adapters, biases, IA3 vectors, the input, and base weights too when they
+require grad (their gradient is non-zero on the kept neurons only).
 """
 
 from __future__ import annotations
