@@ -99,9 +99,16 @@ class LongExposureConfig:
     #: Let the backward recompute cheap pointwise results that lecompile's ops read (the norms'
     #: outputs that the LoRA linears and sparse MLPs take, dtype casts of adapter weights) instead
     #: of keeping them: AOTAutograd's partitioner with ``ban_recompute_materialized_backward`` off.
-    #: About 1.5 fewer ``[tokens, hidden]`` tensors kept per decoder layer (OPT-2.7B at 8x512: peak
-    #: 13.2 -> 11.9 GiB) for 1-2% longer steps on the H100 (README, Results).
+    #: With ``norm_backward_from_output`` off: about 1.5 fewer ``[tokens, hidden]`` tensors kept per
+    #: decoder layer (OPT-2.7B at 8x512: peak 13.2 -> 11.9 GiB) for 1-2% longer steps on the H100;
+    #: with it on (the default) little is left to recompute (11.93 -> 11.89 GiB). README, Results.
     recompute_pointwise: bool = False
+    #: Layer norms with frozen weights keep their output for the backward instead of their input
+    #: (Apex's memory-efficient layer norm): the output is what the LoRA linears and sparse MLPs
+    #: after them keep anyway, so each norm holds one ``[tokens, hidden]`` tensor fewer, at the
+    #: same cost. The input is rebuilt as ``(y - bias) / weight``, so a norm qualifies only where
+    #: ``|bias| <= |weight|`` in every channel when the graph compiles (the report lists the rest).
+    norm_backward_from_output: bool = True
     #: Replay each compiled graph as a CUDA graph (what ``mode="reduce-overhead"`` does for
     #: Inductor): removes the Python and launch overhead of many small ops. Inputs are copied
     #: into static buffers and outputs are overwritten by the next replay (see PyTorch's
@@ -145,7 +152,7 @@ class LongExposureConfig:
         _check_int("learned_train_steps", self.learned_train_steps, "an integer >= 1", lambda v: v >= 1)
         _check_int("learned_refresh", self.learned_refresh, "an integer >= 0", lambda v: v >= 0)
         for name in ("rewrite_mlp", "fuse_adapters", "share_lora_input", "fuse_loss", "recompute_pointwise",
-                     "cudagraphs", "match_attention", "rewrite_attention"):
+                     "norm_backward_from_output", "cudagraphs", "match_attention", "rewrite_attention"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"LongExposureConfig.{name} must be a bool, "
                                  f"got {getattr(self, name)!r}")

@@ -59,6 +59,15 @@ class LossEntry:
 
 
 @dataclass
+class NormEntry:
+    """One layer norm of a training graph and whether its backward reads its output."""
+
+    layer: str
+    from_output: bool            # rewritten into layer_norm_from_output
+    note: str = ""
+
+
+@dataclass
 class Unmatched:
     """A candidate the passes looked at and left alone."""
 
@@ -79,11 +88,12 @@ class Report:
     linears: List[LinearEntry] = field(default_factory=list)
     unmatched: List[Unmatched] = field(default_factory=list)
     losses: List[LossEntry] = field(default_factory=list)
+    norms: List[NormEntry] = field(default_factory=list)
 
     def merge(self, other: "Report") -> "Report":
         return Report(self.graphs + other.graphs, self.mlp + other.mlp, self.attention + other.attention,
                       self.linears + other.linears, self.unmatched + other.unmatched,
-                      self.losses + other.losses)
+                      self.losses + other.losses, self.norms + other.norms)
 
     @property
     def mlp_rewritten(self) -> int:
@@ -132,6 +142,12 @@ class Report:
         if self.losses:
             lines.append(format_table(["loss", "fused", "note"], [
                 [e.where, "yes" if e.fused else "no", e.note or "-"] for e in self.losses]))
+        if self.norms:
+            kept = [e for e in self.norms if not e.from_output]
+            lines.append(f"layer norms: {len(self.norms) - len(kept)} of {len(self.norms)} keep their output, not "
+                         "their input, for the backward")
+            if kept:
+                lines.append(format_table(["layer norm", "why its input is kept"], [[e.layer, e.note] for e in kept]))
         if self.unmatched:
             lines.append(format_table(["unmatched", "reason"], [[u.where, u.reason] for u in self.unmatched]))
         return "\n".join(lines)

@@ -401,7 +401,9 @@ def test_recompute_pointwise_keeps_less_for_the_backward_with_the_same_gradients
             return t
 
         torch._dynamo.reset()
-        config = LongExposureConfig(mlp_density=0.5, k_align=64, recompute_pointwise=recompute)
+        # the norms' outputs are what it recomputes; with their backward from the output they are kept anyway
+        config = LongExposureConfig(mlp_density=0.5, k_align=64, recompute_pointwise=recompute,
+                                    norm_backward_from_output=False)
         compiled = torch.compile(model, backend=lecompile.longexposure(config))
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             loss = compiled(**inputs).loss
@@ -415,3 +417,62 @@ def test_recompute_pointwise_keeps_less_for_the_backward_with_the_same_gradients
     assert grads.keys() == want_grads.keys()
     for name in grads:
         torch.testing.assert_close(grads[name], want_grads[name], msg=name)
+
+
+def saved_bytes_and_grads(model, inputs, config):
+    """Bytes the compiled forward keeps for the backward (one entry per storage, parameters left
+    out), the loss, the gradients and the backend's report."""
+    storages = {}
+
+    def pack(t):
+        if not isinstance(t, nn.Parameter):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    torch._dynamo.reset()
+    backend = lecompile.longexposure(config)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = torch.compile(model, backend=backend)(**inputs).loss
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return sum(storages.values()), loss.detach(), grads, backend.report
+
+
+@pytest.mark.parametrize("arch", ["opt", "gpt2"])
+def test_layer_norms_keep_their_output_with_the_same_gradients(arch):
+    from models import batch, tiny_model
+
+    model, inputs = tiny_model(arch, "lora"), batch()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or ".ln_" in name:  # |bias| <= |weight|, as the pass requires
+                p.copy_(torch.rand_like(p) + 0.5 if name.endswith("weight") else torch.rand_like(p) - 0.5)
+    config = LongExposureConfig(mlp_density=0.5, k_align=64)
+    kept, loss, grads, report = saved_bytes_and_grads(model, inputs, config)
+    kept_off, want_loss, want_grads, _ = saved_bytes_and_grads(
+        model, inputs, config.replace(norm_backward_from_output=False))
+    assert len(report.norms) == 2 * 2 + 1 and all(e.from_output for e in report.norms), str(report)
+    assert f"layer norms: {len(report.norms)} of {len(report.norms)} keep their output" in str(report)
+    hidden = inputs["input_ids"].numel() * model.config.hidden_size * 4
+    # layer 0's first norm has no backward (nothing before it trains); the other three inputs go
+    assert kept_off - kept >= 3 * hidden, (kept, kept_off)
+    torch.testing.assert_close(loss, want_loss)
+    assert grads.keys() == want_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], want_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_layer_norms_with_large_biases_or_trainable_keep_their_input():
+    from models import batch, tiny_model
+
+    model = tiny_model("opt", "bias")  # BitFit: the norms' biases train
+    with torch.no_grad():
+        model.model.decoder.final_layer_norm.bias.fill_(3.0)
+    model.model.decoder.final_layer_norm.bias.requires_grad_(False)
+    _, _, _, report = saved_bytes_and_grads(model, batch(), LongExposureConfig(mlp_density=0.5, k_align=64))
+    notes = {e.layer: e.note for e in report.norms}
+    assert not any(e.from_output for e in report.norms), str(report)
+    assert "|bias| / |weight| reaches 3 (> 1)" in notes["model.decoder.final_layer_norm"], notes
+    assert "trainable weight or bias" in notes["model.decoder.layers.0.self_attn_layer_norm"], notes
+    assert "layer norms: 0 of 5 keep their output" in str(report)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.fx as fx
@@ -20,6 +20,7 @@ from .fuse_lora import fuse_lora
 from .fuse_loss import fuse_loss
 from .match_attention import AttentionMatch, match_attention
 from .match_mlp import MLPMatch, match_mlp
+from .norms_from_output import norms_from_output
 from .rewrite_attention import rewrite_attention
 from .rewrite_mlp import kept_neurons, rewrite_mlp
 
@@ -40,6 +41,16 @@ class PassContext:
     linear_by_out: Dict[fx.Node, LinearMatch] = field(default_factory=dict)
     mlps: List[MLPMatch] = field(default_factory=list)
     attention: List[AttentionMatch] = field(default_factory=list)
+    inputs: Dict[fx.Node, object] = field(default_factory=dict)  # placeholder -> example input
+
+    def value_of(self, node: fx.Node) -> Optional[torch.Tensor]:
+        """The tensor behind a placeholder (its example input) or a ``get_attr`` node, else ``None``."""
+        value = self.inputs.get(node) if node.op == "placeholder" else None
+        if node.op == "get_attr":
+            value = self.gm
+            for part in str(node.target).split("."):
+                value = getattr(value, part, None)
+        return value if isinstance(value, torch.Tensor) else None
 
     def unmatched(self, where: str, reason: str) -> None:
         self.report.unmatched.append(Unmatched(where, reason))
@@ -67,6 +78,7 @@ PASSES: Sequence[Pass] = (
     Pass("rewrite_attention", rewrite_attention, lambda c: c.match_attention),
     Pass("fuse_lora", fuse_lora),
     Pass("fuse_loss", fuse_loss),
+    Pass("norms_from_output", norms_from_output, lambda c: c.norm_backward_from_output),
 )
 
 
@@ -78,7 +90,7 @@ def run_passes(gm: fx.GraphModule, example_inputs, config: LongExposureConfig,
     trainable = {n: isinstance(t, torch.Tensor) and t.requires_grad
                  for n, t in zip(placeholders, example_inputs)}
     training = is_training_graph(example_inputs)
-    ctx = PassContext(gm, config, trainable, training, dense_warmup)
+    ctx = PassContext(gm, config, trainable, training, dense_warmup, inputs=dict(zip(placeholders, example_inputs)))
     _graph_level_notes(ctx, example_inputs)
     for p in PASSES:
         if p.enabled(config):
