@@ -391,28 +391,11 @@ def test_recompute_pointwise_keeps_less_for_the_backward_with_the_same_gradients
     from models import batch, tiny_model
 
     model, inputs = tiny_model("opt", "lora"), batch()
-    results, kept = {}, {}
-    for recompute in (False, True):
-        storages = {}
-
-        def pack(t):
-            if not isinstance(t, nn.Parameter):
-                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        torch._dynamo.reset()
-        # the norms' outputs are what it recomputes; with their backward from the output they are kept anyway
-        config = LongExposureConfig(mlp_density=0.5, k_align=64, recompute_pointwise=recompute,
-                                    norm_backward_from_output=False)
-        compiled = torch.compile(model, backend=lecompile.longexposure(config))
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = compiled(**inputs).loss
-        loss.backward()
-        results[recompute] = loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-        model.zero_grad(set_to_none=True)
-        kept[recompute] = sum(storages.values())
-    assert kept[True] < kept[False], kept
-    (loss, grads), (want_loss, want_grads) = results[True], results[False]
+    # the norms' outputs are what it recomputes; with their backward from the output they are kept anyway
+    config = LongExposureConfig(mlp_density=0.5, k_align=64, norm_backward_from_output=False)
+    kept, loss, grads, _ = saved_bytes_and_grads(model, inputs, config.replace(recompute_pointwise=True))
+    kept_off, want_loss, want_grads, _ = saved_bytes_and_grads(model, inputs, config)
+    assert kept < kept_off, (kept, kept_off)
     torch.testing.assert_close(loss, want_loss)
     assert grads.keys() == want_grads.keys()
     for name in grads:
