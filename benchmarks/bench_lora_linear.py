@@ -3,7 +3,9 @@
 Variants (bf16 activations and base weight, LoRA r=16, input and adapters require grad):
 ``peft`` (fp32 adapters, PEFT's default), ``peft-tf32`` (same with TF32 matmuls on),
 ``peft-bf16-adapters`` (``autocast_adapter_dtype=False``), each eager and through Inductor
-(``+inductor``), ``lecompile`` (the op, eager and as the backend compiles it), and
+(``+inductor``), ``lecompile`` (the op, eager and as the backend compiles it; cuBLAS GEMMs),
+``lecompile-in-gemm`` (the op with ``in_gemm=True``: LoRA's B-projection inside the base GEMM's
+Triton kernel, forward and input gradient; what the backend runs by default), and
 ``shared-read`` (eager; an experiment for the op's next step: LoRA's A-projection done inside the
 base GEMM, ``x @ [W; A].T``, so ``x`` is read once; :class:`SharedReadLoRA`).
 ``ms`` is wall time per call (Python and launches included: at these sizes mostly overhead);
@@ -24,8 +26,9 @@ from benchmarks.common import command_line, meta, write_results  # noqa: E402
 from lecompile.ops.lora_linear import lora_linear  # noqa: E402
 
 #: (in_features, out_features) of q_proj-like and fc1-like linears.
-SHAPES = {"opt-1.3b q_proj": (2048, 2048), "opt-1.3b fc1": (2048, 8192),
-          "llama-3-8b q_proj": (4096, 4096), "llama-3-8b gate_proj": (4096, 14336)}
+SHAPES = {"opt-1.3b q_proj": (2048, 2048), "opt-1.3b fc1": (2048, 8192), "opt-1.3b fc2": (8192, 2048),
+          "llama-3-8b q_proj": (4096, 4096), "llama-3-8b gate_proj": (4096, 14336),
+          "llama-3-8b down_proj": (14336, 4096)}
 RANK, SCALE = 16, 2.0
 
 
@@ -36,6 +39,10 @@ def peft_linear(x, w, b, a, lb):
 
 def lecompile_linear(x, w, b, a, lb):
     return lora_linear(x, w, b, None, a, lb, SCALE)
+
+
+def lecompile_in_gemm(x, w, b, a, lb):
+    return lora_linear(x, w, b, None, a, lb, SCALE, True)
 
 
 class SharedReadLoRA(torch.autograd.Function):
@@ -84,7 +91,8 @@ def bench_case(name, d_in, d_out, tokens):
             def shared_read(x, w, b, a, lb):
                 return SharedReadLoRA.apply(x, b, a, lb, buf)
             variants += [("peft", peft_linear, False), ("peft-tf32", peft_linear, True),
-                         ("lecompile", lecompile_linear, False), ("shared-read", shared_read, False)]
+                         ("lecompile", lecompile_linear, False), ("lecompile-in-gemm", lecompile_in_gemm, False),
+                         ("shared-read", shared_read, False)]
         else:
             variants += [("peft-bf16-adapters", peft_linear, False)]
         for vname, fn, tf32 in variants:

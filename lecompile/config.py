@@ -91,6 +91,11 @@ class LongExposureConfig:
     #: compute their A-projections as one GEMM against their stacked ``A`` matrices, so the input
     #: is read once for all of them, in the forward and again for the input and ``A`` gradients.
     share_lora_input: bool = True
+    #: With ``fuse_adapters``: LoRA's B-projection inside the base GEMM's kernel (a Triton GEMM
+    #: with the low-rank term as one more reduction step, forward and input gradient; fp16/bf16
+    #: on CUDA, ranks multiples of 8), so the ``[tokens, out]`` update is never written and
+    #: re-read. ``False``: cuBLAS GEMMs, the adds left to Inductor.
+    lora_in_gemm: bool = True
     #: Compute Hugging Face's causal-LM loss on a frozen LM head as
     #: ``lecompile::lm_head_cross_entropy``: the hidden state's gradient is made in the forward,
     #: a chunk of tokens at a time, so neither fp32 logits nor their gradient are kept for the
@@ -151,8 +156,8 @@ class LongExposureConfig:
         _check_int("k_align", self.k_align, "an integer >= 1", lambda v: v >= 1)
         _check_int("learned_train_steps", self.learned_train_steps, "an integer >= 1", lambda v: v >= 1)
         _check_int("learned_refresh", self.learned_refresh, "an integer >= 0", lambda v: v >= 0)
-        for name in ("rewrite_mlp", "fuse_adapters", "share_lora_input", "fuse_loss", "recompute_pointwise",
-                     "norm_backward_from_output", "cudagraphs", "match_attention", "rewrite_attention"):
+        for name in ("rewrite_mlp", "fuse_adapters", "share_lora_input", "lora_in_gemm", "fuse_loss",
+                     "recompute_pointwise", "norm_backward_from_output", "cudagraphs", "match_attention", "rewrite_attention"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"LongExposureConfig.{name} must be a bool, "
                                  f"got {getattr(self, name)!r}")

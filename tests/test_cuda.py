@@ -44,6 +44,41 @@ def test_lora_linear_on_cuda_matches_peft(dtype):
         torch.testing.assert_close(g.float(), g_ref.float(), **TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_lora_linear_in_gemm_on_cuda_matches_peft(dtype):
+    """``in_gemm=True`` on the GPU (the low-rank GEMM kernel, forward and input gradient)."""
+    from test_lora_linear import TOL, grads_of, make, peft_linear
+    from lecompile.ops.lora_linear import lora_linear, runs_in_gemm
+    args = [t.cuda().detach().requires_grad_(t.requires_grad) if torch.is_tensor(t) else t
+            for t in make(dtype, tokens=(4, 250), d_in=96, d_out=160, r=16, train_bias=True)]
+    assert runs_in_gemm(args[0], [args[1]], [args[2]], [args[4]])
+    y, grads = grads_of(lambda *a: lora_linear(*a, True), args)
+    y_ref, grads_ref = grads_of(peft_linear, args)
+    torch.testing.assert_close(y, y_ref, **TOL[dtype])
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g.float(), g_ref.float(), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,n,k,r", [(1000, 328, 200, 8), (4096, 2048, 2048, 16), (512, 8192, 2048, 48),
+                                     (384, 2048, 8192, 16)])
+def test_low_rank_gemm_kernel_on_cuda_matches_reference(dtype, m, n, k, r):
+    """The kernel's real configs (persistent, warp-specialized, 128x256 tiles) on ragged and
+    model-sized shapes, the weight in both layouts, with and without bias and low-rank term."""
+    from lecompile.kernels.lowrank_gemm import linear_low_rank, linear_low_rank_ref
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    a = torch.randn(m, k, device="cuda", generator=gen).to(dtype)
+    w = (torch.randn(n, k, device="cuda", generator=gen) / k ** 0.5).to(dtype)
+    c = torch.randn(m, r, device="cuda", generator=gen).to(dtype)
+    e = torch.randn(n, r, device="cuda", generator=gen).to(dtype)
+    bias = torch.randn(n, device="cuda", generator=gen).to(dtype)
+    for weight in (w, w.t().contiguous().t()):
+        for args in ((None, None), (bias, (c, e.t().contiguous().t()))):
+            want = linear_low_rank_ref(a, weight, *args).float()
+            got = linear_low_rank(a, weight, *args).float()
+            torch.testing.assert_close(got, want, atol=2e-2 * want.abs().max().item(), rtol=1e-2)
+
+
 def test_cudagraphs_with_sparse_mlp_matches_without():
     """``cudagraphs=True`` records the sparse ops (their weight caches stay outside the graph
     pool, for every layer that shares one compiled graph) and gives the same steps."""

@@ -1,5 +1,7 @@
 """``lecompile::lora_linear`` against PEFT's own fp32-adapter math, gradients included."""
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -178,3 +180,98 @@ def test_linears_of_one_input_check_their_lists():
         lora_linears(x, [w, w], [b], li, [a, a], [lb, lb], [s, s])
     with pytest.raises(ValueError, match="lora_b"):
         lora_linears(x, [w], [b], li, [a], [lb.t()], [s])
+
+
+@pytest.fixture
+def kernel_on_cpu(monkeypatch):
+    """``in_gemm`` runs the low-rank GEMM kernel on CPU tensors in Triton's interpreter; yields
+    a list of the kernel's calls (``(a shape, with low-rank term)``)."""
+    module = importlib.import_module("lecompile.ops.lora_linear")
+    if module.lowrank_gemm is None:
+        pytest.skip("needs Triton >= 3.4")
+    monkeypatch.setattr(module, "INTERPRET_ON_CPU", True)
+    calls, launch = [], module.lowrank_gemm.linear_low_rank
+
+    def counted(a, weight, bias=None, low_rank=None):
+        calls.append((tuple(a.shape), low_rank is not None))
+        return launch(a, weight, bias, low_rank)
+    monkeypatch.setattr(module.lowrank_gemm, "linear_low_rank", counted)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", ["plain", "no_bias", "train_bias", "dropout"])
+def test_in_gemm_matches_peft(dtype, case, kernel_on_cpu):
+    """``in_gemm=True``: the B-projection inside the base GEMM's kernel, forward and input
+    gradient (the gradient through ``A`` joins it unless LoRA dropout gives ``A`` its own input)."""
+    args = make(dtype, bias=case != "no_bias", train_bias=case == "train_bias", dropout=case == "dropout")
+    y, grads = grads_of(lambda *a: lora_linear(*a, True), args)
+    assert kernel_on_cpu == [((48, 40), True), ((48, 56), case != "dropout")]
+    y_ref, grads_ref = grads_of(peft_linear, args)
+    torch.testing.assert_close(y, y_ref, **TOL[dtype])
+    leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad and a.is_leaf]
+    for g, g_ref, t in zip(grads, grads_ref, leaves):
+        assert g.dtype == t.dtype
+        torch.testing.assert_close(g.float(), g_ref.float(), **TOL[dtype])
+
+
+@pytest.mark.parametrize("case", ["fp32", "train_weight", "rank_4"])
+def test_in_gemm_falls_back_where_the_kernel_does_not_apply(case, kernel_on_cpu):
+    """fp32 activations (PEFT's exact math), trainable base weights and ranks that are not a
+    multiple of 8 keep the cuBLAS path, with the same results as ``in_gemm=False``."""
+    args = make(torch.float32 if case == "fp32" else torch.bfloat16, train_weight=case == "train_weight",
+                r=4 if case == "rank_4" else 8)
+    y, grads = grads_of(lambda *a: lora_linear(*a, True), args)
+    y_ref, grads_ref = grads_of(lambda *a: lora_linear(*a, False), args)
+    assert kernel_on_cpu == []
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_linears_of_one_input_in_gemm_match_separate_ops(dropout, kernel_on_cpu):
+    """``lora_linears(in_gemm=True)``: each linear's slice of the shared A-projection goes into
+    its own kernel; the backward's first input-gradient GEMM also takes every linear's gradient
+    through the stacked ``A``. Same values and gradients as one op per linear."""
+    dtype = torch.bfloat16
+    parts = [make(dtype, d_out=56, r=8, dropout=dropout, seed=1), make(dtype, d_out=24, r=16, bias=False, seed=2),
+             make(dtype, d_out=40, r=8, train_bias=True, seed=3)]
+    x, lora_input = parts[0][0], parts[0][3]
+    flat = [x] + [t for p in parts for t in (p[1], p[2], p[4], p[5])]
+    scales = [0.5, 2.0, 1.0]
+    weights, biases, lora_a, lora_b = (list(ts) for ts in zip(*(p[1:3] + p[4:6] for p in parts)))
+
+    def fused(x, *params):
+        return torch.cat(lora_linears(x, weights, biases, lora_input, lora_a, lora_b, scales, True), -1)
+
+    def separate(x, *params):
+        return torch.cat([lora_linear(x, *linear, s, False)
+                          for *linear, s in zip(weights, biases, [lora_input] * 3, lora_a, lora_b, scales)], -1)
+
+    y, grads = grads_of(fused, flat)
+    assert len(kernel_on_cpu) == 4 and kernel_on_cpu[-1][1] == (not dropout)
+    y_ref, grads_ref = grads_of(separate, flat)
+    torch.testing.assert_close(y, y_ref, **TOL[dtype])
+    for g, g_ref in zip(grads, grads_ref):
+        scale = g_ref.abs().max().item()
+        torch.testing.assert_close(g.float(), g_ref.float(), atol=TOL[dtype]["atol"] * scale, rtol=TOL[dtype]["rtol"])
+
+
+def test_in_gemm_compiles_without_graph_breaks(kernel_on_cpu):
+    """AOTAutograd traces the op's autograd function and its kernel op (forward and backward)."""
+    args = make(torch.float16, train_bias=True)
+    fn = lambda *a: lora_linear(*a, True)  # noqa: E731
+    y, grads = grads_of(fn, args)
+    y_c, grads_c = grads_of(torch.compile(fn, backend="inductor", fullgraph=True), args)
+    torch.testing.assert_close(y_c, y, **TOL[torch.float16])
+    for g, g_c in zip(grads, grads_c):
+        torch.testing.assert_close(g_c, g, **TOL[torch.float16])
+
+
+def test_linear_low_rank_op_passes_opcheck(kernel_on_cpu):
+    gen = torch.Generator().manual_seed(0)
+    a, w = torch.randn(32, 40, generator=gen).half(), torch.randn(24, 40, generator=gen).half()
+    c, e, b = (torch.randn(*s, generator=gen).half() for s in ((32, 8), (24, 8), (24,)))
+    torch.library.opcheck(torch.ops.lecompile.linear_low_rank.default, (a, w, b, c, e),
+                          test_utils=("test_schema", "test_faketensor"))

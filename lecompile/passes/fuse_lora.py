@@ -4,7 +4,8 @@ Runs after ``rewrite_mlp``: linears inside a rewritten MLP already run their ada
 sparse op. The pattern is the canonical :class:`~.fold_adapters.LinearMatch`, so attention
 projections, dense MLP linears and any other adapted linear are covered alike. With
 ``share_lora_input``, linears that read one input (attention's q, k and v projections) become
-one ``lecompile::lora_linears`` call, their A-projections one GEMM.
+one ``lecompile::lora_linears`` call, their A-projections one GEMM. ``lora_in_gemm`` asks the
+ops to run LoRA's B-projection inside the base GEMM's kernel where they can.
 """
 
 from __future__ import annotations
@@ -36,9 +37,9 @@ def fuse_lora(ctx) -> None:
     groups = _shared_input_groups(ctx.gm.graph, todo) if ctx.config.share_lora_input else [[lin] for lin in todo]
     for group in groups:
         if len(group) == 1:
-            _rewrite(ctx.gm.graph, group[0])
+            _rewrite(ctx.gm.graph, group[0], ctx.config.lora_in_gemm)
         else:
-            _rewrite_group(ctx.gm.graph, group)
+            _rewrite_group(ctx.gm.graph, group, ctx.config.lora_in_gemm)
             for lin in group:
                 entries[lin.out].shared_with = [other.name for other in group if other is not lin]
         counters["lecompile"]["lora_linear"] += len(group)
@@ -92,20 +93,20 @@ def _replace_output(graph: fx.Graph, lin: LinearMatch, y: fx.Node) -> None:
     lin.out.replace_all_uses_with(y)
 
 
-def _rewrite(graph: fx.Graph, lin: LinearMatch) -> None:
+def _rewrite(graph: fx.Graph, lin: LinearMatch, in_gemm: bool) -> None:
     a = lin.adapted
     with graph.inserting_before(lin.out):
         y = graph.call_function(lora_linear, (lin.x, _weight(graph, lin), a.bias, lin.dropped_lora_input,
-                                              a.lora_a, a.lora_b, a.lora_scale))
+                                              a.lora_a, a.lora_b, a.lora_scale, in_gemm))
         _replace_output(graph, lin, y)
 
 
-def _rewrite_group(graph: fx.Graph, group: List[LinearMatch]) -> None:
+def _rewrite_group(graph: fx.Graph, group: List[LinearMatch], in_gemm: bool) -> None:
     first = group[0]
     with graph.inserting_before(first.out):
         ys = graph.call_function(lora_linears, (
             first.x, [_weight(graph, lin) for lin in group], [lin.adapted.bias for lin in group],
             first.dropped_lora_input, [lin.adapted.lora_a for lin in group],
-            [lin.adapted.lora_b for lin in group], [lin.adapted.lora_scale for lin in group]))
+            [lin.adapted.lora_b for lin in group], [lin.adapted.lora_scale for lin in group], in_gemm))
         for i, lin in enumerate(group):
             _replace_output(graph, lin, graph.call_function(operator.getitem, (ys, i)))

@@ -1,0 +1,218 @@
+"""A dense GEMM with a low-rank term in its reduction: ``y = a @ w.T + c @ e.T + bias``.
+
+The base GEMM of a LoRA linear and LoRA's B-projection in one kernel: after the ``K`` steps of
+``a @ w.T`` the same accumulator takes one more step of depth ``r`` (``c [M, r]``, ``e [N, r]``),
+then the bias. The LoRA update ``[M, N]`` is never written to memory nor read back by an add,
+which is the whole cost of the adapter's B-projection at PEFT's ranks. The backward's input
+gradient has the same form: ``dx = dy @ W + dxa @ A`` is :func:`linear_low_rank` with ``w = W.T``
+and ``e = A.T`` (views: each operand is read through a TMA descriptor in whichever of its two
+layouts has unit stride).
+
+The kernel is Triton's persistent TMA matmul (tutorial 09) with warp specialization: on the H100
+with Triton 3.6 it ran at 0.85-1.04 of cuBLAS on the base GEMMs of OPT and LLaMA linears
+(``benchmarks/results/profiles/lowrank_gemm.txt``). fp16 and bf16 operands, fp32 accumulation;
+:func:`supports` says which calls it takes, from metadata only. :func:`linear_low_rank_ref` is
+its PyTorch twin.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from .gather_gemm import AUTOTUNE_CACHE, _dot
+
+if "warp_specialize" not in inspect.signature(tl.range).parameters:
+    raise ImportError(f"lecompile.kernels.lowrank_gemm needs Triton >= 3.4, found {triton.__version__}")
+Tensor = torch.Tensor
+#: The largest LoRA rank (after rounding up to a multiple of 16) the kernel takes in its one step.
+MAX_RANK = 64
+_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, warp-specialized): the best of 18 configs on each
+# OPT / LLaMA linear shape in the H100 sweep (profiles/lowrank_gemm.txt).
+_TILINGS = [(128, 256, 64, 8, 3, True), (128, 256, 64, 8, 3, False), (128, 128, 64, 4, 4, True),
+            (128, 128, 64, 8, 4, True)]
+
+
+def _set_block_shapes(nargs):
+    bm, bn, bk, r = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"], nargs["RANK"]
+    nargs["a_desc"].block_shape = [bm, bk]
+    nargs["w_desc"].block_shape = [bn, bk] if nargs["W_KMAJOR"] else [bk, bn]
+    nargs["out_desc"].block_shape = [bm, bn]
+    if nargs["c_desc"] is not None:
+        nargs["c_desc"].block_shape = [bm, r]
+        nargs["e_desc"].block_shape = [bn, r] if nargs["E_KMAJOR"] else [r, bn]
+
+
+def _configs():
+    if interpreting():  # the CPU interpreter: one small config keeps tests fast
+        return [triton.Config(dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, WARP_SPECIALIZE=False), num_warps=1,
+                              pre_hook=_set_block_shapes)]
+    return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, WARP_SPECIALIZE=ws), num_warps=w,
+                          num_stages=s, pre_hook=_set_block_shapes)
+            for bm, bn, bk, w, s, ws in _TILINGS]
+
+
+@triton.jit
+def _tile(tile_id, tiles_m, tiles_n, GROUP_M: tl.constexpr):
+    """Row and column tile of ``tile_id``, in groups of ``GROUP_M`` row tiles per column band
+    (L2 reuse of the weight tiles)."""
+    per_group = GROUP_M * tiles_n
+    first_m = (tile_id // per_group) * GROUP_M
+    size_m = min(tiles_m - first_m, GROUP_M)
+    return first_m + (tile_id % per_group) % size_m, (tile_id % per_group) // size_m
+
+
+@triton.autotune(configs=_configs(), key=["M", "N", "K", "W_KMAJOR", "RANK"], **AUTOTUNE_CACHE)
+@triton.jit
+def _linear_low_rank_kernel(a_desc, w_desc, c_desc, e_desc, bias_ptr, out_desc, M, N, K,
+                            W_KMAJOR: tl.constexpr, E_KMAJOR: tl.constexpr, RANK: tl.constexpr,
+                            HAS_BIAS: tl.constexpr, NUM_SMS: tl.constexpr, DOT_FP32: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                            WARP_SPECIALIZE: tl.constexpr, GROUP_M: tl.constexpr = 8):
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    for tile_id in tl.range(tl.program_id(0), tiles_m * tiles_n, NUM_SMS, flatten=WARP_SPECIALIZE,
+                            warp_specialize=WARP_SPECIALIZE):
+        pid_m, pid_n = _tile(tile_id, tiles_m, tiles_n, GROUP_M)
+        om = pid_m * BLOCK_M
+        on = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, K, BLOCK_K):  # TMA fills the ragged edges with zeros
+            a = a_desc.load([om, k])
+            if W_KMAJOR:
+                acc = _dot(a, w_desc.load([on, k]).T, acc, "tf32", DOT_FP32)
+            else:
+                acc = _dot(a, w_desc.load([k, on]), acc, "tf32", DOT_FP32)
+        if c_desc is not None:  # one more reduction step of depth RANK (zero-padded past r)
+            c = c_desc.load([om, 0])
+            if E_KMAJOR:
+                acc = _dot(c, e_desc.load([on, 0]).T, acc, "tf32", DOT_FP32)
+            else:
+                acc = _dot(c, e_desc.load([0, on]), acc, "tf32", DOT_FP32)
+        if HAS_BIAS:
+            offs_n = on + tl.arange(0, BLOCK_N)
+            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        out_desc.store([om, on], acc.to(out_desc.dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _unit_stride_dim(t: Tensor) -> Optional[int]:
+    """The dimension of a 2-D ``t`` with unit stride whose other stride TMA can take (16-byte
+    aligned), preferring the last; ``None`` if neither."""
+    size = t.element_size()
+    for dim in (1, 0):
+        if t.stride(dim) == 1 and (t.stride(1 - dim) * size) % 16 == 0 and t.storage_offset() * size % 16 == 0:
+            return dim
+    return None
+
+
+def rank_block(r: int) -> int:
+    """The depth of the kernel's low-rank step for rank ``r``: ``r`` rounded up to a power of two
+    of at least 16 (``tl.dot``'s smallest)."""
+    return max(16, triton.next_power_of_2(r))
+
+
+def supports_dims(dtype: torch.dtype, k: int, n: int, r: Optional[int] = None) -> bool:
+    """Whether the kernel takes ``[M, k] @ [n, k].T`` (with a rank-``r`` term) in ``dtype``: fp16
+    or bf16, ``k``, ``n`` and ``r`` multiples of 8 (TMA's 16-byte strides), ``r`` rounded up
+    within :data:`MAX_RANK`."""
+    return (dtype in _DTYPES and k % 8 == 0 and n % 8 == 0
+            and (r is None or (r % 8 == 0 and rank_block(r) <= MAX_RANK)))
+
+
+def supports(a: Tensor, weight: Tensor, low_rank: Optional[Tuple[Tensor, Tensor]] = None,
+             bias: Optional[Tensor] = None) -> bool:
+    """Whether :func:`linear_low_rank` runs the kernel for these operands, decided from metadata
+    only (so a fake tensor gets the same answer): CUDA (or Triton's CPU interpreter), one dtype
+    throughout, 2-D operands of matching shapes and :func:`supports_dims`. Layouts do not
+    matter: operands TMA cannot read as they are are made contiguous."""
+    tensors = [a, weight] + list(low_rank or ()) + ([bias] if bias is not None else [])
+    if not (a.device.type == "cuda" or (a.device.type == "cpu" and interpreting())):
+        return False
+    if any(t.dtype != a.dtype or t.device != a.device for t in tensors):
+        return False
+    if a.dim() != 2 or weight.dim() != 2 or a.shape[1] != weight.shape[1]:
+        return False
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        return False
+    r = None
+    if low_rank is not None:
+        c, e = low_rank
+        if c.dim() != 2 or e.dim() != 2 or c.shape[0] != a.shape[0] or tuple(e.shape) != (weight.shape[0], c.shape[1]):
+            return False
+        r = c.shape[1]
+    return supports_dims(a.dtype, a.shape[1], weight.shape[0], r)
+
+
+def _descriptor(t: Tensor, transposable: bool) -> Tuple[TensorDescriptor, bool]:
+    """A TMA descriptor of the 2-D operand ``t`` (``[rows, K]`` as the GEMM reads it) and whether
+    it reads ``t`` itself (K-major) rather than its transpose's storage, which only operands the
+    kernel can read either way (``transposable``) may use. Other layouts are copied contiguous."""
+    dim = _unit_stride_dim(t)
+    if dim is None or (dim == 0 and not transposable):
+        t, dim = t.contiguous(), 1
+    if dim == 1:
+        return TensorDescriptor.from_tensor(t, [1, 1]), True
+    return TensorDescriptor.from_tensor(t.t(), [1, 1]), False
+
+
+def linear_low_rank(a: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                    low_rank: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
+    """``a @ weight.T + c @ e.T + bias`` for ``low_rank = (c [M, r], e [N, r])``, in ``a.dtype``
+    with fp32 accumulation; ``a [M, K]``, ``weight [N, K]`` in either layout. Raises
+    ``ValueError`` for operands :func:`supports` rejects."""
+    if not supports(a, weight, low_rank, bias):
+        raise ValueError(f"linear_low_rank: unsupported operands: a {tuple(a.shape)} {a.dtype} on {a.device}, "
+                         f"weight {tuple(weight.shape)} {weight.dtype}"
+                         + (f", low rank {tuple(low_rank[0].shape)} x {tuple(low_rank[1].shape)}" if low_rank else "")
+                         + f" (one dtype of fp16/bf16 on CUDA, K, N and r multiples of 8, r <= {MAX_RANK})")
+    m, n = a.shape[0], weight.shape[0]
+    out = torch.empty(m, n, device=a.device, dtype=a.dtype)
+    if m == 0 or n == 0:
+        return out
+    a_desc, _ = _descriptor(a, transposable=False)
+    w_desc, w_kmajor = _descriptor(weight, transposable=True)
+    c_desc = e_desc = None
+    e_kmajor, rank = True, 16
+    if low_rank is not None:
+        c, e = low_rank
+        rank = rank_block(c.shape[1])
+        c_desc, _ = _descriptor(c, transposable=False)
+        e_desc, e_kmajor = _descriptor(e, transposable=True)
+    sms = _num_sms(a.device.index if a.device.index is not None else torch.cuda.current_device()) if a.is_cuda else 4
+    grid = lambda meta: (min(sms, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])),)  # noqa: E731
+    _linear_low_rank_kernel[grid](a_desc, w_desc, c_desc, e_desc, bias if bias is not None else out,
+                                  TensorDescriptor.from_tensor(out, [1, 1]), m, n, a.shape[1],
+                                  W_KMAJOR=w_kmajor, E_KMAJOR=e_kmajor, RANK=rank, HAS_BIAS=bias is not None,
+                                  NUM_SMS=sms, DOT_FP32=interpreting() and a.dtype == torch.bfloat16)
+    return out
+
+
+def linear_low_rank_ref(a: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                        low_rank: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
+    """PyTorch twin of :func:`linear_low_rank`: fp32 math, one rounding to ``a.dtype``."""
+    y = a.float() @ weight.float().t()
+    if low_rank is not None:
+        y = y + low_rank[0].float() @ low_rank[1].float().t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(a.dtype)

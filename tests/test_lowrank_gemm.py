@@ -1,0 +1,69 @@
+"""The low-rank GEMM kernel (``a @ w.T + c @ e.T + bias``) against its PyTorch twin (Triton's
+interpreter on CPU machines)."""
+
+import pytest
+import torch
+
+lowrank_gemm = pytest.importorskip("lecompile.kernels.lowrank_gemm")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+#: Against fp32 math rounded once: the kernel accumulates in fp32 and rounds once, so the
+#: difference is the output's rounding (and the interpreter's bf16-to-fp32 conversions).
+TOL = {torch.float16: dict(atol=2e-2, rtol=1e-2), torch.bfloat16: dict(atol=6e-2, rtol=2e-2)}
+
+
+def rand(*shape, dtype, gen):
+    return (torch.randn(*shape, generator=gen) / shape[-1] ** 0.25).to(dtype=dtype, device=DEVICE)
+
+
+# (M, N, K, r): ragged edges in every dimension (the interpreter's tiles are 16 x 32 x 32),
+# ranks below, at and above the 16-deep step, a stacked q/k/v rank
+SHAPES = [(40, 48, 56, 8), (64, 32, 24, 16), (33, 40, 72, 24), (16, 96, 64, 48)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,n,k,r", SHAPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_matches_reference(dtype, m, n, k, r, bias):
+    gen = torch.Generator().manual_seed(0)
+    a, w = rand(m, k, dtype=dtype, gen=gen), rand(n, k, dtype=dtype, gen=gen)
+    low_rank = (rand(m, r, dtype=dtype, gen=gen), rand(n, r, dtype=dtype, gen=gen))
+    b = rand(n, dtype=dtype, gen=gen) if bias else None
+    for terms in (None, low_rank):
+        got = lowrank_gemm.linear_low_rank(a, w, b, terms)
+        assert got.dtype == dtype and got.shape == (m, n)
+        torch.testing.assert_close(got, lowrank_gemm.linear_low_rank_ref(a, w, b, terms), **TOL[dtype])
+
+
+@pytest.mark.parametrize("layout", ["transposed_weights", "strided_rows", "column_major_input"])
+def test_any_layout_of_the_operands(layout):
+    """``w`` and ``e`` are read in whichever layout has unit stride (the backward passes
+    ``W.T`` and ``A.T``); ``a`` and ``c`` are slices of wider tensors (q/k/v's shared ``x A.T``)
+    or copied when no layout fits TMA."""
+    gen = torch.Generator().manual_seed(1)
+    dtype = torch.float16
+    a, w = rand(48, 40, dtype=dtype, gen=gen), rand(56, 40, dtype=dtype, gen=gen)
+    c, e = rand(48, 16, dtype=dtype, gen=gen), rand(56, 16, dtype=dtype, gen=gen)
+    want = lowrank_gemm.linear_low_rank_ref(a, w, None, (c, e))
+    if layout == "transposed_weights":
+        w, e = w.t().contiguous().t(), e.t().contiguous().t()
+    elif layout == "strided_rows":
+        c = torch.cat([torch.zeros_like(c), c, torch.zeros_like(c)], 1)[:, 16:32]
+        a = torch.cat([a, a], 1)[:, 40:]
+    else:
+        a = a.t().contiguous().t()
+    torch.testing.assert_close(lowrank_gemm.linear_low_rank(a, w, None, (c, e)), want, **TOL[dtype])
+
+
+def test_supports_and_errors_name_the_operands():
+    x = torch.zeros(16, 40, dtype=torch.bfloat16, device=DEVICE)
+    w = torch.zeros(24, 40, dtype=torch.bfloat16, device=DEVICE)
+    assert lowrank_gemm.supports(x, w)
+    assert not lowrank_gemm.supports(x.float(), w.float())
+    assert not lowrank_gemm.supports(x[:, :36], w[:, :36])  # K not a multiple of 8
+    assert not lowrank_gemm.supports(x, w, (x[:, :4], w[:, :4]))  # rank 4
+    assert not lowrank_gemm.supports(x, w, (x.new_zeros(16, 72), w.new_zeros(24, 72)))  # rank 72 > MAX_RANK
+    assert lowrank_gemm.supports_dims(torch.float16, 2048, 8192, 48)
+    assert not lowrank_gemm.supports_dims(torch.float16, 2048, 8192, 96)  # past MAX_RANK
+    with pytest.raises(ValueError, match=r"weight \(24, 36\)"):
+        lowrank_gemm.linear_low_rank(x[:, :36], w[:, :36])
