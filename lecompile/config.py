@@ -157,7 +157,8 @@ class LongExposureConfig:
         _check_int("learned_train_steps", self.learned_train_steps, "an integer >= 1", lambda v: v >= 1)
         _check_int("learned_refresh", self.learned_refresh, "an integer >= 0", lambda v: v >= 0)
         for name in ("rewrite_mlp", "fuse_adapters", "share_lora_input", "lora_in_gemm", "fuse_loss",
-                     "recompute_pointwise", "norm_backward_from_output", "cudagraphs", "match_attention", "rewrite_attention"):
+                     "recompute_pointwise", "norm_backward_from_output", "cudagraphs", "match_attention",
+                     "rewrite_attention"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"LongExposureConfig.{name} must be a bool, "
                                  f"got {getattr(self, name)!r}")
