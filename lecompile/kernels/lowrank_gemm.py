@@ -25,7 +25,6 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .gather_gemm import AUTOTUNE_CACHE, _dot
 
@@ -48,22 +47,10 @@ _TILINGS = [(128, 256, 64, 8, 3, True), (128, 256, 64, 8, 3, False), (128, 128, 
             (128, 128, 64, 8, 4, True)]
 
 
-def _set_block_shapes(nargs):
-    bm, bn, bk, r = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"], nargs["RANK"]
-    nargs["a_desc"].block_shape = [bm, bk]
-    nargs["w_desc"].block_shape = [bn, bk] if nargs["W_KMAJOR"] else [bk, bn]
-    nargs["out_desc"].block_shape = [bm, bn]
-    if nargs["c_desc"] is not None:
-        nargs["c_desc"].block_shape = [bm, r]
-        nargs["e_desc"].block_shape = [bn, r] if nargs["E_KMAJOR"] else [r, bn]
-
-
 def _configs():
     if interpreting():  # the CPU interpreter: one small config keeps tests fast
-        return [triton.Config(dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, WARP_SPECIALIZE=False), num_warps=1,
-                              pre_hook=_set_block_shapes)]
-    return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, WARP_SPECIALIZE=ws), num_warps=w,
-                          num_stages=s, pre_hook=_set_block_shapes)
+        return [triton.Config(dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, WARP_SPECIALIZE=False), num_warps=1)]
+    return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, WARP_SPECIALIZE=ws), num_warps=w, num_stages=s)
             for bm, bn, bk, w, s, ws in _TILINGS]
 
 
@@ -77,13 +64,40 @@ def _tile(tile_id, tiles_m, tiles_n, GROUP_M: tl.constexpr):
     return first_m + (tile_id % per_group) % size_m, (tile_id % per_group) // size_m
 
 
+@triton.jit
+def _operand(ptr, rows, cols, stride, KMAJOR: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    """TMA descriptor of a ``[rows, cols]`` operand stored as is (``KMAJOR``) or as its transpose."""
+    if KMAJOR:
+        return tl.make_tensor_descriptor(ptr, shape=[rows, cols], strides=[stride, 1],
+                                         block_shape=[BLOCK_ROWS, BLOCK_COLS])
+    return tl.make_tensor_descriptor(ptr, shape=[cols, rows], strides=[stride, 1],
+                                     block_shape=[BLOCK_COLS, BLOCK_ROWS])
+
+
+@triton.jit
+def _dot_operand(acc, a, desc, row, col, KMAJOR: tl.constexpr, DOT_FP32: tl.constexpr):
+    """``acc + a @ tile.T`` for the ``[rows, cols]`` operand's tile at ``(row, col)``."""
+    if KMAJOR:
+        return _dot(a, desc.load([row, col]).T, acc, "tf32", DOT_FP32)
+    return _dot(a, desc.load([col, row]), acc, "tf32", DOT_FP32)
+
+
 @triton.autotune(configs=_configs(), key=["M", "N", "K", "W_KMAJOR", "RANK"], **AUTOTUNE_CACHE)
 @triton.jit
-def _linear_low_rank_kernel(a_desc, w_desc, c_desc, e_desc, bias_ptr, out_desc, M, N, K,
+def _linear_low_rank_kernel(a_ptr, w_ptr, c_ptr, e_ptr, bias_ptr, out_ptr, M, N, K, R,
+                            stride_a, stride_w, stride_c, stride_e,
                             W_KMAJOR: tl.constexpr, E_KMAJOR: tl.constexpr, RANK: tl.constexpr,
-                            HAS_BIAS: tl.constexpr, NUM_SMS: tl.constexpr, DOT_FP32: tl.constexpr,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                            WARP_SPECIALIZE: tl.constexpr, GROUP_M: tl.constexpr = 8):
+                            LOW_RANK: tl.constexpr, HAS_BIAS: tl.constexpr, NUM_SMS: tl.constexpr,
+                            DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, GROUP_M: tl.constexpr = 8):
+    # Descriptors made on the device: TMA fills tiles past the edges with zeros on loads (the
+    # ragged K, and the rank padded to RANK) and drops them on stores.
+    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_a, 1], block_shape=[BLOCK_M, BLOCK_K])
+    w_desc = _operand(w_ptr, N, K, stride_w, W_KMAJOR, BLOCK_N, BLOCK_K)
+    out_desc = tl.make_tensor_descriptor(out_ptr, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N])
+    if LOW_RANK:
+        c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, R], strides=[stride_c, 1], block_shape=[BLOCK_M, RANK])
+        e_desc = _operand(e_ptr, N, R, stride_e, E_KMAJOR, BLOCK_N, RANK)
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
     for tile_id in tl.range(tl.program_id(0), tiles_m * tiles_n, NUM_SMS, flatten=WARP_SPECIALIZE,
@@ -92,22 +106,14 @@ def _linear_low_rank_kernel(a_desc, w_desc, c_desc, e_desc, bias_ptr, out_desc, 
         om = pid_m * BLOCK_M
         on = pid_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k in range(0, K, BLOCK_K):  # TMA fills the ragged edges with zeros
-            a = a_desc.load([om, k])
-            if W_KMAJOR:
-                acc = _dot(a, w_desc.load([on, k]).T, acc, "tf32", DOT_FP32)
-            else:
-                acc = _dot(a, w_desc.load([k, on]), acc, "tf32", DOT_FP32)
-        if c_desc is not None:  # one more reduction step of depth RANK (zero-padded past r)
-            c = c_desc.load([om, 0])
-            if E_KMAJOR:
-                acc = _dot(c, e_desc.load([on, 0]).T, acc, "tf32", DOT_FP32)
-            else:
-                acc = _dot(c, e_desc.load([0, on]), acc, "tf32", DOT_FP32)
+        for k in range(0, K, BLOCK_K):
+            acc = _dot_operand(acc, a_desc.load([om, k]), w_desc, on, k, W_KMAJOR, DOT_FP32)
+        if LOW_RANK:  # one more reduction step, of depth RANK
+            acc = _dot_operand(acc, c_desc.load([om, 0]), e_desc, on, 0, E_KMAJOR, DOT_FP32)
         if HAS_BIAS:
             offs_n = on + tl.arange(0, BLOCK_N)
             acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-        out_desc.store([om, on], acc.to(out_desc.dtype))
+        out_desc.store([om, on], acc.to(out_ptr.dtype.element_ty))
 
 
 @functools.lru_cache(maxsize=None)
@@ -163,23 +169,35 @@ def supports(a: Tensor, weight: Tensor, low_rank: Optional[Tuple[Tensor, Tensor]
     return supports_dims(a.dtype, a.shape[1], weight.shape[0], r)
 
 
-def _descriptor(t: Tensor, transposable: bool) -> Tuple[TensorDescriptor, bool]:
-    """A TMA descriptor of the 2-D operand ``t`` (``[rows, K]`` as the GEMM reads it) and whether
-    it reads ``t`` itself (K-major) rather than its transpose's storage, which only operands the
-    kernel can read either way (``transposable``) may use. Other layouts are copied contiguous."""
+def _operand_layout(t: Tensor, transposable: bool) -> Tuple[Tensor, bool]:
+    """``(storage view, K-major)``: the 2-D operand ``t`` (``[rows, K]`` as the GEMM reads it)
+    as the kernel reads it, itself (K-major) or, for operands the kernel reads either way
+    (``transposable``), its transpose. Other layouts are copied contiguous."""
     dim = _unit_stride_dim(t)
     if dim is None or (dim == 0 and not transposable):
-        t, dim = t.contiguous(), 1
-    if dim == 1:
-        return TensorDescriptor.from_tensor(t, [1, 1]), True
-    return TensorDescriptor.from_tensor(t.t(), [1, 1]), False
+        return t.contiguous(), True
+    return (t, True) if dim == 1 else (t.t(), False)
+
+
+def _allocate_descriptor_memory(size: int, alignment: int, stream: Optional[int]) -> Tensor:
+    return torch.empty(size, device="cuda", dtype=torch.int8)
+
+
+def _ensure_allocator() -> None:
+    """Device-side TMA descriptors live in scratch memory that Triton asks its allocator for;
+    set one (a torch allocation) unless the user or Inductor already did."""
+    from triton.runtime import _allocation
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_allocate_descriptor_memory)
 
 
 def linear_low_rank(a: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
                     low_rank: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
     """``a @ weight.T + c @ e.T + bias`` for ``low_rank = (c [M, r], e [N, r])``, in ``a.dtype``
     with fp32 accumulation; ``a [M, K]``, ``weight [N, K]`` in either layout. Raises
-    ``ValueError`` for operands :func:`supports` rejects."""
+    ``ValueError`` for operands :func:`supports` rejects. Traceable (``wrap_triton``), so the op
+    around it can be a ``torch.library.triton_op`` whose launch Inductor writes itself."""
+    from torch.library import wrap_triton
     if not supports(a, weight, low_rank, bias):
         raise ValueError(f"linear_low_rank: unsupported operands: a {tuple(a.shape)} {a.dtype} on {a.device}, "
                          f"weight {tuple(weight.shape)} {weight.dtype}"
@@ -189,21 +207,24 @@ def linear_low_rank(a: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     out = torch.empty(m, n, device=a.device, dtype=a.dtype)
     if m == 0 or n == 0:
         return out
-    a_desc, _ = _descriptor(a, transposable=False)
-    w_desc, w_kmajor = _descriptor(weight, transposable=True)
-    c_desc = e_desc = None
-    e_kmajor, rank = True, 16
+    a, _ = _operand_layout(a, transposable=False)
+    weight, w_kmajor = _operand_layout(weight, transposable=True)
+    c, e, e_kmajor, r = a, weight, True, 0
     if low_rank is not None:
-        c, e = low_rank
-        rank = rank_block(c.shape[1])
-        c_desc, _ = _descriptor(c, transposable=False)
-        e_desc, e_kmajor = _descriptor(e, transposable=True)
-    sms = _num_sms(a.device.index if a.device.index is not None else torch.cuda.current_device()) if a.is_cuda else 4
+        c, _ = _operand_layout(low_rank[0], transposable=False)
+        e, e_kmajor = _operand_layout(low_rank[1], transposable=True)
+        r = low_rank[0].shape[1]
+    if a.is_cuda:
+        _ensure_allocator()
+        sms = _num_sms(a.device.index if a.device.index is not None else torch.cuda.current_device())
+    else:
+        sms = 4
     grid = lambda meta: (min(sms, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])),)  # noqa: E731
-    _linear_low_rank_kernel[grid](a_desc, w_desc, c_desc, e_desc, bias if bias is not None else out,
-                                  TensorDescriptor.from_tensor(out, [1, 1]), m, n, a.shape[1],
-                                  W_KMAJOR=w_kmajor, E_KMAJOR=e_kmajor, RANK=rank, HAS_BIAS=bias is not None,
-                                  NUM_SMS=sms, DOT_FP32=interpreting() and a.dtype == torch.bfloat16)
+    wrap_triton(_linear_low_rank_kernel)[grid](
+        a, weight, c, e, bias if bias is not None else out, out, m, n, a.shape[1], r,
+        a.stride(0), weight.stride(0), c.stride(0), e.stride(0), W_KMAJOR=w_kmajor, E_KMAJOR=e_kmajor,
+        RANK=rank_block(r) if r else 16, LOW_RANK=low_rank is not None, HAS_BIAS=bias is not None, NUM_SMS=sms,
+        DOT_FP32=interpreting() and a.dtype == torch.bfloat16)
     return out
 
 

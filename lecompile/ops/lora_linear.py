@@ -160,23 +160,25 @@ def _in_gemm(x, weights, biases, lora_input, lora_a, lora_b, scales):
     return [y.reshape(*x.shape[:-1], y.shape[-1]) for y in ys]
 
 
-@torch.library.custom_op("lecompile::linear_low_rank", mutates_args=())
 def _linear_low_rank(a: Tensor, weight: Tensor, bias: Optional[Tensor], c: Optional[Tensor],
                      e: Optional[Tensor]) -> Tensor:
-    """:func:`lowrank_gemm.linear_low_rank` as an op AOTAutograd can trace."""
+    """:func:`lowrank_gemm.linear_low_rank` as an op ``a @ weight.T + c @ e.T + bias``."""
     return lowrank_gemm.linear_low_rank(a, weight, bias, None if c is None else (c, e))
 
 
-@_linear_low_rank.register_fake
-def _(a, weight, bias, c, e):
-    return a.new_empty(a.shape[0], weight.shape[0])
+if lowrank_gemm is not None and not lowrank_gemm.interpreting():
+    # A triton_op: Inductor writes the kernel's launch into its own code (no Python per call).
+    torch.library.triton_op("lecompile::linear_low_rank", _linear_low_rank, mutates_args=())
+else:  # Triton's CPU interpreter cannot run under fake tensors: a plain custom op for the tests
+    torch.library.custom_op("lecompile::linear_low_rank", _linear_low_rank, mutates_args=()).register_fake(
+        lambda a, weight, bias, c, e: a.new_empty(a.shape[0], weight.shape[0]))
 
 
 _lib.impl("lora_linear", lora_linear_impl, "CompositeImplicitAutograd")
 _lib.impl("lora_linears", lora_linears_impl, "CompositeImplicitAutograd")
 
-#: ``lora_linear(x, weight, bias, lora_input, lora_a, lora_b, scale) -> y``
+#: ``lora_linear(x, weight, bias, lora_input, lora_a, lora_b, scale, in_gemm=False) -> y``
 lora_linear = torch.ops.lecompile.lora_linear.default
-#: ``lora_linears(x, weights, biases, lora_input, lora_a, lora_b, scales) -> [y, ...]``: several
-#: LoRA linears of one input, their A-projections as one GEMM.
+#: ``lora_linears(x, weights, biases, lora_input, lora_a, lora_b, scales, in_gemm=False) -> [y, ...]``:
+#: several LoRA linears of one input, their A-projections as one GEMM.
 lora_linears = torch.ops.lecompile.lora_linears.default
