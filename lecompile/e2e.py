@@ -307,7 +307,9 @@ def run_variant(case: Case, variant: Variant, device: str, steps: int = 20, warm
         report = backend.report
         extra = {"mlp_rewritten": report.mlp_rewritten, "mlp_matched": len(report.mlp),
                  "attention_rewritten": report.attention_rewritten,
-                 "lora_linears_fused": report.linears_fused, "loss_fused": any(e.fused for e in report.losses),
+                 "lora_linears_fused": report.linears_fused,
+                 "lora_linears_in_gemm": sum(e.in_gemm for e in report.linears),
+                 "loss_fused": any(e.fused for e in report.losses),
                  "graphs_compiled": len(backend.reports)}
     elif variant.backend == "sparselora":
         extra = {"mlp_rewritten": sum(isinstance(m, SlicedOutput) for m in model.modules())}

@@ -47,6 +47,7 @@ class LinearEntry:
     fused: bool                  # rewritten into lecompile::lora_linear (or lora_linears)
     note: str = ""
     shared_with: List[str] = field(default_factory=list)  # linears sharing its A-projection GEMM
+    in_gemm: bool = False        # LoRA's B-projection inside the base GEMM's kernel (lora_in_gemm)
 
 
 @dataclass
@@ -135,9 +136,10 @@ class Report:
             notes = sorted({e.note for e in self.attention if e.note})
             lines += [f"  note: {n}" for n in notes]
         if self.linears:
-            lines.append(format_table(["LoRA linear", "peft", "fused", "A-projection shared with"], [
+            lines.append(format_table(["LoRA linear", "peft", "fused", "A-projection shared with", "B in GEMM"], [
                 [e.layer, ",".join(e.peft), "yes" if e.fused else "no",
-                 ",".join(name.rsplit(".", 1)[-1] for name in e.shared_with) or "-"] for e in self.linears]))
+                 ",".join(name.rsplit(".", 1)[-1] for name in e.shared_with) or "-", "yes" if e.in_gemm else "no"]
+                for e in self.linears]))
             lines += [f"  note: {n}" for n in sorted({e.note for e in self.linears if e.note})]
         if self.losses:
             lines.append(format_table(["loss", "fused", "note"], [

@@ -36,13 +36,14 @@ ARCHS = {
 METHODS = ("plain", "lora", "ia3", "bias")
 
 
-def tiny_model(arch: str, method: str, seed: int = 0, dtype=torch.float32) -> torch.nn.Module:
-    """A 2-layer ``arch`` model, train mode, with ``method`` adapters (``plain``: full fine-tuning)."""
+def tiny_model(arch: str, method: str, seed: int = 0, dtype=torch.float32, rank: int = 4) -> torch.nn.Module:
+    """A 2-layer ``arch`` model, train mode, with ``method`` adapters (``plain``: full fine-tuning;
+    LoRA of rank ``rank``)."""
     torch.manual_seed(seed)
     build, lora_targets, ia3_targets, ia3_ff = ARCHS[arch]
     model = build().to(dtype)
     if method == "lora":
-        model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=lora_targets,
+        model = peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=lora_targets,
                                                            lora_dropout=0.0, init_lora_weights=False))
     elif method == "ia3":
         model = peft.get_peft_model(model, peft.IA3Config(target_modules=ia3_targets,

@@ -67,19 +67,23 @@ def _tile(tile_id, tiles_m, tiles_n, GROUP_M: tl.constexpr):
 @triton.jit
 def _operand(ptr, rows, cols, stride, KMAJOR: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
     """TMA descriptor of a ``[rows, cols]`` operand stored as is (``KMAJOR``) or as its transpose."""
-    if KMAJOR:
-        return tl.make_tensor_descriptor(ptr, shape=[rows, cols], strides=[stride, 1],
+    if KMAJOR:  # a constexpr branch: each compiled kernel has one descriptor type here
+        desc = tl.make_tensor_descriptor(ptr, shape=[rows, cols], strides=[stride, 1],
                                          block_shape=[BLOCK_ROWS, BLOCK_COLS])
-    return tl.make_tensor_descriptor(ptr, shape=[cols, rows], strides=[stride, 1],
-                                     block_shape=[BLOCK_COLS, BLOCK_ROWS])
+    else:
+        desc = tl.make_tensor_descriptor(ptr, shape=[cols, rows], strides=[stride, 1],
+                                         block_shape=[BLOCK_COLS, BLOCK_ROWS])
+    return desc
 
 
 @triton.jit
 def _dot_operand(acc, a, desc, row, col, KMAJOR: tl.constexpr, DOT_FP32: tl.constexpr):
     """``acc + a @ tile.T`` for the ``[rows, cols]`` operand's tile at ``(row, col)``."""
     if KMAJOR:
-        return _dot(a, desc.load([row, col]).T, acc, "tf32", DOT_FP32)
-    return _dot(a, desc.load([col, row]), acc, "tf32", DOT_FP32)
+        acc = _dot(a, desc.load([row, col]).T, acc, "tf32", DOT_FP32)
+    else:
+        acc = _dot(a, desc.load([col, row]), acc, "tf32", DOT_FP32)
+    return acc
 
 
 @triton.autotune(configs=_configs(), key=["M", "N", "K", "W_KMAJOR", "RANK"], **AUTOTUNE_CACHE)
@@ -89,7 +93,7 @@ def _linear_low_rank_kernel(a_ptr, w_ptr, c_ptr, e_ptr, bias_ptr, out_ptr, M, N,
                             W_KMAJOR: tl.constexpr, E_KMAJOR: tl.constexpr, RANK: tl.constexpr,
                             LOW_RANK: tl.constexpr, HAS_BIAS: tl.constexpr, NUM_SMS: tl.constexpr,
                             DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, GROUP_M: tl.constexpr = 8):
+                            BLOCK_K: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, GROUP_M: tl.constexpr):
     # Descriptors made on the device: TMA fills tiles past the edges with zeros on loads (the
     # ragged K, and the rank padded to RANK) and drops them on stores.
     a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_a, 1], block_shape=[BLOCK_M, BLOCK_K])
@@ -224,7 +228,7 @@ def linear_low_rank(a: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
         a, weight, c, e, bias if bias is not None else out, out, m, n, a.shape[1], r,
         a.stride(0), weight.stride(0), c.stride(0), e.stride(0), W_KMAJOR=w_kmajor, E_KMAJOR=e_kmajor,
         RANK=rank_block(r) if r else 16, LOW_RANK=low_rank is not None, HAS_BIAS=bias is not None, NUM_SMS=sms,
-        DOT_FP32=interpreting() and a.dtype == torch.bfloat16)
+        DOT_FP32=interpreting() and a.dtype == torch.bfloat16, GROUP_M=8)
     return out
 
 

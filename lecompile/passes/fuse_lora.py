@@ -16,7 +16,7 @@ from typing import Dict, List
 import torch.fx as fx
 from torch._dynamo.utils import counters
 
-from ..ops.lora_linear import lora_linear, lora_linears
+from ..ops.lora_linear import lora_linear, lora_linears, runs_in_gemm
 from ..report import LinearEntry
 from .fold_adapters import LinearMatch
 from .graph import meta_value, recompile
@@ -34,12 +34,13 @@ def fuse_lora(ctx) -> None:
         ctx.report.linears.append(entries[lin.out])
         if not why:
             todo.append(lin)
+            entries[lin.out].in_gemm = ctx.config.lora_in_gemm_on and _runs_in_gemm(lin, ctx)
     groups = _shared_input_groups(ctx.gm.graph, todo) if ctx.config.share_lora_input else [[lin] for lin in todo]
     for group in groups:
         if len(group) == 1:
-            _rewrite(ctx.gm.graph, group[0], ctx.config.lora_in_gemm)
+            _rewrite(ctx.gm.graph, group[0], ctx.config.lora_in_gemm_on)
         else:
-            _rewrite_group(ctx.gm.graph, group, ctx.config.lora_in_gemm)
+            _rewrite_group(ctx.gm.graph, group, ctx.config.lora_in_gemm_on)
             for lin in group:
                 entries[lin.out].shared_with = [other.name for other in group if other is not lin]
         counters["lecompile"]["lora_linear"] += len(group)
@@ -59,6 +60,17 @@ def _unsupported(lin: LinearMatch, ctx) -> str:
     if x is None:
         return "no example value for the layer input: left to Inductor"
     return ""
+
+
+def _runs_in_gemm(lin: LinearMatch, ctx) -> bool:
+    """Whether the op will take its kernel path for this linear (for the report; the op decides
+    the same from the same metadata when AOTAutograd traces it)."""
+    a = lin.adapted
+    weight, lora_a = ctx.value_of(a.weight), ctx.value_of(a.lora_a)
+    bias = ctx.value_of(a.bias) if isinstance(a.bias, fx.Node) else None
+    if weight is None or lora_a is None or (isinstance(a.bias, fx.Node) and bias is None):
+        return False
+    return runs_in_gemm(meta_value(lin.x), [weight.t() if lin.weight_transposed else weight], [bias], [lora_a])
 
 
 def _shared_input_groups(graph: fx.Graph, lins: List[LinearMatch]) -> List[List[LinearMatch]]:
