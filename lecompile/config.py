@@ -13,7 +13,6 @@ ENV_PREFIX = "LECOMPILE_"
 PREDICTORS = ("oracle", "svd", "learned")
 ATTN_PREDICTORS = ("pooled", "oracle")
 GRANULARITIES = ("sequence", "tile", "batch")
-LORA_IN_GEMM = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -94,11 +93,9 @@ class LongExposureConfig:
     share_lora_input: bool = True
     #: With ``fuse_adapters``: LoRA's B-projection inside the base GEMM's kernel (a Triton GEMM
     #: with the low-rank term as one more reduction step, forward and input gradient; fp16/bf16
-    #: on CUDA, ranks multiples of 8), so the ``[tokens, out]`` update is never written and
-    #: re-read: ``"on"``, ``"off"`` (cuBLAS GEMMs, the adds left to Inductor) or ``"auto"``: on
-    #: with ``cudagraphs``. (Without CUDA graphs its launches cost Inductor more CPU time than
-    #: they save GPU time: OPT-1.3B 85.1 ms against 74.3 ms, README.)
-    lora_in_gemm: str = "auto"
+    #: on CUDA, frozen base weights, widths and ranks multiples of 8), so the ``[tokens, out]``
+    #: update is never written and re-read. ``False``: cuBLAS GEMMs, the adds left to Inductor.
+    lora_in_gemm: bool = True
     #: Compute Hugging Face's causal-LM loss on a frozen LM head as
     #: ``lecompile::lm_head_cross_entropy``: the hidden state's gradient is made in the forward,
     #: a chunk of tokens at a time, so neither fp32 logits nor their gradient are kept for the
@@ -159,8 +156,7 @@ class LongExposureConfig:
         _check_int("k_align", self.k_align, "an integer >= 1", lambda v: v >= 1)
         _check_int("learned_train_steps", self.learned_train_steps, "an integer >= 1", lambda v: v >= 1)
         _check_int("learned_refresh", self.learned_refresh, "an integer >= 0", lambda v: v >= 0)
-        _check_choice("lora_in_gemm", self.lora_in_gemm, LORA_IN_GEMM)
-        for name in ("rewrite_mlp", "fuse_adapters", "share_lora_input", "fuse_loss",
+        for name in ("rewrite_mlp", "fuse_adapters", "share_lora_input", "lora_in_gemm", "fuse_loss",
                      "recompute_pointwise", "norm_backward_from_output", "cudagraphs", "match_attention",
                      "rewrite_attention"):
             if not isinstance(getattr(self, name), bool):
@@ -211,11 +207,6 @@ class LongExposureConfig:
     def dense_warmup_steps(self) -> int:
         """Optimizer steps of dense warm-up, from ``warmup_steps`` or ``warmup_fraction``."""
         return self.warmup_steps or math.ceil(self.warmup_fraction * self.total_steps)
-
-    @property
-    def lora_in_gemm_on(self) -> bool:
-        """Whether ``lora_in_gemm`` asks for the kernel (``"auto"``: with ``cudagraphs``)."""
-        return self.lora_in_gemm == "on" or (self.lora_in_gemm == "auto" and self.cudagraphs)
 
     def resolved_dump_dir(self) -> Optional[str]:
         return self.dump_dir if self.dump_dir is not None else os.environ.get("LECOMPILE_DUMP_DIR")

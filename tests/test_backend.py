@@ -277,9 +277,9 @@ def test_share_lora_input_groups_linears_of_one_input():
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_lora_in_gemm_runs_the_kernel_with_the_same_loss_and_gradients(arch, monkeypatch):
-    """``lora_in_gemm="on"``: every LoRA linear of an fp16 model with rank-8 adapters takes the
+    """``lora_in_gemm=True``: every LoRA linear of an fp16 model with rank-8 adapters takes the
     low-rank GEMM kernel (Triton's interpreter here; GPT-2's transposed Conv1D weights too), the
-    report says so, and loss and gradients match ``"off"``."""
+    report says so, and loss and gradients match ``False``."""
     from models import batch, tiny_model, train_step
     module = importlib.import_module("lecompile.ops.lora_linear")
     if module.lowrank_gemm is None:
@@ -287,29 +287,20 @@ def test_lora_in_gemm_runs_the_kernel_with_the_same_loss_and_gradients(arch, mon
     monkeypatch.setattr(module, "INTERPRET_ON_CPU", True)
     model, inputs = tiny_model(arch, "lora", dtype=torch.float16, rank=8), batch()
     results = {}
-    for mode in ("on", "off"):
+    for mode in (True, False):
         torch._dynamo.reset()
         backend = lecompile.longexposure(LongExposureConfig(mlp_density=1.0, lora_in_gemm=mode))
         results[mode] = train_step(torch.compile(model, backend=backend), model, inputs)
         in_gemm = [e.in_gemm for e in backend.report.linears]
         assert len(in_gemm) > 0 and all(e.fused for e in backend.report.linears)
-        assert all(in_gemm) if mode == "on" else not any(in_gemm), str(backend.report)
+        assert all(in_gemm) if mode else not any(in_gemm), str(backend.report)
     assert "B in GEMM" in str(backend.report)
-    (loss, grads), (loss_off, grads_off) = results["on"], results["off"]
+    (loss, grads), (loss_off, grads_off) = results[True], results[False]
     torch.testing.assert_close(loss, loss_off, atol=1e-2, rtol=1e-3)
     assert grads.keys() == grads_off.keys() and any("lora_A" in n for n in grads)
     for name in grads:
         scale = grads_off[name].abs().max().item()
         torch.testing.assert_close(grads[name], grads_off[name], atol=2e-2 * scale, rtol=0, msg=name)
-
-
-def test_lora_in_gemm_auto_follows_cudagraphs():
-    assert LongExposureConfig(cudagraphs=True).lora_in_gemm_on
-    assert not LongExposureConfig().lora_in_gemm_on
-    assert LongExposureConfig(lora_in_gemm="on").lora_in_gemm_on
-    assert not LongExposureConfig(cudagraphs=True, lora_in_gemm="off").lora_in_gemm_on
-    with pytest.raises(ValueError, match="lora_in_gemm"):
-        LongExposureConfig(lora_in_gemm=True)
 
 
 def test_linears_of_one_input_join_only_when_their_operands_come_first():
