@@ -59,6 +59,27 @@ def test_lora_linear_in_gemm_on_cuda_matches_peft(dtype):
         torch.testing.assert_close(g.float(), g_ref.float(), **TOL[dtype])
 
 
+def test_lora_linear_in_gemm_compiles_with_dynamic_shapes():
+    """Token counts that change between calls (Dynamo's dynamic shapes): one graph, whose kernel
+    launches follow the shapes, with the eager op's values and gradients."""
+    from test_lora_linear import TOL, make
+    from lecompile.ops.lora_linear import lora_linear
+    _, weight, bias, _, a, b, scale = [t.cuda().detach().requires_grad_(t.requires_grad) if torch.is_tensor(t)
+                                       else t for t in make(torch.bfloat16, d_in=96, d_out=160, r=16)]
+    compiled = torch.compile(lambda x: lora_linear(x, weight, bias, None, a, b, scale, True), dynamic=True,
+                             fullgraph=True)
+    for tokens in (40, 72, 136):
+        x = torch.randn(2, tokens, 96, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        results = []
+        for fn in (compiled, lambda x: lora_linear(x, weight, bias, None, a, b, scale, True)):
+            y = fn(x)
+            results.append((y, *torch.autograd.grad(y.float().square().sum(), (x, a, b))))
+        for got, want in zip(*results):
+            scale_of = want.abs().max().item()
+            torch.testing.assert_close(got.float(), want.float(), atol=TOL[torch.bfloat16]["atol"] * scale_of,
+                                       rtol=TOL[torch.bfloat16]["rtol"])
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m,n,k,r", [(1000, 328, 200, 8), (4096, 2048, 2048, 16), (512, 8192, 2048, 48),
                                      (384, 2048, 8192, 16)])

@@ -17,6 +17,7 @@ its PyTorch twin.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import os
@@ -224,11 +225,13 @@ def linear_low_rank(a: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     else:
         sms = 4
     grid = lambda meta: (min(sms, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])),)  # noqa: E731
-    wrap_triton(_linear_low_rank_kernel)[grid](
-        a, weight, c, e, bias if bias is not None else out, out, m, n, a.shape[1], r,
-        a.stride(0), weight.stride(0), c.stride(0), e.stride(0), W_KMAJOR=w_kmajor, E_KMAJOR=e_kmajor,
-        RANK=rank_block(r) if r else 16, LOW_RANK=low_rank is not None, HAS_BIAS=bias is not None, NUM_SMS=sms,
-        DOT_FP32=interpreting() and a.dtype == torch.bfloat16, GROUP_M=8)
+    # Triton launches on the current device (and the descriptors' scratch memory comes from it)
+    with torch.cuda.device(a.device) if a.is_cuda else contextlib.nullcontext():
+        wrap_triton(_linear_low_rank_kernel)[grid](
+            a, weight, c, e, bias if bias is not None else out, out, m, n, a.shape[1], r,
+            a.stride(0), weight.stride(0), c.stride(0), e.stride(0), W_KMAJOR=w_kmajor, E_KMAJOR=e_kmajor,
+            RANK=rank_block(r) if r else 16, LOW_RANK=low_rank is not None, HAS_BIAS=bias is not None,
+            NUM_SMS=sms, DOT_FP32=interpreting() and a.dtype == torch.bfloat16, GROUP_M=8)
     return out
 
 
