@@ -32,7 +32,8 @@ from .gather_gemm import AUTOTUNE_CACHE, _dot
 if "warp_specialize" not in inspect.signature(tl.range).parameters:
     raise ImportError(f"lecompile.kernels.lowrank_gemm needs Triton >= 3.4, found {triton.__version__}")
 Tensor = torch.Tensor
-#: The largest LoRA rank (after rounding up to a multiple of 16) the kernel takes in its one step.
+#: The largest depth of the kernel's low-rank step (:func:`rank_block`): ranks up to 64, or the
+#: stacked ranks of linears sharing one A-projection (three of rank 16 round up to 64).
 MAX_RANK = 64
 _DTYPES = (torch.float16, torch.bfloat16)
 

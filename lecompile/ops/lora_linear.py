@@ -121,7 +121,7 @@ class _InGemm(torch.autograd.Function):
             ys.append(torch.ops.lecompile.linear_low_rank(x, weight, bias, xa[:, start:start + r], b))
             start += r
         ctx.save_for_backward(x, lora_input, stacked_a, xa, *weights, *lora_b)
-        ctx.ranks, ctx.biases = ranks, [b is not None for b in biases]
+        ctx.ranks = ranks
         return tuple(ys)
 
     @staticmethod
