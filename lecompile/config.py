@@ -113,6 +113,7 @@ class LongExposureConfig:
     #: after them keep anyway, so each norm holds one ``[tokens, hidden]`` tensor fewer, at the
     #: same cost. The input is rebuilt as ``(y - bias) / weight``, so a norm qualifies only where
     #: ``|bias| <= |weight|`` in every channel when the graph compiles (the report lists the rest).
+    #: Hugging Face's RMS norms (LLaMA, Qwen, Mistral) likewise, where no weight is 0.
     norm_backward_from_output: bool = True
     #: Replay each compiled graph as a CUDA graph (what ``mode="reduce-overhead"`` does for
     #: Inductor): removes the Python and launch overhead of many small ops. Inputs are copied

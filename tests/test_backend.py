@@ -450,8 +450,9 @@ def saved_bytes_and_grads(model, inputs, config):
     return sum(storages.values()), loss.detach(), grads, backend.report
 
 
-@pytest.mark.parametrize("arch", ["opt", "gpt2"])
+@pytest.mark.parametrize("arch", ["opt", "gpt2", "llama", "qwen2"])
 def test_layer_norms_keep_their_output_with_the_same_gradients(arch):
+    """Layer norms (OPT, GPT-2) and Hugging Face's decomposed RMS norms (LLaMA, Qwen2)."""
     from models import batch, tiny_model
 
     model, inputs = tiny_model(arch, "lora"), batch()
@@ -472,6 +473,20 @@ def test_layer_norms_keep_their_output_with_the_same_gradients(arch):
     assert grads.keys() == want_grads.keys()
     for name in grads:
         torch.testing.assert_close(grads[name], want_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_rms_norms_with_a_zero_weight_or_trainable_keep_their_input():
+    from models import batch, tiny_model
+
+    model = tiny_model("llama", "lora")
+    with torch.no_grad():
+        model.base_model.model.model.norm.weight[3] = 0.0
+    model.base_model.model.model.layers[1].input_layernorm.weight.requires_grad_(True)
+    _, _, _, report = saved_bytes_and_grads(model, batch(), LongExposureConfig(mlp_density=0.5, k_align=64))
+    notes = {e.layer: e.note for e in report.norms}
+    assert "a weight is 0" in notes["model.norm"], notes
+    assert "trainable weight" in notes["model.layers.1.input_layernorm"], notes
+    assert "layer norms: 3 of 5 keep their output" in str(report)
 
 
 def test_layer_norms_with_large_biases_or_trainable_keep_their_input():
