@@ -38,8 +38,15 @@ def test_matches_layer_norm(dtype, affine, train_affine):
                                   for t in args])
     want = grads(F.layer_norm, *args)
     got = grads(layer_norm_from_output, *args)
+    assert_same_forward_and_gradients_as_good(got, want, exact)
+
+
+def assert_same_forward_and_gradients_as_good(got, want, exact):
+    """``(y, *grads)`` of the op, of PyTorch's version in the same dtype and in float64: the same
+    output, and gradients off the float64 ones by at most ``ERROR_RATIO`` times PyTorch's error
+    plus ``SLACK``."""
     assert len(got) == len(want) == len(exact)
-    torch.testing.assert_close(got[0], want[0], atol=0, rtol=0)  # same forward
+    torch.testing.assert_close(got[0], want[0], atol=0, rtol=0)
     for i, (g, w, e) in enumerate(zip(got[1:], want[1:], exact[1:])):
         assert g.dtype == w.dtype
         bound = ERROR_RATIO * (w.double() - e).abs().max().item() + SLACK

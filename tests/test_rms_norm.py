@@ -5,11 +5,8 @@ import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from lecompile.ops.rms_norm import rms_norm_from_output
+from test_layer_norm import assert_same_forward_and_gradients_as_good
 
-#: The op's gradients may be off the float64 reference by this much more than autograd through
-#: Hugging Face's norm in the same dtype (it derives x_hat from the rounded output), plus an
-#: absolute slack for fp32's last bits.
-ERROR_RATIO, SLACK = 1.5, 1e-6
 EPS = 1e-6
 
 
@@ -46,12 +43,7 @@ def test_matches_hugging_face(dtype, train_weight):
     exact = grads(exact_rms_norm, *[t.detach().double().requires_grad_(t.requires_grad) for t in args])
     want = grads(hf_rms_norm, *args)
     got = grads(lambda x, w: rms_norm_from_output(x, w, EPS), *args)
-    assert len(got) == len(want) == len(exact)
-    torch.testing.assert_close(got[0], want[0], atol=0, rtol=0)  # same forward
-    for i, (g, w, e) in enumerate(zip(got[1:], want[1:], exact[1:])):
-        assert g.dtype == w.dtype
-        bound = ERROR_RATIO * (w.double() - e).abs().max().item() + SLACK
-        assert (g.double() - e).abs().max().item() <= bound, f"gradient {i}"
+    assert_same_forward_and_gradients_as_good(got, want, exact)
 
 
 def test_gradcheck_float64():
