@@ -20,14 +20,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import os
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .gather_gemm import AUTOTUNE_CACHE, _dot
+from .gather_gemm import AUTOTUNE_CACHE, _dot, _dot_fp32, _interpreting
 
 if "warp_specialize" not in inspect.signature(tl.range).parameters:
     raise ImportError(f"lecompile.kernels.lowrank_gemm needs Triton >= 3.4, found {triton.__version__}")
@@ -38,11 +37,6 @@ MAX_RANK = 64
 _DTYPES = (torch.float16, torch.bfloat16)
 
 
-def interpreting() -> bool:
-    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, warp-specialized): the best of 18 configs on each
 # OPT / LLaMA linear shape in the H100 sweep (profiles/lowrank_gemm.txt).
 _TILINGS = [(128, 256, 64, 8, 3, True), (128, 256, 64, 8, 3, False), (128, 128, 64, 4, 4, True),
@@ -50,7 +44,7 @@ _TILINGS = [(128, 256, 64, 8, 3, True), (128, 256, 64, 8, 3, False), (128, 128, 
 
 
 def _configs():
-    if interpreting():  # the CPU interpreter: one small config keeps tests fast
+    if _interpreting():  # the CPU interpreter: one small config keeps tests fast
         return [triton.Config(dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, WARP_SPECIALIZE=False), num_warps=1)]
     return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, WARP_SPECIALIZE=ws), num_warps=w, num_stages=s)
             for bm, bn, bk, w, s, ws in _TILINGS]
@@ -158,7 +152,7 @@ def supports(a: Tensor, weight: Tensor, low_rank: Optional[Tuple[Tensor, Tensor]
     throughout, 2-D operands of matching shapes and :func:`supports_dims`. Layouts do not
     matter: operands TMA cannot read as they are are made contiguous."""
     tensors = [a, weight] + list(low_rank or ()) + ([bias] if bias is not None else [])
-    if not (a.device.type == "cuda" or (a.device.type == "cpu" and interpreting())):
+    if not (a.device.type == "cuda" or (a.device.type == "cpu" and _interpreting())):
         return False
     if any(t.dtype != a.dtype or t.device != a.device for t in tensors):
         return False
@@ -232,7 +226,7 @@ def linear_low_rank(a: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
             a, weight, c, e, bias if bias is not None else out, out, m, n, a.shape[1], r,
             a.stride(0), weight.stride(0), c.stride(0), e.stride(0), W_KMAJOR=w_kmajor, E_KMAJOR=e_kmajor,
             RANK=rank_block(r) if r else 16, LOW_RANK=low_rank is not None, HAS_BIAS=bias is not None,
-            NUM_SMS=sms, DOT_FP32=interpreting() and a.dtype == torch.bfloat16, GROUP_M=8)
+            NUM_SMS=sms, DOT_FP32=_dot_fp32(a.dtype), GROUP_M=8)
     return out
 
 

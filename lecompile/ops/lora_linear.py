@@ -27,6 +27,7 @@ and the adapter gradients stay cuBLAS GEMMs.
 
 from __future__ import annotations
 
+import os
 from typing import List, Optional
 
 import torch
@@ -40,6 +41,7 @@ except ImportError:  # no Triton, or one too old: the cuBLAS GEMMs run everywher
 Tensor = torch.Tensor
 #: Tests set this to run the ``in_gemm`` kernels on CPU tensors in Triton's interpreter.
 INTERPRET_ON_CPU = False
+_INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"  # read when the kernels are defined
 
 _lib = torch.library.Library("lecompile", "FRAGMENT")
 _lib.define("lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? lora_input, Tensor lora_a, "
@@ -101,7 +103,7 @@ def lora_linear_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_inp
 def runs_in_gemm(x: Tensor, weights: List[Tensor], biases: List[Optional[Tensor]], lora_a: List[Tensor]) -> bool:
     """Whether ``in_gemm=True`` takes the kernel path for these operands (metadata only): fp16/bf16
     on CUDA, frozen base weights, widths and ranks the kernel takes (:func:`lowrank_gemm.supports_dims`)."""
-    if lowrank_gemm is None or not (x.is_cuda or (INTERPRET_ON_CPU and lowrank_gemm.interpreting())):
+    if lowrank_gemm is None or not (x.is_cuda or (INTERPRET_ON_CPU and _INTERPRETING)):
         return False
     return all(not w.requires_grad and w.dtype == x.dtype and (b is None or b.dtype == x.dtype)
                and lowrank_gemm.supports_dims(x.dtype, w.shape[1], w.shape[0], a.shape[0])
@@ -166,7 +168,7 @@ def _linear_low_rank(a: Tensor, weight: Tensor, bias: Optional[Tensor], c: Optio
     return lowrank_gemm.linear_low_rank(a, weight, bias, None if c is None else (c, e))
 
 
-if lowrank_gemm is not None and not lowrank_gemm.interpreting():
+if lowrank_gemm is not None and not _INTERPRETING:
     # A triton_op: Inductor writes the kernel's launch into its own code (no Python per call).
     torch.library.triton_op("lecompile::linear_low_rank", _linear_low_rank, mutates_args=())
 else:  # Triton's CPU interpreter cannot run under fake tensors: a plain custom op for the tests

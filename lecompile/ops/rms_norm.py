@@ -43,9 +43,9 @@ class _RMSNormFromOutput(torch.autograd.Function):
 
 def rms_norm_from_output(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
     """Hugging Face's RMS norm over the last dimension (``weight * (x * rstd).to(x.dtype)``, the
-    statistics in fp32, or fp64 for fp64 ``x``) whose backward keeps ``y`` and ``rstd``, not ``x``. ``weight`` must have
-    no zero entries (the backward divides by it); raises ``ValueError`` for a ``weight`` that is
-    not ``[hidden]``."""
+    statistics in fp32, or fp64 for fp64 ``x``) whose backward keeps ``y`` and ``rstd``, not ``x``.
+    ``weight`` must have no zero entries (the backward divides by it); raises ``ValueError`` for a
+    ``weight`` that is not ``[hidden]``."""
     if weight.shape != (x.shape[-1],):
         raise ValueError(f"rms_norm_from_output: weight must be [{x.shape[-1]}] (the last dimension of x), "
                          f"got {tuple(weight.shape)}")

@@ -69,15 +69,7 @@ def _rms_norm(rsqrt: fx.Node, ctx) -> bool:
     if found is None:
         return False
     x, weight, eps, out = found
-    value = ctx.value_of(weight)
-    if value is None:
-        why = "weight is computed in the graph, not a parameter"
-    elif value.requires_grad:
-        why = "trainable weight: the check below holds only for frozen values"
-    elif output_rounding_gain(value, None) > MAX_ROUNDING_GAIN:
-        why = "a weight is 0: the input cannot be rebuilt from the output"
-    else:
-        why = ""
+    why = _unsupported({"input": x, "normalized_shape": (shape(x)[-1],), "weight": weight}, ctx)
     ctx.report.norms.append(NormEntry(_name(weight, out), not why, why))
     if why:
         return False
@@ -150,6 +142,8 @@ def _unsupported(args: dict, ctx) -> str:
     if any(v is not None and v.requires_grad for v in values):
         return "trainable weight or bias: the check below holds only for frozen values"
     gain = output_rounding_gain(*values)
+    if gain == float("inf"):
+        return "a weight is 0: the input cannot be rebuilt from the output"
     if gain > MAX_ROUNDING_GAIN:
         return (f"|bias| / |weight| reaches {gain - 1:.3g} (> {MAX_ROUNDING_GAIN - 1:g}): the input would be "
                 "rebuilt from the output too coarsely")
