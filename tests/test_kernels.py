@@ -97,9 +97,10 @@ def test_ngather_gated_with_adapters_saves_pre(dtype, rank, kept):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens,group,d,ffn,k", SHAPES)
-@pytest.mark.parametrize("two,bias,rank", [(False, False, 0), (False, True, 0), (True, False, 0),
-                                           (False, True, 16), (True, False, 40)])
-def test_kgather(dtype, tokens, group, d, ffn, k, two, bias, rank, compact):
+@pytest.mark.parametrize("two,bias,rank,residual", [(False, False, 0, False), (False, True, 0, False),
+                                                    (True, False, 0, False), (False, True, 16, True),
+                                                    (True, False, 40, True)])
+def test_kgather(dtype, tokens, group, d, ffn, k, two, bias, rank, residual, compact):
     gen = torch.Generator().manual_seed(2)
     h, m = rand(tokens, k, dtype=dtype, gen=gen), rand(ffn, d, dtype=dtype, gen=gen, scale=k ** -0.5)
     idx = sorted_idx(tokens // group, ffn, k, gen)
@@ -108,8 +109,10 @@ def test_kgather(dtype, tokens, group, d, ffn, k, two, bias, rank, compact):
     b = rand(d, dtype=dtype, gen=gen) if bias else None
     # LoRA's B is [d, r]: the low-rank factor arrives as its transposed view
     low_rank = (rand(tokens, rank, gen=gen), rand(d, rank, dtype=dtype, gen=gen).t()) if rank else None
-    got = kgather_matmul(h, m, idx, group, bias=b, second=second, low_rank=low_rank)
-    want = kgather_matmul_ref(h, m, idx, group, bias=b, second=second, low_rank=low_rank)
+    # the residual stream as a row slice of a wider tensor: rows of unit stride, not contiguous
+    res = rand(tokens, d + 3, dtype=dtype, gen=gen)[:, :d] if residual else None
+    got = kgather_matmul(h, m, idx, group, bias=b, second=second, low_rank=low_rank, residual=res)
+    want = kgather_matmul_ref(h, m, idx, group, bias=b, second=second, low_rank=low_rank, residual=res)
     torch.testing.assert_close(got, want, **TOL[dtype])
 
 
@@ -124,6 +127,10 @@ def test_kernels_reject_bad_layouts():
         kgather_matmul(rand(32, 128), m.t().contiguous().t(), idx, 32)
     with pytest.raises(ValueError, match="low_rank shapes"):
         kgather_matmul(rand(32, 128), m, idx, 32, low_rank=(rand(32, 4), rand(4, 15)))
+    with pytest.raises(ValueError, match="residual of shape"):
+        kgather_matmul(rand(32, 128), m, idx, 32, residual=rand(32, 15))
+    with pytest.raises(ValueError, match="unit stride"):
+        kgather_matmul(rand(32, 128), m, idx, 32, residual=rand(16, 32).t())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -254,10 +254,11 @@ def _ngather_kernel(x_ptr, idx_ptr, out_ptr, out2_ptr, pre_ptr, pre2_ptr, h_ptr,
 @triton.heuristics({"EVEN_K": lambda args: args["KSEL"] % args["BLOCK_K"] == 0,
                     "EVEN_D": lambda args: args["D"] % args["BLOCK_D"] == 0})
 @triton.jit
-def _kgather_kernel(h_ptr, m_ptr, h2_ptr, m2_ptr, idx_ptr, bias_ptr, v_ptr, a_ptr, out_ptr,
+def _kgather_kernel(h_ptr, m_ptr, h2_ptr, m2_ptr, idx_ptr, bias_ptr, v_ptr, a_ptr, res_ptr, out_ptr,
                     T, D, KSEL, group_tokens, GROUP_ALIGN, R, stride_m, stride_m2, stride_idx,
-                    stride_ar, stride_ad,
+                    stride_ar, stride_ad, stride_res,
                     TWO: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LOW_RANK: tl.constexpr,
+                    HAS_RESIDUAL: tl.constexpr,
                     R_PAD: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
                     EVEN_K: tl.constexpr, EVEN_D: tl.constexpr,
                     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -296,8 +297,12 @@ def _kgather_kernel(h_ptr, m_ptr, h2_ptr, m2_ptr, idx_ptr, bias_ptr, v_ptr, a_pt
         acc += tl.dot(vt, at, input_precision="ieee")
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+    mask_out = mask_t[:, None] & mask_d[None, :]
+    if HAS_RESIDUAL:
+        acc += tl.load(res_ptr + offs_t[:, None].to(tl.int64) * stride_res + offs_d[None, :], mask=mask_out,
+                       other=0.0).to(tl.float32)
     out_offs = offs_t[:, None].to(tl.int64) * D + offs_d[None, :]
-    tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_d[None, :])
+    tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask_out)
 
 
 class Neurons:
@@ -455,18 +460,23 @@ def _launch_ngather(x, idx, group_tokens, first, second, activation, save_pre, g
 def kgather_matmul(h: torch.Tensor, m: torch.Tensor, idx: torch.Tensor, group_tokens: int,
                    bias: Optional[torch.Tensor] = None,
                    second: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-                   low_rank: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
-    """``h @ M[idx] (+ h2 @ M2[idx]) + v @ a + bias``: ``[T, d]`` from compact ``h [T, k]``;
-    ``low_rank = (v [T, r], a [r, d])`` is added in fp32 before the single rounding (on cuBLAS,
-    see the module doc, each term's ``baddbmm``/``addmm`` rounds once)."""
+                   low_rank: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+                   residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``h @ M[idx] (+ h2 @ M2[idx]) + v @ a + bias + residual``: ``[T, d]`` from compact
+    ``h [T, k]``; ``low_rank = (v [T, r], a [r, d])`` and ``residual [T, d]`` (a residual stream,
+    rows of unit stride) are added in fp32 before the single rounding (on cuBLAS, see the module
+    doc, each term's ``baddbmm``/``addmm``/``add`` rounds once)."""
     _check_common("kgather_matmul", h, m, idx, group_tokens)
     tokens, ksel = h.shape
     d = m.shape[1]
     if low_rank is not None and (low_rank[0].shape[0] != tokens or low_rank[1].shape != (low_rank[0].shape[1], d)):
         raise ValueError(f"kgather_matmul: low_rank shapes {tuple(low_rank[0].shape)} and "
                          f"{tuple(low_rank[1].shape)} do not fit {tokens} tokens and d={d}")
+    if residual is not None and (tuple(residual.shape) != (tokens, d) or residual.stride(1) != 1):
+        raise ValueError(f"kgather_matmul: residual of shape {tuple(residual.shape)} and strides "
+                         f"{residual.stride()} is not [{tokens}, {d}] with rows of unit stride")
     if _on_cublas(idx, m, group_tokens):
-        return _kgather_cublas(h, m, idx, group_tokens, bias, second, low_rank)
+        return _kgather_cublas(h, m, idx, group_tokens, bias, second, low_rank, residual)
     h = h.contiguous()
     out = h.new_empty(tokens, d)
     h2, m2 = second if second is not None else (h, m)
@@ -474,16 +484,18 @@ def kgather_matmul(h: torch.Tensor, m: torch.Tensor, idx: torch.Tensor, group_to
     rank = v.shape[1] if low_rank is not None else 0
     v = v.contiguous()
     grid = lambda meta: (triton.cdiv(tokens, meta["BLOCK_T"]), triton.cdiv(d, meta["BLOCK_D"]))  # noqa: E731
-    _kgather_kernel[grid](h, m, h2.contiguous(), m2, idx, bias if bias is not None else out, v, a, out,
+    res = residual if residual is not None else out
+    _kgather_kernel[grid](h, m, h2.contiguous(), m2, idx, bias if bias is not None else out, v, a, res, out,
                           tokens, d, ksel, group_tokens, group_align(group_tokens), rank, m.stride(0),
-                          m2.stride(0), idx.stride(0), a.stride(0), a.stride(1),
+                          m2.stride(0), idx.stride(0), a.stride(0), a.stride(1), res.stride(0),
                           TWO=second is not None, HAS_BIAS=bias is not None, HAS_LOW_RANK=low_rank is not None,
+                          HAS_RESIDUAL=residual is not None,
                           R_PAD=max(16, triton.next_power_of_2(max(rank, 1))),
                           PRECISION=_precision(h.dtype), DOT_FP32=_dot_fp32(h.dtype))
     return out
 
 
-def _kgather_cublas(h, m, idx, group_tokens, bias, second, low_rank):
+def _kgather_cublas(h, m, idx, group_tokens, bias, second, low_rank, residual):
     hg, mg = _batched(h, m, idx, group_tokens)
     out = torch.bmm(hg, mg) if bias is None else torch.baddbmm(bias.to(h.dtype), hg, mg)
     if second is not None:
@@ -493,6 +505,8 @@ def _kgather_cublas(h, m, idx, group_tokens, bias, second, low_rank):
     if low_rank is not None:
         v, a = low_rank
         out.addmm_(v.to(h.dtype), a.to(h.dtype))
+    if residual is not None:
+        out.add_(residual)
     return out
 
 
@@ -555,7 +569,7 @@ def ngather_matmul_grad_ref(dy, idx, group_tokens, m, activation, pre, pre_up=No
     return grads if len(grads) > 1 else grads[0]
 
 
-def kgather_matmul_ref(h, m, idx, group_tokens, bias=None, second=None, low_rank=None):
+def kgather_matmul_ref(h, m, idx, group_tokens, bias=None, second=None, low_rank=None, residual=None):
     """PyTorch twin of :func:`kgather_matmul`."""
     g = idx.shape[0]
     out = h.reshape(g, group_tokens, -1).float() @ _grouped_rows(m, idx).float()
@@ -568,4 +582,6 @@ def kgather_matmul_ref(h, m, idx, group_tokens, bias=None, second=None, low_rank
         out = out + v.float() @ a.float()
     if bias is not None:
         out = out + bias.float()
+    if residual is not None:
+        out = out + residual.float()
     return out.to(h.dtype)
