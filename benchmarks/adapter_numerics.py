@@ -65,11 +65,11 @@ def main():
                  baseline="peft-fp32-adapters", heldout_rel_gap=round(abs(r.heldout_loss - ref.heldout_loss)
                                                                        / ref.heldout_loss, 6), **paths.get(name, {}))
             for name, r in runs.items()]
-    name = "adapter_numerics" if dev.type == "cpu" else f"adapter_numerics_{dev.type}"
+    results_name = "adapter_numerics" if dev.type == "cpu" else f"adapter_numerics_{dev.type}"
     data = {"meta": meta("adapter_numerics", command_line(), device_used=str(dev), lr=args.lr,
                          batch=args.batch, seq=args.seq), "rows": rows}
-    path = write_results(name, data, Path(args.out))
-    _plot(runs, Path(args.out) / f"{name}.png")
+    path = write_results(results_name, data, Path(args.out))
+    _plot(runs, Path(args.out) / f"{results_name}.png")
     for row in rows[1:]:
         print(f"{row['variant']}: held-out relative gap {row['heldout_rel_gap']:.4%} (target <= 0.5%)")
     print(f"wrote {path}")
