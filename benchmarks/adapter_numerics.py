@@ -48,6 +48,7 @@ def main():
     if dev.type == "cuda":
         variants["lecompile-fused-cublas"] = LongExposureBackend(LongExposureConfig(mlp_density=1.0,
                                                                                     lora_in_gemm=False))
+    results_name = "adapter_numerics" if dev.type == "cpu" else f"adapter_numerics_{dev.type}"
     runs, paths = {}, {}
     for name, backend in variants.items():
         torch._dynamo.reset()
@@ -56,8 +57,15 @@ def main():
             linears = backend.report.linears
             paths[name] = dict(lora_linears=len(linears), lora_linears_fused=sum(e.fused for e in linears),
                                lora_linears_in_gemm=sum(e.in_gemm for e in linears))
-        print(f"{name}: held-out loss {runs[name].heldout_loss:.4f}, last train loss {runs[name].last_loss:.4f}, "
-              f"{paths.get(name, 'plain Inductor')}")
+        # written after every variant: a run cut short keeps the variants it finished
+        path, rows = _write(results_name, runs, paths, args, dev)
+        print(f"{name}: held-out loss {runs[name].heldout_loss:.4f} (relative gap to PEFT's "
+              f"{rows[-1]['heldout_rel_gap']:.4%}, target <= 0.5%), last train loss {runs[name].last_loss:.4f}, "
+              f"{paths.get(name, 'plain Inductor')}; wrote {path}")
+
+
+def _write(results_name, runs, paths, args, dev):
+    """``(path, rows)``: the results file and plot of the variants run so far (the first is the baseline)."""
     ref = runs["peft-fp32-adapters"]
     rows = [dict(case="smollm2-135m lora r=8 all linear", variant=name, dtype="bfloat16", steps=args.steps,
                  tokens=args.batch * args.seq, heldout_loss=round(r.heldout_loss, 5),
@@ -65,15 +73,11 @@ def main():
                  baseline="peft-fp32-adapters", heldout_rel_gap=round(abs(r.heldout_loss - ref.heldout_loss)
                                                                        / ref.heldout_loss, 6), **paths.get(name, {}))
             for name, r in runs.items()]
-    results_name = "adapter_numerics" if dev.type == "cpu" else f"adapter_numerics_{dev.type}"
     data = {"meta": meta("adapter_numerics", command_line(), device_used=str(dev), lr=args.lr,
                          batch=args.batch, seq=args.seq), "rows": rows}
     path = write_results(results_name, data, Path(args.out))
     _plot(runs, Path(args.out) / f"{results_name}.png")
-    for row in rows[1:]:
-        print(f"{row['variant']}: held-out relative gap {row['heldout_rel_gap']:.4%} (target <= 0.5%)")
-    print(f"wrote {path}")
-
+    return path, rows
 
 def _plot(runs, path):
     import matplotlib
