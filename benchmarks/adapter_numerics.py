@@ -79,6 +79,7 @@ def _write(results_name, runs, paths, args, dev):
     _plot(runs, Path(args.out) / f"{results_name}.png")
     return path, rows
 
+
 def _plot(runs, path):
     import matplotlib
     matplotlib.use("Agg")

@@ -21,9 +21,8 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
-from lecompile.kernels.lowrank_gemm import _tile, linear_low_rank  # noqa: E402
-
-INTERP = os.environ.get("TRITON_INTERPRET") == "1"
+from lecompile.kernels.gather_gemm import _interpreting  # noqa: E402
+from lecompile.kernels.lowrank_gemm import _tile, linear_low_rank, rank_block  # noqa: E402
 
 
 @triton.jit
@@ -66,7 +65,7 @@ def fused(x, w, la, lb, cfg):
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
     xa = torch.empty(m, r, device=x.device, dtype=x.dtype)
     grid = (min(num_sms(), triton.cdiv(m, bm) * triton.cdiv(n, bn)),)
-    fused_kernel[grid](x, w, la, lb, xa, out, m, n, x.shape[1], r, num_sms(), max(16, triton.next_power_of_2(r)),
+    fused_kernel[grid](x, w, la, lb, xa, out, m, n, x.shape[1], r, num_sms(), rank_block(r),
                        bm, bn, bk, ws, 8, num_stages=stages, num_warps=warps)
     return out, xa
 
@@ -144,7 +143,7 @@ def bench(out_dir):
 
 
 if __name__ == "__main__":
-    if INTERP:
+    if _interpreting():
         check()
     else:
         bench(sys.argv[1] if len(sys.argv) > 1 else ".")
