@@ -11,7 +11,10 @@ The measurement behind adapter_kernels.txt (a development script, not part of th
 linear and with only the norms trained; kernels grouped by kind, so the difference between the
 two steps says which kinds of kernel the adapters add.
 
-``python adapter_kernels.py OUT_DIR [linear] [step]`` writes ``OUT_DIR/adapter_kernels.json``
+``ab``: the same LoRA step timed (``e2e.run_variant``, median of 20) with the skinny GEMMs on
+:mod:`lecompile.kernels.skinny_gemm` and, in the same process, on cuBLAS as before them.
+
+``python adapter_kernels.py OUT_DIR [linear] [step] [ab]`` writes ``OUT_DIR/adapter_kernels.json``
 and prints the tables.
 """
 import json
@@ -92,7 +95,8 @@ def linear_rows():
         for vname, step in (("dense", dense_step), ("lora in-gemm", adapted_step)):
             row[f"{vname} us"] = round(do_bench_cudagraph(step, rep=100, return_mode="median") * 1e3, 1)
         row["adapter us"] = round(row["lora in-gemm us"] - row["dense us"], 1)
-        row["kernels"] = [dict(name=k[:100], us=round(us, 2), launches=n) for k, us, n in kernels(graphed(adapted_step))]
+        row["kernels"] = [dict(name=k[:100], us=round(us, 2), launches=n)
+                          for k, us, n in kernels(graphed(adapted_step))]
         rows.append(row)
     return rows
 
@@ -125,8 +129,25 @@ def step_rows(model="opt-1.3b"):
         out[method] = dict(case=case.name, variant=variant.name, kernels_ms=round(sum(k[1] for k in ks) / 1e3, 3),
                            groups={k: dict(ms=round(v[0], 3), launches=v[1]) for k, v in groups.items()},
                            top=[dict(name=k[:100], ms=round(us / 1e3, 3), launches=n) for k, us, n in ks[:40]])
-        del fn, m, opt
     return out
+
+
+def ab_rows(models=("opt-1.3b",)):
+    from lecompile.e2e import Case, run_variant, variants
+    from lecompile.ops import lora_linear as op
+    variant = next(v for v in variants((1.0,), baselines=False, cudagraphs=True) if v.name == "lecompile-d1-cg")
+    kernels_module, rows = op.skinny_gemm, []
+    try:
+        for model in models:
+            for label, module in (("skinny kernels", kernels_module), ("cuBLAS", None)):
+                op.skinny_gemm = module
+                r = run_variant(Case(model, "lora", 8, 512), variant, "cuda")
+                rows.append(dict(model=model, variant=variant.name, skinny_gemms=label, ms=round(r.ms, 2),
+                                 peak_gib=round(r.peak_mem_gib, 2), loss_step1=round(r.loss_step1, 4)))
+                print(rows[-1])
+    finally:
+        op.skinny_gemm = kernels_module
+    return rows
 
 
 def main(out_dir, parts):
@@ -147,6 +168,8 @@ def main(out_dir, parts):
                 print(f"  {v['ms']:8.3f} ms {v['launches']:7.0f} launches  {k}")
             for k in s["top"]:
                 print(f"    {k['ms']:7.3f} ms x{k['launches']:.0f}  {k['name']}")
+    if "ab" in parts:
+        data["ab"] = ab_rows()
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     (Path(out_dir) / "adapter_kernels.json").write_text(json.dumps(data, indent=1))
 
