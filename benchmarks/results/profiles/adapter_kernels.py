@@ -17,6 +17,7 @@ two steps says which kinds of kernel the adapters add.
 ``python adapter_kernels.py OUT_DIR [linear] [step] [ab]`` writes ``OUT_DIR/adapter_kernels.json``
 and prints the tables.
 """
+import importlib
 import json
 import sys
 from collections import defaultdict
@@ -134,7 +135,7 @@ def step_rows(model="opt-1.3b"):
 
 def ab_rows(models=("opt-1.3b",)):
     from lecompile.e2e import Case, run_variant, variants
-    from lecompile.ops import lora_linear as op
+    op = importlib.import_module("lecompile.ops.lora_linear")
     variant = next(v for v in variants((1.0,), baselines=False, cudagraphs=True) if v.name == "lecompile-d1-cg")
     kernels_module, rows = op.skinny_gemm, []
     try:
