@@ -28,15 +28,15 @@ and the adapter gradients stay cuBLAS GEMMs.
 from __future__ import annotations
 
 import os
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
 
 try:
-    from ..kernels import lowrank_gemm, skinny_gemm
+    from ..kernels import lowrank_gemm
 except ImportError:  # no Triton, or one too old: the cuBLAS GEMMs run everywhere
-    lowrank_gemm = skinny_gemm = None
+    lowrank_gemm = None
 
 Tensor = torch.Tensor
 #: Tests set this to run the ``in_gemm`` kernels on CPU tensors in Triton's interpreter.
@@ -131,10 +131,7 @@ class _InGemm(torch.autograd.Function):
         x, lora_input, stacked_a, xa, *rest = ctx.saved_tensors
         weights, lora_b = rest[:len(ctx.ranks)], rest[len(ctx.ranks):]
         needs = ctx.needs_input_grad
-        # dy @ B_i and dB_i = dy.T @ xa_i from one read of dy where the kernel takes them
-        xas = torch.split(xa, ctx.ranks, 1)
-        passes = [_skinny(dy, b, xa_i) for dy, b, xa_i in zip(dys, lora_b, xas)]
-        dxa = torch.cat([dy @ b if p is None else p[0] for p, dy, b in zip(passes, dys, lora_b)], 1)  # [T, R]
+        dxa = torch.cat([dy @ b for dy, b in zip(dys, lora_b)], 1)  # [T, R]
         dx = dlora_input = None
         if needs[0]:
             fused = lora_input is None and lowrank_gemm.supports(dys[0], weights[0].t(), (dxa, stacked_a.t()))
@@ -146,31 +143,14 @@ class _InGemm(torch.autograd.Function):
                 dx = dx + dy @ weight
         if lora_input is not None and needs[1]:
             dlora_input = dxa @ stacked_a
-        da = None
-        if needs[2]:
-            lx = x if lora_input is None else lora_input
-            da_pass = _skinny(lx, None, dxa)
-            da = dxa.t() @ lx if da_pass is None else da_pass[1].t()
-        grads = []
-        for i, (dy, xa_i, p) in enumerate(zip(dys, xas, passes)):
+        da = dxa.t() @ (x if lora_input is None else lora_input) if needs[2] else None
+        grads, start = [], 0
+        for i, (dy, r) in enumerate(zip(dys, ctx.ranks)):
             dbias = dy.sum(0) if needs[4 + 3 * i + 1] else None
-            db = None
-            if needs[4 + 3 * i + 2]:
-                db = dy.t() @ xa_i if p is None else p[1]
+            db = dy.t() @ xa[:, start:start + r] if needs[4 + 3 * i + 2] else None
             grads += [None, dbias, db]
+            start += r
         return (dx, dlora_input, da, None, *grads)
-
-
-def _skinny(g, e, c):
-    """``(g @ e, g.T @ c)`` in ``g.dtype`` from one read of ``g`` (either operand ``None``) by
-    :mod:`lecompile.kernels.skinny_gemm`, or ``None`` where it does not take them (the caller then
-    runs cuBLAS). The kernel's fp32 partial sums are summed here, which Inductor fuses with the
-    cast and the consumer."""
-    if skinny_gemm is None or not skinny_gemm.supports(g, e, c):
-        return None
-    empty = g.new_empty(0)
-    ge, gc = torch.ops.lecompile.skinny_matmuls(g, empty if e is None else e, empty if c is None else c)
-    return (None if e is None else ge.sum(0).to(g.dtype)), (None if c is None else gc.sum(0).to(g.dtype))
 
 
 def _in_gemm(x, weights, biases, lora_input, lora_a, lora_b, scales):
@@ -188,29 +168,12 @@ def _linear_low_rank(a: Tensor, weight: Tensor, bias: Optional[Tensor], c: Optio
     return lowrank_gemm.linear_low_rank(a, weight, bias, None if c is None else (c, e))
 
 
-def _skinny_matmuls(g: Tensor, e: Tensor, c: Tensor) -> Tuple[Tensor, Tensor]:
-    """:func:`skinny_gemm.skinny_matmuls` as an op; an empty ``e`` or ``c`` (and result) stands for ``None``."""
-    ge, gc = skinny_gemm.skinny_matmuls(g, e if e.numel() else None, c if c.numel() else None)
-    return ge if ge is not None else g.new_empty(0), gc if gc is not None else g.new_empty(0)
-
-
-def _skinny_matmuls_fake(g, e, c):
-    tokens, width = g.shape
-    per_program, block_n = skinny_gemm.split(tokens, width)
-    ge = g.new_empty(-(-width // block_n), tokens, e.shape[1], dtype=torch.float32) if e.numel() else g.new_empty(0)
-    gc = g.new_empty(-(-tokens // per_program), width, c.shape[1], dtype=torch.float32) if c.numel() else g.new_empty(0)
-    return ge, gc
-
-
 if lowrank_gemm is not None and not _INTERPRETING:
-    # triton_ops: Inductor writes the kernels' launches into its own code (no Python per call).
+    # A triton_op: Inductor writes the kernel's launch into its own code (no Python per call).
     torch.library.triton_op("lecompile::linear_low_rank", _linear_low_rank, mutates_args=())
-    torch.library.triton_op("lecompile::skinny_matmuls", _skinny_matmuls, mutates_args=())
-elif lowrank_gemm is not None:  # Triton's CPU interpreter cannot run under fake tensors: plain custom ops
+else:  # Triton's CPU interpreter cannot run under fake tensors: a plain custom op for the tests
     torch.library.custom_op("lecompile::linear_low_rank", _linear_low_rank, mutates_args=()).register_fake(
         lambda a, weight, bias, c, e: a.new_empty(a.shape[0], weight.shape[0]))
-    torch.library.custom_op("lecompile::skinny_matmuls", _skinny_matmuls, mutates_args=()).register_fake(
-        _skinny_matmuls_fake)
 
 
 _lib.impl("lora_linear", lora_linear_impl, "CompositeImplicitAutograd")

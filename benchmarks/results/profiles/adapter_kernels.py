@@ -11,13 +11,9 @@ The measurement behind adapter_kernels.txt (a development script, not part of th
 linear and with only the norms trained; kernels grouped by kind, so the difference between the
 two steps says which kinds of kernel the adapters add.
 
-``ab``: the same LoRA step timed (``e2e.run_variant``, median of 20) with the skinny GEMMs on
-:mod:`lecompile.kernels.skinny_gemm` and, in the same process, on cuBLAS as before them.
-
-``python adapter_kernels.py OUT_DIR [linear] [step] [ab]`` writes ``OUT_DIR/adapter_kernels.json``
+``python adapter_kernels.py OUT_DIR [linear] [step]`` writes ``OUT_DIR/adapter_kernels.json``
 and prints the tables.
 """
-import importlib
 import json
 import sys
 from collections import defaultdict
@@ -133,24 +129,6 @@ def step_rows(model="opt-1.3b"):
     return out
 
 
-def ab_rows(models=("opt-1.3b",)):
-    from lecompile.e2e import Case, run_variant, variants
-    op = importlib.import_module("lecompile.ops.lora_linear")
-    variant = next(v for v in variants((1.0,), baselines=False, cudagraphs=True) if v.name == "lecompile-d1-cg")
-    kernels_module, rows = op.skinny_gemm, []
-    try:
-        for model in models:
-            for label, module in (("skinny kernels", kernels_module), ("cuBLAS", None)):
-                op.skinny_gemm = module
-                r = run_variant(Case(model, "lora", 8, 512), variant, "cuda")
-                rows.append(dict(model=model, variant=variant.name, skinny_gemms=label, ms=round(r.ms, 2),
-                                 peak_gib=round(r.peak_mem_gib, 2), loss_step1=round(r.loss_step1, 4)))
-                print(rows[-1])
-    finally:
-        op.skinny_gemm = kernels_module
-    return rows
-
-
 def main(out_dir, parts):
     from lecompile.results import command_line, meta
     data = {"meta": meta("adapter_kernels", command_line())}
@@ -169,8 +147,6 @@ def main(out_dir, parts):
                 print(f"  {v['ms']:8.3f} ms {v['launches']:7.0f} launches  {k}")
             for k in s["top"]:
                 print(f"    {k['ms']:7.3f} ms x{k['launches']:.0f}  {k['name']}")
-    if "ab" in parts:
-        data["ab"] = ab_rows()
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     (Path(out_dir) / "adapter_kernels.json").write_text(json.dumps(data, indent=1))
 
