@@ -15,8 +15,8 @@ the stacked q/k/v A-projection), both ways compiled by Inductor: ``dy pass`` (``
 the largest difference from fp32 math, next to cuBLAS's. ``sweep``: the kernel alone (no sums)
 over block shapes, warps and stages.
 
-Result (H200, skinny_gemm.txt): the kernel reaches 1.2-2.6 TB/s of the 4.8, below cuBLAS's own
-skinny kernels (up to 3.3 TB/s on the wide operands); with its partial sums it is 0.39-0.88x
+Result (H200, skinny_gemm.txt): the kernel alone reaches at most 2.6 TB/s of the 4.8, below
+cuBLAS's own skinny kernels on wide operands (3.1-3.9 TB/s); with its partial sums it is 0.39-0.88x
 cuBLAS on 16 of the 18 uses (1.30x on ``dA`` at width 2048, 1.14x on the dy pass at 4096).
 Inside the op (skinny_gemm_in_op.txt) the adapter's cost fell on q_proj-like linears and rose on
 fc2 and LLaMA-3-8B q_proj: not adopted.
