@@ -399,9 +399,10 @@ def add_ratios(rows: List[dict]) -> None:
             r["speedup_vs_sparselora"] = round(sparselora["ms"] / r["ms"], 3)
 
 
-def breakdown(case: Case, variant: Variant, device: str = "cuda", steps: int = 3) -> dict:
-    """Where one variant's step spends GPU time (PyTorch profiler), in ms per step."""
-    from torch.profiler import ProfilerActivity, profile
+def training_step(case: Case, variant: Variant, device: str) -> Callable[[], torch.Tensor]:
+    """One training step (forward, backward, AdamW) of ``case``'s model on random ids, through
+    lecompile with ``variant``'s config (eager without one), as a function to call repeatedly;
+    it returns the step's loss."""
     model = build(case, variant, device)
     ids = torch.randint(0, model.config.vocab_size, (case.batch, case.seq), device=device)
     torch._dynamo.reset()
@@ -409,10 +410,18 @@ def breakdown(case: Case, variant: Variant, device: str = "cuda", steps: int = 3
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
     def step():
-        fn(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        loss = fn(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return loss.detach()
+    return step
 
+
+def breakdown(case: Case, variant: Variant, device: str = "cuda", steps: int = 3) -> dict:
+    """Where one variant's step spends GPU time (PyTorch profiler), in ms per step."""
+    from torch.profiler import ProfilerActivity, profile
+    step = training_step(case, variant, device)
     for _ in range(3):
         step()
     torch.cuda.synchronize()

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from lecompile import e2e
 
@@ -30,6 +31,16 @@ def test_sparse_attention_variant_rewrites_attention(tmp_path):
     assert [r.get("attention_rewritten") for r in rows] == [0, 2], rows
     assert rows[1]["attn_density"] == 0.5
     e2e.plot(rows, tmp_path / "e2e.png")
+
+
+def test_training_step_trains_the_adapters_through_lecompile():
+    """``training_step`` (the step ``breakdown`` profiles): the same ids give a new loss once the
+    optimizer has moved the adapters (LoRA without dropout: nothing else changes between calls)."""
+    case = e2e.Case("tiny-llama", "lora", 2, 32)
+    variant = next(v for v in e2e.variants(densities=(1.0,), baselines=False) if v.name == "lecompile-d1")
+    step = e2e.training_step(case, variant, "cpu")
+    first, second = step(), step()
+    assert torch.isfinite(first) and not torch.equal(first, second)
 
 
 def test_cases_that_cannot_run_are_recorded_not_dropped():

@@ -99,22 +99,12 @@ def linear_rows():
 
 
 def step_rows(model="opt-1.3b"):
-    from lecompile import LongExposureBackend
-    from lecompile.e2e import Case, build, variants
+    from lecompile.e2e import Case, training_step, variants
     variant = next(v for v in variants((1.0,), baselines=False, cudagraphs=True) if v.name == "lecompile-d1-cg")
     out = {}
     for method in ("lora", "norms"):
-        torch._dynamo.reset()
         case = Case(model, method, 8, 512)
-        m = build(case, variant, "cuda")
-        ids = torch.randint(0, m.config.vocab_size, (8, 512), device="cuda")
-        fn = torch.compile(m, backend=LongExposureBackend(variant.config))
-        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5)
-
-        def step():
-            fn(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        step = training_step(case, variant, "cuda")
         for _ in range(5):
             step()
         torch.cuda.synchronize()
