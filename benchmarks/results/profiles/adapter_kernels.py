@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+from lecompile.e2e import _is_kernel  # noqa: E402
 from lecompile.ops.lora_linear import lora_linear  # noqa: E402
 
 SHAPES = {"opt-1.3b q_proj": (2048, 2048), "opt-1.3b fc1": (2048, 8192), "opt-1.3b fc2": (8192, 2048),
@@ -51,8 +52,7 @@ def kernels(fn, reps=5):
         for _ in range(reps):
             fn()
         torch.cuda.synchronize()
-    rows = [(e.key, e.self_device_time_total / reps, e.count / reps) for e in prof.key_averages()
-            if e.device_type.name == "CUDA" and not getattr(e, "is_user_annotation", False)]
+    rows = [(e.key, e.self_device_time_total / reps, e.count / reps) for e in prof.key_averages() if _is_kernel(e)]
     return sorted(rows, key=lambda r: -r[1])
 
 
