@@ -22,6 +22,22 @@ log = logging.getLogger("lecompile")
 _graph_ids = itertools.count()
 
 
+def _compile_checkpointed_layers() -> None:
+    """Let Dynamo compile layers under ``torch.utils.checkpoint`` whose forward has a Python side
+    effect. transformers 5.2x sets a context variable in each decoder layer (its ``kernels`` hub
+    layers) and resets it on exit; inside a checkpointed region Dynamo refuses that mutation and
+    runs every checkpointed layer eagerly, under any backend. Replaying a set-and-reset in the
+    backward's recompute changes nothing, so the replay is skipped (set once, when the backend is
+    imported, which ``torch.compile(backend="longexposure")`` does)."""
+    dynamo_config = torch._dynamo.config
+    if hasattr(dynamo_config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        dynamo_config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+        log.debug("set torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True")
+
+
+_compile_checkpointed_layers()
+
+
 class LongExposureBackend:
     """A Dynamo backend: ``torch.compile(model, backend=LongExposureBackend(config))``.
 

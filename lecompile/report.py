@@ -90,11 +90,13 @@ class Report:
     unmatched: List[Unmatched] = field(default_factory=list)
     losses: List[LossEntry] = field(default_factory=list)
     norms: List[NormEntry] = field(default_factory=list)
+    checkpointed: int = 0        # regions under torch.utils.checkpoint, matched inside and still recomputed
 
     def merge(self, other: "Report") -> "Report":
         return Report(self.graphs + other.graphs, self.mlp + other.mlp, self.attention + other.attention,
                       self.linears + other.linears, self.unmatched + other.unmatched,
-                      self.losses + other.losses, self.norms + other.norms)
+                      self.losses + other.losses, self.norms + other.norms,
+                      self.checkpointed + other.checkpointed)
 
     @property
     def mlp_rewritten(self) -> int:
@@ -150,6 +152,9 @@ class Report:
                          "their input, for the backward")
             if kept:
                 lines.append(format_table(["layer norm", "why its input is kept"], [[e.layer, e.note] for e in kept]))
+        if self.checkpointed:
+            lines.append(f"gradient checkpointing: {self.checkpointed} region(s) matched inside and recomputed "
+                         "in the backward as torch.utils.checkpoint would")
         if self.unmatched:
             lines.append(format_table(["unmatched", "reason"], [[u.where, u.reason] for u in self.unmatched]))
         return "\n".join(lines)

@@ -53,12 +53,6 @@ def test_lora_variants_not_folded_run_dense_and_are_named(case):
     assert_dense_and_same_as_eager(model, "lora_bias=True or a second active LoRA adapter")
 
 
-def test_gradient_checkpointing_is_reported():
-    model = tiny_model("llama", "lora")
-    model.gradient_checkpointing_enable()
-    assert_dense_and_same_as_eager(model, "gradient checkpointing")
-
-
 def test_dynamic_shapes_are_reported():
     assert_dense_and_same_as_eager(tiny_model("llama", "lora"), "dynamic shapes", dynamic=True)
 

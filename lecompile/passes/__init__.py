@@ -18,6 +18,7 @@ from ..report import MLPEntry, Report, Unmatched
 from .fold_adapters import LinearMatch, fold_adapters
 from .fuse_lora import fuse_lora
 from .fuse_loss import fuse_loss
+from .inline_checkpoints import inline_checkpoints, tag_rewritten_nodes
 from .match_attention import AttentionMatch, match_attention
 from .match_mlp import MLPMatch, match_mlp
 from .norms_from_output import norms_from_output
@@ -71,6 +72,7 @@ class Pass:
 
 #: The pipeline, in order. The rewrites also run when their config switch is off, to report.
 PASSES: Sequence[Pass] = (
+    Pass("inline_checkpoints", inline_checkpoints),
     Pass("fold_adapters", fold_adapters),
     Pass("match_mlp", match_mlp),
     Pass("match_attention", match_attention, lambda c: c.match_attention),
@@ -79,6 +81,7 @@ PASSES: Sequence[Pass] = (
     Pass("fuse_lora", fuse_lora),
     Pass("fuse_loss", fuse_loss),
     Pass("norms_from_output", norms_from_output, lambda c: c.norm_backward_from_output),
+    Pass("tag_rewritten_nodes", tag_rewritten_nodes),
 )
 
 
@@ -106,12 +109,6 @@ def is_training_graph(example_inputs) -> bool:
 
 def _graph_level_notes(ctx: PassContext, example_inputs) -> None:
     """Report what makes a whole graph, or parts of it, invisible to the matchers."""
-    checkpointed = [n for n in ctx.gm.graph.nodes
-                    if n.op == "call_function" and "activation_checkpoint" in str(n.target)]
-    if checkpointed:
-        ctx.unmatched(checkpointed[0].name, f"gradient checkpointing: {len(checkpointed)} region(s) run under "
-                      "torch.utils.checkpoint and are compiled by Inductor as they are (their MLP and "
-                      "attention blocks are not matched); turn checkpointing off to use the rewrites")
     if any(isinstance(x, torch.SymInt) for x in example_inputs):
         ctx.unmatched("graph", "dynamic shapes (dynamic=True, or sizes that changed between calls): blocks "
                       "with symbolic sizes are left to Inductor; compile with dynamic=False and fixed "
