@@ -195,11 +195,13 @@ class Case:
     batch: int
     seq: int
     layers: Optional[int] = None  # fewer decoder layers than the published model (to fit the GPU)
+    checkpointing: bool = False   # Hugging Face's gradient checkpointing (non-reentrant) on every layer
 
     @property
     def name(self) -> str:
         layers = f" ({self.layers} layers)" if self.layers else ""
-        return f"{self.model}{layers} {self.method} {self.batch}x{self.seq}"
+        checkpointing = " checkpointing" if self.checkpointing else ""
+        return f"{self.model}{layers} {self.method} {self.batch}x{self.seq}{checkpointing}"
 
 
 @dataclass
@@ -243,6 +245,8 @@ def build(case: Case, variant: Variant, device: str, dtype=torch.bfloat16):
         _trainable_only(model, [p for a in adapters for p in (*a.down.parameters(), *a.up.parameters())])
     model.config.use_cache = False
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if case.checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if getattr(base, "loss_type", None) is None:  # GPT-2: transformers' warning would break the graph
         base.loss_type = "ForCausalLM"
     return model.train()
@@ -341,7 +345,7 @@ def run_case(case: Case, variant_list: Sequence[Variant], device: str, steps: in
         if progress is not None:
             progress.set_postfix_str(f"{case.name} {v.name}")
         row = dict(case=case.name, model=case.model, method=case.method, batch=case.batch, seq=case.seq,
-                   layers=layers,
+                   layers=layers, checkpointing=case.checkpointing,
                    tokens=case.batch * case.seq, dtype="bfloat16", variant=v.name,
                    mlp_density=v.mlp_density, attn_density=v.attn_density, tf32=v.tf32,
                    adapters="fp32" if v.adapters_fp32 else "bf16", cudagraphs=v.cudagraphs)
@@ -366,7 +370,7 @@ def add_adapter_shares(rows: List[dict]) -> None:
     """``adapter_share = 1 - ms(norms) / ms(lora)`` on each LoRA row with a ``norms`` row of the
     same model, shape and variant: the share of the step that LoRA's adapters add."""
     def same(r):
-        return r["model"], r["layers"], r["batch"], r["seq"], r["variant"]
+        return r["model"], r["layers"], r["batch"], r["seq"], r.get("checkpointing", False), r["variant"]
 
     norms = {same(r): r["ms"] for r in rows if r["method"] == "norms" and "ms" in r}
     for r in rows:
@@ -536,6 +540,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--shapes", nargs="+", default=["8x512"], choices=list(SHAPES))
     parser.add_argument("--layers", type=int, default=None,
                         help="build the models with this many decoder layers (default: all)")
+    parser.add_argument("--checkpointing", action="store_true",
+                        help="gradient checkpointing (non-reentrant) on every decoder layer, every variant")
     parser.add_argument("--densities", nargs="+", type=float, default=[1.0, 0.5, 0.25, 0.15])
     parser.add_argument("--attn-densities", nargs="+", type=float, default=[1.0],
                         help="attention densities of the lecompile variants (1.0: dense attention)")
@@ -575,8 +581,8 @@ def run(args) -> dict:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.layers is not None and args.layers < 1:
         raise ValueError(f"--layers must be >= 1, got {args.layers}")
-    cases = [Case(m, meth, *SHAPES[s], layers=args.layers) for m in args.models for meth in args.methods
-             for s in args.shapes]
+    cases = [Case(m, meth, *SHAPES[s], layers=args.layers, checkpointing=args.checkpointing)
+             for m in args.models for meth in args.methods for s in args.shapes]
     settings = LongExposureConfig.parse_settings(args.set)
     inductor_options = parse_inductor_options(args.inductor_option)
     vs = variants(args.densities, args.predictor, args.granularity, baselines=not args.no_baselines,
