@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import command_line, meta, write_results  # noqa: E402
 import lecompile  # noqa: E402
+from benchmarks.common import command_line, meta, write_results  # noqa: E402
 from lecompile import LongExposureConfig  # noqa: E402
 from lecompile.ops.block_attention import allowed_blocks  # noqa: E402
 from lecompile.predictors.attention import predict_blocks  # noqa: E402

@@ -22,8 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import RESULTS, command_line, meta, write_results  # noqa: E402
 from lecompile.data import load_model, token_splits  # noqa: E402
 from lecompile.ops.adapted_linear import AdaptedLinear  # noqa: E402
-from lecompile.predictors import (clear_learned, learned_group_scores, oracle_group_scores, recall,  # noqa: E402
-                                  svd_group_scores)
+from lecompile.predictors import clear_learned, learned_group_scores, oracle_group_scores, recall, svd_group_scores  # noqa: E402
 from lecompile.predictors.learned import learned_factors  # noqa: E402
 
 DENSITIES = (0.5, 0.25)

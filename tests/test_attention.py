@@ -9,10 +9,8 @@ from torch._dynamo.utils import counters
 
 import lecompile
 from lecompile import LongExposureConfig
-from lecompile.ops.block_attention import (allowed_blocks, block_attention_flex, block_attention_ref,
-                                           kv_block_lists)
-from lecompile.predictors.attention import (atomic_layouts, choose_layouts, predict_blocks,
-                                            transformers_attention)
+from lecompile.ops.block_attention import allowed_blocks, block_attention_flex, block_attention_ref, kv_block_lists
+from lecompile.predictors.attention import atomic_layouts, choose_layouts, predict_blocks, transformers_attention
 
 from models import ARCHS, LAYERS, VOCAB, tiny_model, train_step
 
@@ -205,6 +203,7 @@ def attention_batch(padded: bool):
     return inputs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_rewrite_matches_reference_model(arch, impl, monkeypatch):

@@ -205,6 +205,7 @@ def test_lora_dropout_and_steady_steps_without_recompiles():
     """LoRA with dropout > 0 still matches (fc1's dropout stays in the graph, fc2's moves into
     the op), every adapter gets a gradient, and new batches of the same shape reuse the graph."""
     import peft
+
     from models import ARCHS, batch, tiny_model
 
     torch.manual_seed(0)
@@ -223,11 +224,13 @@ def test_lora_dropout_and_steady_steps_without_recompiles():
     assert lora and all(g is not None and g.abs().sum() > 0 for g in lora.values())
 
 
+@pytest.mark.slow
 def test_fuse_adapters_switch_and_bf16_step_close_to_peft():
     """Every LoRA linear outside a sparse MLP becomes ``lora_linear`` (and none with
     ``fuse_adapters=False``); a bf16 step with adapters on tensor cores stays within bf16
     tolerance of PEFT's fp32-adapter eager step, and its adapter gradients stay fp32."""
     from torch._dynamo.utils import counters
+
     from models import ARCHS, LAYERS, batch, tiny_model, train_step
 
     model, inputs = tiny_model("llama", "lora", dtype=torch.bfloat16), batch()
@@ -249,6 +252,7 @@ def test_fuse_adapters_switch_and_bf16_step_close_to_peft():
     assert "fuse_adapters=False" not in str(backend.report)
 
 
+@pytest.mark.slow
 def test_share_lora_input_groups_linears_of_one_input():
     """q_proj and v_proj read one input: with ``share_lora_input`` they become one
     ``lora_linears`` call (the report says so), with the same loss and gradients as without."""
@@ -275,6 +279,7 @@ def test_share_lora_input_groups_linears_of_one_input():
         torch.testing.assert_close(grads[name], grads_off[name], msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_lora_in_gemm_runs_the_kernel_with_the_same_loss_and_gradients(arch, monkeypatch):
     """``lora_in_gemm=True``: every LoRA linear of an fp16 model with rank-8 adapters takes the
@@ -308,6 +313,7 @@ def test_linears_of_one_input_join_only_when_their_operands_come_first():
     that point keeps its own call; one reading only graph inputs joins."""
     import torch.fx as fx
     import torch.nn.functional as F
+
     from lecompile.ops.adapted_linear import AdaptedLinear
     from lecompile.passes.fold_adapters import LinearMatch
     from lecompile.passes.fuse_lora import _shared_input_groups
@@ -329,6 +335,7 @@ def test_linears_of_one_input_join_only_when_their_operands_come_first():
 def test_cli_explain_and_dump_a_checkpoint(tmp_path, capsys):
     """``lecompile dump --model PATH`` prints the report and writes the graphs of a saved model."""
     from lecompile.cli import main
+
     from models import tiny_model
 
     tiny_model("llama", "plain").save_pretrained(tmp_path / "ckpt")
@@ -415,6 +422,7 @@ def test_activation_in_a_custom_autograd_function_is_reported_and_left_dense():
     assert any("custom autograd.Function" in u.reason for u in report.unmatched), str(report)
 
 
+@pytest.mark.slow
 def test_recompute_pointwise_keeps_less_for_the_backward_with_the_same_gradients():
     from models import batch, tiny_model
 
@@ -450,6 +458,7 @@ def saved_bytes_and_grads(model, inputs, config):
     return sum(storages.values()), loss.detach(), grads, backend.report
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["opt", "gpt2", "llama", "qwen2"])
 def test_layer_norms_keep_their_output_with_the_same_gradients(arch):
     """Layer norms (OPT, GPT-2) and Hugging Face's decomposed RMS norms (LLaMA, Qwen2)."""
@@ -475,6 +484,7 @@ def test_layer_norms_keep_their_output_with_the_same_gradients(arch):
         torch.testing.assert_close(grads[name], want_grads[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
+@pytest.mark.slow
 def test_rms_norms_with_a_zero_weight_or_trainable_keep_their_input():
     from models import batch, tiny_model
 
@@ -489,6 +499,7 @@ def test_rms_norms_with_a_zero_weight_or_trainable_keep_their_input():
     assert "layer norms: 3 of 5 keep their output" in str(report)
 
 
+@pytest.mark.slow
 def test_layer_norms_with_large_biases_or_trainable_keep_their_input():
     from models import batch, tiny_model
 

@@ -34,6 +34,7 @@ def assert_dense_and_same_as_eager(model, report_reason, **compile_kwargs):
         torch.testing.assert_close(grads[name], eager_grads[name], atol=2e-5, rtol=1e-4, msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("wrapper", ["dora", "loha"])
 def test_unsupported_peft_wrappers_run_dense_and_are_named(wrapper):
     targets = ["gate_proj", "up_proj", "down_proj"]
@@ -42,6 +43,7 @@ def test_unsupported_peft_wrappers_run_dense_and_are_named(wrapper):
     assert_dense_and_same_as_eager(peft.get_peft_model(llama(), config), "unsupported PEFT wrapper")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["lora_bias", "two adapters"])
 def test_lora_variants_not_folded_run_dense_and_are_named(case):
     targets = ["gate_proj", "up_proj", "down_proj"]
@@ -53,10 +55,12 @@ def test_lora_variants_not_folded_run_dense_and_are_named(case):
     assert_dense_and_same_as_eager(model, "lora_bias=True or a second active LoRA adapter")
 
 
+@pytest.mark.slow
 def test_dynamic_shapes_are_reported():
     assert_dense_and_same_as_eager(tiny_model("llama", "lora"), "dynamic shapes", dynamic=True)
 
 
+@pytest.mark.slow
 def test_prompt_tuning_trains_with_the_rewrite():
     model = peft.get_peft_model(llama(), peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
     loss, grads, report = compiled(model)
@@ -64,6 +68,7 @@ def test_prompt_tuning_trains_with_the_rewrite():
     assert [n for n in grads] == ["prompt_encoder.default.embedding.weight"]
 
 
+@pytest.mark.slow
 def test_compile_modes_reach_inductor():
     model = tiny_model("llama", "lora")
     loss, _, report = compiled(model, mode="max-autotune-no-cudagraphs")

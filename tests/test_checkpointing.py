@@ -42,7 +42,7 @@ def without_checkpointing():
     return step()
 
 
-@pytest.mark.parametrize("use_reentrant", [False, True])
+@pytest.mark.parametrize("use_reentrant", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_checkpointed_layers_are_rewritten_and_recomputed(use_reentrant, without_checkpointing):
     ref_loss, ref_grads, ref_report, ref_saved = without_checkpointing
     loss, grads, report, saved = step(checkpointing=use_reentrant)

@@ -48,6 +48,7 @@ def test_lora_linear_on_cuda_matches_peft(dtype):
 def test_lora_linear_in_gemm_on_cuda_matches_peft(dtype):
     """``in_gemm=True`` on the GPU (the low-rank GEMM kernel, forward and input gradient)."""
     from test_lora_linear import TOL, grads_of, make, peft_linear
+
     from lecompile.ops.lora_linear import lora_linear, runs_in_gemm
     args = [t.cuda().detach().requires_grad_(t.requires_grad) if torch.is_tensor(t) else t
             for t in make(dtype, tokens=(4, 250), d_in=96, d_out=160, r=16, train_bias=True)]
@@ -63,6 +64,7 @@ def test_lora_linear_in_gemm_compiles_with_dynamic_shapes():
     """Token counts that change between calls (Dynamo's dynamic shapes): one graph, whose kernel
     launches follow the shapes, with the eager op's values and gradients."""
     from test_lora_linear import TOL, make
+
     from lecompile.ops.lora_linear import lora_linear
     _, weight, bias, _, a, b, scale = [t.cuda().detach().requires_grad_(t.requires_grad) if torch.is_tensor(t)
                                        else t for t in make(torch.bfloat16, d_in=96, d_out=160, r=16)]
@@ -219,8 +221,9 @@ def test_sparse_mlp_kernels_on_cuda_match_masked_reference(activation, gated, ad
     from lecompile.kernels import gather_gemm
     from lecompile.ops.adapted_linear import AdaptedLinear, pack_mlp
     monkeypatch.setattr(gather_gemm, "COMPACT_MIN_GROUP_TOKENS", 64 if compact else 2 ** 40)
-    from lecompile.ops.sparse_mlp import _uses_kernels, sparse_mlp
     from test_ops import leaves, make_mlp, masked_dense, random_idx
+
+    from lecompile.ops.sparse_mlp import _uses_kernels, sparse_mlp
     gen = torch.Generator().manual_seed(0)
     batch, seq, d, ffn, k = 2, 64, 96, 512, 256
 
@@ -259,6 +262,7 @@ def test_sparse_mlp_kernels_on_cuda_match_masked_reference(activation, gated, ad
 def test_lm_head_loss_kernel_on_cuda_matches_cross_entropy(reduction, vocab):
     """The Triton rows kernel in bf16 at real vocabulary sizes, chunked, against PyTorch's loss."""
     import torch.nn.functional as F
+
     from lecompile.ops.lm_head_loss import lm_head_cross_entropy
     gen = torch.Generator().manual_seed(0)
     n, d = 1024, 64

@@ -20,6 +20,8 @@ from lecompile import LongExposureConfig
 
 from models import LAYERS, batch, tiny_model, train_step
 
+pytestmark = pytest.mark.slow  # whole models compiled many times: the second test command
+
 CONFIG = dict(mlp_density=0.5, k_align=64, predictor="oracle")
 WORLD = 2
 #: seconds a rank may take; a stuck collective fails the test instead of hanging the suite

@@ -7,6 +7,8 @@ import torch
 
 from lecompile import e2e
 
+pytestmark = pytest.mark.slow  # whole models compiled many times: the second test command
+
 
 def test_run_case_records_ratios_and_checks_loss(tmp_path):
     case = e2e.Case("tiny-llama", "lora", 2, 32)

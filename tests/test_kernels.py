@@ -4,8 +4,13 @@ import pytest
 import torch
 
 from lecompile.kernels import gather_gemm
-from lecompile.kernels.gather_gemm import (Neurons, kgather_matmul, kgather_matmul_ref, ngather_matmul,
-                                           ngather_matmul_ref)
+from lecompile.kernels.gather_gemm import (
+    Neurons,
+    kgather_matmul,
+    kgather_matmul_ref,
+    ngather_matmul,
+    ngather_matmul_ref,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=2e-2, rtol=1e-2),

@@ -3,6 +3,7 @@ the SVD cannot see, keeps its state outside the model, and runs inside a compile
 
 import pytest
 import torch
+from test_ops import make_mlp
 from torch._dynamo.utils import counters
 
 import lecompile
@@ -14,7 +15,6 @@ from lecompile.predictors.oracle import oracle_group_scores
 from lecompile.predictors.svd import svd_group_scores
 
 from models import batch, tiny_model
-from test_ops import make_mlp
 
 RANK = 4
 

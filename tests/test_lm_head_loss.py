@@ -111,6 +111,7 @@ def test_opcheck():
 
 def _compiled_step(arch, method, config, inputs=None):
     import lecompile
+
     from models import batch, tiny_model, train_step
     model = tiny_model(arch, method)
     inputs = inputs or batch()
@@ -121,6 +122,7 @@ def _compiled_step(arch, method, config, inputs=None):
     return got, want, backend.report
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch,density", [("opt", 1.0), ("llama", 1.0), ("opt", 0.5)])
 def test_backend_fuses_the_loss_with_the_same_loss_and_gradients(arch, density):
     from lecompile import LongExposureConfig
@@ -141,6 +143,7 @@ def test_backend_fuses_the_loss_with_the_same_loss_and_gradients(arch, density):
     ("lora", dict(fuse_loss=False), "fuse_loss=False"),
     ("plain", {}, "the LM head trains"),
 ])
+@pytest.mark.slow
 def test_losses_left_to_inductor_are_reported_and_still_right(method, config, reason):
     from lecompile import LongExposureConfig
     (loss, grads), (want_loss, want_grads), report = _compiled_step(
@@ -151,9 +154,11 @@ def test_losses_left_to_inductor_are_reported_and_still_right(method, config, re
         torch.testing.assert_close(grads[name], want_grads[name], atol=1e-4, rtol=1e-3, msg=name)
 
 
+@pytest.mark.slow
 def test_gpt2_graph_break_before_the_loss_is_named_and_the_documented_fix_works():
     import lecompile
     from lecompile import LongExposureConfig
+
     from models import batch, tiny_model
     for fix in (False, True):
         model = tiny_model("gpt2", "lora")
@@ -215,6 +220,7 @@ def _logits_step(model, params_of, inputs):
 def test_returned_logits_keep_their_gradient():
     import lecompile
     from lecompile import LongExposureConfig
+
     from models import batch, tiny_model
     model = tiny_model("opt", "lora")
     _, want = _logits_step(model, model, batch())
@@ -229,9 +235,11 @@ def test_returned_logits_keep_their_gradient():
 
 def test_backward_of_the_fused_loss_makes_nothing_of_the_vocabulary_size():
     """Logits nothing differentiates get no zero gradient of ``[tokens, vocab]`` (nor a GEMM of it)."""
-    import lecompile
     from torch.utils._python_dispatch import TorchDispatchMode
+
+    import lecompile
     from lecompile import LongExposureConfig
+
     from models import VOCAB, batch, tiny_model
 
     class Shapes(TorchDispatchMode):

@@ -12,6 +12,8 @@ from lecompile import LongExposureConfig
 from models import FFN, HEADS, HIDDEN, LAYERS, VOCAB, batch, train_step
 from test_models import TOL, compiled_step, mask_mlp_intermediate
 
+pytestmark = pytest.mark.slow  # whole models compiled many times: the second test command
+
 COMMON = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
               num_attention_heads=HEADS, max_position_embeddings=256)
 

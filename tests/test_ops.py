@@ -230,6 +230,7 @@ def test_predict_neurons_shapes_and_sorted(method):
 def kernels_on_cpu(monkeypatch):
     """Route the op through its Triton kernel path, in Triton's interpreter on CPU tensors."""
     import os
+
     from lecompile.ops import sparse_mlp_kernels
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("runs the kernels on CPU tensors: needs TRITON_INTERPRET=1 (CUDA: test_cuda.py)")

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from test_layer_norm import assert_same_forward_and_gradients_as_good
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from lecompile.ops.rms_norm import rms_norm_from_output
-from test_layer_norm import assert_same_forward_and_gradients_as_good
 
 EPS = 1e-6
 

@@ -63,6 +63,7 @@ def test_warmup_as_a_fraction_of_the_run_and_validation():
         LongExposureConfig(total_steps=-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("warmup", [dict(warmup_steps=2), dict(warmup_fraction=0.2, total_steps=10)])
 def test_dense_warmup_then_one_sparse_compile(warmup):
     warm, dense = tiny_model("llama", "lora"), tiny_model("llama", "lora")
@@ -137,6 +138,7 @@ def check_context_only(arch, share, dense_tiles, loss_tol, grad_tol):
     return backend
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("share,dense_tiles", [(0.5, [2, 3, 6, 7]), (0.25, [2, 3])])
 @pytest.mark.parametrize("arch", ["llama", "opt"])
 def test_context_only_runs_output_tiles_dense(arch, share, dense_tiles):
@@ -149,10 +151,12 @@ def test_context_only_runs_output_tiles_dense(arch, share, dense_tiles):
     assert notes == {f"context-only: {len(dense_tiles)} of 8 token groups dense, output tokens first"}, notes
 
 
+@pytest.mark.slow
 def test_context_only_through_the_kernel_path_matches_reference_model(monkeypatch):
     """The dense token groups (every neuron kept) take the sparse MLP's kernel path too, its
     GEMMs on cuBLAS; here in Triton's interpreter on CPU tensors (CUDA: test_cuda.py)."""
     import os
+
     from lecompile.kernels import gather_gemm
     from lecompile.ops import sparse_mlp_kernels
     if os.environ.get("TRITON_INTERPRET") != "1":

@@ -117,6 +117,7 @@ def test_bad_density_and_unknown_architecture_are_named():
         sparsify_mlps(_model("tiny-opt", "ia3"), "opt", 0.5)
 
 
+@pytest.mark.slow
 def test_the_benchmark_variant_slices_every_mlp():
     case = e2e.Case("tiny-opt", "lora", 2, 32)
     chosen = [v for v in e2e.variants(densities=(1.0, 0.5)) if v.name in ("eager", "sparselora-d0.5",

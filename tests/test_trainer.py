@@ -9,6 +9,8 @@ import lecompile  # noqa: F401  (the backend is registered by the entry point to
 
 from models import LAYERS, VOCAB, tiny_model
 
+pytestmark = pytest.mark.slow  # whole models compiled many times: the second test command
+
 transformers = pytest.importorskip("transformers")
 
 

@@ -28,8 +28,8 @@ from __future__ import annotations
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
-from torch._subclasses.fake_tensor import is_fake
 from torch._higher_order_ops.flex_attention import flex_attention as flex_attention_hop
+from torch._subclasses.fake_tensor import is_fake
 from torch.nn.attention.flex_attention import BlockMask, _apply_kernel_options, flex_attention
 
 Tensor = torch.Tensor

@@ -25,8 +25,16 @@ from typing import List, Optional
 import torch
 from torch._dynamo.utils import counters
 
-from .adapted_linear import (ACTIVATIONS, MLP_LINEARS, SLOTS, AdaptedLinear, expand_linear, pack_mlp,
-                             reduce_linear, unpack_mlp)
+from .adapted_linear import (
+    ACTIVATIONS,
+    MLP_LINEARS,
+    SLOTS,
+    AdaptedLinear,
+    expand_linear,
+    pack_mlp,
+    reduce_linear,
+    unpack_mlp,
+)
 
 try:
     from . import sparse_mlp_kernels as kernel_impl

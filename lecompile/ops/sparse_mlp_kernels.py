@@ -24,10 +24,15 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from ..kernels.gather_gemm import (
+    MIN_GROUP_TOKENS,
+    Neurons,
+    kgather_matmul,
+    ngather_matmul,
+    ngather_matmul_grad,
+    uses_compact_copies,  # noqa: F401  (the rewrite report asks it here)
+)
 from ..weight_cache import WeightCache
-from ..kernels.gather_gemm import (MIN_GROUP_TOKENS, Neurons, kgather_matmul, ngather_matmul,
-                                   ngather_matmul_grad)
-from ..kernels.gather_gemm import uses_compact_copies  # noqa: F401  (the rewrite report asks it here)
 from .adapted_linear import ACTIVATION_GRADS, SLOTS, AdaptedLinear, _neuron_vector, _scale
 
 Tensor = torch.Tensor

@@ -20,8 +20,21 @@ import torch
 import torch.fx as fx
 
 from ..ops.adapted_linear import AdaptedLinear
-from .graph import (ADDMM, DROPOUT, LINEAR, VIEWS, dropout_p, is_call, is_cast, is_method, linear_args,
-                    only_user, shape, source_name, strip_casts)
+from .graph import (
+    ADDMM,
+    DROPOUT,
+    LINEAR,
+    VIEWS,
+    dropout_p,
+    is_call,
+    is_cast,
+    is_method,
+    linear_args,
+    only_user,
+    shape,
+    source_name,
+    strip_casts,
+)
 
 ADD = (operator.add, torch.add)
 MUL = (operator.mul, torch.mul)

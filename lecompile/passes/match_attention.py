@@ -15,8 +15,19 @@ from typing import List, Optional, Tuple, Union
 import torch
 import torch.fx as fx
 
-from .graph import (MATMUL, SDPA, SOFTMAX, DROPOUT, dropout_p, is_call, is_cast, is_elementwise, is_method,
-                    meta_value, shape)
+from .graph import (
+    DROPOUT,
+    MATMUL,
+    SDPA,
+    SOFTMAX,
+    dropout_p,
+    is_call,
+    is_cast,
+    is_elementwise,
+    is_method,
+    meta_value,
+    shape,
+)
 
 MAX_WALK = 64
 

@@ -18,8 +18,16 @@ import torch.fx as fx
 
 from ..ops.adapted_linear import ACTIVATIONS
 from .fold_adapters import LinearMatch
-from .graph import (common_prefix, ddp_splits_graphs, is_activation, is_call, is_cast, is_elementwise, is_nonlinear,
-                    static_shape)
+from .graph import (
+    common_prefix,
+    ddp_splits_graphs,
+    is_activation,
+    is_call,
+    is_cast,
+    is_elementwise,
+    is_nonlinear,
+    static_shape,
+)
 
 log = logging.getLogger("lecompile")
 MAX_REGION = 64

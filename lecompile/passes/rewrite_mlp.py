@@ -14,8 +14,8 @@ import torch.fx as fx
 from torch._dynamo.utils import counters
 
 from ..ops import sparse_mlp  # noqa: F401  (registers torch.ops.lecompile.sparse_mlp)
-from ..ops.sparse_mlp import kernel_impl
 from ..ops.adapted_linear import SLOTS, AdaptedLinear, pack_mlp
+from ..ops.sparse_mlp import kernel_impl
 from ..ops.token_groups import all_neurons, dense_first_order, dense_group_count, merge_groups, split_groups
 from ..predictors.op import predict_neurons
 from .fold_adapters import LinearMatch

@@ -7,9 +7,9 @@ more important); :func:`top_k` turns scores into the sparse-MLP op's sorted ``id
 """
 
 from .learned import clear_learned, learned_group_scores
+from .op import PREDICTORS, predict_neurons, recall, top_k
 from .oracle import oracle_group_scores
-from .svd import svd_group_scores, clear_svd_cache
-from .op import predict_neurons, recall, top_k, PREDICTORS
+from .svd import clear_svd_cache, svd_group_scores
 
 __all__ = ["oracle_group_scores", "svd_group_scores", "learned_group_scores", "clear_svd_cache", "clear_learned",
            "predict_neurons", "recall", "top_k", "PREDICTORS"]
