@@ -22,20 +22,18 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import RESULTS, command_line, meta, write_results  # noqa: E402
-from lecompile.data import batches, load_model, token_splits  # noqa: E402
-from lecompile.demo import lora_model  # noqa: E402
-from lecompile.ops.adapted_linear import AdaptedLinear  # noqa: E402
-from lecompile.ops.token_groups import dense_first_order, dense_group_count  # noqa: E402
-from lecompile.passes.rewrite_mlp import kept_neurons  # noqa: E402
-from lecompile.predictors import PREDICTORS, clear_learned, top_k  # noqa: E402
+from benchmarks.common import RESULTS, command_line, meta, write_results
+from examples.data import batches, load_model, token_splits
+from examples.demo import lora_model
+from lecompile.ops.adapted_linear import AdaptedLinear
+from lecompile.ops.token_groups import dense_first_order, dense_group_count
+from lecompile.passes.rewrite_mlp import kept_neurons
+from lecompile.predictors import PREDICTORS, clear_learned, top_k
 
 TARGETS = ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
 TILE = 64

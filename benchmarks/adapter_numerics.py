@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import RESULTS, command_line, meta, write_results  # noqa: E402
-from lecompile import LongExposureBackend, LongExposureConfig  # noqa: E402
-from lecompile.data import batches, load_model, token_splits  # noqa: E402
-from lecompile.demo import lora_model, train  # noqa: E402
+from benchmarks.common import RESULTS, command_line, meta, write_results
+from examples.data import batches, load_model, token_splits
+from examples.demo import lora_model, train
+from lecompile import LongExposureBackend, LongExposureConfig
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -16,16 +16,14 @@ No training: this measures what the patterns lose on the pretrained model. Write
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import RESULTS, command_line, meta, write_results  # noqa: E402
-from lecompile.data import load_model, token_splits  # noqa: E402
-from lecompile.predictors.attention import choose_layouts, transformers_attention  # noqa: E402
+from benchmarks.common import RESULTS, command_line, meta, write_results
+from examples.data import load_model, token_splits
+from lecompile.predictors.attention import choose_layouts, transformers_attention
 
 DENSITIES = (0.75, 0.5, 0.35, 0.25)
 PREDICTORS = ("pooled", "oracle", "local")

@@ -15,15 +15,13 @@ base GEMM, ``x @ [W; A].T``, so ``x`` is read once; :class:`SharedReadLoRA`).
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import command_line, meta, write_results  # noqa: E402
-from lecompile.ops.lora_linear import lora_linear  # noqa: E402
+from benchmarks.common import command_line, meta, write_results
+from lecompile.ops.lora_linear import lora_linear
 
 #: (in_features, out_features) of q_proj-like and fc1-like linears.
 SHAPES = {"opt-1.3b q_proj": (2048, 2048), "opt-1.3b fc1": (2048, 8192), "opt-1.3b fc2": (8192, 2048),

@@ -19,19 +19,17 @@ SDPA as Inductor compiles it, as the baseline.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import lecompile  # noqa: E402
-from benchmarks.common import command_line, meta, write_results  # noqa: E402
-from lecompile import LongExposureConfig  # noqa: E402
-from lecompile.ops.block_attention import allowed_blocks  # noqa: E402
-from lecompile.predictors.attention import predict_blocks  # noqa: E402
+import lecompile
+from benchmarks.common import command_line, meta, write_results
+from lecompile import LongExposureConfig
+from lecompile.ops.block_attention import allowed_blocks
+from lecompile.predictors.attention import predict_blocks
 
 #: (query heads, key/value heads, head dim)
 SHAPES = {"llama-3.2-1b": (32, 8, 64), "llama-3-8b": (32, 8, 128), "opt-1.3b": (32, 32, 64)}

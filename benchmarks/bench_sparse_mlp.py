@@ -28,11 +28,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import MLP_SHAPES, command_line, meta, write_results  # noqa: E402
-from lecompile.kernels import gather_gemm  # noqa: E402
-from lecompile.ops.adapted_linear import ACTIVATIONS, AdaptedLinear, pack_mlp  # noqa: E402
-from lecompile.ops.sparse_mlp import sparse_mlp  # noqa: E402
+from benchmarks.common import MLP_SHAPES, command_line, meta, write_results
+from lecompile.kernels import gather_gemm
+from lecompile.ops.adapted_linear import ACTIVATIONS, AdaptedLinear, pack_mlp
+from lecompile.ops.sparse_mlp import sparse_mlp
 
 TOKENS = {"8x512": (8, 512), "4x2048": (4, 2048)}
 DENSITIES = (1.0, 0.5, 0.25, 0.1, 0.05)

@@ -1,11 +1,15 @@
-"""Shared pieces of the benchmarks: model shapes and where results go."""
+"""Shared pieces of the benchmarks: model shapes, where results go, and the results-file format
+every benchmark writes (see ``BENCHMARKS.md``): ``{"meta", "rows"}``."""
 
 from __future__ import annotations
 
+import datetime
+import json
+import subprocess
+import sys
 from pathlib import Path
 
-from lecompile.results import command_line, meta  # noqa: F401  (re-exported for the benchmarks)
-from lecompile.results import write_results as _write_results
+import torch
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -18,5 +22,35 @@ MLP_SHAPES = {
 }
 
 
+def meta(benchmark: str, command: str, **extra) -> dict:
+    """Device, versions, commit, date and the command that made the results."""
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    try:
+        # "-dirty": the code differs from that commit (uncommitted changes, or a copied work tree)
+        commit = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True,
+                                text=True, cwd=Path(__file__).parent).stdout.strip() or None
+    except OSError:
+        commit = None
+    return {"benchmark": benchmark,
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "torch": torch.__version__, "triton": triton_version, "git_commit": commit,
+            "date": datetime.date.today().isoformat(), "command": command, **extra}
+
+
 def write_results(name: str, data: dict, folder: Path = RESULTS) -> Path:
-    return _write_results(name, data, folder)
+    """Write ``folder/<name>.json``; returns its path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    return path
+
+
+def command_line() -> str:
+    """How this process was started: ``python -m benchmarks.<name> ARGS`` (or the script's path)."""
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    program = f"-m {spec.name}" if spec is not None else Path(sys.argv[0]).as_posix()
+    return " ".join(["python", program, *sys.argv[1:]])

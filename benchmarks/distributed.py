@@ -1,6 +1,6 @@
 """Training steps on one GPU and on N GPUs with DDP or FSDP2: does lecompile's speedup hold?
 
-    python benchmarks/distributed.py --nproc 2            # runs one GPU, then torchrun on 2
+    python -m benchmarks.distributed --nproc 2            # runs one GPU, then torchrun on 2
 
 Every variant is timed on one process, then on ``--nproc`` processes for each of
 ``--parallelism`` (``torchrun``, NCCL; ``ddp`` with Dynamo's DDP graph splitting off, as
@@ -23,9 +23,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import RESULTS, command_line, meta, write_results  # noqa: E402
-from lecompile import e2e  # noqa: E402
+from benchmarks import e2e
+from benchmarks.common import RESULTS, command_line, meta, write_results
 
 CUDA_GRAPHS = ("inductor", "inductor-bf16-adapters-cg", "lecompile-d1-cg", "lecompile-d0.25-cg")
 NO_CUDA_GRAPHS = ("inductor", "inductor-bf16-adapters", "lecompile-d1", "lecompile-d0.25")
@@ -168,7 +167,7 @@ def main(argv=None):
                      "--warmup", str(args.warmup), "--device", args.device, "--part", str(part),
                      "--part-parallelism", parallelism, *(["--variants", *args.variants] if args.variants else [])]
         done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                               f"--nproc_per_node={args.nproc}", __file__, *rank_args])
+                               f"--nproc_per_node={args.nproc}", "-m", __spec__.name, *rank_args])
         if done.returncode != 0:
             rows.append(dict(variant="all", world_size=args.nproc, parallelism=parallelism,
                              error=f"torchrun exited with {done.returncode}"))

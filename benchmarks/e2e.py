@@ -1,16 +1,694 @@
-"""End-to-end fine-tuning benchmark; the same as ``lecompile bench``. Writes to benchmarks/results.
+"""End-to-end PEFT training steps: lecompile against what users run today.
 
-    python benchmarks/e2e.py --models opt-1.3b llama-3.2-1b --breakdown
+    python -m benchmarks.e2e --models opt-1.3b llama-3.2-1b --densities 1.0 --cudagraphs
+
+
+Every case (model x PEFT method x batch shape) is timed for each variant in one process, on
+a random-init bf16 model built from its config (weights identical across variants: same seed):
+
+- ``eager`` / ``inductor``: PEFT's defaults (fp32 adapters, TF32 off), eager and ``torch.compile``;
+- ``*-tf32`` / ``*-bf16-adapters``: the strongest user-side settings (TF32 matmuls on, or
+  ``autocast_adapter_dtype=False``);
+- ``lecompile-d<density>``: the ``longexposure`` backend at that MLP density (1.0 is the
+  overhead check: adapter fusion only); ``-a<density>`` adds block-sparse attention at that
+  attention density;
+- ``-cg`` suffix (``--cudagraphs``): the same replayed as CUDA graphs (Inductor's
+  ``mode="reduce-overhead"``, lecompile's ``cudagraphs=True``);
+- ``sparselora-d<density>``: SparseLoRA's way of running sparse MLPs (SVD-scored neurons per
+  batch, base weights sliced every step, dense eager matmuls: :mod:`benchmarks.sparselora`) at
+  each lecompile density below 1.
+
+PEFT methods: LoRA r=16 on all linear layers (``lora``) or on the attention's query and value
+projections (``lora-qv``), IA3 (PEFT's defaults), a bottleneck adapter after every MLP
+(``adapter``, :class:`BottleneckAdapter`), BitFit (``bitfit``: biases only), and ``norms``
+(only the normalization layers train: the base model's forward and full backward at almost no
+adapter cost; with ``lora`` in the same run each LoRA row gets ``adapter_share``, the share of
+its step the adapters add).
+
+A step is forward + backward + AdamW. Rows carry the median step time over ``steps`` timed
+steps (after compilation and warm-up), tokens/s, peak memory, compile time (the first step)
+and the loss of step 1, checked against eager's at density 1.0.
 """
 
-import sys
-from pathlib import Path
+from __future__ import annotations
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lecompile.e2e import main  # noqa: E402
+import contextlib
+import functools
+import logging
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch._dynamo.utils import counters
+
+from benchmarks.common import RESULTS, command_line, meta, write_results
+from benchmarks.sparselora import SlicedOutput, mlp_blocks, replace, sparsify_mlps
+from lecompile import LongExposureBackend, LongExposureConfig
+
+log = logging.getLogger(__name__)
+
+#: Loss at step 1 of a density-1.0 variant may differ from eager's by this much (relative, bf16).
+LOSS_RTOL = 2e-2
+
+
+def _opt(hidden, ffn, layers, heads, proj=None, **kw):
+    from transformers import OPTConfig
+    return OPTConfig(hidden_size=hidden, ffn_dim=ffn, num_hidden_layers=layers, num_attention_heads=heads,
+                     word_embed_proj_dim=proj or hidden, max_position_embeddings=2048, dropout=0.0,
+                     attention_dropout=0.0, activation_dropout=0.0, **kw)
+
+
+def _gpt2(hidden, layers, heads, **kw):
+    from transformers import GPT2Config
+    return GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, n_positions=2048, resid_pdrop=0.0,
+                      embd_pdrop=0.0, attn_pdrop=0.0, **kw)
+
+
+def _llama(hidden, ffn, layers, heads, kv_heads, vocab=128256, **kw):
+    from transformers import LlamaConfig
+    return LlamaConfig(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
+                       max_position_embeddings=8192, **kw)
+
+
+#: Model configs by name (Hugging Face's published shapes); ``tiny-*`` ones are for CPU checks.
+MODELS: Dict[str, Callable] = {
+    "opt-350m": lambda: _opt(1024, 4096, 24, 16, proj=512, do_layer_norm_before=False),
+    "opt-1.3b": lambda: _opt(2048, 8192, 24, 32),
+    "opt-2.7b": lambda: _opt(2560, 10240, 32, 32),
+    "gpt2-large": lambda: _gpt2(1280, 36, 20),
+    "gpt2-xl": lambda: _gpt2(1600, 48, 25),
+    "llama-3.2-1b": lambda: _llama(2048, 8192, 16, 32, 8, tie_word_embeddings=True),
+    "llama-3-8b": lambda: _llama(4096, 14336, 32, 32, 8),
+    "tiny-opt": lambda: _opt(64, 256, 2, 4, vocab_size=256),
+    "tiny-llama": lambda: _llama(64, 256, 2, 4, 2, vocab=256),
+    "tiny-gpt2": lambda: _gpt2(64, 2, 4, vocab_size=256),
+}
+
+#: LoRA on the attention's query and value projections, per architecture.
+_QV = {"opt": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"]}
+
+
+def _peft_config(method: str, arch: str):
+    import peft
+    if method == "lora":
+        return peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
+    if method == "lora-qv":
+        return peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=_QV[arch])
+    if method == "ia3":
+        return peft.IA3Config()
+    raise ValueError(f"unknown PEFT method {method!r}; choose from {METHODS}")
+
+
+METHODS = ("lora", "lora-qv", "ia3", "adapter", "bitfit", "norms")
+
+
+class BottleneckAdapter(nn.Module):
+    """A bottleneck adapter after a frozen linear (Houlsby et al., placed after the MLP as in
+    Pfeiffer et al.): ``y + up(relu(down(y)))``, ``up`` starting at zero so training starts from
+    the base model."""
+
+    def __init__(self, base: nn.Module, width: int, size: int = 64, device=None, dtype=None):
+        super().__init__()
+        self.base = base
+        self.down = nn.Linear(width, size, device=device, dtype=dtype)
+        self.up = nn.Linear(size, width, device=device, dtype=dtype)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        return y + self.up(F.relu(self.down(y)))
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, nn.LayerNorm) or type(module).__name__.endswith("RMSNorm")
+
+
+def _trainable_only(model: nn.Module, params) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way to run the same training step."""
+
+    name: str
+    backend: str                     # eager / inductor / lecompile / sparselora (eager)
+    tf32: bool = False
+    adapters_fp32: bool = True       # PEFT's autocast_adapter_dtype
+    cudagraphs: bool = False         # Inductor's mode="reduce-overhead" (CUDA graph trees)
+    config: Optional[LongExposureConfig] = None
+
+    @property
+    def mlp_density(self) -> float:
+        return self.config.mlp_density if self.config is not None else 1.0
+
+    @property
+    def attn_density(self) -> float:
+        return self.config.attn_density if self.config is not None else 1.0
+
+
+def variants(densities: Sequence[float] = (1.0, 0.5, 0.25, 0.15), predictor: str = "svd",
+             granularity: str = "sequence", baselines: bool = True, cudagraphs: bool = False,
+             attn_densities: Sequence[float] = (1.0,), attn_block: int = 128,
+             settings: Optional[dict] = None) -> List[Variant]:
+    """The baselines, then lecompile at each MLP density and attention density. ``cudagraphs``
+    adds the strongest baseline and every lecompile variant replayed as CUDA graphs (suffix
+    ``-cg``). ``settings`` are further :class:`LongExposureConfig` fields of every lecompile
+    variant."""
+    def variant_fields(d, a, cg):  # what each lecompile variant sets itself
+        return dict(mlp_density=d, predictor=predictor, granularity=granularity, cudagraphs=cg,
+                    attn_density=a, attn_block=attn_block)
+
+    clash = sorted(set(settings or {}) & set(variant_fields(1.0, 1.0, False)))
+    if clash:
+        raise ValueError(f"settings {clash} are set per variant (use the densities, predictor, granularity, "
+                         f"cudagraphs and attention-block options instead)")
+    out = []
+    if baselines:
+        out = [Variant("eager", "eager"), Variant("eager-bf16-adapters", "eager", adapters_fp32=False),
+               Variant("inductor", "inductor"), Variant("inductor-tf32", "inductor", tf32=True),
+               Variant("inductor-bf16-adapters", "inductor", adapters_fp32=False)]
+        if cudagraphs:
+            out.append(Variant("inductor-bf16-adapters-cg", "inductor", adapters_fp32=False, cudagraphs=True))
+        out += [Variant(f"sparselora-d{d:g}", "sparselora", config=LongExposureConfig(mlp_density=d))
+                for d in densities if d < 1.0]
+    for cg in (False, True) if cudagraphs else (False,):
+        for a in attn_densities:
+            for d in densities:
+                name = f"lecompile-d{d:g}" + (f"-a{a:g}" if a < 1.0 else "") + ("-cg" if cg else "")
+                out.append(Variant(name, "lecompile", cudagraphs=cg,
+                                   config=LongExposureConfig(**variant_fields(d, a, cg), **(settings or {}))))
+    return out
+
+
+@dataclass
+class Case:
+    model: str
+    method: str
+    batch: int
+    seq: int
+    layers: Optional[int] = None  # fewer decoder layers than the published model (to fit the GPU)
+    checkpointing: bool = False   # Hugging Face's gradient checkpointing (non-reentrant) on every layer
+
+    @property
+    def name(self) -> str:
+        layers = f" ({self.layers} layers)" if self.layers else ""
+        checkpointing = " checkpointing" if self.checkpointing else ""
+        return f"{self.model}{layers} {self.method} {self.batch}x{self.seq}{checkpointing}"
+
+
+@dataclass
+class StepResult:
+    ms: float
+    compile_s: float
+    loss_step1: float
+    peak_mem_gib: float
+    extra: Dict[str, object] = field(default_factory=dict)
+
+
+def build(case: Case, variant: Variant, device: str, dtype=torch.bfloat16):
+    """The model of ``case`` with its PEFT method, seeded so every variant gets the same weights."""
+    import peft
+    from transformers import AutoModelForCausalLM
+    config = MODELS[case.model]()
+    if case.layers:
+        config.num_hidden_layers = case.layers
+    arch = config.model_type
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if case.method == "bitfit":
+        biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
+        if not biases:
+            raise ValueError(f"{case.model} has no biases: BitFit does not apply")
+        _trainable_only(model, biases)
+    elif case.method == "norms":
+        _trainable_only(model, [p for m in model.modules() if _is_norm(m) for p in m.parameters(recurse=False)])
+    elif case.method != "adapter":
+        model = peft.get_peft_model(model, _peft_config(case.method, arch),
+                                    autocast_adapter_dtype=variant.adapters_fp32)
+    if variant.backend == "sparselora":
+        sparsify_mlps(model, arch, variant.mlp_density, rank=variant.config.svd_rank, align=variant.config.k_align)
+    if case.method == "adapter":  # after the MLPs are sliced: the adapter reads the MLP's output
+        adapters = []
+        for block in mlp_blocks(model, arch):
+            adapters.append(BottleneckAdapter(block.layer.get_submodule(block.output), config.hidden_size,
+                                              device=device, dtype=dtype))
+            replace(block.layer, block.output, adapters[-1])
+        _trainable_only(model, [p for a in adapters for p in (*a.down.parameters(), *a.up.parameters())])
+    model.config.use_cache = False
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if case.checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if getattr(base, "loss_type", None) is None:  # GPT-2: transformers' warning would break the graph
+        base.loss_type = "ForCausalLM"
+    return model.train()
+
+
+@contextlib.contextmanager
+def _tf32(on: bool):
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = on
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def run_variant(case: Case, variant: Variant, device: str, steps: int = 20, warmup: int = 3,
+                wrap: Optional[Callable[[torch.nn.Module], torch.nn.Module]] = None) -> StepResult:
+    """Compile (first step), warm up, then time ``steps`` training steps. ``wrap`` wraps the
+    model before compiling (for example in ``DistributedDataParallel``)."""
+    torch._dynamo.reset()
+    counters.clear()
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()  # the previous variant's model is gone: start from its memory
+    model = build(case, variant, device)
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab, (case.batch, case.seq), generator=g).to(device)
+    backend = None
+    fn = wrap(model) if wrap is not None else model
+    if variant.backend == "lecompile":
+        backend = LongExposureBackend(variant.config)
+        fn = torch.compile(fn, backend=backend)
+    elif variant.backend == "inductor":
+        fn = torch.compile(fn, mode="reduce-overhead" if variant.cudagraphs else None)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+
+    def step():
+        loss = fn(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    with _tf32(variant.tf32):
+        t0 = time.perf_counter()
+        loss1 = step().item()  # .item() waits for the GPU
+        compile_s = time.perf_counter() - t0
+        for _ in range(warmup):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        times = [timed_ms(step, cuda) for _ in range(steps)]
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    # CUDA graph trees allocate from a private pool that max_memory_allocated() under-reports.
+    reserved = torch.cuda.max_memory_reserved() / 2**30 if cuda else float("nan")
+    extra = {}
+    if backend is not None:
+        report = backend.report
+        extra = {"mlp_rewritten": report.mlp_rewritten, "mlp_matched": len(report.mlp),
+                 "attention_rewritten": report.attention_rewritten,
+                 "lora_linears_fused": report.linears_fused,
+                 "lora_linears_in_gemm": sum(e.in_gemm for e in report.linears),
+                 "loss_fused": any(e.fused for e in report.losses),
+                 "graphs_compiled": len(backend.reports)}
+    elif variant.backend == "sparselora":
+        extra = {"mlp_rewritten": sum(isinstance(m, SlicedOutput) for m in model.modules())}
+    extra["peak_reserved_gib"] = round(reserved, 3)
+    return StepResult(statistics.median(times), compile_s, loss1, peak, extra)
+
+
+def timed_ms(step: Callable[[], object], cuda: bool) -> float:
+    """Milliseconds one call of ``step`` takes: GPU time between CUDA events, or wall time."""
+    if not cuda:
+        t = time.perf_counter()
+        step()
+        return (time.perf_counter() - t) * 1e3
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    step()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def run_case(case: Case, variant_list: Sequence[Variant], device: str, steps: int = 20,
+             warmup: int = 3, progress=None, on_row: Optional[Callable[[dict], None]] = None) -> List[dict]:
+    """Every variant of ``case``, with ratios to the baselines measured in this call.
+    ``on_row`` sees each row as soon as it is measured (to save partial results)."""
+    rows = []
+    layers = case.layers or MODELS[case.model]().num_hidden_layers
+    for v in variant_list:
+        if progress is not None:
+            progress.set_postfix_str(f"{case.name} {v.name}")
+        row = dict(case=case.name, model=case.model, method=case.method, batch=case.batch, seq=case.seq,
+                   layers=layers, checkpointing=case.checkpointing,
+                   tokens=case.batch * case.seq, dtype="bfloat16", variant=v.name,
+                   mlp_density=v.mlp_density, attn_density=v.attn_density, tf32=v.tf32,
+                   adapters="fp32" if v.adapters_fp32 else "bf16", cudagraphs=v.cudagraphs)
+        try:
+            r = run_variant(case, v, device, steps, warmup)
+            row.update(ms=round(r.ms, 3), tokens_per_s=round(case.batch * case.seq / r.ms * 1e3),
+                       peak_mem_gib=round(r.peak_mem_gib, 3), compile_s=round(r.compile_s, 1),
+                       loss_step1=round(r.loss_step1, 5), **r.extra)
+        except Exception as err:  # a case that cannot run is recorded, not dropped
+            log.warning("%s %s failed: %r", case.name, v.name, err)
+            row["error"] = repr(err)[:400]
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+        if progress is not None:
+            progress.update()
+    add_ratios(rows)
+    return rows
+
+
+def add_adapter_shares(rows: List[dict]) -> None:
+    """``adapter_share = 1 - ms(norms) / ms(lora)`` on each LoRA row with a ``norms`` row of the
+    same model, shape and variant: the share of the step that LoRA's adapters add."""
+    def same(r):
+        return r["model"], r["layers"], r["batch"], r["seq"], r.get("checkpointing", False), r["variant"]
+
+    norms = {same(r): r["ms"] for r in rows if r["method"] == "norms" and "ms" in r}
+    for r in rows:
+        base = norms.get(same(r))
+        if r["method"] == "lora" and "ms" in r and base is not None:
+            r["adapter_share"] = round(1.0 - base / r["ms"], 3)
+
+
+def add_ratios(rows: List[dict]) -> None:
+    """Each row's speedups over the baselines among ``rows`` (one case of one run)."""
+    by = {r["variant"]: r for r in rows if "ms" in r}
+    eager, inductor = by.get("eager"), by.get("inductor")
+    strongest = min((r for n, r in by.items() if n.startswith("inductor")), key=lambda r: r["ms"], default=None)
+    for r in rows:
+        if "ms" not in r:
+            continue
+        if inductor is not None:
+            r.update(baseline="inductor", baseline_ms=inductor["ms"], speedup=round(inductor["ms"] / r["ms"], 3))
+        if eager is not None:
+            r.update(speedup_vs_eager=round(eager["ms"] / r["ms"], 3),
+                     mem_vs_eager=round(r["peak_mem_gib"] / eager["peak_mem_gib"], 3)
+                     if eager["peak_mem_gib"] == eager["peak_mem_gib"] else None)
+            if r["mlp_density"] == 1.0 and r["attn_density"] == 1.0:
+                r["loss_matches_eager"] = math.isclose(r["loss_step1"], eager["loss_step1"], rel_tol=LOSS_RTOL)
+        if strongest is not None:
+            r.update(strongest_baseline=strongest["variant"],
+                     speedup_vs_strongest=round(strongest["ms"] / r["ms"], 3))
+        sparselora = by.get(f"sparselora-d{r['mlp_density']:g}")
+        if sparselora is not None and r["variant"].startswith("lecompile"):
+            r["speedup_vs_sparselora"] = round(sparselora["ms"] / r["ms"], 3)
+
+
+def training_step(case: Case, variant: Variant, device: str) -> Callable[[], torch.Tensor]:
+    """One training step (forward, backward, AdamW) of ``case``'s model on random ids, through
+    lecompile with ``variant``'s config (eager without one), as a function to call repeatedly;
+    it returns the step's loss."""
+    model = build(case, variant, device)
+    ids = torch.randint(0, model.config.vocab_size, (case.batch, case.seq), device=device)
+    torch._dynamo.reset()
+    fn = torch.compile(model, backend=LongExposureBackend(variant.config)) if variant.config else model
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+    def step():
+        loss = fn(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+    return step
+
+
+def breakdown(case: Case, variant: Variant, device: str = "cuda", steps: int = 3) -> dict:
+    """Where one variant's step spends GPU time (PyTorch profiler), in ms per step."""
+    from torch.profiler import ProfilerActivity, profile
+    step = training_step(case, variant, device)
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    return dict(case=case.name, variant=variant.name, unit="ms per step", **device_time_groups(prof, steps),
+                top_kernels=top_kernels(prof, steps))
+
+
+def _is_kernel(event) -> bool:
+    """A GPU kernel or copy; not a user annotation (such as ``Optimizer.step``), whose GPU span
+    covers the idle time between its kernels too."""
+    return event.device_type.name == "CUDA" and not getattr(event, "is_user_annotation", False)
+
+
+def top_kernels(prof, steps: int, n: int = 30) -> List[dict]:
+    """The ``n`` GPU kernels with the most device time per step, with their launches per step."""
+    kernels = [e for e in prof.key_averages() if _is_kernel(e)]
+    kernels.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    return [dict(name=e.key[:120], ms=round(e.self_device_time_total / 1e3 / steps, 3),
+                 launches=round(e.count / steps, 1)) for e in kernels[:n]]
+
+
+def device_time_groups(prof, steps: int) -> Dict[str, float]:
+    """GPU ms per step of a profiled run in MLP, predictor, attention and the rest."""
+    # Top-level ops only (their device time includes their kernels), so nothing counts twice.
+    groups = {"mlp": "lecompile::sparse_mlp", "predictor": "lecompile::predict_neurons",
+              "attention": "aten::_scaled_dot_product_"}
+    totals = dict.fromkeys(groups, 0.0)
+    kernel_total = 0.0
+    for e in prof.key_averages():
+        for k, prefix in groups.items():
+            if e.key.startswith(prefix):
+                totals[k] += e.device_time_total / 1e3 / steps
+        if _is_kernel(e):
+            kernel_total += e.self_device_time_total / 1e3 / steps
+            if "flex_attention" in e.key:  # Inductor's FlexAttention kernels (no top-level op)
+                totals["attention"] += e.self_device_time_total / 1e3 / steps
+    totals = {k: round(v, 3) for k, v in totals.items()}
+    totals["kernels_total"] = round(kernel_total, 3)
+    totals["rest"] = round(kernel_total - sum(v for k, v in totals.items() if k != "kernels_total"), 3)
+    return totals
+
+
+SHAPES = {"8x512": (8, 512), "4x1024": (4, 1024), "2x2048": (2, 2048)}
+
+
+def plot(rows: List[dict], path) -> None:
+    """Per case (latest run of each variant): the step speedup of eager PEFT, the SparseLoRA-style
+    baseline and every CUDA-graph variant over Inductor with PEFT's defaults, and the peak memory of
+    the variants without CUDA graphs (whose pools the allocator's peak does not count) over eager's."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    latest = {(r["case"], r["variant"]): r for r in rows if "ms" in r}  # rows come in run order
+    cases = list(dict.fromkeys(case for case, _ in latest))
+    panels = [
+        ("speedup", lambda v: v == "eager" or v.startswith("sparselora") or v.endswith("-cg"),
+         "step speedup over Inductor (PEFT defaults)", "training step, same run's Inductor = 1"),
+        ("mem_vs_eager", lambda v: v != "eager" and not v.endswith("-cg"),
+         "peak memory / eager PEFT's", "peak memory allocated, without CUDA graphs"),
+    ]
+    fig, axes = plt.subplots(3, 1, figsize=(max(8.0, 1.6 * len(cases) + 4), 13))
+    for ax, (key, shown, ylabel, title) in zip(axes, panels):
+        names = [v for v in dict.fromkeys(v for _, v in latest) if shown(v)
+                 and any(latest.get((c, v), {}).get(key) is not None for c in cases)]
+        width = 0.8 / max(1, len(names))
+        for i, name in enumerate(names):
+            values = [(latest.get((c, name)) or {}).get(key) for c in cases]
+            xs = [j + i * width for j, value in enumerate(values) if value is not None]
+            ax.bar(xs, [value for value in values if value is not None], width, label=name)
+        ax.axhline(1.0, color="grey", lw=1)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))], cases, fontsize=8, rotation=15)
+        ax.set(ylabel=ylabel, title=title)
+        if names:
+            ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    _plot_density_curves(axes[2], latest, cases)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def density_curves(latest: Dict[tuple, dict], cases: Sequence[str]) -> Dict[str, List[tuple]]:
+    """Per case, ``(MLP density, speedup over the strongest baseline)`` of its lecompile CUDA-graph
+    variants with dense attention, by density (cases with at least two densities). The strongest
+    baseline replays CUDA graphs, so its time is stable across runs."""
+    curves = {}
+    for case in cases:
+        points = sorted((r["mlp_density"], r["speedup_vs_strongest"]) for (c, v), r in latest.items()
+                        if c == case and v.startswith("lecompile") and v.endswith("-cg")
+                        and r.get("attn_density") == 1.0 and r.get("speedup_vs_strongest") is not None)
+        if len(points) > 1:
+            curves[case] = points
+    return curves
+
+
+def _plot_density_curves(ax, latest, cases) -> None:
+    for case, points in density_curves(latest, cases).items():
+        ax.plot(*zip(*points), marker="o", label=case)
+    ax.axhline(1.0, color="grey", lw=1)
+    ax.set(xlabel="MLP density", ylabel="step speedup over the strongest baseline",
+           title="lecompile with CUDA graphs against Inductor + bf16 adapters + CUDA graphs")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="upper right")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--models", nargs="+", default=["opt-1.3b"], choices=list(MODELS))
+    parser.add_argument("--methods", nargs="+", default=["lora"], choices=METHODS)
+    parser.add_argument("--shapes", nargs="+", default=["8x512"], choices=list(SHAPES))
+    parser.add_argument("--layers", type=int, default=None,
+                        help="build the models with this many decoder layers (default: all)")
+    parser.add_argument("--checkpointing", action="store_true",
+                        help="gradient checkpointing (non-reentrant) on every decoder layer, every variant")
+    parser.add_argument("--densities", nargs="+", type=float, default=[1.0, 0.5, 0.25, 0.15])
+    parser.add_argument("--attn-densities", nargs="+", type=float, default=[1.0],
+                        help="attention densities of the lecompile variants (1.0: dense attention)")
+    parser.add_argument("--attn-block", type=int, default=128, help="tokens per attention block")
+    parser.add_argument("--predictor", default="svd", choices=("svd", "learned", "oracle"))
+    parser.add_argument("--granularity", default="sequence", choices=("sequence", "tile", "batch"))
+    parser.add_argument("--no-baselines", action="store_true", help="lecompile variants only")
+    parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
+                        help="LongExposureConfig fields of every lecompile variant, e.g. svd_rank=16 fuse_loss=false")
+    parser.add_argument("--inductor-option", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="torch._inductor.config values for every compiled variant (Inductor baselines and "
+                             "lecompile alike), e.g. combo_kernels=true")
+    parser.add_argument("--cudagraphs", action="store_true",
+                        help="add CUDA-graph variants (-cg) of the strongest baseline and of lecompile")
+    parser.add_argument("--variants", nargs="+", default=None,
+                        help="run only these variants (names as in the results, e.g. eager lecompile-d0.25-cg)")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per variant (median)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also profile lecompile at the lowest density on the first case (GPU)")
+    parser.add_argument("--out", default=str(RESULTS),
+                        help="folder for e2e.json and e2e.png (default: benchmarks/results)")
+
+
+def run(args) -> dict:
+    """Run the benchmark described by parsed ``args``; write JSON and plot; return the data."""
+    from pathlib import Path
+
+    import torch._inductor.config as inductor_config
+    from tqdm.auto import tqdm
+
+    try:
+        import matplotlib  # noqa: F401  (the plot comes last: fail before measuring, not after)
+    except ImportError:
+        raise RuntimeError("the benchmark plots its results: pip install 'lecompile[bench]'") from None
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.layers is not None and args.layers < 1:
+        raise ValueError(f"--layers must be >= 1, got {args.layers}")
+    cases = [Case(m, meth, *SHAPES[s], layers=args.layers, checkpointing=args.checkpointing)
+             for m in args.models for meth in args.methods for s in args.shapes]
+    settings = LongExposureConfig.parse_settings(args.set)
+    inductor_options = parse_inductor_options(args.inductor_option)
+    vs = variants(args.densities, args.predictor, args.granularity, baselines=not args.no_baselines,
+                  cudagraphs=args.cudagraphs, attn_densities=args.attn_densities, attn_block=args.attn_block,
+                  settings=settings)
+    if args.variants:
+        unknown = set(args.variants) - {v.name for v in vs}
+        if unknown:
+            raise ValueError(f"unknown variants {sorted(unknown)}; with these options: {[v.name for v in vs]}")
+        vs = [v for v in vs if v.name in args.variants]
+    rows: List[dict] = []
+    out = Path(args.out)
+    data = {"meta": meta("e2e", command_line(), settings=dict(
+        steps=args.steps, warmup=args.warmup, optimizer="AdamW", predictor=args.predictor,
+        granularity=args.granularity, attn_block=args.attn_block, attn_predictor="pooled",
+        lecompile_settings=settings, inductor_options=inductor_options, init="random, seed 0")),
+        "rows": rows}
+
+    measured: List[dict] = []  # rows so far, saved as they come in case the run is cut short
+
+    def save_partial(row):
+        measured.append(row)
+        write_results("e2e", dict(data, rows=measured), out)
+
+    with inductor_config.patch(inductor_options):
+        with tqdm(total=len(cases) * len(vs), desc="e2e", unit="run") as bar:
+            for case in cases:
+                rows += run_case(case, vs, device, args.steps, args.warmup, progress=bar, on_row=save_partial)
+                add_adapter_shares(rows)
+                write_results("e2e", data, out)  # with the case's ratios
+        if args.breakdown and device == "cuda":
+            low = min(args.densities)
+            data["breakdown"] = [breakdown(cases[0], v, device) for v in vs
+                                 if v.backend == "lecompile" and not v.cudagraphs and v.mlp_density in (1.0, low)
+                                 and v.attn_density == min(args.attn_densities)]
+    path = write_results("e2e", data, out)
+    plot(rows, out / "e2e.png")
+    print(format_rows(rows))
+    print(f"wrote {path} and {out / 'e2e.png'}")
+    return data
+
+
+def parse_inductor_options(items: Sequence[str]) -> dict:
+    """``["combo_kernels=true", ...]`` as ``torch._inductor.config`` values, each of the type of the
+    option's current value (bool, int, float, str; for options without one of those, ``true``/``false``,
+    numbers, else the string). An unknown key, a value of the wrong type or an item without ``=``
+    names itself."""
+    import torch._inductor.config as inductor_config
+    options = {}
+    for item in items:
+        key, sep, raw = (part.strip() for part in item.partition("="))
+        current = _option(inductor_config, key)
+        if not sep or current is _MISSING:
+            raise ValueError(f"--inductor-option {item!r} is not KEY=VALUE with KEY a torch._inductor.config option")
+        try:
+            options[key] = _option_value(raw, current)
+        except ValueError:
+            raise ValueError(f"--inductor-option {item!r}: {key} takes {type(current).__name__} values") from None
+    return options
+
+
+def _option_value(raw: str, current):
+    kind = type(current) if isinstance(current, (bool, int, float, str)) else None
+    if kind is bool or (kind is None and raw.lower() in ("true", "false")):
+        if raw.lower() not in ("true", "false"):
+            raise ValueError(raw)
+        return raw.lower() == "true"
+    if kind is not None:
+        return kind(raw)
+    for convert in (int, float):
+        try:
+            return convert(raw)
+        except ValueError:
+            pass
+    return raw
+
+
+_MISSING = object()
+
+
+def _option(config, key: str):
+    """``config``'s value of ``key``, dotted keys (``triton.cudagraphs``) included, or ``_MISSING``."""
+    try:
+        return functools.reduce(getattr, key.split("."), config)
+    except AttributeError:
+        return _MISSING
+
+
+def format_rows(rows: List[dict]) -> str:
+    from lecompile.report import format_table
+    cols = ["case", "variant", "ms", "tokens_per_s", "peak_mem_gib", "compile_s", "loss_step1",
+            "speedup", "speedup_vs_eager", "speedup_vs_strongest", "speedup_vs_sparselora"]
+    return format_table(cols, [[r.get(c, r.get("error", "-") if c == "ms" else "-") for c in cols] for r in rows])
+
+
+def main(argv=None) -> int:
+    import argparse
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.e2e", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    run(parser.parse_args(argv))
+    return 0
+
 
 if __name__ == "__main__":
-    argv = sys.argv[1:]
-    if "--out" not in argv:
-        argv += ["--out", str(Path(__file__).parent / "results")]
-    sys.exit(main(argv))
+    raise SystemExit(main())

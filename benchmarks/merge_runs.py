@@ -1,6 +1,6 @@
 """Append new runs of a benchmark to its results file, so every figure keeps its provenance.
 
-    python benchmarks/merge_runs.py benchmarks/results/e2e.json OUT/e2e.json --what "OPT-2.7B, LoRA"
+    python -m benchmarks.merge_runs benchmarks/results/e2e.json OUT/e2e.json --what "OPT-2.7B, LoRA"
 
 The new file's rows get the next run number (``run``) and its ``meta`` (command, date, device,
 versions, commit) goes to the results file's ``meta.runs`` with ``what``. ``--commit`` replaces
@@ -17,8 +17,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lecompile import e2e  # noqa: E402
+from benchmarks import e2e
 
 _RUN_META = ("command", "date", "git_commit", "device", "torch", "triton")
 

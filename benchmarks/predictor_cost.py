@@ -1,6 +1,6 @@
 """What the neuron predictor costs inside a training step on the GPU (OPT-1.3B shapes).
 
-    python benchmarks/predictor_cost.py            # svd and learned, LoRA, 8x512, MLP density 0.25
+    python -m benchmarks.predictor_cost            # svd and learned, LoRA, 8x512, MLP density 0.25
 
 Per predictor, one process compiles the model with the backend, runs past the learned
 predictor's first training calls, then times ``--steps`` steps one by one (CUDA events); the
@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import RESULTS, command_line, meta, write_results  # noqa: E402
-from lecompile import LongExposureBackend, LongExposureConfig, e2e  # noqa: E402
+from benchmarks import e2e
+from benchmarks.common import RESULTS, command_line, meta, write_results
+from lecompile import LongExposureBackend, LongExposureConfig
 
 
 def measure(case: e2e.Case, predictor: str, density: float, steps: int, refresh: int) -> dict:

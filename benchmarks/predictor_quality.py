@@ -11,19 +11,17 @@ Also the time each predictor takes per layer call (CPU or GPU, as run). Writes
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import RESULTS, command_line, meta, write_results  # noqa: E402
-from lecompile.data import load_model, token_splits  # noqa: E402
-from lecompile.ops.adapted_linear import AdaptedLinear  # noqa: E402
-from lecompile.predictors import clear_learned, learned_group_scores, oracle_group_scores, recall, svd_group_scores  # noqa: E402
-from lecompile.predictors.learned import learned_factors  # noqa: E402
+from benchmarks.common import RESULTS, command_line, meta, write_results
+from examples.data import load_model, token_splits
+from lecompile.ops.adapted_linear import AdaptedLinear
+from lecompile.predictors import clear_learned, learned_group_scores, oracle_group_scores, recall, svd_group_scores
+from lecompile.predictors.learned import learned_factors
 
 DENSITIES = (0.5, 0.25)
 

@@ -10,14 +10,12 @@ attention. Writes ``shadowy_sparsity.json`` and a plot.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import RESULTS, command_line, meta, write_results  # noqa: E402
-from lecompile.data import load_model, token_splits  # noqa: E402
+from benchmarks.common import RESULTS, command_line, meta, write_results
+from examples.data import load_model, token_splits
 
 TILES = (16, 64, 128)
 

@@ -14,7 +14,7 @@ import torch
 from accelerate import Accelerator
 
 import lecompile
-from lecompile.data import batches, load_model, token_splits
+from examples.data import batches, load_model, token_splits
 
 
 def main():

@@ -1,6 +1,6 @@
 """LoRA fine-tuning of SmolLM2-135M with Hugging Face ``Trainer`` and the longexposure backend.
 
-    python examples/finetune_trainer.py --steps 20 --mlp-density 0.5
+    python -m examples.finetune_trainer --steps 20 --mlp-density 0.5
 
 The only lecompile line is ``model.compile(backend="longexposure")`` before ``Trainer``; the
 backend reads its settings from ``LECOMPILE_*`` environment variables (set here from the flags).
@@ -15,7 +15,7 @@ import peft
 import torch
 from transformers import Trainer, TrainingArguments
 
-from lecompile.data import load_model, token_splits
+from examples.data import load_model, token_splits
 
 
 class Rows(torch.utils.data.Dataset):

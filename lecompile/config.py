@@ -173,7 +173,7 @@ class LongExposureConfig:
     @classmethod
     def parse_settings(cls, items) -> dict:
         """``["mlp_density=0.25", "cudagraphs=true", ...]`` as typed field values (what
-        ``lecompile bench --set`` takes); an unknown field or a bad value names itself."""
+        ``python -m benchmarks.e2e --set`` takes); an unknown field or a bad value names itself."""
         by_name = {f.name: f for f in fields(cls)}
         values = {}
         for item in items:

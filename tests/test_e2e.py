@@ -1,11 +1,11 @@
-"""The end-to-end benchmark harness (``lecompile bench``) on a tiny model on the CPU."""
+"""The end-to-end benchmark harness (``python -m benchmarks.e2e``) on a tiny model on the CPU."""
 
 import json
 
 import pytest
 import torch
 
-from lecompile import e2e
+from benchmarks import e2e
 
 pytestmark = pytest.mark.slow  # whole models compiled many times: the second test command
 

@@ -1,10 +1,10 @@
-"""The SparseLoRA-style eager baseline (``lecompile.sparselora``) against dense and masked models."""
+"""The SparseLoRA-style eager baseline (``benchmarks.sparselora``) against dense and masked models."""
 
 import pytest
 import torch
 
-from lecompile import e2e
-from lecompile.sparselora import SlicedOutput, mlp_blocks, sparsify_mlps
+from benchmarks import e2e
+from benchmarks.sparselora import SlicedOutput, mlp_blocks, sparsify_mlps
 
 TINY = ["tiny-opt", "tiny-gpt2", "tiny-llama"]
 

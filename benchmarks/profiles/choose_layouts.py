@@ -1,7 +1,7 @@
 """choose_layouts as it was (fp32 matmuls against float layouts) against the current one (broadcast
 reductions that Inductor fuses): same output on random inputs, and on the GPU the time of each,
-compiled and replayed as a CUDA graph. ``python benchmarks/results/profiles/choose_layouts.py``;
-the H100 numbers are in choose_layouts.txt."""
+compiled and replayed as a CUDA graph. ``python -m benchmarks.profiles.choose_layouts``;
+the H100 numbers are in results/profiles/choose_layouts.txt."""
 import torch
 
 from lecompile.predictors.attention import SELECTION_ROUNDS, atomic_layouts, choose_layouts

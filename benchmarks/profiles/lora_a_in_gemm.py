@@ -14,15 +14,13 @@ With ``TRITON_INTERPRET=1`` it checks the fused kernel against PyTorch on small 
 import json
 import os
 import sys
-from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
-from lecompile.kernels.gather_gemm import _interpreting  # noqa: E402
-from lecompile.kernels.lowrank_gemm import _num_sms, _tile, linear_low_rank, rank_block  # noqa: E402
+from lecompile.kernels.gather_gemm import _interpreting
+from lecompile.kernels.lowrank_gemm import _num_sms, _tile, linear_low_rank, rank_block
 
 
 @triton.jit

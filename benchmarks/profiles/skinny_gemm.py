@@ -37,9 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
-from lecompile.kernels.gather_gemm import AUTOTUNE_CACHE, _dot, _dot_fp32, _interpreting  # noqa: E402
-from lecompile.kernels.lowrank_gemm import MAX_RANK, rank_block  # noqa: E402
+from lecompile.kernels.gather_gemm import AUTOTUNE_CACHE, _dot, _dot_fp32, _interpreting
+from lecompile.kernels.lowrank_gemm import MAX_RANK, rank_block
 
 Tensor = torch.Tensor
 
@@ -245,7 +244,7 @@ def sweep():
 def main(out_dir, parts):
     from triton.testing import do_bench_cudagraph
 
-    from lecompile.results import command_line, meta
+    from benchmarks.common import command_line, meta
     data = {"meta": meta("skinny_gemm", command_line())}
     if "sweep" in parts:
         data["sweep"] = sweep()

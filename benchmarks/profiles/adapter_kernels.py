@@ -22,9 +22,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
-from lecompile.e2e import _is_kernel  # noqa: E402
-from lecompile.ops.lora_linear import lora_linear  # noqa: E402
+from benchmarks.e2e import _is_kernel
+from lecompile.ops.lora_linear import lora_linear
 
 SHAPES = {"opt-1.3b q_proj": (2048, 2048), "opt-1.3b fc1": (2048, 8192), "opt-1.3b fc2": (8192, 2048),
           "llama-3-8b q_proj": (4096, 4096)}
@@ -99,7 +98,7 @@ def linear_rows():
 
 
 def step_rows(model="opt-1.3b"):
-    from lecompile.e2e import Case, training_step, variants
+    from benchmarks.e2e import Case, training_step, variants
     variant = next(v for v in variants((1.0,), baselines=False, cudagraphs=True) if v.name == "lecompile-d1-cg")
     out = {}
     for method in ("lora", "norms"):
@@ -120,7 +119,7 @@ def step_rows(model="opt-1.3b"):
 
 
 def main(out_dir, parts):
-    from lecompile.results import command_line, meta
+    from benchmarks.common import command_line, meta
     data = {"meta": meta("adapter_kernels", command_line())}
     if "linear" in parts:
         data["linear"] = linear_rows()

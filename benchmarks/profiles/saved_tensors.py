@@ -1,6 +1,6 @@
 """What one compiled LoRA training step keeps alive for its backward, grouped by shape and dtype.
 
-    python benchmarks/results/profiles/saved_tensors.py --model opt-2.7b --layers 2 --density 0.25 \\
+    python -m benchmarks.profiles.saved_tensors --model opt-2.7b --layers 2 --density 0.25 \\
         --attn-density 0.5
 
 Builds the e2e harness's model (random init, bf16 on CUDA), compiles it with the ``longexposure``
@@ -11,15 +11,12 @@ once; parameters are listed too).
 
 import argparse
 import collections
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
-from lecompile import e2e  # noqa: E402
-from lecompile.backend import LongExposureBackend  # noqa: E402
-from lecompile.config import LongExposureConfig  # noqa: E402
+from benchmarks import e2e
+from lecompile.backend import LongExposureBackend
+from lecompile.config import LongExposureConfig
 
 
 def main():

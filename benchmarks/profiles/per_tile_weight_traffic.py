@@ -11,8 +11,8 @@ compute-bound. (Activations add to the bytes; this counts weights only, a lower 
 
 This prints, for the measured density <= 0.11 rows of ``benchmarks/results/sparse_mlp.json``, the
 per-tile over shared GPU-time ratio and the time the per-tile weight reads alone take at the HBM's
-peak bandwidth, as a share of the shared-index time. ``python
-benchmarks/results/profiles/per_tile_weight_traffic.py``; output in per_tile_weight_traffic.txt.
+peak bandwidth, as a share of the shared-index time. ``python -m
+benchmarks.profiles.per_tile_weight_traffic``; output in results/profiles/per_tile_weight_traffic.txt.
 """
 import json
 from pathlib import Path
@@ -22,7 +22,7 @@ TILE = 128
 
 
 def main():
-    rows = json.loads((Path(__file__).parents[1] / "sparse_mlp.json").read_text())["rows"]
+    rows = json.loads((Path(__file__).parents[1] / "results" / "sparse_mlp.json").read_text())["rows"]
     timed = {(r["case"], r["batch"], r["density"], r["variant"]): r for r in rows
              if r.get("pass") == "fwd+bwd" and r["density"] <= 0.11 and "graph_ms" in r}
     print(f"{'MLP':15s} {'tokens':7s} {'density':>7s} {'k':>5s} {'tile ms':>8s} {'shared ms':>9s} "

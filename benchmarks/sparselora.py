@@ -112,7 +112,7 @@ class SlicedInput(nn.Module):
     def _choose(self, x: Tensor) -> Tensor:
         """SparseLoRA's estimator: the rank-r SVD of the frozen weight(s), activation applied,
         absolute values summed over the batch's tokens, top-k."""
-        from .predictors.svd import svd_factors
+        from lecompile.predictors.svd import svd_factors
         x2 = x.reshape(-1, x.shape[-1])
 
         def estimate(base):
@@ -148,7 +148,7 @@ def sparsify_mlps(model: nn.Module, model_type: str, density: float, rank: int =
                   align: int = 128) -> List[KeptNeurons]:
     """Make every MLP of ``model`` compute ``k = round_up(density * ffn, align)`` neurons per
     batch, SparseLoRA's way. Returns each MLP's kept-neuron holder (its ``idx`` after a forward)."""
-    from .passes.rewrite_mlp import kept_neurons
+    from lecompile.passes.rewrite_mlp import kept_neurons
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density must be in (0, 1], got {density!r}")
     kept_list = []

@@ -1,0 +1,1 @@
+"""Examples of fine-tuning with the longexposure backend; run as ``python -m examples.<name>``."""
