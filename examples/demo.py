@@ -72,7 +72,7 @@ def train(model, variant: str, backend, train_batches, heldout, device, lr: floa
 
 
 def run_demo(model_path: Optional[str] = None, steps: int = 8, batch_size: int = 2, seq_len: int = 128,
-             mlp_density: float = 0.5, predictor: str = "svd", granularity: str = "sequence",
+             mlp_density: float = 1.0, predictor: str = "svd", granularity: str = "sequence",
              lora_r: int = 8, lr: float = 2e-4, baseline: str = "eager", device: Optional[str] = None,
              seed: int = 0) -> List[RunResult]:
     """Fine-tune the same LoRA model twice from the same start: ``baseline`` (``eager`` PEFT or
@@ -109,7 +109,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m examples.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="local Hugging Face checkpoint (default: SmolLM2-135M)")
-    parser.add_argument("--density", type=float, default=0.5, help="MLP density (default 0.5)")
+    parser.add_argument("--density", type=float, default=1.0,
+                        help="MLP density (default 1.0: exact; 0.5 shows sparsity and its cost in held-out loss)")
     parser.add_argument("--predictor", choices=PREDICTORS, default="svd")
     parser.add_argument("--granularity", choices=GRANULARITIES, default="sequence")
     parser.add_argument("--batch", type=int, default=2)

@@ -24,10 +24,11 @@ class LongExposureConfig:
     :meth:`from_env`, which is what the registered ``"longexposure"`` backend does.
     """
 
-    #: Share of MLP neurons kept per group of tokens, in (0, 1]. 1.0 keeps every neuron
-    #: (the rewritten op then runs dense). The kept count is
-    #: ``k = round_up(mlp_density * ffn, k_align)``, capped at ``ffn``.
-    mlp_density: float = 0.5
+    #: Share of MLP neurons kept per group of tokens, in (0, 1]. 1.0 (the default) keeps every
+    #: neuron: the step is exact, and lecompile's gain is adapter fusion alone. Lower values are
+    #: opt-in: they cost held-out loss on real models (docs/results.md, Quality). The kept count
+    #: is ``k = round_up(mlp_density * ffn, k_align)``, capped at ``ffn``.
+    mlp_density: float = 1.0
     #: Per-layer MLP densities (SparseLoRA's non-uniform sparsity): entry ``i`` is the density
     #: of decoder layer ``i`` (the first number in the MLP's module path, e.g.
     #: ``model.layers.3.mlp``); layers past the end use ``mlp_density``. ``(1.0, 1.0)`` keeps

@@ -40,7 +40,7 @@ def test_layer_densities_set_k_per_layer():
 def test_layer_densities_from_environment_and_validation(monkeypatch):
     monkeypatch.setenv("LECOMPILE_MLP_LAYER_DENSITIES", "1.0, 0.5,0.25")
     assert LongExposureConfig.from_env().mlp_layer_densities == (1.0, 0.5, 0.25)
-    assert LongExposureConfig(mlp_layer_densities=(1.0,)).mlp_density_of(3) == 0.5
+    assert LongExposureConfig(mlp_density=0.5, mlp_layer_densities=(1.0,)).mlp_density_of(3) == 0.5
     with pytest.raises(ValueError, match=r"mlp_layer_densities\[1\] must be in \(0, 1\]"):
         LongExposureConfig(mlp_layer_densities=(1.0, 0.0))
     with pytest.raises(ValueError, match="must be a tuple"):

@@ -1,0 +1,154 @@
+"""Write ``docs/results.md`` and the README's results table from ``benchmarks/results/*.json``.
+
+    python -m benchmarks.results_page           # rewrite both
+    python -m benchmarks.results_page --check   # exit 1 if either is out of date (the tests run this)
+
+Every number on those pages comes from a results file, so none is typed twice. Ratios are the ones
+each row's own run measured (its baselines ran in the same process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Dict, List, Optional
+
+from benchmarks.common import RESULTS
+
+ROOT = RESULTS.parents[1]
+PAGE = ROOT / "docs" / "results.md"
+README = ROOT / "README.md"
+BEGIN, END = "<!-- results table: begin (python -m benchmarks.results_page) -->", "<!-- results table: end -->"
+#: A/B runs: rows measured with experimental settings, kept in the file but not on the page.
+EXPERIMENT_FLAGS = ("--set", "--inductor-option")
+
+
+def load(name: str) -> dict:
+    return json.loads((RESULTS / f"{name}.json").read_text())
+
+
+def markdown_table(header: List[str], rows: List[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join("-" if c is None else str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def ratio(value: Optional[float]) -> Optional[str]:
+    return None if value is None else f"{value:.2f}x"
+
+
+def e2e_latest(e2e: dict) -> Dict[str, Dict[str, List[dict]]]:
+    """Per device and case, the newest row of each variant, from runs with the default settings."""
+    runs = {r["run"]: r for r in e2e["meta"]["runs"]}
+    latest: Dict[tuple, dict] = {}
+    for row in e2e["rows"]:
+        run = runs[row["run"]]
+        if "ms" not in row or any(flag in run["command"] for flag in EXPERIMENT_FLAGS):
+            continue
+        key = (run.get("device") or "device not recorded", row["case"], row["variant"])
+        if key not in latest or row["run"] > latest[key]["run"]:
+            latest[key] = row
+    out: Dict[str, Dict[str, List[dict]]] = {}
+    for (device, case, _), row in sorted(latest.items(), key=lambda kv: kv[1]["run"]):
+        out.setdefault(device, {}).setdefault(case, []).append(row)
+    return out
+
+
+def e2e_section(e2e: dict) -> str:
+    parts = ["## Whole training steps (`python -m benchmarks.e2e`)",
+             "Random-init bf16 models from their Hugging Face configs, forward + backward + AdamW, median step. "
+             "Variants: `eager` / `inductor` are PEFT's defaults (fp32 adapters); `inductor-bf16-adapters-cg` is the "
+             "strongest dense setup (bf16 adapters, CUDA graphs); `lecompile-d<MLP density>[-a<attention "
+             "density>][-cg]`. Density 1.0 is exact (loss at step 1 equal to eager's, `loss ok`); sparse rows are "
+             "*set* densities whose quality cost is under Quality below, not quality-checked ones."]
+    order = sorted(e2e_latest(e2e).items(), key=lambda kv: kv[0] != "NVIDIA H200")
+    for device, cases in order:
+        parts.append(f"### {device}")
+        for case, rows in cases.items():
+            table = [[r["variant"], f"{r['ms']:.1f}", ratio(r.get("speedup_vs_eager")), ratio(r.get("speedup")),
+                      ratio(r.get("speedup_vs_strongest")), f"{r['peak_mem_gib']:.2f}",
+                      {True: "yes", False: "no"}.get(r.get("loss_matches_eager")), r["run"]] for r in rows]
+            parts.append(f"**{case}**\n\n" + markdown_table(
+                ["variant", "step ms", "vs eager", "vs Inductor", "vs strongest", "peak GiB", "loss ok", "run"],
+                table))
+    return "\n\n".join(parts)
+
+
+def quality_section(accuracy: dict) -> str:
+    rows = accuracy["rows"]
+    dense = next(r["heldout_loss"] for r in rows if r["variant"] == "dense")
+    table = [[r["variant"], r["predictor"], r["granularity"], r["recipe"], f"{r['kept_density']:.2f}",
+              f"{r['heldout_loss']:.4f}", f"{100 * (r['heldout_loss'] / dense - 1):+.2f}%"]
+             for r in sorted(rows, key=lambda r: (-r["kept_density"], r["variant"]))]
+    meta = accuracy["meta"]
+    first = rows[0]
+    return "\n\n".join([
+        "## Quality (`python -m benchmarks.accuracy`)",
+        f"{first['model']}, LoRA {first['lora']}, {first['steps']} steps of {first['batch']}x{first['seq']} tokens, "
+        f"{meta['text']}; {meta['task']}; seed {meta['seed']}, on the {meta['device']}. Held-out loss measured dense "
+        "on the trained model; `kept` is the share of MLP compute the setting keeps. " + meta.get("note", ""),
+        markdown_table(["variant", "predictor", "granularity", "recipe", "kept", "held-out loss", "vs dense"],
+                       table)])
+
+
+def files_section() -> str:
+    rows = []
+    for path in sorted(RESULTS.glob("*.json")):
+        meta = json.loads(path.read_text())["meta"]
+        plot = path.with_suffix(".png")
+        rows.append([f"[{path.name}](../benchmarks/results/{path.name})",
+                     f"[plot](../benchmarks/results/{plot.name})" if plot.exists() else None,
+                     meta.get("device") or "-", meta.get("date") or "-"])
+    return "\n\n".join(["## Every results file",
+                        "Each holds its command, versions, commit and device in `meta`; "
+                        "`benchmarks/results/profiles/` holds kernel profiles.",
+                        markdown_table(["file", "plot", "device", "date"], rows)])
+
+
+def page() -> str:
+    return "\n\n".join([
+        "# Results",
+        "Generated by `python -m benchmarks.results_page` from `benchmarks/results/*.json`; do not edit by hand.",
+        e2e_section(load("e2e")), quality_section(load("accuracy")), files_section()]) + "\n"
+
+
+def readme_table() -> str:
+    """The README's table: lecompile's newest H200 rows at density 1.0 beside the strongest setup."""
+    rows = []
+    for case, case_rows in e2e_latest(load("e2e")).get("NVIDIA H200", {}).items():
+        by = {r["variant"]: r for r in case_rows}
+        ours, strongest = by.get("lecompile-d1-cg"), by.get("inductor-bf16-adapters-cg")
+        if ours is None or strongest is None or ours["run"] != strongest["run"]:
+            continue
+        rows.append([case, f"{strongest['ms']:.1f}", f"{ours['ms']:.1f}", ratio(ours["speedup_vs_strongest"]),
+                     ratio(ours.get("speedup")), "exact (density 1.0)"])
+    return markdown_table(["case (H200, bf16)", "strongest dense setup, ms", "lecompile, ms",
+                           "vs strongest", "vs Inductor (PEFT defaults)", "quality"], rows)
+
+
+def readme() -> str:
+    text = README.read_text()
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{BEGIN}\n{readme_table()}\n{END}{tail}"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.results_page", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="exit 1 if a page is out of date, write nothing")
+    args = parser.parse_args(argv)
+    stale = [path for path, text in ((PAGE, page()), (README, readme()))
+             if not path.exists() or path.read_text() != text]
+    if args.check:
+        for path in stale:
+            print(f"{path.relative_to(ROOT)} is out of date: run python -m benchmarks.results_page", file=sys.stderr)
+        return 1 if stale else 0
+    PAGE.write_text(page())
+    README.write_text(readme())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
