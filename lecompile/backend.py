@@ -60,7 +60,8 @@ class LongExposureBackend:
     def __call__(self, gm: fx.GraphModule, example_inputs, mode: Optional[str] = None,
                  options: Optional[dict] = None):
         patches = _inductor_patches(mode, options, self.config)
-        if self.inductor and self.config.dense_warmup_steps and is_training_graph(example_inputs):
+        training = _compiled_module_training() and is_training_graph(example_inputs)
+        if self.inductor and self.config.dense_warmup_steps and training:
             if self._warmup_until is None:
                 self._warmup_until = optimizer_steps() + self.config.dense_warmup_steps
             if optimizer_steps() < self._warmup_until:
@@ -74,7 +75,8 @@ class LongExposureBackend:
         graph_id = next(_graph_ids)
         dump_dir = self.config.resolved_dump_dir()
         before = gm.code if dump_dir else None
-        report = run_passes(gm, example_inputs, self.config, dense_warmup=dense_warmup)
+        report = run_passes(gm, example_inputs, self.config, dense_warmup=dense_warmup,
+                            module_training=_compiled_module_training())
         self.reports.append(report)
         log.info("graph %d%s: %d MLP block(s) rewritten of %d matched, %d attention block(s) (%d rewritten), "
                  "%d unmatched", graph_id, " (dense warm-up)" if dense_warmup else "", report.mlp_rewritten,
@@ -102,6 +104,19 @@ class LongExposureBackend:
         for r in self.reports:
             merged = merged.merge(r)
         return merged
+
+
+def _compiled_module_training() -> bool:
+    """The ``training`` flag of the module whose ``forward`` Dynamo is compiling (``self`` of the
+    frame being traced), so that ``model.eval()`` runs the graph as written; ``True`` when the
+    frame has no module (a function, or a Dynamo without this hook)."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+        tx = InstructionTranslator.current_tx()
+    except (ImportError, AttributeError, AssertionError):
+        return True
+    module = getattr(tx, "f_locals", {}).get("self") if tx is not None else None
+    return module.training if isinstance(module, torch.nn.Module) else True
 
 
 def python_bound(report: Report, example_inputs, patches: dict) -> bool:

@@ -104,3 +104,19 @@ def test_block_with_weights_on_two_devices_is_left_dense_and_reported():
     report = backend.report
     assert len(report.mlp) == LAYERS and report.mlp_rewritten == 0, str(report)
     assert all("different devices (cpu, meta)" in e.note for e in report.mlp), str(report)
+
+
+def test_evaluation_mode_runs_as_written_with_grad_enabled():
+    """A validation pass without ``torch.no_grad()``: ``model.eval()`` alone keeps it dense."""
+    model = tiny_model("llama", "lora").eval()
+    expected = model(**batch()).logits
+    torch._dynamo.reset()
+    backend = lecompile.longexposure(SPARSE)
+    logits = torch.compile(model, backend=backend)(**batch()).logits
+    report = backend.report
+    assert len(report.mlp) == LAYERS and report.mlp_rewritten == 0 and report.linears_fused == 0
+    assert all("evaluation mode (model.eval())" in e.note for e in report.mlp), str(report)
+    torch.testing.assert_close(logits, expected, atol=2e-5, rtol=1e-4)
+    model.train()  # and training mode, on the same backend, is sparse again
+    torch.compile(model, backend=backend)(**batch()).loss.backward()
+    assert backend.report.mlp_rewritten == LAYERS

@@ -35,7 +35,9 @@ class PassContext:
     gm: fx.GraphModule
     config: LongExposureConfig
     trainable: Dict[fx.Node, bool]
-    training: bool
+    #: Why this graph is not rewritten as a training graph ("" when it is): nothing requires grad,
+    #: or the module is in evaluation mode.
+    not_training: str
     dense_warmup: bool = False     # the dense graph of warmup_steps: match and report, no sparsity
     report: Report = field(default_factory=lambda: Report(graphs=1))
     linears: List[LinearMatch] = field(default_factory=list)
@@ -43,6 +45,10 @@ class PassContext:
     mlps: List[MLPMatch] = field(default_factory=list)
     attention: List[AttentionMatch] = field(default_factory=list)
     inputs: Dict[fx.Node, object] = field(default_factory=dict)  # placeholder -> example input
+
+    @property
+    def training(self) -> bool:
+        return not self.not_training
 
     def value_of(self, node: fx.Node) -> Optional[torch.Tensor]:
         """The tensor behind a placeholder (its example input) or a ``get_attr`` node, else ``None``."""
@@ -86,14 +92,21 @@ PASSES: Sequence[Pass] = (
 
 
 def run_passes(gm: fx.GraphModule, example_inputs, config: LongExposureConfig,
-               dense_warmup: bool = False) -> Report:
+               dense_warmup: bool = False, module_training: bool = True) -> Report:
     """Run :data:`PASSES` on ``gm`` in place; return the report. ``dense_warmup``: the warm-up
-    graph, where MLPs and attention stay dense (adapters are still fused)."""
+    graph, where MLPs and attention stay dense (adapters are still fused). ``module_training``:
+    the compiled module's ``training`` flag; in evaluation mode the graph runs as written."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     trainable = {n: isinstance(t, torch.Tensor) and t.requires_grad
                  for n, t in zip(placeholders, example_inputs)}
-    training = is_training_graph(example_inputs)
-    ctx = PassContext(gm, config, trainable, training, dense_warmup, inputs=dict(zip(placeholders, example_inputs)))
+    if not module_training:
+        not_training = "evaluation mode (model.eval())"
+    elif not is_training_graph(example_inputs):
+        not_training = "inference graph (nothing requires grad)"
+    else:
+        not_training = ""
+    ctx = PassContext(gm, config, trainable, not_training, dense_warmup,
+                      inputs=dict(zip(placeholders, example_inputs)))
     _graph_level_notes(ctx, example_inputs)
     for p in PASSES:
         if p.enabled(config):

@@ -53,7 +53,7 @@ def _unsupported(lin: LinearMatch, ctx) -> str:
     if not ctx.config.fuse_adapters:
         return "fuse_adapters=False: PEFT's fp32 adapter math, compiled by Inductor"
     if not ctx.training:
-        return "inference graph (nothing requires grad): left to Inductor"
+        return f"{ctx.not_training}: left to Inductor"
     if a.in_scale is not None or a.out_scale is not None:
         return "LoRA together with IA3 on one linear: left to Inductor"
     x = meta_value(lin.x)

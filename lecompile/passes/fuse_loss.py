@@ -63,7 +63,7 @@ def _match(ce: fx.Node, ctx) -> Union[str, Tuple[fx.Node, fx.Node, fx.Node, int,
     if not ctx.config.fuse_loss:
         return "fuse_loss=False: left to Inductor"
     if not ctx.training:
-        return "inference graph (nothing requires grad): left to Inductor"
+        return f"{ctx.not_training}: left to Inductor"
     try:
         bound = _CE_SIGNATURE.bind(*ce.args, **ce.kwargs).arguments
     except TypeError:

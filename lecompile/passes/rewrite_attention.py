@@ -50,7 +50,7 @@ def _why_dense(att: AttentionMatch, ctx) -> str:
     if ctx.dense_warmup:
         return f"dense warm-up graph ({cfg.dense_warmup_steps} steps)"
     if not ctx.training:
-        return "inference graph (nothing requires grad): dense"
+        return f"{ctx.not_training}: dense"
     if att.why_not:
         return att.why_not + ": dense"
     q, k, v = (static_shape(n) for n in (att.q, att.k, att.v))

@@ -96,7 +96,7 @@ def rewrite_mlp(ctx) -> None:
             entry.note = _join(entry.note, f"{why}: left dense to Inductor")
             continue
         if not ctx.training:
-            entry.note = _join(entry.note, "inference graph (nothing requires grad): left dense")
+            entry.note = _join(entry.note, f"{ctx.not_training}: left dense")
             continue
         if not cfg.rewrite_mlp:
             entry.note = _join(entry.note, "rewrite_mlp=False: left dense")
