@@ -187,3 +187,17 @@ def test_context_only_without_labels_is_reported_and_validated():
     for bad in (1.0, -0.1, True):
         with pytest.raises(ValueError, match="dense_output_share must be in \\[0, 1\\)"):
             LongExposureConfig(dense_output_share=bad)
+
+
+@pytest.mark.parametrize("how", ["torch.compile", "model.compile"])
+def test_layer_densities_reach_their_layers_without_peft(how):
+    """Full fine-tuning, no PEFT wrapper: the module paths, and so the layer indices, are the model's."""
+    model = tiny_model("llama", "plain")
+    backend = lecompile.longexposure(LongExposureConfig(**SPARSE, mlp_layer_densities=(0.25, 1.0)))
+    if how == "model.compile":
+        model.compile(backend=backend)
+        model(**batch())
+    else:
+        torch.compile(model, backend=backend)(**batch())
+    k = {e.layer: e.k for e in backend.report.mlp}
+    assert k == {"model.layers.0.mlp": FFN // 4, "model.layers.1.mlp": FFN}, k

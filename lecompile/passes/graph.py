@@ -126,8 +126,8 @@ def source_name(node: fx.Node) -> str:
     if not isinstance(name, str):
         return node.name
     name = re.sub(r"\.?(?:__dict__\[')?_(?:modules|parameters|buffers)'?\]?\['([^']+)'\]", r".\1", name)
+    name = re.sub(r"^L\['[^']+'\](?:\[\d+\])*\.?", "", name)  # the frame's local: self, or args[0]
     name = re.sub(r"\[(\d+)\]", r".\1", name)
-    name = re.sub(r"^L\['[^']+'\]\.?", "", name)
     name = re.sub(r"^base_model\.model\.", "", name)
     return name.replace(".base_layer", "")
 
