@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -172,8 +173,21 @@ def longexposure(config: Optional[LongExposureConfig] = None) -> LongExposureBac
 def longexposure_backend(gm: fx.GraphModule, example_inputs, mode: Optional[str] = None,
                          options: Optional[dict] = None):
     """The backend registered as ``"longexposure"`` (entry point group
-    ``torch_dynamo_backends``): the default config, with ``LECOMPILE_*`` overrides."""
-    return LongExposureBackend()(gm, example_inputs, mode=mode, options=options)
+    ``torch_dynamo_backends``): the default config, with ``LECOMPILE_*`` overrides. Every graph
+    of one configuration goes to one :class:`LongExposureBackend`, so a graph Dynamo recompiles
+    (a new batch shape) keeps the dense warm-up's progress and the reports stay together."""
+    return registered_backend(LongExposureConfig.from_env())(gm, example_inputs, mode=mode, options=options)
+
+
+@functools.lru_cache(maxsize=None)
+def registered_backend(config: LongExposureConfig) -> LongExposureBackend:
+    """The one backend that :func:`longexposure_backend` uses for ``config``."""
+    return LongExposureBackend(config)
+
+
+# torch.compile(backend="longexposure") imports this module: a bad or misspelt LECOMPILE_*
+# variable is named there, not at the first forward inside BackendCompilerFailed.
+LongExposureConfig.from_env()
 
 
 def explain(model: torch.nn.Module, *args, config: Optional[LongExposureConfig] = None,

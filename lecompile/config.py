@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
+import numbers
 import os
 from dataclasses import dataclass, fields
 from typing import Optional, Tuple
 
 ENV_PREFIX = "LECOMPILE_"
+#: ``LECOMPILE_*`` variables that are not config fields (the examples' model cache).
+OTHER_ENV = ("LECOMPILE_CACHE",)
 
 PREDICTORS = ("oracle", "svd", "learned")
 ATTN_PREDICTORS = ("pooled", "oracle")
@@ -130,6 +134,10 @@ class LongExposureConfig:
     dump_dir: Optional[str] = None
 
     def __post_init__(self) -> None:
+        for name in ("mlp_density", "attn_density", "warmup_fraction", "dense_output_share"):
+            object.__setattr__(self, name, _as_float(getattr(self, name)))
+        if isinstance(self.mlp_layer_densities, tuple):
+            object.__setattr__(self, "mlp_layer_densities", tuple(map(_as_float, self.mlp_layer_densities)))
         _check_fraction("mlp_density", self.mlp_density)
         if not isinstance(self.mlp_layer_densities, tuple):
             raise ValueError(f"LongExposureConfig.mlp_layer_densities must be a tuple of densities, "
@@ -186,12 +194,18 @@ class LongExposureConfig:
 
     @classmethod
     def from_env(cls, **overrides) -> "LongExposureConfig":
-        """Defaults, then ``LECOMPILE_<FIELD>`` environment variables, then ``overrides``."""
+        """Defaults, then ``LECOMPILE_<FIELD>`` environment variables, then ``overrides``. A
+        ``LECOMPILE_*`` variable that names no field is an error (a misspelt setting)."""
         values = {}
         by_env = {ENV_PREFIX + f.name.upper(): f for f in fields(cls)}
         for key, raw in os.environ.items():
             if key in by_env:
                 values[by_env[key].name] = _parse(by_env[key], f"environment variable {key}", raw)
+            elif key.startswith(ENV_PREFIX) and key not in OTHER_ENV:
+                close = difflib.get_close_matches(key, by_env, n=1)
+                hint = f"did you mean {close[0]}? " if close else ""
+                raise ValueError(f"environment variable {key} is not a lecompile setting; {hint}"
+                                 f"the settings are {sorted(by_env)}")
         values.update(overrides)
         return cls(**values)
 
@@ -204,6 +218,11 @@ class LongExposureConfig:
         if layer is not None and layer < len(self.mlp_layer_densities):
             return self.mlp_layer_densities[layer]
         return self.mlp_density
+
+    @property
+    def sparse(self) -> bool:
+        """Whether any MLP or attention density is below 1."""
+        return min(self.mlp_density, self.attn_density, *self.mlp_layer_densities) < 1.0
 
     @property
     def dense_warmup_steps(self) -> int:
@@ -234,14 +253,23 @@ def _parse(field, key, raw):
     return raw
 
 
+def _as_float(value):
+    """A real number (Python, NumPy, or a one-element tensor) as a ``float``; anything else as it is."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, numbers.Real) or (hasattr(value, "item") and getattr(value, "ndim", None) == 0):
+        return float(value)
+    return value
+
+
 def _check_fraction(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
-        raise ValueError(f"LongExposureConfig.{name} must be in (0, 1], got {value!r}")
+    if not isinstance(value, float) or not 0.0 < value <= 1.0:
+        raise ValueError(f"LongExposureConfig.{name} must be a number in (0, 1], got {value!r}")
 
 
 def _check_share(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ValueError(f"LongExposureConfig.{name} must be in [0, 1), got {value!r}")
+    if not isinstance(value, float) or not 0.0 <= value < 1.0:
+        raise ValueError(f"LongExposureConfig.{name} must be a number in [0, 1), got {value!r}")
 
 
 def _check_choice(name, value, allowed):

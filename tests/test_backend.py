@@ -513,3 +513,28 @@ def test_layer_norms_with_large_biases_or_trainable_keep_their_input():
     assert "|bias| / |weight| reaches 3 (> 1)" in notes["model.decoder.final_layer_norm"], notes
     assert "trainable weight or bias" in notes["model.decoder.layers.0.self_attn_layer_norm"], notes
     assert "layer norms: 0 of 5 keep their output" in str(report)
+
+
+@pytest.mark.slow
+def test_registered_backend_keeps_one_warmup_across_recompiles(monkeypatch):
+    """backend="longexposure": a graph recompiled for a new batch shape after the dense warm-up
+    is sparse at once, not warmed up again."""
+    from lecompile.backend import registered_backend
+    from lecompile.warmup import optimizer_steps
+
+    from models import LAYERS, batch, tiny_model
+    steps_before = optimizer_steps()
+    monkeypatch.setenv("LECOMPILE_MLP_DENSITY", "0.5")
+    monkeypatch.setenv("LECOMPILE_K_ALIGN", "64")
+    monkeypatch.setenv("LECOMPILE_PREDICTOR", "oracle")
+    monkeypatch.setenv("LECOMPILE_WARMUP_STEPS", "1")
+    model = tiny_model("llama", "lora")
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    compiled = torch.compile(model, backend="longexposure", dynamic=False)
+    for seq in (16, 32):
+        ids = batch()["input_ids"].repeat(1, seq // 16)
+        compiled(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        opt.step()
+    backend = registered_backend(LongExposureConfig.from_env())
+    assert optimizer_steps() == steps_before + 2
+    assert [r.mlp_rewritten for r in backend.reports] == [0, LAYERS], [str(r) for r in backend.reports]

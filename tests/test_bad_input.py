@@ -56,8 +56,23 @@ def test_lora_variants_not_folded_run_dense_and_are_named(case):
 
 
 @pytest.mark.slow
-def test_dynamic_shapes_are_reported():
-    assert_dense_and_same_as_eager(tiny_model("llama", "lora"), "dynamic shapes", dynamic=True)
+def test_dynamic_shapes_are_reported_and_warned():
+    with pytest.warns(UserWarning, match=r"dynamic shapes .* torch.compile\(\.\.\., dynamic=False\)"):
+        assert_dense_and_same_as_eager(tiny_model("llama", "lora"), "dynamic shapes", dynamic=True)
+
+
+@pytest.mark.slow
+def test_new_batch_shapes_stay_sparse_with_dynamic_false(recwarn):
+    """Each new sequence length compiles its own static sparse graph; the old one is reused."""
+    model = tiny_model("llama", "lora")
+    torch._dynamo.reset()
+    backend = lecompile.longexposure(SPARSE)
+    compiled = torch.compile(model, backend=backend, dynamic=False)
+    for seq in (16, 32, 16):
+        ids = batch()["input_ids"].repeat(1, seq // 16)
+        compiled(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    assert len(backend.reports) == 2 and backend.report.mlp_rewritten == 2 * LAYERS
+    assert not [w for w in recwarn if "lecompile" in str(w.message)]
 
 
 @pytest.mark.slow

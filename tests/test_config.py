@@ -4,10 +4,10 @@ from lecompile import LongExposureConfig
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("mlp_density", 0.0, r"mlp_density must be in \(0, 1\], got 0.0"),
-    ("mlp_density", 1.5, r"mlp_density must be in \(0, 1\]"),
-    ("attn_density", -0.1, r"attn_density must be in \(0, 1\]"),
-    ("mlp_density", "0.5", r"mlp_density must be in \(0, 1\], got '0.5'"),
+    ("mlp_density", 0.0, r"mlp_density must be a number in \(0, 1\], got 0.0"),
+    ("mlp_density", 1.5, r"mlp_density must be a number in \(0, 1\]"),
+    ("attn_density", -0.1, r"attn_density must be a number in \(0, 1\]"),
+    ("mlp_density", "0.5", r"mlp_density must be a number in \(0, 1\], got '0.5'"),
     ("predictor", "magic", r"predictor must be one of \('oracle', 'svd', 'learned'\), got 'magic'"),
     ("granularity", "token", r"granularity must be one of"),
     ("tile_size", 100, r"tile_size must be a positive multiple of 16, got 100"),
@@ -62,3 +62,21 @@ def test_settings_parse_to_typed_fields():
 def test_bad_settings_name_themselves(item, message):
     with pytest.raises(ValueError, match=message):
         LongExposureConfig.parse_settings([item])
+
+
+def test_numpy_and_tensor_densities_are_numbers():
+    np = pytest.importorskip("numpy")
+    import torch
+    config = LongExposureConfig(mlp_density=np.float32(0.5), attn_density=torch.tensor(0.25),
+                                mlp_layer_densities=(np.float64(1.0), 0.5))
+    assert (config.mlp_density, config.attn_density, config.mlp_layer_densities) == (0.5, 0.25, (1.0, 0.5))
+    assert type(config.mlp_density) is float and type(config.attn_density) is float
+    with pytest.raises(ValueError, match=r"mlp_density must be a number in \(0, 1\], got tensor"):
+        LongExposureConfig(mlp_density=torch.tensor([0.5, 0.5]))
+
+
+def test_misspelt_environment_variable_is_an_error(monkeypatch):
+    monkeypatch.setenv("LECOMPILE_MLP_DENSITYY", "0.25")
+    with pytest.raises(ValueError, match="LECOMPILE_MLP_DENSITYY is not a lecompile setting; did you mean "
+                                         "LECOMPILE_MLP_DENSITY"):
+        LongExposureConfig.from_env()

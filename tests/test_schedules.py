@@ -41,7 +41,7 @@ def test_layer_densities_from_environment_and_validation(monkeypatch):
     monkeypatch.setenv("LECOMPILE_MLP_LAYER_DENSITIES", "1.0, 0.5,0.25")
     assert LongExposureConfig.from_env().mlp_layer_densities == (1.0, 0.5, 0.25)
     assert LongExposureConfig(mlp_density=0.5, mlp_layer_densities=(1.0,)).mlp_density_of(3) == 0.5
-    with pytest.raises(ValueError, match=r"mlp_layer_densities\[1\] must be in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"mlp_layer_densities\[1\] must be a number in \(0, 1\]"):
         LongExposureConfig(mlp_layer_densities=(1.0, 0.0))
     with pytest.raises(ValueError, match="must be a tuple"):
         LongExposureConfig(mlp_layer_densities=[0.5])
@@ -57,7 +57,7 @@ def test_warmup_as_a_fraction_of_the_run_and_validation():
         LongExposureConfig(warmup_fraction=0.1)
     with pytest.raises(ValueError, match=r"set warmup_steps \(2\) or warmup_fraction \(0.1\), not both"):
         LongExposureConfig(warmup_steps=2, warmup_fraction=0.1, total_steps=10)
-    with pytest.raises(ValueError, match=r"warmup_fraction must be in \[0, 1\), got 1.0"):
+    with pytest.raises(ValueError, match=r"warmup_fraction must be a number in \[0, 1\), got 1.0"):
         LongExposureConfig(warmup_fraction=1.0, total_steps=10)
     with pytest.raises(ValueError, match="total_steps must be an integer >= 0"):
         LongExposureConfig(total_steps=-5)
@@ -185,7 +185,7 @@ def test_context_only_without_labels_is_reported_and_validated():
                                                                            dense_output_share=0.5))
     assert all("dense_output_share=0.5 of 1 token group(s) leaves none dense" in e.note for e in report.mlp)
     for bad in (1.0, -0.1, True):
-        with pytest.raises(ValueError, match="dense_output_share must be in \\[0, 1\\)"):
+        with pytest.raises(ValueError, match=r"dense_output_share must be a number in \[0, 1\)"):
             LongExposureConfig(dense_output_share=bad)
 
 

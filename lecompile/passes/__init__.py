@@ -7,6 +7,7 @@ config switch that turns them off. Passes only emit op calls; they never launch 
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -123,9 +124,13 @@ def is_training_graph(example_inputs) -> bool:
 def _graph_level_notes(ctx: PassContext, example_inputs) -> None:
     """Report what makes a whole graph, or parts of it, invisible to the matchers."""
     if any(isinstance(x, torch.SymInt) for x in example_inputs):
-        ctx.unmatched("graph", "dynamic shapes (dynamic=True, or sizes that changed between calls): blocks "
-                      "with symbolic sizes are left to Inductor; compile with dynamic=False and fixed "
-                      "batch shapes (pad to a fixed length)")
+        reason = ("dynamic shapes (dynamic=True, or sizes that changed between calls): blocks with symbolic "
+                  "sizes are left to Inductor, dense; compile with torch.compile(..., dynamic=False), which "
+                  "compiles each new batch shape as its own sparse graph (up to Dynamo's recompile limit), "
+                  "or pad batches to a fixed shape")
+        ctx.unmatched("graph", reason)
+        if ctx.training and ctx.config.sparse:
+            warnings.warn(f"lecompile: {reason}", stacklevel=2)
     for note in ctx.report.unmatched:
         log.warning("lecompile: %s", note.reason)
 
