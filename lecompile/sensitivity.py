@@ -13,7 +13,7 @@ from typing import Dict, Tuple
 
 import torch
 
-from .passes.rewrite_mlp import layer_index
+from .passes.graph import layer_index
 
 #: Names of the MLP's second linear, per architecture (its input is the MLP intermediate).
 DOWN_PROJECTIONS = ("mlp.down_proj", "fc2", "mlp.c_proj")

@@ -13,8 +13,10 @@ from torch import nn
 import lecompile
 from lecompile import LongExposureConfig
 
+SPARSE_HALF = LongExposureConfig(mlp_density=0.5)
 
-class RenamedBlock(nn.Module):
+
+class RenamedMLP(nn.Module):
     """An MLP whose names match no known model, with a bottleneck adapter after it."""
 
     def __init__(self, d=32, ffn=256, activation=nn.GELU(), between=nn.Identity(), adapter=True):
@@ -30,6 +32,18 @@ class RenamedBlock(nn.Module):
         if self.adapter is not None:
             y = y + self.adapter(y)
         return x + y
+
+
+class Repeated(nn.Module):
+    """``block`` as layer 0 of a stack, where decoder MLPs sit in a model (``layers.0.widen``):
+    lecompile rewrites only MLPs inside a repeated block."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.layers = nn.ModuleList([block])
+
+    def forward(self, x):
+        return self.layers[0](x)
 
 
 def run(model, backend, x):
@@ -54,20 +68,20 @@ def assert_same_as_eager(model, config, x):
 
 def test_renamed_gelu_mlp_with_bottleneck_adapter_matches():
     torch.manual_seed(0)
-    report = lecompile.explain(RenamedBlock(), torch.randn(2, 8, 32), config=LongExposureConfig(mlp_density=0.5))
+    report = lecompile.explain(Repeated(RenamedMLP()), torch.randn(2, 8, 32), config=SPARSE_HALF)
     by_pattern = {e.pattern: e for e in report.mlp}
-    assert by_pattern["gelu"].rewritten and by_pattern["gelu"].layer == "widen->narrow"
+    assert by_pattern["gelu"].rewritten and by_pattern["gelu"].layer == "layers.0"
     assert by_pattern["gelu"].peft == ["fc1:bias"] and by_pattern["gelu"].k == 128
     # The adapter itself is a tiny ReLU MLP: matched, but k covers all 8 neurons.
     assert by_pattern["relu"].ffn == 8 and by_pattern["relu"].k == 8 and not by_pattern["relu"].rewritten
     assert "covers all 8 neurons" in by_pattern["relu"].note
-    report = assert_same_as_eager(RenamedBlock(), LongExposureConfig(mlp_density=1.0), torch.randn(2, 8, 32))
+    report = assert_same_as_eager(Repeated(RenamedMLP()), LongExposureConfig(mlp_density=1.0), torch.randn(2, 8, 32))
     assert len(report.mlp) == 2 and report.mlp_rewritten == 0
 
 
 def test_activation_dropout_is_reported_and_left_dense():
     torch.manual_seed(0)
-    model = RenamedBlock(between=nn.Dropout(0.0), adapter=False)
+    model = Repeated(RenamedMLP(between=nn.Dropout(0.0), adapter=False))
     report = assert_same_as_eager(model, LongExposureConfig(mlp_density=0.5), torch.randn(2, 8, 32))
     assert report.mlp == []
     assert any("dropout" in u.reason and "not elementwise" in u.reason for u in report.unmatched), str(report)
@@ -75,9 +89,28 @@ def test_activation_dropout_is_reported_and_left_dense():
 
 def test_unknown_activation_is_reported():
     torch.manual_seed(0)
-    model = RenamedBlock(activation=nn.Softplus(), adapter=False)
+    model = Repeated(RenamedMLP(activation=nn.Softplus(), adapter=False))
     report = assert_same_as_eager(model, LongExposureConfig(mlp_density=0.5), torch.randn(2, 8, 32))
-    assert report.mlp == [] and "activation is none of" in str(report)
+    assert report.mlp == [] and "activation `call_function softplus` is not one lecompile computes" in str(report)
+
+
+def test_activation_equal_to_relu_on_probes_is_matched_by_its_op_and_refused():
+    """``hardtanh(x, 0, 10)`` equals ReLU on [-8, 8]; it is refused by its op, and computed as written."""
+    torch.manual_seed(0)
+    model = Repeated(RenamedMLP(activation=nn.Hardtanh(0.0, 10.0), adapter=False))
+    report = assert_same_as_eager(model, LongExposureConfig(mlp_density=0.5), 20 * torch.randn(2, 8, 32))
+    assert report.mlp == [] and "activation `call_function hardtanh` is not one lecompile computes" in str(report)
+
+
+def test_mlp_outside_a_repeated_block_is_left_to_inductor_and_named():
+    """A head on top of the model (Linear -> ReLU -> Linear, no layer index) is no decoder MLP."""
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("body", Repeated(RenamedMLP(adapter=False)))
+    model.add_module("value_head", nn.Sequential(nn.Linear(32, 256), nn.ReLU(), nn.Linear(256, 1)))
+    report = lecompile.explain(model, torch.randn(2, 8, 32), config=LongExposureConfig(mlp_density=0.5))
+    assert [(e.layer, e.rewritten) for e in report.mlp] == [("body.layers.0", True)], str(report)
+    assert any("`value_head` is not inside a repeated decoder block" in u.reason for u in report.unmatched)
 
 
 def test_graph_without_mlp_compiles_as_inductor():
@@ -89,7 +122,7 @@ def test_graph_without_mlp_compiles_as_inductor():
 
 def test_inference_graph_is_left_dense():
     torch.manual_seed(0)
-    model = RenamedBlock(adapter=False)
+    model = Repeated(RenamedMLP(adapter=False))
     x = torch.randn(2, 8, 32)
     backend = lecompile.longexposure(LongExposureConfig(mlp_density=0.5))
     with torch.no_grad():
@@ -103,7 +136,7 @@ def test_inference_graph_is_left_dense():
     ("tile", 32, "tile", ""), ("tile", 24, "sequence", "not a multiple of tile_size"),
     ("batch", 32, "batch", ""), ("sequence", 32, "sequence", "")])
 def test_granularity(granularity, seq, expected, note):
-    model = RenamedBlock(adapter=False)
+    model = Repeated(RenamedMLP(adapter=False))
     config = LongExposureConfig(mlp_density=0.5, granularity=granularity, tile_size=16)
     report = lecompile.explain(model, torch.randn(2, seq, 32), config=config)
     [entry] = report.mlp
@@ -118,7 +151,7 @@ def test_report_names_groups_on_compact_copies(monkeypatch):
     notes = {}
     for granularity in ("batch", "sequence"):
         config = LongExposureConfig(mlp_density=0.5, granularity=granularity)
-        [entry] = lecompile.explain(RenamedBlock(adapter=False), torch.randn(2, 32, 32), config=config).mlp
+        [entry] = lecompile.explain(Repeated(RenamedMLP(adapter=False)), torch.randn(2, 32, 32), config=config).mlp
         notes[granularity] = entry.note
     assert "64-token groups: on CUDA the GEMMs run on cuBLAS over compact copies" in notes["batch"]
     assert "compact copies" not in notes["sequence"]
@@ -127,7 +160,7 @@ def test_report_names_groups_on_compact_copies(monkeypatch):
 def test_explain_report_and_dumps(tmp_path, monkeypatch):
     monkeypatch.setenv("LECOMPILE_DUMP_DIR", str(tmp_path))
     torch._dynamo.reset()
-    report = lecompile.explain(RenamedBlock(), torch.randn(2, 8, 32), config=LongExposureConfig(mlp_density=0.5))
+    report = lecompile.explain(Repeated(RenamedMLP()), torch.randn(2, 8, 32), config=SPARSE_HALF)
     assert "gelu" in str(report) and "lecompile report: 1 graph(s)" in str(report)
     data = json.loads(report.to_json())
     assert data["mlp"][0]["pattern"] == "gelu" and data["mlp"][0]["k"] == 128
@@ -152,8 +185,8 @@ def run_fresh(code: str, **env) -> subprocess.CompletedProcess:
 
 
 TINY_STEP = (
-    "f = torch.compile(torch.nn.Sequential(torch.nn.Linear(4, 256), torch.nn.ReLU(), torch.nn.Linear(256, 4)),"
-    " backend='longexposure')\n"
+    "mlp = torch.nn.Sequential(torch.nn.Linear(4, 256), torch.nn.ReLU(), torch.nn.Linear(256, 4))\n"
+    "f = torch.compile(torch.nn.Sequential(mlp), backend='longexposure')  # the MLP as layer 0 of a stack\n"
     "f(torch.randn(2, 4, requires_grad=True)).sum().backward()\n"
 )
 
@@ -178,7 +211,7 @@ def test_sparse_mlps_on_cuda_without_cuda_graphs_are_flagged():
 
     from lecompile.backend import python_bound
     from lecompile.report import Report
-    report = lecompile.explain(RenamedBlock(), torch.randn(2, 8, 32, requires_grad=True),
+    report = lecompile.explain(Repeated(RenamedMLP()), torch.randn(2, 8, 32, requires_grad=True),
                                config=LongExposureConfig(mlp_density=0.5, granularity="batch"))
     assert report.mlp_rewritten == 1
     on_cuda = [SimpleNamespace(is_cuda=True)]  # stands for a CUDA example input
@@ -188,7 +221,7 @@ def test_sparse_mlps_on_cuda_without_cuda_graphs_are_flagged():
     assert not python_bound(Report(), on_cuda, {})
 
 
-class BrokenMLP(RenamedBlock):
+class BrokenMLP(RenamedMLP):
     def forward(self, x):
         h = self.squash(self.widen(x))
         torch._dynamo.graph_break()
@@ -196,7 +229,7 @@ class BrokenMLP(RenamedBlock):
 
 
 def test_graph_break_inside_an_mlp_is_reported():
-    report = lecompile.explain(BrokenMLP(adapter=False), torch.randn(2, 8, 32))
+    report = lecompile.explain(Repeated(BrokenMLP(adapter=False)), torch.randn(2, 8, 32))
     assert report.graphs == 2 and report.mlp == []
     assert any("not between two linear layers" in u.reason for u in report.unmatched), str(report)
 
@@ -366,7 +399,7 @@ class MatmulMLP(nn.Module):
 def test_linears_written_as_matmul_with_the_transposed_weight():
     import peft
     torch.manual_seed(0)
-    model = peft.get_peft_model(MatmulMLP(), peft.LoraConfig(r=4, target_modules=["up", "down"],
+    model = peft.get_peft_model(Repeated(MatmulMLP()), peft.LoraConfig(r=4, target_modules=["up", "down"],
                                                              init_lora_weights=False))
     x = torch.randn(2, 16, 32)
     report = assert_same_as_eager(model, LongExposureConfig(mlp_density=1.0), x)
@@ -381,7 +414,7 @@ def test_linears_written_as_matmul_with_the_transposed_weight():
 
     with torch.no_grad():
         dense_out = model(x)
-    handle = model.base_model.model.down.register_forward_pre_hook(keep_top_half)
+    handle = model.base_model.model.layers[0].down.register_forward_pre_hook(keep_top_half)
     torch._dynamo.reset()
     ref_out, ref_grads = run(model, "eager", x)
     handle.remove()
@@ -409,14 +442,14 @@ class TanhGelu(torch.autograd.Function):
         return grad * (0.5 * x * (1 - t * t) * (0.7978845608 + 0.1070322243 * x * x) + 0.5 * (1 + t))
 
 
-class FunctionMLP(RenamedBlock):
+class FunctionMLP(RenamedMLP):
     def forward(self, x):
         return x + self.narrow(TanhGelu.apply(self.widen(x)))
 
 
 def test_activation_in_a_custom_autograd_function_is_reported_and_left_dense():
     torch.manual_seed(0)
-    model, x = FunctionMLP(adapter=False), torch.randn(2, 8, 32)
+    model, x = Repeated(FunctionMLP(adapter=False)), torch.randn(2, 8, 32)
     report = assert_same_as_eager(model, LongExposureConfig(mlp_density=0.5), x)
     assert report.mlp_rewritten == 0
     assert any("custom autograd.Function" in u.reason for u in report.unmatched), str(report)

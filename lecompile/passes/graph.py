@@ -132,6 +132,13 @@ def source_name(node: fx.Node) -> str:
     return name.replace(".base_layer", "")
 
 
+def layer_index(name: str) -> Optional[int]:
+    """The decoder layer of a module path: its first number (``model.layers.3.mlp`` -> 3); ``None``
+    outside a repeated block (a head on top of the model)."""
+    found = re.search(r"(?:^|\.)(\d+)(?:\.|$)", name)
+    return int(found.group(1)) if found else None
+
+
 def common_prefix(names: Iterable[str]) -> str:
     parts = [n.split(".") for n in names]
     prefix = []

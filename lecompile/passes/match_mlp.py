@@ -1,9 +1,15 @@
 """Match MLP blocks on the canonical graph: ``fc2(act(fc1(x)))`` and ``down(act(gate(x)) * up(x))``.
 
 The activation is whatever elementwise region lies between the linears (``F.gelu``, GPT-2's
-hand-written tanh formula, ``silu``, casts...). It is identified numerically: the region is
-evaluated on probe values and compared with each known activation, so a new spelling of GELU
-needs no new pattern.
+hand-written tanh formula, ``silu``, casts...). An activation function in the region names the
+activation by its op (``F.relu``, ``F.gelu`` and its ``approximate`` argument, ``F.silu``; any
+other, such as ``hardtanh``, is refused); a region without one must be a formula built on
+``tanh``, ``erf`` or ``sigmoid`` (a hand-written GELU or SiLU). Either way the region is then evaluated on probe values
+and compared with that activation, which checks the gating order and the formula's constants.
+
+Only MLPs inside a repeated block (a module path with a layer index, ``model.layers.3.mlp``) are
+matched: a head on top of the model that happens to read Linear -> activation -> Linear is not a
+decoder MLP, and is reported and left to Inductor.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from typing import Dict, List, Optional, Set, Union
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 
 from ..ops.adapted_linear import ACTIVATIONS
 from .fold_adapters import LinearMatch
@@ -25,7 +32,9 @@ from .graph import (
     is_call,
     is_cast,
     is_elementwise,
+    is_method,
     is_nonlinear,
+    layer_index,
     static_shape,
 )
 
@@ -155,7 +164,10 @@ def _match(fc2: LinearMatch, sources: List[LinearMatch], region: Set[fx.Node]) -
             return f"the output of {src.name} is used outside the MLP"
     if static_shape(sources[0].x) is None:
         return "dynamic shapes are not supported yet"
-    found = _identify(fc2.x, sources, region)
+    named = _activation_by_op(region)
+    if named is not None and named not in ACTIVATIONS:
+        return named
+    found = _identify(fc2.x, sources, region, named)
     if found is None:
         return "the activation is none of " + ", ".join(ACTIVATIONS) + " (or their gated forms)"
     activation, gate_first = found
@@ -163,18 +175,44 @@ def _match(fc2: LinearMatch, sources: List[LinearMatch], region: Set[fx.Node]) -
         sources = sources[::-1]
     up = sources[1] if len(sources) == 2 else None
     name = common_prefix([s.name for s in sources] + [fc2.name]) or f"{sources[0].name}->{fc2.name}"
+    if layer_index(name) is None:
+        return (f"`{name}` is not inside a repeated decoder block (its module path has no layer index: a head "
+                "on top of the model?); only decoder MLPs are rewritten")
     return MLPMatch(sources[0], up, fc2, activation, name)
 
 
-def _identify(h: fx.Node, sources: List[LinearMatch], region: Set[fx.Node]):
-    """``(activation, gate_is_first_source)`` by evaluating the region on probe values."""
+def _activation_by_op(region: Set[fx.Node]) -> Optional[str]:
+    """The activation the region's activation op names (a key of ``ACTIVATIONS``), a reason why
+    it is refused, or ``None`` for a region without one (a formula, checked by its probes)."""
+    calls = [n for n in region if is_activation(n) or is_method(n, ("relu",))]
+    if not calls:
+        formula = any(n.target in (torch.tanh, torch.erf, torch.sigmoid, F.sigmoid, F.tanh)
+                      or is_method(n, ("tanh", "erf", "sigmoid")) for n in region)
+        return None if formula else "the region between the linears holds no activation lecompile knows"
+    if len(calls) > 1:
+        return f"{len(calls)} activation ops between the linears"
+    node = calls[0]
+    if node.op == "call_method" or node.target in (torch.relu, F.relu):
+        return "relu"
+    if node.target is F.silu:
+        return "silu"
+    if node.target is F.gelu:
+        approximate = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
+        return "gelu_tanh" if approximate == "tanh" else "gelu"
+    return f"activation `{_describe(node)}` is not one lecompile computes ({', '.join(ACTIVATIONS)})"
+
+
+def _identify(h: fx.Node, sources: List[LinearMatch], region: Set[fx.Node], named: Optional[str]):
+    """``(activation, gate_is_first_source)`` by evaluating the region on probe values: against
+    ``named`` (from the region's op), or against each activation for a formula."""
+    candidates = {named: ACTIVATIONS[named]} if named is not None else ACTIVATIONS
     order = {n: i for i, n in enumerate(h.graph.nodes)}
     nodes = sorted(region, key=order.__getitem__)
     gen = torch.Generator().manual_seed(0)
     if len(sources) == 1:
         a = torch.linspace(-8, 8, 2001, dtype=torch.float64)
         out = _evaluate(nodes, {sources[0].out: a}, h)
-        for name, act in ACTIVATIONS.items():
+        for name, act in candidates.items():
             if out is not None and torch.allclose(out, act(a), atol=1e-6, rtol=1e-6):
                 return name, True
         return None
@@ -183,7 +221,7 @@ def _identify(h: fx.Node, sources: List[LinearMatch], region: Set[fx.Node]):
     for gate_first in (True, False):
         values = (g, u) if gate_first else (u, g)
         out = _evaluate(nodes, {sources[0].out: values[0], sources[1].out: values[1]}, h)
-        for name, act in ACTIVATIONS.items():
+        for name, act in candidates.items():
             if out is not None and torch.allclose(out, act(g) * u, atol=1e-6, rtol=1e-6):
                 return name, gate_first
     return None

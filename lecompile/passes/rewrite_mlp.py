@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import operator
-import re
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
@@ -19,7 +18,7 @@ from ..ops.sparse_mlp import kernel_impl
 from ..ops.token_groups import all_neurons, dense_first_order, dense_group_count, merge_groups, split_groups
 from ..predictors.op import predict_neurons
 from .fold_adapters import LinearMatch
-from .graph import devices, meta_value, recompile, static_shape
+from .graph import devices, layer_index, meta_value, recompile, static_shape
 from .labels import output_token_mask
 from .match_mlp import MLPMatch
 
@@ -122,12 +121,6 @@ def rewrite_mlp(ctx) -> None:
         counters["lecompile"]["sparse_mlp"] += 1
     if ctx.mlps:
         recompile(ctx.gm)
-
-
-def layer_index(name: str) -> Optional[int]:
-    """The decoder layer of a module path: its first number (``model.layers.3.mlp`` -> 3)."""
-    found = re.search(r"(?:^|\.)(\d+)(?:\.|$)", name)
-    return int(found.group(1)) if found else None
 
 
 def _group_size(x: fx.Node, cfg) -> Tuple[int, str, str]:
