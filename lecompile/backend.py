@@ -92,8 +92,11 @@ class LongExposureBackend:
                         "(README, Results). Set LongExposureConfig(cudagraphs=True) (LECOMPILE_CUDAGRAPHS=1) or "
                         "torch.compile(..., mode=\"reduce-overhead\"); not with predictor='learned' or FSDP2 "
                         "(docs/training-stacks.md).", report.mlp_rewritten)
-        if not self.inductor:
-            return with_returned_logits(gm.forward, gm)
+        if not self.inductor:  # explain(): AOTAutograd as the real path runs it, without Inductor's codegen
+            from torch._dynamo.backends.common import aot_autograd
+            from torch._functorch.aot_autograd import make_boxed_func
+            nop = aot_autograd(fw_compiler=lambda g, _: make_boxed_func(g.forward))
+            return with_returned_logits(nop(gm, example_inputs), gm)
         from torch._inductor.compile_fx import compile_fx
         with _partitioner(self.config):
             return with_returned_logits(compile_fx(gm, example_inputs, config_patches=patches), gm)

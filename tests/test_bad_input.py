@@ -135,3 +135,16 @@ def test_evaluation_mode_runs_as_written_with_grad_enabled():
     model.train()  # and training mode, on the same backend, is sparse again
     torch.compile(model, backend=backend)(**batch()).loss.backward()
     assert backend.report.mlp_rewritten == LAYERS
+
+
+def test_explain_on_a_model_that_adds_into_the_mlp_output_in_place():
+    """Falcon's parallel block adds the attention output into the MLP's output in place."""
+    import transformers
+
+    from models import FFN, HEADS, HIDDEN, VOCAB
+    torch.manual_seed(0)
+    model = transformers.FalconForCausalLM(transformers.FalconConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+        ffn_hidden_size=FFN, new_decoder_architecture=False, parallel_attn=True, bias=False)).train()
+    report = lecompile.explain(model, **batch(), config=SPARSE)
+    assert report.mlp_rewritten == LAYERS, str(report)
