@@ -1,6 +1,6 @@
 """Training-level check of adapter fusion: LoRA fine-tuning of SmolLM2-135M (bf16) on CPython's
 pydoc text, PEFT's default fp32-adapter math compiled by plain Inductor against the longexposure
-backend at MLP density 1.0 (``fuse_adapters``: LoRA matmuls in bf16 with fp32 accumulation), same
+backend at MLP density 1.0 (the ``fuse_lora`` pass: LoRA matmuls in bf16 with fp32 accumulation), same
 start, same batches. On CUDA the backend's default runs LoRA's B-projection inside the base GEMM's
 Triton kernel (``lora_in_gemm``); a third run there keeps the cuBLAS path (``lora_in_gemm=False``),
 which is also what the backend runs on the CPU.
@@ -44,7 +44,7 @@ def main():
     variants = {"peft-fp32-adapters": "inductor",
                 "lecompile-fused": LongExposureBackend(LongExposureConfig(mlp_density=1.0))}
     if dev.type == "cuda":
-        variants["lecompile-fused-cublas"] = LongExposureBackend(LongExposureConfig(mlp_density=1.0,
+        variants["lecompile-fused-cublas"] = LongExposureBackend(LongExposureConfig.create(mlp_density=1.0,
                                                                                     lora_in_gemm=False))
     results_name = "adapter_numerics" if dev.type == "cpu" else f"adapter_numerics_{dev.type}"
     runs, paths = {}, {}

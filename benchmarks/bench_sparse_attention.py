@@ -79,7 +79,8 @@ def bench_seq(name, seq, densities, block):
         kept = (keep.sum((-1, -2)).float() / any_b.sum()).mean().item() if density < 1.0 else 1.0
         case = dict(case=f"{name} attention", batch=batch, seq=seq, heads=heads, kv_heads=kv_heads,
                     head_dim=head_dim, block=block, dtype="bfloat16", density=density, kept_density=kept)
-        backend = lecompile.longexposure(LongExposureConfig(mlp_density=1.0, attn_density=density, attn_block=block))
+        config = LongExposureConfig.create(mlp_density=1.0, attn_density=density, attn_block=block)
+        backend = lecompile.longexposure(config)
         torch._dynamo.reset()
         try:
             timed = time_passes(torch.compile(causal_sdpa, backend=backend, fullgraph=True), (q, k, v))

@@ -187,7 +187,7 @@ def variants(densities: Sequence[float] = (1.0, 0.5, 0.25, 0.15), predictor: str
             for d in densities:
                 name = f"lecompile-d{d:g}" + (f"-a{a:g}" if a < 1.0 else "") + ("-cg" if cg else "")
                 out.append(Variant(name, "lecompile", cudagraphs=cg,
-                                   config=LongExposureConfig(**variant_fields(d, a, cg), **(settings or {}))))
+                                   config=LongExposureConfig.create(**variant_fields(d, a, cg), **(settings or {}))))
     return out
 
 
@@ -238,7 +238,8 @@ def build(case: Case, variant: Variant, device: str, dtype=torch.bfloat16):
         model = peft.get_peft_model(model, _peft_config(case.method, arch),
                                     autocast_adapter_dtype=variant.adapters_fp32)
     if variant.backend == "sparselora":
-        sparsify_mlps(model, arch, variant.mlp_density, rank=variant.config.svd_rank, align=variant.config.k_align)
+        sparsify_mlps(model, arch, variant.mlp_density, rank=variant.config.tuning.svd_rank,
+                       align=variant.config.tuning.k_align)
     if case.method == "adapter":  # after the MLPs are sliced: the adapter reads the MLP's output
         adapters = []
         for block in mlp_blocks(model, arch):
@@ -553,7 +554,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--granularity", default="sequence", choices=("sequence", "tile", "batch"))
     parser.add_argument("--no-baselines", action="store_true", help="lecompile variants only")
     parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
-                        help="LongExposureConfig fields of every lecompile variant, e.g. svd_rank=16 fuse_loss=false")
+                        help="settings of every lecompile variant, e.g. svd_rank=16 disable=fuse_loss")
     parser.add_argument("--inductor-option", nargs="+", default=[], metavar="KEY=VALUE",
                         help="torch._inductor.config values for every compiled variant (Inductor baselines and "
                              "lecompile alike), e.g. combo_kernels=true")

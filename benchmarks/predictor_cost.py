@@ -27,7 +27,7 @@ def measure(case: e2e.Case, predictor: str, density: float, steps: int, refresh:
     from torch.profiler import ProfilerActivity, profile
 
     torch._dynamo.reset()
-    config = LongExposureConfig(mlp_density=density, predictor=predictor, learned_refresh=refresh)
+    config = LongExposureConfig.create(mlp_density=density, predictor=predictor, learned_refresh=refresh)
     variant = e2e.Variant(f"lecompile-d{density:g}", "lecompile", config=config)
     model = e2e.build(case, variant, "cuda")
     ids = torch.randint(0, model.config.vocab_size, (case.batch, case.seq), device="cuda")

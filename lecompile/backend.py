@@ -133,7 +133,7 @@ def python_bound(report: Report, example_inputs, patches: dict) -> bool:
 def _partitioner(config: LongExposureConfig):
     """AOTAutograd's partitioner settings for ``config`` (``recompute_pointwise``)."""
     from torch._functorch import config as functorch_config
-    if not config.recompute_pointwise:
+    if not config.tuning.recompute_pointwise:
         return contextlib.nullcontext()
     return functorch_config.patch(ban_recompute_materialized_backward=False)
 

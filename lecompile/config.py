@@ -1,4 +1,9 @@
-"""`LongExposureConfig`: every knob of the backend, validated on construction."""
+"""`LongExposureConfig`: the backend's settings, validated on construction.
+
+A dozen user-facing fields, :data:`PRESETS` by name, and one ``disable`` set of pass names. The
+knobs of our own experiments (kernel tiles, predictor ranks, A/B switches inside a pass) live in
+:class:`Tuning`, reached through the private ``_tuning`` field: not user API.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +12,11 @@ import difflib
 import math
 import numbers
 import os
-from dataclasses import dataclass, fields
-from typing import Optional, Tuple
+from dataclasses import dataclass, field, fields
+from typing import FrozenSet, Optional, Tuple
 
 ENV_PREFIX = "LECOMPILE_"
-#: ``LECOMPILE_*`` variables that are not config fields (the examples' model cache).
+#: ``LECOMPILE_*`` variables that are not settings (the examples' model cache).
 OTHER_ENV = ("LECOMPILE_CACHE",)
 
 PREDICTORS = ("oracle", "svd", "learned")
@@ -20,60 +25,14 @@ GRANULARITIES = ("sequence", "tile", "batch")
 
 
 @dataclass(frozen=True)
-class LongExposureConfig:
-    """Configuration of the ``longexposure`` backend.
+class Tuning:
+    """Experimental knobs, for A/B runs, studies and tests; not user API, may change any time."""
 
-    Every field can also be set through an environment variable ``LECOMPILE_<FIELD>``
-    (for example ``LECOMPILE_MLP_DENSITY=0.25``) when the config is built with
-    :meth:`from_env`, which is what the registered ``"longexposure"`` backend does.
-    """
-
-    #: Share of MLP neurons kept per group of tokens, in (0, 1]. 1.0 (the default) keeps every
-    #: neuron: the step is exact, and lecompile's gain is adapter fusion alone. Lower values are
-    #: opt-in: they cost held-out loss on real models (docs/results.md, Quality). The kept count
-    #: is ``k = round_up(mlp_density * ffn, k_align)``, capped at ``ffn``.
-    mlp_density: float = 1.0
-    #: Per-layer MLP densities (SparseLoRA's non-uniform sparsity): entry ``i`` is the density
-    #: of decoder layer ``i`` (the first number in the MLP's module path, e.g.
-    #: ``model.layers.3.mlp``); layers past the end use ``mlp_density``. ``(1.0, 1.0)`` keeps
-    #: the first two layers dense. From the environment: comma-separated numbers.
-    mlp_layer_densities: Tuple[float, ...] = ()
-    #: Share of the allowed (causal) attention blocks each head of each sequence computes, in
-    #: (0, 1]. 1.0 leaves attention dense. The diagonal and the first key block are always
-    #: kept, so very low values keep about ``2 / (L / attn_block)``.
-    attn_density: float = 1.0
-    #: Tokens per attention block (queries and keys): a positive multiple of 16; 64 or 128 on
-    #: the GPU. Sequences must be a multiple of it for attention to be rewritten.
+    #: Tokens per attention block (queries and keys): a positive multiple of 16, 64 or 128 on the
+    #: GPU; sequences must be a multiple of it for attention to be rewritten.
     attn_block: int = 128
-    #: How attention blocks are chosen: ``"pooled"`` (block-mean queries against block-mean
-    #: keys, then the atomic layouts with the most mass per block) or ``"oracle"`` (the same
-    #: choice on the exact attention mass; costs a dense pass, for studies).
+    #: ``"pooled"`` (block-mean queries against block-mean keys) or ``"oracle"`` (exact mass).
     attn_predictor: str = "pooled"
-    #: Dense warm-up: during the first ``warmup_steps`` optimizer steps (``torch.optim``
-    #: ``step()`` calls in the process, counted from the backend's first graph) the dense
-    #: graphs run (fused adapters only); then each graph is recompiled once with sparsity.
-    warmup_steps: int = 0
-    #: Dense warm-up as a share of the run, in [0, 1): the first
-    #: ``ceil(warmup_fraction * total_steps)`` optimizer steps run dense. Needs ``total_steps``;
-    #: use it or ``warmup_steps``, not both.
-    warmup_fraction: float = 0.0
-    #: Optimizer steps the run will take (for ``warmup_fraction``; 0: unknown).
-    total_steps: int = 0
-    #: Context-only sparsity (SparseLoRA): share of the token groups (tiles or sequences, see
-    #: ``granularity``) whose MLPs run dense, in [0, 1). The groups holding output tokens
-    #: (those whose label is not the loss's ``ignore_index``, usually -100) fill it first,
-    #: then context groups; when output groups outnumber it, the rest run sparse. Needs the
-    #: labels in the graph (``model(..., labels=...)``). 0 turns it off.
-    dense_output_share: float = 0.0
-    #: How neuron indices are predicted: ``"oracle"`` (exact top-k of the dense activation,
-    #: costs a dense pass; for tests and upper bounds), ``"svd"`` (training-free rank-r
-    #: estimate from the frozen weights, plus the exact low-rank adapter terms) or
-    #: ``"learned"`` (the SVD estimator's factors trained on the exact activations of the
-    #: first batches and refreshed every ``learned_refresh`` calls; not with ``cudagraphs``).
-    predictor: str = "svd"
-    #: Tokens that share one neuron set: ``"sequence"`` (each sequence of the batch),
-    #: ``"tile"`` (each ``tile_size`` consecutive tokens of a sequence) or ``"batch"``.
-    granularity: str = "sequence"
     #: Tokens per tile when ``granularity="tile"``: a positive multiple of 16.
     tile_size: int = 128
     #: Rank of the SVD and learned predictors' estimate, at least 1.
@@ -82,62 +41,88 @@ class LongExposureConfig:
     learned_train_steps: int = 20
     #: Learned predictor: retrain every this many calls per MLP (0: only the first calls).
     learned_refresh: int = 100
-    #: ``k`` is rounded up to a multiple of this (kernel tile; unaligned k was measured
-    #: 2-3x slower), at least 1.
+    #: ``k`` is rounded up to a multiple of this (kernel tile; unaligned k ran 2-3x slower).
     k_align: int = 128
-    #: Rewrite matched MLP blocks into the sparse-MLP op. Off: MLPs are only reported.
-    rewrite_mlp: bool = True
-    #: Run LoRA's matmuls on tensor cores in the activation dtype (fp16/bf16 operands, fp32
-    #: accumulation), fused with the base linear (``lecompile::lora_linear``) or inside the
-    #: sparse MLP; adapter weights and their gradients stay fp32. ``False`` keeps PEFT's exact
-    #: fp32 adapter math. fp32 models compute in fp32 either way.
-    fuse_adapters: bool = True
-    #: With ``fuse_adapters``: LoRA linears that read one input (the q, k and v projections)
-    #: compute their A-projections as one GEMM against their stacked ``A`` matrices, so the input
-    #: is read once for all of them, in the forward and again for the input and ``A`` gradients.
+    #: LoRA linears that read one input (q, k, v) compute their A-projections as one GEMM.
     share_lora_input: bool = True
-    #: With ``fuse_adapters``: LoRA's B-projection inside the base GEMM's kernel (a Triton GEMM
-    #: with the low-rank term as one more reduction step, forward and input gradient; fp16/bf16
-    #: on CUDA, frozen base weights, widths and ranks multiples of 8), so the ``[tokens, out]``
-    #: update is never written and re-read. ``False``: cuBLAS GEMMs, the adds left to Inductor.
+    #: LoRA's B-projection inside the base GEMM's Triton kernel (CUDA, fp16/bf16); else cuBLAS.
     lora_in_gemm: bool = True
-    #: Compute Hugging Face's causal-LM loss on a frozen LM head as
-    #: ``lecompile::lm_head_cross_entropy``: the hidden state's gradient is made in the forward,
-    #: a chunk of tokens at a time, so neither fp32 logits nor their gradient are kept for the
-    #: backward (about 1.2 GiB at 4096 tokens and a 50k vocabulary). Same loss and gradients.
-    fuse_loss: bool = True
-    #: Let the backward recompute cheap pointwise results that lecompile's ops read (the norms'
-    #: outputs that the LoRA linears and sparse MLPs take, dtype casts of adapter weights) instead
-    #: of keeping them: AOTAutograd's partitioner with ``ban_recompute_materialized_backward`` off.
-    #: With ``norm_backward_from_output`` off: about 1.5 fewer ``[tokens, hidden]`` tensors kept per
-    #: decoder layer (OPT-2.7B at 8x512: peak 13.2 -> 11.9 GiB) for 1-2% longer steps on the H100;
-    #: with it on (the default) little is left to recompute (11.93 -> 11.89 GiB). README, Results.
+    #: The backward recomputes norm outputs and casts that lecompile's ops read instead of keeping
+    #: them (AOTAutograd's partitioner with ``ban_recompute_materialized_backward`` off).
     recompute_pointwise: bool = False
-    #: Layer norms with frozen weights keep their output for the backward instead of their input
-    #: (Apex's memory-efficient layer norm): the output is what the LoRA linears and sparse MLPs
-    #: after them keep anyway, so each norm holds one ``[tokens, hidden]`` tensor fewer, at the
-    #: same cost. The input is rebuilt as ``(y - bias) / weight``, so a norm qualifies only where
-    #: ``|bias| <= |weight|`` in every channel when the graph compiles (the report lists the rest).
-    #: Hugging Face's RMS norms (LLaMA, Qwen, Mistral) likewise, where no weight is 0.
-    norm_backward_from_output: bool = True
+
+    def __post_init__(self) -> None:
+        _check_choice("attn_predictor", self.attn_predictor, ATTN_PREDICTORS)
+        _check_int("attn_block", self.attn_block, "a positive multiple of 16", lambda v: v > 0 and v % 16 == 0)
+        _check_int("tile_size", self.tile_size, "a positive multiple of 16", lambda v: v > 0 and v % 16 == 0)
+        _check_int("svd_rank", self.svd_rank, "an integer >= 1", lambda v: v >= 1)
+        _check_int("k_align", self.k_align, "an integer >= 1", lambda v: v >= 1)
+        _check_int("learned_train_steps", self.learned_train_steps, "an integer >= 1", lambda v: v >= 1)
+        _check_int("learned_refresh", self.learned_refresh, "an integer >= 0", lambda v: v >= 0)
+        for name in ("share_lora_input", "lora_in_gemm", "recompute_pointwise"):
+            _check_bool(name, getattr(self, name))
+
+
+@dataclass(frozen=True)
+class LongExposureConfig:
+    """Configuration of the ``longexposure`` backend.
+
+    ``LongExposureConfig()`` is exact: every MLP and attention block dense, the LoRA linears,
+    loss and norms rewritten into faster equivalents. Sparsity is opt-in (``mlp_density``,
+    ``attn_density`` below 1, or ``LongExposureConfig.preset("fast")``) and costs held-out loss
+    on real models (docs/results.md). Every field can also be set through an environment
+    variable ``LECOMPILE_<FIELD>`` when the config is built with :meth:`from_env`, which is what
+    the registered ``"longexposure"`` backend does.
+    """
+
+    #: Share of MLP neurons kept per group of tokens, in (0, 1]. 1.0 (the default) keeps every
+    #: neuron. The kept count is ``k = round_up(mlp_density * ffn, 128)``, capped at ``ffn``.
+    mlp_density: float = 1.0
+    #: Per-layer MLP densities: entry ``i`` is the density of decoder layer ``i`` (the first
+    #: number in the MLP's module path, ``model.layers.3.mlp``); later layers use ``mlp_density``.
+    #: From the environment: comma-separated numbers.
+    mlp_layer_densities: Tuple[float, ...] = ()
+    #: Share of the causal attention blocks each head of each sequence computes, in (0, 1]; 1.0
+    #: leaves attention dense. The diagonal and the first key block are always kept.
+    attn_density: float = 1.0
+    #: How neuron indices are predicted: ``"svd"`` (training-free rank-8 estimate from the frozen
+    #: weights plus the exact adapter terms), ``"learned"`` (those factors trained on the exact
+    #: activations of the first batches; not with ``cudagraphs``) or ``"oracle"`` (exact top-k of
+    #: the dense activation: costs a dense pass; tests and upper bounds).
+    predictor: str = "svd"
+    #: Tokens that share one neuron set: ``"sequence"``, ``"tile"`` (128 consecutive tokens of a
+    #: sequence) or ``"batch"``.
+    granularity: str = "sequence"
+    #: Dense warm-up: the first ``warmup_steps`` optimizer steps (``torch.optim`` ``step()`` calls
+    #: in the process) run dense graphs; then each graph is recompiled once with sparsity.
+    warmup_steps: int = 0
+    #: Dense warm-up as a share of a run of ``total_steps`` optimizer steps, in [0, 1); use it or
+    #: ``warmup_steps``, not both.
+    warmup_fraction: float = 0.0
+    #: Optimizer steps the run will take (for ``warmup_fraction``; 0: unknown).
+    total_steps: int = 0
+    #: Context-only sparsity (SparseLoRA): share of the token groups whose MLPs run dense, in
+    #: [0, 1); groups holding output tokens (label not -100) fill it first. Needs ``labels``.
+    dense_output_share: float = 0.0
     #: Replay each compiled graph as a CUDA graph (what ``mode="reduce-overhead"`` does for
-    #: Inductor): removes the Python and launch overhead of many small ops. Inputs are copied
-    #: into static buffers and outputs are overwritten by the next replay (see PyTorch's
-    #: CUDA graph trees); frozen weights must not be replaced in place between steps.
+    #: Inductor); recommended on GPUs, where steps are otherwise bound by Python and launches.
     cudagraphs: bool = False
-    #: Match attention blocks (for the report and the rewrite).
-    match_attention: bool = True
-    #: Rewrite matched attention into block-sparse attention when ``attn_density < 1``.
-    rewrite_attention: bool = True
-    #: Folder for graph dumps (FX code before and after the passes, and the report).
-    #: ``None`` reads ``LECOMPILE_DUMP_DIR`` when a graph is compiled.
+    #: Folder for graph dumps (FX code before and after the passes, and the report); ``None``
+    #: reads ``LECOMPILE_DUMP_DIR`` when a graph is compiled.
     dump_dir: Optional[str] = None
+    #: Passes to turn off, by name (``lecompile.passes.OPTIONAL_PASSES``), for example
+    #: ``{"fuse_loss"}``. From the environment: comma-separated names.
+    disable: FrozenSet[str] = frozenset()
+    #: Experimental knobs (:class:`Tuning`); not user API.
+    _tuning: Tuning = field(default_factory=Tuning)
 
     def __post_init__(self) -> None:
         for name in ("mlp_density", "attn_density", "warmup_fraction", "dense_output_share"):
             object.__setattr__(self, name, _as_float(getattr(self, name)))
         if isinstance(self.mlp_layer_densities, tuple):
             object.__setattr__(self, "mlp_layer_densities", tuple(map(_as_float, self.mlp_layer_densities)))
+        if isinstance(self.disable, (set, list, tuple)):
+            object.__setattr__(self, "disable", frozenset(self.disable))
         _check_fraction("mlp_density", self.mlp_density)
         if not isinstance(self.mlp_layer_densities, tuple):
             raise ValueError(f"LongExposureConfig.mlp_layer_densities must be a tuple of densities, "
@@ -157,21 +142,10 @@ class LongExposureConfig:
         _check_share("dense_output_share", self.dense_output_share)
         _check_choice("predictor", self.predictor, PREDICTORS)
         _check_choice("granularity", self.granularity, GRANULARITIES)
-        _check_choice("attn_predictor", self.attn_predictor, ATTN_PREDICTORS)
-        _check_int("attn_block", self.attn_block, "a positive multiple of 16",
-                   lambda v: v > 0 and v % 16 == 0)
-        _check_int("tile_size", self.tile_size, "a positive multiple of 16",
-                   lambda v: v > 0 and v % 16 == 0)
-        _check_int("svd_rank", self.svd_rank, "an integer >= 1", lambda v: v >= 1)
-        _check_int("k_align", self.k_align, "an integer >= 1", lambda v: v >= 1)
-        _check_int("learned_train_steps", self.learned_train_steps, "an integer >= 1", lambda v: v >= 1)
-        _check_int("learned_refresh", self.learned_refresh, "an integer >= 0", lambda v: v >= 0)
-        for name in ("rewrite_mlp", "fuse_adapters", "share_lora_input", "lora_in_gemm", "fuse_loss",
-                     "recompute_pointwise", "norm_backward_from_output", "cudagraphs", "match_attention",
-                     "rewrite_attention"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"LongExposureConfig.{name} must be a bool, "
-                                 f"got {getattr(self, name)!r}")
+        _check_bool("cudagraphs", self.cudagraphs)
+        self._check_disable()
+        if not isinstance(self._tuning, Tuning):
+            raise ValueError(f"LongExposureConfig._tuning must be a lecompile.config.Tuning, got {self._tuning!r}")
         if self.predictor == "learned" and self.cudagraphs:
             raise ValueError("LongExposureConfig: predictor='learned' trains inside the step, which a CUDA "
                              "graph cannot replay: use cudagraphs=False or predictor='svd'")
@@ -179,25 +153,56 @@ class LongExposureConfig:
             raise ValueError(f"LongExposureConfig.dump_dir must be a path or None, "
                              f"got {self.dump_dir!r}")
 
+    def _check_disable(self) -> None:
+        from .passes import OPTIONAL_PASSES
+        if not isinstance(self.disable, frozenset) or not all(isinstance(n, str) for n in self.disable):
+            raise ValueError(f"LongExposureConfig.disable must be a set of pass names, got {self.disable!r}")
+        unknown = sorted(self.disable - set(OPTIONAL_PASSES))
+        if unknown:
+            raise ValueError(f"LongExposureConfig.disable: unknown pass name(s) {unknown}; the passes that can "
+                             f"be turned off are {list(OPTIONAL_PASSES)}")
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "LongExposureConfig":
+        """A named setting (:data:`PRESETS`), with ``overrides`` on top."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; the presets are {sorted(PRESETS)}")
+        return cls.create(**{**PRESETS[name], **overrides})
+
+    @classmethod
+    def create(cls, **values) -> "LongExposureConfig":
+        """A config from flat settings: fields, and :class:`Tuning`'s knobs by their own names."""
+        tuning_names = {f.name for f in fields(Tuning)}
+        tuning = {k: values.pop(k) for k in list(values) if k in tuning_names}
+        if tuning:
+            values["_tuning"] = dataclasses.replace(values.get("_tuning", Tuning()), **tuning)
+        return cls(**values)
+
+    @classmethod
+    def settings(cls) -> dict:
+        """Every flat setting's name and type: the fields, then :class:`Tuning`'s knobs."""
+        public = {f.name: f for f in fields(cls) if not f.name.startswith("_")}
+        return {**public, **{f.name: f for f in fields(Tuning)}}
+
     @classmethod
     def parse_settings(cls, items) -> dict:
-        """``["mlp_density=0.25", "cudagraphs=true", ...]`` as typed field values (what
-        ``python -m benchmarks.e2e --set`` takes); an unknown field or a bad value names itself."""
-        by_name = {f.name: f for f in fields(cls)}
+        """``["mlp_density=0.25", "k_align=64", ...]`` as typed values for :meth:`create` (what
+        ``python -m benchmarks.e2e --set`` takes); an unknown setting or a bad value names itself."""
+        by_name = cls.settings()
         values = {}
         for item in items:
             name, sep, raw = (part.strip() for part in item.partition("="))
             if not sep or name not in by_name:
-                raise ValueError(f"setting {item!r} is not FIELD=VALUE with FIELD one of {sorted(by_name)}")
+                raise ValueError(f"setting {item!r} is not NAME=VALUE with NAME one of {sorted(by_name)}")
             values[name] = _parse(by_name[name], name, raw)
         return values
 
     @classmethod
     def from_env(cls, **overrides) -> "LongExposureConfig":
-        """Defaults, then ``LECOMPILE_<FIELD>`` environment variables, then ``overrides``. A
-        ``LECOMPILE_*`` variable that names no field is an error (a misspelt setting)."""
+        """Defaults, then ``LECOMPILE_<SETTING>`` environment variables, then ``overrides``. A
+        ``LECOMPILE_*`` variable that names no setting is an error (a misspelt setting)."""
         values = {}
-        by_env = {ENV_PREFIX + f.name.upper(): f for f in fields(cls)}
+        by_env = {ENV_PREFIX + name.upper(): f for name, f in cls.settings().items()}
         for key, raw in os.environ.items():
             if key in by_env:
                 values[by_env[key].name] = _parse(by_env[key], f"environment variable {key}", raw)
@@ -207,11 +212,19 @@ class LongExposureConfig:
                 raise ValueError(f"environment variable {key} is not a lecompile setting; {hint}"
                                  f"the settings are {sorted(by_env)}")
         values.update(overrides)
-        return cls(**values)
+        return cls.create(**values)
 
     def replace(self, **changes) -> "LongExposureConfig":
-        """A copy with ``changes`` applied (validated like a new config)."""
-        return dataclasses.replace(self, **changes)
+        """A copy with ``changes`` (fields or :class:`Tuning` knobs) applied, validated."""
+        return type(self).create(**{**{f.name: getattr(self, f.name) for f in fields(self)}, **changes})
+
+    @property
+    def tuning(self) -> Tuning:
+        return self._tuning
+
+    def enabled(self, pass_name: str) -> bool:
+        """Whether the pass ``pass_name`` may rewrite (not in ``disable``)."""
+        return pass_name not in self.disable
 
     def mlp_density_of(self, layer: Optional[int]) -> float:
         """The MLP density of decoder layer ``layer`` (``None``: index unknown)."""
@@ -233,8 +246,18 @@ class LongExposureConfig:
         return self.dump_dir if self.dump_dir is not None else os.environ.get("LECOMPILE_DUMP_DIR")
 
 
-def _parse(field, key, raw):
-    kind = field.type if isinstance(field.type, str) else field.type.__name__
+#: Settings by name (``LongExposureConfig.preset(name)``); docs/configuration.md says what each
+#: costs and gains, from the results files.
+PRESETS = {
+    # Every block dense: the same loss and gradients as Inductor, adapters, loss and norms fused.
+    "exact": {},
+    # Sparse MLPs and attention, CUDA graphs: the fastest setting measured, at a cost in held-out loss.
+    "fast": {"mlp_density": 0.25, "attn_density": 0.5, "cudagraphs": True},
+}
+
+
+def _parse(setting, key, raw):
+    kind = setting.type if isinstance(setting.type, str) else setting.type.__name__
     try:
         if kind == "float":
             return float(raw)
@@ -242,6 +265,8 @@ def _parse(field, key, raw):
             return int(raw)
         if kind.startswith("Tuple"):
             return tuple(float(v) for v in raw.split(",") if v.strip())
+        if kind.startswith("FrozenSet"):
+            return frozenset(v.strip() for v in raw.split(",") if v.strip())
         if kind == "bool":
             if raw.lower() in ("1", "true", "yes", "on"):
                 return True
@@ -280,3 +305,8 @@ def _check_choice(name, value, allowed):
 def _check_int(name, value, what, ok):
     if isinstance(value, bool) or not isinstance(value, int) or not ok(value):
         raise ValueError(f"LongExposureConfig.{name} must be {what}, got {value!r}")
+
+
+def _check_bool(name, value):
+    if not isinstance(value, bool):
+        raise ValueError(f"LongExposureConfig.{name} must be a bool, got {value!r}")

@@ -214,7 +214,7 @@ def test_rewrite_matches_reference_model(arch, impl, monkeypatch):
 
     counters.clear()
     torch._dynamo.reset()
-    backend = lecompile.longexposure(LongExposureConfig(mlp_density=1.0, attn_density=0.5, attn_block=BLOCK))
+    backend = lecompile.longexposure(LongExposureConfig.create(mlp_density=1.0, attn_density=0.5, attn_block=BLOCK))
     loss, grads = train_step(torch.compile(model, backend=backend), model, inputs)
     assert len(backend.report.attention) == LAYERS and all(e.rewritten for e in backend.report.attention), \
         str(backend.report)
@@ -235,13 +235,13 @@ def test_density_one_and_other_reasons_leave_attention_dense():
     model, inputs = tiny_model("llama", "lora"), attention_batch(padded=False)
     report = lecompile.explain(model, **inputs, config=LongExposureConfig(mlp_density=1.0))
     assert all(not e.rewritten and "attn_density 1.0" in e.note for e in report.attention)
-    report = lecompile.explain(model, **inputs, config=LongExposureConfig(attn_density=0.5, attn_block=48))
+    report = lecompile.explain(model, **inputs, config=LongExposureConfig.create(attn_density=0.5, attn_block=48))
     assert all(not e.rewritten and "not multiples of attn_block=48" in e.note for e in report.attention)
-    report = lecompile.explain(model, **inputs, config=LongExposureConfig(attn_density=0.5, attn_block=16,
-                                                                          rewrite_attention=False))
-    assert all(not e.rewritten and "rewrite_attention=False" in e.note for e in report.attention)
+    report = lecompile.explain(model, **inputs, config=LongExposureConfig.create(attn_density=0.5, attn_block=16,
+                                                                          disable={"rewrite_attention"}))
+    assert all(not e.rewritten and "disabled (disable={'rewrite_attention'})" in e.note for e in report.attention)
     with torch.no_grad():
-        report = lecompile.explain(model, **inputs, config=LongExposureConfig(attn_density=0.5, attn_block=16))
+        report = lecompile.explain(model, **inputs, config=LongExposureConfig.create(attn_density=0.5, attn_block=16))
     assert all(not e.rewritten and "inference graph" in e.note for e in report.attention)
 
 
@@ -249,7 +249,7 @@ def test_blocks_inductors_flex_backward_cannot_tile_leave_attention_dense(monkey
     import importlib
     rewrite_attention = importlib.import_module("lecompile.passes.rewrite_attention")  # the module, not the pass
     model, inputs = tiny_model("llama", "lora"), attention_batch(padded=False)
-    config = LongExposureConfig(mlp_density=1.0, attn_density=0.5, attn_block=16)
+    config = LongExposureConfig.create(mlp_density=1.0, attn_density=0.5, attn_block=16)
     monkeypatch.setattr(rewrite_attention, "flex_backward_tiles", lambda q: [(64, 128, 128, 64)])  # H100's
     report = lecompile.explain(model, **inputs, config=config)
     assert report.attention and all(not e.rewritten and "attn_block=16 is not a multiple of (use attn_block=128)"

@@ -137,7 +137,7 @@ def test_inference_graph_is_left_dense():
     ("batch", 32, "batch", ""), ("sequence", 32, "sequence", "")])
 def test_granularity(granularity, seq, expected, note):
     model = Repeated(RenamedMLP(adapter=False))
-    config = LongExposureConfig(mlp_density=0.5, granularity=granularity, tile_size=16)
+    config = LongExposureConfig.create(mlp_density=0.5, granularity=granularity, tile_size=16)
     report = lecompile.explain(model, torch.randn(2, seq, 32), config=config)
     [entry] = report.mlp
     assert entry.granularity == expected and note in entry.note and entry.k == 128
@@ -244,7 +244,7 @@ def test_lora_dropout_and_steady_steps_without_recompiles():
     torch.manual_seed(0)
     model = peft.get_peft_model(tiny_model("llama", "plain"), peft.LoraConfig(
         r=4, target_modules=ARCHS["llama"][1], lora_dropout=0.1, init_lora_weights=False))
-    backend = lecompile.longexposure(LongExposureConfig(mlp_density=0.5, k_align=64))
+    backend = lecompile.longexposure(LongExposureConfig.create(mlp_density=0.5, k_align=64))
     compiled = torch.compile(model, backend=backend)
     for step in range(3):
         model.zero_grad(set_to_none=True)
@@ -273,7 +273,7 @@ def test_fuse_adapters_switch_and_bf16_step_close_to_peft():
     for fuse, fused in ((False, 0), (True, lora_linears)):
         torch._dynamo.reset()
         counters.clear()
-        backend = lecompile.longexposure(LongExposureConfig(mlp_density=1.0, fuse_adapters=fuse))
+        backend = lecompile.longexposure(LongExposureConfig(mlp_density=1.0, disable=() if fuse else {"fuse_lora"}))
         loss, grads = train_step(torch.compile(model, backend=backend), model, inputs)
         assert counters["lecompile"]["lora_linear"] == fused, str(backend.report)
         assert backend.report.linears_fused == fused
@@ -282,7 +282,7 @@ def test_fuse_adapters_switch_and_bf16_step_close_to_peft():
             assert g.dtype == eager_grads[name].dtype, name
             scale = eager_grads[name].abs().max().item()
             torch.testing.assert_close(g, eager_grads[name], atol=5e-2 * scale, rtol=0, msg=name)
-    assert "fuse_adapters=False" not in str(backend.report)
+    assert "disable={'fuse_lora'}" not in str(backend.report)
 
 
 @pytest.mark.slow
@@ -295,7 +295,7 @@ def test_share_lora_input_groups_linears_of_one_input():
     results = {}
     for share in (True, False):
         torch._dynamo.reset()
-        backend = lecompile.longexposure(LongExposureConfig(mlp_density=1.0, share_lora_input=share))
+        backend = lecompile.longexposure(LongExposureConfig.create(mlp_density=1.0, share_lora_input=share))
         results[share] = train_step(torch.compile(model, backend=backend), model, inputs)
         shared = {e.layer: e.shared_with for e in backend.report.linears if e.shared_with}
         if share:
@@ -327,7 +327,7 @@ def test_lora_in_gemm_runs_the_kernel_with_the_same_loss_and_gradients(arch, mon
     results = {}
     for mode in (True, False):
         torch._dynamo.reset()
-        backend = lecompile.longexposure(LongExposureConfig(mlp_density=1.0, lora_in_gemm=mode))
+        backend = lecompile.longexposure(LongExposureConfig.create(mlp_density=1.0, lora_in_gemm=mode))
         results[mode] = train_step(torch.compile(model, backend=backend), model, inputs)
         in_gemm = [e.in_gemm for e in backend.report.linears]
         assert len(in_gemm) > 0 and all(e.fused for e in backend.report.linears)
@@ -461,7 +461,7 @@ def test_recompute_pointwise_keeps_less_for_the_backward_with_the_same_gradients
 
     model, inputs = tiny_model("opt", "lora"), batch()
     # the norms' outputs are what it recomputes; with their backward from the output they are kept anyway
-    config = LongExposureConfig(mlp_density=0.5, k_align=64, norm_backward_from_output=False)
+    config = LongExposureConfig.create(mlp_density=0.5, k_align=64, disable={"norms_from_output"})
     kept, loss, grads, _ = saved_bytes_and_grads(model, inputs, config.replace(recompute_pointwise=True))
     kept_off, want_loss, want_grads, _ = saved_bytes_and_grads(model, inputs, config)
     assert kept < kept_off, (kept, kept_off)
@@ -502,10 +502,10 @@ def test_layer_norms_keep_their_output_with_the_same_gradients(arch):
         for name, p in model.named_parameters():
             if "norm" in name or ".ln_" in name:  # |bias| <= |weight|, as the pass requires
                 p.copy_(torch.rand_like(p) + 0.5 if name.endswith("weight") else torch.rand_like(p) - 0.5)
-    config = LongExposureConfig(mlp_density=0.5, k_align=64)
+    config = LongExposureConfig.create(mlp_density=0.5, k_align=64)
     kept, loss, grads, report = saved_bytes_and_grads(model, inputs, config)
     kept_off, want_loss, want_grads, _ = saved_bytes_and_grads(
-        model, inputs, config.replace(norm_backward_from_output=False))
+        model, inputs, config.replace(disable={"norms_from_output"}))
     assert len(report.norms) == 2 * 2 + 1 and all(e.from_output for e in report.norms), str(report)
     assert f"layer norms: {len(report.norms)} of {len(report.norms)} keep their output" in str(report)
     hidden = inputs["input_ids"].numel() * model.config.hidden_size * 4
@@ -525,7 +525,7 @@ def test_rms_norms_with_a_zero_weight_or_trainable_keep_their_input():
     with torch.no_grad():
         model.base_model.model.model.norm.weight[3] = 0.0
     model.base_model.model.model.layers[1].input_layernorm.weight.requires_grad_(True)
-    _, _, _, report = saved_bytes_and_grads(model, batch(), LongExposureConfig(mlp_density=0.5, k_align=64))
+    _, _, _, report = saved_bytes_and_grads(model, batch(), LongExposureConfig.create(mlp_density=0.5, k_align=64))
     notes = {e.layer: e.note for e in report.norms}
     assert "a weight is 0" in notes["model.norm"], notes
     assert "trainable weight" in notes["model.layers.1.input_layernorm"], notes
@@ -540,7 +540,7 @@ def test_layer_norms_with_large_biases_or_trainable_keep_their_input():
     with torch.no_grad():
         model.model.decoder.final_layer_norm.bias.fill_(3.0)
     model.model.decoder.final_layer_norm.bias.requires_grad_(False)
-    _, _, _, report = saved_bytes_and_grads(model, batch(), LongExposureConfig(mlp_density=0.5, k_align=64))
+    _, _, _, report = saved_bytes_and_grads(model, batch(), LongExposureConfig.create(mlp_density=0.5, k_align=64))
     notes = {e.layer: e.note for e in report.norms}
     assert not any(e.from_output for e in report.norms), str(report)
     assert "|bias| / |weight| reaches 3 (> 1)" in notes["model.decoder.final_layer_norm"], notes

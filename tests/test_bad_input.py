@@ -9,7 +9,7 @@ from lecompile import LongExposureConfig
 
 from models import ARCHS, LAYERS, batch, tiny_model, train_step
 
-SPARSE = LongExposureConfig(mlp_density=0.5, k_align=64, predictor="oracle")
+SPARSE = LongExposureConfig.create(mlp_density=0.5, k_align=64, predictor="oracle")
 
 
 def llama():

@@ -10,7 +10,7 @@ from lecompile import LongExposureConfig
 
 from models import LAYERS, batch, tiny_model
 
-SPARSE = LongExposureConfig(mlp_density=0.5, k_align=64, predictor="oracle")
+SPARSE = LongExposureConfig.create(mlp_density=0.5, k_align=64, predictor="oracle")
 
 
 def step(checkpointing=None):

@@ -13,11 +13,33 @@ from lecompile import LongExposureConfig
     ("tile_size", 100, r"tile_size must be a positive multiple of 16, got 100"),
     ("svd_rank", 0, r"svd_rank must be an integer >= 1"),
     ("k_align", True, r"k_align must be an integer >= 1"),
-    ("rewrite_mlp", "yes", r"rewrite_mlp must be a bool"),
+    ("cudagraphs", "yes", r"cudagraphs must be a bool"),
+    ("disable", {"fuse_losses"},
+     r"disable: unknown pass name\(s\) \['fuse_losses'\]; the passes that can be turned off are \[.*'fuse_loss'"),
+    ("disable", "fuse_loss", r"disable must be a set of pass names, got 'fuse_loss'"),
 ])
 def test_bad_values_name_the_field_and_range(field, value, message):
     with pytest.raises(ValueError, match=message):
-        LongExposureConfig(**{field: value})
+        LongExposureConfig.create(**{field: value})
+
+
+def test_a_dozen_public_fields_and_the_tuning_knobs_apart():
+    import dataclasses
+
+    from lecompile.config import Tuning
+    public = [f.name for f in dataclasses.fields(LongExposureConfig) if not f.name.startswith("_")]
+    assert len(public) <= 12, public
+    config = LongExposureConfig.create(mlp_density=0.5, k_align=64, disable={"fuse_loss"})
+    assert config.tuning == Tuning(k_align=64) and not config.enabled("fuse_loss") and config.enabled("fuse_lora")
+    assert config.replace(svd_rank=4).tuning == Tuning(k_align=64, svd_rank=4)
+
+
+def test_presets_by_name():
+    assert LongExposureConfig.preset("exact") == LongExposureConfig()
+    fast = LongExposureConfig.preset("fast", cudagraphs=False)
+    assert fast.sparse and fast.mlp_density < 1.0 and not fast.cudagraphs
+    with pytest.raises(ValueError, match=r"unknown preset 'fastest'; the presets are \['exact', 'fast'\]"):
+        LongExposureConfig.preset("fastest")
 
 
 def test_unknown_field_is_refused():
@@ -28,10 +50,11 @@ def test_unknown_field_is_refused():
 def test_environment_overrides(monkeypatch):
     monkeypatch.setenv("LECOMPILE_MLP_DENSITY", "0.25")
     monkeypatch.setenv("LECOMPILE_PREDICTOR", "oracle")
-    monkeypatch.setenv("LECOMPILE_REWRITE_MLP", "off")
+    monkeypatch.setenv("LECOMPILE_DISABLE", "rewrite_mlp, fuse_loss")
     monkeypatch.setenv("LECOMPILE_DUMP_DIR", "/tmp/dumps")
     config = LongExposureConfig.from_env(svd_rank=4)
-    assert (config.mlp_density, config.predictor, config.rewrite_mlp, config.svd_rank) == (0.25, "oracle", False, 4)
+    assert (config.mlp_density, config.predictor, config.disable, config.tuning.svd_rank) == (
+        0.25, "oracle", {"rewrite_mlp", "fuse_loss"}, 4)
     assert config.resolved_dump_dir() == "/tmp/dumps"
     assert LongExposureConfig().resolved_dump_dir() == "/tmp/dumps"
 
@@ -49,14 +72,14 @@ def test_replace_validates():
 
 
 def test_settings_parse_to_typed_fields():
-    values = LongExposureConfig.parse_settings(["svd_rank=16", "fuse_loss = off", "mlp_layer_densities=1,1,0.5"])
-    assert values == {"svd_rank": 16, "fuse_loss": False, "mlp_layer_densities": (1.0, 1.0, 0.5)}
-    assert LongExposureConfig(**values).svd_rank == 16
+    values = LongExposureConfig.parse_settings(["svd_rank=16", "disable = fuse_loss", "mlp_layer_densities=1,1,0.5"])
+    assert values == {"svd_rank": 16, "disable": {"fuse_loss"}, "mlp_layer_densities": (1.0, 1.0, 0.5)}
+    assert LongExposureConfig.create(**values).tuning.svd_rank == 16
 
 
 @pytest.mark.parametrize("item,message", [
-    ("svd_rank", r"'svd_rank' is not FIELD=VALUE"),
-    ("rank=16", r"'rank=16' is not FIELD=VALUE with FIELD one of \[.*'svd_rank'"),
+    ("svd_rank", r"'svd_rank' is not NAME=VALUE"),
+    ("rank=16", r"'rank=16' is not NAME=VALUE with NAME one of \[.*'svd_rank'"),
     ("svd_rank=big", r"svd_rank='big' is not a valid int"),
 ])
 def test_bad_settings_name_themselves(item, message):

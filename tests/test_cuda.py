@@ -24,7 +24,7 @@ def test_bf16_lora_step_on_cuda_matches_eager(arch):
     for name in grads:
         torch.testing.assert_close(grads[name].float(), eager_grads[name].float(), atol=3e-2, rtol=5e-2,
                                    msg=name)
-    backend = lecompile.longexposure(LongExposureConfig(mlp_density=0.5, k_align=64))
+    backend = lecompile.longexposure(LongExposureConfig.create(mlp_density=0.5, k_align=64))
     torch._dynamo.reset()
     loss, grads = train_step(torch.compile(model, backend=backend), model, inputs)
     assert torch.isfinite(loss) and backend.report.mlp_rewritten == LAYERS
@@ -110,7 +110,7 @@ def test_cudagraphs_with_sparse_mlp_matches_without():
         torch._dynamo.reset()
         model = tiny_model("opt", "lora", dtype=torch.bfloat16).cuda()
         inputs = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch().items()}
-        backend = lecompile.longexposure(LongExposureConfig(mlp_density=0.5, k_align=64, cudagraphs=cg))
+        backend = lecompile.longexposure(LongExposureConfig.create(mlp_density=0.5, k_align=64, cudagraphs=cg))
         compiled = torch.compile(model, backend=backend)
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         losses[cg] = []
@@ -137,7 +137,7 @@ def test_block_sparse_attention_on_cuda_matches_reference_model(arch, impl, monk
     seq, block = 256, 64
     ids = torch.randint(0, 128, (2, seq), device="cuda")
     inputs = {"input_ids": ids, "labels": ids, "use_cache": False}
-    backend = lecompile.longexposure(LongExposureConfig(mlp_density=1.0, attn_density=0.5, attn_block=block))
+    backend = lecompile.longexposure(LongExposureConfig.create(mlp_density=1.0, attn_density=0.5, attn_block=block))
     torch._dynamo.reset()
     loss, grads = train_step(torch.compile(model, backend=backend), model, inputs)
     assert backend.report.attention_rewritten == LAYERS, str(backend.report)
@@ -181,7 +181,7 @@ def test_context_only_on_cuda_matches_reference_model():
     model, inputs = tiny_model("llama", "lora").cuda(), context_only_inputs(tile, "cuda")
     ref_loss, ref_grads = context_only_reference(model, "llama", inputs, tile, [2, 3, 6, 7])
     torch._dynamo.reset()
-    backend = lecompile.longexposure(LongExposureConfig(mlp_density=0.5, k_align=64, predictor="oracle",
+    backend = lecompile.longexposure(LongExposureConfig.create(mlp_density=0.5, k_align=64, predictor="oracle",
                                                         granularity="tile", tile_size=tile, dense_output_share=0.5))
     loss, grads = train_step(torch.compile(model, backend=backend), model, inputs)
     assert all(e.rewritten and e.note.startswith("context-only: 4 of 8") for e in backend.report.mlp), \
@@ -201,7 +201,7 @@ def test_attention_blocks_inductor_cannot_tile_stay_dense_and_train():
     model = peft.get_peft_model(transformers.LlamaForCausalLM(config).to("cuda", torch.bfloat16),
                                 peft.LoraConfig(r=4, target_modules="all-linear")).train()
     ids = torch.randint(0, 128, (2, 256), device="cuda")
-    backend = lecompile.longexposure(LongExposureConfig(mlp_density=1.0, attn_density=0.5, attn_block=64))
+    backend = lecompile.longexposure(LongExposureConfig.create(mlp_density=1.0, attn_density=0.5, attn_block=64))
     torch._dynamo.reset()
     loss = torch.compile(model, backend=backend)(input_ids=ids, labels=ids, use_cache=False).loss
     loss.backward()

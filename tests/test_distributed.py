@@ -53,7 +53,7 @@ def _worker(rank, port, wrapper, out_dir):
             for layer in model.base_model.model.model.layers:
                 fully_shard(layer)
             wrapped = fully_shard(model)
-        backend = lecompile.longexposure(LongExposureConfig(**CONFIG))
+        backend = lecompile.longexposure(LongExposureConfig.create(**CONFIG))
         loss = torch.compile(wrapped, backend=backend)(**rank_batch(rank)).loss
         loss.backward()
         grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach().clone()
@@ -104,7 +104,7 @@ def test_two_ranks_match_single_process_halves(wrapper, tmp_path):
     for rank in range(WORLD):
         torch._dynamo.reset()
         model = tiny_model("llama", "lora")
-        backend = lecompile.longexposure(LongExposureConfig(**CONFIG))
+        backend = lecompile.longexposure(LongExposureConfig.create(**CONFIG))
         singles.append(train_step(torch.compile(model, backend=backend), model, rank_batch(rank)))
     for rank in range(WORLD):
         loss, rewritten, grads = got[rank]
@@ -129,7 +129,7 @@ def test_ddp_graph_splitting_is_reported_and_turning_it_off_keeps_the_rewrites(m
         for split in (True, False):
             torch._dynamo.reset()
             model = DistributedDataParallel(tiny_model("llama", "lora"), bucket_cap_mb=0.005)
-            backend = lecompile.longexposure(LongExposureConfig(**CONFIG))
+            backend = lecompile.longexposure(LongExposureConfig.create(**CONFIG))
             with torch._dynamo.config.patch(optimize_ddp=split):
                 torch.compile(model, backend=backend)(**batch()).loss.backward()
             reports[split] = backend.report

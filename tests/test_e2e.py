@@ -52,10 +52,10 @@ def test_cases_that_cannot_run_are_recorded_not_dropped():
 
 
 def test_settings_reach_every_lecompile_variant_and_no_baseline():
-    vs = e2e.variants(densities=(1.0, 0.5), settings={"svd_rank": 4, "fuse_loss": False})
+    vs = e2e.variants(densities=(1.0, 0.5), settings={"svd_rank": 4, "disable": frozenset({"fuse_loss"})})
     lec = [v for v in vs if v.backend == "lecompile"]
-    assert lec and all(v.config.svd_rank == 4 and not v.config.fuse_loss for v in lec)
-    assert all(v.config is None or v.config.svd_rank == 8 for v in vs if v.backend != "lecompile")
+    assert lec and all(v.config.tuning.svd_rank == 4 and not v.config.enabled("fuse_loss") for v in lec)
+    assert all(v.config is None or v.config.tuning.svd_rank == 8 for v in vs if v.backend != "lecompile")
 
 
 def test_settings_that_variants_own_are_refused():

@@ -61,7 +61,7 @@ def test_learned_predictor_trains_in_a_compiled_step_outside_the_model():
     n_params = len(list(model.parameters()))
     counters.clear()
     torch._dynamo.reset()
-    backend = lecompile.longexposure(LongExposureConfig(mlp_density=0.5, k_align=64, predictor="learned",
+    backend = lecompile.longexposure(LongExposureConfig.create(mlp_density=0.5, k_align=64, predictor="learned",
                                                         learned_train_steps=3))
     loss = torch.compile(model, backend=backend)(**batch()).loss
     loss.backward()

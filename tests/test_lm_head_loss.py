@@ -127,12 +127,12 @@ def _compiled_step(arch, method, config, inputs=None):
 def test_backend_fuses_the_loss_with_the_same_loss_and_gradients(arch, density):
     from lecompile import LongExposureConfig
     (loss, grads), (want_loss, want_grads), report = _compiled_step(
-        arch, "lora", LongExposureConfig(mlp_density=density, k_align=64))
+        arch, "lora", LongExposureConfig.create(mlp_density=density, k_align=64))
     assert [e.fused for e in report.losses] == [True]
     assert "loss" in str(report) and "lm_head_cross_entropy" not in {u.where for u in report.unmatched}
     if density < 1.0:  # sparse MLPs: the same backend without the loss rewrite is the reference
         (want_loss, want_grads), _, _ = _compiled_step(
-            arch, "lora", LongExposureConfig(mlp_density=density, k_align=64, fuse_loss=False))
+            arch, "lora", LongExposureConfig.create(mlp_density=density, k_align=64, disable={"fuse_loss"}))
     torch.testing.assert_close(loss, want_loss, atol=1e-5, rtol=1e-5)
     assert grads.keys() == want_grads.keys()
     for name in grads:
@@ -140,14 +140,14 @@ def test_backend_fuses_the_loss_with_the_same_loss_and_gradients(arch, density):
 
 
 @pytest.mark.parametrize("method,config,reason", [
-    ("lora", dict(fuse_loss=False), "fuse_loss=False"),
+    ("lora", dict(disable={"fuse_loss"}), "disabled (disable={'fuse_loss'})"),
     ("plain", {}, "the LM head trains"),
 ])
 @pytest.mark.slow
 def test_losses_left_to_inductor_are_reported_and_still_right(method, config, reason):
     from lecompile import LongExposureConfig
     (loss, grads), (want_loss, want_grads), report = _compiled_step(
-        "opt", method, LongExposureConfig(mlp_density=1.0, **config))
+        "opt", method, LongExposureConfig.create(mlp_density=1.0, **config))
     assert [e.fused for e in report.losses] == [False] and reason in report.losses[0].note
     torch.testing.assert_close(loss, want_loss, atol=1e-5, rtol=1e-5)
     for name in grads:

@@ -69,7 +69,7 @@ def test_train_step_matches_eager(arch, method):
     for h in handles:
         h.remove()
     loss, grads, report = compiled_step(
-        model, LongExposureConfig(mlp_density=0.5, predictor="oracle", k_align=64), inputs)
+        model, LongExposureConfig.create(mlp_density=0.5, predictor="oracle", k_align=64), inputs)
     assert counters["lecompile"]["sparse_mlp_calls"] == LAYERS, "each layer's MLP runs the op once"
     assert counters["lecompile"]["sparse_mlp"] == len(report.mlp)
     assert {e.k for e in report.mlp} == {FFN // 2} and all(e.rewritten for e in report.mlp), str(report)

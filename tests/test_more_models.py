@@ -51,8 +51,8 @@ def test_sparse_lora_step_matches_masked_eager(arch):
     ref_loss, ref_grads = train_step(model, model, inputs)
     for h in handles:
         h.remove()
-    loss, grads, report = compiled_step(model, LongExposureConfig(mlp_density=0.5, predictor="oracle", k_align=64),
-                                        inputs)
+    config = LongExposureConfig.create(mlp_density=0.5, predictor="oracle", k_align=64)
+    loss, grads, report = compiled_step(model, config, inputs)
     assert report.mlp_rewritten >= 1 and all(e.rewritten for e in report.mlp), str(report)
     assert abs(ref_loss.item() - eager_loss.item()) > 1e-6, "masking had no effect: the test cannot fail"
     torch.testing.assert_close(loss, ref_loss, **TOL)

@@ -31,7 +31,7 @@ def steps(model, backend, n, seed=1):
 
 def test_layer_densities_set_k_per_layer():
     model = tiny_model("llama", "lora")
-    report = lecompile.explain(model, **batch(), config=LongExposureConfig(**SPARSE, mlp_layer_densities=(1.0,)))
+    report = lecompile.explain(model, **batch(), config=LongExposureConfig.create(**SPARSE, mlp_layer_densities=(1.0,)))
     by_layer = {e.layer: e for e in report.mlp}
     assert by_layer["model.layers.0.mlp"].k == FFN and not by_layer["model.layers.0.mlp"].rewritten
     assert by_layer["model.layers.1.mlp"].k == FFN // 2 and by_layer["model.layers.1.mlp"].rewritten
@@ -71,7 +71,7 @@ def test_dense_warmup_then_one_sparse_compile(warmup):
 
     torch._dynamo.reset()
     counters.clear()
-    backend = lecompile.longexposure(LongExposureConfig(**SPARSE, **warmup))
+    backend = lecompile.longexposure(LongExposureConfig.create(**SPARSE, **warmup))
     compiled = torch.compile(warm, backend=backend)
     opt = torch.optim.SGD([p for p in warm.parameters() if p.requires_grad], lr=0.5)
     losses, sparse_calls = [], []
@@ -89,7 +89,7 @@ def test_dense_warmup_then_one_sparse_compile(warmup):
     assert len(backend.reports) == 2, "one dense graph, then exactly one sparse graph"
     assert [e.rewritten for e in backend.reports[1].mlp] == [True, True]
     # The first sparse step equals a model compiled sparse from the start with the same weights.
-    sparse_loss = steps(after_warmup, lecompile.longexposure(LongExposureConfig(**SPARSE)), 1, seed=3)
+    sparse_loss = steps(after_warmup, lecompile.longexposure(LongExposureConfig.create(**SPARSE)), 1, seed=3)
     assert losses[2] == pytest.approx(sparse_loss[0], abs=1e-5)
 
 
@@ -129,7 +129,7 @@ def check_context_only(arch, share, dense_tiles, loss_tol, grad_tol):
     inputs = context_only_inputs(tile)
     ref_loss, ref_grads = context_only_reference(model, arch, inputs, tile, dense_tiles)
     torch._dynamo.reset()
-    backend = lecompile.longexposure(LongExposureConfig(**SPARSE, granularity="tile", tile_size=tile,
+    backend = lecompile.longexposure(LongExposureConfig.create(**SPARSE, granularity="tile", tile_size=tile,
                                                         dense_output_share=share))
     loss, grads = train_step(torch.compile(model, backend=backend), model, inputs)
     torch.testing.assert_close(loss, ref_loss, **loss_tol)
@@ -179,9 +179,9 @@ def test_context_only_through_the_kernel_path_matches_reference_model(monkeypatc
 def test_context_only_without_labels_is_reported_and_validated():
     model = tiny_model("llama", "lora")
     report = lecompile.explain(model, input_ids=batch()["input_ids"], use_cache=False,
-                               config=LongExposureConfig(**SPARSE, dense_output_share=0.5))
+                               config=LongExposureConfig.create(**SPARSE, dense_output_share=0.5))
     assert all(e.rewritten and "context-only sparsity off: no cross-entropy loss" in e.note for e in report.mlp)
-    report = lecompile.explain(model, **batch(), config=LongExposureConfig(**SPARSE, granularity="batch",
+    report = lecompile.explain(model, **batch(), config=LongExposureConfig.create(**SPARSE, granularity="batch",
                                                                            dense_output_share=0.5))
     assert all("dense_output_share=0.5 of 1 token group(s) leaves none dense" in e.note for e in report.mlp)
     for bad in (1.0, -0.1, True):
@@ -193,7 +193,7 @@ def test_context_only_without_labels_is_reported_and_validated():
 def test_layer_densities_reach_their_layers_without_peft(how):
     """Full fine-tuning, no PEFT wrapper: the module paths, and so the layer indices, are the model's."""
     model = tiny_model("llama", "plain")
-    backend = lecompile.longexposure(LongExposureConfig(**SPARSE, mlp_layer_densities=(0.25, 1.0)))
+    backend = lecompile.longexposure(LongExposureConfig.create(**SPARSE, mlp_layer_densities=(0.25, 1.0)))
     if how == "model.compile":
         model.compile(backend=backend)
         model(**batch())

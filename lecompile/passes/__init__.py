@@ -1,7 +1,8 @@
 """lecompile's graph passes, run in order on the FX graph Dynamo hands the backend.
 
-Each pass is a plain function ``(ctx: PassContext) -> None``; :data:`PASSES` lists them with the
-config switch that turns them off. Passes only emit op calls; they never launch kernels.
+Each pass is a plain function ``(ctx: PassContext) -> None``; :data:`PASSES` lists them in order.
+``LongExposureConfig(disable={...})`` turns off any of :data:`OPTIONAL_PASSES` by name. Passes only
+emit op calls; they never launch kernels.
 """
 
 from __future__ import annotations
@@ -74,22 +75,26 @@ class PassContext:
 class Pass:
     name: str
     run: Callable[[PassContext], None]
-    enabled: Callable[[LongExposureConfig], bool] = lambda config: True
+    #: ``"skip"``: ``disable`` skips the pass; ``"report"``: it still runs, to say in the report
+    #: what it would have rewritten, and rewrites nothing; ``None``: it cannot be turned off.
+    when_disabled: Optional[str] = "skip"
 
 
-#: The pipeline, in order. The rewrites also run when their config switch is off, to report.
+#: The pipeline, in order.
 PASSES: Sequence[Pass] = (
     Pass("inline_checkpoints", inline_checkpoints),
-    Pass("fold_adapters", fold_adapters),
-    Pass("match_mlp", match_mlp),
-    Pass("match_attention", match_attention, lambda c: c.match_attention),
-    Pass("rewrite_mlp", rewrite_mlp),
-    Pass("rewrite_attention", rewrite_attention, lambda c: c.match_attention),
-    Pass("fuse_lora", fuse_lora),
-    Pass("fuse_loss", fuse_loss),
-    Pass("norms_from_output", norms_from_output, lambda c: c.norm_backward_from_output),
-    Pass("tag_rewritten_nodes", tag_rewritten_nodes),
+    Pass("fold_adapters", fold_adapters, when_disabled=None),
+    Pass("match_mlp", match_mlp, when_disabled=None),
+    Pass("match_attention", match_attention),
+    Pass("rewrite_mlp", rewrite_mlp, when_disabled="report"),
+    Pass("rewrite_attention", rewrite_attention, when_disabled="report"),
+    Pass("fuse_lora", fuse_lora, when_disabled="report"),
+    Pass("fuse_loss", fuse_loss, when_disabled="report"),
+    Pass("norms_from_output", norms_from_output),
+    Pass("tag_rewritten_nodes", tag_rewritten_nodes, when_disabled=None),
 )
+#: The passes ``LongExposureConfig(disable=...)`` can turn off.
+OPTIONAL_PASSES = tuple(p.name for p in PASSES if p.when_disabled is not None)
 
 
 def run_passes(gm: fx.GraphModule, example_inputs, config: LongExposureConfig,
@@ -110,7 +115,7 @@ def run_passes(gm: fx.GraphModule, example_inputs, config: LongExposureConfig,
                       inputs=dict(zip(placeholders, example_inputs)))
     _graph_level_notes(ctx, example_inputs)
     for p in PASSES:
-        if p.enabled(config):
+        if config.enabled(p.name) or p.when_disabled == "report":
             p.run(ctx)
     return ctx.report
 
@@ -135,4 +140,4 @@ def _graph_level_notes(ctx: PassContext, example_inputs) -> None:
         log.warning("lecompile: %s", note.reason)
 
 
-__all__ = ["PASSES", "Pass", "PassContext", "is_training_graph", "run_passes", "kept_neurons"]
+__all__ = ["OPTIONAL_PASSES", "PASSES", "Pass", "PassContext", "is_training_graph", "run_passes", "kept_neurons"]

@@ -34,13 +34,13 @@ def fuse_lora(ctx) -> None:
         ctx.report.linears.append(entries[lin.out])
         if not why:
             todo.append(lin)
-            entries[lin.out].in_gemm = ctx.config.lora_in_gemm and _runs_in_gemm(lin, ctx)
-    groups = _shared_input_groups(ctx.gm.graph, todo) if ctx.config.share_lora_input else [[lin] for lin in todo]
+            entries[lin.out].in_gemm = ctx.config.tuning.lora_in_gemm and _runs_in_gemm(lin, ctx)
+    groups = _shared_input_groups(ctx.gm.graph, todo) if ctx.config.tuning.share_lora_input else [[lin] for lin in todo]
     for group in groups:
         if len(group) == 1:
-            _rewrite(ctx.gm.graph, group[0], ctx.config.lora_in_gemm)
+            _rewrite(ctx.gm.graph, group[0], ctx.config.tuning.lora_in_gemm)
         else:
-            _rewrite_group(ctx.gm.graph, group, ctx.config.lora_in_gemm)
+            _rewrite_group(ctx.gm.graph, group, ctx.config.tuning.lora_in_gemm)
             for lin in group:
                 entries[lin.out].shared_with = [other.name for other in group if other is not lin]
         counters["lecompile"]["lora_linear"] += len(group)
@@ -50,8 +50,8 @@ def fuse_lora(ctx) -> None:
 
 def _unsupported(lin: LinearMatch, ctx) -> str:
     a = lin.adapted
-    if not ctx.config.fuse_adapters:
-        return "fuse_adapters=False: PEFT's fp32 adapter math, compiled by Inductor"
+    if not ctx.config.enabled("fuse_lora"):
+        return "disabled (disable={'fuse_lora'}): PEFT's fp32 adapter math, compiled by Inductor"
     if not ctx.training:
         return f"{ctx.not_training}: left to Inductor"
     if a.in_scale is not None or a.out_scale is not None:

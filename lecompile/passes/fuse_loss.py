@@ -60,8 +60,8 @@ def _is_fp32_cast(node: fx.Node) -> bool:
 
 def _match(ce: fx.Node, ctx) -> Union[str, Tuple[fx.Node, fx.Node, fx.Node, int, str]]:
     """``(linear, logits view, target, ignore_index, reduction)``, or why not."""
-    if not ctx.config.fuse_loss:
-        return "fuse_loss=False: left to Inductor"
+    if not ctx.config.enabled("fuse_loss"):
+        return "disabled (disable={'fuse_loss'}): left to Inductor"
     if not ctx.training:
         return f"{ctx.not_training}: left to Inductor"
     try:

@@ -28,7 +28,7 @@ def rewrite_attention(ctx) -> None:
     changed = False
     for att in ctx.attention:
         entry = AttentionEntry(att.name, att.kind, att.heads, att.query_len, att.head_dim, att.peft,
-                               density=cfg.attn_density, block=cfg.attn_block)
+                               density=cfg.attn_density, block=cfg.tuning.attn_block)
         ctx.report.attention.append(entry)
         entry.note = _why_dense(att, ctx)
         if entry.note:
@@ -45,8 +45,8 @@ def _why_dense(att: AttentionMatch, ctx) -> str:
     cfg = ctx.config
     if cfg.attn_density == 1.0:
         return "attn_density 1.0: dense"
-    if not cfg.rewrite_attention:
-        return "rewrite_attention=False: dense"
+    if not cfg.enabled("rewrite_attention"):
+        return "disabled (disable={'rewrite_attention'}): dense"
     if ctx.dense_warmup:
         return f"dense warm-up graph ({cfg.dense_warmup_steps} steps)"
     if not ctx.training:
@@ -60,23 +60,24 @@ def _why_dense(att: AttentionMatch, ctx) -> str:
         return f"q/k/v are not [batch, heads, seq, dim] (q {q}, k {k}): dense"
     if q[1] != k[1] and not att.enable_gqa:
         return f"{q[1]} query heads but {k[1]} key heads without enable_gqa: dense"
-    if q[-2] % cfg.attn_block or k[-2] % cfg.attn_block:
-        return (f"sequence lengths {q[-2]} / {k[-2]} are not multiples of attn_block={cfg.attn_block}: "
+    block = cfg.tuning.attn_block
+    if q[-2] % block or k[-2] % block:
+        return (f"sequence lengths {q[-2]} / {k[-2]} are not multiples of attn_block={cfg.tuning.attn_block}: "
                 "dense")
     if q[-2] > k[-2]:
         return f"more queries ({q[-2]}) than keys ({k[-2]}): dense"
     tiles = flex_backward_tiles(meta_value(att.q))
-    if tiles and not any(all(cfg.attn_block % t == 0 for t in tile) for tile in tiles):
+    if tiles and not any(all(cfg.tuning.attn_block % t == 0 for t in tile) for tile in tiles):
         need = max(math.lcm(*tile) for tile in tiles)
         return (f"Inductor's FlexAttention backward on this GPU (head dim {q[-1]}) only has tiles {tiles}, which "
-                f"attn_block={cfg.attn_block} is not a multiple of (use attn_block={need}): dense")
+                f"attn_block={cfg.tuning.attn_block} is not a multiple of (use attn_block={need}): dense")
     return ""
 
 
 def _rewrite(ctx, att: AttentionMatch, layouts, allowed) -> None:
     cfg, graph = ctx.config, ctx.gm.graph
     q_len, kv_len = static_shape(att.q)[-2], static_shape(att.k)[-2]
-    n, m = q_len // cfg.attn_block, kv_len // cfg.attn_block
+    n, m = q_len // cfg.tuning.attn_block, kv_len // cfg.tuning.attn_block
     device = meta_value(att.q).device
     steps, operands = list(att.steps), list(att.operands)
     with graph.inserting_before(att.out):
@@ -86,14 +87,14 @@ def _rewrite(ctx, att: AttentionMatch, layouts, allowed) -> None:
         key = (tuple(steps), tuple(operands), att.causal, q_len, kv_len)
         if key not in allowed:
             both = graph.call_function(allowed_blocks, (steps, operands, att.causal, q_len, kv_len,
-                                                        cfg.attn_block, device))
+                                                        cfg.tuning.attn_block, device))
             allowed[key] = tuple(graph.call_function(operator.getitem, (both, i)) for i in range(2))
         any_block, all_block = allowed[key]
         keep = graph.call_function(predict_blocks, (
-            att.q, att.k, any_block, steps, operands, att.causal, cfg.attn_block, cfg.attn_density,
-            cfg.attn_predictor, layouts[(n, m)]))
+            att.q, att.k, any_block, steps, operands, att.causal, cfg.tuning.attn_block, cfg.attn_density,
+            cfg.tuning.attn_predictor, layouts[(n, m)]))
         out = graph.call_function(block_attention, (att.q, att.k, att.v, keep, all_block, steps, operands,
-                                                    att.causal, cfg.attn_block, att.enable_gqa))
+                                                    att.causal, cfg.tuning.attn_block, att.enable_gqa))
         out_dtype = meta_value(att.out).dtype
         if out_dtype != meta_value(att.v).dtype:
             out = graph.call_method("to", (out, out_dtype))

@@ -76,12 +76,12 @@ class ContextSplit:
 def rewrite_mlp(ctx) -> None:
     """Replace every MLP in ``ctx.mlps`` and record each decision in the report."""
     cfg = ctx.config
-    sparse_graph = ctx.mlps and ctx.training and not ctx.dense_warmup and cfg.rewrite_mlp
+    sparse_graph = ctx.mlps and ctx.training and not ctx.dense_warmup and cfg.enabled("rewrite_mlp")
     split = ContextSplit.find(ctx.gm.graph, cfg.dense_output_share if sparse_graph else 0.0)
     for mlp in ctx.mlps:
         layer = layer_index(mlp.name)
         density = cfg.mlp_density_of(layer)
-        k = kept_neurons(density, mlp.ffn, cfg.k_align)
+        k = kept_neurons(density, mlp.ffn, cfg.tuning.k_align)
         group_size, granularity, note = _group_size(mlp.fc1.x, cfg)
         if cfg.mlp_layer_densities and layer is None:
             note = _join(note, "layer index not in the module path: mlp_density used")
@@ -91,14 +91,14 @@ def rewrite_mlp(ctx) -> None:
             continue
         if k == mlp.ffn:
             why = "density 1.0" if density == 1.0 else (
-                f"k rounded up to a multiple of {cfg.k_align} covers all {mlp.ffn} neurons")
+                f"k rounded up to a multiple of {cfg.tuning.k_align} covers all {mlp.ffn} neurons")
             entry.note = _join(entry.note, f"{why}: left dense to Inductor")
             continue
         if not ctx.training:
             entry.note = _join(entry.note, f"{ctx.not_training}: left dense")
             continue
-        if not cfg.rewrite_mlp:
-            entry.note = _join(entry.note, "rewrite_mlp=False: left dense")
+        if not cfg.enabled("rewrite_mlp"):
+            entry.note = _join(entry.note, "disabled (disable={'rewrite_mlp'}): left dense")
             continue
         on = devices(node for lin in (mlp.fc1, mlp.up, mlp.fc2) if lin is not None
                      for node in (lin.x, *vars(lin.adapted).values()))
@@ -133,10 +133,10 @@ def _group_size(x: fx.Node, cfg) -> Tuple[int, str, str]:
     if seq is None:
         return tokens, "batch", "sequence length not found in the graph: one neuron set per batch"
     if cfg.granularity == "tile":
-        if seq % cfg.tile_size == 0:
-            return cfg.tile_size, "tile", ""
+        if seq % cfg.tuning.tile_size == 0:
+            return cfg.tuning.tile_size, "tile", ""
         return seq, "sequence", (f"sequence length {seq} is not a multiple of tile_size="
-                                 f"{cfg.tile_size}: per-sequence neuron sets")
+                                 f"{cfg.tuning.tile_size}: per-sequence neuron sets")
     return seq, "sequence", ""
 
 
@@ -162,7 +162,7 @@ def _rewrite(graph: fx.Graph, mlp: MLPMatch, k: int, group_size: int, cfg,
     dense, the rest sparse (context-only sparsity); ``None``: every group sparse."""
     out = mlp.fc2.out
     with graph.inserting_before(out):
-        dtype = meta_value(mlp.fc1.x).dtype if cfg.fuse_adapters else None
+        dtype = meta_value(mlp.fc1.x).dtype if cfg.enabled("fuse_lora") else None
         fc1 = _operand(graph, mlp.fc1, dtype)
         up = _operand(graph, mlp.up, dtype) if mlp.up else None
         fc2 = _operand(graph, mlp.fc2, dtype)
@@ -175,7 +175,7 @@ def _rewrite(graph: fx.Graph, mlp: MLPMatch, k: int, group_size: int, cfg,
                 n = sum(s < 2 * len(SLOTS) for s in slots)  # the predictor reads fc1 and up only
                 idx = graph.call_function(predict_neurons, (
                     x, params[:n], slots[:n], scales, mlp.activation, cfg.predictor, k, group_size,
-                    cfg.svd_rank, [cfg.learned_train_steps, cfg.learned_refresh]))
+                    cfg.tuning.svd_rank, [cfg.tuning.learned_train_steps, cfg.tuning.learned_refresh]))
             result = graph.call_function(torch.ops.lecompile.sparse_mlp.default, (
                 x, idx, params, slots, scales, mlp.activation, mlp.fc2.lora_dropout))
             return graph.call_function(operator.getitem, (result, 0))
@@ -203,7 +203,7 @@ def _rewrite(graph: fx.Graph, mlp: MLPMatch, k: int, group_size: int, cfg,
 def _operand(graph: fx.Graph, lin: LinearMatch, adapter_dtype: Optional[torch.dtype]) -> AdaptedLinear:
     """The op's view of a matched linear: weight as ``[out, in]``, nodes as arguments.
 
-    With ``adapter_dtype`` (``fuse_adapters``), LoRA's weights are cast to it in the graph (the
+    With ``adapter_dtype`` (the ``fuse_lora`` pass on), LoRA's weights are cast to it in the graph (the
     cast's backward hands fp32 gradients to the fp32 weights), and LoRA reads the layer input
     itself unless dropout makes a separate one.
     """
