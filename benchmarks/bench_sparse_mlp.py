@@ -29,8 +29,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from benchmarks.common import MLP_SHAPES, command_line, meta, write_results
+from lecompile.activations import ACTIVATIONS
 from lecompile.kernels import gather_gemm
-from lecompile.ops.adapted_linear import ACTIVATIONS, AdaptedLinear, pack_mlp
+from lecompile.ops.adapted_linear import AdaptedLinear, pack_mlp
 from lecompile.ops.sparse_mlp import sparse_mlp
 
 TOKENS = {"8x512": (8, 512), "4x2048": (4, 2048)}

@@ -49,6 +49,7 @@ from torch._dynamo.utils import counters
 from benchmarks.common import RESULTS, command_line, meta, write_results
 from benchmarks.sparselora import SlicedOutput, mlp_blocks, replace, sparsify_mlps
 from lecompile import LongExposureBackend, LongExposureConfig
+from lecompile.predictors import PREDICTORS
 
 log = logging.getLogger(__name__)
 
@@ -550,7 +551,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--attn-densities", nargs="+", type=float, default=[1.0],
                         help="attention densities of the lecompile variants (1.0: dense attention)")
     parser.add_argument("--attn-block", type=int, default=128, help="tokens per attention block")
-    parser.add_argument("--predictor", default="svd", choices=("svd", "learned", "oracle"))
+    parser.add_argument("--predictor", default="svd", choices=sorted(PREDICTORS))
     parser.add_argument("--granularity", default="sequence", choices=("sequence", "tile", "batch"))
     parser.add_argument("--no-baselines", action="store_true", help="lecompile variants only")
     parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",

@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 
 from examples.data import batches, load_model, token_splits
 from lecompile import LongExposureBackend, LongExposureConfig
-from lecompile.config import GRANULARITIES, PREDICTORS
+from lecompile.config import GRANULARITIES
+from lecompile.predictors import PREDICTORS
 from lecompile.report import format_table
 
 
@@ -111,7 +112,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default=None, help="local Hugging Face checkpoint (default: SmolLM2-135M)")
     parser.add_argument("--density", type=float, default=1.0,
                         help="MLP density (default 1.0: exact; 0.5 shows sparsity and its cost in held-out loss)")
-    parser.add_argument("--predictor", choices=PREDICTORS, default="svd")
+    parser.add_argument("--predictor", choices=sorted(PREDICTORS), default="svd")
     parser.add_argument("--granularity", choices=GRANULARITIES, default="sequence")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=128)

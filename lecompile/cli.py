@@ -10,7 +10,8 @@ import argparse
 import logging
 import sys
 
-from .config import GRANULARITIES, PREDICTORS
+from .config import GRANULARITIES
+from .predictors import PREDICTORS
 
 
 def _explain(args) -> int:
@@ -50,7 +51,7 @@ def main(argv=None) -> int:
     def common(p, seq):
         p.add_argument("--model", required=True, help="a local Hugging Face checkpoint folder or .gguf file")
         p.add_argument("--density", type=float, default=0.5, help="MLP density (default 0.5)")
-        p.add_argument("--predictor", choices=PREDICTORS, default="svd")
+        p.add_argument("--predictor", choices=sorted(PREDICTORS), default="svd")
         p.add_argument("--granularity", choices=GRANULARITIES, default="sequence")
         p.add_argument("--batch", type=int, default=2)
         p.add_argument("--seq", type=int, default=seq)

@@ -19,7 +19,6 @@ ENV_PREFIX = "LECOMPILE_"
 #: ``LECOMPILE_*`` variables that are not settings (the examples' model cache).
 OTHER_ENV = ("LECOMPILE_CACHE",)
 
-PREDICTORS = ("oracle", "svd", "learned")
 ATTN_PREDICTORS = ("pooled", "oracle")
 GRANULARITIES = ("sequence", "tile", "batch")
 
@@ -140,7 +139,8 @@ class LongExposureConfig:
                              f"run's number of optimizer steps (for example TrainingArguments.max_steps)")
         _check_fraction("attn_density", self.attn_density)
         _check_share("dense_output_share", self.dense_output_share)
-        _check_choice("predictor", self.predictor, PREDICTORS)
+        from .predictors import PREDICTORS
+        _check_choice("predictor", self.predictor, tuple(PREDICTORS))
         _check_choice("granularity", self.granularity, GRANULARITIES)
         _check_bool("cudagraphs", self.cudagraphs)
         self._check_disable()

@@ -246,8 +246,7 @@ def test_density_one_and_other_reasons_leave_attention_dense():
 
 
 def test_blocks_inductors_flex_backward_cannot_tile_leave_attention_dense(monkeypatch):
-    import importlib
-    rewrite_attention = importlib.import_module("lecompile.passes.rewrite_attention")  # the module, not the pass
+    from lecompile.passes import rewrite_attention
     model, inputs = tiny_model("llama", "lora"), attention_batch(padded=False)
     config = LongExposureConfig.create(mlp_density=1.0, attn_density=0.5, attn_block=16)
     monkeypatch.setattr(rewrite_attention, "flex_backward_tiles", lambda q: [(64, 128, 128, 64)])  # H100's

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
+from lecompile.activations import ACTIVATIONS
 from lecompile.ops import AdaptedLinear, expand_linear, reduce_linear, sparse_mlp, sparse_mlp_call
-from lecompile.ops.adapted_linear import ACTIVATIONS, pack_mlp, unpack_mlp
+from lecompile.ops.adapted_linear import pack_mlp, unpack_mlp
 from lecompile.predictors import clear_svd_cache, predict_neurons, top_k
 from lecompile.predictors.oracle import oracle_group_scores
 from lecompile.predictors.svd import group_scores_ref, low_rank, svd_factors, svd_group_scores
@@ -307,7 +308,7 @@ def test_kernel_path_with_fc2_lora_dropout(kernels_on_cpu):
 
 @pytest.mark.parametrize("name", list(ACTIVATIONS))
 def test_activation_grads_match_autograd(name):
-    from lecompile.ops.adapted_linear import ACTIVATION_GRADS
+    from lecompile.activations import ACTIVATION_GRADS
     a = torch.linspace(-6, 6, 1001, dtype=torch.float64, requires_grad=True)
     out, grad = ACTIVATION_GRADS[name](a.detach())
     want = ACTIVATIONS[name](a)

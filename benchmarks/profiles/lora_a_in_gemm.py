@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lecompile.kernels.gather_gemm import _interpreting
+from lecompile.kernels.common import _interpreting
 from lecompile.kernels.lowrank_gemm import _num_sms, _tile, linear_low_rank, rank_block
 
 

@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lecompile.kernels.gather_gemm import AUTOTUNE_CACHE, _dot, _dot_fp32, _interpreting
+from lecompile.kernels.common import AUTOTUNE_CACHE, _dot, _dot_fp32, _interpreting
 from lecompile.kernels.lowrank_gemm import MAX_RANK, rank_block
 
 Tensor = torch.Tensor

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gather_gemm import _interpreting
+from .common import _interpreting
 
 
 @triton.jit

@@ -25,17 +25,24 @@ by a load of cuBLAS's output (written over in place: no extra ``[T, k]`` buffer)
 
 from __future__ import annotations
 
-import inspect
-import os
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-ACT_NONE, ACT_RELU, ACT_GELU, ACT_GELU_TANH, ACT_SILU = 0, 1, 2, 3, 4
-ACT_CODES = {None: ACT_NONE, "relu": ACT_RELU, "gelu": ACT_GELU, "gelu_tanh": ACT_GELU_TANH,
-             "silu": ACT_SILU}
+from ..activations import ACTIVATION_GRADS, ACTIVATIONS
+from .common import (
+    ACT_CODES,
+    ACT_NONE,
+    AUTOTUNE_CACHE,
+    _activate,
+    _activate_with_grad,
+    _dot,
+    _dot_fp32,
+    _interpreting,
+)
+
 #: Token tiles must not straddle groups: ``group_tokens`` must be a multiple of this.
 MIN_GROUP_TOKENS = 16
 #: Groups of at least this many tokens gather their kept rows into a compact copy (``[G, k, d]``,
@@ -45,16 +52,6 @@ MIN_GROUP_TOKENS = 16
 #: main loops lose to cuBLAS (22-43%, ``benchmarks/results/profiles/gather_gemm_main_loops.txt``;
 #: measured in ``benchmarks/results/sparse_mlp.json`` runs 2 and 3).
 COMPACT_MIN_GROUP_TOKENS = 2048
-
-
-#: Autotune results go to Triton's cache directory (Triton >= 3.4), so a new process with the same
-#: shapes skips the benchmarking. (On the H100 a sparse model's first step took up to 174 s, about
-#: 20 s when an earlier run in the same process had tuned the kernels.)
-AUTOTUNE_CACHE = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # (token tile, neuron or feature tile, reduction tile, warps, stages)
@@ -97,49 +94,11 @@ def _prune_ngather(configs, named_args, **kwargs):
 
 
 @triton.jit
-def _dot(a, b, acc, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
-    if DOT_FP32:  # Triton's CPU interpreter gets bf16 dots wrong (triton 3.9): test in fp32
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc, input_precision=PRECISION)
-
-
-@triton.jit
 def _load(ptrs, mask, EVEN: tl.constexpr):
     """A main-loop load: unmasked when the tile cannot cross the edge."""
     if EVEN:
         return tl.load(ptrs)
     return tl.load(ptrs, mask=mask, other=0)
-
-
-@triton.jit
-def _activate(a, ACT: tl.constexpr):
-    if ACT == 1:
-        a = tl.maximum(a, 0.0)
-    elif ACT == 2:
-        a = 0.5 * a * (1.0 + tl.erf(a * 0.7071067811865476))
-    elif ACT == 3:
-        inner = 0.7978845608028654 * (a + 0.044715 * a * a * a)
-        a = 0.5 * a * (1.0 + (2.0 * tl.sigmoid(2.0 * inner) - 1.0))
-    elif ACT == 4:
-        a = a * tl.sigmoid(a)
-    return a
-
-
-@triton.jit
-def _activate_with_grad(a, ACT: tl.constexpr):
-    """``(act(a), act'(a))`` for the backward epilogue."""
-    if ACT == 1:
-        return tl.maximum(a, 0.0), (a > 0).to(tl.float32)
-    elif ACT == 2:
-        cdf = 0.5 * (1.0 + tl.erf(a * 0.7071067811865476))
-        return a * cdf, cdf + a * 0.3989422804014327 * tl.exp(-0.5 * a * a)
-    elif ACT == 3:
-        t = 2.0 * tl.sigmoid(2.0 * 0.7978845608028654 * (a + 0.044715 * a * a * a)) - 1.0
-        grad = 0.5 * (1.0 + t) + 0.5 * a * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * a * a)
-        return 0.5 * a * (1.0 + t), grad
-    else:
-        sig = tl.sigmoid(a)
-        return a * sig, sig * (1.0 + a * (1.0 - sig))
 
 
 @triton.jit
@@ -356,10 +315,6 @@ def _batched(a, m, idx, group_tokens):
             m.index_select(0, idx.reshape(-1)).view(groups, ksel, m.shape[1]))
 
 
-def _dot_fp32(dtype):
-    return _interpreting() and dtype == torch.bfloat16
-
-
 def _precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
@@ -531,7 +486,6 @@ def _neurons_ref(x, idx, group_tokens, n: Neurons):
 
 
 def _act_ref(a, activation):
-    from ..ops.adapted_linear import ACTIVATIONS
     return a if activation is None else ACTIVATIONS[activation](a)
 
 
@@ -552,7 +506,6 @@ def ngather_matmul_ref(x, idx, group_tokens, first, second=None, activation=None
 def ngather_matmul_grad_ref(dy, idx, group_tokens, m, activation, pre, pre_up=None, return_h=False,
                             return_scale_grad=False):
     """PyTorch twin of :func:`ngather_matmul_grad`."""
-    from ..ops.adapted_linear import ACTIVATION_GRADS
     scale = m.out_scale
     dh = _neurons_ref(dy, idx, group_tokens, Neurons(m.m, m.lora, m.bias))
     act, dact = ACTIVATION_GRADS[activation](pre.float())

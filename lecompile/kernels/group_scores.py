@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gather_gemm import ACT_CODES, AUTOTUNE_CACHE, _activate, _interpreting
+from .common import ACT_CODES, AUTOTUNE_CACHE, _activate, _interpreting
 
 
 @triton.jit

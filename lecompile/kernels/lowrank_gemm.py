@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gather_gemm import AUTOTUNE_CACHE, _dot, _dot_fp32, _interpreting
+from .common import AUTOTUNE_CACHE, _dot, _dot_fp32, _interpreting
 
 if "warp_specialize" not in inspect.signature(tl.range).parameters:
     raise ImportError(f"lecompile.kernels.lowrank_gemm needs Triton >= 3.4, found {triton.__version__}")

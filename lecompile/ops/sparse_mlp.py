@@ -25,8 +25,8 @@ from typing import List, Optional
 import torch
 from torch._dynamo.utils import counters
 
+from ..activations import ACTIVATIONS
 from .adapted_linear import (
-    ACTIVATIONS,
     MLP_LINEARS,
     SLOTS,
     AdaptedLinear,

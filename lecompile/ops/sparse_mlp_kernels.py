@@ -24,6 +24,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from ..activations import ACTIVATION_GRADS
 from ..kernels.gather_gemm import (
     MIN_GROUP_TOKENS,
     Neurons,
@@ -33,7 +34,7 @@ from ..kernels.gather_gemm import (
     uses_compact_copies,  # noqa: F401  (the rewrite report asks it here)
 )
 from ..weight_cache import WeightCache
-from .adapted_linear import ACTIVATION_GRADS, SLOTS, AdaptedLinear, _neuron_vector, _scale
+from .adapted_linear import SLOTS, AdaptedLinear, _neuron_vector, _scale
 
 Tensor = torch.Tensor
 _UNSUPPORTED_SLOTS = {li * len(SLOTS) + SLOTS.index(s) for li, s in

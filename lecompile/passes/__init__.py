@@ -17,15 +17,23 @@ import torch.fx as fx
 
 from ..config import LongExposureConfig
 from ..report import MLPEntry, Report, Unmatched
-from .fold_adapters import LinearMatch, fold_adapters
-from .fuse_lora import fuse_lora
-from .fuse_loss import fuse_loss
-from .inline_checkpoints import inline_checkpoints, tag_rewritten_nodes
-from .match_attention import AttentionMatch, match_attention
-from .match_mlp import MLPMatch, match_mlp
-from .norms_from_output import norms_from_output
-from .rewrite_attention import rewrite_attention
-from .rewrite_mlp import kept_neurons, rewrite_mlp
+
+# Modules, not their pass functions: ``lecompile.passes.fuse_lora`` stays the module.
+from . import (
+    fold_adapters,
+    fuse_lora,
+    fuse_loss,
+    inline_checkpoints,
+    match_attention,
+    match_mlp,
+    norms_from_output,
+    rewrite_attention,
+    rewrite_mlp,
+)
+from .fold_adapters import LinearMatch
+from .match_attention import AttentionMatch
+from .match_mlp import MLPMatch
+from .rewrite_mlp import kept_neurons
 
 log = logging.getLogger("lecompile")
 
@@ -82,16 +90,16 @@ class Pass:
 
 #: The pipeline, in order.
 PASSES: Sequence[Pass] = (
-    Pass("inline_checkpoints", inline_checkpoints),
-    Pass("fold_adapters", fold_adapters, when_disabled=None),
-    Pass("match_mlp", match_mlp, when_disabled=None),
-    Pass("match_attention", match_attention),
-    Pass("rewrite_mlp", rewrite_mlp, when_disabled="report"),
-    Pass("rewrite_attention", rewrite_attention, when_disabled="report"),
-    Pass("fuse_lora", fuse_lora, when_disabled="report"),
-    Pass("fuse_loss", fuse_loss, when_disabled="report"),
-    Pass("norms_from_output", norms_from_output),
-    Pass("tag_rewritten_nodes", tag_rewritten_nodes, when_disabled=None),
+    Pass("inline_checkpoints", inline_checkpoints.inline_checkpoints),
+    Pass("fold_adapters", fold_adapters.fold_adapters, when_disabled=None),
+    Pass("match_mlp", match_mlp.match_mlp, when_disabled=None),
+    Pass("match_attention", match_attention.match_attention),
+    Pass("rewrite_mlp", rewrite_mlp.rewrite_mlp, when_disabled="report"),
+    Pass("rewrite_attention", rewrite_attention.rewrite_attention, when_disabled="report"),
+    Pass("fuse_lora", fuse_lora.fuse_lora, when_disabled="report"),
+    Pass("fuse_loss", fuse_loss.fuse_loss, when_disabled="report"),
+    Pass("norms_from_output", norms_from_output.norms_from_output),
+    Pass("tag_rewritten_nodes", inline_checkpoints.tag_rewritten_nodes, when_disabled=None),
 )
 #: The passes ``LongExposureConfig(disable=...)`` can turn off.
 OPTIONAL_PASSES = tuple(p.name for p in PASSES if p.when_disabled is not None)

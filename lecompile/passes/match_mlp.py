@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ..ops.adapted_linear import ACTIVATIONS
+from ..activations import ACTIVATIONS
 from .fold_adapters import LinearMatch
 from .graph import (
     common_prefix,

@@ -170,7 +170,7 @@ def _rewrite(graph: fx.Graph, mlp: MLPMatch, k: int, group_size: int, cfg,
         params, slots, scales = pack_mlp(fc1, up, fc2)
         x = mlp.fc1.x
 
-        def sparse_mlp_call(x, params, idx=None):  # idx None: the predictor's
+        def call_op(x, params, idx=None):  # idx None: the predictor's
             if idx is None:
                 n = sum(s < 2 * len(SLOTS) for s in slots)  # the predictor reads fc1 and up only
                 idx = graph.call_function(predict_neurons, (
@@ -181,7 +181,7 @@ def _rewrite(graph: fx.Graph, mlp: MLPMatch, k: int, group_size: int, cfg,
             return graph.call_function(operator.getitem, (result, 0))
 
         if groups is None:
-            y = sparse_mlp_call(x, params)
+            y = call_op(x, params)
         else:
             order, inverse, dense = groups
 
@@ -194,8 +194,8 @@ def _rewrite(graph: fx.Graph, mlp: MLPMatch, k: int, group_size: int, cfg,
             for i, s in enumerate(slots):
                 if SLOTS[s % len(SLOTS)] == "lora_input":
                     p_dense[i], p_sparse[i] = parts(params[i])
-            y_dense = sparse_mlp_call(x_dense, p_dense, graph.call_function(all_neurons, (x, mlp.ffn)))
-            y_sparse = sparse_mlp_call(x_sparse, p_sparse)
+            y_dense = call_op(x_dense, p_dense, graph.call_function(all_neurons, (x, mlp.ffn)))
+            y_sparse = call_op(x_sparse, p_sparse)
             y = graph.call_function(merge_groups, (y_dense, y_sparse, inverse, group_size, static_shape(x)))
     out.replace_all_uses_with(y)
 

@@ -4,7 +4,8 @@ from typing import Optional
 
 import torch
 
-from ..ops.adapted_linear import ACTIVATIONS, AdaptedLinear, expand_linear
+from ..activations import ACTIVATIONS
+from ..ops.adapted_linear import AdaptedLinear, expand_linear
 
 
 def mlp_intermediate(x: torch.Tensor, fc1: AdaptedLinear, up: Optional[AdaptedLinear],

@@ -13,7 +13,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..ops.adapted_linear import ACTIVATIONS, AdaptedLinear, _scale
+from ..activations import ACTIVATIONS
+from ..ops.adapted_linear import AdaptedLinear, _scale
 from ..weight_cache import WeightCache
 
 try:
