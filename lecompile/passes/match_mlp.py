@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from ..activations import ACTIVATIONS
 from .fold_adapters import LinearMatch
 from .graph import (
+    DROPOUT,
     common_prefix,
     ddp_splits_graphs,
     is_activation,
@@ -175,10 +176,31 @@ def _match(fc2: LinearMatch, sources: List[LinearMatch], region: Set[fx.Node]) -
         sources = sources[::-1]
     up = sources[1] if len(sources) == 2 else None
     name = common_prefix([s.name for s in sources] + [fc2.name]) or f"{sources[0].name}->{fc2.name}"
-    if layer_index(name) is None:
-        return (f"`{name}` is not inside a repeated decoder block (its module path has no layer index: a head "
-                "on top of the model?); only decoder MLPs are rewritten")
+    if layer_index(name) is None and not _writes_residual(fc2.out):
+        return (f"`{name}` is not a decoder MLP: its module path has no layer index and its output is added "
+                "to no residual stream (a head on top of the model?); only decoder MLPs are rewritten")
     return MLPMatch(sources[0], up, fc2, activation, name)
+
+
+def _writes_residual(out: fx.Node, steps: int = 8) -> bool:
+    """Whether ``out`` (through dropout, casts, views and scalings) is added to another tensor:
+    a decoder block's MLP writes into the residual stream. Dynamo compiles one graph per layer
+    for some models, where module paths start at the layer and hold no layer index."""
+    for _ in range(steps):
+        users = list(out.users)
+        if any(_is_add(u) for u in users):
+            return True
+        if len(users) != 1 or not (is_call(users[0], DROPOUT) or is_elementwise(users[0])
+                                   or is_method(users[0], ("view", "reshape"))):
+            return False
+        out = users[0]
+    return False
+
+
+def _is_add(node: fx.Node) -> bool:
+    tensors = [a for a in node.args if isinstance(a, fx.Node)]
+    return len(tensors) == 2 and (is_call(node, (operator.add, operator.iadd, torch.add))
+                                  or is_method(node, ("add", "add_")))
 
 
 def _activation_by_op(region: Set[fx.Node]) -> Optional[str]:
