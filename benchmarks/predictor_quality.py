@@ -21,7 +21,7 @@ from benchmarks.common import RESULTS, command_line, meta, write_results
 from examples.data import load_model, token_splits
 from lecompile.ops.adapted_linear import AdaptedLinear
 from lecompile.predictors import clear_learned, learned_group_scores, oracle_group_scores, recall, svd_group_scores
-from lecompile.predictors.learned import learned_factors
+from lecompile.predictors.learned import learned_factors, train_pending
 
 DENSITIES = (0.5, 0.25)
 
@@ -68,6 +68,7 @@ def main(argv=None):
         mlp = model.model.layers[layer].mlp
         gate, up = AdaptedLinear(mlp.gate_proj.weight.detach()), AdaptedLinear(mlp.up_proj.weight.detach())
         learned_group_scores(train[layer], gate, up, "silu", args.rank, args.seq, args.train_steps, 0)
+        train_pending()
         learned_factors(gate.weight, args.rank).calls = 1 << 30  # trained: score only from now on
         for granularity, group in (("sequence", args.seq), ("tile", 128)):
             x = held[layer]

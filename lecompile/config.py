@@ -147,8 +147,8 @@ class LongExposureConfig:
         if not isinstance(self._tuning, Tuning):
             raise ValueError(f"LongExposureConfig._tuning must be a lecompile.config.Tuning, got {self._tuning!r}")
         if self.predictor == "learned" and self.cudagraphs:
-            raise ValueError("LongExposureConfig: predictor='learned' trains inside the step, which a CUDA "
-                             "graph cannot replay: use cudagraphs=False or predictor='svd'")
+            raise ValueError("LongExposureConfig: predictor='learned' keeps the inputs of the calls it trains on, "
+                             "which a CUDA graph replay does not run: use cudagraphs=False or predictor='svd'")
         if self.dump_dir is not None and not isinstance(self.dump_dir, (str, os.PathLike)):
             raise ValueError(f"LongExposureConfig.dump_dir must be a path or None, "
                              f"got {self.dump_dir!r}")

@@ -34,6 +34,10 @@ class WeightCache:
     def clear(self) -> None:
         self._entries.clear()
 
+    def values(self) -> list:
+        """The cached values of the weights still alive."""
+        return [value for ref, _, value in self._entries.values() if not ref.expired()]
+
     def _prune(self) -> None:
         for key in [k for k, (ref, _, _) in self._entries.items() if ref.expired()]:
             del self._entries[key]

@@ -9,7 +9,7 @@ from torch._dynamo.utils import counters
 import lecompile
 from lecompile import LongExposureConfig
 from lecompile.predictors import clear_svd_cache
-from lecompile.predictors.learned import clear_learned, learned_factors, learned_group_scores
+from lecompile.predictors.learned import clear_learned, learned_factors, learned_group_scores, train_pending
 from lecompile.predictors.op import recall
 from lecompile.predictors.oracle import oracle_group_scores
 from lecompile.predictors.svd import svd_group_scores
@@ -34,6 +34,8 @@ def test_learned_recall_beats_svd_on_held_out_tokens(activation, gated):
     train, test = subspace_tokens(64, 512, 1), subspace_tokens(64, 256, 2)
     counters.clear()
     learned_group_scores(train, fc1, up, activation, RANK, 16, train_steps=300, refresh=0)
+    assert counters["lecompile"]["learned_train_calls"] == 0  # scoring never trains
+    assert train_pending() == 1
     assert counters["lecompile"]["learned_train_calls"] == 1 and counters["lecompile"]["learned_train_ms"] > 0
     exact = oracle_group_scores(test, fc1, up, activation, 0, 16)
     f1 = learned_factors(fc1.weight, RANK)
@@ -52,21 +54,29 @@ def test_learned_schedule_trains_first_calls_then_every_refresh():
     counters.clear()
     for _ in range(7):
         learned_group_scores(x, fc1, None, "relu", RANK, 16, train_steps=1, refresh=5)
+        train_pending()  # what each optimizer step does
     assert counters["lecompile"]["learned_train_calls"] == 4  # calls 0, 1, 2 and 5
 
 
-def test_learned_predictor_trains_in_a_compiled_step_outside_the_model():
+def test_learned_predictor_trains_after_the_optimizer_step_outside_the_model():
+    """The predictor op only scores; the training it asks for runs in the optimizer's post-step
+    hook, outside the compiled step, and changes the factors the next step scores with."""
     clear_learned()
     model = tiny_model("llama", "lora")
     n_params = len(list(model.parameters()))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
     counters.clear()
     torch._dynamo.reset()
     backend = lecompile.longexposure(LongExposureConfig.create(mlp_density=0.5, k_align=64, predictor="learned",
-                                                        learned_train_steps=3))
+                                                               learned_train_steps=3))
     loss = torch.compile(model, backend=backend)(**batch()).loss
     loss.backward()
     assert torch.isfinite(loss) and backend.report.mlp_rewritten == 2
-    assert counters["lecompile"]["learned_train_calls"] == 2  # one MLP call each, trained first
+    assert counters["lecompile"]["learned_train_calls"] == 0  # nothing trained inside the step
+    factors = [f.p.detach().clone() for f in learned_factors.values()]
+    opt.step()
+    assert counters["lecompile"]["learned_train_calls"] == 2  # one per MLP, after the step
+    assert any(not torch.equal(f.p, before) for f, before in zip(learned_factors.values(), factors))
     assert len(list(model.parameters())) == n_params
     assert not any(p.grad is None for p in model.parameters() if p.requires_grad)
 

@@ -5,10 +5,14 @@ activates, and keeps training it as the adapters change. Ours is that network in
 estimator's shape: per frozen weight, trainable factors ``P [in, r]``, ``Q [out, r]`` (initialized
 from the rank-r SVD, so an untrained predictor is the SVD predictor), with the exact LoRA, IA3 and
 bias terms added as in :func:`~lecompile.predictors.svd.low_rank`. Trained to match the exact
-activation magnitudes ``|h|`` of the batch at hand (the exposer's labels; one dense pass), on
-the first :data:`INITIAL_TRAIN_CALLS` calls for each MLP and then every ``refresh`` calls.
+activation magnitudes ``|h|`` of a batch (the exposer's labels; one dense pass), from the
+first :data:`INITIAL_TRAIN_CALLS` calls for each MLP and then every ``refresh`` calls.
 
-Its parameters live here, keyed by the frozen weight; they never enter the model or its
+The predictor op only reads the factors: on a call that is due for training it keeps a copy of
+that call's inputs, and the training runs after the user's next ``optimizer.step()`` (a
+``torch.optim`` post-step hook), outside the compiled step and outside any op. Until then the
+factors of the last training (at first, the SVD's) score the neurons; training updates them in
+place. Its parameters live here, keyed by the frozen weight; they never enter the model or its
 optimizer. Training time and calls are counted in ``torch._dynamo.utils.counters["lecompile"]``
 (``learned_train_calls``, ``learned_train_ms``).
 """
@@ -22,7 +26,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from ..ops.adapted_linear import AdaptedLinear
-from ..weight_cache import WeightCache, on_helper_thread
+from ..weight_cache import WeightCache
 from .oracle import mlp_intermediate
 from .svd import _factorize, estimate, group_scores, group_scores_ref, low_rank
 
@@ -47,9 +51,40 @@ class LearnedFactors:
 learned_factors = WeightCache(LearnedFactors)
 
 
+#: Training due, by the factors of the MLP's first linear: the inputs of the call that asked for it.
+_pending: dict = {}
+_step_hook = None
+
+
 def clear_learned() -> None:
-    """Forget every learned predictor."""
+    """Forget every learned predictor and its pending training."""
     learned_factors.clear()
+    _pending.clear()
+
+
+def train_pending() -> int:
+    """Train every predictor whose training is due; returns how many. Runs after each
+    ``torch.optim`` step (the hook is installed by the first learned predictor call)."""
+    jobs = list(_pending.values())
+    _pending.clear()
+    for job in jobs:
+        _train(*job)
+    return len(jobs)
+
+
+def _after_optimizer_step(optimizer, args, kwargs) -> None:
+    if not getattr(optimizer, "_lecompile_internal", False):  # the predictors' own Adam steps
+        train_pending()
+
+
+def _kept(lin: Optional[AdaptedLinear]) -> Optional[AdaptedLinear]:
+    """``lin`` for training after the step: copies of every tensor but the frozen weight (a model
+    parameter), since the compiled step may reuse the memory of its intermediates (activations,
+    casts of the adapter weights)."""
+    if lin is None:
+        return None
+    return AdaptedLinear(lin.weight, *(t.clone() if isinstance(t, torch.Tensor) else t for t in (
+        lin.bias, lin.lora_input, lin.lora_a, lin.lora_b, lin.in_scale, lin.out_scale)), lin.lora_scale)
 
 
 def _estimate(x, fc1, up, activation, f1: LearnedFactors, f2: Optional[LearnedFactors]):
@@ -90,13 +125,16 @@ def _rows(lin: Optional[AdaptedLinear], rows) -> Optional[AdaptedLinear]:
 def learned_group_scores(x: torch.Tensor, fc1: AdaptedLinear, up: Optional[AdaptedLinear], activation: str,
                          rank: int, group: int, train_steps: int = 20, refresh: int = 100) -> torch.Tensor:
     """Predicted ``sum |h|^2`` per group of ``group`` tokens and neuron: ``[T / group, ffn]``.
-    Trains the factors first on the first calls and every ``refresh`` calls (0: never again)."""
+    On the first calls and every ``refresh`` calls (0: never again) the call's inputs are kept
+    for :func:`train_pending`, which the next optimizer step runs."""
+    global _step_hook
     f1 = learned_factors(fc1.weight, rank)
     f2 = learned_factors(up.weight, rank) if up is not None else None
     if f1.calls < INITIAL_TRAIN_CALLS or (refresh > 0 and f1.calls % refresh == 0):
-        # The predictor runs inside a custom op's kernel, below the autograd dispatch key, where
-        # backward() records nothing; a fresh thread starts with autograd on.
-        on_helper_thread(_train, x.device, x, fc1, up, activation, f1, f2, train_steps)
+        if _step_hook is None:
+            from torch.optim.optimizer import register_optimizer_step_post_hook
+            _step_hook = register_optimizer_step_post_hook(_after_optimizer_step)
+        _pending[id(f1)] = (x.clone(), _kept(fc1), _kept(up), activation, f1, f2, train_steps)
     f1.calls += 1
     with torch.no_grad():
         first = low_rank(x, fc1, 0, factors=(f1.p.detach(), f1.q.detach()))
