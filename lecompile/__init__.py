@@ -12,6 +12,8 @@ import logging
 
 from .backend import LongExposureBackend, explain, longexposure
 from .config import LongExposureConfig
+from .predictors.learned import load_state_dict as load_predictor_state_dict
+from .predictors.learned import state_dict as predictor_state_dict
 from .report import Report
 from .sensitivity import auto_layer_densities
 
@@ -30,4 +32,5 @@ def _register_torch_logs() -> None:
 _register_torch_logs()
 
 __version__ = "0.1.0"
-__all__ = ["LongExposureBackend", "LongExposureConfig", "Report", "auto_layer_densities", "explain", "longexposure"]
+__all__ = ["LongExposureBackend", "LongExposureConfig", "Report", "auto_layer_densities", "explain",
+           "load_predictor_state_dict", "longexposure", "predictor_state_dict"]

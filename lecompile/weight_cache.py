@@ -22,14 +22,22 @@ class WeightCache:
         self._entries: Dict[tuple, Tuple[StorageWeakRef, int, Any]] = {}
 
     def __call__(self, weight: torch.Tensor, *args) -> Any:
-        key = (weight.data_ptr(), tuple(weight.shape), tuple(weight.stride()), weight.dtype,
-               weight.device, *args)
-        hit = self._entries.get(key)
+        hit = self._entries.get(_key(weight, args))
         if hit is None or hit[0].expired() or hit[1] != weight._version:
-            self._prune()
-            hit = self._entries[key] = (StorageWeakRef(weight.untyped_storage()), weight._version,
-                                        _outside_graph_pools(self.compute, weight.detach(), *args))
+            return self.put(weight, args, _outside_graph_pools(self.compute, weight.detach(), *args))
         return hit[2]
+
+    def put(self, weight: torch.Tensor, args: tuple, value: Any) -> Any:
+        """Cache ``value`` as ``compute(weight, *args)`` for the weight's current version."""
+        self._prune()
+        self._entries[_key(weight, args)] = (StorageWeakRef(weight.untyped_storage()), weight._version, value)
+        return value
+
+    def entries_of(self, weight: torch.Tensor) -> Dict[tuple, Any]:
+        """``{args: value}`` of the entries cached for the weight's current version."""
+        head = _key(weight, ())
+        return {key[len(head):]: value for key, (ref, version, value) in self._entries.items()
+                if key[:len(head)] == head and not ref.expired() and version == weight._version}
 
     def clear(self) -> None:
         self._entries.clear()
@@ -41,6 +49,10 @@ class WeightCache:
     def _prune(self) -> None:
         for key in [k for k, (ref, _, _) in self._entries.items() if ref.expired()]:
             del self._entries[key]
+
+
+def _key(weight: torch.Tensor, args: tuple) -> tuple:
+    return (weight.data_ptr(), tuple(weight.shape), tuple(weight.stride()), weight.dtype, weight.device, *args)
 
 
 def _outside_graph_pools(compute: Callable[..., Any], weight: torch.Tensor, *args) -> Any:

@@ -84,3 +84,43 @@ def test_learned_predictor_trains_after_the_optimizer_step_outside_the_model():
 def test_learned_with_cudagraphs_is_refused():
     with pytest.raises(ValueError, match="cudagraphs=False or predictor='svd'"):
         LongExposureConfig(predictor="learned", cudagraphs=True)
+
+
+@pytest.mark.slow
+def test_a_resumed_run_goes_on_exactly_with_the_saved_predictor():
+    config = LongExposureConfig.create(mlp_density=0.5, k_align=64, predictor="learned", learned_train_steps=3,
+                                       learned_refresh=2)
+
+    def fresh():  # a new process, as far as lecompile and Dynamo know
+        clear_learned()
+        torch._dynamo.reset()
+        model = tiny_model("llama", "lora")
+        return model, torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+
+    def steps(model, opt, seeds):
+        compiled = torch.compile(model, backend=lecompile.longexposure(config))
+        losses = []
+        for seed in seeds:
+            loss = compiled(**batch(seed)).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        return losses
+
+    model, opt = fresh()
+    steps(model, opt, (1, 2))
+    checkpoint = ({k: v.clone() for k, v in model.state_dict().items()}, opt.state_dict(),
+                  lecompile.predictor_state_dict(model))
+    assert checkpoint[2], "no learned predictor state was saved"
+    uninterrupted = steps(model, opt, (3, 4))
+    resumed, without_predictor = [], []
+    for out, load_predictor in ((resumed, True), (without_predictor, False)):
+        model, opt = fresh()
+        model.load_state_dict(checkpoint[0])
+        opt.load_state_dict(checkpoint[1])
+        if load_predictor:
+            lecompile.load_predictor_state_dict(model, checkpoint[2])
+        out += steps(model, opt, (3, 4))
+    assert resumed == uninterrupted
+    assert without_predictor != uninterrupted  # the predictor's state is what the equality needs

@@ -62,6 +62,36 @@ def clear_learned() -> None:
     _pending.clear()
 
 
+def state_dict(model: torch.nn.Module) -> dict:
+    """The learned predictors of ``model``'s weights, by parameter name (factors, their Adam
+    state, calls so far): save it with the training state, so a resumed run goes on with the
+    predictor it had instead of training a new one."""
+    state = {}
+    for name, weight in model.named_parameters():
+        for (rank,), f in learned_factors.entries_of(weight).items():
+            state[f"{name}@{rank}"] = {"p": f.p.detach().clone(), "q": f.q.detach().clone(), "calls": f.calls,
+                                       "optimizer": f.optimizer.state_dict()}
+    return state
+
+
+def load_state_dict(model: torch.nn.Module, state: dict) -> None:
+    """Restore what :func:`state_dict` saved, after the model's own weights are loaded. Names
+    that ``model`` lacks are an error."""
+    weights = dict(model.named_parameters())
+    for key, saved in state.items():
+        name, _, rank = key.rpartition("@")
+        if name not in weights:
+            raise KeyError(f"learned predictor state for {name!r}, which the model has no parameter of")
+        weight = weights[name]
+        f = LearnedFactors(weight.detach(), int(rank))
+        with torch.no_grad():
+            f.p.copy_(saved["p"])
+            f.q.copy_(saved["q"])
+        f.optimizer.load_state_dict(saved["optimizer"])
+        f.calls = saved["calls"]
+        learned_factors.put(weight, (int(rank),), f)
+
+
 def train_pending() -> int:
     """Train every predictor whose training is due; returns how many. Runs after each
     ``torch.optim`` step (the hook is installed by the first learned predictor call)."""
