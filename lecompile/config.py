@@ -251,7 +251,8 @@ class LongExposureConfig:
 PRESETS = {
     # Every block dense: the same loss and gradients as Inductor, adapters, loss and norms fused.
     "exact": {},
-    # Sparse MLPs and attention, CUDA graphs: the fastest setting measured, at a cost in held-out loss.
+    # Sparse MLPs and attention with CUDA graphs, as timed in docs/results.md: faster, at a cost in
+    # held-out loss (its quality table).
     "fast": {"mlp_density": 0.25, "attn_density": 0.5, "cudagraphs": True},
 }
 
