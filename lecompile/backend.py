@@ -89,7 +89,7 @@ class LongExposureBackend:
             self._warned_python_bound = True
             log.warning("%d sparse MLP(s) on CUDA without CUDA graphs: each costs about 2 ms of Python on the CPU "
                         "per training step, which on an H100 made OPT-1.3B's sparse steps slower than dense ones "
-                        "(README, Results). Set LongExposureConfig(cudagraphs=True) (LECOMPILE_CUDAGRAPHS=1) or "
+                        "(docs/design-notes.md). Set LongExposureConfig(cudagraphs=True) (LECOMPILE_CUDAGRAPHS=1) or "
                         "torch.compile(..., mode=\"reduce-overhead\"); not with predictor='learned' or FSDP2 "
                         "(docs/training-stacks.md).", report.mlp_rewritten)
         if not self.inductor:  # explain(): AOTAutograd as the real path runs it, without Inductor's codegen

@@ -49,8 +49,8 @@ MIN_GROUP_TOKENS = 16
 #: alive for one GEMM) and run the GEMM on cuBLAS. The copy moves ``4 k d`` bytes for ``2 k d``
 #: flops per token of the group: on the H100 (3.35 TB/s, about 990 dense bf16 TFLOP/s) about
 #: 590 / group_tokens of the GEMM's time, less from about 2048 tokens per group on than the gather
-#: main loops lose to cuBLAS (22-43%, ``benchmarks/results/profiles/gather_gemm_main_loops.txt``;
-#: measured in ``benchmarks/results/sparse_mlp.json`` runs 2 and 3).
+#: main loops lose to cuBLAS (22-43%, ``benchmarks/results/profiles/gather_gemm_main_loops.txt``
+#: and ``benchmarks/results/sparse_mlp.json``).
 COMPACT_MIN_GROUP_TOKENS = 2048
 
 
