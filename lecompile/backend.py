@@ -61,8 +61,8 @@ class LongExposureBackend:
     def __call__(self, gm: fx.GraphModule, example_inputs, mode: Optional[str] = None,
                  options: Optional[dict] = None):
         patches = _inductor_patches(mode, options, self.config)
-        training = _compiled_module_training() and is_training_graph(example_inputs)
-        if self.inductor and self.config.dense_warmup_steps and training:
+        module_training = _compiled_module_training()
+        if self.inductor and self.config.dense_warmup_steps and module_training and is_training_graph(example_inputs):
             if self._warmup_until is None:
                 self._warmup_until = optimizer_steps() + self.config.dense_warmup_steps
             if optimizer_steps() < self._warmup_until:
@@ -70,14 +70,15 @@ class LongExposureBackend:
                 dense = self._compile(gm, example_inputs, patches, dense_warmup=True)
                 return WarmupSwitch(dense, lambda args: self._compile(sparse_graph, args, patches),
                                      self._warmup_until)
-        return self._compile(gm, example_inputs, patches)
+        return self._compile(gm, example_inputs, patches, module_training=module_training)
 
-    def _compile(self, gm: fx.GraphModule, example_inputs, patches: dict, dense_warmup: bool = False):
+    def _compile(self, gm: fx.GraphModule, example_inputs, patches: dict, dense_warmup: bool = False,
+                 module_training: bool = True):
         graph_id = next(_graph_ids)
         dump_dir = self.config.resolved_dump_dir()
         before = gm.code if dump_dir else None
         report = run_passes(gm, example_inputs, self.config, dense_warmup=dense_warmup,
-                            module_training=_compiled_module_training())
+                            module_training=module_training)
         self.reports.append(report)
         log.info("graph %d%s: %d MLP block(s) rewritten of %d matched, %d attention block(s) (%d rewritten), "
                  "%d unmatched", graph_id, " (dense warm-up)" if dense_warmup else "", report.mlp_rewritten,
