@@ -201,3 +201,10 @@ def test_layer_densities_reach_their_layers_without_peft(how):
         torch.compile(model, backend=backend)(**batch())
     k = {e.layer: e.k for e in backend.report.mlp}
     assert k == {"model.layers.0.mlp": FFN // 4, "model.layers.1.mlp": FFN}, k
+
+
+def test_more_layer_densities_than_layers_is_an_error():
+    model = tiny_model("llama", "lora")
+    config = LongExposureConfig.create(**SPARSE, mlp_layer_densities=(1.0, 0.5, 0.5))
+    with pytest.raises(Exception, match="mlp_layer_densities has 3 entries, but the model has 2 decoder layers"):
+        torch.compile(model, backend=lecompile.longexposure(config))(**batch()).loss.backward()

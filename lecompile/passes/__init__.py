@@ -31,6 +31,7 @@ from . import (
     rewrite_mlp,
 )
 from .fold_adapters import LinearMatch
+from .graph import layer_index
 from .match_attention import AttentionMatch
 from .match_mlp import MLPMatch
 from .rewrite_mlp import kept_neurons
@@ -125,7 +126,18 @@ def run_passes(gm: fx.GraphModule, example_inputs, config: LongExposureConfig,
     for p in PASSES:
         if config.enabled(p.name) or p.when_disabled == "report":
             p.run(ctx)
+    _check_layer_densities(ctx)
     return ctx.report
+
+
+def _check_layer_densities(ctx: PassContext) -> None:
+    """``mlp_layer_densities`` entries past the model's last decoder layer are an error, found on
+    a graph that holds the whole stack: decoder layer 0 through the loss."""
+    entries = len(ctx.config.mlp_layer_densities)
+    layers = {layer_index(m.name) for m in ctx.mlps} - {None}
+    if entries and ctx.report.losses and 0 in layers and entries > max(layers) + 1:
+        raise ValueError(f"LongExposureConfig.mlp_layer_densities has {entries} entries, but the model has "
+                         f"{max(layers) + 1} decoder layers")
 
 
 def is_training_graph(example_inputs) -> bool:
