@@ -35,20 +35,35 @@ class WarmupSwitch:
 
 _step_count = 0
 _step_hook = None
+_after_step: list = []
 
 
 def optimizer_steps() -> int:
     """``torch.optim`` optimizer steps taken in this process since lecompile started counting
     (the first warm-up graph installs a global post-step hook)."""
+    _install_step_hook()
+    return _step_count
+
+
+def after_each_step(callback) -> None:
+    """Call ``callback()`` after every ``torch.optim`` step of the user's training loop (the
+    predictors' own optimizers, marked ``_lecompile_internal``, do not count)."""
+    _install_step_hook()
+    if callback not in _after_step:
+        _after_step.append(callback)
+
+
+def _install_step_hook() -> None:
     global _step_hook
     if _step_hook is None:
         def count(optimizer, args, kwargs):
             global _step_count
             if not getattr(optimizer, "_lecompile_internal", False):  # the learned predictor's own
                 _step_count += 1
+                for callback in _after_step:
+                    callback()
         from torch.optim.optimizer import register_optimizer_step_post_hook
         _step_hook = register_optimizer_step_post_hook(count)
-    return _step_count
 
 
 def copy_graph(gm: fx.GraphModule) -> fx.GraphModule:

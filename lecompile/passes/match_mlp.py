@@ -7,9 +7,10 @@ other, such as ``hardtanh``, is refused); a region without one must be a formula
 ``tanh``, ``erf`` or ``sigmoid`` (a hand-written GELU or SiLU). Either way the region is then evaluated on probe values
 and compared with that activation, which checks the gating order and the formula's constants.
 
-Only MLPs inside a repeated block (a module path with a layer index, ``model.layers.3.mlp``) are
-matched: a head on top of the model that happens to read Linear -> activation -> Linear is not a
-decoder MLP, and is reported and left to Inductor.
+Only decoder MLPs are matched: inside a repeated block (a module path with a layer index,
+``model.layers.3.mlp``) or writing into a residual stream (graphs of one layer, whose paths start
+at the layer). A head on top of the model that happens to read Linear -> activation -> Linear is
+reported and left to Inductor.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from ..ops.adapted_linear import AdaptedLinear
+from ..warmup import after_each_step
 from ..weight_cache import WeightCache
 from .oracle import mlp_intermediate
 from .svd import _factorize, estimate, group_scores, group_scores_ref, low_rank
@@ -53,7 +54,6 @@ learned_factors = WeightCache(LearnedFactors)
 
 #: Training due, by the factors of the MLP's first linear: the inputs of the call that asked for it.
 _pending: dict = {}
-_step_hook = None
 
 
 def clear_learned() -> None:
@@ -100,11 +100,6 @@ def train_pending() -> int:
     for job in jobs:
         _train(*job)
     return len(jobs)
-
-
-def _after_optimizer_step(optimizer, args, kwargs) -> None:
-    if not getattr(optimizer, "_lecompile_internal", False):  # the predictors' own Adam steps
-        train_pending()
 
 
 def _kept(lin: Optional[AdaptedLinear]) -> Optional[AdaptedLinear]:
@@ -157,13 +152,10 @@ def learned_group_scores(x: torch.Tensor, fc1: AdaptedLinear, up: Optional[Adapt
     """Predicted ``sum |h|^2`` per group of ``group`` tokens and neuron: ``[T / group, ffn]``.
     On the first calls and every ``refresh`` calls (0: never again) the call's inputs are kept
     for :func:`train_pending`, which the next optimizer step runs."""
-    global _step_hook
     f1 = learned_factors(fc1.weight, rank)
     f2 = learned_factors(up.weight, rank) if up is not None else None
     if f1.calls < INITIAL_TRAIN_CALLS or (refresh > 0 and f1.calls % refresh == 0):
-        if _step_hook is None:
-            from torch.optim.optimizer import register_optimizer_step_post_hook
-            _step_hook = register_optimizer_step_post_hook(_after_optimizer_step)
+        after_each_step(train_pending)
         _pending[id(f1)] = (x.clone(), _kept(fc1), _kept(up), activation, f1, f2, train_steps)
     f1.calls += 1
     with torch.no_grad():
