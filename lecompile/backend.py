@@ -16,6 +16,7 @@ import torch.fx as fx
 from .config import LongExposureConfig
 from .passes import is_training_graph, run_passes
 from .passes.fuse_loss import with_returned_logits
+from .predictors.learned import calibration_due
 from .report import Report
 from .warmup import WarmupSwitch, copy_graph, optimizer_steps
 
@@ -62,14 +63,19 @@ class LongExposureBackend:
                  options: Optional[dict] = None):
         patches = _inductor_patches(mode, options, self.config)
         module_training = _compiled_module_training()
-        if self.inductor and self.config.dense_warmup_steps and module_training and is_training_graph(example_inputs):
+        learned = self.config.learned_mlp
+        if (self.inductor and (self.config.dense_warmup_steps or learned) and module_training
+                and is_training_graph(example_inputs)):
             if self._warmup_until is None:
                 self._warmup_until = optimizer_steps() + self.config.dense_warmup_steps
-            if optimizer_steps() < self._warmup_until:
+            if optimizer_steps() < self._warmup_until or learned:
                 sparse_graph = copy_graph(gm)
-                dense = self._compile(gm, example_inputs, patches, dense_warmup=True)
+                # The learned predictor's calibration graph records in Python: never a CUDA graph.
+                dense_patches = {k: v for k, v in patches.items() if k != "triton.cudagraphs"} if learned else patches
+                dense = self._compile(gm, example_inputs, dense_patches, dense_warmup=True)
+                calibrate = functools.partial(calibration_due, self.config.tuning.learned_refresh) if learned else None
                 return WarmupSwitch(dense, lambda args: self._compile(sparse_graph, args, patches),
-                                     self._warmup_until)
+                                    self._warmup_until, calibrate)
         return self._compile(gm, example_inputs, patches, module_training=module_training)
 
     def _compile(self, gm: fx.GraphModule, example_inputs, patches: dict, dense_warmup: bool = False,
@@ -91,7 +97,7 @@ class LongExposureBackend:
             log.warning("%d sparse MLP(s) on CUDA without CUDA graphs: each costs about 2 ms of Python on the CPU "
                         "per training step, which on an H100 made OPT-1.3B's sparse steps slower than dense ones "
                         "(docs/design-notes.md). Set LongExposureConfig(cudagraphs=True) (LECOMPILE_CUDAGRAPHS=1) or "
-                        "torch.compile(..., mode=\"reduce-overhead\"); not with predictor='learned' or FSDP2 "
+                        "torch.compile(..., mode=\"reduce-overhead\"); not with FSDP2 "
                         "(docs/training-stacks.md).", report.mlp_rewritten)
         if not self.inductor:  # explain(): AOTAutograd as the real path runs it, without Inductor's codegen
             from torch._dynamo.backends.common import aot_autograd

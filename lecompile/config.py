@@ -38,7 +38,8 @@ class Tuning:
     svd_rank: int = 8
     #: Learned predictor: optimizer steps per training call (each on up to 1024 tokens).
     learned_train_steps: int = 20
-    #: Learned predictor: retrain every this many calls per MLP (0: only the first calls).
+    #: Learned predictor: one calibration step (dense, recording MLP inputs, training after the
+    #: optimizer step) in every this many optimizer steps; 0: only the first (or the warm-up's).
     learned_refresh: int = 100
     #: ``k`` is rounded up to a multiple of this (kernel tile; unaligned k ran 2-3x slower).
     k_align: int = 128
@@ -57,7 +58,7 @@ class Tuning:
         _check_int("svd_rank", self.svd_rank, "an integer >= 1", lambda v: v >= 1)
         _check_int("k_align", self.k_align, "an integer >= 1", lambda v: v >= 1)
         _check_int("learned_train_steps", self.learned_train_steps, "an integer >= 1", lambda v: v >= 1)
-        _check_int("learned_refresh", self.learned_refresh, "an integer >= 0", lambda v: v >= 0)
+        _check_int("learned_refresh", self.learned_refresh, "0 or an integer >= 2", lambda v: v == 0 or v >= 2)
         for name in ("share_lora_input", "lora_in_gemm", "recompute_pointwise"):
             _check_bool(name, getattr(self, name))
 
@@ -86,8 +87,9 @@ class LongExposureConfig:
     attn_density: float = 1.0
     #: How neuron indices are predicted: ``"svd"`` (training-free rank-8 estimate from the frozen
     #: weights plus the exact adapter terms), ``"learned"`` (those factors trained on the exact
-    #: activations of the first batches; not with ``cudagraphs``) or ``"oracle"`` (exact top-k of
-    #: the dense activation: costs a dense pass; tests and upper bounds).
+    #: activations of dense calibration steps: the warm-up, at least one step, then one step in
+    #: 100; frozen in between) or ``"oracle"`` (exact top-k of the dense activation: costs a dense
+    #: pass; tests and upper bounds).
     predictor: str = "svd"
     #: Tokens that share one neuron set: ``"sequence"``, ``"tile"`` (128 consecutive tokens of a
     #: sequence) or ``"batch"``.
@@ -146,9 +148,6 @@ class LongExposureConfig:
         self._check_disable()
         if not isinstance(self._tuning, Tuning):
             raise ValueError(f"LongExposureConfig._tuning must be a lecompile.config.Tuning, got {self._tuning!r}")
-        if self.predictor == "learned" and self.cudagraphs:
-            raise ValueError("LongExposureConfig: predictor='learned' keeps the inputs of the calls it trains on, "
-                             "which a CUDA graph replay does not run: use cudagraphs=False or predictor='svd'")
         if self.dump_dir is not None and not isinstance(self.dump_dir, (str, os.PathLike)):
             raise ValueError(f"LongExposureConfig.dump_dir must be a path or None, "
                              f"got {self.dump_dir!r}")
@@ -236,6 +235,11 @@ class LongExposureConfig:
     def sparse(self) -> bool:
         """Whether any MLP or attention density is below 1."""
         return min(self.mlp_density, self.attn_density, *self.mlp_layer_densities) < 1.0
+
+    @property
+    def learned_mlp(self) -> bool:
+        """Whether sparse MLPs use the learned predictor (which calibrates on dense steps)."""
+        return self.predictor == "learned" and min((self.mlp_density, *self.mlp_layer_densities)) < 1.0
 
     @property
     def dense_warmup_steps(self) -> int:

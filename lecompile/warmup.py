@@ -1,4 +1,5 @@
-"""Dense warm-up: run a graph dense for the first optimizer steps, then switch to its sparse form.
+"""Dense warm-up: run a graph dense for the first optimizer steps, then switch to its sparse form
+(and back to dense for the learned predictor's calibration steps).
 
 Steps are counted with a process-wide ``torch.optim`` post-step hook (optimizers marked
 ``_lecompile_internal``, such as the learned predictor's, are not counted), so a warm-up of N
@@ -9,8 +10,10 @@ layer-shared graphs the model has.
 from __future__ import annotations
 
 import logging
+from typing import Callable, Optional
 
 import torch.fx as fx
+from torch._dynamo.utils import counters
 
 log = logging.getLogger("lecompile")
 
@@ -18,18 +21,25 @@ log = logging.getLogger("lecompile")
 class WarmupSwitch:
     """A compiled graph that runs ``dense`` until the process has taken ``until`` optimizer steps,
     then compiles the sparse graph once (at its first call, with that call's inputs as example
-    inputs) and runs it."""
+    inputs) and runs it. With ``calibrate``, the dense graph is kept and also runs whenever
+    ``calibrate()`` says so (the learned predictor's calibration steps). Calls of either form are
+    counted in ``torch._dynamo.utils.counters["lecompile"]`` (``dense_graph_calls``,
+    ``sparse_graph_calls``)."""
 
-    def __init__(self, dense, compile_sparse, until: int):
+    def __init__(self, dense, compile_sparse, until: int, calibrate: Optional[Callable[[], bool]] = None):
         self.dense, self.compile_sparse, self.sparse, self.until = dense, compile_sparse, None, until
+        self.calibrate = calibrate
 
     def __call__(self, *args):
+        if optimizer_steps() < self.until or (self.calibrate is not None and self.calibrate()):
+            counters["lecompile"]["dense_graph_calls"] += 1
+            return self.dense(*args)
+        counters["lecompile"]["sparse_graph_calls"] += 1
         if self.sparse is None:
-            if optimizer_steps() < self.until:
-                return self.dense(*args)
             log.info("dense warm-up over (optimizer step %d): compiling the sparse graph", self.until)
             self.sparse = self.compile_sparse(list(args))
-            self.dense = None
+            if self.calibrate is None:
+                self.dense = None
         return self.sparse(*args)
 
 

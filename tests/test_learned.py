@@ -9,7 +9,14 @@ from torch._dynamo.utils import counters
 import lecompile
 from lecompile import LongExposureConfig
 from lecompile.predictors import clear_svd_cache
-from lecompile.predictors.learned import clear_learned, learned_factors, learned_group_scores, train_pending
+from lecompile.predictors.learned import (
+    calibration_due,
+    clear_learned,
+    learned_factors,
+    learned_group_scores,
+    observe,
+    train_pending,
+)
 from lecompile.predictors.op import recall
 from lecompile.predictors.oracle import oracle_group_scores
 from lecompile.predictors.svd import svd_group_scores
@@ -33,57 +40,88 @@ def test_learned_recall_beats_svd_on_held_out_tokens(activation, gated):
     fc1, up, _ = make_mlp(64, 512, torch.float32, gated, "lora")
     train, test = subspace_tokens(64, 512, 1), subspace_tokens(64, 256, 2)
     counters.clear()
-    learned_group_scores(train, fc1, up, activation, RANK, 16, train_steps=300, refresh=0)
-    assert counters["lecompile"]["learned_train_calls"] == 0  # scoring never trains
+    observe(train, fc1, up, activation, RANK, train_steps=300)
+    assert counters["lecompile"]["learned_train_calls"] == 0  # recording never trains
     assert train_pending() == 1
     assert counters["lecompile"]["learned_train_calls"] == 1 and counters["lecompile"]["learned_train_ms"] > 0
     exact = oracle_group_scores(test, fc1, up, activation, 0, 16)
-    f1 = learned_factors(fc1.weight, RANK)
-    f1.calls = 10  # past the initial training calls: score only
-    learned = learned_group_scores(test, fc1, up, activation, RANK, 16, train_steps=300, refresh=0)
+    learned = learned_group_scores(test, fc1, up, activation, RANK, 16)
     svd = svd_group_scores(test, fc1, up, activation, RANK, 16)
     r_learned, r_svd = recall(learned, exact, 128), recall(svd, exact, 128)
     assert r_learned > r_svd + 0.05, (r_learned, r_svd)
     assert recall(exact, exact, 128) == pytest.approx(1.0)
 
 
-def test_learned_schedule_trains_first_calls_then_every_refresh():
+def test_calibration_is_due_until_trained_then_once_per_refresh():
     clear_learned()
     fc1, _, _ = make_mlp(16, 128, torch.float32, False, "none")
-    x = torch.randn(64, 16)
-    counters.clear()
-    for _ in range(7):
-        learned_group_scores(x, fc1, None, "relu", RANK, 16, train_steps=1, refresh=5)
-        train_pending()  # what each optimizer step does
-    assert counters["lecompile"]["learned_train_calls"] == 4  # calls 0, 1, 2 and 5
+    assert calibration_due(refresh=4)  # no predictor yet
+    learned_group_scores(torch.randn(64, 16), fc1, None, "relu", RANK, 16)
+    assert calibration_due(refresh=4)  # scoring alone trains nothing
+    calibrated = []
+    for _ in range(9):  # a step (recording when due), then the optimizer's post-step hook
+        due = calibration_due(refresh=4)
+        if due:
+            observe(torch.randn(64, 16), fc1, None, "relu", RANK, train_steps=1)
+        train_pending()
+        calibrated.append(due)
+    assert calibrated == [True, False, False, False] * 2 + [True]
+    assert learned_factors(fc1.weight, RANK).calls == 3
+    assert not calibration_due(refresh=0)  # trained once: never again
 
 
-def test_learned_predictor_trains_after_the_optimizer_step_outside_the_model():
-    """The predictor op only scores; the training it asks for runs in the optimizer's post-step
-    hook, outside the compiled step, and changes the factors the next step scores with."""
+def _compile_patches(monkeypatch):
+    """The Inductor config patches of every graph the backend compiles, in order."""
+    import torch._inductor.compile_fx as compile_fx
+    seen, real, depth = [], compile_fx.compile_fx, [0]
+
+    def spy(gm, example_inputs, config_patches=None, **kwargs):
+        if depth[0] == 0:  # compile_fx calls itself once the patches are applied
+            seen.append(dict(config_patches or {}))
+        depth[0] += 1
+        try:
+            return real(gm, example_inputs, config_patches=config_patches, **kwargs)
+        finally:
+            depth[0] -= 1
+
+    monkeypatch.setattr(compile_fx, "compile_fx", spy)
+    return seen
+
+
+def test_learned_predictor_calibrates_on_dense_steps_and_trains_after_them(monkeypatch):
+    """Step 0 runs dense and records each MLP's input; the training runs in the optimizer's
+    post-step hook, outside the compiled step; then sparse steps, with one dense calibration
+    step in every ``learned_refresh``. The calibration graph is never a CUDA graph."""
     clear_learned()
     model = tiny_model("llama", "lora")
     n_params = len(list(model.parameters()))
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
     counters.clear()
     torch._dynamo.reset()
-    backend = lecompile.longexposure(LongExposureConfig.create(mlp_density=0.5, k_align=64, predictor="learned",
-                                                               learned_train_steps=3))
-    loss = torch.compile(model, backend=backend)(**batch()).loss
-    loss.backward()
-    assert torch.isfinite(loss) and backend.report.mlp_rewritten == 2
-    assert counters["lecompile"]["learned_train_calls"] == 0  # nothing trained inside the step
-    factors = [f.p.detach().clone() for f in learned_factors.values()]
-    opt.step()
-    assert counters["lecompile"]["learned_train_calls"] == 2  # one per MLP, after the step
-    assert any(not torch.equal(f.p, before) for f, before in zip(learned_factors.values(), factors))
+    patches = _compile_patches(monkeypatch)
+    backend = lecompile.longexposure(LongExposureConfig.create(
+        mlp_density=0.5, k_align=64, predictor="learned", learned_train_steps=3, learned_refresh=3, cudagraphs=True))
+    compiled = torch.compile(model, backend=backend)
+    sparse_calls, trainings = [], []
+    for step in range(7):
+        calls = counters["lecompile"]["sparse_mlp_calls"]
+        loss = compiled(**batch(step)).loss
+        loss.backward()
+        assert torch.isfinite(loss)
+        if step == 0:
+            assert counters["lecompile"]["learned_train_calls"] == 0  # nothing trained inside the step
+            factors = [f.p.detach().clone() for f in learned_factors.values()]
+        opt.step()
+        if step == 0:
+            assert any(not torch.equal(f.p, before) for f, before in zip(learned_factors.values(), factors))
+        sparse_calls.append(counters["lecompile"]["sparse_mlp_calls"] - calls)
+        trainings.append(counters["lecompile"]["learned_train_calls"])
+    assert [c > 0 for c in sparse_calls] == [False, True, True, False, True, True, False]
+    assert trainings == [2, 2, 2, 4, 4, 4, 6]  # one per MLP after each dense step
+    assert [p.get("triton.cudagraphs", False) for p in patches] == [False, True]  # calibration, sparse
+    assert backend.report.mlp_rewritten == 2
     assert len(list(model.parameters())) == n_params
     assert not any(p.grad is None for p in model.parameters() if p.requires_grad)
-
-
-def test_learned_with_cudagraphs_is_refused():
-    with pytest.raises(ValueError, match="cudagraphs=False or predictor='svd'"):
-        LongExposureConfig(predictor="learned", cudagraphs=True)
 
 
 @pytest.mark.slow

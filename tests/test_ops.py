@@ -6,7 +6,7 @@ import torch
 from lecompile.activations import ACTIVATIONS
 from lecompile.ops import AdaptedLinear, expand_linear, reduce_linear, sparse_mlp, sparse_mlp_call
 from lecompile.ops.adapted_linear import pack_mlp, unpack_mlp
-from lecompile.predictors import clear_svd_cache, predict_neurons, top_k
+from lecompile.predictors import clear_learned, clear_svd_cache, predict_neurons, top_k
 from lecompile.predictors.oracle import oracle_group_scores
 from lecompile.predictors.svd import group_scores_ref, low_rank, svd_factors, svd_group_scores
 
@@ -130,7 +130,11 @@ def test_opcheck(gated, adapters, dropout):
                           (x, idx, params, slots, scales, "silu" if gated else "relu", dropout), **kwargs)
     torch.library.opcheck(torch.ops.lecompile.predict_neurons.default,
                           (x.detach(), [p.detach() for p in params[:2]], slots[:2], scales, "relu", "svd",
-                           128, 3, 4, [20, 100]))
+                           128, 3, 4))
+    torch.library.opcheck(torch.ops.lecompile.observe_mlp.default,
+                          (torch.randn(2, 3, 12, requires_grad=True), x.detach(),
+                           [p.detach() for p in params[:2]], slots[:2], scales, "relu", 4, 1))
+    clear_learned()  # opcheck's calls recorded inputs for a training no optimizer step runs
 
 
 def test_pack_unpack_roundtrip():

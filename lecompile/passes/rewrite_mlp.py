@@ -16,7 +16,7 @@ from ..ops import sparse_mlp  # noqa: F401  (registers torch.ops.lecompile.spars
 from ..ops.adapted_linear import SLOTS, AdaptedLinear, pack_mlp
 from ..ops.sparse_mlp import kernel_impl
 from ..ops.token_groups import all_neurons, dense_first_order, dense_group_count, merge_groups, split_groups
-from ..predictors.op import predict_neurons
+from ..predictors.op import observe_mlp, predict_neurons
 from .fold_adapters import LinearMatch
 from .graph import devices, layer_index, meta_value, recompile, static_shape
 from .labels import output_token_mask
@@ -86,25 +86,15 @@ def rewrite_mlp(ctx) -> None:
         if cfg.mlp_layer_densities and layer is None:
             note = _join(note, "layer index not in the module path: mlp_density used")
         entry = ctx.report_mlp(mlp, k, granularity, note)
+        why_dense = _why_dense(ctx, mlp, density, k)
         if ctx.dense_warmup:
             entry.note = _join(entry.note, f"dense warm-up graph ({cfg.dense_warmup_steps} steps)")
+            if not why_dense and cfg.predictor == "learned":
+                _observe(ctx.gm.graph, mlp, cfg)
+                entry.note = _join(entry.note, "records the MLP input for the learned predictor")
             continue
-        if k == mlp.ffn:
-            why = "density 1.0" if density == 1.0 else (
-                f"k rounded up to a multiple of {cfg.tuning.k_align} covers all {mlp.ffn} neurons")
-            entry.note = _join(entry.note, f"{why}: left dense to Inductor")
-            continue
-        if not ctx.training:
-            entry.note = _join(entry.note, f"{ctx.not_training}: left dense")
-            continue
-        if not cfg.enabled("rewrite_mlp"):
-            entry.note = _join(entry.note, "disabled (disable={'rewrite_mlp'}): left dense")
-            continue
-        on = devices(node for lin in (mlp.fc1, mlp.up, mlp.fc2) if lin is not None
-                     for node in (lin.x, *vars(lin.adapted).values()))
-        if len(on) > 1:
-            entry.note = _join(entry.note, f"input and weights on different devices ({', '.join(sorted(on))}): "
-                                           "left dense; place each block's weights on one device")
+        if why_dense:
+            entry.note = _join(entry.note, why_dense)
             continue
         tokens = math.prod(static_shape(mlp.fc1.x)[:-1])
         dense_groups, split_note = split.dense_groups(tokens, group_size)
@@ -121,6 +111,40 @@ def rewrite_mlp(ctx) -> None:
         counters["lecompile"]["sparse_mlp"] += 1
     if ctx.mlps:
         recompile(ctx.gm)
+
+
+def _why_dense(ctx, mlp: MLPMatch, density: float, k: int) -> str:
+    """Why this MLP stays dense in a sparse graph, or ``""``."""
+    cfg = ctx.config
+    if k == mlp.ffn:
+        why = "density 1.0" if density == 1.0 else (
+            f"k rounded up to a multiple of {cfg.tuning.k_align} covers all {mlp.ffn} neurons")
+        return f"{why}: left dense to Inductor"
+    if not ctx.training:
+        return f"{ctx.not_training}: left dense"
+    if not cfg.enabled("rewrite_mlp"):
+        return "disabled (disable={'rewrite_mlp'}): left dense"
+    on = devices(node for lin in (mlp.fc1, mlp.up, mlp.fc2) if lin is not None
+                 for node in (lin.x, *vars(lin.adapted).values()))
+    if len(on) > 1:
+        return (f"input and weights on different devices ({', '.join(sorted(on))}): left dense; place each "
+                "block's weights on one device")
+    return ""
+
+
+def _observe(graph: fx.Graph, mlp: MLPMatch, cfg) -> None:
+    """Route the MLP's output through ``observe_mlp``, which records the MLP's input (a
+    calibration step of the learned predictor)."""
+    y = mlp.fc2.out
+    with graph.inserting_before(y.next):
+        dtype = meta_value(mlp.fc1.x).dtype if cfg.enabled("fuse_lora") else None
+        fc1 = _operand(graph, mlp.fc1, dtype)
+        up = _operand(graph, mlp.up, dtype) if mlp.up else None
+        params, slots, scales = pack_mlp(fc1, up, None)
+        seen = graph.call_function(observe_mlp, (y, mlp.fc1.x, params, slots, scales, mlp.activation,
+                                                 cfg.tuning.svd_rank, cfg.tuning.learned_train_steps))
+    y.replace_all_uses_with(seen, delete_user_cb=lambda user: user is not seen)
+    counters["lecompile"]["observed_mlp"] += 1
 
 
 def _group_size(x: fx.Node, cfg) -> Tuple[int, str, str]:
@@ -175,7 +199,7 @@ def _rewrite(graph: fx.Graph, mlp: MLPMatch, k: int, group_size: int, cfg,
                 n = sum(s < 2 * len(SLOTS) for s in slots)  # the predictor reads fc1 and up only
                 idx = graph.call_function(predict_neurons, (
                     x, params[:n], slots[:n], scales, mlp.activation, cfg.predictor, k, group_size,
-                    cfg.tuning.svd_rank, [cfg.tuning.learned_train_steps, cfg.tuning.learned_refresh]))
+                    cfg.tuning.svd_rank))
             result = graph.call_function(torch.ops.lecompile.sparse_mlp.default, (
                 x, idx, params, slots, scales, mlp.activation, mlp.fc2.lora_dropout))
             return graph.call_function(operator.getitem, (result, 0))

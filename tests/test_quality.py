@@ -1,0 +1,81 @@
+"""The quality harness (benchmarks/quality.py) on a tiny model: the task's labels, its metrics,
+and a few steps through the compiled path."""
+
+import re
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from benchmarks import quality
+
+
+class ByteTokenizer:
+    """Bytes as tokens: enough of a tokenizer for the task builder, without a model file."""
+
+    eos_token_id = 0
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": list(text.encode())}
+
+
+def test_task_labels_cover_answers_only():
+    task = quality.build_task(ByteTokenizer(), seq_len=128, arithmetic_train_rows=4, heldout_passages=2,
+                              heldout_arithmetic=2)
+    ids, labels = task.train_passages
+    assert ids.shape[1] == 128 and (labels != -100).sum(1).eq(quality.ANSWER_TOKENS).all()
+    assert torch.equal(labels[:, -quality.ANSWER_TOKENS:], ids[:, -quality.ANSWER_TOKENS:])
+    held_ids, held_labels = task.heldout
+    for row, start, end in task.answers:
+        answer = bytes(held_ids[row, start:end].tolist()).decode()
+        question = bytes(held_ids[row, :start].tolist()).decode().rsplit("Question: ", 1)[1]
+        assert answer.endswith("\n") and answer.strip().isdigit()
+        assert torch.equal(held_labels[row, start:end], held_ids[row, start:end])
+        assert eval_problem(question) == int(answer)
+    a_ids, a_labels = task.train_arithmetic
+    assert (a_labels[a_ids == 0] == -100).all()  # padding is never a target
+
+
+def eval_problem(question):
+    numbers = [int(n) for n in re.findall(r"\d+", question)]
+    if "finds" in question:
+        return numbers[0] + numbers[1]
+    if "gives away" in question:
+        return numbers[0] - numbers[1]
+    return numbers[0] * numbers[1]
+
+
+def tiny_llama():
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=256, num_hidden_layers=4,
+                                        num_attention_heads=4, num_key_value_heads=2))
+
+
+def test_evaluate_scores_a_perfect_model_as_perfect():
+    task = quality.build_task(ByteTokenizer(), seq_len=128, arithmetic_train_rows=2, heldout_passages=2,
+                              heldout_arithmetic=2)
+    ids, _ = task.heldout
+
+    class Oracle(torch.nn.Module):  # predicts the next token of the row it is given
+        def forward(self, input_ids, use_cache=False):
+            nxt = torch.cat([input_ids[:, 1:], input_ids[:, -1:]], 1)
+            return type("Out", (), {"logits": torch.nn.functional.one_hot(nxt, 256).float() * 50})
+
+    metrics = quality.evaluate(Oracle(), task, "cpu")
+    assert metrics["token_accuracy"] == 1.0 and metrics["exact_match"] == 1.0 and metrics["heldout_loss"] < 1e-6
+
+
+@pytest.mark.slow
+def test_a_few_steps_through_the_compiled_path():
+    task = quality.build_task(ByteTokenizer(), seq_len=128, arithmetic_train_rows=4, heldout_passages=2,
+                              heldout_arithmetic=2)
+    options = dict(quality.settings(4)["schedule-learned-0.25"], k_align=64, learned_train_steps=2)
+    run = quality.train_run(tiny_llama(), task, "schedule", options, steps=4, seed=0, batch_size=2, lr=1e-3,
+                            device="cpu")
+    # 4 layers, 3 dense; 1 warm-up step dense: kept = 1/4 + 3/4 * (3/4 + 1/4 * (0.5 + 0.5 * 0.25))
+    assert abs(run["kept_mlp"] - (0.25 + 0.75 * (0.75 + 0.25 * 0.625))) < 1e-3, run["kept_mlp"]
+    assert len(run["losses"]) == 4 and run["seed"] == 0 and run["steps"] == 4
+    dense = quality.train_run(tiny_llama(), task, "dense", None, steps=4, seed=0, batch_size=2, lr=1e-3, device="cpu")
+    assert dense["kept_mlp"] == 1.0 and dense["step1_loss"] == run["step1_loss"]  # step 1 is the dense warm-up
+    summary = {s["setting"]: s for s in quality.summarize([run, dense])}
+    assert summary["dense"]["heldout_delta"] == 0.0 and summary["dense"]["passes"]
