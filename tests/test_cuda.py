@@ -124,6 +124,37 @@ def test_cudagraphs_with_sparse_mlp_matches_without():
     torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), atol=2e-2, rtol=2e-2)
 
 
+def test_learned_predictor_under_cudagraphs_matches_without():
+    """The learned predictor's sparse steps replay as CUDA graphs and read the factors that the
+    calibration steps' training updated in place: the same losses as without CUDA graphs, over
+    two calibrations."""
+    from torch._dynamo.utils import counters
+
+    from lecompile.predictors import clear_learned
+    losses, trainings = {}, {}
+    for cg in (False, True):
+        torch._dynamo.reset()
+        clear_learned()
+        counters.clear()
+        model = tiny_model("llama", "lora", dtype=torch.bfloat16).cuda()
+        backend = lecompile.longexposure(LongExposureConfig.create(
+            mlp_density=0.5, k_align=64, predictor="learned", learned_refresh=3, cudagraphs=cg))
+        compiled = torch.compile(model, backend=backend)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        losses[cg] = []
+        for step in range(7):
+            inputs = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch(step).items()}
+            loss = compiled(**inputs).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses[cg].append(loss.item())
+        trainings[cg] = counters["lecompile"]["learned_train_calls"]
+        assert counters["lecompile"]["dense_graph_calls"] == 3 and counters["lecompile"]["sparse_graph_calls"] == 4
+    assert trainings[True] == trainings[False] == 3 * LAYERS
+    torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), atol=2e-2, rtol=2e-2)
+
+
 @pytest.mark.parametrize("arch,impl", [("llama", "sdpa"), ("opt", "sdpa"), ("gpt2", "eager")])
 def test_block_sparse_attention_on_cuda_matches_reference_model(arch, impl, monkeypatch):
     """The FlexAttention path (Inductor's fused kernels, forward and backward) against an eager
