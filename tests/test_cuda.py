@@ -102,19 +102,22 @@ def test_low_rank_gemm_kernel_on_cuda_matches_reference(dtype, m, n, k, r):
             torch.testing.assert_close(got, want, atol=2e-2 * want.abs().max().item(), rtol=1e-2)
 
 
-def test_cudagraphs_with_sparse_mlp_matches_without():
+@pytest.mark.parametrize("warmup_steps", [0, 2])
+def test_cudagraphs_with_sparse_mlp_matches_without(warmup_steps):
     """``cudagraphs=True`` records the sparse ops (their weight caches stay outside the graph
-    pool, for every layer that shares one compiled graph) and gives the same steps."""
+    pool, for every layer that shares one compiled graph) and gives the same steps, also when
+    the sparse graph is compiled after a dense warm-up."""
     losses = {}
     for cg in (False, True):
         torch._dynamo.reset()
         model = tiny_model("opt", "lora", dtype=torch.bfloat16).cuda()
         inputs = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch().items()}
-        backend = lecompile.longexposure(LongExposureConfig.create(mlp_density=0.5, k_align=64, cudagraphs=cg))
+        backend = lecompile.longexposure(LongExposureConfig.create(mlp_density=0.5, k_align=64, cudagraphs=cg,
+                                                                   warmup_steps=warmup_steps))
         compiled = torch.compile(model, backend=backend)
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         losses[cg] = []
-        for _ in range(4):
+        for _ in range(4 + warmup_steps):
             loss = compiled(**inputs).loss
             loss.backward()
             opt.step()

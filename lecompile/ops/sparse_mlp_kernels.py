@@ -64,6 +64,14 @@ def neuron_rows(weight: Tensor) -> Tensor:
     return weight if weight.stride(-1) == 1 else neuron_major(weight.t())
 
 
+def prepare(fc1: Tensor, up: Optional[Tensor], fc2: Tensor) -> None:
+    """Fill :data:`neuron_major` for the weights of one MLP as the op will receive them."""
+    for w in (fc1, up):
+        if w is not None:
+            neuron_rows(w)
+    neuron_major(fc2)
+
+
 def _lora_input(lin: AdaptedLinear, x2: Tensor) -> Tensor:
     """What LoRA's ``A`` reads, ``[T, in]`` in the adapter dtype."""
     lx = x2 if lin.lora_input is None else lin.lora_input.reshape(x2.shape[0], -1)

@@ -16,7 +16,7 @@ from ..ops import sparse_mlp  # noqa: F401  (registers torch.ops.lecompile.spars
 from ..ops.adapted_linear import SLOTS, AdaptedLinear, pack_mlp
 from ..ops.sparse_mlp import kernel_impl
 from ..ops.token_groups import all_neurons, dense_first_order, dense_group_count, merge_groups, split_groups
-from ..predictors.op import observe_mlp, predict_neurons
+from ..predictors.op import observe_mlp, predict_neurons, prepare_predictor
 from .fold_adapters import LinearMatch
 from .graph import devices, layer_index, meta_value, recompile, static_shape
 from .labels import output_token_mask
@@ -104,6 +104,7 @@ def rewrite_mlp(ctx) -> None:
                                            "compact copies of the kept rows")
         groups = (*split.order(ctx.gm.graph, group_size), dense_groups) if dense_groups else None
         _rewrite(ctx.gm.graph, mlp, k, group_size, cfg, groups)
+        _fill_weight_caches(ctx, mlp)
         for lin in (mlp.fc1, mlp.up, mlp.fc2):
             if lin is not None:
                 lin.consumed = True
@@ -130,6 +131,22 @@ def _why_dense(ctx, mlp: MLPMatch, density: float, k: int) -> str:
         return (f"input and weights on different devices ({', '.join(sorted(on))}): left dense; place each "
                 "block's weights on one device")
     return ""
+
+
+def _fill_weight_caches(ctx, mlp: MLPMatch) -> None:
+    """Compute what the sparse MLP caches per frozen weight (predictor factors, neuron-major
+    copies) now, at compile time: a graph compiled after a dense warm-up may be captured as a
+    CUDA graph at its first call, where such work cannot run (an SVD there fails)."""
+    def value(lin):
+        w = ctx.value_of(lin.adapted.weight) if lin is not None else None
+        return w.t() if w is not None and lin.weight_transposed else w
+
+    fc1, up, fc2 = value(mlp.fc1), value(mlp.up), value(mlp.fc2)
+    if fc1 is None or fc2 is None or (mlp.up is not None and up is None):
+        return
+    prepare_predictor(ctx.config.predictor, [w for w in (fc1, up) if w is not None], ctx.config.tuning.svd_rank)
+    if kernel_impl is not None and fc2.is_cuda:
+        kernel_impl.prepare(fc1, up, fc2)
 
 
 def _observe(graph: fx.Graph, mlp: MLPMatch, cfg) -> None:

@@ -6,9 +6,9 @@ from typing import List
 import torch
 
 from ..ops.adapted_linear import SLOTS, unpack_mlp
-from .learned import learned_group_scores, observe
+from .learned import learned_factors, learned_group_scores, observe
 from .oracle import oracle_group_scores
-from .svd import svd_group_scores
+from .svd import svd_factors, svd_group_scores
 
 try:
     from ..kernels.top_k import MAX_ROW, top_k_sorted
@@ -67,6 +67,13 @@ def predict_neurons(x: Tensor, params: List[Tensor], slots: List[int], lora_scal
     gradient, and the predictor's math never enters the backward graph."""
     return _predict_neurons(x.detach(), [t.detach() for t in params], slots, lora_scales,
                             activation, method, k, group_size, rank)
+
+
+def prepare_predictor(method: str, weights: List[Tensor], rank: int) -> None:
+    """Compute the per-weight state ``method`` caches for these frozen weights (fc1's, up's)."""
+    cache = {"svd": svd_factors, "learned": learned_factors}.get(method)
+    for w in weights if cache is not None else ():
+        cache(w, rank)
 
 
 def _unpack_predictor_inputs(x: Tensor, params: List[Tensor], slots: List[int], lora_scales: List[float]):
