@@ -69,13 +69,15 @@ class LongExposureBackend:
             if self._warmup_until is None:
                 self._warmup_until = optimizer_steps() + self.config.dense_warmup_steps
             if optimizer_steps() < self._warmup_until or learned:
+                # Both forms are compiled now, inside Dynamo's compile: Inductor then knows which
+                # inputs are parameters, which a CUDA graph must not copy at every replay.
                 sparse_graph = copy_graph(gm)
                 # The learned predictor's calibration graph records in Python: never a CUDA graph.
                 dense_patches = {k: v for k, v in patches.items() if k != "triton.cudagraphs"} if learned else patches
                 dense = self._compile(gm, example_inputs, dense_patches, dense_warmup=True)
+                sparse = self._compile(sparse_graph, example_inputs, patches)
                 calibrate = functools.partial(calibration_due, self.config.tuning.learned_refresh) if learned else None
-                return WarmupSwitch(dense, lambda args: self._compile(sparse_graph, args, patches),
-                                    self._warmup_until, calibrate)
+                return WarmupSwitch(dense, sparse, self._warmup_until, calibrate)
         return self._compile(gm, example_inputs, patches, module_training=module_training)
 
     def _compile(self, gm: fx.GraphModule, example_inputs, patches: dict, dense_warmup: bool = False,

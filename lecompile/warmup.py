@@ -19,27 +19,23 @@ log = logging.getLogger("lecompile")
 
 
 class WarmupSwitch:
-    """A compiled graph that runs ``dense`` until the process has taken ``until`` optimizer steps,
-    then compiles the sparse graph once (at its first call, with that call's inputs as example
-    inputs) and runs it. With ``calibrate``, the dense graph is kept and also runs whenever
-    ``calibrate()`` says so (the learned predictor's calibration steps). Calls of either form are
-    counted in ``torch._dynamo.utils.counters["lecompile"]`` (``dense_graph_calls``,
-    ``sparse_graph_calls``)."""
+    """Two compiled forms of one graph: ``dense`` runs until the process has taken ``until``
+    optimizer steps, and whenever ``calibrate()`` says so (the learned predictor's calibration
+    steps); ``sparse`` runs otherwise. Calls of either form are counted in
+    ``torch._dynamo.utils.counters["lecompile"]`` (``dense_graph_calls``, ``sparse_graph_calls``)."""
 
-    def __init__(self, dense, compile_sparse, until: int, calibrate: Optional[Callable[[], bool]] = None):
-        self.dense, self.compile_sparse, self.sparse, self.until = dense, compile_sparse, None, until
-        self.calibrate = calibrate
+    def __init__(self, dense, sparse, until: int, calibrate: Optional[Callable[[], bool]] = None):
+        self.dense, self.sparse, self.until, self.calibrate = dense, sparse, until, calibrate
+        self._announced = False
 
     def __call__(self, *args):
         if optimizer_steps() < self.until or (self.calibrate is not None and self.calibrate()):
             counters["lecompile"]["dense_graph_calls"] += 1
             return self.dense(*args)
         counters["lecompile"]["sparse_graph_calls"] += 1
-        if self.sparse is None:
-            log.info("dense warm-up over (optimizer step %d): compiling the sparse graph", self.until)
-            self.sparse = self.compile_sparse(list(args))
-            if self.calibrate is None:
-                self.dense = None
+        if not self._announced:
+            log.info("dense warm-up over (optimizer step %d): running the sparse graph", self.until)
+            self._announced = True
         return self.sparse(*args)
 
 
