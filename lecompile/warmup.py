@@ -72,9 +72,23 @@ def _install_step_hook() -> None:
         _step_hook = register_optimizer_step_post_hook(count)
 
 
+#: What Dynamo attaches to the graph modules it captures, beyond the graph: AOTAutograd reads it to
+#: know which inputs are parameters (static addresses, which CUDA graphs must not copy).
+_DYNAMO_ATTRIBUTES = ("_param_name_to_source", "_source_to_user_stacks", "compile_subgraph_reason")
+
+
 def copy_graph(gm: fx.GraphModule) -> fx.GraphModule:
-    """A second graph module over the same parameters, with its own copy of the graph."""
-    graph = fx.Graph()
-    out = graph.graph_copy(gm.graph, {})
+    """A second graph module over the same parameters, with its own copy of the graph, and
+    Dynamo's metadata."""
+    graph, copies = fx.Graph(), {}
+    out = graph.graph_copy(gm.graph, copies)
     graph.output(out)
-    return fx.GraphModule(gm, graph)
+    for node, new in copies.items():
+        if hasattr(node, "_dynamo_source"):
+            new._dynamo_source = node._dynamo_source
+    copy = fx.GraphModule(gm, graph)
+    copy.meta.update(gm.meta)
+    for name in _DYNAMO_ATTRIBUTES:
+        if hasattr(gm, name):
+            setattr(copy, name, getattr(gm, name))
+    return copy

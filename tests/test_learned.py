@@ -162,3 +162,22 @@ def test_a_resumed_run_goes_on_exactly_with_the_saved_predictor():
         out += steps(model, opt, (3, 4))
     assert resumed == uninterrupted
     assert without_predictor != uninterrupted  # the predictor's state is what the equality needs
+
+
+def test_both_forms_of_a_switched_graph_know_their_parameters(monkeypatch):
+    """The dense and the sparse graph of a warm-up get the same static (parameter) inputs from
+    AOTAutograd: a copied graph that lost Dynamo's metadata had none, and a CUDA graph then
+    copied every weight at each replay."""
+    import torch._inductor.compile_fx as compile_fx
+    static, real = [], compile_fx.get_static_input_idxs
+
+    def spy(num_fixed):
+        static.append(tuple(real(num_fixed)))
+        return static[-1]
+
+    monkeypatch.setattr(compile_fx, "get_static_input_idxs", spy)
+    torch._dynamo.reset()
+    model = tiny_model("llama", "lora")
+    backend = lecompile.longexposure(LongExposureConfig.create(mlp_density=0.5, k_align=64, warmup_steps=1))
+    torch.compile(model, backend=backend)(**batch()).loss.backward()
+    assert len(static) == 2 and static[0] and static[0] == static[1], static  # the two forward graphs
