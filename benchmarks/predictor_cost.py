@@ -3,10 +3,11 @@
     python -m benchmarks.predictor_cost            # svd and learned, LoRA, 8x512, MLP density 0.25
 
 Per predictor, one process compiles the model with the backend, runs past the learned
-predictor's first training calls, then times ``--steps`` steps one by one (CUDA events); the
-learned predictor retrains every ``learned_refresh`` calls, so steps of that kind are timed too.
-A profile of three steady steps gives the predictor op's GPU time. ``share`` = predictor ms per
-step (its retraining amortized over ``learned_refresh`` steps) / median step ms. Also the top
+predictor's first calibration step, then times ``--steps`` steps one by one (CUDA events); the
+learned predictor calibrates (a dense step, its training after the optimizer step) once in every
+``calibrate_every`` steps, so steps of that kind are timed too. A profile of three steady steps
+gives the predictor op's GPU time. ``share`` = predictor ms per step (the calibration step's extra
+time amortized over ``calibrate_every`` steps) / median step ms. Also the top
 CPU-side ops of the profile, to show what bounds a step without CUDA graphs.
 """
 
@@ -27,7 +28,7 @@ def measure(case: e2e.Case, predictor: str, density: float, steps: int, refresh:
     from torch.profiler import ProfilerActivity, profile
 
     torch._dynamo.reset()
-    config = LongExposureConfig.create(mlp_density=density, predictor=predictor, learned_refresh=refresh)
+    config = LongExposureConfig.create(mlp_density=density, predictor=predictor, calibrate_every=refresh)
     variant = e2e.Variant(f"lecompile-d{density:g}", "lecompile", config=config)
     model = e2e.build(case, variant, "cuda")
     ids = torch.randint(0, model.config.vocab_size, (case.batch, case.seq), device="cuda")
@@ -39,7 +40,7 @@ def measure(case: e2e.Case, predictor: str, density: float, steps: int, refresh:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(5):  # compile, and the learned predictor's first training calls
+    for _ in range(5):  # compile, and the learned predictor's first calibration
         step()
     times = [e2e.timed_ms(step, cuda=True) for _ in range(steps)]
     median = statistics.median(times)
@@ -54,7 +55,7 @@ def measure(case: e2e.Case, predictor: str, density: float, steps: int, refresh:
     top_cpu = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
     return dict(case=case.name, predictor=predictor, mlp_density=density, step_ms=round(median, 3),
                 predictor_ms=groups["predictor"], retrain_steps=len(retrain), retrain_extra_ms=round(retrain_ms, 3),
-                learned_refresh=refresh if predictor == "learned" else None,
+                calibrate_every=refresh if predictor == "learned" else None,
                 predictor_ms_amortized=round(per_step, 3), share=round(per_step / median, 4),
                 kernels_ms=groups["kernels_total"], mlp_ms=groups["mlp"],
                 top_cpu_ops=[dict(op=e.key, self_cpu_ms=round(e.self_cpu_time_total / 1e3 / 3, 3),
@@ -68,7 +69,7 @@ def main(argv=None):
     parser.add_argument("--predictors", nargs="+", default=["svd", "learned"], choices=("svd", "learned"))
     parser.add_argument("--density", type=float, default=0.25)
     parser.add_argument("--steps", type=int, default=110, help="timed steps (more than --refresh)")
-    parser.add_argument("--refresh", type=int, default=100, help="the learned predictor's learned_refresh")
+    parser.add_argument("--refresh", type=int, default=100, help="the learned predictor's calibrate_every")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     case = e2e.Case(args.model, "lora", *e2e.SHAPES[args.shape])

@@ -64,6 +64,10 @@ def settings(steps: int) -> Dict[str, Optional[dict]]:
         # SparseLoRA's recipe as the backend runs it: SVD estimator, first layers dense, 10% dense
         # warm-up, output tokens' tiles dense.
         "sparselora-0.5": dict(mlp_density=0.5, predictor="svd", **schedule),
+        # The density guard from 0.25: each layer as sparse as keeps this share of its activation mass.
+        "guard-svd-0.95": dict(mlp_density=0.25, min_kept_mass=0.95),
+        "guard-svd-0.99": dict(mlp_density=0.25, min_kept_mass=0.99),
+        "guard-learned-0.95": dict(mlp_density=0.25, predictor="learned", min_kept_mass=0.95),
     }
 
 
@@ -187,11 +191,14 @@ def evaluate(model, task: Task, device, batch_size: int = 8) -> dict:
 
 def kept_mlp(backend, config) -> float:
     """Share of MLP neuron-tokens computed over the run: dense graph calls (warm-up, calibration)
-    count as 1, sparse ones as the mean over MLPs of what the sparse graph keeps."""
+    count as 1, sparse ones as the mean over MLPs of what the sparse graph keeps (with the density
+    guard: the last sparse form, the densities it settled on)."""
     from torch._dynamo.utils import counters
     sparse_reports = [r for r in backend.reports if r.mlp_rewritten]
     if not sparse_reports:
         return 1.0
+    if backend.guard is not None:
+        sparse_reports = sparse_reports[-1:]
     share = config.dense_output_share
     entries = [e for r in sparse_reports for e in r.mlp]
     sparse = statistics.mean(share + (1 - share) * e.density if e.rewritten else 1.0 for e in entries)

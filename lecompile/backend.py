@@ -13,10 +13,11 @@ from typing import List, Optional
 import torch
 import torch.fx as fx
 
+from . import calibration
 from .config import LongExposureConfig
+from .guard import DensityGuard
 from .passes import is_training_graph, run_passes
 from .passes.fuse_loss import with_returned_logits
-from .predictors.learned import calibration_due
 from .report import Report
 from .warmup import WarmupSwitch, copy_graph, optimizer_steps
 
@@ -57,36 +58,51 @@ class LongExposureBackend:
         self.inductor = inductor
         self.reports: List[Report] = []
         self._warmup_until: Optional[int] = None  # optimizer step that ends the dense warm-up
+        tuning = self.config.tuning
+        self.guard = DensityGuard(tuning.min_kept_mass, tuning.k_align) if tuning.min_kept_mass > 0 else None
         self._warned_python_bound = False
 
     def __call__(self, gm: fx.GraphModule, example_inputs, mode: Optional[str] = None,
                  options: Optional[dict] = None):
         patches = _inductor_patches(mode, options, self.config)
         module_training = _compiled_module_training()
-        learned = self.config.learned_mlp
-        if (self.inductor and (self.config.dense_warmup_steps or learned) and module_training
+        calibrated = self.config.calibrated
+        if (self.inductor and (self.config.dense_warmup_steps or calibrated) and module_training
                 and is_training_graph(example_inputs)):
             if self._warmup_until is None:
                 self._warmup_until = optimizer_steps() + self.config.dense_warmup_steps
-            if optimizer_steps() < self._warmup_until or learned:
-                # Both forms are compiled now, inside Dynamo's compile: Inductor then knows which
-                # inputs are parameters, which a CUDA graph must not copy at every replay.
-                sparse_graph = copy_graph(gm)
-                # The learned predictor's calibration graph records in Python: never a CUDA graph.
-                dense_patches = {k: v for k, v in patches.items() if k != "triton.cudagraphs"} if learned else patches
-                dense = self._compile(gm, example_inputs, dense_patches, dense_warmup=True)
-                sparse = self._compile(sparse_graph, example_inputs, patches)
-                calibrate = functools.partial(calibration_due, self.config.tuning.learned_refresh) if learned else None
-                return WarmupSwitch(dense, sparse, self._warmup_until, calibrate)
+            if optimizer_steps() < self._warmup_until or calibrated:
+                return self._switch(gm, example_inputs, patches, calibrated)
         return self._compile(gm, example_inputs, patches, module_training=module_training)
 
+    def _switch(self, gm: fx.GraphModule, example_inputs, patches: dict, calibrated: bool) -> WarmupSwitch:
+        """The dense and sparse forms of a graph behind a :class:`WarmupSwitch`. Both are compiled
+        now, inside Dynamo's compile, so Inductor knows which inputs are parameters (a CUDA graph
+        must not copy them at each replay); with the density guard, a sparse form for new
+        per-layer densities is compiled when the guard first picks them."""
+        template = copy_graph(gm)
+        sparse = self._compile(copy_graph(template), example_inputs, patches)
+        # The calibration graph records in Python: never a CUDA graph.
+        dense_patches = {k: v for k, v in patches.items() if k != "triton.cudagraphs"} if calibrated else patches
+        dense = self._compile(gm, example_inputs, dense_patches, dense_warmup=True)
+        calibrate = functools.partial(calibration.due, self.config.tuning.calibrate_every) if calibrated else None
+        densities = compile_for = None
+        if self.guard is not None:
+            densities = functools.partial(self.guard.layer_densities, self.config.mlp_density_of)
+            compile_for = lambda layer_densities, args: self._compile(  # noqa: E731
+                copy_graph(template), args, patches, config=self.config.replace(mlp_layer_densities=layer_densities))
+        return WarmupSwitch(dense, sparse, self._warmup_until, calibrate, densities, compile_for)
+
     def _compile(self, gm: fx.GraphModule, example_inputs, patches: dict, dense_warmup: bool = False,
-                 module_training: bool = True):
+                 module_training: bool = True, config: Optional[LongExposureConfig] = None):
         graph_id = next(_graph_ids)
+        config = config or self.config
         dump_dir = self.config.resolved_dump_dir()
         before = gm.code if dump_dir else None
-        report = run_passes(gm, example_inputs, self.config, dense_warmup=dense_warmup,
-                            module_training=module_training)
+        report = run_passes(gm, example_inputs, config, dense_warmup=dense_warmup, module_training=module_training,
+                            guard=self.guard.key if self.guard is not None and dense_warmup else -1)
+        if self.guard is not None:
+            report.guard = list(self.guard.changes)
         self.reports.append(report)
         log.info("graph %d%s: %d MLP block(s) rewritten of %d matched, %d attention block(s) (%d rewritten), "
                  "%d unmatched", graph_id, " (dense warm-up)" if dense_warmup else "", report.mlp_rewritten,
@@ -107,15 +123,17 @@ class LongExposureBackend:
             nop = aot_autograd(fw_compiler=lambda g, _: make_boxed_func(g.forward))
             return with_returned_logits(nop(gm, example_inputs), gm)
         from torch._inductor.compile_fx import compile_fx
-        with _partitioner(self.config):
+        with _partitioner(config):
             return with_returned_logits(compile_fx(gm, example_inputs, config_patches=patches), gm)
 
     @property
     def report(self) -> Report:
-        """All graphs' reports merged."""
+        """All graphs' reports merged, with the density guard's changes so far."""
         merged = Report()
         for r in self.reports:
             merged = merged.merge(r)
+        if self.guard is not None:
+            merged.guard = list(self.guard.changes)
         return merged
 
 

@@ -38,9 +38,15 @@ class Tuning:
     svd_rank: int = 8
     #: Learned predictor: optimizer steps per training call (each on up to 1024 tokens).
     learned_train_steps: int = 20
-    #: Learned predictor: one calibration step (dense, recording MLP inputs, training after the
-    #: optimizer step) in every this many optimizer steps; 0: only the first (or the warm-up's).
-    learned_refresh: int = 100
+    #: One calibration step (dense, recording MLP inputs for the learned predictor's training and
+    #: the density guard, both after the optimizer step) in every this many optimizer steps; 0:
+    #: only the first.
+    calibrate_every: int = 100
+    #: Density guard (experimental until the quality harness has measured it): each sparse MLP
+    #: keeps at least this share of its exact activation mass (``sum h^2`` over its token groups),
+    #: measured on calibration steps; a layer below it moves to a higher density, one with room
+    #: moves back down, never below its set density (``lecompile.guard``). In [0, 1); 0: off.
+    min_kept_mass: float = 0.0
     #: ``k`` is rounded up to a multiple of this (kernel tile; unaligned k ran 2-3x slower).
     k_align: int = 128
     #: LoRA linears that read one input (q, k, v) compute their A-projections as one GEMM.
@@ -58,7 +64,9 @@ class Tuning:
         _check_int("svd_rank", self.svd_rank, "an integer >= 1", lambda v: v >= 1)
         _check_int("k_align", self.k_align, "an integer >= 1", lambda v: v >= 1)
         _check_int("learned_train_steps", self.learned_train_steps, "an integer >= 1", lambda v: v >= 1)
-        _check_int("learned_refresh", self.learned_refresh, "0 or an integer >= 2", lambda v: v == 0 or v >= 2)
+        _check_int("calibrate_every", self.calibrate_every, "0 or an integer >= 2", lambda v: v == 0 or v >= 2)
+        object.__setattr__(self, "min_kept_mass", _as_float(self.min_kept_mass))
+        _check_share("min_kept_mass", self.min_kept_mass)
         for name in ("share_lora_input", "lora_in_gemm", "recompute_pointwise"):
             _check_bool(name, getattr(self, name))
 
@@ -237,9 +245,10 @@ class LongExposureConfig:
         return min(self.mlp_density, self.attn_density, *self.mlp_layer_densities) < 1.0
 
     @property
-    def learned_mlp(self) -> bool:
-        """Whether sparse MLPs use the learned predictor (which calibrates on dense steps)."""
-        return self.predictor == "learned" and min((self.mlp_density, *self.mlp_layer_densities)) < 1.0
+    def calibrated(self) -> bool:
+        """Whether sparse MLPs need calibration steps: the learned predictor's, the guard's."""
+        sparse_mlp = min((self.mlp_density, *self.mlp_layer_densities)) < 1.0
+        return sparse_mlp and (self.predictor == "learned" or self.tuning.min_kept_mass > 0)
 
     @property
     def dense_warmup_steps(self) -> int:

@@ -91,12 +91,14 @@ class Report:
     losses: List[LossEntry] = field(default_factory=list)
     norms: List[NormEntry] = field(default_factory=list)
     checkpointed: int = 0        # regions under torch.utils.checkpoint, matched inside and still recomputed
+    guard: List[str] = field(default_factory=list)  # the density guard's changes so far (min_kept_mass)
 
     def merge(self, other: "Report") -> "Report":
         return Report(self.graphs + other.graphs, self.mlp + other.mlp, self.attention + other.attention,
                       self.linears + other.linears, self.unmatched + other.unmatched,
                       self.losses + other.losses, self.norms + other.norms,
-                      self.checkpointed + other.checkpointed)
+                      self.checkpointed + other.checkpointed,
+                      self.guard + [g for g in other.guard if g not in self.guard])
 
     @property
     def mlp_rewritten(self) -> int:
@@ -155,6 +157,7 @@ class Report:
         if self.checkpointed:
             lines.append(f"gradient checkpointing: {self.checkpointed} region(s) matched inside and recomputed "
                          "in the backward as torch.utils.checkpoint would")
+        lines += [f"density guard: {change}" for change in self.guard]
         if self.unmatched:
             lines.append(format_table(["unmatched", "reason"], [[u.where, u.reason] for u in self.unmatched]))
         return "\n".join(lines)

@@ -18,14 +18,26 @@ from torch._dynamo.utils import counters
 log = logging.getLogger("lecompile")
 
 
+#: Sparse forms one graph may compile for the density guard's per-layer densities.
+MAX_SPARSE_GRAPHS = 4
+
+
 class WarmupSwitch:
     """Two compiled forms of one graph: ``dense`` runs until the process has taken ``until``
-    optimizer steps, and whenever ``calibrate()`` says so (the learned predictor's calibration
-    steps); ``sparse`` runs otherwise. Calls of either form are counted in
-    ``torch._dynamo.utils.counters["lecompile"]`` (``dense_graph_calls``, ``sparse_graph_calls``)."""
+    optimizer steps, and whenever ``calibrate()`` says so (calibration steps); ``sparse`` runs
+    otherwise. With ``densities``, the sparse form follows the density guard: for each new value
+    of ``densities()`` (per-layer MLP densities, ``()`` for the configured ones) ``compile_for``
+    compiles one more sparse form, up to :data:`MAX_SPARSE_GRAPHS`. Calls of either form are
+    counted in ``torch._dynamo.utils.counters["lecompile"]`` (``dense_graph_calls``,
+    ``sparse_graph_calls``)."""
 
-    def __init__(self, dense, sparse, until: int, calibrate: Optional[Callable[[], bool]] = None):
-        self.dense, self.sparse, self.until, self.calibrate = dense, sparse, until, calibrate
+    def __init__(self, dense, sparse, until: int, calibrate: Optional[Callable[[], bool]] = None,
+                 densities: Optional[Callable[[], tuple]] = None,
+                 compile_for: Optional[Callable[[tuple, list], Callable]] = None):
+        self.dense, self.until, self.calibrate = dense, until, calibrate
+        self.densities, self.compile_for = densities, compile_for
+        self.sparse_forms = {(): sparse}
+        self.current: tuple = ()
         self._announced = False
 
     def __call__(self, *args):
@@ -36,7 +48,22 @@ class WarmupSwitch:
         if not self._announced:
             log.info("dense warm-up over (optimizer step %d): running the sparse graph", self.until)
             self._announced = True
-        return self.sparse(*args)
+        if self.densities is not None:
+            self._follow(self.densities(), args)
+        return self.sparse_forms[self.current](*args)
+
+    def _follow(self, wanted: tuple, args) -> None:
+        if wanted == self.current:
+            return
+        if wanted not in self.sparse_forms:
+            if len(self.sparse_forms) >= MAX_SPARSE_GRAPHS:
+                log.warning("lecompile guard: %d sparse forms of this graph compiled already; keeping MLP densities "
+                            "%s instead of %s", MAX_SPARSE_GRAPHS, self.current or "as configured", wanted)
+                return
+            log.info("lecompile guard: compiling the sparse graph for per-layer MLP densities %s", wanted)
+            self.sparse_forms[wanted] = self.compile_for(wanted, list(args))
+            counters["lecompile"]["guard_recompiles"] += 1
+        self.current = wanted
 
 
 _step_count = 0

@@ -141,7 +141,7 @@ def test_learned_predictor_under_cudagraphs_matches_without():
         counters.clear()
         model = tiny_model("llama", "lora", dtype=torch.bfloat16).cuda()
         backend = lecompile.longexposure(LongExposureConfig.create(
-            mlp_density=0.5, k_align=64, predictor="learned", learned_refresh=3, cudagraphs=cg))
+            mlp_density=0.5, k_align=64, predictor="learned", calibrate_every=3, cudagraphs=cg))
         compiled = torch.compile(model, backend=backend)
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         losses[cg] = []

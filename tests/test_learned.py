@@ -7,10 +7,9 @@ from test_ops import make_mlp
 from torch._dynamo.utils import counters
 
 import lecompile
-from lecompile import LongExposureConfig
+from lecompile import LongExposureConfig, calibration
 from lecompile.predictors import clear_svd_cache
 from lecompile.predictors.learned import (
-    calibration_due,
     clear_learned,
     learned_factors,
     learned_group_scores,
@@ -52,22 +51,23 @@ def test_learned_recall_beats_svd_on_held_out_tokens(activation, gated):
     assert recall(exact, exact, 128) == pytest.approx(1.0)
 
 
-def test_calibration_is_due_until_trained_then_once_per_refresh():
+def test_calibration_is_due_first_then_once_every_calibrate_every_steps():
     clear_learned()
     fc1, _, _ = make_mlp(16, 128, torch.float32, False, "none")
-    assert calibration_due(refresh=4)  # no predictor yet
+    assert calibration.due(every=4)  # nothing calibrated yet
     learned_group_scores(torch.randn(64, 16), fc1, None, "relu", RANK, 16)
-    assert calibration_due(refresh=4)  # scoring alone trains nothing
+    assert calibration.due(every=4)  # scoring alone calibrates nothing
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
     calibrated = []
     for _ in range(9):  # a step (recording when due), then the optimizer's post-step hook
-        due = calibration_due(refresh=4)
+        due = calibration.due(every=4)
         if due:
             observe(torch.randn(64, 16), fc1, None, "relu", RANK, train_steps=1)
-        train_pending()
+        opt.step()
         calibrated.append(due)
     assert calibrated == [True, False, False, False] * 2 + [True]
     assert learned_factors(fc1.weight, RANK).calls == 3
-    assert not calibration_due(refresh=0)  # trained once: never again
+    assert not calibration.due(every=0)  # calibrated once: never again
 
 
 def _compile_patches(monkeypatch):
@@ -91,7 +91,7 @@ def _compile_patches(monkeypatch):
 def test_learned_predictor_calibrates_on_dense_steps_and_trains_after_them(monkeypatch):
     """Step 0 runs dense and records each MLP's input; the training runs in the optimizer's
     post-step hook, outside the compiled step; then sparse steps, with one dense calibration
-    step in every ``learned_refresh``. The calibration graph is never a CUDA graph."""
+    step in every ``calibrate_every``. The calibration graph is never a CUDA graph."""
     clear_learned()
     model = tiny_model("llama", "lora")
     n_params = len(list(model.parameters()))
@@ -100,7 +100,7 @@ def test_learned_predictor_calibrates_on_dense_steps_and_trains_after_them(monke
     torch._dynamo.reset()
     patches = _compile_patches(monkeypatch)
     backend = lecompile.longexposure(LongExposureConfig.create(
-        mlp_density=0.5, k_align=64, predictor="learned", learned_train_steps=3, learned_refresh=3, cudagraphs=True))
+        mlp_density=0.5, k_align=64, predictor="learned", learned_train_steps=3, calibrate_every=3, cudagraphs=True))
     compiled = torch.compile(model, backend=backend)
     sparse_calls, trainings = [], []
     for step in range(7):
@@ -118,7 +118,7 @@ def test_learned_predictor_calibrates_on_dense_steps_and_trains_after_them(monke
         trainings.append(counters["lecompile"]["learned_train_calls"])
     assert [c > 0 for c in sparse_calls] == [False, True, True, False, True, True, False]
     assert trainings == [2, 2, 2, 4, 4, 4, 6]  # one per MLP after each dense step
-    assert [p.get("triton.cudagraphs", False) for p in patches] == [False, True]  # calibration, sparse
+    assert [p.get("triton.cudagraphs", False) for p in patches] == [True, False]  # sparse, calibration
     assert backend.report.mlp_rewritten == 2
     assert len(list(model.parameters())) == n_params
     assert not any(p.grad is None for p in model.parameters() if p.requires_grad)
@@ -127,7 +127,7 @@ def test_learned_predictor_calibrates_on_dense_steps_and_trains_after_them(monke
 @pytest.mark.slow
 def test_a_resumed_run_goes_on_exactly_with_the_saved_predictor():
     config = LongExposureConfig.create(mlp_density=0.5, k_align=64, predictor="learned", learned_train_steps=3,
-                                       learned_refresh=2)
+                                       calibrate_every=2)
 
     def fresh():  # a new process, as far as lecompile and Dynamo know
         clear_learned()

@@ -133,7 +133,7 @@ def test_opcheck(gated, adapters, dropout):
                            128, 3, 4))
     torch.library.opcheck(torch.ops.lecompile.observe_mlp.default,
                           (torch.randn(2, 3, 12, requires_grad=True), x.detach(),
-                           [p.detach() for p in params[:2]], slots[:2], scales, "relu", 4, 1))
+                           [p.detach() for p in params[:2]], slots[:2], scales, "relu", "learned", 4, 1, 3, 0, 0.5, -1))
     clear_learned()  # opcheck's calls recorded inputs for a training no optimizer step runs
 
 

@@ -47,6 +47,12 @@ class AdaptedLinear(Generic[T]):
             raise ValueError(f"an adapted linear has {len(SLOTS)} slots {SLOTS}, got {len(tensors)}")
         return cls(*tensors, lora_scale=lora_scale)
 
+    def rows(self, index) -> "AdaptedLinear":
+        """This linear for a subset ``index`` of the tokens (LoRA's separate input is per token)."""
+        if self.lora_input is None:
+            return self
+        return AdaptedLinear(**{**self.__dict__, "lora_input": self.lora_input[index]})
+
     @property
     def has_lora(self) -> bool:
         return self.lora_a is not None

@@ -50,6 +50,7 @@ class PassContext:
     #: or the module is in evaluation mode.
     not_training: str
     dense_warmup: bool = False     # the dense graph of warmup_steps: match and report, no sparsity
+    guard: int = -1                # key of the backend's density guard (lecompile.guard), -1: none
     report: Report = field(default_factory=lambda: Report(graphs=1))
     linears: List[LinearMatch] = field(default_factory=list)
     linear_by_out: Dict[fx.Node, LinearMatch] = field(default_factory=dict)
@@ -107,10 +108,11 @@ OPTIONAL_PASSES = tuple(p.name for p in PASSES if p.when_disabled is not None)
 
 
 def run_passes(gm: fx.GraphModule, example_inputs, config: LongExposureConfig,
-               dense_warmup: bool = False, module_training: bool = True) -> Report:
+               dense_warmup: bool = False, module_training: bool = True, guard: int = -1) -> Report:
     """Run :data:`PASSES` on ``gm`` in place; return the report. ``dense_warmup``: the warm-up
-    graph, where MLPs and attention stay dense (adapters are still fused). ``module_training``:
-    the compiled module's ``training`` flag; in evaluation mode the graph runs as written."""
+    (or calibration) graph, where MLPs and attention stay dense (adapters are still fused).
+    ``module_training``: the compiled module's ``training`` flag; in evaluation mode the graph
+    runs as written. ``guard``: the density guard the calibration graph measures for."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     trainable = {n: isinstance(t, torch.Tensor) and t.requires_grad
                  for n, t in zip(placeholders, example_inputs)}
@@ -120,7 +122,7 @@ def run_passes(gm: fx.GraphModule, example_inputs, config: LongExposureConfig,
         not_training = "inference graph (nothing requires grad)"
     else:
         not_training = ""
-    ctx = PassContext(gm, config, trainable, not_training, dense_warmup,
+    ctx = PassContext(gm, config, trainable, not_training, dense_warmup, guard,
                       inputs=dict(zip(placeholders, example_inputs)))
     _graph_level_notes(ctx, example_inputs)
     for p in PASSES:

@@ -89,9 +89,11 @@ def rewrite_mlp(ctx) -> None:
         why_dense = _why_dense(ctx, mlp, density, k)
         if ctx.dense_warmup:
             entry.note = _join(entry.note, f"dense warm-up graph ({cfg.dense_warmup_steps} steps)")
-            if not why_dense and cfg.predictor == "learned":
-                _observe(ctx.gm.graph, mlp, cfg)
-                entry.note = _join(entry.note, "records the MLP input for the learned predictor")
+            if not why_dense and (cfg.predictor == "learned" or ctx.guard >= 0):
+                _observe(ctx.gm.graph, mlp, cfg, group_size, layer, density, ctx.guard)
+                users = [name for name, on in (("learned predictor", cfg.predictor == "learned"),
+                                               ("density guard", ctx.guard >= 0)) if on]
+                entry.note = _join(entry.note, f"calibration: records the MLP input ({' and '.join(users)})")
             continue
         if why_dense:
             entry.note = _join(entry.note, why_dense)
@@ -149,17 +151,19 @@ def _fill_weight_caches(ctx, mlp: MLPMatch) -> None:
         kernel_impl.prepare(fc1, up, fc2)
 
 
-def _observe(graph: fx.Graph, mlp: MLPMatch, cfg) -> None:
+def _observe(graph: fx.Graph, mlp: MLPMatch, cfg, group_size: int, layer: Optional[int], density: float,
+             guard: int) -> None:
     """Route the MLP's output through ``observe_mlp``, which records the MLP's input (a
-    calibration step of the learned predictor)."""
+    calibration step of the learned predictor, the density guard's measurement)."""
     y = mlp.fc2.out
     with graph.inserting_before(y.next):
         dtype = meta_value(mlp.fc1.x).dtype if cfg.enabled("fuse_lora") else None
         fc1 = _operand(graph, mlp.fc1, dtype)
         up = _operand(graph, mlp.up, dtype) if mlp.up else None
         params, slots, scales = pack_mlp(fc1, up, None)
-        seen = graph.call_function(observe_mlp, (y, mlp.fc1.x, params, slots, scales, mlp.activation,
-                                                 cfg.tuning.svd_rank, cfg.tuning.learned_train_steps))
+        seen = graph.call_function(observe_mlp, (
+            y, mlp.fc1.x, params, slots, scales, mlp.activation, cfg.predictor, cfg.tuning.svd_rank,
+            cfg.tuning.learned_train_steps, group_size, -1 if layer is None else layer, density, guard))
     y.replace_all_uses_with(seen, delete_user_cb=lambda user: user is not seen)
     counters["lecompile"]["observed_mlp"] += 1
 

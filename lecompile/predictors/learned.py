@@ -7,9 +7,9 @@ from the rank-r SVD, so an untrained predictor is the SVD predictor), with the e
 bias terms added as in :func:`~lecompile.predictors.svd.low_rank`. Trained to match the exact
 activation magnitudes ``|h|`` (the exposer's labels) of the tokens of a calibration step.
 
-Calibration steps are dense steps that record each MLP's input (``lecompile::observe_mlp`` in the
-dense graph): the dense warm-up (at least its first step), then one step in every ``refresh``
-(:func:`calibration_due`). The training runs after the user's ``optimizer.step()`` (a
+Calibration steps (:mod:`lecompile.calibration`) are dense steps that record each MLP's input
+(``lecompile::observe_mlp`` in the dense graph): the dense warm-up (at least its first step), then
+one step in every ``calibrate_every``. The training runs after the user's ``optimizer.step()`` (a
 ``torch.optim`` post-step hook), outside every compiled step and op. Between calibrations the
 predictor is frozen: the sparse graph's ``predict_neurons`` only reads the factors, so it can be
 replayed as a CUDA graph (training updates the factors in place). Its parameters live here, keyed
@@ -26,14 +26,16 @@ from typing import Optional
 import torch
 from torch._dynamo.utils import counters
 
+from .. import calibration
 from ..ops.adapted_linear import AdaptedLinear
-from ..warmup import after_each_step
 from ..weight_cache import WeightCache
 from .oracle import mlp_intermediate
 from .svd import _factorize, estimate, group_scores, group_scores_ref, low_rank
 
 LEARNING_RATE = 1e-3
 TOKENS_PER_STEP = 1024
+#: ``state_dict`` key of the calibration schedule's place.
+CALIBRATION_KEY = "_calibration_steps_since"
 #: Tokens of a calibration step kept per MLP for training (evenly strided over the batch).
 RECORDED_TOKENS = 4096
 
@@ -48,7 +50,6 @@ class LearnedFactors:
         self.optimizer = torch.optim.Adam([self.p, self.q], lr=LEARNING_RATE)
         self.optimizer._lecompile_internal = True  # not a training step of the user's model
         self.calls = 0  # trainings so far
-        self.steps_since = 0  # optimizer steps since the last training
 
 
 #: ``learned_factors(weight, rank)``: the factors of one frozen weight, created on first use.
@@ -60,20 +61,23 @@ _pending: dict = {}
 
 
 def clear_learned() -> None:
-    """Forget every learned predictor and its pending training."""
+    """Forget every learned predictor, its pending training and the calibration schedule."""
     learned_factors.clear()
     _pending.clear()
+    calibration.reset()
 
 
 def state_dict(model: torch.nn.Module) -> dict:
     """The learned predictors of ``model``'s weights, by parameter name (factors, their Adam
-    state, calls so far): save it with the training state, so a resumed run goes on with the
-    predictor it had instead of training a new one."""
+    state, trainings so far) and the calibration schedule's place: save it with the training
+    state, so a resumed run goes on with the predictor it had instead of training a new one."""
     state = {}
     for name, weight in model.named_parameters():
         for (rank,), f in learned_factors.entries_of(weight).items():
             state[f"{name}@{rank}"] = {"p": f.p.detach().clone(), "q": f.q.detach().clone(), "calls": f.calls,
-                                       "steps_since": f.steps_since, "optimizer": f.optimizer.state_dict()}
+                                       "optimizer": f.optimizer.state_dict()}
+    if state:
+        state[CALIBRATION_KEY] = calibration.steps_since()
     return state
 
 
@@ -81,6 +85,8 @@ def load_state_dict(model: torch.nn.Module, state: dict) -> None:
     """Restore what :func:`state_dict` saved, after the model's own weights are loaded. Names
     that ``model`` lacks are an error."""
     weights = dict(model.named_parameters())
+    state = dict(state)
+    calibration.resume(state.pop(CALIBRATION_KEY, None))
     for key, saved in state.items():
         name, _, rank = key.rpartition("@")
         if name not in weights:
@@ -91,27 +97,15 @@ def load_state_dict(model: torch.nn.Module, state: dict) -> None:
             f.p.copy_(saved["p"])
             f.q.copy_(saved["q"])
         f.optimizer.load_state_dict(saved["optimizer"])
-        f.calls, f.steps_since = saved["calls"], saved["steps_since"]
+        f.calls = saved["calls"]
         learned_factors.put(weight, (int(rank),), f)
 
 
-def calibration_due(refresh: int) -> bool:
-    """Whether the next step must calibrate (run dense, recording MLP inputs): no predictor
-    trained yet, or the last training ``refresh - 1`` optimizer steps ago (0: never again)."""
-    trained = [f for f in learned_factors.values() if f.calls > 0]
-    if not trained:
-        return True
-    return refresh > 0 and any(f.steps_since >= refresh - 1 for f in trained)
-
-
 def train_pending() -> int:
-    """Train every predictor whose training is due; returns how many. Runs after each
-    ``torch.optim`` step (the hook is installed by the first recording)."""
+    """Train every predictor whose calibration step recorded inputs; returns how many. Runs after
+    that step's ``torch.optim`` step."""
     jobs = list(_pending.values())
     _pending.clear()
-    trained = {id(job[4]) for job in jobs}
-    for f in learned_factors.values():
-        f.steps_since = 0 if id(f) in trained else f.steps_since + 1
     for job in jobs:
         _train(*job)
     return len(jobs)
@@ -124,9 +118,9 @@ def observe(x: torch.Tensor, fc1: AdaptedLinear, up: Optional[AdaptedLinear], ac
     f1 = learned_factors(fc1.weight, rank)
     f2 = learned_factors(up.weight, rank) if up is not None else None
     rows = torch.linspace(0, x.shape[0] - 1, min(x.shape[0], RECORDED_TOKENS), device=x.device).long()
-    after_each_step(train_pending)
-    _pending[id(f1)] = (x[rows].clone(), _kept(_rows(fc1, rows)), _kept(_rows(up, rows)), activation, f1, f2,
-                        train_steps)
+    calibration.recorded(train_pending)
+    kept_up = _kept(up.rows(rows)) if up is not None else None
+    _pending[id(f1)] = (x[rows].clone(), _kept(fc1.rows(rows)), kept_up, activation, f1, f2, train_steps)
 
 
 def _kept(lin: Optional[AdaptedLinear]) -> Optional[AdaptedLinear]:
@@ -155,7 +149,7 @@ def _train(x, fc1, up, activation, f1, f2, steps: int) -> None:
         for _ in range(steps):
             rows = torch.randint(0, x.shape[0], (min(TOKENS_PER_STEP, x.shape[0]),), generator=g,
                                  device=x.device)
-            est = _estimate(x[rows], _rows(fc1, rows), _rows(up, rows), activation, f1, f2)
+            est = _estimate(x[rows], fc1.rows(rows), up.rows(rows) if up is not None else None, activation, f1, f2)
             loss = (est.abs() - target[rows]).square().mean() / scale
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
@@ -165,14 +159,6 @@ def _train(x, fc1, up, activation, f1, f2, steps: int) -> None:
     f1.calls += 1
     counters["lecompile"]["learned_train_calls"] += 1
     counters["lecompile"]["learned_train_ms"] += (time.perf_counter() - start) * 1e3
-
-
-def _rows(lin: Optional[AdaptedLinear], rows) -> Optional[AdaptedLinear]:
-    """``lin`` for a subset of tokens (LoRA's separate input, when there is one, is per token)."""
-    if lin is None or lin.lora_input is None:
-        return lin
-    return AdaptedLinear(lin.weight, lin.bias, lin.lora_input[rows], lin.lora_a, lin.lora_b, lin.in_scale,
-                         lin.out_scale, lin.lora_scale)
 
 
 def learned_group_scores(x: torch.Tensor, fc1: AdaptedLinear, up: Optional[AdaptedLinear], activation: str,

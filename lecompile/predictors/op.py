@@ -5,8 +5,10 @@ from typing import List
 
 import torch
 
+from .. import calibration
+from ..guard import guard_of
 from ..ops.adapted_linear import SLOTS, unpack_mlp
-from .learned import learned_factors, learned_group_scores, observe
+from .learned import RECORDED_TOKENS, learned_factors, learned_group_scores, observe
 from .oracle import oracle_group_scores
 from .svd import svd_factors, svd_group_scores
 
@@ -87,13 +89,25 @@ def _unpack_predictor_inputs(x: Tensor, params: List[Tensor], slots: List[int], 
 # code; it is only in the dense calibration graphs, which are never replayed as CUDA graphs.
 @torch.library.custom_op("lecompile::observe_mlp", mutates_args=())
 def _observe_mlp(y: Tensor, x: Tensor, params: List[Tensor], slots: List[int], lora_scales: List[float],
-                 activation: str, rank: int, train_steps: int) -> Tensor:
-    observe(*_unpack_predictor_inputs(x, params, slots, lora_scales), activation, rank, train_steps)
+                 activation: str, method: str, rank: int, train_steps: int, group_size: int, layer: int,
+                 density: float, guard: int) -> Tensor:
+    x, fc1, up = _unpack_predictor_inputs(x, params, slots, lora_scales)
+    if method == "learned":
+        observe(x, fc1, up, activation, rank, train_steps)
+    density_guard = guard_of(guard)
+    if density_guard is not None and layer >= 0:
+        groups = max(1, min(x.shape[0], RECORDED_TOKENS) // group_size)
+        rows = torch.arange(groups * group_size, device=x.device)
+        first, second = fc1.rows(rows), up.rows(rows) if up is not None else None
+        scores = PREDICTORS[method](x[rows], first, second, activation, rank, group_size)
+        exact = oracle_group_scores(x[rows], first, second, activation, 0, group_size)
+        density_guard.measure(layer, density, scores, exact)
+        calibration.recorded(density_guard.update)
     return y.clone()
 
 
 @_observe_mlp.register_fake
-def _(y, x, params, slots, lora_scales, activation, rank, train_steps):
+def _(y, x, params, slots, lora_scales, activation, method, rank, train_steps, group_size, layer, density, guard):
     return torch.empty_like(y)
 
 
@@ -101,13 +115,16 @@ def _observe_setup(ctx, inputs, output):
     ctx.n_params = len(inputs[2])
 
 
-_observe_mlp.register_autograd(lambda ctx, grad: (grad, None, [None] * ctx.n_params, None, None, None, None, None),
+_observe_mlp.register_autograd(lambda ctx, grad: (grad, None, [None] * ctx.n_params) + (None,) * 10,
                                setup_context=_observe_setup)
 
 
 def observe_mlp(y: Tensor, x: Tensor, params: List[Tensor], slots: List[int], lora_scales: List[float],
-                activation: str, rank: int, train_steps: int) -> Tensor:
-    """``y`` (the MLP's output), after recording the MLP input ``x`` and fc1/up (packed as for
-    :func:`predict_neurons`) for the learned predictor's next training."""
-    return _observe_mlp(y, x.detach(), [t.detach() for t in params], slots, lora_scales, activation, rank,
-                        train_steps)
+                activation: str, method: str, rank: int, train_steps: int, group_size: int, layer: int,
+                density: float, guard: int) -> Tensor:
+    """``y`` (the MLP's output), after the calibration step's records of the MLP input ``x`` and
+    fc1/up (packed as for :func:`predict_neurons`): for the learned predictor's next training
+    (``method="learned"``), and the kept activation mass at each candidate density for the density
+    guard numbered ``guard`` (-1: none; ``layer`` -1: index unknown, not measured)."""
+    return _observe_mlp(y, x.detach(), [t.detach() for t in params], slots, lora_scales, activation, method, rank,
+                        train_steps, group_size, layer, density, guard)

@@ -1,0 +1,63 @@
+"""Calibration steps: dense steps whose graphs record each MLP's input (``lecompile::observe_mlp``)
+for the learned predictor's training and the density guard's measurements.
+
+The first training step calibrates, then one in every ``every`` optimizer steps (:func:`due`). What
+a calibration step recorded is used after that step's ``optimizer.step()`` (a ``torch.optim``
+post-step hook), outside every compiled step; the sparse steps in between only read its results.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, List, Optional
+
+from .warmup import after_each_step
+
+_steps_since: Optional[int] = None  # optimizer steps since the last calibration; None: none yet
+_recorded = False                   # the current step recorded something
+_work: List[Callable[[], None]] = []  # what runs after the current calibration step
+
+
+def due(every: int) -> bool:
+    """Whether the next step must calibrate: none has yet, or the last one was ``every - 1``
+    optimizer steps ago (``every`` 0: never again)."""
+    return _steps_since is None or (every > 0 and _steps_since >= every - 1)
+
+
+def recorded(work: Callable[[], None]) -> None:
+    """Called while a calibration step records: ``work()`` runs after its optimizer step."""
+    global _recorded
+    after_each_step(_after_step)
+    _recorded = True
+    if work not in _work:
+        _work.append(work)
+
+
+def steps_since() -> Optional[int]:
+    """Optimizer steps since the last calibration (``None``: none yet)."""
+    return _steps_since
+
+
+def resume(steps: Optional[int]) -> None:
+    """Continue a saved run's calibration schedule (:func:`steps_since` when it was saved)."""
+    global _steps_since
+    _steps_since = steps
+
+
+def reset() -> None:
+    """Forget the schedule: the next step calibrates."""
+    global _steps_since, _recorded
+    _steps_since, _recorded = None, False
+    _work.clear()
+
+
+def _after_step() -> None:
+    global _steps_since, _recorded
+    if not _recorded:
+        if _steps_since is not None:
+            _steps_since += 1
+        return
+    work = list(_work)
+    _work.clear()
+    _steps_since, _recorded = 0, False
+    for job in work:
+        job()

@@ -1,0 +1,73 @@
+"""The density guard: per-layer MLP densities from the activation mass the predictor keeps,
+raised where it is below the target, lowered where there is room, with no recompile per step."""
+
+import logging
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import lecompile
+from lecompile import LongExposureConfig
+from lecompile.guard import DensityGuard, candidates, kept_mass
+from lecompile.predictors import clear_learned
+
+from models import LAYERS, batch, tiny_model
+
+
+def test_kept_mass_is_the_share_of_exact_mass_the_predicted_neurons_hold():
+    exact = torch.tensor([[4.0, 3.0, 2.0, 1.0]])
+    assert kept_mass(exact, exact, 2) == pytest.approx(0.7)
+    assert kept_mass(-exact, exact, 2) == pytest.approx(0.3)  # the predictor picks the two smallest
+    assert kept_mass(exact, exact, 4) == 1.0
+
+
+def mass_profile(ffn, head):
+    """Exact mass per neuron: ``head`` of it on the first quarter of the neurons."""
+    mass = torch.full((1, ffn), (1 - head) / (ffn - ffn // 4) * 100)
+    mass[0, : ffn // 4] = head / (ffn // 4) * 100
+    return mass
+
+
+def test_guard_raises_a_layer_below_the_target_and_lowers_it_when_there_is_room(caplog):
+    guard = DensityGuard(min_kept_mass=0.9, k_align=1)
+    caplog.set_level(logging.INFO, logger="lecompile")
+    spread = mass_profile(64, head=0.5)  # at 0.25 the best 16 neurons hold half the mass
+    guard.measure(layer=1, density=0.25, scores=spread, exact=spread)
+    assert guard.update()
+    assert guard.densities[1] > 0.25 and "layer 1: MLP density 0.25 ->" in caplog.text
+    raised = guard.densities[1]
+    peaked = mass_profile(64, head=0.95)  # the adapters moved: the first quarter holds 95%
+    guard.measure(layer=1, density=0.25, scores=peaked, exact=peaked)
+    assert guard.update() and guard.densities[1] == 0.25
+    assert guard.changes == [c for c in guard.changes if c.startswith("layer 1")] and len(guard.changes) == 2
+    assert f"{raised:g} -> 0.25" in guard.changes[-1]
+    guard.measure(layer=1, density=0.25, scores=peaked, exact=peaked)
+    assert not guard.update()  # nothing moved: nothing logged, nothing to recompile
+    assert guard.layer_densities(lambda i: 0.25) == ()  # every layer at its set density
+    assert candidates(0.3) == (0.3, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
+
+
+def test_guard_in_a_compiled_run_recompiles_once_per_new_densities_never_per_step():
+    clear_learned()
+    counters.clear()
+    torch._dynamo.reset()
+    model = tiny_model("llama", "lora")
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    backend = lecompile.longexposure(LongExposureConfig.create(mlp_density=0.25, k_align=16, min_kept_mass=0.9,
+                                                               calibrate_every=3))
+    compiled = torch.compile(model, backend=backend)
+    for step in range(7):
+        loss = compiled(**batch(1)).loss  # one batch: the guard measures the same thing each time
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        assert torch.isfinite(loss)
+    assert counters["lecompile"]["dense_graph_calls"] == 3  # steps 0, 3, 6 calibrate
+    assert counters["lecompile"]["guard_recompiles"] == 1, backend.report.guard
+    report = backend.report
+    assert len(report.guard) == LAYERS and all("-> " in c for c in report.guard)
+    latest = backend.reports[-1].mlp  # the sparse form compiled for the guard's densities
+    assert [e.density for e in latest] == [backend.guard.densities[i] for i in range(LAYERS)]
+    assert all(d > 0.25 for d in backend.guard.densities.values())
+    assert "density guard: layer 0" in str(report)
