@@ -14,6 +14,7 @@ import torch
 import torch.fx as fx
 
 from . import calibration
+from .cache import cacheable_functions
 from .config import LongExposureConfig
 from .guard import DensityGuard
 from .passes import is_training_graph, run_passes
@@ -81,10 +82,10 @@ class LongExposureBackend:
         must not copy them at each replay); with the density guard, a sparse form for new
         per-layer densities is compiled when the guard first picks them."""
         template = copy_graph(gm)
-        sparse = self._compile(copy_graph(template), example_inputs, patches)
         # The calibration graph records in Python: never a CUDA graph.
         dense_patches = {k: v for k, v in patches.items() if k != "triton.cudagraphs"} if calibrated else patches
         dense = self._compile(gm, example_inputs, dense_patches, dense_warmup=True)
+        sparse = self._compile(copy_graph(template), example_inputs, patches)
         calibrate = functools.partial(calibration.due, self.config.tuning.calibrate_every) if calibrated else None
         densities = compile_for = None
         if self.guard is not None:
@@ -122,7 +123,10 @@ class LongExposureBackend:
             from torch._functorch.aot_autograd import make_boxed_func
             nop = aot_autograd(fw_compiler=lambda g, _: make_boxed_func(g.forward))
             return with_returned_logits(nop(gm, example_inputs), gm)
+        from torch._inductor import config as inductor_config
         from torch._inductor.compile_fx import compile_fx
+        patches = {**patches, "unsafe_marked_cacheable_functions": {
+            **inductor_config.unsafe_marked_cacheable_functions, **cacheable_functions(gm)}}
         with _partitioner(config):
             return with_returned_logits(compile_fx(gm, example_inputs, config_patches=patches), gm)
 

@@ -13,13 +13,14 @@ from __future__ import annotations
 import operator
 from typing import Dict, List
 
+import torch
 import torch.fx as fx
 from torch._dynamo.utils import counters
 
 from ..ops.lora_linear import lora_linear, lora_linears, runs_in_gemm
 from ..report import LinearEntry
 from .fold_adapters import LinearMatch
-from .graph import meta_value, recompile
+from .graph import meta_value, recompile, replace_uses
 
 
 def fuse_lora(ctx) -> None:
@@ -101,8 +102,8 @@ def _weight(graph: fx.Graph, lin: LinearMatch) -> fx.Node:
 def _replace_output(graph: fx.Graph, lin: LinearMatch, y: fx.Node) -> None:
     out_dtype = meta_value(lin.out).dtype
     if out_dtype != meta_value(lin.x).dtype:
-        y = graph.call_method("to", (y, out_dtype))
-    lin.out.replace_all_uses_with(y)
+        y = graph.call_function(torch.ops.aten._to_copy.default, (y,), {"dtype": out_dtype})
+    replace_uses(lin.out, y)
 
 
 def _rewrite(graph: fx.Graph, lin: LinearMatch, in_gemm: bool) -> None:

@@ -26,7 +26,7 @@ from torch._dynamo.utils import counters
 
 from ..ops.lm_head_loss import REDUCTIONS, returned_logits
 from ..report import LossEntry
-from .graph import LINEAR, is_call, linear_args, meta_value, recompile
+from .graph import LINEAR, is_call, linear_args, meta_value, recompile, replace_uses
 
 _SAME_DTYPE_VIEWS = ("contiguous", "view", "reshape")
 _VIEWS = _SAME_DTYPE_VIEWS + ("float",)
@@ -105,12 +105,13 @@ def _rewrite(graph: fx.Graph, ce: fx.Node, linear: fx.Node, scores: fx.Node, tar
     hidden, weight, _ = linear_args(linear)
     vocab, width = meta_value(linear).shape[-1], meta_value(weight).shape[1]
     with graph.inserting_before(ce):
-        logits = graph.call_method("reshape", (graph.call_method("detach", (linear,)), -1, vocab))
-        rows = graph.call_method("reshape", (hidden, -1, width))
+        # Functions, not methods, on nodes the passes made: AOTAutograd's cache reads them.
+        logits = graph.call_function(torch.reshape, (graph.call_function(torch.detach, (linear,)), (-1, vocab)))
+        rows = graph.call_function(torch.reshape, (hidden, (-1, width)))
         pair = graph.call_function(torch.ops.lecompile.lm_head_cross_entropy.default,
                                    (logits, rows, weight, target, ignore_index, reduction))
         loss = graph.call_function(operator.getitem, (pair, 0))
-    ce.replace_all_uses_with(loss)
+    replace_uses(ce, loss)
     graph.erase_node(ce)
     node = scores  # the fp32 copy and views of the logits, now unused
     while node is not linear and not node.users:
@@ -132,7 +133,7 @@ def _return_logits_detached(gm: fx.GraphModule, linear: fx.Node) -> None:
         return
     with gm.graph.inserting_before(output):
         for i in logit_outputs:
-            outs[i] = gm.graph.call_method("detach", (outs[i],))
+            outs[i] = gm.graph.call_function(torch.detach, (outs[i],))
     plan = gm.meta.setdefault(RETURNED_LOGITS, [])
     plan += [(i, len(outs), len(outs) + 1) for i in logit_outputs]
     output.args = (type(output.args[0])(outs + [hidden, weight]),)

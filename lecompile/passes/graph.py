@@ -110,6 +110,14 @@ def dropout_p(node: fx.Node) -> float:
     return float(p) if training else 0.0
 
 
+def replace_uses(old: fx.Node, new: fx.Node, delete_user_cb=lambda user: True) -> None:
+    """``old.replace_all_uses_with(new)``, and ``old``'s example value on ``new`` when it has
+    none: both hold the same tensor, and AOTAutograd's cache tells tensors apart by that value."""
+    if "example_value" in old.meta and "example_value" not in new.meta:
+        new.meta["example_value"] = old.meta["example_value"]
+    old.replace_all_uses_with(new, delete_user_cb=delete_user_cb)
+
+
 def recompile(gm: fx.GraphModule) -> None:
     """After a rewrite: drop the nodes it left unused, check the graph, regenerate the code."""
     gm.graph.eliminate_dead_code()

@@ -25,7 +25,7 @@ from torch._dynamo.utils import counters
 from ..ops.layer_norm import layer_norm_from_output, output_rounding_gain
 from ..ops.rms_norm import rms_norm_from_output
 from ..report import NormEntry
-from .graph import is_call, is_method, meta_value, only_user, recompile, shape, source_name
+from .graph import is_call, is_method, meta_value, only_user, recompile, replace_uses, shape, source_name
 
 LAYER_NORM = (F.layer_norm, torch.layer_norm)
 #: Largest :func:`~lecompile.ops.layer_norm.output_rounding_gain` allowed: the derived ``x_hat``
@@ -74,7 +74,7 @@ def _rms_norm(rsqrt: fx.Node, ctx) -> bool:
     if why:
         return False
     with ctx.gm.graph.inserting_before(out):
-        out.replace_all_uses_with(ctx.gm.graph.call_function(rms_norm_from_output, (x, weight, eps)))
+        replace_uses(out, ctx.gm.graph.call_function(rms_norm_from_output, (x, weight, eps)))
     counters["lecompile"]["norm_from_output"] += 1
     return True
 

@@ -10,13 +10,14 @@ import math
 import operator
 from typing import Dict, Tuple
 
+import torch
 import torch.fx as fx
 from torch._dynamo.utils import counters
 
 from ..ops.block_attention import allowed_blocks, block_attention, flex_backward_tiles
 from ..predictors.attention import atomic_layouts, predict_blocks
 from ..report import AttentionEntry
-from .graph import meta_value, recompile, static_shape
+from .graph import meta_value, recompile, replace_uses, static_shape
 from .match_attention import AttentionMatch
 
 
@@ -97,5 +98,5 @@ def _rewrite(ctx, att: AttentionMatch, layouts, allowed) -> None:
                                                     att.causal, cfg.tuning.attn_block, att.enable_gqa))
         out_dtype = meta_value(att.out).dtype
         if out_dtype != meta_value(att.v).dtype:
-            out = graph.call_method("to", (out, out_dtype))
-    att.out.replace_all_uses_with(out)
+            out = graph.call_function(torch.ops.aten._to_copy.default, (out,), {"dtype": out_dtype})
+    replace_uses(att.out, out)

@@ -18,7 +18,7 @@ from ..ops.sparse_mlp import kernel_impl
 from ..ops.token_groups import all_neurons, dense_first_order, dense_group_count, merge_groups, split_groups
 from ..predictors.op import observe_mlp, predict_neurons, prepare_predictor
 from .fold_adapters import LinearMatch
-from .graph import devices, layer_index, meta_value, recompile, static_shape
+from .graph import devices, layer_index, meta_value, recompile, replace_uses, static_shape
 from .labels import output_token_mask
 from .match_mlp import MLPMatch
 
@@ -164,7 +164,7 @@ def _observe(graph: fx.Graph, mlp: MLPMatch, cfg, group_size: int, layer: Option
         seen = graph.call_function(observe_mlp, (
             y, mlp.fc1.x, params, slots, scales, mlp.activation, cfg.predictor, cfg.tuning.svd_rank,
             cfg.tuning.learned_train_steps, group_size, -1 if layer is None else layer, density, guard))
-    y.replace_all_uses_with(seen, delete_user_cb=lambda user: user is not seen)
+    replace_uses(y, seen, delete_user_cb=lambda user: user is not seen)
     counters["lecompile"]["observed_mlp"] += 1
 
 
@@ -242,7 +242,7 @@ def _rewrite(graph: fx.Graph, mlp: MLPMatch, k: int, group_size: int, cfg,
             y_dense = call_op(x_dense, p_dense, graph.call_function(all_neurons, (x, mlp.ffn)))
             y_sparse = call_op(x_sparse, p_sparse)
             y = graph.call_function(merge_groups, (y_dense, y_sparse, inverse, group_size, static_shape(x)))
-    out.replace_all_uses_with(y)
+    replace_uses(out, y)
 
 
 def _operand(graph: fx.Graph, lin: LinearMatch, adapter_dtype: Optional[torch.dtype]) -> AdaptedLinear:
