@@ -56,6 +56,7 @@ class LinearMatch:
     nodes: Set[fx.Node] = field(default_factory=set)  # every node folded into this linear
     peft: List[str] = field(default_factory=list)
     consumed: bool = False          # rewritten as part of a larger op (the sparse MLP)
+    fused: Optional["LinearMatch"] = None  # the fused projection this is one half of (Phi-3's gate_up_proj)
 
     @property
     def dropped_lora_input(self) -> Optional[fx.Node]:

@@ -7,6 +7,11 @@ other, such as ``hardtanh``, is refused); a region without one must be a formula
 ``tanh``, ``erf`` or ``sigmoid`` (a hand-written GELU or SiLU). Either way the region is then evaluated on probe values
 and compared with that activation, which checks the gating order and the formula's constants.
 
+A gate and an up projection fused into one linear whose output is split in two by ``chunk``
+(Phi-3's ``gate_up_proj``) count as two linears, each reading its half of the weight, bias, LoRA
+``B`` and IA3 vector (LoRA's ``A`` is shared); when the MLP is rewritten the fused linear goes with
+it, otherwise it stays one linear for the other passes.
+
 Only decoder MLPs are matched: inside a repeated block (a module path with a layer index,
 ``model.layers.3.mlp``) or writing into a residual stream (graphs of one layer, whose paths start
 at the layer). A head on top of the model that happens to read Linear -> activation -> Linear is
@@ -25,6 +30,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..activations import ACTIVATIONS
+from ..ops.adapted_linear import AdaptedLinear
 from .fold_adapters import LinearMatch
 from .graph import (
     DROPOUT,
@@ -75,8 +81,9 @@ def match_mlp(ctx) -> None:
     does every activation left outside any candidate (a graph break between an MLP's linears
     shows up this way)."""
     seen: Set[fx.Node] = set()
+    halves: Dict[fx.Node, LinearMatch] = {}
     for fc2 in ctx.linears:
-        sources, region, failure = _region(fc2.x, ctx.linear_by_out)
+        sources, region, failure = _region(fc2.x, ctx.linear_by_out, halves)
         if sources is None:
             continue
         seen |= region
@@ -95,7 +102,7 @@ def match_mlp(ctx) -> None:
         log.warning("lecompile: %d MLP block(s) run dense: %s", len(cut), DDP_SPLIT)
 
 
-def _region(h: fx.Node, by_out: Dict[fx.Node, LinearMatch]):
+def _region(h: fx.Node, by_out: Dict[fx.Node, LinearMatch], halves: Dict[fx.Node, LinearMatch]):
     """Walk back from fc2's input through elementwise ops to linear outputs.
 
     Returns ``(sources, region, failure)``. ``failure`` is the reason when a non-linear region
@@ -108,9 +115,10 @@ def _region(h: fx.Node, by_out: Dict[fx.Node, LinearMatch]):
     stack, nonlinear, failure, stopped = [h], False, None, False
     while stack:
         node = stack.pop()
-        if node in by_out:
-            if by_out[node] not in sources:
-                sources.append(by_out[node])
+        source = by_out.get(node) or _fused_half(node, by_out, halves)
+        if source is not None:
+            if source not in sources:
+                sources.append(source)
             continue
         if node in region:
             continue
@@ -140,6 +148,44 @@ def _region(h: fx.Node, by_out: Dict[fx.Node, LinearMatch]):
     return (sources if candidate else None), region, failure
 
 
+def _fused_half(node: fx.Node, by_out: Dict[fx.Node, LinearMatch],
+                halves: Dict[fx.Node, LinearMatch]) -> Optional[LinearMatch]:
+    """``node`` as one half of a fused projection, ``getitem(chunk(linear_out, 2, dim=-1), i)``:
+    a :class:`LinearMatch` whose tensors are the halves of the fused one's (``narrow`` nodes, made
+    once per half: ``halves`` keeps them by ``node``)."""
+    if node in halves:
+        return halves[node]
+    if not (is_call(node, (operator.getitem,)) and node.args[1] in (0, 1)):
+        return None
+    chunk = node.args[0]
+    if not (isinstance(chunk, fx.Node) and (is_method(chunk, ("chunk",)) or is_call(chunk, (torch.chunk,)))):
+        return None
+    fused = by_out.get(chunk.args[0])
+    if fused is None or fused.weight_transposed or fused.out_features % 2:
+        return None
+    args = {**dict(zip(("chunks", "dim"), chunk.args[1:])), **chunk.kwargs}
+    out_shape = static_shape(fused.out)
+    if args.get("chunks") != 2 or out_shape is None or args.get("dim", 0) not in (-1, len(out_shape) - 1):
+        return None
+    halves[node] = _half(fused, node, node.args[1])
+    return halves[node]
+
+
+def _half(fused: LinearMatch, out: fx.Node, index: int) -> LinearMatch:
+    a, width = fused.adapted, fused.out_features // 2
+    graph = out.graph
+
+    def narrow(t):
+        return None if t is None else graph.call_function(torch.narrow, (t, 0, index * width, width))
+
+    with graph.inserting_before(out.args[0]):  # the chunk: the fused linear's tensors are all defined
+        adapted = AdaptedLinear(narrow(a.weight), narrow(a.bias), a.lora_input, a.lora_a, narrow(a.lora_b),
+                                a.in_scale, narrow(a.out_scale), a.lora_scale)
+    return LinearMatch(adapted, fused.x, out, f"{fused.name}[{index}]", fused.in_features, width,
+                       lora_dropout=fused.lora_dropout, nodes=fused.nodes | {out.args[0], out}, peft=fused.peft,
+                       fused=fused)
+
+
 def _is_custom_function(node: fx.Node) -> bool:
     """A ``torch.autograd.Function`` as Dynamo traces it (the ``autograd_function_apply`` op)."""
     return node.op == "call_function" and getattr(node.target, "__name__", "") == "autograd_function_apply"
@@ -164,6 +210,13 @@ def _match(fc2: LinearMatch, sources: List[LinearMatch], region: Set[fx.Node]) -
     for src in sources:
         if any(u not in region and u not in fc2.nodes for u in src.out.users):
             return f"the output of {src.name} is used outside the MLP"
+    fused = [src.fused for src in sources if src.fused is not None]
+    if fused and (len(fused) != 2 or fused[0] is not fused[1]):
+        return "one half of a fused projection, without the other, feeds the activation"
+    if fused:
+        whole, chunk = fused[0], sources[0].out.args[0]
+        if set(whole.out.users) != {chunk} or set(chunk.users) != {s.out for s in sources}:
+            return f"the fused projection {whole.name} is also used outside the MLP"
     if static_shape(sources[0].x) is None:
         return "dynamic shapes are not supported yet"
     named = _activation_by_op(region)

@@ -110,6 +110,8 @@ def rewrite_mlp(ctx) -> None:
         for lin in (mlp.fc1, mlp.up, mlp.fc2):
             if lin is not None:
                 lin.consumed = True
+                if lin.fused is not None:
+                    lin.fused.consumed = True
         entry.rewritten = True
         counters["lecompile"]["sparse_mlp"] += 1
     if ctx.mlps:
