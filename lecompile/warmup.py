@@ -1,5 +1,5 @@
 """Dense warm-up: run a graph dense for the first optimizer steps, then switch to its sparse form
-(and back to dense for the learned predictor's calibration steps).
+(and back to dense on calibration steps: the learned predictor's, the density guard's).
 
 Steps are counted with a process-wide ``torch.optim`` post-step hook (optimizers marked
 ``_lecompile_internal``, such as the learned predictor's, are not counted), so a warm-up of N

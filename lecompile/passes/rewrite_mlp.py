@@ -88,7 +88,8 @@ def rewrite_mlp(ctx) -> None:
         entry = ctx.report_mlp(mlp, k, granularity, note)
         why_dense = _why_dense(ctx, mlp, density, k)
         if ctx.dense_warmup:
-            entry.note = _join(entry.note, f"dense warm-up graph ({cfg.dense_warmup_steps} steps)")
+            entry.note = _join(entry.note, f"dense warm-up graph ({cfg.dense_warmup_steps} steps)"
+                               if cfg.dense_warmup_steps else "dense calibration graph")
             if not why_dense and (cfg.predictor == "learned" or ctx.guard >= 0):
                 _observe(ctx.gm.graph, mlp, cfg, group_size, layer, density, ctx.guard)
                 users = [name for name, on in (("learned predictor", cfg.predictor == "learned"),

@@ -1,5 +1,6 @@
 """``lecompile::predict_neurons``: a predictor as an opaque op with a static output shape; and
-``lecompile::observe_mlp``, which records an MLP's input for the learned predictor."""
+``lecompile::observe_mlp``, which records an MLP's input on calibration steps (for the learned
+predictor and the density guard)."""
 
 from typing import List
 
