@@ -56,7 +56,7 @@ class LearnedFactors:
 learned_factors = WeightCache(LearnedFactors)
 
 
-#: Training due, by the factors of the MLP's first linear: the inputs of the call that asked for it.
+#: Training due after this optimizer step, by the factors of the MLP's first linear: what the calibration step recorded.
 _pending: dict = {}
 
 
