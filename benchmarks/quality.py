@@ -304,6 +304,31 @@ def plot(summary: List[dict], runs: List[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def device_files(folder: Path, part_mib: int = 60) -> List[Path]:
+    """What a GPU machine without network needs for the harness, in pieces a device call can carry
+    (64 MiB each): the SmolLM2 GGUF cut into ``folder/smol/part_NN`` (join them with ``cat`` into
+    ``$LECOMPILE_CACHE/SmolLM2-135M-Instruct.Q4_1.gguf``), and the ``gguf`` package with its
+    metadata under ``folder/site`` (put it on ``PYTHONPATH``)."""
+    import importlib.metadata
+    import shutil
+
+    import gguf
+
+    from examples import data
+    (folder / "smol").mkdir(parents=True, exist_ok=True)
+    parts = []
+    with open(data.smollm2_gguf(), "rb") as src:
+        while chunk := src.read(part_mib << 20):
+            parts.append(folder / "smol" / f"part_{len(parts):02d}")
+            parts[-1].write_bytes(chunk)
+    site = folder / "site"
+    shutil.copytree(Path(gguf.__file__).parent, site / "gguf", dirs_exist_ok=True)
+    metadata = next(f for f in importlib.metadata.distribution("gguf").files if f.name == "METADATA")
+    dist_info = Path(metadata.locate()).parent
+    shutil.copytree(dist_info, site / dist_info.name, dirs_exist_ok=True)
+    return parts
+
+
 def _one(args) -> None:
     """Run one (setting, seed) and write its JSON (the worker process of :func:`main`)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -324,10 +349,17 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--device-files", type=Path, metavar="DIR",
+                        help="write the model in parts a device call can carry, and the gguf package, into DIR; "
+                             "then exit (see device_files())")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.device_files:
+        for part in device_files(args.device_files):
+            print(part)
+        return None
     if args.one:
         return _one(args)
     names = args.settings or list(settings(args.steps))

@@ -79,3 +79,15 @@ def test_a_few_steps_through_the_compiled_path():
     assert dense["kept_mlp"] == 1.0 and dense["step1_loss"] == run["step1_loss"]  # step 1 is the dense warm-up
     summary = {s["setting"]: s for s in quality.summarize([run, dense])}
     assert summary["dense"]["heldout_delta"] == 0.0 and summary["dense"]["passes"]
+
+
+def test_device_files_cut_the_model_into_parts_that_join_back(tmp_path, monkeypatch):
+    from examples import data
+    model = tmp_path / "model.gguf"
+    model.write_bytes(bytes(range(256)) * 5000)
+    monkeypatch.setattr(data, "smollm2_gguf", lambda: model)
+    parts = quality.device_files(tmp_path / "out", part_mib=1)
+    assert len(parts) == 2 and all(p.stat().st_size <= 1 << 20 for p in parts)
+    assert b"".join(p.read_bytes() for p in parts) == model.read_bytes()
+    assert (tmp_path / "out" / "site" / "gguf" / "__init__.py").exists()
+    assert any(p.name.endswith(".dist-info") for p in (tmp_path / "out" / "site").iterdir())
