@@ -87,4 +87,5 @@ class DensityGuard:
 
 
 def guard_of(key: int) -> Optional[DensityGuard]:
+    """The guard numbered ``key`` (``None`` for -1, no guard)."""
     return _guards.get(key)
