@@ -92,13 +92,15 @@ class Report:
     norms: List[NormEntry] = field(default_factory=list)
     checkpointed: int = 0        # regions under torch.utils.checkpoint, matched inside and still recomputed
     guard: List[str] = field(default_factory=list)  # the density guard's changes so far (min_kept_mass)
+    notes: List[str] = field(default_factory=list)  # about a whole graph (one decoder layer per graph, ...)
 
     def merge(self, other: "Report") -> "Report":
         return Report(self.graphs + other.graphs, self.mlp + other.mlp, self.attention + other.attention,
                       self.linears + other.linears, self.unmatched + other.unmatched,
                       self.losses + other.losses, self.norms + other.norms,
                       self.checkpointed + other.checkpointed,
-                      self.guard + [g for g in other.guard if g not in self.guard])
+                      self.guard + [g for g in other.guard if g not in self.guard],
+                      self.notes + [n for n in other.notes if n not in self.notes])
 
     @property
     def mlp_rewritten(self) -> int:
@@ -157,6 +159,7 @@ class Report:
         if self.checkpointed:
             lines.append(f"gradient checkpointing: {self.checkpointed} region(s) matched inside and recomputed "
                          "in the backward as torch.utils.checkpoint would")
+        lines += [f"note: {note}" for note in self.notes]
         lines += [f"density guard: {change}" for change in self.guard]
         if self.unmatched:
             lines.append(format_table(["unmatched", "reason"], [[u.where, u.reason] for u in self.unmatched]))

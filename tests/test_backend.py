@@ -12,6 +12,7 @@ from torch import nn
 
 import lecompile
 from lecompile import LongExposureConfig
+from lecompile.passes import LAYER_GRAPH
 
 SPARSE_HALF = LongExposureConfig(mlp_density=0.5)
 
@@ -122,6 +123,7 @@ def test_decoder_layer_compiled_alone_keeps_its_mlp():
     config = LongExposureConfig.create(mlp_density=0.5, k_align=64, predictor="oracle")
     report = lecompile.explain(layer, hidden, config=config)
     assert [(e.layer, e.rewritten) for e in report.mlp] == [("fc1->fc2", True)], str(report)
+    assert report.notes == [LAYER_GRAPH] and "note: decoder layer(s) without a layer index" in str(report)
 
 
 def test_graph_without_mlp_compiles_as_inductor():

@@ -103,6 +103,9 @@ PASSES: Sequence[Pass] = (
     Pass("norms_from_output", norms_from_output.norms_from_output),
     Pass("tag_rewritten_nodes", inline_checkpoints.tag_rewritten_nodes, when_disabled=None),
 )
+LAYER_GRAPH = ("decoder layer(s) without a layer index in their module paths: Dynamo compiled a decoder layer as "
+               "its own graph (a graph break in the model's forward, or a layer compiled alone); the rewrites apply "
+               "in each such graph, and mlp_layer_densities cannot tell the layers apart")
 #: The passes ``LongExposureConfig(disable=...)`` can turn off.
 OPTIONAL_PASSES = tuple(p.name for p in PASSES if p.when_disabled is not None)
 
@@ -129,6 +132,8 @@ def run_passes(gm: fx.GraphModule, example_inputs, config: LongExposureConfig,
         if config.enabled(p.name) or p.when_disabled == "report":
             p.run(ctx)
     _check_layer_densities(ctx)
+    if ctx.mlps and all(layer_index(m.name) is None for m in ctx.mlps):
+        ctx.report.notes.append(LAYER_GRAPH)
     return ctx.report
 
 
@@ -162,4 +167,5 @@ def _graph_level_notes(ctx: PassContext, example_inputs) -> None:
         log.warning("lecompile: %s", note.reason)
 
 
-__all__ = ["OPTIONAL_PASSES", "PASSES", "Pass", "PassContext", "is_training_graph", "run_passes", "kept_neurons"]
+__all__ = ["LAYER_GRAPH", "OPTIONAL_PASSES", "PASSES", "Pass", "PassContext", "is_training_graph", "run_passes",
+           "kept_neurons"]
