@@ -71,18 +71,12 @@ def _gpt2(hidden, layers, heads, **kw):
                       embd_pdrop=0.0, attn_pdrop=0.0, **kw)
 
 
-def _llama(hidden, ffn, layers, heads, kv_heads, vocab=128256, **kw):
-    from transformers import LlamaConfig
-    return LlamaConfig(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
-                       num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
-                       max_position_embeddings=8192, **kw)
-
-
-def _qwen2(hidden, ffn, layers, heads, kv_heads, vocab=151936, **kw):
-    from transformers import Qwen2Config
-    return Qwen2Config(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
-                       num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
-                       max_position_embeddings=8192, **kw)
+def _llama(hidden, ffn, layers, heads, kv_heads, vocab=128256, config="LlamaConfig", **kw):
+    """A LLaMA-shaped config (``config``: the transformers class, e.g. ``Qwen2Config``)."""
+    import transformers
+    return getattr(transformers, config)(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                                         num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
+                                         max_position_embeddings=8192, **kw)
 
 
 #: Model configs by name (Hugging Face's published shapes); ``tiny-*`` ones are for CPU checks.
@@ -94,7 +88,7 @@ MODELS: Dict[str, Callable] = {
     "gpt2-xl": lambda: _gpt2(1600, 48, 25),
     "llama-3.2-1b": lambda: _llama(2048, 8192, 16, 32, 8, tie_word_embeddings=True),
     "llama-3-8b": lambda: _llama(4096, 14336, 32, 32, 8),
-    "qwen2-1.5b": lambda: _qwen2(1536, 8960, 28, 12, 2, tie_word_embeddings=True),
+    "qwen2-1.5b": lambda: _llama(1536, 8960, 28, 12, 2, vocab=151936, config="Qwen2Config", tie_word_embeddings=True),
     "tiny-opt": lambda: _opt(64, 256, 2, 4, vocab_size=256),
     "tiny-llama": lambda: _llama(64, 256, 2, 4, 2, vocab=256),
     "tiny-gpt2": lambda: _gpt2(64, 2, 4, vocab_size=256),

@@ -13,8 +13,7 @@ from typing import Callable, List, Optional
 from .warmup import after_each_step
 
 _steps_since: Optional[int] = None  # optimizer steps since the last calibration; None: none yet
-_recorded = False                   # the current step recorded something
-_work: List[Callable[[], None]] = []  # what runs after the current calibration step
+_work: List[Callable[[], None]] = []  # what runs after the current step; empty: it is no calibration step
 
 
 def due(every: int) -> bool:
@@ -25,9 +24,7 @@ def due(every: int) -> bool:
 
 def recorded(work: Callable[[], None]) -> None:
     """Called while a calibration step records: ``work()`` runs after its optimizer step."""
-    global _recorded
     after_each_step(_after_step)
-    _recorded = True
     if work not in _work:
         _work.append(work)
 
@@ -45,19 +42,19 @@ def resume(steps: Optional[int]) -> None:
 
 def reset() -> None:
     """Forget the schedule: the next step calibrates."""
-    global _steps_since, _recorded
-    _steps_since, _recorded = None, False
+    global _steps_since
+    _steps_since = None
     _work.clear()
 
 
 def _after_step() -> None:
-    global _steps_since, _recorded
-    if not _recorded:
+    global _steps_since
+    if not _work:
         if _steps_since is not None:
             _steps_since += 1
         return
     work = list(_work)
     _work.clear()
-    _steps_since, _recorded = 0, False
+    _steps_since = 0
     for job in work:
         job()

@@ -48,6 +48,8 @@ class WarmupSwitch:
         if not self._announced:
             log.info("dense warm-up over (optimizer step %d): running the sparse graph", self.until)
             self._announced = True
+            if self.calibrate is None:
+                self.dense = None  # never runs again: let its memory (a CUDA graph pool) go
         if self.densities is not None:
             self._follow(self.densities(), args)
         return self.sparse_forms[self.current](*args)

@@ -63,15 +63,14 @@ def _why_dense(att: AttentionMatch, ctx) -> str:
         return f"{q[1]} query heads but {k[1]} key heads without enable_gqa: dense"
     block = cfg.tuning.attn_block
     if q[-2] % block or k[-2] % block:
-        return (f"sequence lengths {q[-2]} / {k[-2]} are not multiples of attn_block={cfg.tuning.attn_block}: "
-                "dense")
+        return f"sequence lengths {q[-2]} / {k[-2]} are not multiples of attn_block={block}: dense"
     if q[-2] > k[-2]:
         return f"more queries ({q[-2]}) than keys ({k[-2]}): dense"
     tiles = flex_backward_tiles(meta_value(att.q))
-    if tiles and not any(all(cfg.tuning.attn_block % t == 0 for t in tile) for tile in tiles):
+    if tiles and not any(all(block % t == 0 for t in tile) for tile in tiles):
         need = max(math.lcm(*tile) for tile in tiles)
         return (f"Inductor's FlexAttention backward on this GPU (head dim {q[-1]}) only has tiles {tiles}, which "
-                f"attn_block={cfg.tuning.attn_block} is not a multiple of (use attn_block={need}): dense")
+                f"attn_block={block} is not a multiple of (use attn_block={need}): dense")
     return ""
 
 

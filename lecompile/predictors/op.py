@@ -75,7 +75,9 @@ def predict_neurons(x: Tensor, params: List[Tensor], slots: List[int], lora_scal
 def prepare_predictor(method: str, weights: List[Tensor], rank: int) -> None:
     """Compute the per-weight state ``method`` caches for these frozen weights (fc1's, up's)."""
     cache = {"svd": svd_factors, "learned": learned_factors}.get(method)
-    for w in weights if cache is not None else ():
+    if cache is None:
+        return
+    for w in weights:
         cache(w, rank)
 
 
