@@ -7,6 +7,8 @@ versions, commit) goes to the results file's ``meta.runs`` with ``what``. ``--co
 the recorded commit (a copied work tree records its stale ``.git``: ``<commit>-dirty``). For
 end-to-end results the per-case ratios are recomputed, since a run cut short saved its rows before
 them. Ratios always compare rows of one run. Profiler breakdowns are appended with their run too.
+Quality results are deterministic per (setting, seed): a new run's row replaces an older one of the
+same pair, the failures it measured are dropped, and the summary is recomputed over all rows.
 """
 
 from __future__ import annotations
@@ -38,10 +40,23 @@ def merge(results: dict, new: dict, what: str, commit: Optional[str] = None) -> 
         for case in dict.fromkeys(r["case"] for r in rows):
             e2e.add_ratios([r for r in rows if r["case"] == case])
         e2e.add_adapter_shares(rows)
+    if new["meta"]["benchmark"] == "quality":
+        _merge_quality(results, new, rows, run)
+        return run
     results["rows"] += rows
     if new.get("breakdown"):
         results.setdefault("breakdown", []).extend({"run": run, **b} for b in new["breakdown"])
     return run
+
+
+def _merge_quality(results: dict, new: dict, rows: list, run: int) -> None:
+    from benchmarks.quality import summarize
+    measured = {(r["setting"], r["seed"]) for r in rows}
+    results["rows"] = sorted([r for r in results["rows"] if (r["setting"], r["seed"]) not in measured] + rows,
+                             key=lambda r: (r["setting"], r["seed"]))
+    results["failed"] = [f for f in results.get("failed", []) if (f["setting"], f["seed"]) not in measured] + [
+        {"run": run, **f} for f in new.get("failed", [])]
+    results["summary"] = summarize(results["rows"])
 
 
 def main(argv=None) -> int:
@@ -50,13 +65,17 @@ def main(argv=None) -> int:
     parser.add_argument("new", type=Path, help="the new run's results file")
     parser.add_argument("--what", required=True, help="one line: what the run measured, what cut it short")
     parser.add_argument("--commit", default=None, help="the commit the run's code was (overrides the recorded one)")
-    parser.add_argument("--plot", action="store_true", help="redraw the plot beside the results (e2e, sparse_mlp)")
+    parser.add_argument("--plot", action="store_true",
+                        help="redraw the plot beside the results (e2e, quality, sparse_mlp)")
     args = parser.parse_args(argv)
     results, new = json.loads(args.results.read_text()), json.loads(args.new.read_text())
     run = merge(results, new, args.what, args.commit)
     args.results.write_text(json.dumps(results, indent=1) + "\n")
     if args.plot and results["meta"]["benchmark"] == "e2e":
         e2e.plot(results["rows"], args.results.with_suffix(".png"))
+    elif args.plot and results["meta"]["benchmark"] == "quality":
+        from benchmarks.quality import plot
+        plot(results["summary"], results["rows"], args.results.with_suffix(".png"))
     elif args.plot and results["meta"]["benchmark"] == "sparse_mlp":
         from benchmarks.bench_sparse_mlp import plot
         plot(results["rows"], args.results.with_suffix(".png"))

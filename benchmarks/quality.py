@@ -49,6 +49,8 @@ ANSWER_TOKENS = 64
 INSTRUCTION = "Continue this passage from the Python documentation.\n\n"
 #: Passing: mean held-out answer loss within this of dense LoRA's (relative).
 BUDGET = 0.01
+#: Passing also takes at least this many seeds, each compared with dense LoRA's run of the same seed.
+MIN_SEEDS = 3
 
 
 def settings(steps: int) -> Dict[str, Optional[dict]]:
@@ -249,14 +251,15 @@ def _jsonable(options: Optional[dict]):
 
 
 def summarize(runs: List[dict]) -> List[dict]:
-    """Per setting: mean and spread (sample standard deviation) over seeds, change of the mean
-    held-out loss against dense, and whether it passes (within :data:`BUDGET` and within the
-    dense seeds' spread plus the budget)."""
+    """Per setting: mean and spread (sample standard deviation) over seeds, and its held-out loss
+    against dense LoRA's seed by seed (the same seed is the same data order and adapter init):
+    ``heldout_delta`` is the mean of the per-seed relative changes, ``heldout_delta_std`` their
+    spread. A setting passes with at least :data:`MIN_SEEDS` seeds paired with dense ones and a
+    mean change within :data:`BUDGET`."""
     by = {}
     for r in runs:
         by.setdefault(r["setting"], []).append(r)
-    dense = by.get("dense")
-    base = statistics.mean(r["heldout_loss"] for r in dense) if dense else None
+    dense = {r["seed"]: r for r in by.get("dense", [])}
     out = []
     for name, rs in by.items():
         row = {"setting": name, "seeds": len(rs), "steps": rs[0]["steps"], "options": rs[0]["options"],
@@ -264,14 +267,21 @@ def summarize(runs: List[dict]) -> List[dict]:
         for key in ("heldout_loss", "token_accuracy", "exact_match", "step1_loss"):
             values = [r[key] for r in rs]
             row[key] = round(statistics.mean(values), 5)
-            row[f"{key}_std"] = round(statistics.stdev(values), 5) if len(values) > 1 else 0.0
-        if base is not None:
-            row["heldout_delta"] = round(row["heldout_loss"] / base - 1, 5)
-            step1 = statistics.mean(r["step1_loss"] for r in dense)
-            row["step1_delta"] = round(row["step1_loss"] / step1 - 1, 5)
-            row["passes"] = row["heldout_delta"] <= BUDGET
+            row[f"{key}_std"] = round(_stdev(values), 5)
+        paired = [r for r in rs if r["seed"] in dense]
+        if paired:
+            deltas = [r["heldout_loss"] / dense[r["seed"]]["heldout_loss"] - 1 for r in paired]
+            step1 = statistics.mean(dense[r["seed"]]["step1_loss"] for r in paired)
+            row["heldout_delta"] = round(statistics.mean(deltas), 5)
+            row["heldout_delta_std"] = round(_stdev(deltas), 5)
+            row["step1_delta"] = round(statistics.mean(r["step1_loss"] for r in paired) / step1 - 1, 5)
+            row["passes"] = len(paired) >= MIN_SEEDS and row["heldout_delta"] <= BUDGET
         out.append(row)
     return out
+
+
+def _stdev(values: List[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def plot(summary: List[dict], runs: List[dict], path: Path) -> None:
@@ -280,17 +290,16 @@ def plot(summary: List[dict], runs: List[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
-    dense = next((s for s in summary if s["setting"] == "dense"), None)
     for s in summary:
         color = "tab:green" if s.get("passes") else "tab:red"
-        ax1.errorbar(s["kept_mlp"], 100 * s.get("heldout_delta", 0.0),
-                     yerr=100 * s["heldout_loss_std"] / (dense or s)["heldout_loss"], fmt="o", color=color)
+        ax1.errorbar(s["kept_mlp"], 100 * s.get("heldout_delta", 0.0), yerr=100 * s.get("heldout_delta_std", 0.0),
+                     fmt="o", color=color)
         ax1.annotate(s["setting"], (s["kept_mlp"], 100 * s.get("heldout_delta", 0.0)), fontsize=7,
                      xytext=(4, 3), textcoords="offset points")
     ax1.axhline(100 * BUDGET, color="gray", ls=":", label=f"budget (+{100 * BUDGET:g}%)")
     ax1.axhline(0, color="black", lw=1)
     ax1.set(xlabel="MLP compute kept over the run", ylabel="held-out answer loss vs dense LoRA (%)",
-            title="SmolLM2-135M, LoRA r=16: quality vs MLP compute (mean ± std over seeds)")
+            title="SmolLM2-135M, LoRA r=16: quality vs MLP compute (seed by seed vs dense: mean ± std)")
     ax1.legend(fontsize=7)
     for name in [s["setting"] for s in summary]:
         curves = [r["losses"] for r in runs if r["setting"] == name]

@@ -78,7 +78,23 @@ def test_a_few_steps_through_the_compiled_path():
     dense = quality.train_run(tiny_llama(), task, "dense", None, steps=4, seed=0, batch_size=2, lr=1e-3, device="cpu")
     assert dense["kept_mlp"] == 1.0 and dense["step1_loss"] == run["step1_loss"]  # step 1 is the dense warm-up
     summary = {s["setting"]: s for s in quality.summarize([run, dense])}
-    assert summary["dense"]["heldout_delta"] == 0.0 and summary["dense"]["passes"]
+    assert summary["dense"]["heldout_delta"] == 0.0 and not summary["dense"]["passes"]  # one seed
+
+
+def _run(setting, seed, loss):
+    return dict(setting=setting, seed=seed, steps=300, options=None, kept_mlp=1.0, heldout_loss=loss,
+                token_accuracy=0.5, exact_match=0.5, step1_loss=2.0)
+
+
+def test_settings_are_compared_with_dense_seed_by_seed():
+    dense = [_run("dense", seed, loss) for seed, loss in enumerate([1.0, 1.1, 1.2])]
+    # Seed 0 alone: +5% against dense's seed 0, although below dense's mean over three seeds.
+    lucky = [_run("lucky", 0, 1.05)]
+    close = [_run("close", seed, loss) for seed, loss in enumerate([1.01, 1.1, 1.2])]
+    summary = {s["setting"]: s for s in quality.summarize(dense + lucky + close)}
+    assert abs(summary["lucky"]["heldout_delta"] - 0.05) < 1e-6 and not summary["lucky"]["passes"]
+    assert abs(summary["close"]["heldout_delta"] - 0.01 / 3) < 1e-5 and summary["close"]["passes"]
+    assert summary["close"]["heldout_delta_std"] > 0 and summary["dense"]["passes"]
 
 
 def test_device_files_cut_the_model_into_parts_that_join_back(tmp_path, monkeypatch):
@@ -91,3 +107,20 @@ def test_device_files_cut_the_model_into_parts_that_join_back(tmp_path, monkeypa
     assert b"".join(p.read_bytes() for p in parts) == model.read_bytes()
     assert (tmp_path / "out" / "site" / "gguf" / "__init__.py").exists()
     assert any(p.name.endswith(".dist-info") for p in (tmp_path / "out" / "site").iterdir())
+
+
+def test_merged_quality_runs_replace_their_pairs_and_resummarize():
+    from benchmarks.merge_runs import merge
+
+    results = {"meta": {"benchmark": "quality", "runs": [{"run": 1}]},
+               "rows": [dict(_run("dense", 0, 1.0), run=1), dict(_run("sparse", 0, 9.0), run=1)],
+               "failed": [{"run": 1, "setting": "sparse", "seed": 1, "error": "x"},
+                          {"run": 1, "setting": "other", "seed": 0, "error": "y"}]}
+    new = {"meta": {"benchmark": "quality"}, "rows": [_run("sparse", 0, 1.1), _run("sparse", 1, 1.2)],
+           "failed": [{"setting": "guard", "seed": 0, "error": "z"}]}
+    assert merge(results, new, "sparse seeds") == 2
+    assert [(r["setting"], r["seed"], r["run"]) for r in results["rows"]] == [("dense", 0, 1), ("sparse", 0, 2),
+                                                                             ("sparse", 1, 2)]
+    assert [(f["setting"], f["run"]) for f in results["failed"]] == [("other", 1), ("guard", 2)]
+    sparse = next(s for s in results["summary"] if s["setting"] == "sparse")
+    assert sparse["seeds"] == 2 and abs(sparse["heldout_delta"] - 0.1) < 1e-6  # seed 1 has no dense pair
