@@ -12,6 +12,7 @@ from typing import List, Optional
 
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from . import calibration
 from .cache import cacheable_functions
@@ -20,6 +21,7 @@ from .guard import DensityGuard
 from .passes import is_training_graph, run_passes
 from .passes.fuse_loss import with_returned_logits
 from .report import Report
+from .specialize import ShapeSpecialized, concrete_inputs, specialize, symbolic_inputs
 from .warmup import WarmupSwitch, copy_graph, optimizer_steps
 
 log = logging.getLogger("lecompile")
@@ -67,6 +69,12 @@ class LongExposureBackend:
                  options: Optional[dict] = None):
         patches = _inductor_patches(mode, options, self.config)
         module_training = _compiled_module_training()
+        if self._specializes(gm, example_inputs, module_training):
+            return ShapeSpecialized(gm, example_inputs, functools.partial(
+                self._compile_graph, patches=patches, module_training=module_training))
+        return self._compile_graph(gm, example_inputs, patches, module_training)
+
+    def _compile_graph(self, gm: fx.GraphModule, example_inputs, patches: dict, module_training: bool):
         calibrated = self.config.calibrated
         if (self.inductor and (self.config.dense_warmup_steps or calibrated) and module_training
                 and is_training_graph(example_inputs)):
@@ -75,6 +83,21 @@ class LongExposureBackend:
             if optimizer_steps() < self._warmup_until or calibrated:
                 return self._switch(gm, example_inputs, patches, calibrated)
         return self._compile(gm, example_inputs, patches, module_training=module_training)
+
+    def _specializes(self, gm: fx.GraphModule, example_inputs, module_training: bool) -> bool:
+        """Whether to compile this graph once per size (:mod:`lecompile.specialize`): a training
+        graph with symbolic sizes, under a config with sparse rewrites, that can be made static."""
+        if not (self.inductor and self.config.sparse and module_training and symbolic_inputs(example_inputs)
+                and is_training_graph(example_inputs)):
+            return False
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        try:
+            specialize(gm, concrete_inputs(example_inputs, mode), mode)
+        except Exception as e:  # noqa: BLE001 (any failure: the graph stays dynamic, dense, and reported)
+            log.info("lecompile: a graph with symbolic sizes cannot be made static (%s: %s)", type(e).__name__,
+                     str(e).splitlines()[0] if str(e) else "")
+            return False
+        return True
 
     def _switch(self, gm: fx.GraphModule, example_inputs, patches: dict, calibrated: bool) -> WarmupSwitch:
         """The dense and sparse forms of a graph behind a :class:`WarmupSwitch`. Both are compiled

@@ -156,10 +156,10 @@ def is_training_graph(example_inputs) -> bool:
 def _graph_level_notes(ctx: PassContext, example_inputs) -> None:
     """Report what makes a whole graph, or parts of it, invisible to the matchers."""
     if any(isinstance(x, torch.SymInt) for x in example_inputs):
-        reason = ("dynamic shapes (dynamic=True, or sizes that changed between calls): blocks with symbolic "
-                  "sizes are left to Inductor, dense; compile with torch.compile(..., dynamic=False), which "
-                  "compiles each new batch shape as its own sparse graph (up to Dynamo's recompile limit), "
-                  "or pad batches to a fixed shape")
+        reason = ("dynamic shapes (dynamic=True, or sizes that changed between calls in a graph lecompile could "
+                  "not make static): blocks with symbolic sizes are left to Inductor, dense; compile with "
+                  "torch.compile(..., dynamic=False), which compiles each new batch shape as its own sparse graph "
+                  "(up to Dynamo's recompile limit), or pad batches to a fixed shape")
         ctx.unmatched("graph", reason)
         if ctx.training and ctx.config.sparse:
             warnings.warn(f"lecompile: {reason}", stacklevel=2)
