@@ -468,6 +468,69 @@ def test_activation_in_a_custom_autograd_function_is_reported_and_left_dense():
     assert any("custom autograd.Function" in u.reason for u in report.unmatched), str(report)
 
 
+class BloomGelu(torch.autograd.Function):
+    """BLOOM's GeLUFunction, as transformers writes it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x = ctx.saved_tensors[0]
+        tanh_out = torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x))
+        ff = 0.5 * x * ((1 - tanh_out * tanh_out) * (0.79788456 + 0.1070322243 * x * x)) + 0.5 * (1 + tanh_out)
+        return ff * grad_output
+
+
+class BloomGeluOtherBackward(BloomGelu):
+    """The same forward with another backward: not the known Function."""
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return 2 * grad_output
+
+
+class BloomMLP(RenamedMLP):
+    function = BloomGelu
+
+    def forward(self, x):
+        return x + self.narrow(self.function.apply(self.widen(x)))
+
+
+def test_a_known_autograd_function_becomes_its_op_and_the_mlp_is_rewritten():
+    torch.manual_seed(0)
+    model, x = Repeated(BloomMLP(adapter=False)), torch.randn(2, 8, 32)
+    report = assert_same_as_eager(model, LongExposureConfig(), x)
+    assert [m.pattern for m in report.mlp] == ["gelu_tanh"], str(report)
+
+    def keep_top_half(module, args):  # the oracle's choice over the whole batch, masked in eager
+        h = args[0]
+        top = h.detach().square().reshape(-1, h.shape[-1]).sum(0).topk(128).indices
+        return (h * torch.zeros(h.shape[-1]).index_fill_(0, top, 1.0),)
+
+    handle = model.layers[0].narrow.register_forward_pre_hook(keep_top_half)
+    torch._dynamo.reset()
+    ref_out, ref_grads = run(model, "eager", x)
+    handle.remove()
+    backend = lecompile.longexposure(LongExposureConfig(mlp_density=0.5, predictor="oracle", granularity="batch"))
+    out, grads = run(model, backend, x)
+    assert backend.report.mlp_rewritten == 1
+    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=1e-4)
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_a_function_that_differs_from_a_known_one_is_left_alone():
+    torch.manual_seed(0)
+    mlp = BloomMLP(adapter=False)
+    mlp.function = BloomGeluOtherBackward
+    report = assert_same_as_eager(Repeated(mlp), LongExposureConfig(mlp_density=0.5), torch.randn(2, 8, 32))
+    assert report.mlp_rewritten == 0
+    assert any("custom autograd.Function" in u.reason for u in report.unmatched), str(report)
+
+
 @pytest.mark.slow
 def test_recompute_pointwise_keeps_less_for_the_backward_with_the_same_gradients():
     from models import batch, tiny_model

@@ -24,6 +24,7 @@ from . import (
     fuse_lora,
     fuse_loss,
     inline_checkpoints,
+    known_functions,
     match_attention,
     match_mlp,
     norms_from_output,
@@ -93,6 +94,7 @@ class Pass:
 #: The pipeline, in order.
 PASSES: Sequence[Pass] = (
     Pass("inline_checkpoints", inline_checkpoints.inline_checkpoints),
+    Pass("known_functions", known_functions.known_functions),
     Pass("fold_adapters", fold_adapters.fold_adapters, when_disabled=None),
     Pass("match_mlp", match_mlp.match_mlp, when_disabled=None),
     Pass("match_attention", match_attention.match_attention),
@@ -156,8 +158,8 @@ def is_training_graph(example_inputs) -> bool:
 def _graph_level_notes(ctx: PassContext, example_inputs) -> None:
     """Report what makes a whole graph, or parts of it, invisible to the matchers."""
     if any(isinstance(x, torch.SymInt) for x in example_inputs):
-        reason = ("dynamic shapes (dynamic=True, or sizes that changed between calls in a graph lecompile could "
-                  "not make static): blocks with symbolic sizes are left to Inductor, dense; compile with "
+        reason = ("dynamic shapes (dynamic=True, or sizes that changed between calls in a graph not compiled "
+                  "per size): blocks with symbolic sizes are left to Inductor, dense; compile with "
                   "torch.compile(..., dynamic=False), which compiles each new batch shape as its own sparse graph "
                   "(up to Dynamo's recompile limit), or pad batches to a fixed shape")
         ctx.unmatched("graph", reason)

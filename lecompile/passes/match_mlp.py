@@ -131,8 +131,8 @@ def _region(h: fx.Node, by_out: Dict[fx.Node, LinearMatch], halves: Dict[fx.Node
             if failure or len(inputs) != 1:
                 stopped = True
                 break
-            failure = ("a custom autograd.Function between the linears (such as BLOOM's GeLUFunction): "
-                       "lecompile cannot read its math")
+            failure = ("a custom autograd.Function between the linears: lecompile cannot read its math (it "
+                       "replaces only those listed in lecompile.passes.known_functions, such as BLOOM's GeLU)")
             nonlinear = True
         elif not is_elementwise(node):
             if failure or len(inputs) != 1:
