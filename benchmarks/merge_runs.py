@@ -40,7 +40,7 @@ def merge(results: dict, new: dict, what: str, commit: Optional[str] = None) -> 
         for case in dict.fromkeys(r["case"] for r in rows):
             e2e.add_ratios([r for r in rows if r["case"] == case])
         e2e.add_adapter_shares(rows)
-    if new["meta"]["benchmark"] == "quality":
+    if new["meta"]["benchmark"].startswith("quality"):
         _merge_quality(results, new, rows, run)
         return run
     results["rows"] += rows
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     args.results.write_text(json.dumps(results, indent=1) + "\n")
     if args.plot and results["meta"]["benchmark"] == "e2e":
         e2e.plot(results["rows"], args.results.with_suffix(".png"))
-    elif args.plot and results["meta"]["benchmark"] == "quality":
+    elif args.plot and results["meta"]["benchmark"].startswith("quality"):
         from benchmarks.quality import plot
         plot(results["summary"], results["rows"], args.results.with_suffix(".png"))
     elif args.plot and results["meta"]["benchmark"] == "sparse_mlp":

@@ -7,17 +7,24 @@ from text that ships offline, with the loss on answer tokens only (prompt labels
 
 - *passage* rows: an instruction and a passage of CPython's pydoc topics; the answer is the
   passage's next :data:`ANSWER_TOKENS` tokens (held-out rows come from the last tenth of the text);
-- *arithmetic* rows: word problems with exact answers, packed into a row.
+- *arithmetic* rows: word problems with exact answers, packed into a row;
+
+or, with ``--task recall`` (long context, ``--seq-len`` 4096 by default):
+
+- *recall* rows: :data:`RECALL_SECTIONS` numbered sections of consecutive pydoc text, then a
+  question asking how one of the first half of them begins; the answer is its first
+  :data:`RECALL_TOKENS` tokens, thousands of tokens back: only attention across the row finds it.
 
 After ``--steps`` optimizer steps the model is evaluated eagerly and dense, as it would be served,
 on held-out rows: answer loss, answer-token accuracy, and exact match of the arithmetic answers
-(every answer token right under teacher forcing, which is what greedy decoding returns). Each
+and recall answers (every answer token right under teacher forcing, which is what greedy decoding
+returns). Each
 (row, seed) runs in its own process, ``--jobs`` at a time (seed 0 of every setting first: later
 seeds reuse its compiled graphs from Inductor's caches, so ``--jobs`` about the number of settings
 is the fastest); the seed sets the LoRA initialization and the batch order. ``kept_mlp`` is the
 share of MLP neuron-tokens computed over the run, dense steps (warm-up, calibration) included.
-Writes ``quality.json`` (a row per run, and a summary per setting: mean, spread, change against
-dense) and ``quality.png``.
+Writes ``quality.json`` (``quality_recall.json`` for the recall task: a row per run, and a summary
+per setting: mean, spread, change against dense) and its plot.
 """
 
 from __future__ import annotations
@@ -47,14 +54,22 @@ from examples.demo import lora_model
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ANSWER_TOKENS = 64
 INSTRUCTION = "Continue this passage from the Python documentation.\n\n"
+RECALL_SECTIONS = 8
+RECALL_TOKENS = 32
+#: Each task's row length unless ``--seq-len`` says otherwise.
+SEQ_LEN = {"mixed": 256, "recall": 4096}
 #: Passing: mean held-out answer loss within this of dense LoRA's (relative).
 BUDGET = 0.01
 #: Passing also takes at least this many seeds, each compared with dense LoRA's run of the same seed.
 MIN_SEEDS = 3
 
 
-def settings(steps: int) -> Dict[str, Optional[dict]]:
-    """Setting name -> ``LongExposureConfig.create`` arguments (``None``: Inductor, dense LoRA)."""
+def settings(steps: int, task: str = "mixed") -> Dict[str, Optional[dict]]:
+    """Setting name -> ``LongExposureConfig.create`` arguments (``None``: Inductor, dense LoRA),
+    for ``task``: MLP sparsity on the short mixed task, attention sparsity on the long recall one."""
+    if task == "recall":
+        return {"dense": None, "default": {}, "attn-0.5": dict(attn_density=0.5),
+                "attn-0.25": dict(attn_density=0.25)}
     schedule = dict(granularity="tile", tile_size=64, mlp_layer_densities=(1.0,) * 3, warmup_fraction=0.1,
                     total_steps=steps, dense_output_share=0.5)
     return {
@@ -78,18 +93,19 @@ def settings(steps: int) -> Dict[str, Optional[dict]]:
 
 @dataclass
 class Task:
-    """Rows ``[n, seq]`` of token ids and labels; ``answers`` lists ``(row, start, end)`` of each
-    held-out arithmetic answer."""
+    """Training pools and held-out rows, each ``(ids, labels)`` of shape ``[n, seq]``; ``answers``
+    lists ``(row, start, end)`` of each held-out answer scored by exact match."""
 
-    train_passages: tuple
-    train_arithmetic: tuple
+    pools: tuple
     heldout: tuple
     answers: List[tuple]
 
     def batch(self, g: torch.Generator, size: int):
-        """Half passage rows, half arithmetic rows, drawn with ``g``."""
+        """``size`` rows drawn with ``g``, an equal share from each pool (the last takes the rest)."""
+        share = size // len(self.pools)
         parts = []
-        for (ids, labels), n in ((self.train_passages, size // 2), (self.train_arithmetic, size - size // 2)):
+        for i, (ids, labels) in enumerate(self.pools):
+            n = share if i < len(self.pools) - 1 else size - share * (len(self.pools) - 1)
             pick = torch.randint(0, len(ids), (n,), generator=g)
             parts.append((ids[pick], labels[pick]))
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
@@ -166,9 +182,51 @@ def build_task(tokenizer, seq_len: int = 256, arithmetic_train_rows: int = 1024,
     a_ids, a_labels, _ = arithmetic_rows(tokenizer, arithmetic_train_rows, seq_len, seed=0)
     h_ids, h_labels, spans = arithmetic_rows(tokenizer, heldout_arithmetic, seq_len, seed=1)
     offset = len(pick)
-    return Task(train_passages, (a_ids, a_labels),
+    return Task((train_passages, (a_ids, a_labels)),
                 (torch.cat([held_ids[pick], h_ids]), torch.cat([held_labels[pick], h_labels])),
                 [(row + offset, start, end) for row, start, end in spans])
+
+
+def recall_rows(tokenizer, text_ids: List[int], seq_len: int, n_rows: int, seed: int):
+    """``n_rows`` rows of :data:`RECALL_SECTIONS` numbered sections of consecutive text, then a
+    question on how one of the first half of them begins, answered by its first
+    :data:`RECALL_TOKENS` tokens (labels on the answer, padding with EOS); and each answer's
+    ``(row, start, end)``."""
+    rng = random.Random(seed)
+    headers = [_encode(tokenizer, f"\n\nSection {i + 1}:\n") for i in range(RECALL_SECTIONS)]
+    questions = [_encode(tokenizer, f"\n\nQuestion: how does Section {i + 1} begin?\nAnswer: ")
+                 for i in range(RECALL_SECTIONS)]
+    section = (seq_len - sum(map(len, headers)) - max(map(len, questions)) - RECALL_TOKENS) // RECALL_SECTIONS
+    if section < RECALL_TOKENS or section * RECALL_SECTIONS > len(text_ids):
+        raise ValueError(f"seq_len={seq_len} does not fit {RECALL_SECTIONS} sections of the answer's length or more "
+                         f"in {len(text_ids)} tokens of text")
+    ids, labels, spans = [], [], []
+    for row in range(n_rows):
+        start = rng.randrange(len(text_ids) - section * RECALL_SECTIONS + 1)
+        chunks = [text_ids[start + i * section:start + (i + 1) * section] for i in range(RECALL_SECTIONS)]
+        asked = rng.randrange(RECALL_SECTIONS // 2)
+        r_ids = [t for header, chunk in zip(headers, chunks) for t in header + chunk] + questions[asked]
+        answer = chunks[asked][:RECALL_TOKENS]
+        spans.append((row, len(r_ids), len(r_ids) + len(answer)))
+        r_labels = [-100] * len(r_ids) + answer
+        r_ids += answer
+        pad_n = seq_len - len(r_ids)
+        ids.append(r_ids + [tokenizer.eos_token_id] * pad_n)
+        labels.append(r_labels + [-100] * pad_n)
+    return torch.tensor(ids), torch.tensor(labels), spans
+
+
+def build_recall_task(tokenizer, seq_len: int = 4096, train_rows: int = 512, heldout_rows: int = 32) -> Task:
+    """The long-context task: training rows from the text's first nine tenths, held-out ones from
+    the last tenth."""
+    text = _encode(tokenizer, pydoc_text())
+    cut = len(text) * 9 // 10
+    train_ids, train_labels, _ = recall_rows(tokenizer, text[:cut], seq_len, train_rows, seed=0)
+    held_ids, held_labels, spans = recall_rows(tokenizer, text[cut:], seq_len, heldout_rows, seed=1)
+    return Task(((train_ids, train_labels),), (held_ids, held_labels), spans)
+
+
+TASKS = {"mixed": build_task, "recall": build_recall_task}
 
 
 @torch.no_grad()
@@ -342,8 +400,8 @@ def _one(args) -> None:
     """Run one (setting, seed) and write its JSON (the worker process of :func:`main`)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     base, tokenizer = load_model(dtype=torch.bfloat16 if device == "cuda" else torch.float32)
-    task = build_task(tokenizer, args.seq_len)
-    result = train_run(base, task, args.one, settings(args.steps)[args.one], args.steps, args.seed,
+    task = TASKS[args.task](tokenizer, args.seq_len)
+    result = train_run(base, task, args.one, settings(args.steps, args.task)[args.one], args.steps, args.seed,
                        args.batch_size, args.lr, device)
     Path(args.result).write_text(json.dumps(result) + "\n")
 
@@ -354,7 +412,9 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--task", choices=sorted(TASKS), default="mixed",
+                        help="mixed: passages and arithmetic, short rows; recall: long-context recall")
+    parser.add_argument("--seq-len", type=int, default=None, help=f"row length (default per task: {SEQ_LEN})")
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -365,24 +425,26 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.seq_len = args.seq_len or SEQ_LEN[args.task]
     if args.device_files:
         for part in device_files(args.device_files):
             print(part)
         return None
     if args.one:
         return _one(args)
-    names = args.settings or list(settings(args.steps))
-    unknown = sorted(set(names) - set(settings(args.steps)))
+    known = settings(args.steps, args.task)
+    names = args.settings or list(known)
+    unknown = sorted(set(names) - set(known))
     if unknown:
-        parser.error(f"unknown settings {unknown}; choose from {list(settings(args.steps))}")
+        parser.error(f"unknown settings {unknown} for --task {args.task}; choose from {list(known)}")
     jobs = [(name, seed) for seed in range(args.seeds) for name in names]
     runs, failed = [], []
     with tempfile.TemporaryDirectory() as tmp, tqdm(total=len(jobs), desc="runs") as bar:
         def launch(job):
             name, seed = job
             result = Path(tmp) / f"{name}-{seed}.json"
-            cmd = [sys.executable, "-m", "benchmarks.quality", "--one", name, "--seed", str(seed),
-                   "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--seq-len",
+            cmd = [sys.executable, "-m", "benchmarks.quality", "--one", name, "--seed", str(seed), "--task",
+                   args.task, "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--seq-len",
                    str(args.seq_len), "--lr", str(args.lr), "--result", str(result)]
             # Runs share the machine's cores for compiling; seeds after the first of a setting hit the caches.
             env = {**os.environ, "TORCHINDUCTOR_COMPILE_THREADS": str(max(1, (os.cpu_count() or 1) // args.jobs))}
@@ -406,17 +468,23 @@ def main(argv=None):
     print(path)
 
 
+TASK_TEXT = {
+    "mixed": "passage continuation (pydoc_data.topics) and arithmetic word problems; loss on answer tokens only",
+    "recall": f"long-context recall: {RECALL_SECTIONS} numbered sections of pydoc_data.topics text, then how one "
+              f"of the first half begins ({RECALL_TOKENS} answer tokens); loss on answer tokens only"}
+
+
 def _write(args, runs: List[dict], failed: List[dict]) -> Path:
     runs = sorted(runs, key=lambda r: (r["setting"], r["seed"]))
-    data = {"meta": meta("quality", command_line(), model="SmolLM2-135M-Instruct (GGUF Q4_1, dequantized)",
+    name = "quality" if args.task == "mixed" else f"quality_{args.task}"
+    data = {"meta": meta(name, command_line(), model="SmolLM2-135M-Instruct (GGUF Q4_1, dequantized)",
                          lora="r=16, alpha=32, on " + ",".join(TARGETS), batch=args.batch_size, seq=args.seq_len,
-                         lr=args.lr, answer_tokens=ANSWER_TOKENS, budget=BUDGET,
-                         task="passage continuation (pydoc_data.topics) and arithmetic word problems; "
-                              "loss on answer tokens only"),
+                         lr=args.lr, answer_tokens=ANSWER_TOKENS if args.task == "mixed" else RECALL_TOKENS,
+                         budget=BUDGET, task=TASK_TEXT[args.task]),
             "summary": summarize(runs), "rows": runs, "failed": failed}
-    path = write_results("quality", data, args.out)
+    path = write_results(name, data, args.out)
     if runs:
-        plot(data["summary"], runs, args.out / "quality.png")
+        plot(data["summary"], runs, args.out / f"{name}.png")
     return path
 
 

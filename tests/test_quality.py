@@ -22,7 +22,7 @@ class ByteTokenizer:
 def test_task_labels_cover_answers_only():
     task = quality.build_task(ByteTokenizer(), seq_len=128, arithmetic_train_rows=4, heldout_passages=2,
                               heldout_arithmetic=2)
-    ids, labels = task.train_passages
+    ids, labels = task.pools[0]
     assert ids.shape[1] == 128 and (labels != -100).sum(1).eq(quality.ANSWER_TOKENS).all()
     assert torch.equal(labels[:, -quality.ANSWER_TOKENS:], ids[:, -quality.ANSWER_TOKENS:])
     held_ids, held_labels = task.heldout
@@ -32,8 +32,24 @@ def test_task_labels_cover_answers_only():
         assert answer.endswith("\n") and answer.strip().isdigit()
         assert torch.equal(held_labels[row, start:end], held_ids[row, start:end])
         assert eval_problem(question) == int(answer)
-    a_ids, a_labels = task.train_arithmetic
+    a_ids, a_labels = task.pools[1]
     assert (a_labels[a_ids == 0] == -100).all()  # padding is never a target
+
+
+def test_recall_rows_ask_for_the_start_of_an_early_section():
+    ids, labels, spans = quality.recall_rows(ByteTokenizer(), list(range(1, 256)) * 40, 1024, n_rows=4, seed=0)
+    assert ids.shape == (4, 1024) and len(spans) == 4
+    for row, start, end in spans:
+        text = bytes(ids[row, :start].tolist()).decode("latin-1")
+        asked = int(re.findall(r"how does Section (\d+) begin", text)[-1])
+        assert asked <= quality.RECALL_SECTIONS // 2
+        section = text.split(f"Section {asked}:\n", 1)[1]
+        assert section.encode("latin-1")[:end - start] == bytes(ids[row, start:end].tolist())
+        assert end - start == quality.RECALL_TOKENS and (labels[row] != -100).sum() == end - start
+        assert torch.equal(labels[row, start:end], ids[row, start:end])
+        assert start - text.index(f"Section {asked}:") > 512  # the answer sits far from what it copies
+    with pytest.raises(ValueError, match="seq_len=200 does not fit 8 sections"):
+        quality.recall_rows(ByteTokenizer(), list(range(1, 256)) * 40, 200, n_rows=1, seed=0)
 
 
 def eval_problem(question):
