@@ -18,10 +18,9 @@ or, with ``--task recall`` (long context, ``--seq-len`` 4096 by default):
 After ``--steps`` optimizer steps the model is evaluated eagerly and dense, as it would be served,
 on held-out rows: answer loss, answer-token accuracy, and exact match of the arithmetic answers
 and recall answers (every answer token right under teacher forcing, which is what greedy decoding
-returns). Each
-(row, seed) runs in its own process, ``--jobs`` at a time (seed 0 of every setting first: later
-seeds reuse its compiled graphs from Inductor's caches, so ``--jobs`` about the number of settings
-is the fastest); the seed sets the LoRA initialization and the batch order. ``kept_mlp`` is the
+returns). Each (setting, seed) runs in its own process, ``--jobs`` at a time (seed 0 of every
+setting first: later seeds reuse its compiled graphs from Inductor's caches, so ``--jobs`` about
+the number of settings is the fastest); the seed sets the LoRA initialization and the batch order. ``kept_mlp`` is the
 share of MLP neuron-tokens computed over the run, dense steps (warm-up, calibration) included.
 Writes ``quality.json`` (``quality_recall.json`` for the recall task: a row per run, and a summary
 per setting: mean, spread, change against dense) and its plot.
@@ -231,7 +230,8 @@ TASKS = {"mixed": build_task, "recall": build_recall_task}
 
 @torch.no_grad()
 def evaluate(model, task: Task, device, batch_size: int = 8) -> dict:
-    """Held-out answer loss, answer-token accuracy and arithmetic exact match, eager and dense."""
+    """Held-out answer loss, answer-token accuracy and exact match of ``task.answers``, eager and
+    dense."""
     model.eval()
     ids, labels = task.heldout
     loss_sum, right_sum, count, rows_right = 0.0, 0, 0, []
