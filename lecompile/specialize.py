@@ -40,17 +40,21 @@ def specialize(gm: fx.GraphModule, args: Sequence, mode: Optional[FakeTensorMode
     real, or fakes of ``mode``): symbolic-size inputs replaced by their values, every node's
     ``example_value`` the static fake tensor those inputs give."""
     static = copy_graph(gm)
-    placeholders = [n for n in static.graph.nodes if n.op == "placeholder"]
-    for node, value in zip(placeholders, args):
-        if isinstance(node.meta.get("example_value"), torch.SymInt):
-            for user in list(node.users):
-                user.args = fx.node.map_arg(user.args, lambda a: value if a is node else a)
-                user.kwargs = fx.node.map_arg(user.kwargs, lambda a: value if a is node else a)
+    _replace_symbols(static, args)
     static.recompile()
     mode = mode or FakeTensorMode(allow_non_fake_inputs=True)
     fakes = [_fake(mode, a) if isinstance(a, torch.Tensor) else a for a in args]
     _StaticShapes(static, mode).propagate_dont_convert_inputs(*fakes)
     return static
+
+
+def _replace_symbols(gm: fx.GraphModule, args: Sequence) -> None:
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, value in zip(placeholders, args):
+        if isinstance(node.meta.get("example_value"), torch.SymInt):
+            for user in list(node.users):
+                user.args = fx.node.map_arg(user.args, lambda a: value if a is node else a)
+                user.kwargs = fx.node.map_arg(user.kwargs, lambda a: value if a is node else a)
 
 
 def concrete_inputs(example_inputs: Sequence, mode: FakeTensorMode) -> list:
@@ -105,13 +109,31 @@ class ShapeSpecialized:
 
 
 class _StaticShapes(FakeTensorProp):
-    """Fake-tensor propagation that also sets Dynamo's ``example_value``, which the passes read."""
+    """Fake-tensor propagation that also sets Dynamo's ``example_value``, which the passes read,
+    and propagates into the bodies of checkpointed regions, which the passes inline."""
+
+    def __init__(self, module: fx.GraphModule, mode: FakeTensorMode):
+        super().__init__(module, mode)
+        self.mode = mode
 
     def run_node(self, n: fx.Node):
+        if _is_checkpoint(n):
+            (body, *operands), _ = self.fetch_args_kwargs_from_env(n)
+            static = copy_graph(body)  # the body is shared with the graph being copied: copy it too
+            _replace_symbols(static, operands)
+            static.recompile()
+            setattr(self.module, n.args[0].target, static)
+            _StaticShapes(static, self.mode).propagate_dont_convert_inputs(*operands)
         out = super().run_node(n)
         if "val" in n.meta:
             n.meta["example_value"] = n.meta["val"]
         return out
+
+
+def _is_checkpoint(n: fx.Node) -> bool:
+    hop = getattr(torch.ops.higher_order, "tag_activation_checkpoint", None)
+    return n.op == "call_function" and hop is not None and n.target is hop
+
 
 
 def _fake(mode: FakeTensorMode, t: torch.Tensor) -> torch.Tensor:
