@@ -22,6 +22,7 @@ from torch._dynamo.utils import counters
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
+from .passes.inline_checkpoints import is_checkpoint
 from .warmup import copy_graph
 
 log = logging.getLogger("lecompile")
@@ -49,6 +50,7 @@ def specialize(gm: fx.GraphModule, args: Sequence, mode: Optional[FakeTensorMode
 
 
 def _replace_symbols(gm: fx.GraphModule, args: Sequence) -> None:
+    """In ``gm``'s graph, each symbolic-size input's uses take its value in ``args``."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for node, value in zip(placeholders, args):
         if isinstance(node.meta.get("example_value"), torch.SymInt):
@@ -117,7 +119,7 @@ class _StaticShapes(FakeTensorProp):
         self.mode = mode
 
     def run_node(self, n: fx.Node):
-        if _is_checkpoint(n):
+        if is_checkpoint(n):
             (body, *operands), _ = self.fetch_args_kwargs_from_env(n)
             static = copy_graph(body)  # the body is shared with the graph being copied: copy it too
             _replace_symbols(static, operands)
@@ -128,12 +130,6 @@ class _StaticShapes(FakeTensorProp):
         if "val" in n.meta:
             n.meta["example_value"] = n.meta["val"]
         return out
-
-
-def _is_checkpoint(n: fx.Node) -> bool:
-    hop = getattr(torch.ops.higher_order, "tag_activation_checkpoint", None)
-    return n.op == "call_function" and hop is not None and n.target is hop
-
 
 
 def _fake(mode: FakeTensorMode, t: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,8 @@ RECOMPUTE, REGION = "recompute", "ac_graph_id"
 _region_ids = itertools.count(1)
 
 
-def _is_checkpoint(node: fx.Node) -> bool:
+def is_checkpoint(node: fx.Node) -> bool:
+    """A checkpointed region as Dynamo traces it (the ``tag_activation_checkpoint`` op)."""
     hop = getattr(torch.ops.higher_order, "tag_activation_checkpoint", None)
     return node.op == "call_function" and hop is not None and node.target is hop
 
@@ -39,7 +40,7 @@ def inline_checkpoints(ctx) -> None:
 
     gm, graph = ctx.gm, ctx.gm.graph
     for node in list(graph.nodes):
-        if not _is_checkpoint(node):
+        if not is_checkpoint(node):
             continue
         body_attr, *operands = node.args
         body = getattr(gm, body_attr.target)
