@@ -44,6 +44,11 @@ def is_method(node: fx.Node, names: Iterable[str]) -> bool:
     return node.op == "call_method" and node.target in names
 
 
+def is_custom_function(node: fx.Node) -> bool:
+    """A ``torch.autograd.Function`` as Dynamo traces it (the ``autograd_function_apply`` op)."""
+    return node.op == "call_function" and getattr(node.target, "__name__", "") == "autograd_function_apply"
+
+
 def is_cast(node: fx.Node) -> bool:
     return is_method(node, CASTS)
 

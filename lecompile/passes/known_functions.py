@@ -18,7 +18,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
-from .graph import recompile, replace_uses
+from .graph import is_custom_function, recompile, replace_uses
 
 
 def bloom_gelu_forward(x):
@@ -62,40 +62,43 @@ def known_functions(ctx) -> None:
 
 
 def _known(gm: fx.GraphModule, node: fx.Node) -> Optional[Known]:
-    if node.op != "call_function" or getattr(node.target, "__name__", "") != "autograd_function_apply":
+    if not is_custom_function(node):
         return None
     forward, backward, *operands = node.args
     if len(operands) != 1 or not all(isinstance(a, fx.Node) and a.op == "get_attr" for a in (forward, backward)):
         return None
     bodies = [getattr(gm, a.target).graph for a in (forward, backward)]
     for known in KNOWN:
-        if all(_ops(body) == _ops(_traced(fn)) for body, fn in zip(bodies, (known.forward, known.backward))) \
+        if all(_ops(body) == _reference_ops(fn) for body, fn in zip(bodies, (known.forward, known.backward))) \
                 and _returns_last(bodies[0]):
             return known
     return None
 
 
 @functools.lru_cache(maxsize=None)
-def _traced(fn: Callable) -> fx.Graph:
-    return fx.symbolic_trace(fn).graph
+def _reference_ops(fn: Callable) -> List[tuple]:
+    return _ops(fx.symbolic_trace(fn).graph)
+
+
+def _computed(graph: fx.Graph) -> List[fx.Node]:
+    """The graph's calls, without the grad-mode switches Dynamo wraps the bodies in."""
+    return [n for n in graph.nodes
+            if n.op in ("call_function", "call_method") and n.target is not torch._C._set_grad_enabled]
 
 
 def _ops(graph: fx.Graph) -> List[tuple]:
-    """The graph's computation as (target, arguments) with inputs and results numbered; grad-mode
-    switches (Dynamo wraps the bodies in them) left out."""
+    """The graph's computation as (target, arguments) with inputs and results numbered."""
     names = {n: ("input", i) for i, n in enumerate(n for n in graph.nodes if n.op == "placeholder")}
     ops = []
-    for n in graph.nodes:
-        if n.op in ("call_function", "call_method") and n.target is not torch._C._set_grad_enabled:
-            names[n] = ("result", len(ops))
-            ops.append((n.target, fx.node.map_arg((n.args, n.kwargs), lambda a: names.get(a, a.op))))
+    for n in _computed(graph):
+        names[n] = ("result", len(ops))
+        ops.append((n.target, fx.node.map_arg((n.args, n.kwargs), lambda a: names.get(a, a.op))))
     return ops
 
 
 def _returns_last(graph: fx.Graph) -> bool:
     """Whether the forward body's first output is its last result (not an intermediate)."""
-    computed = [n for n in graph.nodes if n.op in ("call_function", "call_method")
-                and n.target is not torch._C._set_grad_enabled]
+    computed = _computed(graph)
     output = next(n for n in reversed(graph.nodes) if n.op == "output")
     outputs = torch.utils._pytree.tree_leaves(output.args[0])
     return bool(computed and outputs) and outputs[0] is computed[-1]

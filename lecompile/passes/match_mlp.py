@@ -39,6 +39,7 @@ from .graph import (
     is_activation,
     is_call,
     is_cast,
+    is_custom_function,
     is_elementwise,
     is_method,
     is_nonlinear,
@@ -124,9 +125,9 @@ def _region(h: fx.Node, by_out: Dict[fx.Node, LinearMatch], halves: Dict[fx.Node
             continue
         inputs = node.all_input_nodes
         if is_call(node, (operator.getitem,)) and isinstance(node.args[0], fx.Node) \
-                and _is_custom_function(node.args[0]):
+                and is_custom_function(node.args[0]):
             pass  # the Function's output, unpacked: walk on to the Function
-        elif _is_custom_function(node):  # opaque, presumably an activation: report it, do not guess
+        elif is_custom_function(node):  # opaque, presumably an activation: report it, do not guess
             inputs = [n for n in inputs if n.op != "get_attr"]  # its forward/backward subgraphs
             if failure or len(inputs) != 1:
                 stopped = True
@@ -184,11 +185,6 @@ def _half(fused: LinearMatch, out: fx.Node, index: int) -> LinearMatch:
     return LinearMatch(adapted, fused.x, out, f"{fused.name}[{index}]", fused.in_features, width,
                        lora_dropout=fused.lora_dropout, nodes=fused.nodes | {out.args[0], out}, peft=fused.peft,
                        fused=fused)
-
-
-def _is_custom_function(node: fx.Node) -> bool:
-    """A ``torch.autograd.Function`` as Dynamo traces it (the ``autograd_function_apply`` op)."""
-    return node.op == "call_function" and getattr(node.target, "__name__", "") == "autograd_function_apply"
 
 
 def _match(fc2: LinearMatch, sources: List[LinearMatch], region: Set[fx.Node]) -> Union[MLPMatch, str]:
