@@ -69,9 +69,10 @@ class LongExposureBackend:
                  options: Optional[dict] = None):
         patches = _inductor_patches(mode, options, self.config)
         module_training = _compiled_module_training()
-        if self._specializes(gm, example_inputs, module_training):
+        traced = self._specialized(gm, example_inputs, module_training)
+        if traced is not None:
             return ShapeSpecialized(gm, example_inputs, functools.partial(
-                self._compile_graph, patches=patches, module_training=module_training))
+                self._compile_graph, patches=patches, module_training=module_training), traced)
         return self._compile_graph(gm, example_inputs, patches, module_training)
 
     def _compile_graph(self, gm: fx.GraphModule, example_inputs, patches: dict, module_training: bool):
@@ -84,20 +85,20 @@ class LongExposureBackend:
                 return self._switch(gm, example_inputs, patches, calibrated)
         return self._compile(gm, example_inputs, patches, module_training=module_training)
 
-    def _specializes(self, gm: fx.GraphModule, example_inputs, module_training: bool) -> bool:
-        """Whether to compile this graph once per size (:mod:`lecompile.specialize`): a training
-        graph with symbolic sizes, under a config with sparse rewrites, that can be made static."""
+    def _specialized(self, gm: fx.GraphModule, example_inputs, module_training: bool) -> Optional[fx.GraphModule]:
+        """For a graph to compile once per size (:mod:`lecompile.specialize`): a training graph
+        with symbolic sizes, under a config with sparse rewrites, that can be made static; its
+        static copy at the sizes Dynamo traced it with. ``None`` for any other graph."""
         if not (self.inductor and self.config.sparse and module_training and symbolic_inputs(example_inputs)
                 and is_training_graph(example_inputs)):
-            return False
+            return None
         mode = FakeTensorMode(allow_non_fake_inputs=True)
         try:
-            specialize(gm, concrete_inputs(example_inputs, mode), mode)
+            return specialize(gm, concrete_inputs(example_inputs, mode), mode)
         except Exception as e:  # noqa: BLE001 (any failure: the graph stays dynamic, dense, and reported)
             log.info("lecompile: a graph with symbolic sizes cannot be made static (%s: %s)", type(e).__name__,
                      str(e).splitlines()[0] if str(e) else "")
-            return False
-        return True
+            return None
 
     def _switch(self, gm: fx.GraphModule, example_inputs, patches: dict, calibrated: bool) -> WarmupSwitch:
         """The dense and sparse forms of a graph behind a :class:`WarmupSwitch`. Both are compiled

@@ -76,15 +76,19 @@ def concrete_inputs(example_inputs: Sequence, mode: FakeTensorMode) -> list:
 class ShapeSpecialized:
     """Runs a graph traced with symbolic sizes as one static graph per value of those sizes:
     ``compile_static(static_gm, args)`` compiles the form for the sizes of ``args`` on their
-    first call; past :data:`MAX_SHAPES` sizes the graph runs eagerly. Compiles are counted in
+    first call; past :data:`MAX_SHAPES` sizes the graph runs eagerly. ``traced``, if given, is
+    the graph already made static for the sizes Dynamo traced with (:func:`concrete_inputs`),
+    used for those sizes' form. Compiles are counted in
     ``torch._dynamo.utils.counters["lecompile"]["shape_specializations"]``."""
 
     def __init__(self, gm: fx.GraphModule, example_inputs: Sequence,
-                 compile_static: Callable[[fx.GraphModule, list], Callable]):
+                 compile_static: Callable[[fx.GraphModule, list], Callable],
+                 traced: Optional[fx.GraphModule] = None):
         self.template = copy_graph(gm)
         self.symbols = symbolic_inputs(example_inputs)
         self.compile_static = compile_static
         self.forms: Dict[Tuple[int, ...], Callable] = {}
+        self._static = {} if traced is None else {tuple(_hint(example_inputs[i]) for i in self.symbols): traced}
         self._warned = False
 
     def __call__(self, *args):
@@ -106,7 +110,8 @@ class ShapeSpecialized:
         log.info("lecompile: compiling a static graph for sizes %s (%d of at most %d)", key, len(self.forms) + 1,
                  MAX_SHAPES)
         counters["lecompile"]["shape_specializations"] += 1
-        self.forms[key] = self.compile_static(specialize(self.template, args), args)
+        static = self._static.pop(key, None) or specialize(self.template, args)
+        self.forms[key] = self.compile_static(static, args)
         return self.forms[key]
 
 
