@@ -3,9 +3,9 @@
     python -m benchmarks.distributed --nproc 2            # runs one GPU, then torchrun on 2
 
 Every variant is timed on one process, then on ``--nproc`` processes for each of
-``--parallelism`` (``torchrun``, NCCL; ``ddp`` with Dynamo's DDP graph splitting off, as
-docs/training-stacks.md advises, ``ddp-split`` with it on, or ``fsdp2``: ``fully_shard`` on every
-decoder layer and the model; each rank runs the same per-GPU batch, so the work per GPU is equal
+``--parallelism`` (``torchrun``, NCCL; ``ddp`` with Dynamo's DDP graph splitting off, as importing
+lecompile leaves it (docs/training-stacks.md), ``ddp-split`` with it on, or ``fsdp2``: ``fully_shard``
+on every decoder layer and the model; each rank runs the same per-GPU batch, so the work per GPU is equal
 and rank 0's loss at step 1 must equal the single-GPU loss). Rows carry ``world_size`` and
 ``parallelism``; the speedup over Inductor is taken within each way of running, and
 ``ratio_held`` = (speedup on N GPUs) / (speedup on one GPU).
@@ -28,8 +28,8 @@ from benchmarks.common import RESULTS, command_line, meta, write_results
 
 CUDA_GRAPHS = ("inductor", "inductor-bf16-adapters-cg", "lecompile-d1-cg", "lecompile-d0.25-cg")
 NO_CUDA_GRAPHS = ("inductor", "inductor-bf16-adapters", "lecompile-d1", "lecompile-d0.25")
-#: The variants each way of running times. ``ddp`` is the documented setting (Dynamo's DDP graph
-#: splitting off); ``ddp-split`` keeps Dynamo's default to show what the splitting costs. FSDP2
+#: The variants each way of running times. ``ddp`` leaves Dynamo's DDP graph splitting as importing
+#: lecompile leaves it (off); ``ddp-split`` turns it on to show what the splitting costs. FSDP2
 #: runs without CUDA graphs, which its hooks between the graphs break.
 PARALLELISMS = {"none": tuple(dict.fromkeys(CUDA_GRAPHS + NO_CUDA_GRAPHS)), "ddp": CUDA_GRAPHS,
                 "ddp-split": ("inductor", "lecompile-d0.25-cg"), "fsdp2": NO_CUDA_GRAPHS}
@@ -45,7 +45,8 @@ def wrapper(parallelism: str, device: str):
     if parallelism.startswith("ddp"):
         from torch.nn.parallel import DistributedDataParallel
 
-        torch._dynamo.config.optimize_ddp = parallelism == "ddp-split"
+        if parallelism == "ddp-split":
+            torch._dynamo.config.optimize_ddp = "ddp_optimizer"
 
         def wrap(model):
             ids = [torch.device(device).index] if device.startswith("cuda") else None

@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from . import calibration
+from . import calibration, ddp
 from .cache import cacheable_functions
 from .config import LongExposureConfig
 from .guard import DensityGuard
@@ -42,6 +42,7 @@ def _compile_checkpointed_layers() -> None:
 
 
 _compile_checkpointed_layers()
+ddp.turn_off_graph_splitting()  # before torch.compile(backend="longexposure") sees its first frame
 
 
 class LongExposureBackend:

@@ -5,6 +5,7 @@ loss equals a single-process compiled step on that half, and the synchronized gr
 the mean of the two single-process gradients (no cross-rank state in the predictors or ops).
 """
 
+import logging
 import os
 import socket
 import time
@@ -16,7 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import lecompile
-from lecompile import LongExposureConfig
+from lecompile import LongExposureConfig, ddp
 
 from models import LAYERS, batch, tiny_model, train_step
 
@@ -115,27 +116,31 @@ def test_two_ranks_match_single_process_halves(wrapper, tmp_path):
             torch.testing.assert_close(g, mean, atol=2e-5, rtol=1e-4, msg=f"rank {rank} {name}")
 
 
-def test_ddp_graph_splitting_is_reported_and_turning_it_off_keeps_the_rewrites(monkeypatch, caplog):
-    """Tiny gradient buckets make Dynamo's DDP optimizer cut every MLP block: the report and the
-    logger say so and name the fix; with ``optimize_ddp`` off every MLP is rewritten."""
+@pytest.mark.parametrize("optimize_ddp", [None, True])
+def test_ddp_models_compile_whole_unless_splitting_is_turned_back_on(optimize_ddp, caplog):
+    """Tiny gradient buckets make Dynamo's DDP optimizer cut every MLP block. Importing lecompile
+    turned the splitting off: every MLP is rewritten and the report says the graph is whole.
+    Turned back on, the cuts leave the MLPs dense, and the report and the logger say why."""
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     from torch.nn.parallel import DistributedDataParallel
 
-    monkeypatch.setattr(dist, "_DEFAULT_FIRST_BUCKET_BYTES", 1000)  # DDP's first bucket <= the others
+    caplog.set_level(logging.INFO, logger="lecompile")
+    settings = {} if optimize_ddp is None else {"optimize_ddp": optimize_ddp}
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    reports = {}
     try:
-        for split in (True, False):
-            torch._dynamo.reset()
+        with torch._dynamo.config.patch(**settings), pytest.MonkeyPatch.context() as patch:
+            patch.setattr(dist, "_DEFAULT_FIRST_BUCKET_BYTES", 1000)  # DDP's first bucket <= the others
             model = DistributedDataParallel(tiny_model("llama", "lora"), bucket_cap_mb=0.005)
             backend = lecompile.longexposure(LongExposureConfig.create(**CONFIG))
-            with torch._dynamo.config.patch(optimize_ddp=split):
-                torch.compile(model, backend=backend)(**batch()).loss.backward()
-            reports[split] = backend.report
+            torch.compile(model, backend=backend)(**batch()).loss.backward()
     finally:
         dist.destroy_process_group()
-    assert reports[True].mlp_rewritten == 0
-    assert any("optimize_ddp = False" in u.reason for u in reports[True].unmatched)
-    assert "optimize_ddp = False" in caplog.text
-    assert reports[False].mlp_rewritten == LAYERS and not reports[False].unmatched
+    report = backend.report
+    if optimize_ddp is None:
+        assert report.mlp_rewritten == LAYERS and not report.unmatched
+        assert ddp.WHOLE in report.notes and ddp.WHOLE in caplog.text
+    else:
+        assert report.mlp_rewritten == 0 and ddp.WHOLE not in report.notes
+        assert any("set it to False" in u.reason for u in report.unmatched)
+        assert "set it to False" in caplog.text

@@ -15,6 +15,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.fx as fx
 
+from .. import ddp
 from ..config import LongExposureConfig
 from ..report import MLPEntry, Report, Unmatched
 
@@ -165,6 +166,9 @@ def _graph_level_notes(ctx: PassContext, example_inputs) -> None:
         ctx.unmatched("graph", reason)
         if ctx.training and ctx.config.sparse:
             warnings.warn(f"lecompile: {reason}", stacklevel=2)
+    if ddp.compiled_whole():
+        ctx.report.notes.append(ddp.WHOLE)
+        log.info("lecompile: %s", ddp.WHOLE)
     for note in ctx.report.unmatched:
         log.warning("lecompile: %s", note.reason)
 

@@ -160,14 +160,3 @@ def common_prefix(names: Iterable[str]) -> str:
             break
         prefix.append(pieces[0])
     return ".".join(prefix)
-
-
-def ddp_splits_graphs() -> bool:
-    """Whether Dynamo's DDPOptimizer hands the backend pieces of a DDP model's graph, cut at
-    gradient-bucket boundaries (``torch._dynamo.config.optimize_ddp``)."""
-    if not torch.distributed.is_available():
-        return False
-    from torch.nn.parallel import DistributedDataParallel
-
-    return (torch._dynamo.utils.get_optimize_ddp_mode() == "ddp_optimizer"
-            and DistributedDataParallel._get_active_ddp_module() is not None)

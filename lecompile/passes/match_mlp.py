@@ -29,13 +29,13 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from .. import ddp
 from ..activations import ACTIVATIONS
 from ..ops.adapted_linear import AdaptedLinear
 from .fold_adapters import LinearMatch
 from .graph import (
     DROPOUT,
     common_prefix,
-    ddp_splits_graphs,
     is_activation,
     is_call,
     is_cast,
@@ -49,9 +49,10 @@ from .graph import (
 
 log = logging.getLogger("lecompile")
 MAX_REGION = 64
-DDP_SPLIT = ("DDP's graph splitting cut the block at a gradient-bucket boundary: set "
-             "torch._dynamo.config.optimize_ddp = False before the first step; adapter gradients are "
-             "small, so overlapping their all-reduce with the backward gains little; see "
+DDP_SPLIT = ("DDP's graph splitting cut the block at a gradient-bucket boundary: "
+             "torch._dynamo.config.optimize_ddp was set to True or 'ddp_optimizer' after lecompile was imported "
+             "(importing it sets False); set it to False, and the backend compiles DDP models whole; adapter "
+             "gradients are small, so overlapping their all-reduce with the backward gains little; see "
              "docs/training-stacks.md")
 
 
@@ -93,7 +94,7 @@ def match_mlp(ctx) -> None:
             ctx.unmatched(fc2.name, f"MLP candidate ending in {fc2.name}: {match}")
         else:
             ctx.mlps.append(match)
-    cause = DDP_SPLIT if ddp_splits_graphs() else ("not an MLP, a graph break splits it, or an unsupported "
+    cause = DDP_SPLIT if ddp.splits_graphs() else ("not an MLP, a graph break splits it, or an unsupported "
                                                    "PEFT wrapper such as DoRA or LoHa; see docs/supported.md")
     cut = [node for node in ctx.gm.graph.nodes if is_activation(node) and node not in seen]
     for node in cut:
