@@ -27,8 +27,10 @@ its step the adapters add).
 
 A step is forward + backward + AdamW. Rows carry the median step time (and the mean,
 ``mean_ms``, which counts calibration steps) over ``steps`` timed steps (after compilation and
-warm-up), tokens/s, peak memory, compile time (the first step) and the loss of step 1, checked
-against eager's at density 1.0.
+warm-up), tokens/s, peak memory, compile time (the first step; the strongest baseline's beside
+it) and the loss of step 1, checked against eager's at density 1.0. On a GPU in
+:data:`GEMM_TFLOPS` they carry the step's physical limit too (:func:`limit_ms`) and
+``limit_ratio`` = limit / step time.
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ log = logging.getLogger(__name__)
 
 #: Loss at step 1 of a density-1.0 variant may differ from eager's by this much (relative, bf16).
 LOSS_RTOL = 2e-2
+#: Dense bf16 GEMM rate (TFLOP/s) reached on each GPU, by a word of its name.
+GEMM_TFLOPS = {"H200": 790.0, "H100": 790.0}
 
 
 def _opt(hidden, ffn, layers, heads, proj=None, **kw):
@@ -326,9 +330,33 @@ def run_variant(case: Case, variant: Variant, device: str, steps: int = 20, warm
     elif variant.backend == "sparselora":
         extra = {"mlp_rewritten": sum(isinstance(m, SlicedOutput) for m in model.modules())}
     extra["peak_reserved_gib"] = round(reserved, 3)
+    limit = limit_ms(model, case, device)
+    if limit is not None:
+        extra.update(limit_ms=round(limit, 3), limit_ratio=round(limit / statistics.median(times), 3))
     # The mean counts the rare slow steps the median hides (calibration steps, one in calibrate_every).
     extra["mean_ms"] = round(statistics.mean(times), 3)
     return StepResult(statistics.median(times), compile_s, loss1, peak, extra)
+
+
+def limit_ms(model: nn.Module, case: Case, device: str) -> Optional[float]:
+    """The step's physical limit in ms on this GPU (``None`` on others): 4 FLOPs per frozen weight
+    and token (the forward GEMM and the backward's input gradient; frozen weights get no weight
+    gradient, adapters are negligible) plus causal attention's 6 S^2 D per layer and sequence
+    (scores and weighted sum forward, four products backward, half of each under the causal
+    mask), at the GPU's bf16 GEMM rate (:data:`GEMM_TFLOPS`)."""
+    if torch.device(device).type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    rate = next((tflops for word, tflops in GEMM_TFLOPS.items() if word in name), None)
+    if rate is None:
+        return None
+    weights = sum(m.weight.numel() for name_, m in model.named_modules()
+                  if (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D") and "lora_" not in name_)
+    config = model.config
+    heads = config.num_attention_heads
+    width = heads * (getattr(config, "head_dim", None) or config.hidden_size // heads)
+    flops = 4 * weights * case.batch * case.seq + 6 * config.num_hidden_layers * case.batch * case.seq ** 2 * width
+    return flops / (rate * 1e12) * 1e3
 
 
 def timed_ms(step: Callable[[], object], cuda: bool) -> float:
@@ -367,6 +395,8 @@ def run_case(case: Case, variant_list: Sequence[Variant], device: str, steps: in
         except Exception as err:  # a case that cannot run is recorded, not dropped
             log.warning("%s %s failed: %r", case.name, v.name, err)
             row["error"] = repr(err)[:400]
+            if isinstance(err, torch.OutOfMemoryError):
+                row["out_of_memory"] = True
         rows.append(row)
         if on_row is not None:
             on_row(row)
@@ -406,7 +436,7 @@ def add_ratios(rows: List[dict]) -> None:
             if r["mlp_density"] == 1.0 and r["attn_density"] == 1.0:
                 r["loss_matches_eager"] = math.isclose(r["loss_step1"], eager["loss_step1"], rel_tol=LOSS_RTOL)
         if strongest is not None:
-            r.update(strongest_baseline=strongest["variant"],
+            r.update(strongest_baseline=strongest["variant"], strongest_compile_s=strongest["compile_s"],
                      speedup_vs_strongest=round(strongest["ms"] / r["ms"], 3))
         sparselora = by.get(f"sparselora-d{r['mlp_density']:g}")
         if sparselora is not None and r["variant"].startswith("lecompile"):
@@ -482,7 +512,9 @@ def device_time_groups(prof, steps: int) -> Dict[str, float]:
     return totals
 
 
-SHAPES = {"8x512": (8, 512), "4x1024": (4, 1024), "2x2048": (2, 2048)}
+SHAPES = {"8x512": (8, 512), "4x1024": (4, 1024), "2x2048": (2, 2048),
+          # long-context fine-tuning: one sequence per step
+          "1x4096": (1, 4096), "1x8192": (1, 8192), "1x16384": (1, 16384), "1x32768": (1, 32768)}
 
 
 def plot(rows: List[dict], path) -> None:

@@ -7,8 +7,10 @@ Per architecture and adapters (LoRA r=4 on every linear, or none: full fine-tuni
 step through ``backend=longexposure()`` at density 1.0 against the same step in eager PyTorch:
 MLPs and attention blocks matched (of the decoder layers), loss and every gradient equal within
 tolerance, and the graphs Dynamo compiles with the backend against a backend that changes nothing
-(a graph break of our making would show as more). The first reason the report gives for anything
-left unmatched goes in the last column.
+(a graph break of our making would show as more); then, with ``lecompile.explain`` (no Inductor),
+what a sparse config (MLP and attention density 0.5, 16-token attention blocks) would rewrite.
+The first reason the reports give for anything left unmatched or dense there goes in the last
+column.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ DOC = ROOT / "docs" / "supported.md"
 BEGIN, END = "<!-- zoo table: begin (python -m benchmarks.zoo) -->", "<!-- zoo table: end -->"
 VOCAB, HIDDEN, FFN, LAYERS, HEADS, BATCH, SEQ = 128, 64, 256, 2, 4, 2, 16
 TOL = dict(atol=2e-5, rtol=1e-4)
+SPARSE = dict(mlp_density=0.5, attn_density=0.5, attn_block=SEQ)
 
 
 def _configs() -> Dict[str, Callable[[], torch.nn.Module]]:
@@ -102,27 +105,32 @@ def run_case(arch: str, adapters: str) -> dict:
         torch._dynamo.reset()
         backend = lecompile.longexposure(lecompile.LongExposureConfig())
         loss, grads = _step(torch.compile(model, backend=backend), model, inputs)
+        torch._dynamo.reset()
+        sparse = lecompile.explain(model, **inputs, config=lecompile.LongExposureConfig.create(**SPARSE))
     except Exception as err:  # noqa: BLE001  (the zoo reports every failure, whatever it is)
         return {**row, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"}
     report = backend.report
     exact = bool(torch.allclose(loss, eager_loss, **TOL)) and all(
         (a is None and b is None) or (a is not None and b is not None and torch.allclose(a, b, **TOL))
         for a, b in zip(grads, eager_grads))
-    reasons = [u.reason for u in report.unmatched]
+    reasons = ([u.reason for u in report.unmatched + sparse.unmatched]
+               + [e.note for e in sparse.mlp + sparse.attention if not e.rewritten])
     return {**row, "mlp": f"{len(report.mlp)}/{LAYERS}", "attention": f"{len(report.attention)}/{LAYERS}",
             "lora_fused": report.linears_fused, "exact": exact, "graphs": f"{len(backend.reports)}/{len(graphs)}",
+            "sparse": f"{sparse.mlp_rewritten} / {sparse.attention_rewritten}",
             "note": (reasons[0].split(";")[0][:140] if reasons else "")}
 
 
 def table(rows: List[dict]) -> str:
     lines = ["| architecture | adapters | MLPs matched | attention matched | LoRA linears fused | density 1.0 = eager "
-             "| graphs (backend / Dynamo alone) | first thing left unmatched |", "|" + "---|" * 8]
+             "| graphs (backend / Dynamo alone) | sparse at 0.5 (MLPs / attention) | first thing left unmatched or "
+             "dense |", "|" + "---|" * 9]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['architecture']} | {r['adapters']} | - | - | - | - | - | {r['error']} |")
+            lines.append(f"| {r['architecture']} | {r['adapters']} | - | - | - | - | - | - | {r['error']} |")
             continue
         lines.append(f"| {r['architecture']} | {r['adapters']} | {r['mlp']} | {r['attention']} | {r['lora_fused']} | "
-                     f"{'yes' if r['exact'] else 'NO'} | {r['graphs']} | {r['note'] or '-'} |")
+                     f"{'yes' if r['exact'] else 'NO'} | {r['graphs']} | {r['sparse']} | {r['note'] or '-'} |")
     return "\n".join(lines)
 
 

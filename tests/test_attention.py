@@ -255,3 +255,26 @@ def test_blocks_inductors_flex_backward_cannot_tile_leave_attention_dense(monkey
                                     in e.note for e in report.attention), str(report)
     monkeypatch.setattr(rewrite_attention, "flex_backward_tiles", lambda q: [(64, 128, 128, 64), (16, 16, 16, 16)])
     assert all(e.rewritten for e in lecompile.explain(model, **inputs, config=config).attention)
+
+
+class ALiBiAttention(torch.nn.Module):
+    """BLOOM's shape of attention: the bias enters inside the product (``baddbmm``)."""
+
+    def __init__(self, heads=4, dim=16):
+        super().__init__()
+        self.heads, self.qkv = heads, torch.nn.Linear(heads * dim, 3 * heads * dim)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = (t.reshape(b * self.heads, n, -1) for t in self.qkv(x).chunk(3, dim=-1))
+        bias = torch.arange(n, dtype=x.dtype).expand(b * self.heads, 1, n)
+        scores = bias.baddbmm(q, k.transpose(1, 2), beta=1.0, alpha=0.25).view(b, self.heads, n, n)
+        probs = F.softmax(scores, dim=-1).view(b * self.heads, n, n)
+        return torch.bmm(probs, v).sum()
+
+
+def test_attention_whose_scores_are_no_plain_product_is_reported():
+    report = lecompile.explain(ALiBiAttention(), torch.randn(2, 32, 64),
+                               config=LongExposureConfig.create(attn_density=0.5, attn_block=16))
+    assert len(report.attention) == 1 and not report.attention[0].rewritten
+    assert "scores come from `baddbmm`" in report.attention[0].note

@@ -168,3 +168,18 @@ def test_inductor_options_are_typed_and_unknown_keys_named():
         e2e.parse_inductor_options(["combo_kernel_allow_mixed_sizes=yes"])
     # typed by the option, not by the text: a string option keeps a numeric-looking value
     assert e2e.parse_inductor_options(["max_autotune_gemm_backends=1"]) == {"max_autotune_gemm_backends": "1"}
+
+
+def test_limit_counts_frozen_weights_and_causal_attention_at_the_gpus_rate(monkeypatch):
+    case = e2e.Case("tiny-llama", "lora", 2, 32)
+    variant = next(v for v in e2e.variants(densities=(1.0,), baselines=False) if v.name == "lecompile-d1")
+    model = e2e.build(case, variant, "cpu")
+    assert e2e.limit_ms(model, case, "cpu") is None
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    hidden, ffn, kv, vocab, layers = 64, 256, 32, 256, 2  # tiny-llama: 4 heads of 16, 2 key/value heads
+    per_layer = 2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * ffn
+    tokens = case.batch * case.seq
+    flops = 4 * (layers * per_layer + vocab * hidden) * tokens + 6 * layers * case.batch * case.seq ** 2 * hidden
+    assert e2e.limit_ms(model, case, "cuda") == pytest.approx(flops / 790e12 * 1e3)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A10")
+    assert e2e.limit_ms(model, case, "cuda") is None

@@ -1,6 +1,9 @@
 """Find attention blocks: ``scaled_dot_product_attention`` calls and eager softmax attention.
 
-Each match records what the block-sparse rewrite needs: ``q``, ``k``, ``v``, the steps from
+A softmax whose probabilities multiply the values but whose scores are not ``q @ k.T`` with a
+scale and masks (BLOOM's ``baddbmm`` adds its ALiBi bias inside the product) is still recorded, as
+a block that cannot be rewritten, so the report names it. Each match records what the block-sparse
+rewrite needs: ``q``, ``k``, ``v``, the steps from
 ``q @ k.T`` to the softmax (scale, masks; see :mod:`lecompile.ops.block_attention`), the node
 whose value the rewrite replaces, and, when it cannot be rewritten, why.
 """
@@ -20,6 +23,7 @@ from .graph import (
     MATMUL,
     SDPA,
     SOFTMAX,
+    VIEWS,
     dropout_p,
     is_call,
     is_cast,
@@ -70,6 +74,11 @@ def match_attention(ctx) -> None:
                 match = _describe(ctx, node, "eager", scores.args[0])
                 _read_eager(node, scores, out, match)
                 ctx.attention.append(match)
+            elif _weighs_values(node):
+                match = _describe(ctx, node, "eager", None)
+                match.why_not = (f"its scores come from `{_scores_source(node)}`, not from `q @ k.T` with a scale "
+                                 "and masks")
+                ctx.attention.append(match)
 
 
 def _eager_attention(softmax: fx.Node) -> Optional[Tuple[fx.Node, fx.Node]]:
@@ -89,6 +98,31 @@ def _eager_attention(softmax: fx.Node) -> Optional[Tuple[fx.Node, fx.Node]]:
             return None
         probs = user
     return None
+
+
+def _weighs_values(softmax: fx.Node) -> bool:
+    """Whether the softmax's probabilities (through casts, dropout and views) are the left operand
+    of a matrix product: attention, whatever its scores are."""
+    probs = softmax
+    while len(probs.users) == 1:
+        user = next(iter(probs.users))
+        if is_call(user, MATMUL):
+            return user.args[0] is probs
+        if not (is_cast(user) or is_call(user, DROPOUT) or is_method(user, VIEWS)):
+            return False
+        probs = user
+    return False
+
+
+def _scores_source(softmax: fx.Node) -> str:
+    """The op that makes the scores, past elementwise ops, casts and views."""
+    node = softmax.args[0]
+    while isinstance(node, fx.Node) and node.args and (is_elementwise(node) or is_cast(node)
+                                                       or is_method(node, VIEWS)):
+        node = node.args[0]
+    if not isinstance(node, fx.Node):
+        return repr(node)
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
 
 
 def _read_sdpa(node: fx.Node, match: AttentionMatch) -> None:
