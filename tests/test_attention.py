@@ -117,6 +117,33 @@ def test_operator_matches_masked_dense_reference(density, heads, masking, predic
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=impl)
 
 
+@pytest.mark.parametrize("predictor", ["pooled", "oracle"])
+def test_soft_capped_scores_match_the_spelled_out_reference(predictor):
+    """Gemma 2's soft-capping (``div c, tanh, mul c``) before an additive mask; an additive step
+    before the ``tanh`` no longer masks, so it does not make blocks unallowed."""
+    q, k, v = qkv(H=4, Hkv=2)
+    L, scale, cap = q.shape[-2], q.shape[-1] ** -0.5, 0.5
+    additive = torch.zeros(2, 1, L, L).masked_fill(~padded_mask(2, L, 5), -3e38)
+    steps, operands = ["mul", "div", "tanh", "mul", "add"], [scale, cap, None, cap, additive]
+    any_b, all_b = allowed_blocks(steps, operands, False, L, L, BLOCK, "cpu")
+    keep = predict_blocks(q, k, any_b, steps, operands, False, BLOCK, 0.5, predictor)
+    assert (keep.sum((-1, -2)) < any_b.sum((-1, -2))).all(), "nothing was dropped: the test cannot fail"
+    tokens = keep.repeat_interleave(BLOCK, -2).repeat_interleave(BLOCK, -1) & padded_mask(2, L, 5)
+    kv = [t.repeat_interleave(2, dim=1) for t in (k, v)]
+    scores = cap * torch.tanh(q @ kv[0].transpose(-1, -2) * scale / cap)
+    expected = scores.masked_fill(~tokens, float("-inf")).softmax(-1) @ kv[1]
+    grad = torch.randn_like(expected)
+    expected_grads = torch.autograd.grad(expected, (q, k, v), grad)
+    outs = {"ref": block_attention_ref(q, k, v, keep, steps, operands, False, BLOCK, enable_gqa=True),
+            "flex": block_attention_flex(q, k, v, keep, all_b, steps, operands, False, BLOCK, enable_gqa=True)}
+    for impl, out in outs.items():
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5, msg=impl)
+        for got, want in zip(torch.autograd.grad(out, (q, k, v), grad), expected_grads):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=impl)
+    before_tanh = ["mul", "add", "tanh"], [scale, additive, None]
+    assert allowed_blocks(*before_tanh, False, L, L, BLOCK, "cpu")[0].all()
+
+
 @pytest.mark.parametrize("masking", ["causal", "additive"])
 def test_operator_under_users_torch_compile(masking):
     """Traced by Dynamo (benchmarks, users' own compiled functions) the operator goes through the
@@ -174,6 +201,8 @@ def test_bad_inputs_name_the_problem():
         block_attention_ref(q, k, v, keep, ["pow"], [2.0], True, BLOCK, True)
     with pytest.raises(ValueError, match="needs a bool tensor"):
         block_attention_ref(q, k, v, keep, ["mask"], [torch.ones(4)], True, BLOCK, True)
+    with pytest.raises(ValueError, match="'mask' step before 'tanh'"):
+        block_attention_ref(q, k, v, keep, ["mask", "tanh"], [torch.ones(4, dtype=torch.bool), None], True, BLOCK, True)
     with pytest.raises(ValueError, match="method must be one of"):
         predict_blocks(q, k, keep, ["mul"], [1.0], True, BLOCK, 0.5, "magic")
     with pytest.raises(ValueError, match="density must be in"):
@@ -228,6 +257,35 @@ def test_rewrite_matches_reference_model(arch, impl, monkeypatch):
     torch.testing.assert_close(loss, ref_loss, atol=2e-5, rtol=1e-4)
     assert grads.keys() == ref_grads.keys()
     for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=2e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.slow
+def test_gemma2_soft_capped_attention_matches_the_reference_model(monkeypatch):
+    """Gemma 2's eager attention soft-caps its scores (``tanh``) before the mask: rewritten, the
+    step equals the reference attention with the same soft-capping and predictor."""
+    import peft
+    torch.manual_seed(0)
+    model = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=256, num_hidden_layers=LAYERS, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=256, attn_logit_softcapping=1.0))
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0,
+                                                       init_lora_weights=False)).train()
+    model.base_model.model.config._attn_implementation = "eager"
+    inputs = attention_batch(padded=False)
+    backend = lecompile.longexposure(LongExposureConfig.create(attn_density=0.5, attn_block=BLOCK))
+    loss, grads = train_step(torch.compile(model, backend=backend), model, inputs)
+    assert backend.report.attention_rewritten == LAYERS, str(backend.report)
+
+    model.base_model.model.config._attn_implementation = "sdpa"
+    monkeypatch.setitem(transformers.modeling_utils.ALL_ATTENTION_FUNCTIONS, "sdpa", reference_attention(0.5))
+    ref_loss, ref_grads = train_step(model, model, inputs)
+    monkeypatch.setitem(transformers.modeling_utils.ALL_ATTENTION_FUNCTIONS, "sdpa",
+                        lambda *a, softcap=None, **kw: reference_attention(0.5)(*a, **kw))
+    uncapped_loss, _ = train_step(model, model, inputs)
+    assert abs(uncapped_loss - ref_loss) > 1e-4, "soft-capping had no effect: the test cannot fail"
+    torch.testing.assert_close(loss, ref_loss, atol=2e-5, rtol=1e-4)
+    for name in ref_grads:
         torch.testing.assert_close(grads[name], ref_grads[name], atol=2e-5, rtol=1e-4, msg=name)
 
 

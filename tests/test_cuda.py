@@ -184,16 +184,18 @@ def test_block_sparse_attention_on_cuda_matches_reference_model(arch, impl, monk
         torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-3, rtol=1e-3, msg=name)
 
 
+@pytest.mark.parametrize("softcap", [False, True], ids=["plain", "softcap"])
 @pytest.mark.parametrize("block", [64, 128])
-def test_block_attention_under_users_torch_compile_trains(block):
+def test_block_attention_under_users_torch_compile_trains(block, softcap):
     """The operator inside a user's torch.compile (public flex_attention, Inductor's kernels):
-    outputs and q/k/v gradients match the masked dense reference."""
+    outputs and q/k/v gradients match the masked dense reference, with Gemma 2's soft-capping
+    (a ``tanh`` in FlexAttention's score_mod) too."""
     from lecompile.ops.block_attention import allowed_blocks, block_attention_flex, block_attention_ref
     from lecompile.predictors.attention import predict_blocks
 
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, h, 512, 64, device="cuda", requires_grad=True) for h in (8, 2, 2))
-    steps, operands = ["mul"], [0.125]
+    steps, operands = (["mul", "div", "tanh", "mul"], [0.125, 2.0, None, 2.0]) if softcap else (["mul"], [0.125])
     any_b, all_b = allowed_blocks(steps, operands, True, 512, 512, block, "cuda")
     keep = predict_blocks(q, k, any_b, steps, operands, True, block, 0.5, "pooled")
     torch._dynamo.reset()

@@ -6,6 +6,8 @@ The scores are described the way the model's graph computes them: ``q @ k.T`` fo
 - ``("mul", x)`` / ``("div", x)``: multiply or divide by a number or a broadcastable tensor;
 - ``("add", m)``: add a broadcastable tensor (an additive mask);
 - ``("mask", m)``: keep scores where the boolean tensor ``m`` is True (SDPA's boolean mask);
+- ``("tanh", None)``: ``tanh`` of the scores (Gemma 2's logit soft-capping ``c * tanh(s / c)`` is
+  ``div c``, ``tanh``, ``mul c``); masks belong after it, where they still mask;
 
 plus ``causal`` (query ``i`` sees keys ``j <= i``). The block mask ``keep [B, H, L / block,
 S / block]`` says which blocks are computed; everything outside is masked out, so the result is
@@ -33,9 +35,9 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.nn.attention.flex_attention import BlockMask, _apply_kernel_options, flex_attention
 
 Tensor = torch.Tensor
-Operand = Union[float, int, Tensor]
+Operand = Union[float, int, Tensor, None]
 
-STEP_KINDS = ("mul", "div", "add", "mask")
+STEP_KINDS = ("mul", "div", "add", "mask", "tanh")
 
 
 def check_steps(steps: Sequence[str], operands: Sequence[Operand]) -> None:
@@ -48,6 +50,15 @@ def check_steps(steps: Sequence[str], operands: Sequence[Operand]) -> None:
             raise ValueError(f"block attention: a {kind!r} step needs a tensor, got {type(x).__name__}")
         if kind == "mask" and x.dtype != torch.bool:
             raise ValueError(f"block attention: a 'mask' step needs a bool tensor, got {x.dtype}")
+        if kind in ("mul", "div") and not isinstance(x, (int, float, Tensor)):
+            raise ValueError(f"block attention: a {kind!r} step needs a number or a tensor, got {type(x).__name__}")
+    if "tanh" in steps and "mask" in steps[:_last_tanh(steps)]:
+        raise ValueError("block attention: a 'mask' step before 'tanh' would not mask")
+
+
+def _last_tanh(steps: Sequence[str]) -> int:
+    """The index of the last ``tanh`` step, or -1: additive masks before it no longer mask."""
+    return max((i for i, kind in enumerate(steps) if kind == "tanh"), default=-1)
 
 
 def leading_scale(steps: Sequence[str], operands: Sequence[Operand]) -> Tuple[float, int]:
@@ -66,11 +77,13 @@ def allowed_blocks(steps: Sequence[str], operands: Sequence[Operand], causal: bo
     """``(any, all)`` of the positions the scores allow, per block: bool ``[B', H', L/block, S/block]``
     (``B'``, ``H'`` are 1 where no mask has those dims). A position is allowed when it is causal
     (if ``causal``), every ``mask`` step is True there and every ``add`` step is above
-    ``finfo.min / 2`` (transformers' additive masks use ``finfo.min``)."""
+    ``finfo.min / 2`` (transformers' additive masks use ``finfo.min``), counting only the steps
+    after the last ``tanh``."""
     allowed = torch.ones(1, 1, q_len, kv_len, dtype=torch.bool, device=device)
     if causal:
         allowed = allowed.tril(kv_len - q_len)
-    for kind, x in zip(steps, operands):
+    start = _last_tanh(steps) + 1
+    for kind, x in zip(steps[start:], operands[start:]):
         if kind == "mask":
             allowed = allowed & x
         elif kind == "add" and x.is_floating_point() and x.dim() >= 2:
@@ -108,6 +121,8 @@ def masked_scores(q: Tensor, k: Tensor, steps: Sequence[str], operands: Sequence
             scores = scores / x
         elif kind == "add":
             scores = scores + x
+        elif kind == "tanh":
+            scores = scores.tanh()
         else:
             scores = scores.masked_fill(~x, float("-inf"))
     if causal:
@@ -190,6 +205,9 @@ def block_attention_flex(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, full: Te
     def score_mod(score, b, h, qi, ki, *tensors):
         tensors = iter(tensors)
         for kind, x in zip(score_kinds, score_operands):
+            if kind == "tanh":
+                score = torch.tanh(score)
+                continue
             x = _at(next(tensors), b, h, qi, ki) if isinstance(x, Tensor) else x
             score = score * x if kind == "mul" else score / x if kind == "div" else score + x
         return score

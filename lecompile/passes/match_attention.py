@@ -164,6 +164,11 @@ def _read_eager(softmax: fx.Node, scores: fx.Node, out: fx.Node, match: Attentio
         if is_cast(node):
             node = node.args[0]
             continue
+        if (is_call(node, (torch.tanh,)) or is_method(node, ("tanh",))) and len(node.args) == 1:
+            steps.append("tanh")  # logit soft-capping: div c, tanh, mul c
+            operands.append(None)
+            node = node.args[0]
+            continue
         kind = SCORE_STEPS.get(node.target) if node.op == "call_function" else None
         if kind is None or len(node.args) != 2 or node.kwargs:
             match.why_not = f"score op {node.format_node()[:80]!r} is not a scale or a mask"
@@ -182,7 +187,8 @@ def _read_eager(softmax: fx.Node, scores: fx.Node, out: fx.Node, match: Attentio
         match.why_not = "the key is not a transpose of the last two dims"
     elif dim not in (-1, rank - 1):
         match.why_not = f"softmax over dim {dim}, not the keys"
-    elif any(not isinstance(x, (int, float, fx.Node)) for x in match.operands):
+    elif any(not isinstance(x, (int, float, fx.Node)) for kind, x in zip(match.steps, match.operands)
+             if kind != "tanh"):
         match.why_not = "a score operand is neither a number nor a tensor"
     elif any(dropout_p(n) for n in _between(softmax, out) if is_call(n, DROPOUT)):
         match.why_not = "attention dropout p > 0 (the block-sparse op has no dropout)"

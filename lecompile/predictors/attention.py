@@ -131,12 +131,14 @@ def transformers_attention(density: float, block: int, method: str = "pooled", c
     from ..ops.block_attention import allowed_blocks, block_attention_ref
 
     def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
-                  **kwargs):
+                  softcap=None, **kwargs):
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        if attention_mask is None:
-            steps, operands, causal = ["mul"], [scale], True
-        else:
-            steps, operands, causal = ["mul", "mask"], [scale, attention_mask], False
+        steps, operands = ["mul"], [scale]
+        if softcap is not None:  # Gemma 2's logit soft-capping
+            steps, operands = steps + ["div", "tanh", "mul"], operands + [softcap, None, softcap]
+        causal = attention_mask is None
+        if not causal:
+            steps, operands = steps + ["mask"], operands + [attention_mask]
         any_b, _ = allowed_blocks(steps, operands, causal, query.shape[-2], key.shape[-2], block, query.device)
         if choose is not None:
             keep = choose(query, key, any_b)
