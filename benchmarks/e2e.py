@@ -338,25 +338,47 @@ def run_variant(case: Case, variant: Variant, device: str, steps: int = 20, warm
     return StepResult(statistics.median(times), compile_s, loss1, peak, extra)
 
 
-def limit_ms(model: nn.Module, case: Case, device: str) -> Optional[float]:
-    """The step's physical limit in ms on this GPU (``None`` on others): 4 FLOPs per frozen weight
-    and token (the forward GEMM and the backward's input gradient; frozen weights get no weight
-    gradient, adapters are negligible) plus causal attention's 6 S^2 D per layer and sequence
-    (scores and weighted sum forward, four products backward, half of each under the causal
-    mask), at the GPU's bf16 GEMM rate (:data:`GEMM_TFLOPS`)."""
+def gemm_rate(device: str) -> Optional[float]:
+    """This GPU's bf16 GEMM rate in TFLOP/s (:data:`GEMM_TFLOPS`), ``None`` for other devices."""
     if torch.device(device).type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    rate = next((tflops for word, tflops in GEMM_TFLOPS.items() if word in name), None)
-    if rate is None:
-        return None
-    weights = sum(m.weight.numel() for name_, m in model.named_modules()
-                  if (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D") and "lora_" not in name_)
+    return next((tflops for word, tflops in GEMM_TFLOPS.items() if word in name), None)
+
+
+def step_flops(model: nn.Module, case: Case) -> Dict[str, float]:
+    """The least FLOPs of one LoRA step's parts: ``base_gemm``, 4 per frozen weight and token (the
+    forward GEMM and the backward's input gradient; frozen weights get no weight gradient);
+    ``adapter_gemm``, 6 T r (in + out) per LoRA linear (two products forward, four backward);
+    ``attention``, 6 S^2 D per layer and sequence (scores and weighted sum forward, four products
+    backward, half of each under the causal mask)."""
+    tokens = case.batch * case.seq
+    base = adapters = 0
+    for name, module in model.named_modules():
+        if "lora_" in name:
+            continue
+        if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+            base += module.weight.numel()
+        lora_a, lora_b = getattr(module, "lora_A", None), getattr(module, "lora_B", None)
+        if isinstance(lora_a, nn.ModuleDict):
+            for key in lora_a:
+                rank, width_in = lora_a[key].weight.shape
+                adapters += rank * (width_in + lora_b[key].weight.shape[0])
     config = model.config
     heads = config.num_attention_heads
     width = heads * (getattr(config, "head_dim", None) or config.hidden_size // heads)
-    flops = 4 * weights * case.batch * case.seq + 6 * config.num_hidden_layers * case.batch * case.seq ** 2 * width
-    return flops / (rate * 1e12) * 1e3
+    return {"base_gemm": 4.0 * base * tokens, "adapter_gemm": 6.0 * adapters * tokens,
+            "attention": 6.0 * config.num_hidden_layers * case.batch * case.seq ** 2 * width}
+
+
+def limit_ms(model: nn.Module, case: Case, device: str) -> Optional[float]:
+    """The step's physical limit in ms on this GPU (``None`` on others): its base GEMMs and
+    attention (:func:`step_flops`; adapters are negligible) at the GPU's bf16 GEMM rate."""
+    rate = gemm_rate(device)
+    if rate is None:
+        return None
+    parts = step_flops(model, case)
+    return (parts["base_gemm"] + parts["attention"]) / (rate * 1e12) * 1e3
 
 
 def timed_ms(step: Callable[[], object], cuda: bool) -> float:
@@ -444,21 +466,28 @@ def add_ratios(rows: List[dict]) -> None:
 
 
 def training_step(case: Case, variant: Variant, device: str) -> Callable[[], torch.Tensor]:
-    """One training step (forward, backward, AdamW) of ``case``'s model on random ids, through
-    lecompile with ``variant``'s config (eager without one), as a function to call repeatedly;
-    it returns the step's loss."""
+    """One training step (forward, backward, AdamW) of ``case``'s model on random ids, run as
+    ``variant`` runs it (lecompile with its config, Inductor, or eager), as a function to call repeatedly;
+    it returns the step's loss; ``step.model`` is the model."""
     model = build(case, variant, device)
     ids = torch.randint(0, model.config.vocab_size, (case.batch, case.seq), device=device)
     torch._dynamo.reset()
-    fn = torch.compile(model, backend=LongExposureBackend(variant.config)) if variant.config else model
+    if variant.backend == "lecompile":
+        fn = torch.compile(model, backend=LongExposureBackend(variant.config))
+    elif variant.backend == "inductor":
+        fn = torch.compile(model, mode="reduce-overhead" if variant.cudagraphs else None)
+    else:
+        fn = model
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
     def step():
-        loss = fn(input_ids=ids, labels=ids, use_cache=False).loss
-        loss.backward()
-        opt.step()
+        with _tf32(variant.tf32):
+            loss = fn(input_ids=ids, labels=ids, use_cache=False).loss
+            loss.backward()
+            opt.step()
         opt.zero_grad(set_to_none=True)
         return loss.detach()
+    step.model = model
     return step
 
 

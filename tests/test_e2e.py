@@ -181,5 +181,7 @@ def test_limit_counts_frozen_weights_and_causal_attention_at_the_gpus_rate(monke
     tokens = case.batch * case.seq
     flops = 4 * (layers * per_layer + vocab * hidden) * tokens + 6 * layers * case.batch * case.seq ** 2 * hidden
     assert e2e.limit_ms(model, case, "cuda") == pytest.approx(flops / 790e12 * 1e3)
+    lora = 16 * (2 * (hidden + hidden) + 2 * (hidden + kv) + 3 * (hidden + ffn))  # r (in + out), every linear
+    assert e2e.step_flops(model, case)["adapter_gemm"] == 6 * layers * lora * tokens
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A10")
     assert e2e.limit_ms(model, case, "cuda") is None

@@ -1,0 +1,153 @@
+"""Where a training step's GPU time goes, each part next to its own limit.
+
+    python -m benchmarks.step_breakdown --models opt-1.3b llama-3.2-1b qwen2-1.5b
+
+Per case, the PyTorch profiler records a few steps of lecompile at density 1.0 and of Inductor
+with bf16 adapters (the strongest setup without CUDA graphs, whose replay hides the kernels),
+and every GPU kernel's time goes to one part of the step, by the op that launched it:
+
+- ``base_gemm``: matrix products of the frozen weights (and lecompile's LoRA-in-GEMM kernels);
+- ``adapter_gemm``: products with a dimension of at most :data:`ADAPTER_DIM` (the LoRA ranks);
+- ``attention``: SDPA and FlexAttention kernels;
+- ``loss``: the cross-entropy kernels past the LM head's product;
+- ``optimizer``: everything under ``Optimizer.step``;
+- ``elementwise``: Inductor's Triton kernels and PyTorch's elementwise kernels and copies (norms,
+  activations, residuals, RoPE, casts);
+- ``rest``: anything else.
+
+The GEMM and attention parts get a limit: their least FLOPs (:func:`benchmarks.e2e.step_flops`)
+at the GPU's bf16 GEMM rate (:data:`benchmarks.e2e.GEMM_TFLOPS`). Results go to
+``step_breakdown.json`` and a plot of the parts against their limits.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Dict, Iterator, List
+
+import torch
+
+from benchmarks import e2e
+from benchmarks.common import RESULTS, command_line, meta, write_results
+
+#: A product with a dimension this small is an adapter's (LoRA ranks, and q/k/v's stacked ranks).
+ADAPTER_DIM = 64
+PARTS = ("base_gemm", "adapter_gemm", "attention", "loss", "optimizer", "elementwise", "rest")
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::_scaled_mm")
+VARIANTS = ("inductor-bf16-adapters", "lecompile-d1")
+
+
+def _ancestors(event) -> Iterator:
+    while event is not None:
+        yield event
+        event = event.cpu_parent
+
+
+def part_of(kernel: str, op) -> str:
+    """The part of the step a kernel belongs to, from its name and the op that launched it (a
+    profiler ``FunctionEvent`` with ``input_shapes`` recorded)."""
+    names = [e.name for e in _ancestors(op)]
+    if any(n.startswith("Optimizer.step") for n in names):
+        return "optimizer"
+    if "flex_attention" in kernel or any("scaled_dot_product" in n for n in names):
+        return "attention"
+    if "lowrank" in kernel:
+        return "base_gemm"
+    if op.name in GEMM_OPS:
+        dims = [d for shape in op.input_shapes[-2:] for d in shape]  # mm: [M, K], [K, N]; addmm: bias first
+        return "adapter_gemm" if dims and min(dims) <= ADAPTER_DIM else "base_gemm"
+    if op.name in ("aten::bmm", "aten::baddbmm"):
+        return "attention"
+    if "cross_entropy" in kernel or any("cross_entropy" in n for n in names):
+        return "loss"
+    if kernel.startswith("triton_") or any(w in kernel for w in ("elementwise", "reduce", "copy", "Memcpy",
+                                                                 "Memset")):
+        return "elementwise"
+    return "rest"
+
+
+def sort_kernels(prof, steps: int) -> Dict[str, float]:
+    """ms per step in each of :data:`PARTS`, over every kernel the profiled steps launched."""
+    totals = dict.fromkeys(PARTS, 0.0)
+    for op in prof.events():
+        for kernel in getattr(op, "kernels", ()):
+            totals[part_of(kernel.name, op)] += kernel.duration / 1e3 / steps
+    return {k: round(v, 3) for k, v in totals.items()}
+
+
+def profile_variant(case: e2e.Case, variant: e2e.Variant, device: str, steps: int = 3) -> dict:
+    """One variant's step on the GPU, profiled after warm-up: ms per part, and the limits of the
+    GEMM and attention parts (``None`` on a GPU without a rate in :data:`benchmarks.e2e.GEMM_TFLOPS`)."""
+    from torch.profiler import ProfilerActivity, profile
+    if torch.device(device).type != "cuda":
+        raise ValueError(f"the step breakdown sorts GPU kernels: run it on a CUDA device, not {device!r}")
+    step = e2e.training_step(case, variant, device)
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    parts = sort_kernels(prof, steps)
+    rate = e2e.gemm_rate(device)
+    limits = {k: round(v / (rate * 1e12) * 1e3, 3) if rate else None
+              for k, v in e2e.step_flops(step.model, case).items()}
+    return dict(case=case.name, variant=variant.name, unit="ms per step", kernels_ms=round(sum(parts.values()), 3),
+                parts=parts, limits=limits)
+
+
+def plot(rows: List[dict], path: Path) -> None:
+    """Per case and variant, the step's parts as stacked bars, with the GEMM and attention limits."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(rows) + 3), 5))
+    labels = [f"{r['case']}\n{r['variant']}" for r in rows]
+    bottom = [0.0] * len(rows)
+    for part in PARTS:
+        values = [r["parts"][part] for r in rows]
+        ax.bar(labels, values, bottom=bottom, label=part)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    limit = [sum(v for v in r["limits"].values() if v is not None) for r in rows]
+    ax.scatter(labels, limit, marker="_", s=900, color="black", label="limit of the GEMMs and attention")
+    ax.set(ylabel="GPU ms per step", title="Where the step goes (PyTorch profiler, no CUDA graphs)")
+    ax.tick_params(axis="x", labelsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.step_breakdown", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["opt-1.3b", "llama-3.2-1b", "qwen2-1.5b"],
+                        choices=list(e2e.MODELS))
+    parser.add_argument("--shapes", nargs="+", default=["8x512"], choices=list(e2e.SHAPES))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--steps", type=int, default=3, help="profiled steps per variant")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--out", default=str(RESULTS), help="folder for step_breakdown.json and .png")
+    args = parser.parse_args(argv)
+    device = args.device
+    chosen = [v for v in e2e.variants(densities=(1.0,)) if v.name in args.variants]
+    rows: List[dict] = []
+    data = {"meta": meta("step_breakdown", command_line(), settings=dict(steps=args.steps, adapter_dim=ADAPTER_DIM)),
+            "rows": rows}
+    out = Path(args.out)
+    for model in args.models:
+        for shape in args.shapes:
+            case = e2e.Case(model, "lora", *e2e.SHAPES[shape])
+            for variant in chosen:
+                rows.append(profile_variant(case, variant, device, args.steps))
+                print(rows[-1], flush=True)
+                write_results("step_breakdown", data, out)
+    plot(rows, out / "step_breakdown.png")
+    print(f"wrote {out / 'step_breakdown.json'} and {out / 'step_breakdown.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,49 @@
+"""The step breakdown's sorting of GPU kernels into parts (``benchmarks/step_breakdown.py``; it
+runs on a GPU, so the kernels here are made up, with the profiler's field names)."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from benchmarks import e2e, step_breakdown
+
+
+def op(name, shapes=(), parent=None, kernels=()):
+    return SimpleNamespace(name=name, input_shapes=list(shapes), cpu_parent=parent,
+                           kernels=[SimpleNamespace(name=k, duration=d) for k, d in kernels])
+
+
+def test_kernels_go_to_their_parts():
+    step = op("CompiledFunction")
+    optimizer = op("Optimizer.step#AdamW.step")
+    events = [
+        op("aten::mm", [[4096, 2048], [2048, 8192]], step, [("nvjet_tst_256x128", 3000.0)]),
+        op("aten::mm", [[4096, 2048], [2048, 16]], step, [("nvjet_tst_32x64", 200.0)]),
+        op("aten::addmm", [[16], [4096, 2048], [2048, 48]], step, [("nvjet_tst_8x64", 100.0)]),
+        op("aten::_scaled_dot_product_cudnn_attention", [], step, [("cudnn_flash_fprop", 900.0)]),
+        op("lecompile::lm_head_cross_entropy", [], step, [("_cross_entropy_kernel", 50.0)]),
+        op("aten::_foreach_add_", [], optimizer, [("multi_tensor_apply_kernel", 60.0)]),
+        op("CompiledFunction", [], None, [("triton_red_fused_add_rms_norm_0", 400.0),
+                                          ("triton_tem_fused_flex_attention_1", 700.0),
+                                          ("_lowrank_gemm_kernel", 1000.0), ("ncclKernel", 30.0)]),
+        op("aten::copy_", [], step, [("direct_copy_kernel_cuda", 80.0)]),
+        op("aten::add", [], step),  # launched nothing
+    ]
+    parts = step_breakdown.sort_kernels(SimpleNamespace(events=lambda: events), steps=2)
+    assert parts == {"base_gemm": 2.0, "adapter_gemm": 0.15, "attention": 0.8, "loss": 0.025, "optimizer": 0.03,
+                     "elementwise": 0.24, "rest": 0.015}
+
+
+def test_a_real_profile_has_the_fields_it_reads():
+    from torch.profiler import ProfilerActivity, profile
+    x = torch.randn(64, 64)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        x @ x
+    assert step_breakdown.sort_kernels(prof, steps=1) == dict.fromkeys(step_breakdown.PARTS, 0.0)
+
+
+def test_refuses_a_device_without_kernels():
+    variant = next(v for v in e2e.variants(densities=(1.0,), baselines=False) if v.name == "lecompile-d1")
+    with pytest.raises(ValueError, match="run it on a CUDA device"):
+        step_breakdown.profile_variant(e2e.Case("tiny-llama", "lora", 2, 32), variant, "cpu")
