@@ -87,6 +87,9 @@ def settings(steps: int, task: str = "mixed") -> Dict[str, Optional[dict]]:
         "guard-svd-0.95": dict(mlp_density=0.25, min_kept_mass=0.95),
         "guard-svd-0.99": dict(mlp_density=0.25, min_kept_mass=0.99),
         "guard-learned-0.95": dict(mlp_density=0.25, predictor="learned", min_kept_mass=0.95),
+        # The guard under a loss budget: its mass target follows the sparse loss's cost on the
+        # calibration steps' batches (one in 25 steps).
+        **{f"budget-svd-{b:g}": dict(mlp_density=0.25, loss_budget=b, calibrate_every=25) for b in (0.005, 0.01, 0.02)},
     }
 
 

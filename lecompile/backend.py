@@ -17,15 +17,19 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from . import calibration, ddp
 from .cache import cacheable_functions
 from .config import LongExposureConfig
-from .guard import DensityGuard
+from .guard import DensityGuard, LossShadow
 from .passes import is_training_graph, run_passes
 from .passes.fuse_loss import with_returned_logits
+from .passes.graph import loss_output
 from .report import Report
 from .specialize import ShapeSpecialized, concrete_inputs, specialize, symbolic_inputs
 from .warmup import WarmupSwitch, copy_graph, optimizer_steps
 
 log = logging.getLogger("lecompile")
 _graph_ids = itertools.count()
+NO_LOSS = ("loss_budget: this graph returns no loss (the loss is computed outside the compiled model, or after a "
+           "graph break), so its calibration steps train dense and its MLPs follow min_kept_mass as the graphs "
+           "with the loss move it")
 
 
 def _compile_checkpointed_layers() -> None:
@@ -63,7 +67,7 @@ class LongExposureBackend:
         self.reports: List[Report] = []
         self._warmup_until: Optional[int] = None  # optimizer step that ends the dense warm-up
         tuning = self.config.tuning
-        self.guard = DensityGuard(tuning.min_kept_mass, tuning.k_align) if tuning.min_kept_mass > 0 else None
+        self.guard = DensityGuard(tuning.min_kept_mass, tuning.k_align, tuning.loss_budget) if tuning.guarded else None
         self._warned_python_bound = False
 
     def __call__(self, gm: fx.GraphModule, example_inputs, mode: Optional[str] = None,
@@ -107,6 +111,7 @@ class LongExposureBackend:
         must not copy them at each replay); with the density guard, a sparse form for new
         per-layer densities is compiled when the guard first picks them."""
         template = copy_graph(gm)
+        loss = loss_output(gm) if self.guard is not None and self.guard.loss_budget else None
         # The calibration graph records in Python: never a CUDA graph.
         dense_patches = {k: v for k, v in patches.items() if k != "triton.cudagraphs"} if calibrated else patches
         dense = self._compile(gm, example_inputs, dense_patches, dense_warmup=True)
@@ -117,7 +122,11 @@ class LongExposureBackend:
             densities = functools.partial(self.guard.layer_densities, self.config.mlp_density_of)
             compile_for = lambda layer_densities, args: self._compile(  # noqa: E731
                 copy_graph(template), args, patches, config=self.config.replace(mlp_layer_densities=layer_densities))
-        return WarmupSwitch(dense, sparse, self._warmup_until, calibrate, densities, compile_for)
+        shadow = LossShadow(loss, self.guard) if loss is not None else None
+        if self.guard is not None and self.guard.loss_budget and loss is None:
+            self.reports[-1].notes.append(NO_LOSS)
+            log.info("lecompile: %s", NO_LOSS)
+        return WarmupSwitch(dense, sparse, self._warmup_until, calibrate, densities, compile_for, shadow)
 
     def _compile(self, gm: fx.GraphModule, example_inputs, patches: dict, dense_warmup: bool = False,
                  module_training: bool = True, config: Optional[LongExposureConfig] = None):

@@ -47,6 +47,12 @@ class Tuning:
     #: measured on calibration steps; a layer below it moves to a higher density, one with room
     #: moves back down, never below its set density (``lecompile.guard``). In [0, 1); 0: off.
     min_kept_mass: float = 0.0
+    #: Loss budget of the density guard (experimental): on each calibration step after the first,
+    #: the step trains through the sparse graph and a dense forward of the same batch shadows it;
+    #: where the sparse loss is more than this share above the dense one, ``min_kept_mass`` moves
+    #: one notch up :data:`lecompile.guard.MASS_TARGETS`, where it is under half of it, one notch
+    #: down. In [0, 1); 0: off. Starts from ``min_kept_mass`` (0.99 when that is 0).
+    loss_budget: float = 0.0
     #: ``k`` is rounded up to a multiple of this (kernel tile; unaligned k ran 2-3x slower).
     k_align: int = 128
     #: LoRA linears that read one input (q, k, v) compute their A-projections as one GEMM.
@@ -57,6 +63,11 @@ class Tuning:
     #: them (AOTAutograd's partitioner with ``ban_recompute_materialized_backward`` off).
     recompute_pointwise: bool = False
 
+    @property
+    def guarded(self) -> bool:
+        """Whether the density guard runs (``min_kept_mass`` or ``loss_budget`` set)."""
+        return self.min_kept_mass > 0 or self.loss_budget > 0
+
     def __post_init__(self) -> None:
         _check_choice("attn_predictor", self.attn_predictor, ATTN_PREDICTORS)
         _check_int("attn_block", self.attn_block, "a positive multiple of 16", lambda v: v > 0 and v % 16 == 0)
@@ -65,8 +76,9 @@ class Tuning:
         _check_int("k_align", self.k_align, "an integer >= 1", lambda v: v >= 1)
         _check_int("learned_train_steps", self.learned_train_steps, "an integer >= 1", lambda v: v >= 1)
         _check_int("calibrate_every", self.calibrate_every, "0 or an integer >= 2", lambda v: v == 0 or v >= 2)
-        object.__setattr__(self, "min_kept_mass", _as_float(self.min_kept_mass))
-        _check_share("min_kept_mass", self.min_kept_mass)
+        for name in ("min_kept_mass", "loss_budget"):
+            object.__setattr__(self, name, _as_float(getattr(self, name)))
+            _check_share(name, getattr(self, name))
         for name in ("share_lora_input", "lora_in_gemm", "recompute_pointwise"):
             _check_bool(name, getattr(self, name))
 
@@ -248,7 +260,7 @@ class LongExposureConfig:
     def calibrated(self) -> bool:
         """Whether sparse MLPs need calibration steps: the learned predictor's, the guard's."""
         sparse_mlp = min((self.mlp_density, *self.mlp_layer_densities)) < 1.0
-        return sparse_mlp and (self.predictor == "learned" or self.tuning.min_kept_mass > 0)
+        return sparse_mlp and (self.predictor == "learned" or self.tuning.guarded)
 
     @property
     def dense_warmup_steps(self) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Callable, Optional
 
+import torch
 import torch.fx as fx
 from torch._dynamo.utils import counters
 
@@ -29,21 +30,29 @@ class WarmupSwitch:
     of ``densities()`` (per-layer MLP densities, ``()`` for the configured ones) ``compile_for``
     compiles one more sparse form, up to :data:`MAX_SPARSE_GRAPHS`. Calls of either form are
     counted in ``torch._dynamo.utils.counters["lecompile"]`` (``dense_graph_calls``,
-    ``sparse_graph_calls``)."""
+    ``sparse_graph_calls``). With ``shadow`` (the density guard's loss budget), a calibration step
+    that ``shadow.wanted()`` trains through the sparse form instead, after a dense forward of the
+    same inputs without gradients (``shadow_graph_calls``); ``shadow.record(sparse_out, dense_out)``
+    sees both outputs."""
 
     def __init__(self, dense, sparse, until: int, calibrate: Optional[Callable[[], bool]] = None,
                  densities: Optional[Callable[[], tuple]] = None,
-                 compile_for: Optional[Callable[[tuple, list], Callable]] = None):
+                 compile_for: Optional[Callable[[tuple, list], Callable]] = None, shadow=None):
         self.dense, self.until, self.calibrate = dense, until, calibrate
-        self.densities, self.compile_for = densities, compile_for
+        self.densities, self.compile_for, self.shadow = densities, compile_for, shadow
         self.sparse_forms = {(): sparse}
         self.current: tuple = ()
         self._announced = False
 
     def __call__(self, *args):
+        dense_out = None
         if optimizer_steps() < self.until or (self.calibrate is not None and self.calibrate()):
-            counters["lecompile"]["dense_graph_calls"] += 1
-            return self.dense(*args)
+            if optimizer_steps() < self.until or self.shadow is None or not self.shadow.wanted():
+                counters["lecompile"]["dense_graph_calls"] += 1
+                return self.dense(*args)
+            counters["lecompile"]["shadow_graph_calls"] += 1
+            with torch.no_grad():
+                dense_out = self.dense(*args)
         counters["lecompile"]["sparse_graph_calls"] += 1
         if not self._announced:
             log.info("dense warm-up over (optimizer step %d): running the sparse graph", self.until)
@@ -52,7 +61,10 @@ class WarmupSwitch:
                 self.dense = None  # never runs again: let its memory (a CUDA graph pool) go
         if self.densities is not None:
             self._follow(self.densities(), args)
-        return self.sparse_forms[self.current](*args)
+        out = self.sparse_forms[self.current](*args)
+        if dense_out is not None:
+            self.shadow.record(out, dense_out)
+        return out
 
     def _follow(self, wanted: tuple, args) -> None:
         if wanted == self.current:

@@ -127,6 +127,36 @@ def test_cudagraphs_with_sparse_mlp_matches_without(warmup_steps):
     torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), atol=2e-2, rtol=2e-2)
 
 
+def test_loss_budget_shadow_under_cudagraphs_matches_without():
+    """Under a loss budget the shadowed calibration steps train through the sparse CUDA graph
+    after the dense (never captured) forward: the same losses and target moves as without."""
+    from torch._dynamo.utils import counters
+
+    from lecompile.predictors import clear_learned
+    losses, moves = {}, {}
+    for cg in (False, True):
+        torch._dynamo.reset()
+        clear_learned()
+        counters.clear()
+        model = tiny_model("llama", "lora", dtype=torch.bfloat16).cuda()
+        backend = lecompile.longexposure(LongExposureConfig.create(
+            mlp_density=0.25, k_align=64, loss_budget=0.01, calibrate_every=2, cudagraphs=cg))
+        compiled = torch.compile(model, backend=backend)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        losses[cg] = []
+        for step in range(5):
+            inputs = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch(step).items()}
+            loss = compiled(**inputs).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses[cg].append(loss.item())
+        moves[cg] = [c.split(" (")[0] for c in backend.report.guard if c.startswith("min_kept_mass")]
+        assert counters["lecompile"]["shadow_graph_calls"] == 2
+    assert moves[True] == moves[False]
+    torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), atol=2e-2, rtol=2e-2)
+
+
 def test_learned_predictor_under_cudagraphs_matches_without():
     """The learned predictor's sparse steps replay as CUDA graphs and read the factors that the
     calibration steps' training updated in place: the same losses as without CUDA graphs, over

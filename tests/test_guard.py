@@ -9,7 +9,7 @@ from torch._dynamo.utils import counters
 
 import lecompile
 from lecompile import LongExposureConfig
-from lecompile.guard import DensityGuard, candidates, kept_mass
+from lecompile.guard import FIRST_MASS_TARGET, MASS_TARGETS, DensityGuard, candidates, kept_mass
 from lecompile.predictors import clear_learned
 
 from models import LAYERS, batch, tiny_model
@@ -71,3 +71,52 @@ def test_guard_in_a_compiled_run_recompiles_once_per_new_densities_never_per_ste
     assert [e.density for e in latest] == [backend.guard.densities[i] for i in range(LAYERS)]
     assert all(d > 0.25 for d in backend.guard.densities.values())
     assert "density guard: layer 0" in str(report)
+
+
+def test_a_loss_over_budget_raises_the_mass_target_and_one_well_under_lowers_it(caplog):
+    caplog.set_level(logging.INFO, logger="lecompile")
+    guard = DensityGuard(min_kept_mass=0.0, k_align=1, loss_budget=0.01)
+    assert guard.min_kept_mass == FIRST_MASS_TARGET
+    guard.record_losses(torch.tensor(2.05), torch.tensor(2.0))  # +2.5%
+    guard.update()
+    assert guard.min_kept_mass == MASS_TARGETS[MASS_TARGETS.index(FIRST_MASS_TARGET) + 1]
+    assert "min_kept_mass 0.99 -> 0.995 (the sparse loss was +2.50%" in caplog.text
+    guard.record_losses(torch.tensor(2.015), torch.tensor(2.0))  # +0.75%: within the budget, not under half
+    guard.update()
+    assert guard.min_kept_mass == 0.995 and len(guard.changes) == 1
+    guard.record_losses(torch.tensor(2.001), torch.tensor(2.0))
+    guard.update()
+    assert guard.min_kept_mass == 0.995, "0.99 went over the budget: it is not tried again"
+    guard.record_losses(torch.tensor(2.1), torch.tensor(2.0))
+    guard.update()
+    assert guard.min_kept_mass == 0.999
+    spread = mass_profile(64, head=0.5)  # the target is what the layers are then held to
+    guard.measure(layer=0, density=0.25, scores=spread, exact=spread)
+    guard.record_losses(torch.tensor(2.001), torch.tensor(2.0))
+    guard.update()
+    assert guard.min_kept_mass == 0.999 and guard.densities[0] == 1.0 and len(guard.changes) == 3
+
+
+@pytest.mark.parametrize("budget", [1e-6, 0.9])
+def test_loss_budget_in_a_compiled_run_shadows_calibration_steps_and_moves_the_target(budget):
+    clear_learned()
+    counters.clear()
+    torch._dynamo.reset()
+    model = tiny_model("llama", "lora")
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    backend = lecompile.longexposure(LongExposureConfig.create(mlp_density=0.25, k_align=16, loss_budget=budget,
+                                                               calibrate_every=2))
+    compiled = torch.compile(model, backend=backend)
+    for step in range(5):
+        loss = compiled(**batch(1)).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        assert torch.isfinite(loss)
+    calls = counters["lecompile"]
+    assert calls["dense_graph_calls"] == 1 and calls["shadow_graph_calls"] == 2  # steps 0; 2, 4
+    assert calls["sparse_graph_calls"] == 4  # the shadowed steps train sparse
+    targets = [c for c in backend.report.guard if c.startswith("min_kept_mass")]
+    assert len(targets) == (1 if budget < 0.01 else 2)  # a target over the budget is not tried again
+    assert (backend.guard.min_kept_mass > FIRST_MASS_TARGET) == (budget < 0.01), targets
+    assert calls["guard_recompiles"] <= 2

@@ -160,3 +160,15 @@ def common_prefix(names: Iterable[str]) -> str:
             break
         prefix.append(pieces[0])
     return ".".join(prefix)
+
+
+def loss_output(gm: fx.GraphModule) -> Optional[int]:
+    """The position of the graph's loss among its outputs: the first 0-dim floating-point output
+    that requires grad; ``None`` if there is none (a graph break before the loss)."""
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    values = output.args[0] if isinstance(output.args[0], (tuple, list)) else (output.args[0],)
+    for i, node in enumerate(values):
+        value = meta_value(node) if isinstance(node, fx.Node) else None
+        if value is not None and value.dim() == 0 and value.is_floating_point() and value.requires_grad:
+            return i
+    return None
