@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 import torch
 
@@ -64,7 +64,7 @@ class DensityGuard:
         self.densities: Dict[int, float] = {}        # layer -> density now
         self.measured: Dict[int, Dict[float, float]] = {}  # layer -> density -> kept mass, this step
         self.losses: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # (sparse, dense), this step
-        self.over_budget: set = set()  # targets whose sparse loss exceeded the budget: never tried again
+        self.over_budget: Set[float] = set()  # targets whose sparse loss exceeded the budget: never tried again
         self.changes: List[str] = []
         self.key = next(_keys)
         _guards[self.key] = self

@@ -45,14 +45,23 @@ class WarmupSwitch:
         self._announced = False
 
     def __call__(self, *args):
-        dense_out = None
-        if optimizer_steps() < self.until or (self.calibrate is not None and self.calibrate()):
-            if optimizer_steps() < self.until or self.shadow is None or not self.shadow.wanted():
+        warming = optimizer_steps() < self.until
+        if warming or (self.calibrate is not None and self.calibrate()):
+            if warming or self.shadow is None or not self.shadow.wanted():
                 counters["lecompile"]["dense_graph_calls"] += 1
                 return self.dense(*args)
-            counters["lecompile"]["shadow_graph_calls"] += 1
-            with torch.no_grad():
-                dense_out = self.dense(*args)
+            return self._shadowed(args)
+        return self._sparse(args)
+
+    def _shadowed(self, args):
+        counters["lecompile"]["shadow_graph_calls"] += 1
+        with torch.no_grad():  # first, so that its activations are gone before the sparse forward's
+            dense_out = self.dense(*args)
+        out = self._sparse(args)
+        self.shadow.record(out, dense_out)
+        return out
+
+    def _sparse(self, args):
         counters["lecompile"]["sparse_graph_calls"] += 1
         if not self._announced:
             log.info("dense warm-up over (optimizer step %d): running the sparse graph", self.until)
@@ -61,10 +70,7 @@ class WarmupSwitch:
                 self.dense = None  # never runs again: let its memory (a CUDA graph pool) go
         if self.densities is not None:
             self._follow(self.densities(), args)
-        out = self.sparse_forms[self.current](*args)
-        if dense_out is not None:
-            self.shadow.record(out, dense_out)
-        return out
+        return self.sparse_forms[self.current](*args)
 
     def _follow(self, wanted: tuple, args) -> None:
         if wanted == self.current:
