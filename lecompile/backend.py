@@ -139,8 +139,8 @@ class LongExposureBackend:
         if self.guard is not None:
             report.guard = list(self.guard.changes)
         self.reports.append(report)
-        log.info("graph %d%s: %d MLP block(s) rewritten of %d matched, %d attention block(s) (%d rewritten), "
-                 "%d unmatched", graph_id, " (dense warm-up)" if dense_warmup else "", report.mlp_rewritten,
+        log.info("graph %d%s%s: %d MLP block(s) rewritten of %d matched, %d attention block(s) (%d rewritten), "
+                 "%d unmatched", graph_id, report.who, " (dense warm-up)" if dense_warmup else "", report.mlp_rewritten,
                  len(report.mlp), len(report.attention), report.attention_rewritten, len(report.unmatched))
         log.debug("graph %d report:\n%s", graph_id, report)
         if dump_dir:

@@ -93,6 +93,8 @@ class Report:
     checkpointed: int = 0        # regions under torch.utils.checkpoint, matched inside and still recomputed
     guard: List[str] = field(default_factory=list)  # the density guard's changes so far (min_kept_mass)
     notes: List[str] = field(default_factory=list)  # about a whole graph (one decoder layer per graph, ...)
+    rank: Optional[int] = None        # this process's rank under torch.distributed, if initialized
+    world_size: Optional[int] = None
 
     def merge(self, other: "Report") -> "Report":
         return Report(self.graphs + other.graphs, self.mlp + other.mlp, self.attention + other.attention,
@@ -100,7 +102,14 @@ class Report:
                       self.losses + other.losses, self.norms + other.norms,
                       self.checkpointed + other.checkpointed,
                       self.guard + [g for g in other.guard if g not in self.guard],
-                      self.notes + [n for n in other.notes if n not in self.notes])
+                      self.notes + [n for n in other.notes if n not in self.notes],
+                      self.rank if self.rank is not None else other.rank,
+                      self.world_size if self.world_size is not None else other.world_size)
+
+    @property
+    def who(self) -> str:
+        """``" (rank r of n)"`` in a torch.distributed run, else ``""``."""
+        return "" if self.rank is None else f" (rank {self.rank} of {self.world_size})"
 
     @property
     def mlp_rewritten(self) -> int:
@@ -121,7 +130,7 @@ class Report:
         return json.dumps(self.to_dict(), indent=indent)
 
     def __str__(self) -> str:
-        lines = [f"lecompile report: {self.graphs} graph(s), {len(self.mlp)} MLP block(s) matched "
+        lines = [f"lecompile report{self.who}: {self.graphs} graph(s), {len(self.mlp)} MLP block(s) matched "
                  f"({self.mlp_rewritten} rewritten), {len(self.attention)} attention block(s) "
                  f"({self.attention_rewritten} rewritten), "
                  f"{len(self.linears)} other LoRA linear(s) ({self.linears_fused} fused), "

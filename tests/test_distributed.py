@@ -59,7 +59,9 @@ def _worker(rank, port, wrapper, out_dir):
         loss.backward()
         grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach().clone()
                  for n, p in model.named_parameters() if p.grad is not None}
-        torch.save((loss.item(), backend.report.mlp_rewritten, grads), os.path.join(out_dir, f"{rank}.pt"))
+        report = backend.report
+        torch.save((loss.item(), report.mlp_rewritten, str(report).splitlines()[0], grads),
+                   os.path.join(out_dir, f"{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -108,8 +110,9 @@ def test_two_ranks_match_single_process_halves(wrapper, tmp_path):
         backend = lecompile.longexposure(LongExposureConfig.create(**CONFIG))
         singles.append(train_step(torch.compile(model, backend=backend), model, rank_batch(rank)))
     for rank in range(WORLD):
-        loss, rewritten, grads = got[rank]
+        loss, rewritten, header, grads = got[rank]
         assert rewritten == LAYERS, f"rank {rank} rewrote {rewritten} MLPs"
+        assert header.startswith(f"lecompile report (rank {rank} of {WORLD}):"), header
         torch.testing.assert_close(torch.tensor(loss), singles[rank][0], atol=2e-5, rtol=1e-4)
         for name, g in grads.items():
             mean = (singles[0][1][name] + singles[1][1][name]) / WORLD

@@ -130,6 +130,8 @@ def run_passes(gm: fx.GraphModule, example_inputs, config: LongExposureConfig,
         not_training = ""
     ctx = PassContext(gm, config, trainable, not_training, dense_warmup, guard,
                       inputs=dict(zip(placeholders, example_inputs)))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        ctx.report.rank, ctx.report.world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
     _graph_level_notes(ctx, example_inputs)
     for p in PASSES:
         if config.enabled(p.name) or p.when_disabled == "report":
