@@ -343,3 +343,26 @@ def test_lm_head_loss_kernel_on_cuda_matches_cross_entropy(reduction, vocab):
     got_grad = torch.autograd.grad(loss, hidden)[0]
     want_grad = torch.autograd.grad(want, hidden)[0]
     torch.testing.assert_close(got_grad.float(), want_grad.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_shape_specialized_forms_replay_as_cuda_graphs():
+    """A new sequence length makes Dynamo recompile with symbolic sizes; the backend's static
+    form per length (lecompile.specialize) runs sparse under CUDA graphs, with the loss of a
+    ``dynamic=False`` compile of that length."""
+    from torch._dynamo.utils import counters
+
+    config = LongExposureConfig.create(mlp_density=0.5, k_align=64, predictor="oracle", cudagraphs=True)
+    ids = {seq: torch.randint(0, 128, (2, seq), generator=torch.Generator().manual_seed(seq)).cuda()
+           for seq in (16, 32)}
+    model = tiny_model("llama", "lora", dtype=torch.bfloat16).cuda()
+    torch._dynamo.reset()
+    counters["lecompile"].clear()
+    backend = lecompile.longexposure(config)
+    compiled = torch.compile(model, backend=backend)
+    losses = [compiled(input_ids=ids[seq], labels=ids[seq], use_cache=False).loss.item() for seq in (16, 32, 32)]
+    assert counters["lecompile"]["shape_specializations"] >= 1
+    assert all(r.mlp_rewritten == LAYERS for r in backend.reports if r.mlp)
+    torch._dynamo.reset()
+    static = torch.compile(model, backend=lecompile.longexposure(config), dynamic=False)
+    expected = static(input_ids=ids[32], labels=ids[32], use_cache=False).loss.item()
+    assert losses[1] == pytest.approx(expected, rel=1e-2) and losses[2] == pytest.approx(expected, rel=1e-2)
