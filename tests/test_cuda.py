@@ -359,7 +359,11 @@ def test_shape_specialized_forms_replay_as_cuda_graphs():
     counters["lecompile"].clear()
     backend = lecompile.longexposure(config)
     compiled = torch.compile(model, backend=backend)
-    losses = [compiled(input_ids=ids[seq], labels=ids[seq], use_cache=False).loss.item() for seq in (16, 32, 32)]
+    losses = []
+    for seq in (16, 32, 32):
+        loss = compiled(input_ids=ids[seq], labels=ids[seq], use_cache=False).loss
+        loss.backward()
+        losses.append(loss.item())
     assert counters["lecompile"]["shape_specializations"] >= 1
     assert all(r.mlp_rewritten == LAYERS for r in backend.reports if r.mlp)
     torch._dynamo.reset()
