@@ -119,18 +119,21 @@ def test_operator_matches_masked_dense_reference(density, heads, masking, predic
 
 @pytest.mark.parametrize("predictor", ["pooled", "oracle"])
 def test_soft_capped_scores_match_the_spelled_out_reference(predictor):
-    """Gemma 2's soft-capping (``div c, tanh, mul c``) before an additive mask; an additive step
-    before the ``tanh`` no longer masks, so it does not make blocks unallowed."""
+    """Gemma 2's soft-capping (``div c, tanh, mul c``) before an additive mask, after a per-head
+    ALiBi-like bias ``[B, H, 1, S]``; an additive step before the ``tanh`` no longer masks, so it
+    does not make blocks unallowed."""
     q, k, v = qkv(H=4, Hkv=2)
     L, scale, cap = q.shape[-2], q.shape[-1] ** -0.5, 0.5
     additive = torch.zeros(2, 1, L, L).masked_fill(~padded_mask(2, L, 5), -3e38)
-    steps, operands = ["mul", "div", "tanh", "mul", "add"], [scale, cap, None, cap, additive]
+    alibi = torch.linspace(-1, 1, 4)[None, :, None, None] * torch.arange(L)[None, None, None, :] / L
+    alibi = alibi.expand(2, 4, 1, L)
+    steps, operands = ["mul", "add", "div", "tanh", "mul", "add"], [scale, alibi, cap, None, cap, additive]
     any_b, all_b = allowed_blocks(steps, operands, False, L, L, BLOCK, "cpu")
     keep = predict_blocks(q, k, any_b, steps, operands, False, BLOCK, 0.5, predictor)
     assert (keep.sum((-1, -2)) < any_b.sum((-1, -2))).all(), "nothing was dropped: the test cannot fail"
     tokens = keep.repeat_interleave(BLOCK, -2).repeat_interleave(BLOCK, -1) & padded_mask(2, L, 5)
     kv = [t.repeat_interleave(2, dim=1) for t in (k, v)]
-    scores = cap * torch.tanh(q @ kv[0].transpose(-1, -2) * scale / cap)
+    scores = cap * torch.tanh((q @ kv[0].transpose(-1, -2) * scale + alibi) / cap)
     expected = scores.masked_fill(~tokens, float("-inf")).softmax(-1) @ kv[1]
     grad = torch.randn_like(expected)
     expected_grads = torch.autograd.grad(expected, (q, k, v), grad)
@@ -287,6 +290,29 @@ def test_gemma2_soft_capped_attention_matches_the_reference_model(monkeypatch):
     torch.testing.assert_close(loss, ref_loss, atol=2e-5, rtol=1e-4)
     for name in ref_grads:
         torch.testing.assert_close(grads[name], ref_grads[name], atol=2e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.slow
+def test_bloom_alibi_attention_is_rewritten_and_exact_when_every_block_is_kept():
+    """BLOOM's merged-heads ``baddbmm`` attention (ALiBi inside the product) is put in the 4-d form
+    and rewritten; at 32 tokens in blocks of 16 every causal block is kept (the first key block
+    and the diagonal always are), so loss and gradients equal eager BLOOM's."""
+    import peft
+    torch.manual_seed(0)
+    model = transformers.BloomForCausalLM(transformers.BloomConfig(vocab_size=VOCAB, hidden_size=64, n_layer=LAYERS,
+                                                                   n_head=4))
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0,
+                                                       init_lora_weights=False)).train()
+    ids = torch.randint(0, VOCAB, (2, 32), generator=torch.Generator().manual_seed(1))
+    inputs = {"input_ids": ids, "labels": ids, "use_cache": False}
+    eager_loss, eager_grads = train_step(model, model, inputs)
+    counters.clear()
+    backend = lecompile.longexposure(LongExposureConfig.create(attn_density=0.5, attn_block=BLOCK))
+    loss, grads = train_step(torch.compile(model, backend=backend), model, inputs)
+    assert backend.report.attention_rewritten == LAYERS and counters["lecompile"]["alibi_attention"] == LAYERS
+    torch.testing.assert_close(loss, eager_loss, atol=2e-5, rtol=1e-4)
+    for name in eager_grads:
+        torch.testing.assert_close(grads[name], eager_grads[name], atol=2e-5, rtol=1e-4, msg=name)
 
 
 def test_density_one_and_other_reasons_leave_attention_dense():

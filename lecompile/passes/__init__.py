@@ -21,6 +21,7 @@ from ..report import MLPEntry, Report, Unmatched
 
 # Modules, not their pass functions: ``lecompile.passes.fuse_lora`` stays the module.
 from . import (
+    alibi_attention,
     fold_adapters,
     fuse_lora,
     fuse_loss,
@@ -98,6 +99,7 @@ PASSES: Sequence[Pass] = (
     Pass("known_functions", known_functions.known_functions),
     Pass("fold_adapters", fold_adapters.fold_adapters, when_disabled=None),
     Pass("match_mlp", match_mlp.match_mlp, when_disabled=None),
+    Pass("alibi_attention", alibi_attention.alibi_attention),
     Pass("match_attention", match_attention.match_attention),
     Pass("rewrite_mlp", rewrite_mlp.rewrite_mlp, when_disabled="report"),
     Pass("rewrite_attention", rewrite_attention.rewrite_attention, when_disabled="report"),
