@@ -370,3 +370,25 @@ def test_shape_specialized_forms_replay_as_cuda_graphs():
     static = torch.compile(model, backend=lecompile.longexposure(config), dynamic=False)
     expected = static(input_ids=ids[32], labels=ids[32], use_cache=False).loss.item()
     assert losses[1] == pytest.approx(expected, rel=1e-2) and losses[2] == pytest.approx(expected, rel=1e-2)
+
+
+def test_bloom_alibi_attention_on_cuda_is_exact_when_every_block_is_kept():
+    """BLOOM's ALiBi attention through FlexAttention (the bias a [B, H, 1, S] score operand): at
+    two blocks of 128 every causal block is kept, so the step equals eager BLOOM's."""
+    import peft
+    import transformers
+    torch.manual_seed(0)
+    model = transformers.BloomForCausalLM(transformers.BloomConfig(vocab_size=128, hidden_size=64, n_layer=LAYERS,
+                                                                   n_head=4))
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0,
+                                                       init_lora_weights=False)).cuda().train()
+    ids = torch.randint(0, 128, (2, 256), generator=torch.Generator().manual_seed(1)).cuda()
+    inputs = {"input_ids": ids, "labels": ids, "use_cache": False}
+    eager_loss, eager_grads = train_step(model, model, inputs)
+    torch._dynamo.reset()
+    backend = lecompile.longexposure(LongExposureConfig.create(attn_density=0.5, attn_block=128))
+    loss, grads = train_step(torch.compile(model, backend=backend), model, inputs)
+    assert backend.report.attention_rewritten == LAYERS, str(backend.report)
+    torch.testing.assert_close(loss, eager_loss, atol=1e-4, rtol=1e-4)
+    for name in eager_grads:
+        torch.testing.assert_close(grads[name], eager_grads[name], atol=1e-3, rtol=1e-3, msg=name)
