@@ -168,6 +168,10 @@ class LongExposureConfig:
         self._check_disable()
         if not isinstance(self._tuning, Tuning):
             raise ValueError(f"LongExposureConfig._tuning must be a lecompile.config.Tuning, got {self._tuning!r}")
+        if self._tuning.guarded and min((self.mlp_density, *self.mlp_layer_densities)) == 1.0:
+            raise ValueError(f"LongExposureConfig: the density guard (min_kept_mass={self._tuning.min_kept_mass}, "
+                             f"loss_budget={self._tuning.loss_budget}) moves MLP densities up from mlp_density, "
+                             f"which is 1.0: set mlp_density below 1")
         if self.dump_dir is not None and not isinstance(self.dump_dir, (str, os.PathLike)):
             raise ValueError(f"LongExposureConfig.dump_dir must be a path or None, "
                              f"got {self.dump_dir!r}")

@@ -120,3 +120,9 @@ def test_loss_budget_in_a_compiled_run_shadows_calibration_steps_and_moves_the_t
     assert len(targets) == (1 if budget < 0.01 else 2)  # a target over the budget is not tried again
     assert (backend.guard.min_kept_mass > FIRST_MASS_TARGET) == (budget < 0.01), targets
     assert calls["guard_recompiles"] <= 2
+
+
+def test_a_guard_without_sparse_mlps_is_refused_by_name():
+    for name, value in (("min_kept_mass", 0.9), ("loss_budget", 0.01)):
+        with pytest.raises(ValueError, match=f"{name}={value}.*set mlp_density below 1"):
+            LongExposureConfig.create(**{name: value})
