@@ -127,65 +127,51 @@ def test_cudagraphs_with_sparse_mlp_matches_without(warmup_steps):
     torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), atol=2e-2, rtol=2e-2)
 
 
-def test_loss_budget_shadow_under_cudagraphs_matches_without():
-    """Under a loss budget the shadowed calibration steps train through the sparse CUDA graph
-    after the dense (never captured) forward: the same losses and target moves as without."""
+def _calibrated_run(steps: int, cudagraphs: bool, **settings):
+    """``steps`` training steps of a tiny bf16 model on CUDA under a calibrated config: the
+    backend, the losses and the counters of the run."""
     from torch._dynamo.utils import counters
 
     from lecompile.predictors import clear_learned
-    losses, moves = {}, {}
-    for cg in (False, True):
-        torch._dynamo.reset()
-        clear_learned()
-        counters.clear()
-        model = tiny_model("llama", "lora", dtype=torch.bfloat16).cuda()
-        backend = lecompile.longexposure(LongExposureConfig.create(
-            mlp_density=0.25, k_align=64, loss_budget=0.01, calibrate_every=2, cudagraphs=cg))
-        compiled = torch.compile(model, backend=backend)
-        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-        losses[cg] = []
-        for step in range(5):
-            inputs = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch(step).items()}
-            loss = compiled(**inputs).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses[cg].append(loss.item())
-        moves[cg] = [c.split(" (")[0] for c in backend.report.guard if c.startswith("min_kept_mass")]
-        assert counters["lecompile"]["shadow_graph_calls"] == 2
+    torch._dynamo.reset()
+    clear_learned()
+    counters.clear()
+    model = tiny_model("llama", "lora", dtype=torch.bfloat16).cuda()
+    backend = lecompile.longexposure(LongExposureConfig.create(k_align=64, cudagraphs=cudagraphs, **settings))
+    compiled = torch.compile(model, backend=backend)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for step in range(steps):
+        inputs = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch(step).items()}
+        loss = compiled(**inputs).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return backend, torch.tensor(losses), dict(counters["lecompile"])
+
+
+def test_loss_budget_shadow_under_cudagraphs_matches_without():
+    """Under a loss budget the shadowed calibration steps train through the sparse CUDA graph
+    after the dense (never captured) forward: the same losses and target moves as without."""
+    runs = {cg: _calibrated_run(5, cg, mlp_density=0.25, loss_budget=0.01, calibrate_every=2) for cg in (False, True)}
+    moves = {cg: [c.split(" (")[0] for c in backend.report.guard if c.startswith("min_kept_mass")]
+             for cg, (backend, _, _) in runs.items()}
     assert moves[True] == moves[False]
-    torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), atol=2e-2, rtol=2e-2)
+    assert all(calls["shadow_graph_calls"] == 2 for _, _, calls in runs.values())
+    torch.testing.assert_close(runs[True][1], runs[False][1], atol=2e-2, rtol=2e-2)
 
 
 def test_learned_predictor_under_cudagraphs_matches_without():
     """The learned predictor's sparse steps replay as CUDA graphs and read the factors that the
     calibration steps' training updated in place: the same losses as without CUDA graphs, over
     two calibrations."""
-    from torch._dynamo.utils import counters
-
-    from lecompile.predictors import clear_learned
-    losses, trainings = {}, {}
-    for cg in (False, True):
-        torch._dynamo.reset()
-        clear_learned()
-        counters.clear()
-        model = tiny_model("llama", "lora", dtype=torch.bfloat16).cuda()
-        backend = lecompile.longexposure(LongExposureConfig.create(
-            mlp_density=0.5, k_align=64, predictor="learned", calibrate_every=3, cudagraphs=cg))
-        compiled = torch.compile(model, backend=backend)
-        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-        losses[cg] = []
-        for step in range(7):
-            inputs = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch(step).items()}
-            loss = compiled(**inputs).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses[cg].append(loss.item())
-        trainings[cg] = counters["lecompile"]["learned_train_calls"]
-        assert counters["lecompile"]["dense_graph_calls"] == 3 and counters["lecompile"]["sparse_graph_calls"] == 4
-    assert trainings[True] == trainings[False] == 3 * LAYERS
-    torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), atol=2e-2, rtol=2e-2)
+    runs = {cg: _calibrated_run(7, cg, mlp_density=0.5, predictor="learned", calibrate_every=3)
+            for cg in (False, True)}
+    for _, _, calls in runs.values():
+        assert calls["dense_graph_calls"] == 3 and calls["sparse_graph_calls"] == 4
+        assert calls["learned_train_calls"] == 3 * LAYERS
+    torch.testing.assert_close(runs[True][1], runs[False][1], atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize("arch,impl", [("llama", "sdpa"), ("opt", "sdpa"), ("gpt2", "eager")])
