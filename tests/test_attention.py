@@ -357,8 +357,24 @@ class ALiBiAttention(torch.nn.Module):
         return torch.bmm(probs, v).sum()
 
 
-def test_attention_whose_scores_are_no_plain_product_is_reported():
+class EinsumAttention(ALiBiAttention):
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = (t.reshape(b, n, self.heads, -1).transpose(1, 2) for t in self.qkv(x).chunk(3, dim=-1))
+        probs = F.softmax(torch.einsum("bhqd,bhkd->bhqk", q, k), dim=-1)
+        return (probs @ v).sum()
+
+
+@pytest.mark.parametrize("module, disable, op", [(EinsumAttention, (), "einsum"),
+                                                 (ALiBiAttention, ("alibi_attention",), "baddbmm")])
+def test_attention_whose_scores_are_no_plain_product_is_reported(module, disable, op):
+    config = LongExposureConfig.create(attn_density=0.5, attn_block=16, disable=frozenset(disable))
+    report = lecompile.explain(module(), torch.randn(2, 32, 64), config=config)
+    assert len(report.attention) == 1 and not report.attention[0].rewritten
+    assert f"scores come from `{op}`" in report.attention[0].note
+
+
+def test_alibi_attention_of_a_plain_module_is_rewritten():
     report = lecompile.explain(ALiBiAttention(), torch.randn(2, 32, 64),
                                config=LongExposureConfig.create(attn_density=0.5, attn_block=16))
-    assert len(report.attention) == 1 and not report.attention[0].rewritten
-    assert "scores come from `baddbmm`" in report.attention[0].note
+    assert [e.rewritten for e in report.attention] == [True]
