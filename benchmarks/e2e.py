@@ -458,7 +458,7 @@ def add_ratios(rows: List[dict]) -> None:
             if r["mlp_density"] == 1.0 and r["attn_density"] == 1.0:
                 r["loss_matches_eager"] = math.isclose(r["loss_step1"], eager["loss_step1"], rel_tol=LOSS_RTOL)
         if strongest is not None:
-            r.update(strongest_baseline=strongest["variant"], strongest_compile_s=strongest["compile_s"],
+            r.update(strongest_baseline=strongest["variant"], strongest_compile_s=strongest.get("compile_s"),
                      speedup_vs_strongest=round(strongest["ms"] / r["ms"], 3))
         sparselora = by.get(f"sparselora-d{r['mlp_density']:g}")
         if sparselora is not None and r["variant"].startswith("lecompile"):
