@@ -67,7 +67,7 @@ def settings(steps: int, task: str = "mixed") -> Dict[str, Optional[dict]]:
     """Setting name -> ``LongExposureConfig.create`` arguments (``None``: Inductor, dense LoRA),
     for ``task``: MLP sparsity on the short mixed task, attention sparsity on the long recall one."""
     if task == "recall":
-        return {"dense": None, "default": {}, "attn-0.5": dict(attn_density=0.5),
+        return {"dense": None, "default": {}, "attn-0.75": dict(attn_density=0.75), "attn-0.5": dict(attn_density=0.5),
                 "attn-0.25": dict(attn_density=0.25)}
     schedule = dict(granularity="tile", tile_size=64, mlp_layer_densities=(1.0,) * 3, warmup_fraction=0.1,
                     total_steps=steps, dense_output_share=0.5)
