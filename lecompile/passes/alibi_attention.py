@@ -32,6 +32,7 @@ from .graph import (
     recompile,
     replace_uses,
     shape,
+    static_shape,
 )
 
 MAX_WALK = 16
@@ -72,7 +73,7 @@ def _baddbmm_attention(node: fx.Node) -> Optional[Tuple[tuple, fx.Node, fx.Node,
         return None
     bias, q, kt, beta, alpha = args
     view = next(iter(node.users))
-    view_shape, q_shape, kt_shape = shape(view), shape(q), shape(kt)
+    view_shape, q_shape, kt_shape = static_shape(view), static_shape(q), static_shape(kt)  # dynamic: left dense
     if not (is_method(view, VIEWS) and view_shape and len(view_shape) == 4 and q_shape and kt_shape
             and len(q_shape) == 3 and len(kt_shape) == 3 and len(shape(bias) or ()) == 3
             and isinstance(beta, (int, float)) and isinstance(alpha, (int, float))):
