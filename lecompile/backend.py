@@ -111,21 +111,23 @@ class LongExposureBackend:
         must not copy them at each replay); with the density guard, a sparse form for new
         per-layer densities is compiled when the guard first picks them."""
         template = copy_graph(gm)
-        loss = loss_output(gm) if self.guard is not None and self.guard.loss_budget else None
         # The calibration graph records in Python: never a CUDA graph.
         dense_patches = {k: v for k, v in patches.items() if k != "triton.cudagraphs"} if calibrated else patches
         dense = self._compile(gm, example_inputs, dense_patches, dense_warmup=True)
         sparse = self._compile(copy_graph(template), example_inputs, patches)
         calibrate = functools.partial(calibration.due, self.config.tuning.calibrate_every) if calibrated else None
-        densities = compile_for = None
+        densities = compile_for = shadow = None
         if self.guard is not None:
             densities = functools.partial(self.guard.layer_densities, self.config.mlp_density_of)
             compile_for = lambda layer_densities, args: self._compile(  # noqa: E731
                 copy_graph(template), args, patches, config=self.config.replace(mlp_layer_densities=layer_densities))
-        shadow = LossShadow(loss, self.guard) if loss is not None else None
-        if self.guard is not None and self.guard.loss_budget and loss is None:
-            self.reports[-1].notes.append(NO_LOSS)
-            log.info("lecompile: %s", NO_LOSS)
+            if self.guard.loss_budget:
+                loss = loss_output(template)  # the graph as Dynamo gave it: the passes add outputs
+                if loss is None:
+                    self.reports[-1].notes.append(NO_LOSS)
+                    log.info("lecompile: %s", NO_LOSS)
+                else:
+                    shadow = LossShadow(loss, self.guard)
         return WarmupSwitch(dense, sparse, self._warmup_until, calibrate, densities, compile_for, shadow)
 
     def _compile(self, gm: fx.GraphModule, example_inputs, patches: dict, dense_warmup: bool = False,
