@@ -93,9 +93,13 @@ MODELS: Dict[str, Callable] = {
     "llama-3.2-1b": lambda: _llama(2048, 8192, 16, 32, 8, tie_word_embeddings=True),
     "llama-3-8b": lambda: _llama(4096, 14336, 32, 32, 8),
     "qwen2-1.5b": lambda: _llama(1536, 8960, 28, 12, 2, vocab=151936, config="Qwen2Config", tie_word_embeddings=True),
+    "mixtral-8x7b": lambda: _llama(4096, 14336, 32, 32, 8, vocab=32000, config="MixtralConfig", num_local_experts=8,
+                                   num_experts_per_tok=2),
     "tiny-opt": lambda: _opt(64, 256, 2, 4, vocab_size=256),
     "tiny-llama": lambda: _llama(64, 256, 2, 4, 2, vocab=256),
     "tiny-gpt2": lambda: _gpt2(64, 2, 4, vocab_size=256),
+    "tiny-mixtral": lambda: _llama(64, 256, 2, 4, 2, vocab=256, config="MixtralConfig", num_local_experts=4,
+                                   num_experts_per_tok=2),
 }
 
 #: LoRA on the attention's query and value projections, per architecture.
@@ -351,20 +355,24 @@ def step_flops(model: nn.Module, case: Case) -> Dict[str, float]:
     forward GEMM and the backward's input gradient; frozen weights get no weight gradient);
     ``adapter_gemm``, 6 T r (in + out) per LoRA linear (two products forward, four backward);
     ``attention``, 6 S^2 D per layer and sequence (scores and weighted sum forward, four products
-    backward, half of each under the causal mask)."""
+    backward, half of each under the causal mask). Stacked MoE experts (3-D weights) and their
+    adapters count at the share of experts each token is routed to."""
     tokens = case.batch * case.seq
+    config = model.config
+    routed = getattr(config, "num_experts_per_tok", 1) / max(getattr(config, "num_local_experts", 1), 1)
     base = adapters = 0
     for name, module in model.named_modules():
         if "lora_" in name:
             continue
         if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
             base += module.weight.numel()
+        base += routed * sum(p.numel() for p in module.parameters(recurse=False) if p.dim() == 3)
         lora_a, lora_b = getattr(module, "lora_A", None), getattr(module, "lora_B", None)
+        share = routed if getattr(module, "num_experts", 1) > 1 else 1.0  # PEFT's LoRA on stacked experts
         if isinstance(lora_a, nn.ModuleDict):
             for key in lora_a:
                 rank, width_in = lora_a[key].weight.shape
-                adapters += rank * (width_in + lora_b[key].weight.shape[0])
-    config = model.config
+                adapters += share * rank * (width_in + lora_b[key].weight.shape[0])
     heads = config.num_attention_heads
     width = heads * (getattr(config, "head_dim", None) or config.hidden_size // heads)
     return {"base_gemm": 4.0 * base * tokens, "adapter_gemm": 6.0 * adapters * tokens,

@@ -14,9 +14,10 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from . import calibration, ddp
+from . import calibration, ddp, peft_parameters
 from .cache import cacheable_functions
 from .config import LongExposureConfig
+from .graph_breaks import GraphBreaks
 from .guard import DensityGuard, LossShadow
 from .passes import is_training_graph, run_passes
 from .passes.fuse_loss import with_returned_logits
@@ -47,6 +48,7 @@ def _compile_checkpointed_layers() -> None:
 
 _compile_checkpointed_layers()
 ddp.turn_off_graph_splitting()  # before torch.compile(backend="longexposure") sees its first frame
+peft_parameters.make_traceable()
 
 
 class LongExposureBackend:
@@ -69,9 +71,11 @@ class LongExposureBackend:
         tuning = self.config.tuning
         self.guard = DensityGuard(tuning.min_kept_mass, tuning.k_align, tuning.loss_budget) if tuning.guarded else None
         self._warned_python_bound = False
+        self.graph_breaks = GraphBreaks()
 
     def __call__(self, gm: fx.GraphModule, example_inputs, mode: Optional[str] = None,
                  options: Optional[dict] = None):
+        self.graph_breaks.collect()
         patches = _inductor_patches(mode, options, self.config)
         module_training = _compiled_module_training()
         traced = self._specialized(gm, example_inputs, module_training)
@@ -168,12 +172,16 @@ class LongExposureBackend:
 
     @property
     def report(self) -> Report:
-        """All graphs' reports merged, with the density guard's changes so far."""
+        """All graphs' reports merged, with the density guard's changes and Dynamo's graph breaks so far."""
         merged = Report()
         for r in self.reports:
             merged = merged.merge(r)
         if self.guard is not None:
             merged.guard = list(self.guard.changes)
+        self.graph_breaks.collect()
+        breaks = self.graph_breaks.note(merged.graphs)
+        if breaks:
+            merged.notes.append(breaks)
         return merged
 
 

@@ -9,6 +9,8 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
     OPTConfig,
     OPTForCausalLM,
     Qwen2Config,
@@ -79,3 +81,15 @@ def train_step(model, params_of, inputs):
     loss = model(**inputs).loss
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in params_of.named_parameters() if p.grad is not None}
+
+
+def mixtral_with_lora_on_experts(seed: int = 0) -> torch.nn.Module:
+    """Tiny Mixtral with LoRA on ``all-linear``, which PEFT also applies to the stacked experts'
+    weights and the router's weight (``ParamWrapper``: 6 of them in 2 layers)."""
+    torch.manual_seed(seed)
+    model = MixtralForCausalLM(MixtralConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN // 2, intermediate_size=HIDDEN, num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+        max_position_embeddings=MAX_POSITIONS))
+    return peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules="all-linear",
+                                                      init_lora_weights=False)).train()

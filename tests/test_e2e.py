@@ -185,3 +185,20 @@ def test_limit_counts_frozen_weights_and_causal_attention_at_the_gpus_rate(monke
     assert e2e.step_flops(model, case)["adapter_gemm"] == 6 * layers * lora * tokens
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A10")
     assert e2e.limit_ms(model, case, "cuda") is None
+
+
+def test_step_flops_count_moe_experts_at_the_routed_share():
+    """tiny-mixtral: 4 experts, 2 per token; PEFT's LoRA also on the stacked experts and the router."""
+    case = e2e.Case("tiny-mixtral", "lora", 2, 32)
+    model = e2e.build(case, e2e.Variant("eager", "eager"), "cpu")
+    hidden, ffn, kv, vocab, layers, experts, routed = 64, 256, 32, 256, 2, 4, 2
+    attention = 2 * hidden * hidden + 2 * hidden * kv
+    per_layer = attention + routed * 3 * hidden * ffn  # each token's experts: gate_up and down
+    tokens = case.batch * case.seq
+    flops = e2e.step_flops(model, case)
+    assert flops["base_gemm"] == 4 * (layers * per_layer + vocab * hidden) * tokens
+    # r (in + out) per routed expert; PEFT gives the fused gate_up projection rank 2r
+    lora_experts = routed * (32 * (hidden + 2 * ffn) + 16 * (ffn + hidden))
+    lora_router = 16 * (hidden + experts)
+    lora = 16 * (2 * (hidden + hidden) + 2 * (hidden + kv)) + lora_experts + lora_router
+    assert flops["adapter_gemm"] == pytest.approx(6 * layers * lora * tokens)

@@ -15,7 +15,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.fx as fx
 
-from .. import ddp
+from .. import ddp, peft_parameters
 from ..config import LongExposureConfig
 from ..report import MLPEntry, Report, Unmatched
 
@@ -27,6 +27,7 @@ from . import (
     fuse_loss,
     inline_checkpoints,
     known_functions,
+    lora_experts,
     match_attention,
     match_mlp,
     norms_from_output,
@@ -98,6 +99,7 @@ PASSES: Sequence[Pass] = (
     Pass("inline_checkpoints", inline_checkpoints.inline_checkpoints),
     Pass("known_functions", known_functions.known_functions),
     Pass("fold_adapters", fold_adapters.fold_adapters, when_disabled=None),
+    Pass("lora_experts", lora_experts.lora_experts),
     Pass("match_mlp", match_mlp.match_mlp, when_disabled=None),
     Pass("alibi_attention", alibi_attention.alibi_attention),
     Pass("match_attention", match_attention.match_attention),
@@ -173,6 +175,9 @@ def _graph_level_notes(ctx: PassContext, example_inputs) -> None:
     if ddp.compiled_whole():
         ctx.report.notes.append(ddp.WHOLE)
         log.info("lecompile: %s", ddp.WHOLE)
+    wrappers = peft_parameters.traced_wrappers(ctx.gm)
+    if wrappers:
+        ctx.report.notes.append(peft_parameters.TRACED.format(n=wrappers))
     for note in ctx.report.unmatched:
         log.warning("lecompile: %s", note.reason)
 

@@ -44,6 +44,16 @@ def is_method(node: fx.Node, names: Iterable[str]) -> bool:
     return node.op == "call_method" and node.target in names
 
 
+def grouped_mm_ops() -> tuple:
+    """The ops that multiply tokens sorted by expert with stacked expert weights (MoE blocks):
+    PyTorch's grouped GEMMs and transformers' fallback for them."""
+    ops = [getattr(F, "grouped_mm", None), getattr(torch, "_grouped_mm", None)]
+    transformers_ops = getattr(torch.ops, "transformers", None)
+    if transformers_ops is not None and hasattr(transformers_ops, "grouped_mm_fallback"):
+        ops += [transformers_ops.grouped_mm_fallback, transformers_ops.grouped_mm_fallback.default]
+    return tuple(op for op in ops if op is not None)
+
+
 def is_custom_function(node: fx.Node) -> bool:
     """A ``torch.autograd.Function`` as Dynamo traces it (the ``autograd_function_apply`` op)."""
     return node.op == "call_function" and getattr(node.target, "__name__", "") == "autograd_function_apply"

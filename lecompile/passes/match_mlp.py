@@ -36,6 +36,7 @@ from .fold_adapters import LinearMatch
 from .graph import (
     DROPOUT,
     common_prefix,
+    grouped_mm_ops,
     is_activation,
     is_call,
     is_cast,
@@ -48,6 +49,8 @@ from .graph import (
 )
 
 log = logging.getLogger("lecompile")
+EXPERTS = ("an MoE block's routed experts (grouped_mm): no sparse MLP inside experts; they run dense, with LoRA on "
+           "them applied to each expert's tokens")
 MAX_REGION = 64
 DDP_SPLIT = ("DDP's graph splitting cut the block at a gradient-bucket boundary: "
              "torch._dynamo.config.optimize_ddp was set to True or 'ddp_optimizer' after lecompile was imported "
@@ -98,10 +101,23 @@ def match_mlp(ctx) -> None:
                                                    "PEFT wrapper such as DoRA or LoHa; see docs/supported.md")
     cut = [node for node in ctx.gm.graph.nodes if is_activation(node) and node not in seen]
     for node in cut:
+        if _in_experts(node):
+            ctx.unmatched(node.name, f"activation `{_describe(node)}`: {EXPERTS}")
+            continue
         ctx.unmatched(node.name, f"activation `{_describe(node)}` is not between two linear layers "
                                  f"lecompile recognizes ({cause})")
     if cut and cause is DDP_SPLIT:
         log.warning("lecompile: %d MLP block(s) run dense: %s", len(cut), DDP_SPLIT)
+
+
+def _in_experts(activation: fx.Node, depth: int = 6) -> bool:
+    """Whether the activation reads a grouped GEMM's output within a few ops (an expert MLP)."""
+    frontier = [activation]
+    for _ in range(depth):
+        frontier = [a for n in frontier for a in n.all_input_nodes]
+        if any(is_call(n, grouped_mm_ops()) for n in frontier):
+            return True
+    return False
 
 
 def _region(h: fx.Node, by_out: Dict[fx.Node, LinearMatch], halves: Dict[fx.Node, LinearMatch]):

@@ -1,0 +1,134 @@
+"""LoRA on MoE experts applied to the activations, never as a weight update.
+
+PEFT adapts stacked expert weights ``W`` (``[experts, out, in]`` or ``[experts, in, out]``) by
+adding ``ΔW = scale * B·A`` for every expert at every forward (traced by
+:mod:`lecompile.peft_parameters`), and transformers multiplies the tokens, sorted by expert, with
+``grouped_mm(x, W + ΔW, offsets)``. That forms an update as large as all the experts' weights, keeps
+it for the backward, and makes the backward compute a gradient for the whole frozen stack only to
+reduce it to the adapters'. Each such product becomes::
+
+    grouped_mm(x, W, offsets) + scale * grouped_mm(grouped_mm(x, L, offsets), R, offsets)
+
+with ``L·R`` the update in the product's orientation (``[experts, in, r]`` and ``[experts, r, out]``):
+the same sum, with the adapters' products on the tokens each expert receives.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Optional
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch._dynamo.utils import counters
+
+from ..ops.experts_first import experts_first
+from ..report import LinearEntry
+from .graph import grouped_mm_ops, is_call, is_cast, is_method, meta_value, recompile, replace_uses, source_name
+
+#: PEFT's ``ParamWrapper.get_delta_weight`` for stacked experts, by the layout of ``W`` it yields.
+EQUATIONS = {"o r e, e r i -> e o i": "out_in", "o r e, e r i -> e i o": "in_out"}
+NOTE = "MoE experts: the adapter's products run on each expert's tokens; the update B·A is never formed"
+
+
+def lora_experts(ctx) -> None:
+    """Rewrite each ``grouped_mm`` whose weight is a stacked expert weight plus its LoRA update."""
+    graph, rewritten = ctx.gm.graph, 0
+    for node in list(graph.nodes):
+        if not (is_call(node, grouped_mm_ops()) and len(node.args) >= 2):
+            continue
+        update = _update(node.args[1])
+        if update is None:
+            continue
+        base, a, b, scale, layout, transposed = update
+        x = node.args[0]
+        why = _why_not(x)
+        ctx.report.linears.append(LinearEntry(source_name(base), ["lora"], fused=not why, note=why or NOTE))
+        if why:
+            continue
+        with graph.inserting_before(node):
+            weight = _replay(graph, node.args[1], base)
+            # Per expert, in the product's orientation, the update is lhs @ rhs (times scale); each
+            # operand has a unit stride in one of its last two dimensions, as grouped GEMMs need.
+            stacked_b = graph.call_function(experts_first._opoverload, (b,))       # [e, r, out]
+            if (layout == "out_in") != transposed:
+                lhs, rhs = graph.call_method("transpose", (stacked_b, -2, -1)), a  # [e, out, r], [e, r, in]
+            else:
+                lhs, rhs = graph.call_method("transpose", (a, -2, -1)), stacked_b  # [e, in, r], [e, r, out]
+            value = meta_value(x)
+            lhs, rhs = (graph.call_method("to", (t, value.dtype)) for t in (lhs, rhs))
+            pad = _rank_padding(meta_value(a).shape[1], value.element_size())
+            if pad:  # zero columns of lhs meet zero rows of rhs: the same product, aligned as grouped GEMMs need
+                lhs = graph.call_function(F.pad, (lhs, (0, pad)))
+                rhs = graph.call_function(F.pad, (rhs, (0, 0, 0, pad)))
+            kwargs = dict(node.kwargs)
+            offsets = node.args[2:]
+            base_out = graph.call_function(node.target, (x, weight, *offsets), kwargs)
+            down = graph.call_function(node.target, (x, lhs, *offsets), kwargs)
+            up = graph.call_function(node.target, (down, rhs, *offsets), kwargs)
+            out = graph.call_function(operator.add, (base_out, graph.call_function(operator.mul, (up, scale))))
+        replace_uses(node, out)
+        graph.erase_node(node)
+        rewritten += 1
+    if rewritten:
+        counters["lecompile"]["lora_experts"] += rewritten
+        recompile(ctx.gm)
+
+
+def _update(weight: fx.Node) -> Optional[tuple]:
+    """``(W, A, B, scale, layout, transposed)`` when ``weight`` is ``W + scale * einsum(B, A)``
+    (casts around the update, a transpose of the sum); else ``None``."""
+    transposed = False
+    node = weight
+    while isinstance(node, fx.Node) and (is_cast(node) or is_method(node, ("transpose",))):
+        if is_method(node, ("transpose",)):
+            if sorted(node.args[1:3]) not in ([-2, -1], [1, 2]) or transposed:
+                return None
+            transposed = True
+        node = node.args[0]
+    if not (isinstance(node, fx.Node) and is_call(node, (operator.add,)) and len(node.args) == 2):
+        return None
+    base, delta = node.args
+    if not (isinstance(base, fx.Node) and base.op == "placeholder" and isinstance(delta, fx.Node)):
+        return None
+    while is_cast(delta):
+        delta = delta.args[0]
+    if not (is_call(delta, (operator.mul,)) and isinstance(delta.args[1], (int, float))):
+        return None
+    product, scale = delta.args
+    if not (isinstance(product, fx.Node) and is_call(product, (torch.functional.einsum, torch.einsum))
+            and product.args[0] in EQUATIONS and len(product.args) == 3):
+        return None
+    b, a = product.args[1:]
+    if any(meta_value(t) is None or meta_value(t).dim() != 3 for t in (a, b, base)):
+        return None
+    return base, a, b, float(scale), EQUATIONS[product.args[0]], transposed
+
+
+def _replay(graph: fx.Graph, weight: fx.Node, base: fx.Node) -> fx.Node:
+    """The chain of casts and transposes from the sum to ``weight``, applied to ``W`` instead."""
+    chain = []
+    node = weight
+    while not is_call(node, (operator.add,)):
+        chain.append(node)
+        node = node.args[0]
+    out = base
+    for step in reversed(chain):
+        out = graph.call_method(step.target, (out, *step.args[1:]), dict(step.kwargs))
+    return out
+
+
+def _rank_padding(rank: int, itemsize: int) -> int:
+    """Zero ranks to add so a row of ``rank`` elements is a multiple of 16 bytes (PyTorch's
+    grouped GEMMs require it of both operands' strides)."""
+    per_row = 16 // itemsize if 16 % itemsize == 0 else 1
+    return -rank % per_row
+
+
+def _why_not(x: fx.Node) -> str:
+    """Why the products cannot run on the tokens ("" when they can)."""
+    value = meta_value(x) if isinstance(x, fx.Node) else None
+    if value is None or value.dim() != 2:
+        return "MoE experts: the tokens are not one [tokens, features] matrix; B·A is formed as PEFT forms it"
+    return ""
