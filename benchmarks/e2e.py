@@ -83,6 +83,14 @@ def _llama(hidden, ffn, layers, heads, kv_heads, vocab=128256, config="LlamaConf
                                          max_position_embeddings=8192, **kw)
 
 
+def _gpt_neox(hidden, ffn, layers, heads, **kw):
+    """A GPT-NeoX (Pythia) config: attention and MLP in parallel off one residual."""
+    from transformers import GPTNeoXConfig
+    return GPTNeoXConfig(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers, num_attention_heads=heads,
+                         vocab_size=50304, max_position_embeddings=8192, use_parallel_residual=True,
+                         attention_dropout=0.0, hidden_dropout=0.0, **kw)
+
+
 #: Model configs by name (Hugging Face's published shapes); ``tiny-*`` ones are for CPU checks.
 MODELS: Dict[str, Callable] = {
     "opt-350m": lambda: _opt(1024, 4096, 24, 16, proj=512, do_layer_norm_before=False),
@@ -93,6 +101,9 @@ MODELS: Dict[str, Callable] = {
     "llama-3.2-1b": lambda: _llama(2048, 8192, 16, 32, 8, tie_word_embeddings=True),
     "llama-3-8b": lambda: _llama(4096, 14336, 32, 32, 8),
     "qwen2-1.5b": lambda: _llama(1536, 8960, 28, 12, 2, vocab=151936, config="Qwen2Config", tie_word_embeddings=True),
+    "phi-3-mini": lambda: _llama(3072, 8192, 32, 32, 32, vocab=32064, config="Phi3Config", pad_token_id=0,
+                                 bos_token_id=1, eos_token_id=2),
+    "pythia-1.4b": lambda: _gpt_neox(2048, 8192, 24, 16),
     "mixtral-8x7b": lambda: _llama(4096, 14336, 32, 32, 8, vocab=32000, config="MixtralConfig", num_local_experts=8,
                                    num_experts_per_tok=2),
     "tiny-opt": lambda: _opt(64, 256, 2, 4, vocab_size=256),

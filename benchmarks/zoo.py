@@ -65,6 +65,7 @@ def _configs() -> Dict[str, Callable[[], torch.nn.Module]]:
         "bloom": lambda: T.BloomForCausalLM(T.BloomConfig(vocab_size=VOCAB, hidden_size=HIDDEN, n_layer=LAYERS,
                                                           n_head=HEADS)),
         "mixtral": lambda: T.MixtralForCausalLM(T.MixtralConfig(**moe, **kv, **common)),
+        "gpt_oss": lambda: T.GptOssForCausalLM(T.GptOssConfig(head_dim=16, **moe, **kv, **common)),
         "qwen2_moe": lambda: T.Qwen2MoeForCausalLM(T.Qwen2MoeConfig(
             num_experts=4, num_experts_per_tok=2, moe_intermediate_size=FFN // 2, shared_expert_intermediate_size=FFN,
             **kv, **common)),

@@ -46,9 +46,11 @@ def make_traceable() -> None:
 def _traceable(peft_forward, wrapper: type):
     @functools.wraps(peft_forward)
     def forward(self, x, *args, **kwargs):
+        if not torch.compiler.is_compiling():
+            return peft_forward(self, x, *args, **kwargs)
         adapters = [a for a in self.active_adapters if a in self.lora_A]
-        if (not torch.compiler.is_compiling() or self.disable_adapters or self.merged or not adapters
-                or kwargs.get("adapter_names") is not None or self.get_param().dtype not in _COMPUTE_DTYPES):
+        if (self.disable_adapters or self.merged or not adapters or kwargs.get("adapter_names") is not None
+                or self.get_param().dtype not in _COMPUTE_DTYPES):
             return peft_forward(self, x, *args, **kwargs)
         weight = self.get_param()
         for adapter in adapters:

@@ -7,6 +7,8 @@ import torch
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
+    GptOssConfig,
+    GptOssForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MixtralConfig,
@@ -93,3 +95,16 @@ def mixtral_with_lora_on_experts(seed: int = 0) -> torch.nn.Module:
         max_position_embeddings=MAX_POSITIONS))
     return peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules="all-linear",
                                                       init_lora_weights=False)).train()
+
+
+def gpt_oss_with_lora_on_experts(seed: int = 0) -> torch.nn.Module:
+    """Tiny GPT-OSS (attention sinks; experts with biases, stored ``[experts, in, out]``, and a
+    clamped sigmoid-gated activation) with LoRA on q/v and, by ``target_parameters``, the experts."""
+    torch.manual_seed(seed)
+    model = GptOssForCausalLM(GptOssConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=HIDDEN, num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS, num_key_value_heads=2, head_dim=HIDDEN // HEADS, num_local_experts=4,
+        num_experts_per_tok=2, max_position_embeddings=MAX_POSITIONS))
+    return peft.get_peft_model(model, peft.LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])).train()

@@ -7,7 +7,7 @@ import torch
 import lecompile
 from lecompile.ops.experts_first import experts_first
 
-from models import batch, mixtral_with_lora_on_experts, train_step
+from models import batch, gpt_oss_with_lora_on_experts, mixtral_with_lora_on_experts, train_step
 
 E, IN, OUT, R, SCALE = 3, 16, 24, 4, 2.0
 OFFSETS = torch.tensor([5, 5, 12], dtype=torch.int32)  # the second expert receives no token
@@ -84,6 +84,30 @@ def test_mixtral_experts_never_form_the_update(tmp_path):
         torch.testing.assert_close(grad, eager_grads[name], atol=2e-5, rtol=1e-4, msg=name)
     reasons = [u.reason for u in backend.report.unmatched]
     assert reasons and all("MoE block's routed experts" in r for r in reasons)
+
+
+def test_gpt_oss_experts_stored_in_by_out_with_biases_train_exactly():
+    model = gpt_oss_with_lora_on_experts()
+    eager_loss, eager_grads = train_step(model, model, batch())
+    torch._dynamo.reset()
+    backend = lecompile.longexposure(lecompile.LongExposureConfig())
+    loss, grads = train_step(torch.compile(model, backend=backend), model, batch())
+    assert sum(e.fused for e in backend.report.linears if ".experts." in e.layer) == 4
+    torch.testing.assert_close(loss, eager_loss, atol=2e-5, rtol=1e-4)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, eager_grads[name], atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_gpt_oss_sinks_and_experts_are_reported():
+    """Its attention (a learned sink logit joined to the scores, the probabilities sliced) and its
+    experts' sigmoid-gated activation are named in the report, not passed over."""
+    torch._dynamo.reset()
+    report = lecompile.explain(gpt_oss_with_lora_on_experts(), **batch(),
+                               config=lecompile.LongExposureConfig.create(attn_density=0.5, attn_block=16))
+    assert len(report.attention) == 2 and report.attention_rewritten == 0
+    assert all("GPT-OSS's attention sinks" in e.note for e in report.attention)
+    assert [u.where for u in report.unmatched] == ["sigmoid", "sigmoid_1"]
+    assert all("MoE block's routed experts" in u.reason for u in report.unmatched)
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")

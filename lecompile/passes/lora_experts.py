@@ -90,7 +90,7 @@ def _update(weight: fx.Node) -> Optional[tuple]:
     if not (isinstance(node, fx.Node) and is_call(node, (operator.add,)) and len(node.args) == 2):
         return None
     base, delta = node.args
-    if not (isinstance(base, fx.Node) and base.op == "placeholder" and isinstance(delta, fx.Node)):
+    if not (isinstance(base, fx.Node) and base.op in ("placeholder", "get_attr") and isinstance(delta, fx.Node)):
         return None
     while is_cast(delta):
         delta = delta.args[0]

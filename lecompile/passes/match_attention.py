@@ -76,8 +76,10 @@ def match_attention(ctx) -> None:
                 ctx.attention.append(match)
             elif _weighs_values(node):
                 match = _describe(ctx, node, "eager", None)
-                match.why_not = (f"its scores come from `{_scores_source(node)}`, not from `q @ k.T` with a scale "
-                                 "and masks")
+                source = _scores_source(node)
+                match.why_not = (f"its scores come from `{source}`, not from `q @ k.T` with a scale and masks"
+                                 + (" (a logit joined to the scores, such as GPT-OSS's attention sinks)"
+                                    if source == "cat" else ""))
                 ctx.attention.append(match)
 
 
@@ -101,14 +103,15 @@ def _eager_attention(softmax: fx.Node) -> Optional[Tuple[fx.Node, fx.Node]]:
 
 
 def _weighs_values(softmax: fx.Node) -> bool:
-    """Whether the softmax's probabilities (through casts, dropout and views) are the left operand
-    of a matrix product: attention, whatever its scores are."""
+    """Whether the softmax's probabilities (through casts, dropout, views and slices) are the left
+    operand of a matrix product: attention, whatever its scores are."""
     probs = softmax
     while len(probs.users) == 1:
         user = next(iter(probs.users))
         if is_call(user, MATMUL):
             return user.args[0] is probs
-        if not (is_cast(user) or is_call(user, DROPOUT) or is_method(user, VIEWS)):
+        if not (is_cast(user) or is_call(user, DROPOUT) or is_method(user, VIEWS)
+                or is_call(user, (operator.getitem,))):
             return False
         probs = user
     return False

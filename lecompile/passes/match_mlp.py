@@ -99,7 +99,8 @@ def match_mlp(ctx) -> None:
             ctx.mlps.append(match)
     cause = DDP_SPLIT if ddp.splits_graphs() else ("not an MLP, a graph break splits it, or an unsupported "
                                                    "PEFT wrapper such as DoRA or LoHa; see docs/supported.md")
-    cut = [node for node in ctx.gm.graph.nodes if is_activation(node) and node not in seen]
+    cut = [node for node in ctx.gm.graph.nodes if node not in seen
+           and (is_activation(node) or (is_nonlinear(node) and _in_experts(node)))]
     for node in cut:
         if _in_experts(node):
             ctx.unmatched(node.name, f"activation `{_describe(node)}`: {EXPERTS}")
