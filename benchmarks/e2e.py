@@ -510,56 +510,6 @@ def training_step(case: Case, variant: Variant, device: str) -> Callable[[], tor
     return step
 
 
-def breakdown(case: Case, variant: Variant, device: str = "cuda", steps: int = 3) -> dict:
-    """Where one variant's step spends GPU time (PyTorch profiler), in ms per step."""
-    from torch.profiler import ProfilerActivity, profile
-    step = training_step(case, variant, device)
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
-    return dict(case=case.name, variant=variant.name, unit="ms per step", **device_time_groups(prof, steps),
-                top_kernels=top_kernels(prof, steps))
-
-
-def _is_kernel(event) -> bool:
-    """A GPU kernel or copy; not a user annotation (such as ``Optimizer.step``), whose GPU span
-    covers the idle time between its kernels too."""
-    return event.device_type.name == "CUDA" and not getattr(event, "is_user_annotation", False)
-
-
-def top_kernels(prof, steps: int, n: int = 30) -> List[dict]:
-    """The ``n`` GPU kernels with the most device time per step, with their launches per step."""
-    kernels = [e for e in prof.key_averages() if _is_kernel(e)]
-    kernels.sort(key=lambda e: e.self_device_time_total, reverse=True)
-    return [dict(name=e.key[:120], ms=round(e.self_device_time_total / 1e3 / steps, 3),
-                 launches=round(e.count / steps, 1)) for e in kernels[:n]]
-
-
-def device_time_groups(prof, steps: int) -> Dict[str, float]:
-    """GPU ms per step of a profiled run in MLP, predictor, attention and the rest."""
-    # Top-level ops only (their device time includes their kernels), so nothing counts twice.
-    groups = {"mlp": "lecompile::sparse_mlp", "predictor": "lecompile::predict_neurons",
-              "attention": "aten::_scaled_dot_product_"}
-    totals = dict.fromkeys(groups, 0.0)
-    kernel_total = 0.0
-    for e in prof.key_averages():
-        for k, prefix in groups.items():
-            if e.key.startswith(prefix):
-                totals[k] += e.device_time_total / 1e3 / steps
-        if _is_kernel(e):
-            kernel_total += e.self_device_time_total / 1e3 / steps
-            if "flex_attention" in e.key:  # Inductor's FlexAttention kernels (no top-level op)
-                totals["attention"] += e.self_device_time_total / 1e3 / steps
-    totals = {k: round(v, 3) for k, v in totals.items()}
-    totals["kernels_total"] = round(kernel_total, 3)
-    totals["rest"] = round(kernel_total - sum(v for k, v in totals.items() if k != "kernels_total"), 3)
-    return totals
-
-
 SHAPES = {"8x512": (8, 512), "4x1024": (4, 1024), "2x2048": (2, 2048),
           # long-context fine-tuning: one sequence per step
           "1x4096": (1, 4096), "1x8192": (1, 8192), "1x16384": (1, 16384), "1x32768": (1, 32768)}
@@ -651,8 +601,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per variant (median)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--breakdown", action="store_true",
-                        help="also profile lecompile at the lowest density on the first case (GPU)")
     parser.add_argument("--out", default=str(RESULTS),
                         help="folder for e2e.json and e2e.png (default: benchmarks/results)")
 
@@ -703,11 +651,6 @@ def run(args) -> dict:
                 rows += run_case(case, vs, device, args.steps, args.warmup, progress=bar, on_row=save_partial)
                 add_adapter_shares(rows)
                 write_results("e2e", data, out)  # with the case's ratios
-        if args.breakdown and device == "cuda":
-            low = min(args.densities)
-            data["breakdown"] = [breakdown(cases[0], v, device) for v in vs
-                                 if v.backend == "lecompile" and not v.cudagraphs and v.mlp_density in (1.0, low)
-                                 and v.attn_density == min(args.attn_densities)]
     path = write_results("e2e", data, out)
     plot(rows, out / "e2e.png")
     print(format_rows(rows))

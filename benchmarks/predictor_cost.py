@@ -21,6 +21,7 @@ import torch
 
 from benchmarks import e2e
 from benchmarks.common import RESULTS, command_line, meta, write_results
+from benchmarks.step_breakdown import sort_kernels
 from lecompile import LongExposureBackend, LongExposureConfig
 
 
@@ -45,19 +46,19 @@ def measure(case: e2e.Case, predictor: str, density: float, steps: int, refresh:
     times = [e2e.timed_ms(step, cuda=True) for _ in range(steps)]
     median = statistics.median(times)
     retrain = [t for t in times if t > 1.5 * median]
-    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU], record_shapes=True) as prof:
         for _ in range(3):
             step()
         torch.cuda.synchronize()
-    groups = e2e.device_time_groups(prof, 3)
+    parts = sort_kernels(prof, 3)
     retrain_ms = (statistics.mean(retrain) - median) if retrain else 0.0
-    per_step = groups["predictor"] + (retrain_ms / refresh if predictor == "learned" and refresh else 0.0)
+    per_step = parts["predictor"] + (retrain_ms / refresh if predictor == "learned" and refresh else 0.0)
     top_cpu = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
     return dict(case=case.name, predictor=predictor, mlp_density=density, step_ms=round(median, 3),
-                predictor_ms=groups["predictor"], retrain_steps=len(retrain), retrain_extra_ms=round(retrain_ms, 3),
+                predictor_ms=parts["predictor"], retrain_steps=len(retrain), retrain_extra_ms=round(retrain_ms, 3),
                 calibrate_every=refresh if predictor == "learned" else None,
                 predictor_ms_amortized=round(per_step, 3), share=round(per_step / median, 4),
-                kernels_ms=groups["kernels_total"], mlp_ms=groups["mlp"],
+                kernels_ms=round(sum(parts.values()), 3), mlp_ms=parts["sparse_mlp"],
                 top_cpu_ops=[dict(op=e.key, self_cpu_ms=round(e.self_cpu_time_total / 1e3 / 3, 3),
                                   calls_per_step=e.count // 3) for e in top_cpu])
 

@@ -6,8 +6,11 @@ Per case, the PyTorch profiler records a few steps of lecompile at density 1.0 a
 with bf16 adapters (the strongest setup without CUDA graphs, whose replay hides the kernels),
 and every GPU kernel's time goes to one part of the step, by the op that launched it:
 
-- ``base_gemm``: matrix products of the frozen weights (and lecompile's LoRA-in-GEMM kernels);
+- ``base_gemm``: matrix products of the frozen weights (and lecompile's LoRA-in-GEMM kernels),
+  MoE experts' grouped products included;
 - ``adapter_gemm``: products with a dimension of at most :data:`ADAPTER_DIM` (the LoRA ranks);
+- ``sparse_mlp`` and ``predictor``: kernels of lecompile's sparse MLPs and their predictors
+  (sparse variants, ``--densities``);
 - ``attention``: SDPA and FlexAttention kernels;
 - ``loss``: the cross-entropy kernels past the LM head's product;
 - ``optimizer``: everything under ``Optimizer.step``;
@@ -17,7 +20,8 @@ and every GPU kernel's time goes to one part of the step, by the op that launche
 
 The GEMM and attention parts get a limit: their least FLOPs (:func:`benchmarks.e2e.step_flops`)
 at the GPU's bf16 GEMM rate (:data:`benchmarks.e2e.GEMM_TFLOPS`). Results go to
-``step_breakdown.json`` and a plot of the parts against their limits.
+``step_breakdown.json`` (with each variant's costliest kernels) and a plot of the parts against
+their limits.
 """
 
 from __future__ import annotations
@@ -33,8 +37,11 @@ from benchmarks.common import RESULTS, command_line, meta, write_results
 
 #: A product with a dimension this small is an adapter's (LoRA ranks, and q/k/v's stacked ranks).
 ADAPTER_DIM = 64
-PARTS = ("base_gemm", "adapter_gemm", "attention", "loss", "optimizer", "elementwise", "rest")
+PARTS = ("base_gemm", "adapter_gemm", "sparse_mlp", "predictor", "attention", "loss", "optimizer", "elementwise",
+         "rest")
 GEMM_OPS = ("aten::mm", "aten::addmm", "aten::_scaled_mm")
+GROUPED_GEMM_OPS = ("aten::_grouped_mm",)  # [tokens, K] @ [experts, K, N]
+LECOMPILE_PARTS = {"lecompile::sparse_mlp": "sparse_mlp", "lecompile::predict_": "predictor"}
 VARIANTS = ("inductor-bf16-adapters", "lecompile-d1")
 
 
@@ -50,12 +57,17 @@ def part_of(kernel: str, op) -> str:
     names = [e.name for e in _ancestors(op)]
     if any(n.startswith("Optimizer.step") for n in names):
         return "optimizer"
+    for prefix, part in LECOMPILE_PARTS.items():
+        if any(n.startswith(prefix) for n in names):
+            return part
     if "flex_attention" in kernel or any("scaled_dot_product" in n for n in names):
         return "attention"
     if "lowrank" in kernel:
         return "base_gemm"
-    if op.name in GEMM_OPS:
-        dims = [d for shape in op.input_shapes[-2:] for d in shape]  # mm: [M, K], [K, N]; addmm: bias first
+    if op.name in GEMM_OPS or op.name in GROUPED_GEMM_OPS:
+        # mm: [M, K], [K, N]; addmm: the bias first; grouped: [T, K], [experts, K, N], then the offsets
+        shapes = op.input_shapes[:2] if op.name in GROUPED_GEMM_OPS else op.input_shapes[-2:]
+        dims = [d for shape in shapes for d in shape[-2:]]
         return "adapter_gemm" if dims and min(dims) <= ADAPTER_DIM else "base_gemm"
     if op.name in ("aten::bmm", "aten::baddbmm"):
         return "attention"
@@ -74,6 +86,20 @@ def sort_kernels(prof, steps: int) -> Dict[str, float]:
         for kernel in getattr(op, "kernels", ()):
             totals[part_of(kernel.name, op)] += kernel.duration / 1e3 / steps
     return {k: round(v, 3) for k, v in totals.items()}
+
+
+def _is_kernel(event) -> bool:
+    """A GPU kernel or copy; not a user annotation (such as ``Optimizer.step``), whose GPU span
+    covers the idle time between its kernels too."""
+    return event.device_type.name == "CUDA" and not getattr(event, "is_user_annotation", False)
+
+
+def top_kernels(prof, steps: int, n: int = 20) -> List[dict]:
+    """The ``n`` GPU kernels with the most device time per step, with their launches per step."""
+    kernels = sorted((e for e in prof.key_averages() if _is_kernel(e)), key=lambda e: e.self_device_time_total,
+                     reverse=True)
+    return [dict(name=e.key[:120], ms=round(e.self_device_time_total / 1e3 / steps, 3),
+                 launches=round(e.count / steps, 1)) for e in kernels[:n]]
 
 
 def profile_variant(case: e2e.Case, variant: e2e.Variant, device: str, steps: int = 3) -> dict:
@@ -95,7 +121,7 @@ def profile_variant(case: e2e.Case, variant: e2e.Variant, device: str, steps: in
     limits = {k: round(v / (rate * 1e12) * 1e3, 3) if rate else None
               for k, v in e2e.step_flops(step.model, case).items()}
     return dict(case=case.name, variant=variant.name, unit="ms per step", kernels_ms=round(sum(parts.values()), 3),
-                parts=parts, limits=limits)
+                parts=parts, limits=limits, top_kernels=top_kernels(prof, steps))
 
 
 def plot(rows: List[dict], path: Path) -> None:
@@ -126,13 +152,21 @@ def main(argv=None) -> int:
     parser.add_argument("--models", nargs="+", default=["opt-1.3b", "llama-3.2-1b", "qwen2-1.5b"],
                         choices=list(e2e.MODELS))
     parser.add_argument("--shapes", nargs="+", default=["8x512"], choices=list(e2e.SHAPES))
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--densities", nargs="+", type=float, default=[1.0],
+                        help="MLP densities of the lecompile variants to choose from")
+    parser.add_argument("--attn-densities", nargs="+", type=float, default=[1.0])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS),
+                        help="variants as named in e2e's results (e.g. lecompile-d0.5-a0.5)")
     parser.add_argument("--steps", type=int, default=3, help="profiled steps per variant")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", default=str(RESULTS), help="folder for step_breakdown.json and .png")
     args = parser.parse_args(argv)
     device = args.device
-    chosen = [v for v in e2e.variants(densities=(1.0,)) if v.name in args.variants]
+    available = e2e.variants(densities=args.densities, attn_densities=args.attn_densities)
+    unknown = sorted(set(args.variants) - {v.name for v in available})
+    if unknown:
+        raise ValueError(f"unknown variants {unknown}; with these densities: {[v.name for v in available]}")
+    chosen = [v for v in available if v.name in args.variants]
     rows: List[dict] = []
     data = {"meta": meta("step_breakdown", command_line(), settings=dict(steps=args.steps, adapter_dim=ADAPTER_DIM)),
             "rows": rows}

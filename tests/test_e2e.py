@@ -36,7 +36,7 @@ def test_sparse_attention_variant_rewrites_attention(tmp_path):
 
 
 def test_training_step_trains_the_adapters_through_lecompile():
-    """``training_step`` (the step ``breakdown`` profiles): the same ids give a new loss once the
+    """``training_step`` (the step ``benchmarks.step_breakdown`` profiles): the same ids give a new loss once the
     optimizer has moved the adapters (LoRA without dropout: nothing else changes between calls)."""
     case = e2e.Case("tiny-llama", "lora", 2, 32)
     variant = next(v for v in e2e.variants(densities=(1.0,), baselines=False) if v.name == "lecompile-d1")

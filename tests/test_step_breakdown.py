@@ -29,10 +29,15 @@ def test_kernels_go_to_their_parts():
                                           ("_lowrank_gemm_kernel", 1000.0), ("ncclKernel", 30.0)]),
         op("aten::copy_", [], step, [("direct_copy_kernel_cuda", 80.0)]),
         op("aten::add", [], step),  # launched nothing
+        # MoE experts: [tokens, K] @ [experts, K, N] with offsets; LoRA's rank-8 products are adapters'
+        op("aten::_grouped_mm", [[4096, 2048], [8, 2048, 1024], [8]], step, [("grouped_gemm", 600.0)]),
+        op("aten::_grouped_mm", [[4096, 2048], [8, 2048, 8], [8]], step, [("grouped_gemm_small", 40.0)]),
+        op("aten::mm", [[4096, 512], [512, 2048]], op("lecompile::sparse_mlp", [], step), [("gather_gemm", 500.0)]),
+        op("aten::topk", [], op("lecompile::predict_neurons", [], step), [("topk_kernel", 20.0)]),
     ]
     parts = step_breakdown.sort_kernels(SimpleNamespace(events=lambda: events), steps=2)
-    assert parts == {"base_gemm": 2.0, "adapter_gemm": 0.15, "attention": 0.8, "loss": 0.025, "optimizer": 0.03,
-                     "elementwise": 0.24, "rest": 0.015}
+    assert parts == {"base_gemm": 2.3, "adapter_gemm": 0.17, "sparse_mlp": 0.25, "predictor": 0.01, "attention": 0.8,
+                     "loss": 0.025, "optimizer": 0.03, "elementwise": 0.24, "rest": 0.015}
 
 
 def test_a_real_profile_has_the_fields_it_reads():
@@ -47,3 +52,8 @@ def test_refuses_a_device_without_kernels():
     variant = next(v for v in e2e.variants(densities=(1.0,), baselines=False) if v.name == "lecompile-d1")
     with pytest.raises(ValueError, match="run it on a CUDA device"):
         step_breakdown.profile_variant(e2e.Case("tiny-llama", "lora", 2, 32), variant, "cpu")
+
+
+def test_unknown_variants_are_named():
+    with pytest.raises(ValueError, match=r"unknown variants \['lecompile-d0.5'\]; with these densities"):
+        step_breakdown.main(["--variants", "lecompile-d0.5", "--out", "unused"])

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.e2e import _is_kernel
+from benchmarks.step_breakdown import _is_kernel
 from lecompile.ops.lora_linear import lora_linear
 
 SHAPES = {"opt-1.3b q_proj": (2048, 2048), "opt-1.3b fc1": (2048, 8192), "opt-1.3b fc2": (8192, 2048),
