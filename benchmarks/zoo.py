@@ -66,6 +66,9 @@ def _configs() -> Dict[str, Callable[[], torch.nn.Module]]:
                                                           n_head=HEADS)),
         "mixtral": lambda: T.MixtralForCausalLM(T.MixtralConfig(**moe, **kv, **common)),
         "gpt_oss": lambda: T.GptOssForCausalLM(T.GptOssConfig(head_dim=16, **moe, **kv, **common)),
+        "qwen3_moe": lambda: T.Qwen3MoeForCausalLM(T.Qwen3MoeConfig(
+            head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=FFN // 2, **kv, **common)),
+        "olmoe": lambda: T.OlmoeForCausalLM(T.OlmoeConfig(num_experts=4, num_experts_per_tok=2, **kv, **common)),
         "qwen2_moe": lambda: T.Qwen2MoeForCausalLM(T.Qwen2MoeConfig(
             num_experts=4, num_experts_per_tok=2, moe_intermediate_size=FFN // 2, shared_expert_intermediate_size=FFN,
             **kv, **common)),

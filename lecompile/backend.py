@@ -179,7 +179,7 @@ class LongExposureBackend:
         if self.guard is not None:
             merged.guard = list(self.guard.changes)
         self.graph_breaks.collect()
-        breaks = self.graph_breaks.note(merged.graphs)
+        breaks = self.graph_breaks.note()
         if breaks:
             merged.notes.append(breaks)
         return merged

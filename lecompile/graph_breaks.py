@@ -47,11 +47,10 @@ class GraphBreaks:
                 self.found[key] = self.found.get(key, 0) + new
         self._seen = now
 
-    def note(self, graphs: int) -> str:
+    def note(self) -> str:
         """The report's note ("" without breaks)."""
         if not self.found:
             return ""
         reasons = "; ".join(f"{reason} x{count}" for reason, count in self.found.items())
-        return (f"Dynamo broke the forward at {sum(self.found.values())} graph break(s), so lecompile got "
-                f"{graphs} graph(s); the rewrites apply within each, and a block cut by a break stays dense "
-                f"(TORCH_LOGS=graph_breaks shows where): {reasons}")
+        return (f"Dynamo broke the forward at {sum(self.found.values())} graph break(s); the rewrites apply within "
+                f"each piece, and a block cut by a break stays dense (TORCH_LOGS=graph_breaks shows where): {reasons}")

@@ -26,7 +26,7 @@ def test_a_break_is_reported_with_dynamos_reason():
     x = torch.randn(4, 8, requires_grad=True)
     report = lecompile.explain(TwoBlocks(broken=True), x)
     [note] = _breaks(report)
-    assert report.graphs == 2 and "at 1 graph break(s), so lecompile got 2 graph(s)" in note
+    assert report.graphs == 2 and "Dynamo broke the forward at 1 graph break(s)" in note
     assert "Call to `torch._dynamo.graph_break()` (User-inserted graph break. Message: None) x1" in note
 
 

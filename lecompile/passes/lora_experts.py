@@ -23,7 +23,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
-from ..ops.experts_first import experts_first
+from ..ops import experts_first  # noqa: F401  (defines torch.ops.lecompile.experts_first)
 from ..report import LinearEntry
 from .graph import grouped_mm_ops, is_call, is_cast, is_method, meta_value, recompile, replace_uses, source_name
 
@@ -51,7 +51,7 @@ def lora_experts(ctx) -> None:
             weight = _replay(graph, node.args[1], base)
             # Per expert, in the product's orientation, the update is lhs @ rhs (times scale); each
             # operand has a unit stride in one of its last two dimensions, as grouped GEMMs need.
-            stacked_b = graph.call_function(experts_first._opoverload, (b,))       # [e, r, out]
+            stacked_b = graph.call_function(torch.ops.lecompile.experts_first.default, (b,))  # [e, r, out]
             if (layout == "out_in") != transposed:
                 lhs, rhs = graph.call_method("transpose", (stacked_b, -2, -1)), a  # [e, out, r], [e, r, in]
             else:
