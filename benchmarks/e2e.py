@@ -23,7 +23,10 @@ projections (``lora-qv``), IA3 (PEFT's defaults), a bottleneck adapter after eve
 (``adapter``, :class:`BottleneckAdapter`), BitFit (``bitfit``: biases only), and ``norms``
 (only the normalization layers train: the base model's forward and full backward at almost no
 adapter cost; with ``lora`` in the same run each LoRA row gets ``adapter_share``, the share of
-its step the adapters add).
+its step the adapters add). On MoE models (``mixtral-*``) PEFT's ``all-linear`` LoRA also adapts
+the stacked experts; since every variant runs in a process that imported lecompile, the Inductor
+baselines compile them as one graph too (:mod:`lecompile.peft_parameters`), but form ``W + B·A``
+as PEFT does, where lecompile runs the adapters on each expert's tokens.
 
 A step is forward + backward + AdamW. Rows carry the median step time (and the mean,
 ``mean_ms``, which counts calibration steps) over ``steps`` timed steps (after compilation and
