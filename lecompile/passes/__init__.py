@@ -178,6 +178,7 @@ def _graph_level_notes(ctx: PassContext, example_inputs) -> None:
     wrappers = peft_parameters.traced_wrappers(ctx.gm)
     if wrappers:
         ctx.report.notes.append(peft_parameters.TRACED.format(n=wrappers))
+        log.info("lecompile: %s", ctx.report.notes[-1])
     for note in ctx.report.unmatched:
         log.warning("lecompile: %s", note.reason)
 
