@@ -25,6 +25,15 @@ def test_run_case_records_ratios_and_checks_loss(tmp_path):
     json.dumps(rows)  # the results file takes them as they are
 
 
+def test_moe_case_compiles_whole_with_the_experts_adapters_fused():
+    case = e2e.Case("tiny-mixtral", "lora", 2, 32)
+    chosen = [v for v in e2e.variants(densities=(1.0,)) if v.name in ("eager", "lecompile-d1")]
+    eager, lec = e2e.run_case(case, chosen, "cpu", steps=1, warmup=0)
+    assert "error" not in lec, lec.get("error")
+    assert lec["loss_matches_eager"] is True, (lec["loss_step1"], eager["loss_step1"])
+    assert lec["lora_linears_fused"] == 12  # per layer: q, k, v, o and the experts' gate_up and down
+
+
 def test_sparse_attention_variant_rewrites_attention(tmp_path):
     case = e2e.Case("tiny-llama", "lora", 2, 64)
     chosen = [v for v in e2e.variants(densities=(0.5,), baselines=False, attn_densities=(1.0, 0.5), attn_block=16)]
