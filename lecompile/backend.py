@@ -178,7 +178,6 @@ class LongExposureBackend:
             merged = merged.merge(r)
         if self.guard is not None:
             merged.guard = list(self.guard.changes)
-        self.graph_breaks.collect()
         breaks = self.graph_breaks.note()
         if breaks:
             merged.notes.append(breaks)

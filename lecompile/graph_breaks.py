@@ -3,7 +3,9 @@
 Dynamo counts every break by its message in ``torch._dynamo.utils.counters["graph_break"]``, for
 the whole process. A :class:`GraphBreaks` remembers the counts when its backend is made and, at
 each graph the backend receives, takes the breaks counted since: those of the frames compiled for
-this backend (``torch.compile`` makes the backend before it traces the first frame).
+this backend (``torch.compile`` makes the backend before it traces the first frame, and Dynamo
+counts a break before it hands over the graph that ends there). Breaks of other compilations after
+the backend's last graph are never taken.
 """
 
 from __future__ import annotations

@@ -34,9 +34,9 @@ NOTE = "MoE experts: the adapter's products run on each expert's tokens; the upd
 
 def lora_experts(ctx) -> None:
     """Rewrite each ``grouped_mm`` whose weight is a stacked expert weight plus its LoRA update."""
-    graph, rewritten = ctx.gm.graph, 0
+    graph, rewritten, products = ctx.gm.graph, 0, grouped_mm_ops()
     for node in list(graph.nodes):
-        if not (is_call(node, grouped_mm_ops()) and len(node.args) >= 2):
+        if not (is_call(node, products) and len(node.args) >= 2):
             continue
         update = _update(node.args[1])
         if update is None:

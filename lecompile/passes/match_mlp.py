@@ -113,10 +113,10 @@ def match_mlp(ctx) -> None:
 
 def _in_experts(activation: fx.Node, depth: int = 6) -> bool:
     """Whether the activation reads a grouped GEMM's output within a few ops (an expert MLP)."""
-    frontier = [activation]
+    frontier, products = {activation}, grouped_mm_ops()
     for _ in range(depth):
-        frontier = [a for n in frontier for a in n.all_input_nodes]
-        if any(is_call(n, grouped_mm_ops()) for n in frontier):
+        frontier = {a for n in frontier for a in n.all_input_nodes}
+        if any(is_call(n, products) for n in frontier):
             return True
     return False
 
