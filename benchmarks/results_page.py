@@ -116,7 +116,7 @@ def harness_section(quality: dict) -> str:
         markdown_table(["setting", "config", "seeds", "steps", "kept", "held-out answer loss", "vs dense",
                         "token acc.", "exact match", "step-1 loss", "passes"], table)]
         + ([f"Not measured yet: {', '.join(missing)}."] if missing else [])
-        + ["Runs (a later run's (setting, seed) replaces an earlier one's; the harness is deterministic per seed):\n\n"
+        + ["Runs (a later run's (setting, seed) replaces an earlier one's):\n\n"
            + "\n".join(f"- run {r['run']} ({r['date']}, {r['git_commit']}): {r['what']}"
                        for r in meta.get("runs", []))])
 
