@@ -424,6 +424,9 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--skip-measured", type=Path, metavar="RESULTS",
+                        help="leave out the (setting, seed) runs this results file already has at --steps (a device "
+                             "call's time goes to the runs still missing; merge with benchmarks.merge_runs)")
     parser.add_argument("--device-files", type=Path, metavar="DIR",
                         help="write the model in parts a device call can carry, and the gguf package, into DIR; "
                              "then exit (see device_files())")
@@ -444,6 +447,8 @@ def main(argv=None):
     if unknown:
         parser.error(f"unknown settings {unknown} for --task {args.task}; choose from {list(known)}")
     jobs = [(name, seed) for seed in range(args.seeds) for name in names]
+    if args.skip_measured:
+        jobs = [job for job in jobs if job not in measured(args.skip_measured, args.steps)]
     runs, failed = [], []
     with tempfile.TemporaryDirectory() as tmp, tqdm(total=len(jobs), desc="runs") as bar:
         def launch(job):
@@ -478,6 +483,11 @@ TASK_TEXT = {
     "mixed": "passage continuation (pydoc_data.topics) and arithmetic word problems; loss on answer tokens only",
     "recall": f"long-context recall: {RECALL_SECTIONS} numbered sections of pydoc_data.topics text, then how one "
               f"of the first half begins ({RECALL_TOKENS} answer tokens); loss on answer tokens only"}
+
+
+def measured(results: Path, steps: int) -> set:
+    """The ``(setting, seed)`` pairs a results file holds runs of ``steps`` steps for."""
+    return {(r["setting"], r["seed"]) for r in json.loads(results.read_text())["rows"] if r["steps"] == steps}
 
 
 def _write(args, runs: List[dict], failed: List[dict]) -> Path:

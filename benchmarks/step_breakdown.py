@@ -41,6 +41,9 @@ PARTS = ("base_gemm", "adapter_gemm", "sparse_mlp", "predictor", "attention", "l
          "rest")
 GEMM_OPS = ("aten::mm", "aten::addmm", "aten::_scaled_mm")
 GROUPED_GEMM_OPS = ("aten::_grouped_mm",)  # [tokens, K] @ [experts, K, N]
+#: lecompile's GEMMs with the LoRA product inside (``lecompile/kernels/lowrank_gemm.py``): their time is the
+#: base product's, the adapter's share in them is small.
+LORA_GEMM_KERNELS = ("_linear_low_rank_kernel",)
 LECOMPILE_PARTS = {"lecompile::sparse_mlp": "sparse_mlp", "lecompile::predict_": "predictor"}
 VARIANTS = ("inductor-bf16-adapters", "lecompile-d1")
 
@@ -62,7 +65,7 @@ def part_of(kernel: str, op) -> str:
             return part
     if "flex_attention" in kernel or any("scaled_dot_product" in n for n in names):
         return "attention"
-    if "lowrank" in kernel:
+    if any(name in kernel for name in LORA_GEMM_KERNELS):
         return "base_gemm"
     if op.name in GEMM_OPS or op.name in GROUPED_GEMM_OPS:
         # mm: [M, K], [K, N]; addmm: the bias first; grouped: [T, K], [experts, K, N], then the offsets

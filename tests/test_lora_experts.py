@@ -7,7 +7,7 @@ import torch
 import lecompile
 from lecompile.ops.experts_first import experts_first
 
-from models import batch, gpt_oss_with_lora_on_experts, mixtral_with_lora_on_experts, train_step
+from models import batch, gpt_oss_with_lora_on_experts, mixtral_with_lora_on_experts, needs_fp32_moe_compile, train_step
 
 E, IN, OUT, R, SCALE = 3, 16, 24, 4, 2.0
 OFFSETS = torch.tensor([5, 5, 12], dtype=torch.int32)  # the second expert receives no token
@@ -67,6 +67,7 @@ def test_grouped_product_with_the_update_equals_it_on_the_tokens(layout, transpo
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@needs_fp32_moe_compile
 def test_mixtral_experts_never_form_the_update(tmp_path):
     model = mixtral_with_lora_on_experts()
     eager_loss, eager_grads = train_step(model, model, batch())
@@ -86,6 +87,7 @@ def test_mixtral_experts_never_form_the_update(tmp_path):
     assert reasons and all("MoE block's routed experts" in r for r in reasons)
 
 
+@needs_fp32_moe_compile
 def test_gpt_oss_experts_stored_in_by_out_with_biases_train_exactly():
     model = gpt_oss_with_lora_on_experts()
     eager_loss, eager_grads = train_step(model, model, batch())
@@ -98,6 +100,7 @@ def test_gpt_oss_experts_stored_in_by_out_with_biases_train_exactly():
         torch.testing.assert_close(grad, eager_grads[name], atol=2e-5, rtol=1e-4, msg=name)
 
 
+@needs_fp32_moe_compile
 def test_gpt_oss_sinks_and_experts_are_reported():
     """Its attention (a learned sink logit joined to the scores, the probabilities sliced) and its
     experts' sigmoid-gated activation are named in the report, not passed over."""

@@ -7,10 +7,11 @@ import torch
 import lecompile
 from lecompile import peft_parameters
 
-from models import batch, mixtral_with_lora_on_experts, train_step
+from models import batch, mixtral_with_lora_on_experts, needs_fp32_moe_compile, train_step
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # PEFT: patterns that match no module of this tiny model
+@needs_fp32_moe_compile
 def test_lora_on_mixtral_experts_compiles_as_one_graph_and_trains_exactly():
     model = mixtral_with_lora_on_experts()
     assert sum(isinstance(m, peft.tuners.lora.layer.ParamWrapper) for m in model.modules()) == 6

@@ -2,6 +2,7 @@
 and a few steps through the compiled path."""
 
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -140,3 +141,23 @@ def test_merged_quality_runs_replace_their_pairs_and_resummarize():
     assert [(f["setting"], f["run"]) for f in results["failed"]] == [("other", 1), ("guard", 2)]
     sparse = next(s for s in results["summary"] if s["setting"] == "sparse")
     assert sparse["seeds"] == 2 and abs(sparse["heldout_delta"] - 0.1) < 1e-6  # seed 1 has no dense pair
+
+
+def test_skip_measured_leaves_out_the_runs_a_results_file_has(tmp_path, monkeypatch):
+    import json
+    results = tmp_path / "quality.json"
+    results.write_text(json.dumps({"rows": [_run("dense", 0, 1.0), _run("dense", 1, 1.1),
+                                            dict(_run("svd-0.5", 0, 2.0), steps=30)]}))
+    launched, run = [], quality.subprocess.run
+
+    def launch(cmd, **kwargs):  # the harness's runs are recorded, not run; other commands (git) run
+        if "--one" not in cmd:
+            return run(cmd, **kwargs)
+        launched.append(cmd)
+        return SimpleNamespace(returncode=1, stderr="not run")
+
+    monkeypatch.setattr(quality.subprocess, "run", launch)
+    quality.main(["--settings", "dense", "svd-0.5", "--seeds", "2", "--skip-measured", str(results),
+                  "--out", str(tmp_path / "out")])
+    runs = [(cmd[cmd.index("--one") + 1], int(cmd[cmd.index("--seed") + 1])) for cmd in launched]
+    assert sorted(runs) == [("svd-0.5", 0), ("svd-0.5", 1)]  # svd-0.5's seed 0 ran 30 steps, not 300
