@@ -91,7 +91,8 @@ def breakdown_section(breakdown: dict) -> str:
     return "\n\n".join([
         "## Where the step goes (`python -m benchmarks.step_breakdown`)",
         f"PyTorch profiler on the {breakdown['meta']['device']}, without CUDA graphs: GPU ms per step in each part, "
-        "and in brackets the part's limit (its least FLOPs at the GPU's bf16 GEMM rate).",
+        "and in brackets the part's limit (its least FLOPs at the GPU's bf16 GEMM rate)."
+        + (f" {breakdown['meta']['what']}" if breakdown["meta"].get("what") else ""),
         markdown_table(["case", "variant", "kernels ms", *PARTS], table)])
 
 
