@@ -225,12 +225,14 @@ class Case:
     seq: int
     layers: Optional[int] = None  # fewer decoder layers than the published model (to fit the GPU)
     checkpointing: bool = False   # Hugging Face's gradient checkpointing (non-reentrant) on every layer
+    layer_breaks: bool = False    # a Dynamo graph break before every decoder layer: one graph per layer
 
     @property
     def name(self) -> str:
         layers = f" ({self.layers} layers)" if self.layers else ""
         checkpointing = " checkpointing" if self.checkpointing else ""
-        return f"{self.model}{layers} {self.method} {self.batch}x{self.seq}{checkpointing}"
+        breaks = " layer-breaks" if self.layer_breaks else ""
+        return f"{self.model}{layers} {self.method} {self.batch}x{self.seq}{checkpointing}{breaks}"
 
 
 @dataclass
@@ -277,9 +279,26 @@ def build(case: Case, variant: Variant, device: str, dtype=torch.bfloat16):
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if case.checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if case.layer_breaks:
+        for layer in decoder_layers(base):
+            layer.register_forward_pre_hook(_graph_break)
     if getattr(base, "loss_type", None) is None:  # GPT-2: transformers' warning would break the graph
         base.loss_type = "ForCausalLM"
     return model.train()
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The model's stack of decoder layers: its ``ModuleList`` of ``num_hidden_layers`` modules."""
+    n = model.config.num_hidden_layers
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
+            return module
+    raise ValueError(f"{type(model).__name__} has no ModuleList of its {n} decoder layers")
+
+
+def _graph_break(module, args):
+    """What transformers' per-layer graph breaks look like to Dynamo (OPT on some 5.x releases)."""
+    torch._dynamo.graph_break()
 
 
 @contextlib.contextmanager
@@ -427,7 +446,7 @@ def run_case(case: Case, variant_list: Sequence[Variant], device: str, steps: in
         if progress is not None:
             progress.set_postfix_str(f"{case.name} {v.name}")
         row = dict(case=case.name, model=case.model, method=case.method, batch=case.batch, seq=case.seq,
-                   layers=layers, checkpointing=case.checkpointing,
+                   layers=layers, checkpointing=case.checkpointing, layer_breaks=case.layer_breaks,
                    tokens=case.batch * case.seq, dtype="bfloat16", variant=v.name,
                    mlp_density=v.mlp_density, attn_density=v.attn_density, tf32=v.tf32,
                    adapters="fp32" if v.adapters_fp32 else "bf16", cudagraphs=v.cudagraphs)
@@ -454,7 +473,8 @@ def add_adapter_shares(rows: List[dict]) -> None:
     """``adapter_share = 1 - ms(norms) / ms(lora)`` on each LoRA row with a ``norms`` row of the
     same model, shape and variant: the share of the step that LoRA's adapters add."""
     def same(r):
-        return r["model"], r["layers"], r["batch"], r["seq"], r.get("checkpointing", False), r["variant"]
+        return (r["model"], r["layers"], r["batch"], r["seq"], r.get("checkpointing", False),
+                r.get("layer_breaks", False), r["variant"])
 
     norms = {same(r): r["ms"] for r in rows if r["method"] == "norms" and "ms" in r}
     for r in rows:
@@ -585,6 +605,9 @@ def add_arguments(parser) -> None:
                         help="build the models with this many decoder layers (default: all)")
     parser.add_argument("--checkpointing", action="store_true",
                         help="gradient checkpointing (non-reentrant) on every decoder layer, every variant")
+    parser.add_argument("--layer-breaks", action="store_true",
+                        help="each case also with a Dynamo graph break before every decoder layer (what such "
+                             "breaks cost: the two rows side by side)")
     parser.add_argument("--densities", nargs="+", type=float, default=[1.0, 0.5, 0.25, 0.15])
     parser.add_argument("--attn-densities", nargs="+", type=float, default=[1.0],
                         help="attention densities of the lecompile variants (1.0: dense attention)")
@@ -622,8 +645,9 @@ def run(args) -> dict:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.layers is not None and args.layers < 1:
         raise ValueError(f"--layers must be >= 1, got {args.layers}")
-    cases = [Case(m, meth, *SHAPES[s], layers=args.layers, checkpointing=args.checkpointing)
-             for m in args.models for meth in args.methods for s in args.shapes]
+    cases = [Case(m, meth, *SHAPES[s], layers=args.layers, checkpointing=args.checkpointing, layer_breaks=breaks)
+             for m in args.models for meth in args.methods for s in args.shapes
+             for breaks in ((False, True) if args.layer_breaks else (False,))]
     settings = LongExposureConfig.parse_settings(args.set)
     inductor_options = parse_inductor_options(args.inductor_option)
     vs = variants(args.densities, args.predictor, args.granularity, baselines=not args.no_baselines,

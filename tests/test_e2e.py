@@ -34,6 +34,17 @@ def test_moe_case_compiles_whole_with_the_experts_adapters_fused():
     assert lec["lora_linears_fused"] == 12  # per layer: q, k, v, o and the experts' gate_up and down
 
 
+def test_layer_breaks_case_compiles_a_graph_per_layer_and_still_rewrites_each():
+    case = e2e.Case("tiny-llama", "lora", 2, 32, layer_breaks=True)
+    chosen = [v for v in e2e.variants(densities=(1.0,)) if v.name in ("eager", "lecompile-d1")]
+    eager, lec = e2e.run_case(case, chosen, "cpu", steps=1, warmup=0)
+    assert "error" not in lec, lec.get("error")
+    assert case.name.endswith("layer-breaks") and lec["layer_breaks"] is True
+    assert lec["graphs_compiled"] > 2  # without the breaks: 1
+    assert lec["loss_matches_eager"] is True, (lec["loss_step1"], eager["loss_step1"])
+    assert lec["mlp_matched"] == 2 and lec["lora_linears_fused"] == 14  # 7 LoRA linears per layer, as unbroken
+
+
 def test_sparse_attention_variant_rewrites_attention(tmp_path):
     case = e2e.Case("tiny-llama", "lora", 2, 64)
     chosen = [v for v in e2e.variants(densities=(0.5,), baselines=False, attn_densities=(1.0, 0.5), attn_block=16)]
