@@ -12,7 +12,7 @@ from typing import List, Optional
 
 import torch
 import torch.fx as fx
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
 
 from . import calibration, ddp, peft_parameters
 from .cache import cacheable_functions
@@ -27,6 +27,10 @@ from .specialize import ShapeSpecialized, concrete_inputs, specialize, symbolic_
 from .warmup import WarmupSwitch, copy_graph, optimizer_steps
 
 log = logging.getLogger("lecompile")
+UNTRACEABLE_GROUPED_MM = (
+    "this graph calls transformers' grouped_mm fallback (MoE experts that are not bf16), whose backward in this "
+    "transformers release calls tolist(), which no backend can compile (Inductor neither): Dynamo runs the model "
+    "in pieces. Train the experts in bf16, or upgrade transformers (docs/troubleshooting.md)")
 _graph_ids = itertools.count()
 NO_LOSS = ("loss_budget: this graph returns no loss (the loss is computed outside the compiled model, or after a "
            "graph break), so its calibration steps train dense and its MLPs follow min_kept_mass as the graphs "
@@ -158,6 +162,16 @@ class LongExposureBackend:
                         "(docs/design-notes.md). Set LongExposureConfig(cudagraphs=True) (LECOMPILE_CUDAGRAPHS=1) or "
                         "torch.compile(..., mode=\"reduce-overhead\"); not with FSDP2 "
                         "(docs/training-stacks.md).", report.mlp_rewritten)
+        try:
+            return self._lower(gm, example_inputs, patches, config)
+        except DataDependentOutputException:
+            if _calls_untraceable_grouped_mm(gm):
+                report.notes.append(UNTRACEABLE_GROUPED_MM)
+                log.warning("lecompile: %s", UNTRACEABLE_GROUPED_MM)
+            raise
+
+    def _lower(self, gm: fx.GraphModule, example_inputs, patches: dict, config: LongExposureConfig):
+        """The rewritten graph through AOTAutograd and Inductor."""
         if not self.inductor:  # explain(): AOTAutograd as the real path runs it, without Inductor's codegen
             from torch._dynamo.backends.common import aot_autograd
             from torch._functorch.aot_autograd import make_boxed_func
@@ -281,3 +295,12 @@ def explain(model: torch.nn.Module, *args, config: Optional[LongExposureConfig] 
         raise RuntimeError("explain: Dynamo compiled no graph for this call (its recompile limit for "
                            "this model's forward may be reached); call torch._dynamo.reset() first")
     return backend.report
+
+
+def _calls_untraceable_grouped_mm(gm: fx.GraphModule) -> bool:
+    """Whether ``gm`` calls transformers' ``grouped_mm_fallback`` op of a release whose backward is
+    Python calling ``tolist()`` (its own backward op came later)."""
+    transformers_ops = getattr(torch.ops, "transformers", None)
+    if transformers_ops is None or hasattr(transformers_ops, "grouped_mm_fallback_backward"):
+        return False
+    return any(node.op == "call_function" and "grouped_mm_fallback" in str(node.target) for node in gm.graph.nodes)

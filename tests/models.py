@@ -26,8 +26,9 @@ VOCAB, HIDDEN, FFN, LAYERS, HEADS = 128, 64, 256, 2, 4
 #: Under torch.compile transformers runs fp32 experts through its ``grouped_mm_fallback`` op, whose
 #: backward called ``offs.tolist()`` (which no backend can trace, Inductor neither) until it became an
 #: op of its own: transformers 5.17 lacks it, 5.25 has it.
+FP32_MOE_COMPILES = hasattr(torch.ops.transformers, "grouped_mm_fallback_backward")
 needs_fp32_moe_compile = pytest.mark.skipif(
-    not hasattr(torch.ops.transformers, "grouped_mm_fallback_backward"),
+    not FP32_MOE_COMPILES,
     reason="this transformers cannot compile fp32 MoE experts (its grouped_mm fallback's backward calls tolist())")
 BATCH, SEQ = 2, 16
 MAX_POSITIONS = 256

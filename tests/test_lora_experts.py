@@ -7,7 +7,14 @@ import torch
 import lecompile
 from lecompile.ops.experts_first import experts_first
 
-from models import batch, gpt_oss_with_lora_on_experts, mixtral_with_lora_on_experts, needs_fp32_moe_compile, train_step
+from models import (
+    FP32_MOE_COMPILES,
+    batch,
+    gpt_oss_with_lora_on_experts,
+    mixtral_with_lora_on_experts,
+    needs_fp32_moe_compile,
+    train_step,
+)
 
 E, IN, OUT, R, SCALE = 3, 16, 24, 4, 2.0
 OFFSETS = torch.tensor([5, 5, 12], dtype=torch.int32)  # the second expert receives no token
@@ -85,6 +92,17 @@ def test_mixtral_experts_never_form_the_update(tmp_path):
         torch.testing.assert_close(grad, eager_grads[name], atol=2e-5, rtol=1e-4, msg=name)
     reasons = [u.reason for u in backend.report.unmatched]
     assert reasons and all("MoE block's routed experts" in r for r in reasons)
+
+
+@pytest.mark.skipif(FP32_MOE_COMPILES, reason="this transformers compiles fp32 MoE experts")
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_experts_no_backend_can_compile_are_named_in_the_report():
+    """transformers 5.17's fp32 experts: its grouped_mm fallback's backward calls tolist()."""
+    torch._dynamo.reset()
+    backend = lecompile.longexposure(lecompile.LongExposureConfig())
+    model = mixtral_with_lora_on_experts()
+    train_step(torch.compile(model, backend=backend), model, batch())
+    assert lecompile.backend.UNTRACEABLE_GROUPED_MM in backend.report.notes
 
 
 @needs_fp32_moe_compile
