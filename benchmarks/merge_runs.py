@@ -8,7 +8,8 @@ the recorded commit (a copied work tree records its stale ``.git``: ``<commit>-d
 end-to-end results the per-case ratios are recomputed, since a run cut short saved its rows before
 them. Ratios always compare rows of one run. Profiler breakdowns are appended with their run too.
 Quality results are keyed by (setting, seed): a new run's row replaces an older one of the same
-pair (the latest code's), the failures it measured are dropped, and the summary is recomputed over all rows.
+pair (the latest code's), the failures it measured are dropped, and the summary is recomputed over
+all rows.
 """
 
 from __future__ import annotations

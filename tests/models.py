@@ -22,6 +22,8 @@ from transformers import (
 )
 
 VOCAB, HIDDEN, FFN, LAYERS, HEADS = 128, 64, 256, 2, 4
+BATCH, SEQ = 2, 16
+MAX_POSITIONS = 256
 
 #: Under torch.compile transformers runs fp32 experts through its ``grouped_mm_fallback`` op, whose
 #: backward called ``offs.tolist()`` (which no backend can trace, Inductor neither) until it became an
@@ -30,8 +32,6 @@ FP32_MOE_COMPILES = hasattr(torch.ops.transformers, "grouped_mm_fallback_backwar
 needs_fp32_moe_compile = pytest.mark.skipif(
     not FP32_MOE_COMPILES,
     reason="this transformers cannot compile fp32 MoE experts (its grouped_mm fallback's backward calls tolist())")
-BATCH, SEQ = 2, 16
-MAX_POSITIONS = 256
 
 # (builder, LoRA targets, IA3 targets, IA3 feed-forward targets)
 ARCHS = {

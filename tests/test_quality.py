@@ -1,6 +1,7 @@
 """The quality harness (benchmarks/quality.py) on a tiny model: the task's labels, its metrics,
 and a few steps through the compiled path."""
 
+import json
 import re
 from types import SimpleNamespace
 
@@ -144,7 +145,6 @@ def test_merged_quality_runs_replace_their_pairs_and_resummarize():
 
 
 def test_skip_measured_leaves_out_the_runs_a_results_file_has(tmp_path, monkeypatch):
-    import json
     results = tmp_path / "quality.json"
     results.write_text(json.dumps({"rows": [_run("dense", 0, 1.0), _run("dense", 1, 1.1),
                                             dict(_run("svd-0.5", 0, 2.0), steps=30)]}))
