@@ -295,18 +295,24 @@ def train_run(base, task: Task, name: str, options: Optional[dict], steps: int, 
     compiled = torch.compile(model, backend=backend, dynamic=False)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     g = torch.Generator().manual_seed(seed)
-    losses, start = [], time.perf_counter()
+    losses, times = [], []
+    start = last = time.perf_counter()
     for _ in tqdm(range(steps), desc=f"{name} seed {seed}", leave=False):
         ids, labels = task.batch(g, batch_size)
         loss = compiled(input_ids=ids.to(device), labels=labels.to(device), use_cache=False).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(round(loss.item(), 4))
+        losses.append(round(loss.item(), 4))  # .item() waits for the step: times are whole steps
+        now = time.perf_counter()
+        times.append(now - last)
+        last = now
     seconds = time.perf_counter() - start
     kept = 1.0 if config is None else kept_mlp(backend, config)
     return {"setting": name, "seed": seed, "steps": steps, "options": _jsonable(options), "kept_mlp": round(kept, 4),
             "step1_loss": losses[0], "train_seconds": round(seconds, 1),
+            # train_seconds - steps * median_step_seconds: about what compiling took
+            "median_step_seconds": round(statistics.median(times), 4),
             **{k: round(v, 5) for k, v in evaluate(model, task, device).items()}, "losses": losses}
 
 

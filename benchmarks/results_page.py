@@ -63,7 +63,9 @@ def e2e_section(e2e: dict) -> str:
              "density>][-cg]`. Density 1.0 is exact (loss at step 1 equal to eager's, `loss ok`); sparse rows are "
              "*set* densities whose quality cost is under Quality below, not quality-checked ones. `of limit`: the "
              "step's physical limit (its base GEMMs and attention at the GPU's bf16 GEMM rate) over the step time, "
-             "where the run recorded it; `compile s`: the first step."]
+             "where the run recorded it; `compile s`: the first step (the variants of a case compile one after "
+             "another in one process and share Inductor's and Triton's caches, so a later variant may reuse kernels "
+             "an earlier one built: these are not cold-compile times)."]
     order = sorted(e2e_latest(e2e).items(), key=lambda kv: kv[0] != "NVIDIA H200")
     for device, cases in order:
         parts.append(f"### {device}")

@@ -95,6 +95,7 @@ def test_a_few_steps_through_the_compiled_path():
     assert len(run["losses"]) == 4 and run["seed"] == 0 and run["steps"] == 4
     dense = quality.train_run(tiny_llama(), task, "dense", None, steps=4, seed=0, batch_size=2, lr=1e-3, device="cpu")
     assert dense["kept_mlp"] == 1.0 and dense["step1_loss"] == run["step1_loss"]  # step 1 is the dense warm-up
+    assert 0 < 4 * dense["median_step_seconds"] < dense["train_seconds"]  # its first step compiled
     summary = {s["setting"]: s for s in quality.summarize([run, dense])}
     assert summary["dense"]["heldout_delta"] == 0.0 and not summary["dense"]["passes"]  # one seed
 
