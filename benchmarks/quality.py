@@ -24,6 +24,11 @@ the number of settings is the fastest); the seed sets the LoRA initialization an
 share of MLP neuron-tokens computed over the run, dense steps (warm-up, calibration) included.
 Writes ``quality.json`` (``quality_recall.json`` for the recall task: a row per run, and a summary
 per setting: mean, spread, change against dense) and its plot.
+
+``--warm-caches`` compiles each setting's graphs on a random-init model of SmolLM2's architecture
+(no model file needed) and writes nothing else: a later run of the real model on the same machine
+starts from Inductor's caches instead of compiling for minutes (a device call that cannot carry
+the whole model yet can warm them for the next one).
 """
 
 from __future__ import annotations
@@ -57,6 +62,13 @@ RECALL_SECTIONS = 8
 RECALL_TOKENS = 32
 #: Each task's row length unless ``--seq-len`` says otherwise.
 SEQ_LEN = {"mixed": 256, "recall": 4096}
+#: SmolLM2-135M-Instruct's architecture as its GGUF loads (the norm epsilon is the file's float32
+#: value): :func:`warm_run` builds a random-init copy with the real model's graphs.
+SMOLLM2_CONFIG = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                      num_attention_heads=9, num_key_value_heads=3, head_dim=64, hidden_act="silu",
+                      max_position_embeddings=8192, rms_norm_eps=9.999999747378752e-06, tie_word_embeddings=True,
+                      rope_parameters={"rope_theta": 100000.0, "rope_type": "default"}, attention_bias=False,
+                      mlp_bias=False, bos_token_id=1, eos_token_id=2, pad_token_id=2)
 #: Passing: mean held-out answer loss within this of dense LoRA's (relative).
 BUDGET = 0.01
 #: Passing also takes at least this many seeds, each compared with dense LoRA's run of the same seed.
@@ -408,9 +420,39 @@ def device_files(folder: Path, part_mib: int = 60) -> List[Path]:
     return parts
 
 
+def random_task(vocab_size: int, seq_len: int, rows: int = 16) -> Task:
+    """Random token rows shaped like the real task's (labels on the last :data:`ANSWER_TOKENS`)."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(vocab_size, (rows, seq_len), generator=g)
+    labels = ids.clone()
+    labels[:, :seq_len - ANSWER_TOKENS] = -100
+    return Task(pools=((ids, labels),), heldout=(ids[:2], labels[:2]), answers=[(0, seq_len - ANSWER_TOKENS, seq_len)])
+
+
+def warm_run(base, name: str, options: Optional[dict], batch_size: int, seq_len: int, device) -> int:
+    """Train ``base`` on random rows through setting ``name`` just long enough to compile the graphs
+    its run trains through (past the dense warm-up, into the sparse form's backward), so that a run
+    of the real model in another process on this machine finds them in Inductor's caches: the
+    weights are inputs of the graphs, not part of their cache keys. Returns the steps it ran."""
+    import lecompile
+    steps = 2 if options is None else lecompile.LongExposureConfig.create(**options).dense_warmup_steps + 2
+    train_run(base, random_task(base.config.vocab_size, seq_len), name, options, steps, 0, batch_size, 2e-4, device)
+    return steps
+
+
 def _one(args) -> None:
     """Run one (setting, seed) and write its JSON (the worker process of :func:`main`)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.warm_caches:
+        from transformers import LlamaConfig, LlamaForCausalLM
+        torch.manual_seed(0)
+        with torch.device(device):
+            base = LlamaForCausalLM(LlamaConfig(**SMOLLM2_CONFIG, dtype=torch.bfloat16 if device == "cuda"
+                                                else torch.float32))
+        steps = warm_run(base, args.one, settings(args.steps, args.task)[args.one], args.batch_size, args.seq_len,
+                         device)
+        Path(args.result).write_text(json.dumps({"setting": args.one, "warm_steps": steps}) + "\n")
+        return
     base, tokenizer = load_model(dtype=torch.bfloat16 if device == "cuda" else torch.float32)
     task = TASKS[args.task](tokenizer, args.seq_len)
     result = train_run(base, task, args.one, settings(args.steps, args.task)[args.one], args.steps, args.seed,
@@ -433,6 +475,9 @@ def main(argv=None):
     parser.add_argument("--skip-measured", type=Path, metavar="RESULTS",
                         help="leave out the (setting, seed) runs this results file already has at --steps (a device "
                              "call's time goes to the runs still missing; merge with benchmarks.merge_runs)")
+    parser.add_argument("--warm-caches", action="store_true",
+                        help="compile each setting's graphs on a random-init model of SmolLM2's shape (no model "
+                             "file needed) and exit: a later run on this machine starts from Inductor's caches")
     parser.add_argument("--device-files", type=Path, metavar="DIR",
                         help="write the model in parts a device call can carry, and the gguf package, into DIR; "
                              "then exit (see device_files())")
@@ -452,7 +497,7 @@ def main(argv=None):
     unknown = sorted(set(names) - set(known))
     if unknown:
         parser.error(f"unknown settings {unknown} for --task {args.task}; choose from {list(known)}")
-    jobs = [(name, seed) for seed in range(args.seeds) for name in names]
+    jobs = [(name, seed) for seed in range(1 if args.warm_caches else args.seeds) for name in names]
     if args.skip_measured:
         jobs = [job for job in jobs if job not in measured(args.skip_measured, args.steps)]
     runs, failed = [], []
@@ -462,7 +507,8 @@ def main(argv=None):
             result = Path(tmp) / f"{name}-{seed}.json"
             cmd = [sys.executable, "-m", "benchmarks.quality", "--one", name, "--seed", str(seed), "--task",
                    args.task, "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--seq-len",
-                   str(args.seq_len), "--lr", str(args.lr), "--result", str(result)]
+                   str(args.seq_len), "--lr", str(args.lr), "--result", str(result)] + (
+                ["--warm-caches"] if args.warm_caches else [])
             # Runs share the machine's cores for compiling; seeds after the first of a setting hit the caches.
             env = {**os.environ, "TORCHINDUCTOR_COMPILE_THREADS": str(max(1, (os.cpu_count() or 1) // args.jobs))}
             done = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -471,10 +517,16 @@ def main(argv=None):
                 failed.append({"setting": name, "seed": seed, "error": done.stderr[-2000:]})
                 return
             runs.append(json.loads(result.read_text()))
-            _write(args, runs, failed)
+            if not args.warm_caches:
+                _write(args, runs, failed)
 
         with ThreadPoolExecutor(args.jobs) as pool:
             list(pool.map(launch, jobs))
+    if args.warm_caches:
+        for f in failed:
+            print(f"FAILED {f['setting']}:\n{f['error']}", file=sys.stderr)
+        print("warm:", ", ".join(f"{r['setting']} ({r['warm_steps']} steps)" for r in runs))
+        return 1 if failed else 0
     path = _write(args, runs, failed)
     for s in summarize(runs):
         print(f"{s['setting']:24s} kept {s['kept_mlp']:.3f}  held-out {s['heldout_loss']:.4f} "
@@ -511,4 +563,4 @@ def _write(args, runs: List[dict], failed: List[dict]) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -63,8 +63,8 @@ def eval_problem(question):
     return numbers[0] * numbers[1]
 
 
-def tiny_llama():
-    torch.manual_seed(0)
+def tiny_llama(seed: int = 0):
+    torch.manual_seed(seed)
     return LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=256, num_hidden_layers=4,
                                         num_attention_heads=4, num_key_value_heads=2))
 
@@ -162,3 +162,20 @@ def test_skip_measured_leaves_out_the_runs_a_results_file_has(tmp_path, monkeypa
                   "--out", str(tmp_path / "out")])
     runs = [(cmd[cmd.index("--one") + 1], int(cmd[cmd.index("--seed") + 1])) for cmd in launched]
     assert sorted(runs) == [("svd-0.5", 0), ("svd-0.5", 1)]  # svd-0.5's seed 0 ran 30 steps, not 300
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("setting", ["dense", "svd-0.5"])
+def test_a_warm_run_compiles_what_a_run_of_other_weights_then_finds_cached(setting, monkeypatch, tmp_path):
+    from torch._dynamo.utils import counters
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    options = quality.settings(300)[setting]
+    options = None if options is None else dict(options, k_align=64)
+    assert quality.warm_run(tiny_llama(), setting, options, batch_size=2, seq_len=128, device="cpu") == 2
+    assert counters["inductor"]["fxgraph_cache_miss"] >= 1  # it compiled
+    task = quality.build_task(ByteTokenizer(), seq_len=128, arithmetic_train_rows=4, heldout_passages=2,
+                              heldout_arithmetic=2)
+    quality.train_run(tiny_llama(seed=1), task, setting, options, steps=2, seed=3, batch_size=2, lr=1e-3,
+                      device="cpu")
+    assert counters["aot_autograd"]["autograd_cache_hit"] >= 1, dict(counters["aot_autograd"])
+    assert counters["inductor"]["fxgraph_cache_miss"] == 0, dict(counters["inductor"])
