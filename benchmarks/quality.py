@@ -68,7 +68,7 @@ SMOLLM2_CONFIG = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
                       num_attention_heads=9, num_key_value_heads=3, head_dim=64, hidden_act="silu",
                       max_position_embeddings=8192, rms_norm_eps=9.999999747378752e-06, tie_word_embeddings=True,
                       rope_parameters={"rope_theta": 100000.0, "rope_type": "default"}, attention_bias=False,
-                      mlp_bias=False, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+                      mlp_bias=False, bos_token_id=1, eos_token_id=2, pad_token_id=2, unk_token_id=0)
 #: Passing: mean held-out answer loss within this of dense LoRA's (relative).
 BUDGET = 0.01
 #: Passing also takes at least this many seeds, each compared with dense LoRA's run of the same seed.
@@ -443,17 +443,16 @@ def warm_run(base, name: str, options: Optional[dict], batch_size: int, seq_len:
 def _one(args) -> None:
     """Run one (setting, seed) and write its JSON (the worker process of :func:`main`)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if args.warm_caches:
-        from transformers import LlamaConfig, LlamaForCausalLM
+        from transformers import AutoModelForCausalLM, LlamaConfig
         torch.manual_seed(0)
-        with torch.device(device):
-            base = LlamaForCausalLM(LlamaConfig(**SMOLLM2_CONFIG, dtype=torch.bfloat16 if device == "cuda"
-                                                else torch.float32))
+        base = AutoModelForCausalLM.from_config(LlamaConfig(**SMOLLM2_CONFIG), dtype=dtype)
         steps = warm_run(base, args.one, settings(args.steps, args.task)[args.one], args.batch_size, args.seq_len,
                          device)
         Path(args.result).write_text(json.dumps({"setting": args.one, "warm_steps": steps}) + "\n")
         return
-    base, tokenizer = load_model(dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+    base, tokenizer = load_model(dtype=dtype)
     task = TASKS[args.task](tokenizer, args.seq_len)
     result = train_run(base, task, args.one, settings(args.steps, args.task)[args.one], args.steps, args.seed,
                        args.batch_size, args.lr, device)

@@ -179,3 +179,24 @@ def test_a_warm_run_compiles_what_a_run_of_other_weights_then_finds_cached(setti
                       device="cpu")
     assert counters["aot_autograd"]["autograd_cache_hit"] >= 1, dict(counters["aot_autograd"])
     assert counters["inductor"]["fxgraph_cache_miss"] == 0, dict(counters["inductor"])
+
+
+@pytest.mark.slow
+def test_warm_runs_build_smollm2_as_its_model_file_loads():
+    """What makes warm_run's caches the real model's: the same parameters and buffers (names,
+    dtypes, shapes, strides), tied head and attention kernel. Needs the model file already cached."""
+    from examples import data
+    if not (data.cache_dir() / data.SMOLLM2_GGUF).is_file():
+        pytest.skip("the SmolLM2 GGUF is not cached here (python -m examples.demo fetches it)")
+    from transformers import AutoModelForCausalLM
+
+    def layout(model):
+        return ({n: (t.dtype, t.shape, t.stride(), t.requires_grad) for n, t in model.named_parameters()},
+                {n: (t.dtype, t.shape, t.stride()) for n, t in model.named_buffers()},
+                model.config._attn_implementation, model.lm_head.weight is model.model.embed_tokens.weight)
+
+    real, _ = data.load_model(dtype=torch.bfloat16)
+    warm = AutoModelForCausalLM.from_config(LlamaConfig(**quality.SMOLLM2_CONFIG), dtype=torch.bfloat16)
+    assert layout(warm) == layout(real)
+    public = lambda model: {k: v for k, v in model.config.to_dict().items() if not k.startswith("_")}  # noqa: E731
+    assert public(warm) == public(real)
