@@ -35,11 +35,6 @@ PARALLELISMS = {"none": tuple(dict.fromkeys(CUDA_GRAPHS + NO_CUDA_GRAPHS)), "ddp
                 "ddp-split": ("inductor", "lecompile-d0.25-cg"), "fsdp2": NO_CUDA_GRAPHS}
 
 
-def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The model's stack of decoder layers: its longest ``ModuleList``."""
-    return max((m for m in model.modules() if isinstance(m, torch.nn.ModuleList)), key=len)
-
-
 def wrapper(parallelism: str, device: str):
     """How each rank wraps its model before compiling."""
     if parallelism.startswith("ddp"):
@@ -55,7 +50,7 @@ def wrapper(parallelism: str, device: str):
         from torch.distributed.fsdp import fully_shard
 
         def wrap(model):
-            for layer in decoder_layers(model):
+            for layer in e2e.decoder_layers(model):
                 fully_shard(layer)
             return fully_shard(model)
     return wrap

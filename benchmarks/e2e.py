@@ -288,12 +288,8 @@ def build(case: Case, variant: Variant, device: str, dtype=torch.bfloat16):
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The model's stack of decoder layers: its ``ModuleList`` of ``num_hidden_layers`` modules."""
-    n = model.config.num_hidden_layers
-    for module in model.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
-            return module
-    raise ValueError(f"{type(model).__name__} has no ModuleList of its {n} decoder layers")
+    """The model's stack of decoder layers: its longest ``ModuleList``."""
+    return max((m for m in model.modules() if isinstance(m, torch.nn.ModuleList)), key=len)
 
 
 def _graph_break(module, args):

@@ -498,7 +498,8 @@ def main(argv=None):
         parser.error(f"unknown settings {unknown} for --task {args.task}; choose from {list(known)}")
     jobs = [(name, seed) for seed in range(1 if args.warm_caches else args.seeds) for name in names]
     if args.skip_measured:
-        jobs = [job for job in jobs if job not in measured(args.skip_measured, args.steps)]
+        done = measured(args.skip_measured, args.steps)
+        jobs = [job for job in jobs if job not in done]
     runs, failed = [], []
     with tempfile.TemporaryDirectory() as tmp, tqdm(total=len(jobs), desc="runs") as bar:
         def launch(job):
