@@ -395,11 +395,11 @@ def plot(summary: List[dict], runs: List[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def device_files(folder: Path, part_mib: int = 60) -> List[Path]:
+def device_files(folder: Path, part_mib: int = 54) -> List[Path]:
     """What a GPU machine without network needs for the harness, in pieces a device call can carry
-    (64 MiB each): the SmolLM2 GGUF cut into ``folder/smol/part_NN`` (join them with ``cat`` into
-    ``$LECOMPILE_CACHE/SmolLM2-135M-Instruct.Q4_1.gguf``), and the ``gguf`` package with its
-    metadata under ``folder/site`` (put it on ``PYTHONPATH``)."""
+    (64 MiB with the work tree, about 4 MiB): the SmolLM2 GGUF cut into ``folder/smol/part_NN``
+    (join them with ``cat`` into ``$LECOMPILE_CACHE/SmolLM2-135M-Instruct.Q4_1.gguf``), and the
+    ``gguf`` package with its metadata under ``folder/site`` (put it on ``PYTHONPATH``)."""
     import importlib.metadata
     import shutil
 
