@@ -14,6 +14,8 @@ import lecompile
 from lecompile import LongExposureConfig
 from lecompile.passes import LAYER_GRAPH
 
+from models import needs_opt_one_graph
+
 SPARSE_HALF = LongExposureConfig(mlp_density=0.5)
 
 
@@ -557,7 +559,7 @@ def saved_bytes_and_grads(model, inputs, config):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["opt", "gpt2", "llama", "qwen2"])
+@pytest.mark.parametrize("arch", [pytest.param("opt", marks=needs_opt_one_graph), "gpt2", "llama", "qwen2"])
 def test_layer_norms_keep_their_output_with_the_same_gradients(arch):
     """Layer norms (OPT, GPT-2) and Hugging Face's decomposed RMS norms (LLaMA, Qwen2)."""
     from models import batch, tiny_model
@@ -598,6 +600,7 @@ def test_rms_norms_with_a_zero_weight_or_trainable_keep_their_input():
 
 
 @pytest.mark.slow
+@needs_opt_one_graph
 def test_layer_norms_with_large_biases_or_trainable_keep_their_input():
     from models import batch, tiny_model
 
