@@ -3,11 +3,14 @@ every benchmark writes (see ``BENCHMARKS.md``): ``{"meta", "rows"}``."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Dict, Iterator, List
 
 import torch
 
@@ -39,6 +42,37 @@ def meta(benchmark: str, command: str, **extra) -> dict:
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "torch": torch.__version__, "triton": triton_version, "git_commit": commit,
             "date": datetime.date.today().isoformat(), "command": command, **extra}
+
+
+@contextlib.contextmanager
+def autotuning() -> Iterator[Dict[str, List[float]]]:
+    """Time Triton's autotuner spends inside the block compiling and timing the configs of kernels
+    not tuned before (a key found in Triton's disk cache costs nothing): yields ``{kernel name:
+    [seconds, configs timed]}``, filled as the block runs. A first step's time less this is what
+    Dynamo, AOTAutograd and Inductor took, plus kernels compiled without autotuning."""
+    try:
+        from triton.runtime.autotuner import Autotuner
+    except ImportError:
+        yield {}
+        return
+    spent: Dict[str, List[float]] = {}
+    bench = Autotuner._bench
+
+    def timed(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return bench(self, *args, **kwargs)
+        finally:
+            fn = getattr(self, "base_fn", self.fn)
+            entry = spent.setdefault(getattr(fn, "__name__", repr(fn)), [0.0, 0])
+            entry[0] += time.perf_counter() - start
+            entry[1] += 1
+
+    Autotuner._bench = timed
+    try:
+        yield spent
+    finally:
+        Autotuner._bench = bench
 
 
 def write_results(name: str, data: dict, folder: Path = RESULTS) -> Path:

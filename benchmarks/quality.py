@@ -51,7 +51,7 @@ from typing import Dict, List, Optional
 import torch
 from tqdm.auto import tqdm
 
-from benchmarks.common import RESULTS, command_line, meta, write_results
+from benchmarks.common import RESULTS, autotuning, command_line, meta, write_results
 from examples.data import load_model, pydoc_text
 from examples.demo import lora_model
 
@@ -309,22 +309,25 @@ def train_run(base, task: Task, name: str, options: Optional[dict], steps: int, 
     g = torch.Generator().manual_seed(seed)
     losses, times = [], []
     start = last = time.perf_counter()
-    for _ in tqdm(range(steps), desc=f"{name} seed {seed}", leave=False):
-        ids, labels = task.batch(g, batch_size)
-        loss = compiled(input_ids=ids.to(device), labels=labels.to(device), use_cache=False).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(round(loss.item(), 4))  # .item() waits for the step: times are whole steps
-        now = time.perf_counter()
-        times.append(now - last)
-        last = now
+    with autotuning() as tuned:
+        for _ in tqdm(range(steps), desc=f"{name} seed {seed}", leave=False):
+            ids, labels = task.batch(g, batch_size)
+            loss = compiled(input_ids=ids.to(device), labels=labels.to(device), use_cache=False).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(round(loss.item(), 4))  # .item() waits for the step: times are whole steps
+            now = time.perf_counter()
+            times.append(now - last)
+            last = now
     seconds = time.perf_counter() - start
     kept = 1.0 if config is None else kept_mlp(backend, config)
     return {"setting": name, "seed": seed, "steps": steps, "options": _jsonable(options), "kept_mlp": round(kept, 4),
             "step1_loss": losses[0], "train_seconds": round(seconds, 1),
-            # train_seconds - steps * median_step_seconds: about what compiling took
+            # train_seconds - steps * median_step_seconds: about what compiling took, autotune_s of it
+            # in Triton's autotuner
             "median_step_seconds": round(statistics.median(times), 4),
+            "autotune_s": round(sum(seconds for seconds, _ in tuned.values()), 1),
             **{k: round(v, 5) for k, v in evaluate(model, task, device).items()}, "losses": losses}
 
 

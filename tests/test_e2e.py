@@ -20,6 +20,7 @@ def test_run_case_records_ratios_and_checks_loss(tmp_path):
     assert lec["loss_matches_eager"] is True, (lec["loss_step1"], eager["loss_step1"])
     assert lec["speedup_vs_eager"] == pytest.approx(eager["ms"] / lec["ms"], rel=1e-2)
     assert lec["lora_linears_fused"] > 0 and lec["mlp_matched"] == 2
+    assert lec["autotune_s"] == 0.0 and lec["autotune"] == {}  # the CPU runs no Triton kernel
     e2e.plot(rows, tmp_path / "e2e.png")
     assert (tmp_path / "e2e.png").stat().st_size > 0
     json.dumps(rows)  # the results file takes them as they are
