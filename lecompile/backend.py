@@ -12,6 +12,7 @@ from typing import List, Optional
 
 import torch
 import torch.fx as fx
+from torch._dynamo.utils import dynamo_timed
 from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
 
 from . import calibration, ddp, peft_parameters
@@ -144,8 +145,9 @@ class LongExposureBackend:
         config = config or self.config
         dump_dir = self.config.resolved_dump_dir()
         before = gm.code if dump_dir else None
-        report = run_passes(gm, example_inputs, config, dense_warmup=dense_warmup, module_training=module_training,
-                            guard=self.guard.key if self.guard is not None and dense_warmup else -1)
+        with dynamo_timed("lecompile_passes"):  # in torch._dynamo.utils.compile_times(), beside Inductor's phases
+            report = run_passes(gm, example_inputs, config, dense_warmup=dense_warmup, module_training=module_training,
+                                guard=self.guard.key if self.guard is not None and dense_warmup else -1)
         if self.guard is not None:
             report.guard = list(self.guard.changes)
         self.reports.append(report)

@@ -10,7 +10,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 import torch.fx as fx
-from torch._dynamo.utils import counters
+from torch._dynamo.utils import counters, dynamo_timed
 
 from ..ops import sparse_mlp  # noqa: F401  (registers torch.ops.lecompile.sparse_mlp)
 from ..ops.adapted_linear import SLOTS, AdaptedLinear, pack_mlp
@@ -149,9 +149,10 @@ def _fill_weight_caches(ctx, mlp: MLPMatch) -> None:
     fc1, up, fc2 = value(mlp.fc1), value(mlp.up), value(mlp.fc2)
     if fc1 is None or fc2 is None or (mlp.up is not None and up is None):
         return
-    prepare_predictor(ctx.config.predictor, [w for w in (fc1, up) if w is not None], ctx.config.tuning.svd_rank)
-    if kernel_impl is not None and fc2.is_cuda:
-        kernel_impl.prepare(fc1, up, fc2)
+    with dynamo_timed("lecompile_weight_caches"):
+        prepare_predictor(ctx.config.predictor, [w for w in (fc1, up) if w is not None], ctx.config.tuning.svd_rank)
+        if kernel_impl is not None and fc2.is_cuda:
+            kernel_impl.prepare(fc1, up, fc2)
 
 
 def _observe(graph: fx.Graph, mlp: MLPMatch, cfg, group_size: int, layer: Optional[int], density: float,

@@ -1,0 +1,204 @@
+"""Compile time of a training step, cold and warm: lecompile against Inductor.
+
+    python -m benchmarks.compile_time --models qwen2-1.5b --variants inductor inductor-bf16-adapters-cg \\
+        lecompile-d1 lecompile-d1-cg lecompile-d0.25-cg
+
+Each (case, variant) of :mod:`benchmarks.e2e` compiles in two fresh processes that share a cache
+directory of their own (``TORCHINDUCTOR_CACHE_DIR``, ``TRITON_CACHE_DIR``, nothing from other
+variants or earlier runs): the first starts cold, the second warm, as a second run of the same
+training script on the same machine would. Each process times the first training step (forward,
+backward, AdamW: everything compiles there) and breaks it into phases from
+``torch._dynamo.utils.compile_times()``: Dynamo's tracing, lecompile's passes and the frozen-weight
+caches they fill (predictor factors, neuron-major copies), AOTAutograd's joint graph and
+partition, Inductor's compiles (forward and backward), and the part Triton's autotuner took. Rows
+carry both processes' seconds, the warm process's cache hits, and the cold compile over the
+same case's ``inductor`` and strongest (``inductor-bf16-adapters-cg``) rows when they ran.
+Writes ``compile_time.json`` and ``compile_time.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import List, Sequence, Tuple
+
+import torch
+
+from benchmarks.common import RESULTS, autotuning, command_line, meta, write_results
+
+#: ``torch._dynamo.utils.compile_times()`` keys summed into each phase of a row.
+PHASES = {
+    "dynamo": ("bytecode_tracing",),
+    "lecompile_passes": ("lecompile_passes",),
+    "lecompile_weight_caches": ("lecompile_weight_caches",),
+    "aot": ("aot_trace_joint_graph", "min_cut_rematerialization_partition"),
+    "inductor": ("compile_fx_inner",),
+}
+#: Cache counters of the warm process (``torch._dynamo.utils.counters``), by group.
+CACHE_COUNTERS = {"aot_autograd": ("autograd_cache_hit", "autograd_cache_miss"),
+                  "inductor": ("fxgraph_cache_hit", "fxgraph_cache_miss")}
+STRONGEST = "inductor-bf16-adapters-cg"
+
+
+def first_step(model: str, variant: str, shape: str, layers, device: str) -> dict:
+    """Build ``model`` as :mod:`benchmarks.e2e` does, run one training step through ``variant``,
+    and return its seconds, phases and cache counters (this process's caches as they are)."""
+    from torch._dynamo.utils import compilation_time_metrics, counters
+
+    from benchmarks import e2e
+    chosen = {v.name: v for v in e2e.variants(densities=_densities(variant), cudagraphs=variant.endswith("-cg"))}
+    if variant not in chosen:
+        raise ValueError(f"unknown variant {variant!r}; choose from {sorted(chosen)}")
+    case = e2e.Case(model, "lora", *parse_shape(shape), layers=layers)
+    step = e2e.training_step(case, chosen[variant], device)
+    start = time.perf_counter()
+    with autotuning() as tuned:
+        loss = step().item()  # .item() waits for the GPU
+    seconds = time.perf_counter() - start
+    phases = {name: round(sum(sum(compilation_time_metrics.get(key, [])) for key in keys), 2)
+              for name, keys in PHASES.items()}
+    phases["autotune"] = round(sum(s for s, _ in tuned.values()), 2)
+    caches = {name: counters[group][name] for group, names in CACHE_COUNTERS.items() for name in names}
+    return {"first_step_s": round(seconds, 2), "phases": phases, "caches": caches, "loss_step1": round(loss, 5)}
+
+
+def parse_shape(shape: str) -> Tuple[int, int]:
+    """``"8x512"`` as ``(8, 512)``: sequences per step and tokens per sequence."""
+    batch, _, seq = shape.partition("x")
+    if not (batch.isdigit() and seq.isdigit() and int(batch) > 0 and int(seq) > 0):
+        raise ValueError(f"shape {shape!r} is not BATCHxSEQ with two positive integers (e.g. 8x512)")
+    return int(batch), int(seq)
+
+
+def _densities(variant: str) -> List[float]:
+    """The MLP density a ``lecompile-d<density>[-...]`` name asks for (1.0 for other names)."""
+    head = variant[len("lecompile-d"):].split("-")[0] if variant.startswith("lecompile-d") else ""
+    try:
+        return [float(head)]
+    except ValueError:
+        return [1.0]
+
+
+def measure(model: str, variant: str, shape: str, layers, device: str, timeout: float) -> dict:
+    """The cold and the warm process of one (case, variant), sharing a fresh cache directory."""
+    row = {"model": model, "layers": layers, "shape": shape, "variant": variant}
+    with tempfile.TemporaryDirectory(prefix="lecompile-compile-time-") as cache:
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, TRITON_CACHE_DIR=str(Path(cache) / "triton"))
+        env.pop("TORCHINDUCTOR_FORCE_DISABLE_CACHES", None)
+        for run in ("cold", "warm"):
+            cmd = [sys.executable, "-m", "benchmarks.compile_time", "--one", model, variant, "--shapes", shape,
+                   "--device", device] + (["--layers", str(layers)] if layers else [])
+            try:
+                done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
+                                      cwd=Path(__file__).parent.parent)
+            except subprocess.TimeoutExpired:
+                row["error"] = f"{run} process ran past {timeout:g} s"
+                return row
+            if done.returncode != 0:
+                row["error"] = f"{run} process failed: {done.stderr.strip().splitlines()[-1:] or done.returncode}"
+                return row
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            row[f"{run}_s"] = result["first_step_s"]
+            row[f"{run}_phases"] = result["phases"]
+            row[f"{run}_loss_step1"] = result["loss_step1"]
+            if run == "warm":
+                row["warm_caches"] = result["caches"]
+    return row
+
+
+def add_ratios(rows: List[dict]) -> None:
+    """``cold_vs_inductor`` and ``cold_vs_strongest`` of each row, against the same case's rows."""
+    def case(r):
+        return r["model"], r["layers"], r["shape"]
+
+    cold = {(case(r), r["variant"]): r["cold_s"] for r in rows if "cold_s" in r}
+    for r in rows:
+        for key, base in (("cold_vs_inductor", "inductor"), ("cold_vs_strongest", STRONGEST)):
+            if "cold_s" in r and (case(r), base) in cold:
+                r[key] = round(r["cold_s"] / cold[(case(r), base)], 3)
+
+
+def plot(rows: List[dict], path) -> None:
+    """Cold and warm first-step seconds per (case, variant), the cold bar split into its phases."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    done = [r for r in rows if "cold_s" in r]
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.1 * len(done) + 3), 5))
+    labels = [f"{r['model']}{' (' + str(r['layers']) + ' layers)' if r['layers'] else ''} {r['shape']}\n{r['variant']}"
+              for r in done]
+    xs = range(len(done))
+    bottom = [0.0] * len(done)
+    for phase in (*PHASES, "autotune"):
+        values = [r["cold_phases"].get(phase, 0.0) for r in done]
+        ax.bar([x - 0.2 for x in xs], values, 0.4, bottom=bottom, label=f"cold: {phase}")
+        bottom = [b + v for b, v in zip(bottom, values)]
+    ax.bar([x - 0.2 for x in xs], [r["cold_s"] - b for r, b in zip(done, bottom)], 0.4, bottom=bottom,
+           label="cold: the rest (graph setup, Triton compiles without autotuning, the step)", color="lightgrey")
+    ax.bar([x + 0.2 for x in xs], [r["warm_s"] for r in done], 0.4, label="warm process", color="black")
+    ax.set_xticks(list(xs), labels, fontsize=7)
+    ax.set(ylabel="first training step (s)", title="compile time: a cold process, then a warm one")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(models: Sequence[str], variants: Sequence[str], shapes: Sequence[str], layers, device: str,
+        out: Path, timeout: float) -> dict:
+    from tqdm.auto import tqdm
+    rows: List[dict] = []
+    data = {"meta": meta("compile_time", command_line(), settings={"method": "lora", "init": "random, seed 0"}),
+            "rows": rows}
+    jobs = [(m, v, s) for m in models for s in shapes for v in variants]
+    for model, variant, shape in tqdm(jobs, desc="compile time", unit="variant"):
+        rows.append(measure(model, variant, shape, layers, device, timeout))
+        add_ratios(rows)
+        write_results("compile_time", data, out)  # saved as it goes, in case the run is cut short
+    plot(rows, out / "compile_time.png")
+    return data
+
+
+def main(argv=None) -> int:
+    from benchmarks import e2e
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.compile_time", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["opt-1.3b"], choices=list(e2e.MODELS))
+    parser.add_argument("--variants", nargs="+", default=["inductor", "lecompile-d1"],
+                        help="benchmarks.e2e variant names (lecompile-d<density>[-cg], inductor, ...)")
+    parser.add_argument("--shapes", nargs="+", default=["8x512"], help="BATCHxSEQ each (default: 8x512)")
+    parser.add_argument("--layers", type=int, default=None, help="fewer decoder layers than the published model")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds each process may take")
+    parser.add_argument("--out", default=str(RESULTS), help="folder for compile_time.json and .png")
+    parser.add_argument("--one", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.layers is not None and args.layers < 1:
+        parser.error(f"--layers must be >= 1, got {args.layers}")
+    if args.one:
+        print(json.dumps(first_step(*args.one, args.shapes[0], args.layers, device)))
+        return 0
+    for shape in args.shapes:  # wrong names and shapes fail here, not after the first measurements
+        try:
+            parse_shape(shape)
+        except ValueError as err:
+            parser.error(str(err))
+    for variant in args.variants:
+        if variant not in {v.name for v in e2e.variants(densities=_densities(variant), cudagraphs=True)}:
+            parser.error(f"unknown variant {variant!r}")
+    data = run(args.models, args.variants, args.shapes, args.layers, device, Path(args.out), args.timeout)
+    from lecompile.report import format_table
+    cols = ["model", "shape", "variant", "cold_s", "warm_s", "cold_vs_inductor", "cold_vs_strongest", "error"]
+    print(format_table(cols, [[r.get(c, "-") for c in cols] for r in data["rows"]]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,39 @@
+"""The compile-time benchmark (``python -m benchmarks.compile_time``) on a tiny model on the CPU."""
+
+import pytest
+
+from benchmarks import compile_time
+
+
+@pytest.mark.slow
+def test_a_warm_process_hits_every_cache_and_trains_the_same(tmp_path):
+    rows = compile_time.run(["tiny-llama"], ["lecompile-d0.5"], ["2x64"], None, "cpu", tmp_path, timeout=600)["rows"]
+    (row,) = rows
+    assert "error" not in row, row["error"]
+    assert row["cold_phases"]["lecompile_passes"] > 0 and row["cold_phases"]["inductor"] > 0
+    assert row["warm_caches"] == {"autograd_cache_hit": 1, "autograd_cache_miss": 0,
+                                  "fxgraph_cache_hit": 2, "fxgraph_cache_miss": 0}, row["warm_caches"]
+    assert row["warm_phases"]["inductor"] == 0 and row["warm_s"] < row["cold_s"]
+    assert row["warm_loss_step1"] == row["cold_loss_step1"]
+    assert (tmp_path / "compile_time.json").exists() and (tmp_path / "compile_time.png").stat().st_size > 0
+
+
+def test_ratios_compare_rows_of_one_case():
+    rows = [dict(model="m", layers=None, shape="8x512", variant=v, cold_s=s)
+            for v, s in (("inductor", 10.0), (compile_time.STRONGEST, 20.0), ("lecompile-d1", 12.0))]
+    rows.append(dict(model="m", layers=2, shape="8x512", variant="lecompile-d1", cold_s=5.0))
+    compile_time.add_ratios(rows)
+    assert rows[2]["cold_vs_inductor"] == 1.2 and rows[2]["cold_vs_strongest"] == 0.6
+    assert "cold_vs_inductor" not in rows[3]  # another case: no baseline of its own
+
+
+@pytest.mark.parametrize("shape", ["8", "8x", "0x512", "8x512x2", "ax512"])
+def test_bad_shapes_are_named(shape):
+    with pytest.raises(ValueError, match=repr(shape)):
+        compile_time.parse_shape(shape)
+
+
+def test_unknown_variants_are_refused_before_measuring(capsys):
+    with pytest.raises(SystemExit):
+        compile_time.main(["--variants", "lecompile-dfast"])
+    assert "unknown variant 'lecompile-dfast'" in capsys.readouterr().err
