@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 ROOT = Path(__file__).parents[1]
 DOC = ROOT / "docs" / "supported.md"
 BEGIN, END = "<!-- zoo table: begin (python -m benchmarks.zoo) -->", "<!-- zoo table: end -->"
+VERSION_LINE = "Measured with transformers {}."
 VOCAB, HIDDEN, FFN, LAYERS, HEADS, BATCH, SEQ = 128, 64, 256, 2, 4, 2, 16
 TOL = dict(atol=2e-5, rtol=1e-4)
 SPARSE = dict(mlp_density=0.5, attn_density=0.5, attn_block=SEQ)
@@ -139,10 +140,22 @@ def table(rows: List[dict]) -> str:
 
 
 def document(rows: List[dict]) -> str:
+    """docs/supported.md with ``rows`` as its zoo table, under the transformers version that made them."""
+    import transformers
     text = DOC.read_text()
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
-    return f"{head}{BEGIN}\n{table(rows)}\n{END}{tail}"
+    return f"{head}{BEGIN}\n{VERSION_LINE.format(transformers.__version__)}\n\n{table(rows)}\n{END}{tail}"
+
+
+def documented_transformers() -> str:
+    """The transformers version docs/supported.md's zoo table was measured with."""
+    after = DOC.read_text().split(BEGIN, 1)[1].lstrip("\n").splitlines()[0]
+    prefix, suffix = VERSION_LINE.split("{}")
+    if not (after.startswith(prefix) and after.endswith(suffix)):
+        raise ValueError(f"{DOC} names no transformers version at the top of its zoo table: "
+                         "run python -m benchmarks.zoo")
+    return after[len(prefix):len(after) - len(suffix)]
 
 
 def run_all(progress: bool = True) -> List[dict]:
