@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     parser.add_argument("--what", required=True, help="one line: what the run measured, what cut it short")
     parser.add_argument("--commit", default=None, help="the commit the run's code was (overrides the recorded one)")
     parser.add_argument("--plot", action="store_true",
-                        help="redraw the plot beside the results (e2e, quality, sparse_mlp)")
+                        help="redraw the plot beside the results (e2e, quality, compile_time, sparse_mlp)")
     args = parser.parse_args(argv)
     results, new = json.loads(args.results.read_text()), json.loads(args.new.read_text())
     run = merge(results, new, args.what, args.commit)
@@ -77,6 +77,9 @@ def main(argv=None) -> int:
     elif args.plot and results["meta"]["benchmark"].startswith("quality"):
         from benchmarks.quality import plot
         plot(results["summary"], results["rows"], args.results.with_suffix(".png"))
+    elif args.plot and results["meta"]["benchmark"] == "compile_time":
+        from benchmarks.compile_time import plot
+        plot(results["rows"], args.results.with_suffix(".png"))
     elif args.plot and results["meta"]["benchmark"] == "sparse_mlp":
         from benchmarks.bench_sparse_mlp import plot
         plot(results["rows"], args.results.with_suffix(".png"))

@@ -98,6 +98,30 @@ def breakdown_section(breakdown: dict) -> str:
         markdown_table(["case", "variant", "kernels ms", *PARTS], table)])
 
 
+def compile_section(compile_time: dict) -> str:
+    """First-step seconds of a cold process and a warm one, and where the cold one's went."""
+    from benchmarks.compile_time import PHASES
+    runs = {r["run"]: r for r in compile_time["meta"].get("runs", [])}
+    phases = [*PHASES, "autotune"]
+    table = []
+    for r in compile_time["rows"]:
+        if "cold_s" not in r:
+            continue
+        device = runs.get(r.get("run"), compile_time["meta"]).get("device")
+        layers = f" ({r['layers']} layers)" if r["layers"] else ""
+        table.append([device, f"{r['model']}{layers} {r['shape']}", r["variant"], r["cold_s"], r["warm_s"],
+                      ratio(r.get("cold_vs_inductor")), ratio(r.get("cold_vs_strongest")),
+                      *(r["cold_phases"].get(p) for p in phases)])
+    return "\n\n".join([
+        "## Compile time (`python -m benchmarks.compile_time`)",
+        "The first training step (LoRA on every linear, random-init model) in a cold process, then in a warm one "
+        "that finds only the first one's caches; the cold step's seconds in Dynamo's tracing, lecompile's passes, "
+        "the frozen-weight caches they fill (predictor factors), AOTAutograd, Inductor (forward and backward) and "
+        "Triton's autotuner. On the CPU Inductor compiles C++ and no Triton kernel is tuned.",
+        markdown_table(["device", "case", "variant", "cold s", "warm s", "vs Inductor", "vs strongest",
+                        *(f"{p} s" for p in phases)], table)])
+
+
 def harness_section(quality: dict) -> str:
     """The quality harness: per setting, mean and spread over seeds, through the compiled path."""
     from benchmarks.quality import MIN_SEEDS, settings
@@ -165,6 +189,8 @@ def page() -> str:
     sections = [e2e_section(load("e2e"))]
     if (RESULTS / "step_breakdown.json").exists():
         sections.append(breakdown_section(load("step_breakdown")))
+    if (RESULTS / "compile_time.json").exists():
+        sections.append(compile_section(load("compile_time")))
     sections += [harness_section(load("quality")), quality_section(load("accuracy")), files_section()]
     return "\n\n".join([
         "# Results",
