@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator
 
 import torch
 
@@ -45,34 +45,47 @@ def meta(benchmark: str, command: str, **extra) -> dict:
 
 
 @contextlib.contextmanager
-def autotuning() -> Iterator[Dict[str, List[float]]]:
-    """Time Triton's autotuner spends inside the block compiling and timing the configs of kernels
-    not tuned before (a key found in Triton's disk cache costs nothing): yields ``{kernel name:
-    [seconds, configs timed]}``, filled as the block runs. A first step's time less this is what
-    Dynamo, AOTAutograd and Inductor took, plus kernels compiled without autotuning."""
+def autotuning() -> Iterator[Dict[str, dict]]:
+    """What Triton's autotuner does inside the block for kernels not tuned before (a key found in
+    Triton's disk cache costs nothing): yields ``{kernel name: {"seconds", "configs", "best"}}``,
+    filled as the block runs: the seconds spent compiling and timing configs, how many were
+    timed, and the config each tuned key chose (what a shorter config list must keep). A first
+    step's time less the seconds is what Dynamo, AOTAutograd and Inductor took, plus kernels
+    compiled without autotuning."""
     try:
         from triton.runtime.autotuner import Autotuner
     except ImportError:
         yield {}
         return
-    spent: Dict[str, List[float]] = {}
+    spent: Dict[str, dict] = {}
+    tuners: Dict[str, tuple] = {}  # name -> (autotuner, the keys it had tuned before the block)
     bench = Autotuner._bench
 
     def timed(self, *args, **kwargs):
+        fn = getattr(self, "base_fn", self.fn)
+        name = getattr(fn, "__name__", repr(fn))
+        tuners.setdefault(name, (self, set(getattr(self, "cache", {}))))  # the key being tuned is not in it yet
         start = time.perf_counter()
         try:
             return bench(self, *args, **kwargs)
         finally:
-            fn = getattr(self, "base_fn", self.fn)
-            entry = spent.setdefault(getattr(fn, "__name__", repr(fn)), [0.0, 0])
-            entry[0] += time.perf_counter() - start
-            entry[1] += 1
+            entry = spent.setdefault(name, {"seconds": 0.0, "configs": 0, "best": {}})
+            entry["seconds"] += time.perf_counter() - start
+            entry["configs"] += 1
 
     Autotuner._bench = timed
     try:
         yield spent
     finally:
         Autotuner._bench = bench
+        for name, (tuner, before) in tuners.items():
+            spent[name]["best"] = {str(key): str(config) for key, config in getattr(tuner, "cache", {}).items()
+                                   if key not in before}
+
+
+def autotune_seconds(tuned: Dict[str, dict]) -> float:
+    """All seconds of an :func:`autotuning` record."""
+    return round(sum(entry["seconds"] for entry in tuned.values()), 1)
 
 
 def write_results(name: str, data: dict, folder: Path = RESULTS) -> Path:

@@ -10,7 +10,8 @@ training script on the same machine would. Each process times the first training
 backward, AdamW: everything compiles there) and breaks it into disjoint phases from
 ``torch._dynamo.utils.compile_times()``: Dynamo's tracing, lecompile's passes, the frozen-weight
 caches the passes fill (predictor factors, neuron-major copies), AOTAutograd's joint graph and
-partition, Inductor's compiles (forward and backward), and the part Triton's autotuner took. Rows
+partition, Inductor's compiles (forward and backward), and the part Triton's autotuner took (per
+kernel in ``cold_autotune``, with the config each key chose). Rows
 carry both processes' seconds, the warm process's cache hits, and the cold compile over the
 same case's ``inductor`` and strongest (``inductor-bf16-adapters-cg``) rows when they ran.
 Writes ``compile_time.json`` and ``compile_time.png``.
@@ -30,7 +31,7 @@ from typing import List, Sequence, Tuple
 
 import torch
 
-from benchmarks.common import RESULTS, autotuning, command_line, meta, write_results
+from benchmarks.common import RESULTS, autotune_seconds, autotuning, command_line, meta, write_results
 
 #: ``torch._dynamo.utils.compile_times()`` keys summed into each phase of a row.
 PHASES = {
@@ -64,9 +65,10 @@ def first_step(model: str, variant: str, shape: str, layers, device: str) -> dic
     phases = {name: sum(sum(compilation_time_metrics.get(key, [])) for key in keys) for name, keys in PHASES.items()}
     phases["lecompile_passes"] -= phases["lecompile_weight_caches"]  # the passes fill the caches: disjoint phases
     phases = {name: round(seconds, 2) for name, seconds in phases.items()}
-    phases["autotune"] = round(sum(s for s, _ in tuned.values()), 2)
+    phases["autotune"] = autotune_seconds(tuned)
     caches = {name: counters[group][name] for group, names in CACHE_COUNTERS.items() for name in names}
-    return {"first_step_s": round(seconds, 2), "phases": phases, "caches": caches, "loss_step1": round(loss, 5)}
+    return {"first_step_s": round(seconds, 2), "phases": phases, "caches": caches, "loss_step1": round(loss, 5),
+            "autotune": tuned}
 
 
 def parse_shape(shape: str) -> Tuple[int, int]:
@@ -108,7 +110,9 @@ def measure(model: str, variant: str, shape: str, layers, device: str, timeout: 
             row[f"{run}_s"] = result["first_step_s"]
             row[f"{run}_phases"] = result["phases"]
             row[f"{run}_loss_step1"] = result["loss_step1"]
-            if run == "warm":
+            if run == "cold":
+                row["cold_autotune"] = result["autotune"]
+            else:
                 row["warm_caches"] = result["caches"]
     return row
 

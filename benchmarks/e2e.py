@@ -31,8 +31,8 @@ as PEFT does, where lecompile runs the adapters on each expert's tokens.
 A step is forward + backward + AdamW. Rows carry the median step time (and the mean,
 ``mean_ms``, which counts calibration steps) over ``steps`` timed steps (after compilation and
 warm-up), tokens/s, peak memory, compile time (the first step; the strongest baseline's beside
-it; ``autotune_s`` of it went to Triton's autotuner, ``autotune`` per kernel: seconds and configs
-timed) and the loss of step 1, checked against eager's at density 1.0. On a GPU in
+it; ``autotune_s`` of it went to Triton's autotuner, ``autotune`` per kernel: seconds, configs
+timed and the config each key chose) and the loss of step 1, checked against eager's at density 1.0. On a GPU in
 :data:`GEMM_TFLOPS` they carry the step's physical limit too (:func:`limit_ms`) and
 ``limit_ratio`` = limit / step time.
 """
@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch._dynamo.utils import counters
 
-from benchmarks.common import RESULTS, autotuning, command_line, meta, write_results
+from benchmarks.common import RESULTS, autotune_seconds, autotuning, command_line, meta, write_results
 from benchmarks.sparselora import SlicedOutput, mlp_blocks, replace, sparsify_mlps
 from lecompile import LongExposureBackend, LongExposureConfig
 from lecompile.predictors import PREDICTORS
@@ -365,8 +365,8 @@ def run_variant(case: Case, variant: Variant, device: str, steps: int = 20, warm
     elif variant.backend == "sparselora":
         extra = {"mlp_rewritten": sum(isinstance(m, SlicedOutput) for m in model.modules())}
     extra["peak_reserved_gib"] = round(reserved, 3)
-    extra["autotune_s"] = round(sum(seconds for seconds, _ in tuned.values()), 1)
-    extra["autotune"] = {name: [round(seconds, 1), configs] for name, (seconds, configs) in sorted(tuned.items())}
+    extra["autotune_s"] = autotune_seconds(tuned)
+    extra["autotune"] = {name: dict(entry, seconds=round(entry["seconds"], 1)) for name, entry in sorted(tuned.items())}
     limit = limit_ms(model, case, device)
     if limit is not None:
         extra.update(limit_ms=round(limit, 3), limit_ratio=round(limit / statistics.median(times), 3))

@@ -4,14 +4,16 @@ import time
 
 from triton.runtime.autotuner import Autotuner
 
-from benchmarks.common import autotuning
+from benchmarks.common import autotune_seconds, autotuning
 
 
 class _Tuner:
-    """Stands in for a Triton autotuner: ``base_fn`` is the kernel's Python function."""
+    """Stands in for a Triton autotuner: ``base_fn`` is the kernel's Python function, ``cache`` the
+    config each key chose."""
 
-    def __init__(self, fn):
+    def __init__(self, fn, cache=None):
         self.base_fn = self.fn = fn
+        self.cache = dict(cache or {})
 
 
 def _kernel_a():
@@ -25,14 +27,20 @@ def _kernel_b():
 def test_autotuning_adds_up_each_kernels_config_timings_and_restores_the_autotuner(monkeypatch):
     def bench(self, *args, config=None, **kwargs):
         time.sleep(0.01)
+        if config == "last":  # the autotuner records the winner once every config is timed
+            self.cache[(4096, "bf16")] = "BLOCK_M: 128"
         return [1.0]
 
     monkeypatch.setattr(Autotuner, "_bench", bench)
+    a = _Tuner(_kernel_a, cache={(512, "bf16"): "BLOCK_M: 64"})  # tuned before the block
+    b = _Tuner(_kernel_b)
     with autotuning() as tuned:
-        for tuner, configs in ((_Tuner(_kernel_a), 3), (_Tuner(_kernel_b), 1)):
-            for config in range(configs):
+        for tuner, configs in ((a, ["first", "second", "last"]), (b, ["last"])):
+            for config in configs:
                 assert Autotuner._bench(tuner, config=config) == [1.0]
     assert Autotuner._bench is bench
     assert sorted(tuned) == ["_kernel_a", "_kernel_b"]
-    assert tuned["_kernel_a"][1] == 3 and tuned["_kernel_b"][1] == 1
-    assert tuned["_kernel_a"][0] >= 0.03 and tuned["_kernel_b"][0] >= 0.01
+    assert tuned["_kernel_a"]["configs"] == 3 and tuned["_kernel_b"]["configs"] == 1
+    assert tuned["_kernel_a"]["seconds"] >= 0.03 and tuned["_kernel_b"]["seconds"] >= 0.01
+    assert tuned["_kernel_a"]["best"] == {"(4096, 'bf16')": "BLOCK_M: 128"}  # not the key tuned before
+    assert autotune_seconds(tuned) == round(tuned["_kernel_a"]["seconds"] + tuned["_kernel_b"]["seconds"], 1)
