@@ -348,3 +348,24 @@ def test_kernel_path_with_adapters_in_activation_dtype(kernels_on_cpu, gated):
     for g, w in zip(got, want):
         assert g.dtype == torch.bfloat16
         torch.testing.assert_close(g.double(), w, atol=2e-2 * w.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("shape,rank", [((96, 24), 8), ((24, 96), 8), ((40, 6), 8), ((6, 40), 4)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_svd_factors_are_the_truncated_svd(shape, rank, dtype):
+    """Tall, wide, and ranks past the weight's: ``P`` holds the top right singular vectors and
+    ``Q`` the left ones scaled by their singular values, as ``torch.linalg.svd`` gives them."""
+    from lecompile.predictors.svd import _factorize
+    g = torch.Generator().manual_seed(0)
+    decay = torch.logspace(0, -2, min(shape))  # distinct singular values: the top vectors are unique
+    u = torch.linalg.qr(torch.randn(shape[0], min(shape), generator=g)).Q
+    v = torch.linalg.qr(torch.randn(shape[1], min(shape), generator=g)).Q
+    w = ((u * decay) @ v.t()).to(dtype)
+    p, q = _factorize(w, rank)
+    r = min(rank, *shape)
+    assert p.shape == (shape[1], r) and q.shape == (shape[0], r) and p.dtype == q.dtype == dtype
+    uu, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+    sign = torch.sign((p.double() * vh[:r].t()).sum(0))  # each pair's sign is arbitrary
+    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(p.double() * sign, vh[:r].t(), **tol)
+    torch.testing.assert_close(q.double() * sign, uu[:, :r] * s[:r], **tol)
