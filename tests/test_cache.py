@@ -39,3 +39,31 @@ def test_lecompile_functions_in_a_graph_are_keyed_on_the_source():
     marked = cacheable_functions(torch.fx.GraphModule(torch.nn.Module(), graph))
     assert marked == {"lecompile.predictors.op.predict_neurons": source_hash()}
     assert len(source_hash()) == 64
+
+
+def test_values_from_frozen_weights_come_back_from_disk_in_another_process(monkeypatch, tmp_path):
+    from lecompile.cache import on_disk
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    calls = []
+
+    def compute(weight, rank):
+        calls.append(rank)
+        return weight[:rank].t().clone(), weight.sum(0, keepdim=True)
+
+    cached = on_disk(compute, "test")
+    w = torch.randn(6, 4, dtype=torch.bfloat16)
+    first = cached(w, 2)
+    again = cached(w.clone(), 2)  # another tensor of the same bytes, as a second process has
+    assert calls == [2] and all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(first, again))
+    cached(w, 3)  # other arguments
+    cached(w + 1, 2)  # other bytes
+    assert calls == [2, 3, 2]
+    entries = list((tmp_path / "lecompile" / "test").glob("*.pt"))
+    assert len(entries) == 3 and not list((tmp_path / "lecompile" / "test").glob("*.tmp"))
+    for entry in entries:
+        entry.write_bytes(b"torn")  # an unreadable entry is computed again and replaced
+    cached(w, 2)
+    assert calls == [2, 3, 2, 2] and cached(w, 2)[0].shape == (4, 2) and calls[-1] == 2 and len(calls) == 4
+    monkeypatch.setattr(torch._inductor.config, "force_disable_caches", True)
+    cached(w, 2)
+    assert len(calls) == 5  # caches off: computed every time

@@ -30,7 +30,7 @@ from .. import calibration
 from ..ops.adapted_linear import AdaptedLinear
 from ..weight_cache import WeightCache
 from .oracle import mlp_intermediate
-from .svd import _factorize, estimate, group_scores, group_scores_ref, low_rank
+from .svd import estimate, group_scores, group_scores_ref, low_rank, svd_factors
 
 LEARNING_RATE = 1e-3
 TOKENS_PER_STEP = 1024
@@ -44,9 +44,9 @@ class LearnedFactors:
     """Trainable rank-``r`` factors of one frozen weight and their Adam state."""
 
     def __init__(self, weight: torch.Tensor, rank: int):
-        p, q = _factorize(weight, rank)
-        self.p = p.float().requires_grad_()
-        self.q = q.float().requires_grad_()
+        p, q = svd_factors(weight, rank)  # the SVD predictor's factors are where training starts
+        self.p = p.float().clone().requires_grad_()
+        self.q = q.float().clone().requires_grad_()
         self.optimizer = torch.optim.Adam([self.p, self.q], lr=LEARNING_RATE)
         self.optimizer._lecompile_internal = True  # not a training step of the user's model
         self.calls = 0  # trainings so far

@@ -14,6 +14,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..activations import ACTIVATIONS
+from ..cache import on_disk
 from ..ops.adapted_linear import AdaptedLinear, _scale
 from ..weight_cache import WeightCache
 
@@ -41,8 +42,9 @@ def _factorize(weight: torch.Tensor, rank: int) -> Tuple[torch.Tensor, torch.Ten
 
 
 #: ``svd_factors(weight, rank) -> (P [in, r], Q [out, r])`` with ``weight ~= Q @ P.T``, computed
-#: once per weight version (an in-place update of the weight is noticed).
-svd_factors = WeightCache(_factorize)
+#: once per weight version (an in-place update of the weight is noticed) and kept on disk for the
+#: next process (:func:`~lecompile.cache.on_disk`).
+svd_factors = WeightCache(on_disk(_factorize, "svd"))
 
 
 def clear_svd_cache() -> None:
