@@ -11,9 +11,10 @@ backward, AdamW: everything compiles there) and breaks it into disjoint phases f
 ``torch._dynamo.utils.compile_times()``: Dynamo's tracing, lecompile's passes, the frozen-weight
 caches the passes fill (predictor factors, neuron-major copies), AOTAutograd's joint graph and
 partition, Inductor's compiles (forward and backward), and the part Triton's autotuner took (per
-kernel in ``cold_autotune``, with the config each key chose). Rows
-carry both processes' seconds, the warm process's cache hits, and the cold compile over the
-same case's ``inductor`` and strongest (``inductor-bf16-adapters-cg``) rows when they ran.
+kernel in ``cold_autotune``, with the config each key chose). Rows carry both processes' seconds
+and their second step's (the step itself, without compiling: on the CPU a large share of the
+first), the warm process's cache hits, and the cold compile over the same case's ``inductor``
+and strongest (``inductor-bf16-adapters-cg``) rows when they ran.
 Writes ``compile_time.json`` and ``compile_time.png``.
 """
 
@@ -62,13 +63,16 @@ def first_step(model: str, variant: str, shape: str, layers, device: str) -> dic
     with autotuning() as tuned:
         loss = step().item()  # .item() waits for the GPU
     seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    step().item()
+    next_seconds = time.perf_counter() - start
     phases = {name: sum(sum(compilation_time_metrics.get(key, [])) for key in keys) for name, keys in PHASES.items()}
     phases["lecompile_passes"] -= phases["lecompile_weight_caches"]  # the passes fill the caches: disjoint phases
     phases = {name: round(seconds, 2) for name, seconds in phases.items()}
     phases["autotune"] = autotune_seconds(tuned)
     caches = {name: counters[group][name] for group, names in CACHE_COUNTERS.items() for name in names}
-    return {"first_step_s": round(seconds, 2), "phases": phases, "caches": caches, "loss_step1": round(loss, 5),
-            "autotune": tuned}
+    return {"first_step_s": round(seconds, 2), "next_step_s": round(next_seconds, 2), "phases": phases,
+            "caches": caches, "loss_step1": round(loss, 5), "autotune": tuned}
 
 
 def parse_shape(shape: str) -> Tuple[int, int]:
@@ -108,6 +112,7 @@ def measure(model: str, variant: str, shape: str, layers, device: str, timeout: 
                 return row
             result = json.loads(done.stdout.strip().splitlines()[-1])
             row[f"{run}_s"] = result["first_step_s"]
+            row[f"{run}_next_step_s"] = result["next_step_s"]
             row[f"{run}_phases"] = result["phases"]
             row[f"{run}_loss_step1"] = result["loss_step1"]
             if run == "cold":
