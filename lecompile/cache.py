@@ -51,7 +51,8 @@ def on_disk(compute: Callable[..., Tuple[torch.Tensor, ...]], name: str) -> Call
     dtype, ``args`` and lecompile's source, so that a second process compiling the same model
     reads it back instead of computing it again. Off where Inductor's caches are
     (``force_disable_caches``, ``TORCHINDUCTOR_FORCE_DISABLE_CACHES=1``); an unreadable entry is
-    computed again and rewritten."""
+    computed again and rewritten, and a directory that cannot be written only costs the next
+    process the computation."""
     @functools.wraps(compute)
     def cached(weight: torch.Tensor, *args):
         if _caches_off():
@@ -64,7 +65,10 @@ def on_disk(compute: Callable[..., Tuple[torch.Tensor, ...]], name: str) -> Call
         except Exception as err:  # noqa: BLE001 (a torn or foreign file: recompute and replace it)
             log.info("lecompile: ignoring the unreadable cache entry %s (%s)", path, type(err).__name__)
         values = compute(weight, *args)
-        _write(path, [v.detach().cpu() for v in values])
+        try:
+            _write(path, [v.detach().cpu() for v in values])
+        except OSError as err:  # a read-only or full disk costs the next process the computation, nothing more
+            log.info("lecompile: cannot write the cache entry %s (%s)", path, err)
         return values
     return cached
 

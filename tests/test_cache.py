@@ -67,3 +67,13 @@ def test_values_from_frozen_weights_come_back_from_disk_in_another_process(monke
     monkeypatch.setattr(torch._inductor.config, "force_disable_caches", True)
     cached(w, 2)
     assert len(calls) == 5  # caches off: computed every time
+
+
+def test_a_cache_directory_that_cannot_be_written_only_costs_the_computation(monkeypatch, tmp_path):
+    from lecompile.cache import on_disk
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(blocked))
+    w = torch.randn(4, 4)
+    p, = on_disk(lambda weight: (weight * 2,), "test")(w)
+    torch.testing.assert_close(p, w * 2)
