@@ -51,17 +51,20 @@ def on_disk(compute: Callable[..., Tuple[torch.Tensor, ...]], name: str) -> Call
     dtype, ``args`` and lecompile's source, so that a second process compiling the same model
     reads it back instead of computing it again. Off where Inductor's caches are
     (``force_disable_caches``, ``TORCHINDUCTOR_FORCE_DISABLE_CACHES=1``); an unreadable entry is
-    computed again and rewritten, and a directory that cannot be written only costs the next
-    process the computation."""
+    computed again and rewritten, and a cache directory that cannot be made or written only costs
+    the next process the computation."""
     @functools.wraps(compute)
     def cached(weight: torch.Tensor, *args):
         if _caches_off():
             return compute(weight, *args)
-        path = _entry(name, weight, args)
         try:
+            path = _entry(name, weight, args)
             return tuple(torch.load(path, map_location=weight.device, weights_only=True))
         except FileNotFoundError:
             pass
+        except OSError as err:  # no usable cache directory: compute, as with the caches off
+            log.info("lecompile: no cache directory for %s (%s)", name, err)
+            return compute(weight, *args)
         except Exception as err:  # noqa: BLE001 (a torn or foreign file: recompute and replace it)
             log.info("lecompile: ignoring the unreadable cache entry %s (%s)", path, type(err).__name__)
         values = compute(weight, *args)
