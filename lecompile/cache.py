@@ -55,11 +55,12 @@ def on_disk(compute: Callable[..., Tuple[torch.Tensor, ...]], name: str) -> Call
     the next process the computation."""
     @functools.wraps(compute)
     def cached(weight: torch.Tensor, *args):
-        if _caches_off():
+        if _caches_off() or not _has_data(weight):
             return compute(weight, *args)
         try:
             path = _entry(name, weight, args)
-            return tuple(torch.load(path, map_location=weight.device, weights_only=True))
+            with torch._guards.tracing(None):  # inside Dynamo's compile torch.load gives meta tensors
+                return tuple(torch.load(path, map_location=weight.device, weights_only=True))
         except FileNotFoundError:
             pass
         except OSError as err:  # no usable cache directory: compute, as with the caches off
@@ -74,6 +75,12 @@ def on_disk(compute: Callable[..., Tuple[torch.Tensor, ...]], name: str) -> Call
             log.info("lecompile: cannot write the cache entry %s (%s)", path, err)
         return values
     return cached
+
+
+def _has_data(weight: torch.Tensor) -> bool:
+    """A plain tensor (or parameter) with its values: not a fake, meta or functional one, as
+    tracing passes to the ops (those compute as they are, never from disk)."""
+    return type(weight) in (torch.Tensor, torch.nn.Parameter) and weight.device.type != "meta"
 
 
 def _caches_off() -> bool:

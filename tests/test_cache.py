@@ -42,6 +42,8 @@ def test_lecompile_functions_in_a_graph_are_keyed_on_the_source():
 
 
 def test_values_from_frozen_weights_come_back_from_disk_in_another_process(monkeypatch, tmp_path):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
     from lecompile.cache import on_disk
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     calls = []
@@ -64,9 +66,27 @@ def test_values_from_frozen_weights_come_back_from_disk_in_another_process(monke
         entry.write_bytes(b"torn")  # an unreadable entry is computed again and replaced
     cached(w, 2)
     assert calls == [2, 3, 2, 2] and cached(w, 2)[0].shape == (4, 2) and calls[-1] == 2 and len(calls) == 4
+    with torch._guards.tracing(torch._guards.TracingContext(FakeTensorMode())):  # as the passes run in Dynamo
+        inside = cached(w, 2)
+    assert len(calls) == 4 and all(torch.equal(a, b) for a, b in zip(inside, first))
     monkeypatch.setattr(torch._inductor.config, "force_disable_caches", True)
     cached(w, 2)
     assert len(calls) == 5  # caches off: computed every time
+
+
+def test_traced_weights_are_computed_not_read_from_disk(monkeypatch, tmp_path):
+    """Tracing hands the ops fake and meta tensors: their values come from ``compute`` (fake ones,
+    for a fake weight), and nothing reaches the disk."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from lecompile.cache import on_disk
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    cached = on_disk(lambda weight: (weight.t() * 2,), "test")
+    with FakeTensorMode() as mode:
+        fake, = cached(mode.from_tensor(torch.randn(4, 3)))
+    meta, = cached(torch.randn(4, 3, device="meta"))
+    assert fake.shape == meta.shape == (3, 4) and meta.device.type == "meta"
+    assert not (tmp_path / "lecompile").exists()
 
 
 def test_a_cache_directory_that_cannot_be_written_only_costs_the_computation(monkeypatch, tmp_path):
