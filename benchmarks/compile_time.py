@@ -139,7 +139,7 @@ def plot(rows: List[dict], path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    done = [r for r in rows if "cold_s" in r]
+    done = [r for r in rows if "warm_s" in r]  # both processes ran
     fig, ax = plt.subplots(figsize=(max(7.0, 1.1 * len(done) + 3), 5))
     labels = [f"{r['model']}{' (' + str(r['layers']) + ' layers)' if r['layers'] else ''} {r['shape']}\n{r['variant']}"
               for r in done]

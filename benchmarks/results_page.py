@@ -109,7 +109,7 @@ def compile_section(compile_time: dict) -> str:
             continue
         device = runs.get(r.get("run"), compile_time["meta"]).get("device")
         layers = f" ({r['layers']} layers)" if r["layers"] else ""
-        table.append([device, f"{r['model']}{layers} {r['shape']}", r["variant"], r["cold_s"], r["warm_s"],
+        table.append([device, f"{r['model']}{layers} {r['shape']}", r["variant"], r["cold_s"], r.get("warm_s"),
                       r.get("cold_next_step_s"), ratio(r.get("cold_vs_inductor")), ratio(r.get("cold_vs_strongest")),
                       *(r["cold_phases"].get(p) for p in phases)])
     return "\n\n".join([

@@ -37,3 +37,12 @@ def test_unknown_variants_are_refused_before_measuring(capsys):
     with pytest.raises(SystemExit):
         compile_time.main(["--variants", "lecompile-dfast"])
     assert "unknown variant 'lecompile-dfast'" in capsys.readouterr().err
+
+
+def test_plot_leaves_out_rows_whose_warm_process_did_not_run(tmp_path):
+    phases = dict.fromkeys([*compile_time.PHASES, "autotune"], 1.0)
+    done = dict(model="m", layers=None, shape="8x512", variant="inductor", cold_s=9.0, warm_s=2.0, cold_phases=phases)
+    failed = dict(done, variant="lecompile-d1", error="warm process failed")
+    del failed["warm_s"]
+    compile_time.plot([done, failed], tmp_path / "compile_time.png")
+    assert (tmp_path / "compile_time.png").stat().st_size > 0

@@ -37,7 +37,10 @@ def test_compile_section_shows_each_run_on_its_device_with_the_cold_steps_phases
     data = {"meta": {"device": "cpu", "runs": [{"run": 2, "device": "NVIDIA H200"}]},
             "rows": [{"run": 2, **row}, {**row, "model": "tiny", "cold_s": 3.0},
                      {"model": "x", "variant": "inductor", "error": "cold process failed"}]}
+    data["rows"].append({**row, "model": "y", "error": "warm process failed"})
+    del data["rows"][-1]["warm_s"]
     lines = results_page.compile_section(data).splitlines()
-    assert lines[-2] == ("| NVIDIA H200 | qwen2-1.5b 8x512 | lecompile-d1 | 60.0 | 12.5 | 0.4 | 1.50x | - | "
+    assert lines[-3] == ("| NVIDIA H200 | qwen2-1.5b 8x512 | lecompile-d1 | 60.0 | 12.5 | 0.4 | 1.50x | - | "
                          + "1.0 | " * len(PHASES) + "20.0 |")
-    assert lines[-1].startswith("| cpu | tiny 8x512 | lecompile-d1 | 3.0 |")  # a row from before any merge
+    assert lines[-2].startswith("| cpu | tiny 8x512 | lecompile-d1 | 3.0 |")  # a row from before any merge
+    assert lines[-1].startswith("| cpu | y 8x512 | lecompile-d1 | 60.0 | - |")  # the warm process failed
