@@ -140,9 +140,9 @@ def plot(rows: List[dict], path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     done = [r for r in rows if "warm_s" in r]  # both processes ran
-    fig, ax = plt.subplots(figsize=(max(7.0, 1.1 * len(done) + 3), 5))
-    labels = [f"{r['model']}{' (' + str(r['layers']) + ' layers)' if r['layers'] else ''} {r['shape']}\n{r['variant']}"
-              for r in done]
+    fig, ax = plt.subplots(figsize=(max(8.0, 1.6 * len(done) + 4), 5.5))
+    labels = [f"{r['variant']}\n{r['model']}{' (' + str(r['layers']) + ' layers)' if r['layers'] else ''} {r['shape']}"
+              + (f"\nrun {r['run']}" if "run" in r else "") for r in done]
     xs = range(len(done))
     bottom = [0.0] * len(done)
     for phase in (*PHASES, "autotune"):
@@ -152,7 +152,7 @@ def plot(rows: List[dict], path) -> None:
     ax.bar([x - 0.2 for x in xs], [r["cold_s"] - b for r, b in zip(done, bottom)], 0.4, bottom=bottom,
            label="cold: the rest (graph setup, Triton compiles without autotuning, the step)", color="lightgrey")
     ax.bar([x + 0.2 for x in xs], [r["warm_s"] for r in done], 0.4, label="warm process", color="black")
-    ax.set_xticks(list(xs), labels, fontsize=7)
+    ax.set_xticks(list(xs), labels, fontsize=7, rotation=20, ha="right")
     ax.set(ylabel="first training step (s)", title="compile time: a cold process, then a warm one")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()

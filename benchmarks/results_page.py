@@ -109,8 +109,9 @@ def compile_section(compile_time: dict) -> str:
             continue
         device = runs.get(r.get("run"), compile_time["meta"]).get("device")
         layers = f" ({r['layers']} layers)" if r["layers"] else ""
-        table.append([device, f"{r['model']}{layers} {r['shape']}", r["variant"], r["cold_s"], r.get("warm_s"),
-                      r.get("cold_next_step_s"), ratio(r.get("cold_vs_inductor")), ratio(r.get("cold_vs_strongest")),
+        table.append([r.get("run"), device, f"{r['model']}{layers} {r['shape']}", r["variant"], r["cold_s"],
+                      r.get("warm_s"), r.get("cold_next_step_s"), ratio(r.get("cold_vs_inductor")),
+                      ratio(r.get("cold_vs_strongest")),
                       *(r["cold_phases"].get(p) for p in phases)])
     return "\n\n".join([
         "## Compile time (`python -m benchmarks.compile_time`)",
@@ -119,8 +120,10 @@ def compile_section(compile_time: dict) -> str:
         "step's seconds in Dynamo's tracing, lecompile's passes, the frozen-weight caches they fill (predictor "
         "factors), AOTAutograd, Inductor (forward and backward) and Triton's autotuner. On the CPU Inductor compiles "
         "C++ and no Triton kernel is tuned.",
-        markdown_table(["device", "case", "variant", "cold s", "warm s", "later step s", "vs Inductor", "vs strongest",
-                        *(f"{p} s" for p in phases)], table)])
+        markdown_table(["run", "device", "case", "variant", "cold s", "warm s", "later step s", "vs Inductor",
+                        "vs strongest", *(f"{p} s" for p in phases)], table)]
+        + (["Runs:\n\n" + "\n".join(f"- run {r['run']} ({r['date']}, {r['git_commit']}): {r['what']}"
+                                      for r in runs.values())] if runs else []))
 
 
 def harness_section(quality: dict) -> str:
