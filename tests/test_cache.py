@@ -65,7 +65,9 @@ def test_values_from_frozen_weights_come_back_from_disk_in_another_process(monke
     for entry in entries:
         entry.write_bytes(b"torn")  # an unreadable entry is computed again and replaced
     cached(w, 2)
-    assert calls == [2, 3, 2, 2] and cached(w, 2)[0].shape == (4, 2) and calls[-1] == 2 and len(calls) == 4
+    assert calls == [2, 3, 2, 2]
+    cached(w, 2)
+    assert calls == [2, 3, 2, 2]  # the rewritten entry is read back
     with torch._guards.tracing(torch._guards.TracingContext(FakeTensorMode())):  # as the passes run in Dynamo
         inside = cached(w, 2)
     assert len(calls) == 4 and all(torch.equal(a, b) for a, b in zip(inside, first))
@@ -89,7 +91,7 @@ def test_traced_weights_are_computed_not_read_from_disk(monkeypatch, tmp_path):
     assert not (tmp_path / "lecompile").exists()
 
 
-def test_a_cache_directory_that_cannot_be_written_only_costs_the_computation(monkeypatch, tmp_path):
+def test_no_usable_cache_directory_only_costs_the_computation(monkeypatch, tmp_path):
     from lecompile.cache import on_disk
     blocked = tmp_path / "file"
     blocked.write_text("not a directory")
