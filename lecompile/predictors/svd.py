@@ -48,7 +48,8 @@ svd_factors = WeightCache(on_disk(_factorize, "svd"))
 
 
 def clear_svd_cache() -> None:
-    """Forget every cached factorization."""
+    """Forget every factorization cached in this process (those on disk stay: they are keyed on
+    the weights' bytes, so they never serve another weight)."""
     svd_factors.clear()
 
 
