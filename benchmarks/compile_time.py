@@ -68,7 +68,7 @@ def first_step(model: str, variant: str, shape: str, layers, device: str) -> dic
     next_seconds = time.perf_counter() - start
     phases = {name: sum(sum(compilation_time_metrics.get(key, [])) for key in keys) for name, keys in PHASES.items()}
     phases["lecompile_passes"] -= phases["lecompile_weight_caches"]  # the passes fill the caches: disjoint phases
-    phases = {name: round(seconds, 2) for name, seconds in phases.items()}
+    phases = {name: round(value, 2) for name, value in phases.items()}
     phases["autotune"] = autotune_seconds(tuned)
     caches = {name: counters[group][name] for group, names in CACHE_COUNTERS.items() for name in names}
     return {"first_step_s": round(seconds, 2), "next_step_s": round(next_seconds, 2), "phases": phases,
@@ -108,7 +108,8 @@ def measure(model: str, variant: str, shape: str, layers, device: str, timeout: 
                 row["error"] = f"{run} process ran past {timeout:g} s"
                 return row
             if done.returncode != 0:
-                row["error"] = f"{run} process failed: {done.stderr.strip().splitlines()[-1:] or done.returncode}"
+                last = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+                row["error"] = f"{run} process failed: {last}"
                 return row
             result = json.loads(done.stdout.strip().splitlines()[-1])
             row[f"{run}_s"] = result["first_step_s"]
