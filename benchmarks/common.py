@@ -88,6 +88,11 @@ def autotune_seconds(tuned: Dict[str, dict]) -> float:
     return round(sum(entry["seconds"] for entry in tuned.values()), 1)
 
 
+def autotune_record(tuned: Dict[str, dict]) -> Dict[str, dict]:
+    """An :func:`autotuning` record as results files keep it: kernels by name, seconds rounded."""
+    return {name: dict(entry, seconds=round(entry["seconds"], 1)) for name, entry in sorted(tuned.items())}
+
+
 def write_results(name: str, data: dict, folder: Path = RESULTS) -> Path:
     """Write ``folder/<name>.json``; returns its path."""
     folder.mkdir(parents=True, exist_ok=True)

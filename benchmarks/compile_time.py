@@ -32,7 +32,7 @@ from typing import List, Sequence, Tuple
 
 import torch
 
-from benchmarks.common import RESULTS, autotune_seconds, autotuning, command_line, meta, write_results
+from benchmarks.common import RESULTS, autotune_record, autotune_seconds, autotuning, command_line, meta, write_results
 
 #: ``torch._dynamo.utils.compile_times()`` keys summed into each phase of a row.
 PHASES = {
@@ -72,7 +72,7 @@ def first_step(model: str, variant: str, shape: str, layers, device: str) -> dic
     phases["autotune"] = autotune_seconds(tuned)
     caches = {name: counters[group][name] for group, names in CACHE_COUNTERS.items() for name in names}
     return {"first_step_s": round(seconds, 2), "next_step_s": round(next_seconds, 2), "phases": phases,
-            "caches": caches, "loss_step1": round(loss, 5), "autotune": tuned}
+            "caches": caches, "loss_step1": round(loss, 5), "autotune": autotune_record(tuned)}
 
 
 def parse_shape(shape: str) -> Tuple[int, int]:

@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch._dynamo.utils import counters
 
-from benchmarks.common import RESULTS, autotune_seconds, autotuning, command_line, meta, write_results
+from benchmarks.common import RESULTS, autotune_record, autotune_seconds, autotuning, command_line, meta, write_results
 from benchmarks.sparselora import SlicedOutput, mlp_blocks, replace, sparsify_mlps
 from lecompile import LongExposureBackend, LongExposureConfig
 from lecompile.predictors import PREDICTORS
@@ -366,7 +366,7 @@ def run_variant(case: Case, variant: Variant, device: str, steps: int = 20, warm
         extra = {"mlp_rewritten": sum(isinstance(m, SlicedOutput) for m in model.modules())}
     extra["peak_reserved_gib"] = round(reserved, 3)
     extra["autotune_s"] = autotune_seconds(tuned)
-    extra["autotune"] = {name: dict(entry, seconds=round(entry["seconds"], 1)) for name, entry in sorted(tuned.items())}
+    extra["autotune"] = autotune_record(tuned)
     limit = limit_ms(model, case, device)
     if limit is not None:
         extra.update(limit_ms=round(limit, 3), limit_ratio=round(limit / statistics.median(times), 3))
