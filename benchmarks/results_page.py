@@ -231,7 +231,8 @@ def quality_line(quality: dict) -> str:
         lead = "the sparsest setting that keeps it" if passing else "no sparse setting keeps it yet; closest"
         seeds = f"{best['seeds']} seed" + ("s" if best["seeds"] > 1 else "")
         line += (f"; {lead}: `{best['setting']}`, {100 * best['heldout_delta']:+.1f}% at {best['kept_mlp']:.2f} of "
-                 f"the MLP compute ({seeds}; every setting in [docs/results.md](docs/results.md))")
+                 f"the MLP compute, exact match {best['exact_match']:.2f} against dense LoRA's "
+                 f"{by['dense']['exact_match']:.2f} ({seeds}; every setting in [docs/results.md](docs/results.md))")
     return line + "."
 
 
