@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -92,26 +93,41 @@ def _densities(variant: str) -> List[float]:
         return [1.0]
 
 
+def run_process(cmd: List[str], env: dict, timeout: float) -> Tuple[int, str, str]:
+    """``cmd``'s exit code, stdout and stderr. It runs in a process group of its own, killed whole when
+    it ends or runs past ``timeout`` (``subprocess.TimeoutExpired``): Inductor's compile workers
+    would otherwise outlive it, writing into the cache directory :func:`measure` is removing."""
+    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True, cwd=Path(__file__).parent.parent) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        finally:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    return process.returncode, stdout, stderr
+
+
 def measure(model: str, variant: str, shape: str, layers, device: str, timeout: float) -> dict:
     """The cold and the warm process of one (case, variant), sharing a fresh cache directory."""
     row = {"model": model, "layers": layers, "shape": shape, "variant": variant}
-    with tempfile.TemporaryDirectory(prefix="lecompile-compile-time-") as cache:
+    with tempfile.TemporaryDirectory(prefix="lecompile-compile-time-", ignore_cleanup_errors=True) as cache:
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, TRITON_CACHE_DIR=str(Path(cache) / "triton"))
         env.pop("TORCHINDUCTOR_FORCE_DISABLE_CACHES", None)
         for run in ("cold", "warm"):
             cmd = [sys.executable, "-m", "benchmarks.compile_time", "--one", model, variant, "--shapes", shape,
                    "--device", device] + (["--layers", str(layers)] if layers else [])
             try:
-                done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
-                                      cwd=Path(__file__).parent.parent)
+                returncode, stdout, stderr = run_process(cmd, env, timeout)
             except subprocess.TimeoutExpired:
                 row["error"] = f"{run} process ran past {timeout:g} s"
                 return row
-            if done.returncode != 0:
-                last = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+            if returncode != 0:
+                last = (stderr.strip().splitlines() or [f"exit code {returncode}"])[-1]
                 row["error"] = f"{run} process failed: {last}"
                 return row
-            result = json.loads(done.stdout.strip().splitlines()[-1])
+            result = json.loads(stdout.strip().splitlines()[-1])
             row[f"{run}_s"] = result["first_step_s"]
             row[f"{run}_next_step_s"] = result["next_step_s"]
             row[f"{run}_phases"] = result["phases"]

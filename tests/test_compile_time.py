@@ -1,5 +1,11 @@
 """The compile-time benchmark (``python -m benchmarks.compile_time``) on a tiny model on the CPU."""
 
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 
 from benchmarks import compile_time
@@ -46,3 +52,25 @@ def test_plot_leaves_out_rows_whose_warm_process_did_not_run(tmp_path):
     del failed["warm_s"]
     compile_time.plot([done, failed], tmp_path / "compile_time.png")
     assert (tmp_path / "compile_time.png").stat().st_size > 0
+
+
+def test_a_process_past_its_timeout_is_killed_with_the_workers_it_started(tmp_path):
+    pid_file = tmp_path / "worker.pid"
+    starts_a_worker = (f"import subprocess, sys, time\n"
+                       f"w = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+                       f"open({str(pid_file)!r}, 'w').write(str(w.pid))\n"
+                       f"time.sleep(60)\n")
+    with pytest.raises(subprocess.TimeoutExpired):
+        compile_time.run_process([sys.executable, "-c", starts_a_worker], dict(os.environ), timeout=5)
+    worker = Path(f"/proc/{pid_file.read_text()}/stat")
+    for _ in range(100):  # the kill lands at once, its effect shows a moment later
+        if not worker.exists() or worker.read_text().rsplit(")", 1)[1].split()[0] == "Z":  # gone, or a zombie
+            return
+        time.sleep(0.05)
+    pytest.fail(f"the worker ({worker}) outlived the timed-out process")
+
+
+def test_a_process_that_ends_returns_its_output():
+    code, out, err = compile_time.run_process([sys.executable, "-c", "import sys; print('out'); sys.exit(3)"],
+                                              dict(os.environ), timeout=60)
+    assert (code, out.strip(), err) == (3, "out", "")
