@@ -14,6 +14,12 @@ a random-init bf16 model built from its config (weights identical across variant
   attention density;
 - ``-cg`` suffix (``--cudagraphs``): the same replayed as CUDA graphs (Inductor's
   ``mode="reduce-overhead"``, lecompile's ``cudagraphs=True``);
+- ``lecompile-<setting>`` (``--quality-settings``): the backend configured as that setting of the
+  quality harness (:func:`benchmarks.quality.settings`, e.g. ``schedule-learned-0.5``), with the
+  ``total_steps`` its quality was measured at; its dense warm-up runs before the timed steps, which
+  cover one ``calibrate_every`` period (``mean_ms`` counts the predictor's refresh), and the row
+  carries ``heldout_delta`` from ``quality.json`` and ``schedule_ms``, the mean step over the whole
+  schedule (warm-up steps at their measured time);
 - ``sparselora-d<density>``: SparseLoRA's way of running sparse MLPs (SVD-scored neurons per
   batch, base weights sliced every step, dense eager matmuls: :mod:`benchmarks.sparselora`) at
   each lecompile density below 1.
@@ -174,6 +180,7 @@ class Variant:
     adapters_fp32: bool = True       # PEFT's autocast_adapter_dtype
     cudagraphs: bool = False         # Inductor's mode="reduce-overhead" (CUDA graph trees)
     config: Optional[LongExposureConfig] = None
+    quality_setting: Optional[str] = None  # the quality harness's setting this config is
 
     @property
     def mlp_density(self) -> float:
@@ -187,11 +194,11 @@ class Variant:
 def variants(densities: Sequence[float] = (1.0, 0.5, 0.25, 0.15), predictor: str = "svd",
              granularity: str = "sequence", baselines: bool = True, cudagraphs: bool = False,
              attn_densities: Sequence[float] = (1.0,), attn_block: int = 128,
-             settings: Optional[dict] = None) -> List[Variant]:
-    """The baselines, then lecompile at each MLP density and attention density. ``cudagraphs``
-    adds the strongest baseline and every lecompile variant replayed as CUDA graphs (suffix
-    ``-cg``). ``settings`` are further :class:`LongExposureConfig` fields of every lecompile
-    variant."""
+             settings: Optional[dict] = None, quality_settings: Sequence[str] = ()) -> List[Variant]:
+    """The baselines, then lecompile at each MLP density and attention density, then as each of
+    ``quality_settings`` (:func:`quality_setting_config`). ``cudagraphs`` adds the strongest
+    baseline and every lecompile variant replayed as CUDA graphs (suffix ``-cg``). ``settings``
+    are further :class:`LongExposureConfig` fields of the density variants."""
     def variant_fields(d, a, cg):  # what each lecompile variant sets itself
         return dict(mlp_density=d, predictor=predictor, granularity=granularity, cudagraphs=cg,
                     attn_density=a, attn_block=attn_block)
@@ -215,7 +222,33 @@ def variants(densities: Sequence[float] = (1.0, 0.5, 0.25, 0.15), predictor: str
                 name = f"lecompile-d{d:g}" + (f"-a{a:g}" if a < 1.0 else "") + ("-cg" if cg else "")
                 out.append(Variant(name, "lecompile", cudagraphs=cg,
                                    config=LongExposureConfig.create(**variant_fields(d, a, cg), **(settings or {}))))
+        for setting in quality_settings:
+            out.append(Variant(f"lecompile-{setting}" + ("-cg" if cg else ""), "lecompile", cudagraphs=cg,
+                               config=quality_setting_config(setting, cg), quality_setting=setting))
     return out
+
+
+def quality_summary(setting: str) -> Optional[dict]:
+    """``setting``'s summary in ``benchmarks/results/quality.json`` (``None`` if not measured)."""
+    import json
+    path = RESULTS / "quality.json"
+    summary = json.loads(path.read_text())["summary"] if path.exists() else []
+    return next((s for s in summary if s["setting"] == setting), None)
+
+
+def quality_setting_config(setting: str, cudagraphs: bool) -> LongExposureConfig:
+    """The config of the quality harness's ``setting`` (:func:`benchmarks.quality.settings`) at the
+    step count its quality was measured at (a schedule's warm-up and decay follow ``total_steps``);
+    a ``ValueError`` names the settings there are."""
+    from benchmarks import quality
+    summary = quality_summary(setting)
+    steps = summary["steps"] if summary else quality.STEPS
+    options = quality.settings(steps).get(setting)
+    if options is None:
+        lecompile_settings = sorted(k for k, v in quality.settings(steps).items() if v is not None)
+        raise ValueError(f"{setting!r} is not a lecompile setting of the quality harness; choose from "
+                         f"{lecompile_settings}")
+    return LongExposureConfig.create(**options, cudagraphs=cudagraphs)
 
 
 @dataclass
@@ -338,11 +371,17 @@ def run_variant(case: Case, variant: Variant, device: str, steps: int = 20, warm
         opt.zero_grad(set_to_none=True)
         return loss
 
+    schedule = variant.config is not None and variant.quality_setting is not None
+    dense_steps = variant.config.dense_warmup_steps if schedule else 0
+    if schedule:  # one refresh of the predictor in the timed steps
+        steps = max(steps, variant.config.tuning.calibrate_every)
     with _tf32(variant.tf32):
         t0 = time.perf_counter()
         with autotuning() as tuned:
             loss1 = step().item()  # .item() waits for the GPU
         compile_s = time.perf_counter() - t0
+        # The dense warm-up's steps after the first, timed; then the warm-up (the sparse form compiles).
+        dense_times = [timed_ms(step, cuda) for _ in range(dense_steps - 1)]
         for _ in range(warmup):
             step()
         if cuda:
@@ -372,6 +411,15 @@ def run_variant(case: Case, variant: Variant, device: str, steps: int = 20, warm
         extra.update(limit_ms=round(limit, 3), limit_ratio=round(limit / statistics.median(times), 3))
     # The mean counts the rare slow steps the median hides (calibration steps, one in calibrate_every).
     extra["mean_ms"] = round(statistics.mean(times), 3)
+    if schedule:
+        total = variant.config.total_steps
+        warmup_ms = statistics.median(dense_times) if dense_times else 0.0
+        summary = quality_summary(variant.quality_setting)
+        extra.update(quality_setting=variant.quality_setting, dense_warmup_steps=dense_steps, total_steps=total,
+                     warmup_ms=round(warmup_ms, 3),
+                     schedule_ms=round((dense_steps * warmup_ms + (total - dense_steps) * extra["mean_ms"]) / total, 3),
+                     heldout_delta=summary["heldout_delta"] if summary else None,
+                     quality_passes=summary["passes"] if summary else None)
     return StepResult(statistics.median(times), compile_s, loss1, peak, extra)
 
 
@@ -502,6 +550,8 @@ def add_ratios(rows: List[dict]) -> None:
         if strongest is not None:
             r.update(strongest_baseline=strongest["variant"], strongest_compile_s=strongest.get("compile_s"),
                      speedup_vs_strongest=round(strongest["ms"] / r["ms"], 3))
+            if "schedule_ms" in r:
+                r["schedule_speedup_vs_strongest"] = round(strongest["ms"] / r["schedule_ms"], 3)
         sparselora = by.get(f"sparselora-d{r['mlp_density']:g}")
         if sparselora is not None and r["variant"].startswith("lecompile"):
             r["speedup_vs_sparselora"] = round(sparselora["ms"] / r["ms"], 3)
@@ -615,6 +665,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--predictor", default="svd", choices=sorted(PREDICTORS))
     parser.add_argument("--granularity", default="sequence", choices=("sequence", "tile", "batch"))
     parser.add_argument("--no-baselines", action="store_true", help="lecompile variants only")
+    parser.add_argument("--quality-settings", nargs="+", default=[], metavar="SETTING",
+                        help="lecompile variants configured as these settings of the quality harness (e.g. "
+                             "schedule-learned-0.5): whole schedule, rows with the held-out loss change measured")
     parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
                         help="settings of every lecompile variant, e.g. svd_rank=16 disable=fuse_loss")
     parser.add_argument("--inductor-option", nargs="+", default=[], metavar="KEY=VALUE",
@@ -652,7 +705,7 @@ def run(args) -> dict:
     inductor_options = parse_inductor_options(args.inductor_option)
     vs = variants(args.densities, args.predictor, args.granularity, baselines=not args.no_baselines,
                   cudagraphs=args.cudagraphs, attn_densities=args.attn_densities, attn_block=args.attn_block,
-                  settings=settings)
+                  settings=settings, quality_settings=args.quality_settings)
     if args.variants:
         unknown = set(args.variants) - {v.name for v in vs}
         if unknown:

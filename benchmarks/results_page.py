@@ -55,28 +55,41 @@ def e2e_latest(e2e: dict) -> Dict[str, Dict[str, List[dict]]]:
     return out
 
 
+def _quality(row: dict) -> Optional[str]:
+    """A quality-setting row's held-out loss change and whole-schedule ratio to the strongest setup."""
+    if "quality_setting" not in row:
+        return None
+    delta = "not measured" if row.get("heldout_delta") is None else f"{100 * row['heldout_delta']:+.2f}%"
+    whole = ratio(row.get("schedule_speedup_vs_strongest"))
+    return f"held-out {delta}" + (f"; whole schedule {whole}" if whole else "")
+
+
 def e2e_section(e2e: dict) -> str:
     parts = ["## Whole training steps (`python -m benchmarks.e2e`)",
              "Random-init bf16 models from their Hugging Face configs, forward + backward + AdamW, median step. "
              "Variants: `eager` / `inductor` are PEFT's defaults (fp32 adapters); `inductor-bf16-adapters-cg` is the "
              "strongest dense setup (bf16 adapters, CUDA graphs); `lecompile-d<MLP density>[-a<attention "
              "density>][-cg]`. Density 1.0 is exact (loss at step 1 equal to eager's, `loss ok`); sparse rows are "
-             "*set* densities whose quality cost is under Quality below, not quality-checked ones. `of limit`: the "
-             "step's physical limit (its base GEMMs and attention at the GPU's bf16 GEMM rate) over the step time, "
-             "where the run recorded it; `compile s`: the first step (the variants of a case compile one after "
-             "another in one process and share Inductor's and Triton's caches, so a later variant may reuse kernels "
-             "an earlier one built: these are not cold-compile times)."]
+             "*set* densities whose quality cost is under Quality below, not quality-checked ones, except "
+             "`lecompile-<setting>` rows: a setting of the quality harness over its whole schedule (the median step "
+             "after its dense warm-up; `quality`: its held-out loss change against dense LoRA, and the mean step of "
+             "the whole schedule, warm-up and predictor refreshes included, against the strongest setup). "
+             "`of limit`: the step's physical limit (its base GEMMs and attention at the GPU's bf16 GEMM rate) over "
+             "the step time, where the run recorded it; `compile s`: the first step (the variants of a case compile "
+             "one after another in one process and share Inductor's and Triton's caches, so a later variant may reuse "
+             "kernels an earlier one built: these are not cold-compile times)."]
     order = sorted(e2e_latest(e2e).items(), key=lambda kv: kv[0] != "NVIDIA H200")
     for device, cases in order:
         parts.append(f"### {device}")
         for case, rows in cases.items():
             table = [[r["variant"], f"{r['ms']:.1f}", ratio(r.get("speedup_vs_eager")), ratio(r.get("speedup")),
                       ratio(r.get("speedup_vs_strongest")), _share(r.get("limit_ratio")), f"{r['peak_mem_gib']:.2f}",
-                      r.get("compile_s"), {True: "yes", False: "no"}.get(r.get("loss_matches_eager")), r["run"]]
+                      r.get("compile_s"), {True: "yes", False: "no"}.get(r.get("loss_matches_eager")), _quality(r),
+                      r["run"]]
                      for r in rows]
             parts.append(f"**{case}**\n\n" + markdown_table(
                 ["variant", "step ms", "vs eager", "vs Inductor", "vs strongest", "of limit", "peak GiB", "compile s",
-                 "loss ok", "run"], table))
+                 "loss ok", "quality", "run"], table))
     return "\n\n".join(parts)
 
 

@@ -223,3 +223,28 @@ def test_step_flops_count_moe_experts_at_the_routed_share():
     lora_router = 16 * (hidden + experts)
     lora = 16 * (2 * (hidden + hidden) + 2 * (hidden + kv)) + lora_experts + lora_router
     assert flops["adapter_gemm"] == pytest.approx(6 * layers * lora * tokens)
+
+
+def test_a_quality_setting_runs_its_whole_schedule_and_carries_its_measured_quality(monkeypatch):
+    measured = {"setting": "schedule-learned-0.5", "steps": 20, "heldout_delta": 0.0078, "passes": True}
+    monkeypatch.setattr(e2e, "quality_summary", lambda setting: measured)
+    (variant,) = e2e.variants(densities=(), baselines=False, quality_settings=["schedule-learned-0.5"])
+    assert variant.name == "lecompile-schedule-learned-0.5"
+    assert (variant.config.total_steps, variant.config.dense_warmup_steps) == (20, 2)  # as quality measured it
+    case = e2e.Case("tiny-llama", "lora", 2, 64, layers=4)  # the setting keeps the first 3 layers dense
+    (row,) = e2e.run_case(case, [variant], "cpu", steps=1, warmup=1)
+    assert "error" not in row, row.get("error")
+    assert row["mlp_rewritten"] == 1  # the fourth layer
+    assert row["quality_setting"] == "schedule-learned-0.5"
+    assert (row["heldout_delta"], row["quality_passes"]) == (0.0078, True)
+    assert row["schedule_ms"] == pytest.approx((2 * row["warmup_ms"] + 18 * row["mean_ms"]) / 20, abs=2e-3)
+    strongest = {"variant": "inductor-bf16-adapters", "ms": 2 * row["ms"], "mlp_density": 1.0, "attn_density": 1.0,
+                 "peak_mem_gib": 1.0, "loss_step1": 1.0}
+    e2e.add_ratios([strongest, row])
+    assert row["schedule_speedup_vs_strongest"] == pytest.approx(strongest["ms"] / row["schedule_ms"], rel=1e-3)
+
+
+@pytest.mark.parametrize("setting", ["dense", "no-such-setting"])
+def test_a_setting_that_is_no_lecompile_config_is_refused_by_name(setting):
+    with pytest.raises(ValueError, match=f"{setting!r} is not a lecompile setting.*schedule-learned-0.5"):
+        e2e.variants(densities=(), baselines=False, quality_settings=[setting])
