@@ -83,6 +83,36 @@ def autotuning() -> Iterator[Dict[str, dict]]:
                                    if key not in before}
 
 
+@contextlib.contextmanager
+def jit_compiles() -> Iterator[Dict[str, dict]]:
+    """Triton's just-in-time compiles in this process inside the block, disk-cache hits included:
+    yields ``{kernel name: {"seconds", "compiles"}}``, filled as the block runs. These are the
+    kernels launched from Python (custom ops' own kernels, and every config the autotuner times);
+    Inductor compiles its kernels in worker processes, which this does not see."""
+    try:
+        from triton.runtime.jit import JITFunction
+    except ImportError:
+        yield {}
+        return
+    spent: Dict[str, dict] = {}
+    compile_ = JITFunction._do_compile
+
+    def timed(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return compile_(self, *args, **kwargs)
+        finally:
+            entry = spent.setdefault(getattr(self, "__name__", repr(self)), {"seconds": 0.0, "compiles": 0})
+            entry["seconds"] += time.perf_counter() - start
+            entry["compiles"] += 1
+
+    JITFunction._do_compile = timed
+    try:
+        yield spent
+    finally:
+        JITFunction._do_compile = compile_
+
+
 def autotune_seconds(tuned: Dict[str, dict]) -> float:
     """All seconds of an :func:`autotuning` record."""
     return round(sum(entry["seconds"] for entry in tuned.values()), 1)

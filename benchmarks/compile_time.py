@@ -7,14 +7,18 @@ Each (case, variant) of :mod:`benchmarks.e2e` compiles in two fresh processes th
 directory of their own (``TORCHINDUCTOR_CACHE_DIR``, ``TRITON_CACHE_DIR``, nothing from other
 variants or earlier runs): the first starts cold, the second warm, as a second run of the same
 training script on the same machine would. Each process times the first training step (forward,
-backward, AdamW: everything compiles there) and breaks it into disjoint phases from
-``torch._dynamo.utils.compile_times()``: Dynamo's tracing, lecompile's passes, the frozen-weight
+backward, AdamW: everything compiles there) and breaks it into disjoint phases: from
+``torch._dynamo.utils.compile_times()``, Dynamo's tracing, lecompile's passes, the frozen-weight
 caches the passes fill (predictor factors, neuron-major copies), AOTAutograd's joint graph and
-partition, Inductor's compiles (forward and backward), and the part Triton's autotuner took (per
-kernel in ``cold_autotune``, with the config each key chose). Rows carry both processes' seconds
-and their second step's (the step itself, without compiling: on the CPU a large share of the
-first), the warm process's cache hits, and the cold compile over the same case's ``inductor``
-and strongest (``inductor-bf16-adapters-cg``) rows when they ran.
+partition, Inductor's compiles (forward and backward); measured in the process, the part Triton's
+autotuner took (per kernel in ``cold_autotune``, with the config each key chose) and Triton's
+just-in-time compiles of the other kernels launched from Python (the custom ops' own, per kernel
+in ``cold_triton_jit``). ``cold_metrics`` keeps every ``compile_times()`` entry of a tenth of a
+second or more, for what the phases do not split (Inductor's kernel compiles and benchmarks, for
+one). Rows carry both processes' seconds and their second step's (the step itself, without
+compiling: on the CPU a large share of the first), the warm process's cache hits, and the cold
+compile over the same case's ``inductor`` and strongest (``inductor-bf16-adapters-cg``) rows when
+they ran.
 Writes ``compile_time.json`` and ``compile_time.png``.
 """
 
@@ -33,7 +37,16 @@ from typing import List, Sequence, Tuple
 
 import torch
 
-from benchmarks.common import RESULTS, autotune_record, autotune_seconds, autotuning, command_line, meta, write_results
+from benchmarks.common import (
+    RESULTS,
+    autotune_record,
+    autotune_seconds,
+    autotuning,
+    command_line,
+    jit_compiles,
+    meta,
+    write_results,
+)
 
 #: ``torch._dynamo.utils.compile_times()`` keys summed into each phase of a row.
 PHASES = {
@@ -46,6 +59,8 @@ PHASES = {
 #: Cache counters of the warm process (``torch._dynamo.utils.counters``), by group.
 CACHE_COUNTERS = {"aot_autograd": ("autograd_cache_hit", "autograd_cache_miss"),
                   "inductor": ("fxgraph_cache_hit", "fxgraph_cache_miss")}
+#: Phases measured in the process itself (Triton's autotuner; other just-in-time Triton compiles).
+MEASURED_PHASES = ("autotune", "triton_jit")
 STRONGEST = "inductor-bf16-adapters-cg"
 
 
@@ -61,7 +76,7 @@ def first_step(model: str, variant: str, shape: str, layers, device: str) -> dic
     case = e2e.Case(model, "lora", *parse_shape(shape), layers=layers)
     step = e2e.training_step(case, chosen[variant], device)
     start = time.perf_counter()
-    with autotuning() as tuned:
+    with autotuning() as tuned, jit_compiles() as compiled:
         loss = step().item()  # .item() waits for the GPU
     seconds = time.perf_counter() - start
     start = time.perf_counter()
@@ -71,9 +86,15 @@ def first_step(model: str, variant: str, shape: str, layers, device: str) -> dic
     phases["lecompile_passes"] -= phases["lecompile_weight_caches"]  # the passes fill the caches: disjoint phases
     phases = {name: round(value, 2) for name, value in phases.items()}
     phases["autotune"] = autotune_seconds(tuned)
+    jit = {name: dict(entry, seconds=round(entry["seconds"], 2)) for name, entry in sorted(compiled.items())
+           if name not in tuned}  # an autotuned kernel's compiles are in its autotuning
+    phases["triton_jit"] = round(sum(entry["seconds"] for entry in jit.values()), 2)
+    metrics = {key: round(sum(values), 2) for key, values in sorted(compilation_time_metrics.items())
+               if sum(values) >= 0.1}
     caches = {name: counters[group][name] for group, names in CACHE_COUNTERS.items() for name in names}
     return {"first_step_s": round(seconds, 2), "next_step_s": round(next_seconds, 2), "phases": phases,
-            "caches": caches, "loss_step1": round(loss, 5), "autotune": autotune_record(tuned)}
+            "caches": caches, "loss_step1": round(loss, 5), "autotune": autotune_record(tuned), "triton_jit": jit,
+            "metrics": metrics}
 
 
 def parse_shape(shape: str) -> Tuple[int, int]:
@@ -134,6 +155,8 @@ def measure(model: str, variant: str, shape: str, layers, device: str, timeout: 
             row[f"{run}_loss_step1"] = result["loss_step1"]
             if run == "cold":
                 row["cold_autotune"] = result["autotune"]
+                row["cold_triton_jit"] = result["triton_jit"]
+                row["cold_metrics"] = result["metrics"]
             else:
                 row["warm_caches"] = result["caches"]
     return row
@@ -162,12 +185,12 @@ def plot(rows: List[dict], path) -> None:
               + (f"\nrun {r['run']}" if "run" in r else "") for r in done]
     xs = range(len(done))
     bottom = [0.0] * len(done)
-    for phase in (*PHASES, "autotune"):
+    for phase in (*PHASES, *MEASURED_PHASES):
         values = [r["cold_phases"].get(phase, 0.0) for r in done]
         ax.bar([x - 0.2 for x in xs], values, 0.4, bottom=bottom, label=f"cold: {phase}")
         bottom = [b + v for b, v in zip(bottom, values)]
     ax.bar([x - 0.2 for x in xs], [r["cold_s"] - b for r, b in zip(done, bottom)], 0.4, bottom=bottom,
-           label="cold: the rest (graph setup, Triton compiles without autotuning, the step)", color="lightgrey")
+           label="cold: the rest (graph setup, CUDA graph capture, the step)", color="lightgrey")
     ax.bar([x + 0.2 for x in xs], [r["warm_s"] for r in done], 0.4, label="warm process", color="black")
     ax.set_xticks(list(xs), labels, fontsize=7, rotation=20, ha="right")
     ax.set(ylabel="first training step (s)", title="compile time: a cold process, then a warm one")

@@ -113,9 +113,9 @@ def breakdown_section(breakdown: dict) -> str:
 
 def compile_section(compile_time: dict) -> str:
     """First-step seconds of a cold process and a warm one, and where the cold one's went."""
-    from benchmarks.compile_time import PHASES
+    from benchmarks.compile_time import MEASURED_PHASES, PHASES
     runs = {r["run"]: r for r in compile_time["meta"].get("runs", [])}
-    phases = [*PHASES, "autotune"]
+    phases = [*PHASES, *MEASURED_PHASES]
     table = []
     for r in compile_time["rows"]:
         if "cold_s" not in r:
@@ -125,14 +125,15 @@ def compile_section(compile_time: dict) -> str:
         table.append([r.get("run"), device, f"{r['model']}{layers} {r['shape']}", r["variant"], r["cold_s"],
                       r.get("warm_s"), r.get("cold_next_step_s"), ratio(r.get("cold_vs_inductor")),
                       ratio(r.get("cold_vs_strongest")),
-                      *(r["cold_phases"].get(p) for p in phases)])
+                      *(r["cold_phases"].get(p, "-") for p in phases)])
     return "\n\n".join([
         "## Compile time (`python -m benchmarks.compile_time`)",
         "The first training step (LoRA on every linear, random-init model) in a cold process, then in a warm one "
         "that finds only the first one's caches, and a later step (the step itself, without compiling); the cold "
         "step's seconds in Dynamo's tracing, lecompile's passes, the frozen-weight caches they fill (predictor "
-        "factors), AOTAutograd, Inductor (forward and backward) and Triton's autotuner. On the CPU Inductor compiles "
-        "C++ and no Triton kernel is tuned.",
+        "factors), AOTAutograd, Inductor (forward and backward), Triton's autotuner and Triton's other compiles in "
+        "the process (the custom ops' kernels; rows before it was measured show `-`). On the CPU Inductor compiles "
+        "C++ and no Triton kernel runs.",
         markdown_table(["run", "device", "case", "variant", "cold s", "warm s", "later step s", "vs Inductor",
                         "vs strongest", *(f"{p} s" for p in phases)], table)]
         + (["Runs:\n\n" + "\n".join(f"- run {r['run']} ({r['date']}, {r['git_commit']}): {r['what']}"

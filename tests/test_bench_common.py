@@ -3,8 +3,9 @@
 import time
 
 from triton.runtime.autotuner import Autotuner
+from triton.runtime.jit import JITFunction
 
-from benchmarks.common import autotune_seconds, autotuning
+from benchmarks.common import autotune_seconds, autotuning, jit_compiles
 
 
 class _Tuner:
@@ -44,3 +45,25 @@ def test_autotuning_adds_up_each_kernels_config_timings_and_restores_the_autotun
     assert tuned["_kernel_a"]["seconds"] >= 0.03 and tuned["_kernel_b"]["seconds"] >= 0.01
     assert tuned["_kernel_a"]["best"] == {"(4096, 'bf16')": "BLOCK_M: 128"}  # not the key tuned before
     assert autotune_seconds(tuned) == round(tuned["_kernel_a"]["seconds"] + tuned["_kernel_b"]["seconds"], 1)
+
+
+class _Kernel:
+    """Stands in for a Triton JIT function: ``__name__`` is its name."""
+
+    def __init__(self, name):
+        self.__name__ = name
+
+
+def test_jit_compiles_adds_up_each_kernels_compiles_and_restores_triton(monkeypatch):
+    def compile_(self, *args, **kwargs):
+        time.sleep(0.01)
+        return f"binary of {self.__name__}"
+
+    monkeypatch.setattr(JITFunction, "_do_compile", compile_)
+    a, b = _Kernel("_norm_kernel"), _Kernel("_loss_kernel")
+    with jit_compiles() as compiled:
+        for kernel in (a, a, b):
+            assert JITFunction._do_compile(kernel, "key", "signature") == f"binary of {kernel.__name__}"
+    assert JITFunction._do_compile is compile_
+    assert {name: entry["compiles"] for name, entry in compiled.items()} == {"_norm_kernel": 2, "_loss_kernel": 1}
+    assert compiled["_norm_kernel"]["seconds"] >= 0.02 and compiled["_loss_kernel"]["seconds"] >= 0.01
