@@ -101,6 +101,14 @@ def _gpt_neox(hidden, ffn, layers, heads, **kw):
                          attention_dropout=0.0, hidden_dropout=0.0, **kw)
 
 
+def _smollm2():
+    """SmolLM2-135M-Instruct's config as the quality harness loads it."""
+    from transformers import LlamaConfig
+
+    from benchmarks.quality import SMOLLM2_CONFIG
+    return LlamaConfig(**SMOLLM2_CONFIG)
+
+
 #: Model configs by name (Hugging Face's published shapes); ``tiny-*`` ones are for CPU checks.
 MODELS: Dict[str, Callable] = {
     "opt-350m": lambda: _opt(1024, 4096, 24, 16, proj=512, do_layer_norm_before=False),
@@ -114,6 +122,7 @@ MODELS: Dict[str, Callable] = {
     "phi-3-mini": lambda: _llama(3072, 8192, 32, 32, 32, vocab=32064, config="Phi3Config", pad_token_id=0,
                                  bos_token_id=1, eos_token_id=2),
     "pythia-1.4b": lambda: _gpt_neox(2048, 8192, 24, 16),
+    "smollm2-135m": lambda: _smollm2(),  # the quality harness's model (benchmarks.quality)
     "mixtral-8x7b": lambda: _llama(4096, 14336, 32, 32, 8, vocab=32000, config="MixtralConfig", num_local_experts=8,
                                    num_experts_per_tok=2),
     "tiny-opt": lambda: _opt(64, 256, 2, 4, vocab_size=256),
@@ -584,6 +593,7 @@ def training_step(case: Case, variant: Variant, device: str) -> Callable[[], tor
 
 
 SHAPES = {"8x512": (8, 512), "4x1024": (4, 1024), "2x2048": (2, 2048),
+          "8x256": (8, 256),  # the quality harness's batches
           # long-context fine-tuning: one sequence per step
           "1x4096": (1, 4096), "1x8192": (1, 8192), "1x16384": (1, 16384), "1x32768": (1, 32768)}
 
