@@ -51,7 +51,7 @@ from typing import Dict, List, Optional
 import torch
 from tqdm.auto import tqdm
 
-from benchmarks.common import RESULTS, autotune_seconds, autotuning, command_line, meta, write_results
+from benchmarks.common import RESULTS, autotune_record, autotune_seconds, autotuning, command_line, meta, write_results
 from examples.data import load_model, pydoc_text
 from examples.demo import lora_model
 
@@ -329,7 +329,7 @@ def train_run(base, task: Task, name: str, options: Optional[dict], steps: int, 
             # train_seconds - steps * median_step_seconds: about what compiling took, autotune_s of it
             # in Triton's autotuner
             "median_step_seconds": round(statistics.median(times), 4),
-            "autotune_s": autotune_seconds(tuned),
+            "autotune_s": autotune_seconds(tuned), "autotune": autotune_record(tuned),
             **{k: round(v, 5) for k, v in evaluate(model, task, device).items()}, "losses": losses}
 
 

@@ -93,6 +93,7 @@ def test_a_few_steps_through_the_compiled_path():
     # 4 layers, 3 dense; 1 warm-up step dense: kept = 1/4 + 3/4 * (3/4 + 1/4 * (0.5 + 0.5 * 0.25))
     assert abs(run["kept_mlp"] - (0.25 + 0.75 * (0.75 + 0.25 * 0.625))) < 1e-3, run["kept_mlp"]
     assert len(run["losses"]) == 4 and run["seed"] == 0 and run["steps"] == 4
+    assert run["autotune"] == {} and run["autotune_s"] == 0.0  # the CPU runs no Triton kernel
     dense = quality.train_run(tiny_llama(), task, "dense", None, steps=4, seed=0, batch_size=2, lr=1e-3, device="cpu")
     assert dense["kept_mlp"] == 1.0 and dense["step1_loss"] == run["step1_loss"]  # step 1 is the dense warm-up
     assert 0 < 4 * dense["median_step_seconds"] < dense["train_seconds"]  # its first step compiled
