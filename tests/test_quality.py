@@ -201,3 +201,18 @@ def test_warm_runs_build_smollm2_as_its_model_file_loads():
     assert layout(warm) == layout(real)
     public = lambda model: {k: v for k, v in model.config.to_dict().items() if not k.startswith("_")}  # noqa: E731
     assert public(warm) == public(real)
+
+
+@pytest.mark.slow
+def test_cudagraphs_reach_both_compiles_and_show_in_the_row(monkeypatch):
+    compiles = []
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compiles.append(kw) or real(model, **kw))
+    task = quality.random_task(256, 128)
+    options = dict(quality.settings(2)["svd-0.5"], k_align=64)
+    for setting, opts in (("dense", None), ("svd-0.5", options)):
+        run = quality.train_run(tiny_llama(), task, setting, opts, steps=2, seed=0, batch_size=2, lr=1e-3,
+                                device="cpu", cudagraphs=True)  # the CPU compiles them without graphs
+        assert run["cudagraphs"] is True and len(run["losses"]) == 2
+    assert compiles[0]["mode"] == "reduce-overhead"
+    assert compiles[1]["backend"].config.cudagraphs is True
