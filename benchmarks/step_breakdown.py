@@ -112,7 +112,7 @@ def profile_variant(case: e2e.Case, variant: e2e.Variant, device: str, steps: in
     if torch.device(device).type != "cuda":
         raise ValueError(f"the step breakdown sorts GPU kernels: run it on a CUDA device, not {device!r}")
     step = e2e.training_step(case, variant, device)
-    for _ in range(3):
+    for _ in range(3 + (variant.config.dense_warmup_steps if variant.quality_setting else 0)):  # into the sparse phase
         step()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
@@ -158,14 +158,19 @@ def main(argv=None) -> int:
     parser.add_argument("--densities", nargs="+", type=float, default=[1.0],
                         help="MLP densities of the lecompile variants to choose from")
     parser.add_argument("--attn-densities", nargs="+", type=float, default=[1.0])
+    parser.add_argument("--quality-settings", nargs="+", default=[], metavar="SETTING",
+                        help="lecompile variants configured as these settings of the quality harness, profiled "
+                             "after their dense warm-up (e.g. schedule-learned-0.5)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS),
-                        help="variants as named in e2e's results (e.g. lecompile-d0.5-a0.5)")
+                        help="variants as named in e2e's results (e.g. lecompile-d0.5-a0.5, "
+                             "lecompile-schedule-learned-0.5)")
     parser.add_argument("--steps", type=int, default=3, help="profiled steps per variant")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", default=str(RESULTS), help="folder for step_breakdown.json and .png")
     args = parser.parse_args(argv)
     device = args.device
-    available = e2e.variants(densities=args.densities, attn_densities=args.attn_densities)
+    available = e2e.variants(densities=args.densities, attn_densities=args.attn_densities,
+                             quality_settings=args.quality_settings)
     unknown = sorted(set(args.variants) - {v.name for v in available})
     if unknown:
         raise ValueError(f"unknown variants {unknown}; with these densities: {[v.name for v in available]}")

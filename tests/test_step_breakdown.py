@@ -59,6 +59,13 @@ def test_unknown_variants_are_named():
         step_breakdown.main(["--variants", "lecompile-d0.5", "--out", "unused"])
 
 
+def test_a_quality_setting_is_a_variant_to_profile():
+    with pytest.raises(ValueError, match="run it on a CUDA device"):  # known, and built before profiling
+        step_breakdown.main(["--quality-settings", "schedule-learned-0.5", "--variants",
+                             "lecompile-schedule-learned-0.5", "--models", "tiny-llama", "--device", "cpu",
+                             "--out", "unused"])
+
+
 def test_lora_gemm_kernels_are_named_as_defined():
     """A renamed kernel would fall into ``rest`` unnoticed (it once did: the LoRA-in-GEMM kernel's
     time showed as 'rest' in the first H200 breakdown)."""
