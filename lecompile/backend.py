@@ -26,6 +26,7 @@ from .passes.graph import loss_output
 from .report import Report
 from .specialize import ShapeSpecialized, concrete_inputs, specialize, symbolic_inputs
 from .warmup import WarmupSwitch, copy_graph, optimizer_steps
+from .weight_cache import finish_prefetches
 
 log = logging.getLogger("lecompile")
 UNTRACEABLE_GROUPED_MM = (
@@ -165,12 +166,16 @@ class LongExposureBackend:
                         "torch.compile(..., mode=\"reduce-overhead\"); not with FSDP2 "
                         "(docs/training-stacks.md).", report.mlp_rewritten)
         try:
-            return self._lower(gm, example_inputs, patches, config)
+            compiled = self._lower(gm, example_inputs, patches, config)
         except DataDependentOutputException:
             if _calls_untraceable_grouped_mm(gm):
                 report.notes.append(UNTRACEABLE_GROUPED_MM)
                 log.warning("lecompile: %s", UNTRACEABLE_GROUPED_MM)
             raise
+        # The predictor factors the passes started on the background thread, computed while Inductor compiled.
+        with dynamo_timed("lecompile_weight_caches_wait"):
+            finish_prefetches()
+        return compiled
 
     def _lower(self, gm: fx.GraphModule, example_inputs, patches: dict, config: LongExposureConfig):
         """The rewritten graph through AOTAutograd and Inductor."""

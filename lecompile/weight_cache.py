@@ -3,12 +3,17 @@
 An entry is reused while the weight's storage is alive and its version counter unchanged, so an
 in-place update (an optimizer step on a trainable weight, ``load_state_dict``) is noticed, and a
 new tensor that happens to reuse a freed address is never served a stale value.
+
+A value can be started early on a background thread (:meth:`WeightCache.prefetch`) while the
+caller goes on (the passes prefetch predictor factors, then Inductor compiles);
+:func:`finish_prefetches` waits for all of them and then runs the work queued for after them.
 """
 
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Dict, Tuple
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -22,10 +27,24 @@ class WeightCache:
         self._entries: Dict[tuple, Tuple[StorageWeakRef, int, Any]] = {}
 
     def __call__(self, weight: torch.Tensor, *args) -> Any:
-        hit = self._entries.get(_key(weight, args))
+        key = _key(weight, args)
+        hit = self._entries.get(key)
         if hit is None or hit[0].expired() or hit[1] != weight._version:
             return self.put(weight, args, _outside_graph_pools(self.compute, weight.detach(), *args))
-        return hit[2]
+        return self._resolve(key)
+
+    def prefetch(self, weight: torch.Tensor, *args) -> None:
+        """Start ``compute(weight, *args)`` on lecompile's background thread unless it is cached; a
+        call for it waits for it, and so does :func:`finish_prefetches`."""
+        key = _key(weight, args)
+        hit = self._entries.get(key)
+        if hit is not None and not hit[0].expired() and hit[1] == weight._version:
+            return
+        if weight.is_cuda:  # the weight's data, as the caller's stream sees it, before the other thread reads it
+            torch.cuda.current_stream(weight.device).synchronize()
+        future = _background().submit(_synchronized, self.compute, weight.detach(), *args)
+        _prefetching.append((self, key))
+        self.put(weight, args, future)
 
     def put(self, weight: torch.Tensor, args: tuple, value: Any) -> Any:
         """Cache ``value`` as ``compute(weight, *args)`` for the weight's current version."""
@@ -36,7 +55,7 @@ class WeightCache:
     def entries_of(self, weight: torch.Tensor) -> Dict[tuple, Any]:
         """``{args: value}`` of the entries cached for the weight's current version."""
         head = _key(weight, ())
-        return {key[len(head):]: value for key, (ref, version, value) in self._entries.items()
+        return {key[len(head):]: self._resolve(key) for key, (ref, version, _) in list(self._entries.items())
                 if key[:len(head)] == head and not ref.expired() and version == weight._version}
 
     def clear(self) -> None:
@@ -44,11 +63,59 @@ class WeightCache:
 
     def values(self) -> list:
         """The cached values of the weights still alive."""
-        return [value for ref, _, value in self._entries.values() if not ref.expired()]
+        return [self._resolve(key) for key, (ref, _, _) in list(self._entries.items()) if not ref.expired()]
+
+    def _resolve(self, key: tuple) -> Any:
+        """The entry's value, once its prefetch (if it was one) is done; errors raise here."""
+        ref, version, value = self._entries[key]
+        if isinstance(value, Future):
+            value = value.result()
+            self._entries[key] = (ref, version, value)
+        return value
 
     def _prune(self) -> None:
         for key in [k for k, (ref, _, _) in self._entries.items() if ref.expired()]:
             del self._entries[key]
+
+
+_executor: Optional[ThreadPoolExecutor] = None
+_prefetching: List[Tuple[WeightCache, tuple]] = []  # entries that may still hold a Future
+_after_prefetches: List[Callable[[], None]] = []
+
+
+def _background() -> ThreadPoolExecutor:
+    global _executor
+    if _executor is None:  # one thread: prefetches run in order, never two on the GPU at once
+        _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lecompile-prefetch")
+    return _executor
+
+
+def after_prefetches(work: Callable[[], None]) -> None:
+    """Run ``work()`` in :func:`finish_prefetches`, after the prefetches started before it."""
+    _after_prefetches.append(work)
+
+
+def finish_prefetches() -> None:
+    """Wait for every prefetch started so far (errors raise here), then run the work queued with
+    :func:`after_prefetches`. The backend calls it once a graph is compiled, before it ever runs:
+    no prefetch is left running while a CUDA graph is captured."""
+    while _prefetching:
+        cache, key = _prefetching.pop(0)
+        if key in cache._entries:
+            cache._resolve(key)
+    while _after_prefetches:
+        _after_prefetches.pop(0)()
+
+
+def _synchronized(compute: Callable[..., Any], weight: torch.Tensor, *args) -> Any:
+    """``compute(weight, *args)``, done on the GPU too when it returns. On the background thread
+    (default thread-local state) it allocates from PyTorch's ordinary CUDA memory."""
+    if not weight.is_cuda:
+        return compute(weight, *args)
+    with torch.cuda.device(weight.device):
+        value = compute(weight, *args)
+        torch.cuda.current_stream().synchronize()
+    return value
 
 
 def _key(weight: torch.Tensor, args: tuple) -> tuple:

@@ -2,6 +2,7 @@
 ``lecompile::observe_mlp``, which records an MLP's input on calibration steps (for the learned
 predictor and the density guard)."""
 
+import functools
 from typing import List
 
 import torch
@@ -9,6 +10,7 @@ import torch
 from .. import calibration
 from ..guard import guard_of
 from ..ops.adapted_linear import SLOTS, unpack_mlp
+from ..weight_cache import after_prefetches
 from .learned import RECORDED_TOKENS, learned_factors, learned_group_scores, observe
 from .oracle import oracle_group_scores
 from .svd import svd_factors, svd_group_scores
@@ -73,12 +75,16 @@ def predict_neurons(x: Tensor, params: List[Tensor], slots: List[int], lora_scal
 
 
 def prepare_predictor(method: str, weights: List[Tensor], rank: int) -> None:
-    """Compute the per-weight state ``method`` caches for these frozen weights (fc1's, up's)."""
-    cache = {"svd": svd_factors, "learned": learned_factors}.get(method)
-    if cache is None:
+    """Start the per-weight state ``method`` caches for these frozen weights (fc1's, up's): their
+    SVD factors on the background thread (:meth:`~lecompile.weight_cache.WeightCache.prefetch`),
+    the learned predictor's factors from them once :func:`~lecompile.weight_cache.finish_prefetches`
+    has waited for those."""
+    if method not in ("svd", "learned"):
         return
     for w in weights:
-        cache(w, rank)
+        svd_factors.prefetch(w, rank)
+        if method == "learned":
+            after_prefetches(functools.partial(learned_factors, w, rank))
 
 
 def _unpack_predictor_inputs(x: Tensor, params: List[Tensor], slots: List[int], lora_scales: List[float]):
