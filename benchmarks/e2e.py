@@ -15,10 +15,11 @@ a random-init bf16 model built from its config (weights identical across variant
 - ``-cg`` suffix (``--cudagraphs``): the same replayed as CUDA graphs (Inductor's
   ``mode="reduce-overhead"``, lecompile's ``cudagraphs=True``);
 - ``lecompile-<setting>`` (``--quality-settings``): the backend configured as that setting of the
-  quality harness (:func:`benchmarks.quality.settings`, e.g. ``schedule-learned-0.5``), with the
-  ``total_steps`` its quality was measured at; its dense warm-up runs before the timed steps, which
-  cover one ``calibrate_every`` period (``mean_ms`` counts the predictor's refresh), and the row
-  carries ``heldout_delta`` from ``quality.json`` and ``schedule_ms``, the mean step over the whole
+  quality harness (:func:`benchmarks.quality.settings`, e.g. ``schedule-learned-0.5``, or
+  ``attn-0.5`` of its long-context task), with the ``total_steps`` its quality was measured at; its
+  dense warm-up runs before the timed steps, which cover one ``calibrate_every`` period where a
+  predictor is refreshed (``mean_ms`` counts it), and the row carries ``heldout_delta`` from
+  ``quality.json`` (``quality_recall.json``) and ``schedule_ms``, the mean step over the whole
   schedule (warm-up steps at their measured time);
 - ``sparselora-d<density>``: SparseLoRA's way of running sparse MLPs (SVD-scored neurons per
   batch, base weights sliced every step, dense eager matmuls: :mod:`benchmarks.sparselora`) at
@@ -237,11 +238,22 @@ def variants(densities: Sequence[float] = (1.0, 0.5, 0.25, 0.15), predictor: str
     return out
 
 
+def quality_task(setting: str) -> Optional[str]:
+    """The quality harness's task ``setting`` belongs to: the short mixed one (MLP settings) before
+    the long-context recall one (attention settings); ``None`` for neither."""
+    from benchmarks import quality
+    return next((task for task in ("mixed", "recall") if setting in quality.settings(quality.STEPS, task)), None)
+
+
 def quality_summary(setting: str) -> Optional[dict]:
-    """``setting``'s summary in ``benchmarks/results/quality.json`` (``None`` if not measured)."""
+    """``setting``'s summary in its task's results file (``benchmarks/results/quality.json``,
+    ``quality_recall.json``); ``None`` if not measured."""
     import json
-    path = RESULTS / "quality.json"
-    summary = json.loads(path.read_text())["summary"] if path.exists() else []
+
+    from benchmarks import quality
+    task = quality_task(setting)
+    path = RESULTS / f"{quality.results_name(task)}.json" if task else None
+    summary = json.loads(path.read_text())["summary"] if path is not None and path.exists() else []
     return next((s for s in summary if s["setting"] == setting), None)
 
 
@@ -250,13 +262,12 @@ def quality_setting_config(setting: str, cudagraphs: bool) -> LongExposureConfig
     step count its quality was measured at (a schedule's warm-up and decay follow ``total_steps``);
     a ``ValueError`` names the settings there are."""
     from benchmarks import quality
-    summary = quality_summary(setting)
+    task, summary = quality_task(setting), quality_summary(setting)
     steps = summary["steps"] if summary else quality.STEPS
-    options = quality.settings(steps).get(setting)
+    options = quality.settings(steps, task).get(setting) if task else None
     if options is None:
-        lecompile_settings = sorted(k for k, v in quality.settings(steps).items() if v is not None)
-        raise ValueError(f"{setting!r} is not a lecompile setting of the quality harness; choose from "
-                         f"{lecompile_settings}")
+        known = sorted({k for t in ("mixed", "recall") for k, v in quality.settings(steps, t).items() if v is not None})
+        raise ValueError(f"{setting!r} is not a lecompile setting of the quality harness; choose from {known}")
     return LongExposureConfig.create(**options, cudagraphs=cudagraphs)
 
 
@@ -382,7 +393,7 @@ def run_variant(case: Case, variant: Variant, device: str, steps: int = 20, warm
 
     schedule = variant.config is not None and variant.quality_setting is not None
     dense_steps = variant.config.dense_warmup_steps if schedule else 0
-    if schedule:  # one refresh of the predictor in the timed steps
+    if schedule and variant.config.calibrated:  # one refresh of the predictor in the timed steps
         steps = max(steps, variant.config.tuning.calibrate_every)
     with _tf32(variant.tf32):
         t0 = time.perf_counter()
@@ -421,7 +432,7 @@ def run_variant(case: Case, variant: Variant, device: str, steps: int = 20, warm
     # The mean counts the rare slow steps the median hides (calibration steps, one in calibrate_every).
     extra["mean_ms"] = round(statistics.mean(times), 3)
     if schedule:
-        total = variant.config.total_steps
+        total = max(variant.config.total_steps, 1)  # 0: a setting without a schedule
         warmup_ms = statistics.median(dense_times) if dense_times else 0.0
         summary = quality_summary(variant.quality_setting)
         extra.update(quality_setting=variant.quality_setting, dense_warmup_steps=dense_steps, total_steps=total,
@@ -677,7 +688,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-baselines", action="store_true", help="lecompile variants only")
     parser.add_argument("--quality-settings", nargs="+", default=[], metavar="SETTING",
                         help="lecompile variants configured as these settings of the quality harness (e.g. "
-                             "schedule-learned-0.5): whole schedule, rows with the held-out loss change measured")
+                             "schedule-learned-0.5, attn-0.5): whole schedule, rows with the held-out loss change "
+                             "measured")
     parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
                         help="settings of every lecompile variant, e.g. svd_rank=16 disable=fuse_loss")
     parser.add_argument("--inductor-option", nargs="+", default=[], metavar="KEY=VALUE",

@@ -564,9 +564,14 @@ def measured(results: Path, steps: int) -> set:
     return {(r["setting"], r["seed"]) for r in json.loads(results.read_text())["rows"] if r["steps"] == steps}
 
 
+def results_name(task: str) -> str:
+    """The results file's name (without ``.json``) of ``task``'s runs."""
+    return "quality" if task == "mixed" else f"quality_{task}"
+
+
 def _write(args, runs: List[dict], failed: List[dict]) -> Path:
     runs = sorted(runs, key=lambda r: (r["setting"], r["seed"]))
-    name = "quality" if args.task == "mixed" else f"quality_{args.task}"
+    name = results_name(args.task)
     data = {"meta": meta(name, command_line(), model="SmolLM2-135M-Instruct (GGUF Q4_1, dequantized)",
                          lora="r=16, alpha=32, on " + ",".join(TARGETS), batch=args.batch_size, seq=args.seq_len,
                          lr=args.lr, answer_tokens=ANSWER_TOKENS if args.task == "mixed" else RECALL_TOKENS,

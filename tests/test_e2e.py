@@ -248,3 +248,13 @@ def test_a_quality_setting_runs_its_whole_schedule_and_carries_its_measured_qual
 def test_a_setting_that_is_no_lecompile_config_is_refused_by_name(setting):
     with pytest.raises(ValueError, match=f"{setting!r} is not a lecompile setting.*schedule-learned-0.5"):
         e2e.variants(densities=(), baselines=False, quality_settings=[setting])
+
+
+def test_an_attention_setting_takes_its_quality_from_the_long_context_results(monkeypatch, tmp_path):
+    (tmp_path / "quality_recall.json").write_text(json.dumps({"summary": [
+        {"setting": "attn-0.5", "steps": 300, "heldout_delta": 0.004, "passes": True}]}))
+    monkeypatch.setattr(e2e, "RESULTS", tmp_path)
+    (variant,) = e2e.variants(densities=(), baselines=False, quality_settings=["attn-0.5"])
+    assert (variant.name, variant.config.attn_density, variant.config.mlp_density) == ("lecompile-attn-0.5", 0.5, 1.0)
+    assert e2e.quality_summary("attn-0.5")["heldout_delta"] == 0.004
+    assert e2e.quality_summary("schedule-learned-0.5") is None  # no quality.json in this folder
