@@ -39,7 +39,8 @@ A step is forward + backward + AdamW. Rows carry the median step time (and the m
 ``mean_ms``, which counts calibration steps) over ``steps`` timed steps (after compilation and
 warm-up), tokens/s, peak memory, compile time (the first step; the strongest baseline's beside
 it; ``autotune_s`` of it went to Triton's autotuner, ``autotune`` per kernel: seconds, configs
-timed and the config each key chose) and the loss of step 1, checked against eager's at density 1.0. On a GPU in
+timed and the config each key chose) and the loss of step 1, checked against eager's at density 1.0; other
+lecompile rows carry ``speedup_vs_d1`` and ``mem_vs_d1``, against density 1.0 replayed the same way. On a GPU in
 :data:`GEMM_TFLOPS` they carry the step's physical limit too (:func:`limit_ms`) and
 ``limit_ratio`` = limit / step time.
 """
@@ -575,6 +576,11 @@ def add_ratios(rows: List[dict]) -> None:
         sparselora = by.get(f"sparselora-d{r['mlp_density']:g}")
         if sparselora is not None and r["variant"].startswith("lecompile"):
             r["speedup_vs_sparselora"] = round(sparselora["ms"] / r["ms"], 3)
+        dense = by.get("lecompile-d1" + ("-cg" if r.get("cudagraphs") else ""))  # the exact variant, same replay
+        if dense is not None and r["variant"].startswith("lecompile") and dense is not r:
+            r.update(speedup_vs_d1=round(dense["ms"] / r["ms"], 3),
+                     mem_vs_d1=round(r["peak_mem_gib"] / dense["peak_mem_gib"], 3)
+                     if dense["peak_mem_gib"] == dense["peak_mem_gib"] else None)
 
 
 def training_step(case: Case, variant: Variant, device: str) -> Callable[[], torch.Tensor]:

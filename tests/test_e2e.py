@@ -258,3 +258,16 @@ def test_an_attention_setting_takes_its_quality_from_the_long_context_results(mo
     assert (variant.name, variant.config.attn_density, variant.config.mlp_density) == ("lecompile-attn-0.5", 0.5, 1.0)
     assert e2e.quality_summary("attn-0.5")["heldout_delta"] == 0.004
     assert e2e.quality_summary("schedule-learned-0.5") is None  # no quality.json in this folder
+
+
+def test_sparse_rows_compare_with_the_exact_variant_of_the_same_replay():
+    def row(variant, ms, peak, cudagraphs):
+        return dict(variant=variant, ms=ms, peak_mem_gib=peak, cudagraphs=cudagraphs, mlp_density=1.0,
+                    attn_density=1.0, loss_step1=1.0)
+
+    rows = [row("lecompile-d1", 60.0, 4.0, False), row("lecompile-d1-cg", 50.0, 2.0, True),
+            row("lecompile-schedule-learned-0.5", 48.0, 5.0, False),
+            row("lecompile-schedule-learned-0.5-cg", 40.0, 2.5, True)]
+    e2e.add_ratios(rows)
+    assert [(r.get("speedup_vs_d1"), r.get("mem_vs_d1")) for r in rows] == [
+        (None, None), (None, None), (1.25, 1.25), (1.25, 1.25)]
