@@ -260,8 +260,8 @@ def quality_summary(setting: str) -> Optional[dict]:
 
 def quality_setting_config(setting: str, cudagraphs: bool) -> LongExposureConfig:
     """The config of the quality harness's ``setting`` (:func:`benchmarks.quality.settings`) at the
-    step count its quality was measured at (a schedule's warm-up and decay follow ``total_steps``);
-    a ``ValueError`` names the settings there are."""
+    step count its quality was measured at (a schedule's dense warm-up is a share of
+    ``total_steps``); a ``ValueError`` names the settings there are."""
     from benchmarks import quality
     task, summary = quality_task(setting), quality_summary(setting)
     steps = summary["steps"] if summary else quality.STEPS
@@ -392,7 +392,7 @@ def run_variant(case: Case, variant: Variant, device: str, steps: int = 20, warm
         opt.zero_grad(set_to_none=True)
         return loss
 
-    schedule = variant.config is not None and variant.quality_setting is not None
+    schedule = variant.quality_setting is not None  # a setting of the quality harness, whole schedule
     dense_steps = variant.config.dense_warmup_steps if schedule else 0
     if schedule and variant.config.calibrated:  # one refresh of the predictor in the timed steps
         steps = max(steps, variant.config.tuning.calibrate_every)
@@ -433,12 +433,13 @@ def run_variant(case: Case, variant: Variant, device: str, steps: int = 20, warm
     # The mean counts the rare slow steps the median hides (calibration steps, one in calibrate_every).
     extra["mean_ms"] = round(statistics.mean(times), 3)
     if schedule:
-        total = max(variant.config.total_steps, 1)  # 0: a setting without a schedule
+        total = variant.config.total_steps
         warmup_ms = statistics.median(dense_times) if dense_times else 0.0
+        mean = extra["mean_ms"]
+        whole = (dense_steps * warmup_ms + (total - dense_steps) * mean) / total if total else mean  # 0: no schedule
         summary = quality_summary(variant.quality_setting)
         extra.update(quality_setting=variant.quality_setting, dense_warmup_steps=dense_steps, total_steps=total,
-                     warmup_ms=round(warmup_ms, 3),
-                     schedule_ms=round((dense_steps * warmup_ms + (total - dense_steps) * extra["mean_ms"]) / total, 3),
+                     warmup_ms=round(warmup_ms, 3), schedule_ms=round(whole, 3),
                      heldout_delta=summary["heldout_delta"] if summary else None,
                      quality_passes=summary["passes"] if summary else None)
     return StepResult(statistics.median(times), compile_s, loss1, peak, extra)

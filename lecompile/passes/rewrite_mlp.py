@@ -139,9 +139,10 @@ def _why_dense(ctx, mlp: MLPMatch, density: float, k: int) -> str:
 
 
 def _fill_weight_caches(ctx, mlp: MLPMatch) -> None:
-    """Compute what the sparse MLP caches per frozen weight (predictor factors, neuron-major
-    copies) now, at compile time: a graph compiled after a dense warm-up may be captured as a
-    CUDA graph at its first call, where such work cannot run (an SVD there fails)."""
+    """Compute what the sparse MLP caches per frozen weight at compile time (the predictor's
+    factors start on the background thread, and the backend waits for them once Inductor is
+    done; the neuron-major copies now): a graph compiled after a dense warm-up may be captured as
+    a CUDA graph at its first call, where such work cannot run (an SVD there fails)."""
     def value(lin):
         w = ctx.value_of(lin.adapted.weight) if lin is not None else None
         return w.t() if w is not None and lin.weight_transposed else w
