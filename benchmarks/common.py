@@ -4,13 +4,14 @@ every benchmark writes (see ``BENCHMARKS.md``): ``{"meta", "rows"}``."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime
 import json
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Iterator
+from typing import Callable, Dict, Iterator
 
 import torch
 
@@ -61,19 +62,13 @@ def autotuning() -> Iterator[Dict[str, dict]]:
     tuners: Dict[str, tuple] = {}  # name -> (autotuner, the keys it had tuned before the block)
     bench = Autotuner._bench
 
-    def timed(self, *args, **kwargs):
-        fn = getattr(self, "base_fn", self.fn)
+    def name_of(tuner):
+        fn = getattr(tuner, "base_fn", tuner.fn)
         name = getattr(fn, "__name__", repr(fn))
-        tuners.setdefault(name, (self, set(getattr(self, "cache", {}))))  # the key being tuned is not in it yet
-        start = time.perf_counter()
-        try:
-            return bench(self, *args, **kwargs)
-        finally:
-            entry = spent.setdefault(name, {"seconds": 0.0, "configs": 0, "best": {}})
-            entry["seconds"] += time.perf_counter() - start
-            entry["configs"] += 1
+        tuners.setdefault(name, (tuner, set(getattr(tuner, "cache", {}))))  # the key being tuned is not in it yet
+        return name
 
-    Autotuner._bench = timed
+    Autotuner._bench = _timed(bench, spent, name_of, "configs", best={})
     try:
         yield spent
     finally:
@@ -96,21 +91,28 @@ def jit_compiles() -> Iterator[Dict[str, dict]]:
         return
     spent: Dict[str, dict] = {}
     compile_ = JITFunction._do_compile
-
-    def timed(self, *args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return compile_(self, *args, **kwargs)
-        finally:
-            entry = spent.setdefault(getattr(self, "__name__", repr(self)), {"seconds": 0.0, "compiles": 0})
-            entry["seconds"] += time.perf_counter() - start
-            entry["compiles"] += 1
-
-    JITFunction._do_compile = timed
+    JITFunction._do_compile = _timed(compile_, spent, lambda kernel: getattr(kernel, "__name__", repr(kernel)),
+                                     "compiles")
     try:
         yield spent
     finally:
         JITFunction._do_compile = compile_
+
+
+def _timed(method: Callable, spent: Dict[str, dict], name_of: Callable, count: str, **extra) -> Callable:
+    """``method`` (of a Triton class), adding each call's seconds and one to ``count`` in
+    ``spent[name_of(self)]``, an entry that starts with ``extra``."""
+    def timed(self, *args, **kwargs):
+        name = name_of(self)
+        start = time.perf_counter()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            entry = spent.setdefault(name, {"seconds": 0.0, count: 0, **copy.deepcopy(extra)})
+            entry["seconds"] += time.perf_counter() - start
+            entry[count] += 1
+
+    return timed
 
 
 def autotune_seconds(tuned: Dict[str, dict]) -> float:
