@@ -128,6 +128,34 @@ def test_decoder_layer_compiled_alone_keeps_its_mlp():
     assert report.notes == [LAYER_GRAPH] and "note: decoder layer(s) without a layer index" in str(report)
 
 
+def test_layers_compiled_one_by_one_share_a_graph_and_stay_exact():
+    """Regional compilation (``layer.compile(...)`` per decoder layer, PyTorch's recipe for short
+    compiles): identical layers after the first reuse one graph, rewritten like a whole model's."""
+    import copy
+
+    import peft
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=256, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2)
+    model = peft.get_peft_model(LlamaForCausalLM(config), peft.LoraConfig(r=8, target_modules="all-linear"))
+    eager = copy.deepcopy(model)
+    backend = lecompile.LongExposureBackend(LongExposureConfig())
+    for layer in model.base_model.model.model.layers:
+        layer.compile(backend=backend)
+    ids = torch.randint(0, 256, (2, 64))
+    losses = [m(input_ids=ids, labels=ids, use_cache=False).loss for m in (model, eager)]
+    for loss in losses:
+        loss.backward()
+    torch.testing.assert_close(losses[0], losses[1])
+    grads = [{n: p.grad for n, p in m.named_parameters() if p.requires_grad} for m in (model, eager)]
+    for name, grad in grads[1].items():
+        torch.testing.assert_close(grads[0][name], grad, msg=name)
+    # the first layer's input needs no gradient (frozen embeddings): a graph of its own
+    assert len(backend.reports) == 2
+    assert all(r.linears_fused == 7 and len(r.mlp) == 1 and r.notes == [LAYER_GRAPH] for r in backend.reports)
+
+
 def test_graph_without_mlp_compiles_as_inductor():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 16), nn.LayerNorm(16), nn.Linear(16, 4))
