@@ -66,10 +66,15 @@ class WeightCache:
         return [self._resolve(key) for key, (ref, _, _) in list(self._entries.items()) if not ref.expired()]
 
     def _resolve(self, key: tuple) -> Any:
-        """The entry's value, once its prefetch (if it was one) is done; errors raise here."""
+        """The entry's value, once its prefetch (if it was one) is done. A failed prefetch raises
+        here and leaves no entry: the next call computes anew."""
         ref, version, value = self._entries[key]
         if isinstance(value, Future):
-            value = value.result()
+            try:
+                value = value.result()
+            except BaseException:
+                del self._entries[key]
+                raise
             self._entries[key] = (ref, version, value)
         return value
 

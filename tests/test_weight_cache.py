@@ -61,12 +61,18 @@ def test_a_cached_value_is_not_prefetched_again_but_a_changed_weight_is():
     finish_prefetches()
 
 
-def test_a_failed_prefetch_raises_where_it_is_waited_for():
-    def fails(weight):
-        raise RuntimeError("no factors for this weight")
+def test_a_failed_prefetch_raises_where_it_is_waited_for_and_the_next_call_computes_anew():
+    calls = []
 
-    cache = WeightCache(fails)
-    cache.prefetch(torch.ones(2))
+    def fails_once(weight):
+        calls.append(threading.current_thread().name)
+        if len(calls) == 1:
+            raise RuntimeError("no factors for this weight")
+        return weight + 1
+
+    cache, w = WeightCache(fails_once), torch.ones(2)
+    cache.prefetch(w)
     with pytest.raises(RuntimeError, match="no factors for this weight"):
         finish_prefetches()
     finish_prefetches()  # nothing left
+    assert torch.equal(cache(w), torch.full((2,), 2.0)) and len(calls) == 2
