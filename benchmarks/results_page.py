@@ -136,8 +136,7 @@ def compile_section(compile_time: dict) -> str:
         "C++ and no Triton kernel runs.",
         markdown_table(["run", "device", "case", "variant", "cold s", "warm s", "later step s", "vs Inductor",
                         "vs strongest", *(f"{p} s" for p in phases)], table)]
-        + (["Runs:\n\n" + "\n".join(f"- run {r['run']} ({r['date']}, {r['git_commit']}): {r['what']}"
-                                      for r in runs.values())] if runs else []))
+        + (["Runs:\n\n" + _run_list(runs.values())] if runs else []))
 
 
 def harness_section(quality: dict) -> str:
@@ -161,9 +160,12 @@ def harness_section(quality: dict) -> str:
         markdown_table(["setting", "config", "seeds", "steps", "kept", "held-out answer loss", "vs dense",
                         "token acc.", "exact match", "step-1 loss", "passes"], table)]
         + ([f"Not measured yet: {', '.join(missing)}."] if missing else [])
-        + ["Runs (a later run's (setting, seed) replaces an earlier one's):\n\n"
-           + "\n".join(f"- run {r['run']} ({r['date']}, {r['git_commit']}): {r['what']}"
-                       for r in meta.get("runs", []))])
+        + ["Runs (a later run's (setting, seed) replaces an earlier one's):\n\n" + _run_list(meta.get("runs", []))])
+
+
+def _run_list(runs) -> str:
+    """A results file's runs (``meta.runs``) as a list, a line each: number, date, commit, what."""
+    return "\n".join(f"- run {r['run']} ({r['date']}, {r['git_commit']}): {r['what']}" for r in runs)
 
 
 def _options(options: Optional[dict]) -> str:

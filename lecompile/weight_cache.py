@@ -28,8 +28,7 @@ class WeightCache:
 
     def __call__(self, weight: torch.Tensor, *args) -> Any:
         key = _key(weight, args)
-        hit = self._entries.get(key)
-        if hit is None or hit[0].expired() or hit[1] != weight._version:
+        if not self._holds(key, weight):
             return self.put(weight, args, _outside_graph_pools(self.compute, weight.detach(), *args))
         return self._resolve(key)
 
@@ -37,12 +36,11 @@ class WeightCache:
         """Start ``compute(weight, *args)`` on lecompile's background thread unless it is cached; a
         call for it waits for it, and so does :func:`finish_prefetches`."""
         key = _key(weight, args)
-        hit = self._entries.get(key)
-        if hit is not None and not hit[0].expired() and hit[1] == weight._version:
+        if self._holds(key, weight):
             return
         if weight.is_cuda:  # the weight's data, as the caller's stream sees it, before the other thread reads it
             torch.cuda.current_stream(weight.device).synchronize()
-        future = _background().submit(_synchronized, self.compute, weight.detach(), *args)
+        future = _background().submit(_synchronized, self.compute, weight.device, weight.detach(), *args)
         _prefetching.append((self, key))
         self.put(weight, args, future)
 
@@ -64,6 +62,11 @@ class WeightCache:
     def values(self) -> list:
         """The cached values of the weights still alive."""
         return [self._resolve(key) for key, (ref, _, _) in list(self._entries.items()) if not ref.expired()]
+
+    def _holds(self, key: tuple, weight: torch.Tensor) -> bool:
+        """Whether the entry ``key`` is for this weight as it is now (alive, same version)."""
+        hit = self._entries.get(key)
+        return hit is not None and not hit[0].expired() and hit[1] == weight._version
 
     def _resolve(self, key: tuple) -> Any:
         """The entry's value, once its prefetch (if it was one) is done. A failed prefetch raises
@@ -112,13 +115,13 @@ def finish_prefetches() -> None:
         _after_prefetches.pop(0)()
 
 
-def _synchronized(compute: Callable[..., Any], weight: torch.Tensor, *args) -> Any:
-    """``compute(weight, *args)``, done on the GPU too when it returns. On the background thread
-    (default thread-local state) it allocates from PyTorch's ordinary CUDA memory."""
-    if not weight.is_cuda:
-        return compute(weight, *args)
-    with torch.cuda.device(weight.device):
-        value = compute(weight, *args)
+def _synchronized(fn: Callable[..., Any], device: torch.device, *args) -> Any:
+    """``fn(*args)`` with ``device`` current, done on the GPU too when it returns (on a thread of
+    its own, default thread-local state: it allocates from PyTorch's ordinary CUDA memory)."""
+    if torch.device(device).type != "cuda":
+        return fn(*args)
+    with torch.cuda.device(device):
+        value = fn(*args)
         torch.cuda.current_stream().synchronize()
     return value
 
@@ -151,12 +154,7 @@ def on_helper_thread(fn: Callable[..., Any], device: torch.device, *args) -> Any
 
     def work():
         try:
-            if cuda:
-                with torch.cuda.device(device):
-                    box["value"] = fn(*args)
-                    torch.cuda.current_stream().synchronize()
-            else:
-                box["value"] = fn(*args)
+            box["value"] = _synchronized(fn, device, *args)
         except BaseException as err:  # re-raised in the caller's thread
             box["error"] = err
 
