@@ -292,6 +292,48 @@ def test_gemma2_soft_capped_attention_matches_the_reference_model(monkeypatch):
         torch.testing.assert_close(grads[name], ref_grads[name], atol=2e-5, rtol=1e-4, msg=name)
 
 
+SLIDING_WINDOW = 16  # tokens: a quarter of SEQ, so the window hides most of each row's keys
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["mistral", "gemma3"])
+def test_sliding_window_attention_matches_the_reference_model(arch, monkeypatch):
+    """Mistral's and Gemma 3's sliding windows reach the attention as its mask: rewritten, the
+    blocks wholly outside the window are never allowed and the step equals the reference
+    attention under the same mask (long-context fine-tuning meets such windows past 1-4k tokens)."""
+    import peft
+
+    def model(window):
+        torch.manual_seed(0)
+        common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      sliding_window=window)
+        base = (transformers.MistralForCausalLM(transformers.MistralConfig(**common)) if arch == "mistral" else
+                transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(head_dim=16, **common)))
+        m = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0,
+                                                      init_lora_weights=False)).train()
+        m.base_model.model.config._attn_implementation = "eager"
+        return m
+
+    inputs = attention_batch(padded=False)
+    windowed = model(SLIDING_WINDOW)
+    backend = lecompile.longexposure(LongExposureConfig.create(attn_density=0.5, attn_block=BLOCK))
+    loss, grads = train_step(torch.compile(windowed, backend=backend), windowed, inputs)
+    assert backend.report.attention_rewritten == LAYERS, str(backend.report)
+
+    monkeypatch.setitem(transformers.modeling_utils.ALL_ATTENTION_FUNCTIONS, "sdpa", reference_attention(0.5))
+    references = {}
+    for window in (SLIDING_WINDOW, SEQ):
+        reference = model(window)
+        reference.base_model.model.config._attn_implementation = "sdpa"
+        references[window] = train_step(reference, reference, inputs)
+    ref_loss, ref_grads = references[SLIDING_WINDOW]
+    assert abs(references[SEQ][0] - ref_loss) > 1e-4, "the window had no effect: the test cannot fail"
+    torch.testing.assert_close(loss, ref_loss, atol=2e-5, rtol=1e-4)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=2e-5, rtol=1e-4, msg=name)
+
+
 @pytest.mark.slow
 def test_bloom_alibi_attention_is_rewritten_and_exact_when_every_block_is_kept():
     """BLOOM's merged-heads ``baddbmm`` attention (ALiBi inside the product) is put in the 4-d form
