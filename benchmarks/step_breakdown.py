@@ -161,9 +161,10 @@ def main(argv=None) -> int:
     parser.add_argument("--quality-settings", nargs="+", default=[], metavar="SETTING",
                         help="lecompile variants configured as these settings of the quality harness, profiled "
                              "after their dense warm-up (e.g. schedule-learned-0.5)")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS),
+    parser.add_argument("--variants", nargs="+", default=None,
                         help="variants as named in e2e's results (e.g. lecompile-d0.5-a0.5, "
-                             "lecompile-schedule-learned-0.5)")
+                             f"lecompile-schedule-learned-0.5); default: {', '.join(VARIANTS)} and the "
+                             "--quality-settings")
     parser.add_argument("--steps", type=int, default=3, help="profiled steps per variant")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", default=str(RESULTS), help="folder for step_breakdown.json and .png")
@@ -171,6 +172,8 @@ def main(argv=None) -> int:
     device = args.device
     available = e2e.variants(densities=args.densities, attn_densities=args.attn_densities,
                              quality_settings=args.quality_settings)
+    if args.variants is None:
+        args.variants = list(VARIANTS) + [f"lecompile-{setting}" for setting in args.quality_settings]
     unknown = sorted(set(args.variants) - {v.name for v in available})
     if unknown:
         raise ValueError(f"unknown variants {unknown}; with these densities: {[v.name for v in available]}")

@@ -66,6 +66,22 @@ def test_a_quality_setting_is_a_variant_to_profile():
                              "--out", "unused"])
 
 
+def test_quality_settings_are_profiled_without_naming_their_variants(monkeypatch, tmp_path):
+    """``--quality-settings X`` alone profiles X beside the default variants (it once profiled the
+    defaults only, on the GPU, unless ``--variants`` named X too)."""
+    profiled = []
+
+    def profile(case, variant, device, steps):
+        profiled.append(variant.name)
+        return {}
+
+    monkeypatch.setattr(step_breakdown, "profile_variant", profile)
+    monkeypatch.setattr(step_breakdown, "plot", lambda rows, path: None)
+    step_breakdown.main(["--quality-settings", "schedule-learned-0.5", "--models", "tiny-llama", "--out",
+                         str(tmp_path)])
+    assert profiled == [*step_breakdown.VARIANTS, "lecompile-schedule-learned-0.5"]
+
+
 def test_lora_gemm_kernels_are_named_as_defined():
     """A renamed kernel would fall into ``rest`` unnoticed (it once did: the LoRA-in-GEMM kernel's
     time showed as 'rest' in the first H200 breakdown)."""
