@@ -8,7 +8,7 @@ from torch._dynamo.utils import counters
 
 import lecompile
 from lecompile import LongExposureConfig, calibration
-from lecompile.predictors import clear_svd_cache
+from lecompile.predictors import clear_svd_cache, learned
 from lecompile.predictors.learned import (
     clear_learned,
     learned_factors,
@@ -18,7 +18,7 @@ from lecompile.predictors.learned import (
 )
 from lecompile.predictors.op import recall
 from lecompile.predictors.oracle import oracle_group_scores
-from lecompile.predictors.svd import svd_group_scores
+from lecompile.predictors.svd import svd_factors, svd_group_scores
 
 from models import batch, tiny_model
 
@@ -49,6 +49,49 @@ def test_learned_recall_beats_svd_on_held_out_tokens(activation, gated):
     r_learned, r_svd = recall(learned, exact, 128), recall(svd, exact, 128)
     assert r_learned > r_svd + 0.05, (r_learned, r_svd)
     assert recall(exact, exact, 128) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("activation,gated,adapters", [("relu", False, "lora"), ("silu", True, "lora"),
+                                                       ("gelu", False, "ia3")])
+def test_mlps_of_one_shape_train_together_as_each_alone(activation, gated, adapters, monkeypatch):
+    """Three MLPs trained as one batch (stacked tensors) end with the factors and Adam state each
+    gets trained alone, over two calibrations (the second resumes each one's Adam state)."""
+    real_train, batch_sizes = learned._train, []
+
+    def spy(jobs):
+        batch_sizes.append(len(jobs))
+        real_train(jobs)
+
+    monkeypatch.setattr(learned, "_train", spy)
+
+    def train(batch_bytes):
+        monkeypatch.setattr(learned, "TRAIN_BATCH_BYTES", batch_bytes)
+        batch_sizes.clear()
+        clear_learned()
+        mlps = [make_mlp(32, 256, torch.float32, gated, adapters, seed=seed) for seed in range(3)]
+        counters.clear()
+        for calibration_step in range(2):
+            for i, (fc1, up, _) in enumerate(mlps):
+                observe(torch.randn(192, 32, generator=torch.Generator().manual_seed(10 * calibration_step + i)),
+                        fc1, up, activation, RANK, train_steps=5)
+            assert train_pending() == 3
+        assert counters["lecompile"]["learned_train_calls"] == 6
+        assert batch_sizes == ([3, 3] if batch_bytes else [1] * 6)
+        trained = [learned_factors(lin.weight, RANK) for fc1, up, _ in mlps for lin in (fc1, up) if lin is not None]
+        return [(f.calls, [t.detach().clone() for t in (f.p, f.q)],
+                 [{k: v.clone() for k, v in f.optimizer.state[t].items()} for t in (f.p, f.q)]) for f in trained]
+
+    batched, alone = train({"cpu": 1 << 30}), train({})
+    untrained = svd_factors(make_mlp(32, 256, torch.float32, gated, adapters, seed=0)[0].weight, RANK)
+    assert not torch.allclose(batched[0][1][0], untrained[0].float()), "no training happened: the test cannot fail"
+    for (calls, factors, states), (calls_alone, factors_alone, states_alone) in zip(batched, alone):
+        assert calls == calls_alone
+        for t, t_alone in zip(factors, factors_alone):
+            torch.testing.assert_close(t, t_alone, rtol=1e-5, atol=1e-6)
+        for state, state_alone in zip(states, states_alone):
+            assert state.keys() == state_alone.keys() and float(state["step"]) == float(state_alone["step"]) == 10
+            for k in learned._MOMENTS:
+                torch.testing.assert_close(state[k], state_alone[k], rtol=1e-4, atol=1e-8)
 
 
 def test_calibration_is_due_first_then_once_every_calibrate_every_steps():

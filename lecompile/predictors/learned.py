@@ -21,7 +21,7 @@ counted in ``torch._dynamo.utils.counters["lecompile"]`` (``learned_train_calls`
 from __future__ import annotations
 
 import time
-from typing import Optional
+from typing import Dict, Iterator, List, Optional
 
 import torch
 from torch._dynamo.utils import counters
@@ -38,6 +38,10 @@ TOKENS_PER_STEP = 1024
 CALIBRATION_KEY = "_calibration_steps_since"
 #: Tokens of a calibration step kept per MLP for training (evenly strided over the batch).
 RECORDED_TOKENS = 4096
+#: Per device type, the bytes of exposer labels (fp32 ``|h|`` of the recorded tokens) that one batch
+#: of MLPs trains on: on the GPU one launch per op for several MLPs saves what the launches cost; on
+#: the CPU one MLP at a time keeps its tensors in cache (stacked, a CPU trained 4x slower).
+TRAIN_BATCH_BYTES = {"cuda": 512 << 20}
 
 
 class LearnedFactors:
@@ -103,11 +107,11 @@ def load_state_dict(model: torch.nn.Module, state: dict) -> None:
 
 def train_pending() -> int:
     """Train every predictor whose calibration step recorded inputs; returns how many. Runs after
-    that step's ``torch.optim`` step."""
+    that step's ``torch.optim`` step. MLPs of one shape train together (:func:`_batches`)."""
     jobs = list(_pending.values())
     _pending.clear()
-    for job in jobs:
-        _train(*job)
+    for batch in _batches(jobs):
+        _train(batch)
     return len(jobs)
 
 
@@ -133,31 +137,107 @@ def _kept(lin: Optional[AdaptedLinear]) -> Optional[AdaptedLinear]:
         lin.bias, lin.lora_input, lin.lora_a, lin.lora_b, lin.in_scale, lin.out_scale)), lin.lora_scale)
 
 
-def _estimate(x, fc1, up, activation, f1: LearnedFactors, f2: Optional[LearnedFactors]):
-    second = low_rank(x, up, 0, factors=(f2.p, f2.q)) if up is not None else None
-    return estimate(*low_rank(x, fc1, 0, factors=(f1.p, f1.q)), activation, second)
+_MOMENTS = ("exp_avg", "exp_avg_sq")  # Adam's per-element state
 
 
-def _train(x, fc1, up, activation, f1, f2, steps: int) -> None:
+def _batches(jobs: List[tuple]) -> Iterator[List[tuple]]:
+    """The pending trainings in batches that train as one: MLPs whose recorded tensors have the
+    same shapes, with the same activation, steps and training history (so the same token draws and
+    Adam step count), at most :data:`TRAIN_BATCH_BYTES` of labels each (else one at a time)."""
+    groups: Dict[tuple, List[tuple]] = {}
+    for job in jobs:
+        groups.setdefault(_signature(job), []).append(job)
+    for group in groups.values():
+        x, fc1 = group[0][0], group[0][1]
+        size = max(1, TRAIN_BATCH_BYTES.get(x.device.type, 0) // (x.shape[0] * fc1.weight.shape[0] * 4))
+        for i in range(0, len(group), size):
+            yield group[i:i + size]
+
+
+def _signature(job: tuple) -> tuple:
+    x, fc1, up, activation, f1, f2, steps = job
+
+    def linear(lin):
+        return None if lin is None else (lin.lora_scale, *(None if t is None else (tuple(t.shape), t.dtype)
+                                                            for t in lin.tensors()))
+
+    def history(f):
+        return None if f is None else (tuple(f.p.shape), f.calls, *(float(st["step"]) if st else None for st in (
+            f.optimizer.state.get(f.p), f.optimizer.state.get(f.q))))
+
+    return tuple(x.shape), x.dtype, x.device, linear(fc1), linear(up), activation, steps, history(f1), history(f2)
+
+
+def _stacked(lins: List[Optional[AdaptedLinear]]) -> Optional[AdaptedLinear]:
+    """One linear of several MLPs' terms as :func:`~lecompile.predictors.svd.low_rank` takes them
+    (the frozen weights stay out: the factors stand in for them)."""
+    if lins[0] is None:
+        return None
+
+    def stack(slot, vector=False):
+        tensors = [getattr(lin, slot) for lin in lins]
+        if tensors[0] is None:
+            return None
+        stacked = torch.stack(tensors)
+        return stacked.unsqueeze(-2) if vector else stacked
+
+    return AdaptedLinear(None, stack("bias", True), stack("lora_input"), stack("lora_a"), stack("lora_b"),
+                         stack("in_scale", True), stack("out_scale", True), lins[0].lora_scale)
+
+
+def _rows(lin: Optional[AdaptedLinear], rows: torch.Tensor) -> Optional[AdaptedLinear]:
+    if lin is None or lin.lora_input is None:
+        return lin
+    return AdaptedLinear(**{**lin.__dict__, "lora_input": lin.lora_input[:, rows]})
+
+
+def _train(jobs: List[tuple]) -> None:
+    """Train the predictors of ``jobs`` (one :func:`_signature`) ``steps`` Adam steps each to
+    match the exposer's labels of their recorded tokens, all at once: their tensors stacked along a
+    leading dim, so each op runs once for all of them. Each MLP's loss and Adam state are its own
+    (the gradient of the losses' sum is each MLP's), so this is each MLP trained alone."""
     start = time.perf_counter()
+    x, fc1, up, activation, f1, f2, steps = jobs[0]
+    factors = [f for f in (f1, f2) if f is not None]
     with torch.no_grad():
-        target = mlp_intermediate(x, fc1, up, activation).float().abs()
-        scale = target.square().mean().clamp(min=1e-12)
-    optimizers = [f.optimizer for f in (f1, f2) if f is not None]
+        target = torch.empty(len(jobs), x.shape[0], fc1.weight.shape[0], device=x.device)
+        for i, job in enumerate(jobs):
+            target[i] = mlp_intermediate(job[0], job[1], job[2], activation).float().abs()
+        scale = target.square().mean((-2, -1)).clamp(min=1e-12)
+    xs = torch.stack([job[0] for job in jobs])
+    first, second = _stacked([job[1] for job in jobs]), _stacked([job[2] for job in jobs])
+    # Per factor of each linear: the MLPs' tensors stacked into one leaf, its Adam state likewise.
+    owners = [[job[4 + i] for job in jobs] for i in range(len(factors))]
+    pairs = [(fs, name, torch.stack([getattr(f, name).detach() for f in fs]).requires_grad_())
+             for fs in owners for name in ("p", "q")]
+    leaves = [leaf for _, _, leaf in pairs]
+    optimizer = torch.optim.Adam(leaves, lr=LEARNING_RATE)
+    optimizer._lecompile_internal = True  # not a training step of the user's model
+    for fs, name, leaf in pairs:
+        states = [f.optimizer.state.get(getattr(f, name)) for f in fs]
+        if states[0]:
+            optimizer.state[leaf] = {"step": states[0]["step"].clone(),
+                                     **{k: torch.stack([st[k] for st in states]) for k in _MOMENTS}}
     g = torch.Generator(device=x.device).manual_seed(f1.calls)
     with torch.enable_grad():
         for _ in range(steps):
-            rows = torch.randint(0, x.shape[0], (min(TOKENS_PER_STEP, x.shape[0]),), generator=g,
-                                 device=x.device)
-            est = _estimate(x[rows], fc1.rows(rows), up.rows(rows) if up is not None else None, activation, f1, f2)
-            loss = (est.abs() - target[rows]).square().mean() / scale
-            for opt in optimizers:
-                opt.zero_grad(set_to_none=True)
+            rows = torch.randint(0, x.shape[0], (min(TOKENS_PER_STEP, x.shape[0]),), generator=g, device=x.device)
+            h2 = low_rank(xs[:, rows], _rows(second, rows), 0, factors=leaves[2:]) if second is not None else None
+            est = estimate(*low_rank(xs[:, rows], _rows(first, rows), 0, factors=leaves[:2]), activation, h2)
+            loss = ((est.abs() - target[:, rows]).square().mean((-2, -1)) / scale).sum()
+            optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            for opt in optimizers:
-                opt.step()
-    f1.calls += 1
-    counters["lecompile"]["learned_train_calls"] += 1
+            optimizer.step()
+    with torch.no_grad():
+        for fs, name, leaf in pairs:
+            state = optimizer.state[leaf]
+            for i, f in enumerate(fs):
+                getattr(f, name).copy_(leaf[i])
+                f.optimizer.state[getattr(f, name)] = {"step": state["step"].clone(),
+                                                       **{k: state[k][i].clone() for k in _MOMENTS}}
+    for f in (job[4] for job in jobs):
+        f.calls += 1
+    counters["lecompile"]["learned_train_calls"] += len(jobs)
     counters["lecompile"]["learned_train_ms"] += (time.perf_counter() - start) * 1e3
 
 

@@ -56,31 +56,32 @@ def clear_svd_cache() -> None:
 def low_rank(x: torch.Tensor, lin: AdaptedLinear, rank: int, factors=None):
     """``(U [T, R], V [ffn, R], b)`` with ``U @ V.T + b`` the estimate of ``lin(x)``: the
     rank-``rank`` SVD of the frozen weight (or the given ``factors`` ``(P, Q)``) plus the exact
-    LoRA, IA3 and bias terms."""
+    LoRA, IA3 and bias terms. With ``factors``, every tensor may carry one more leading dim (several
+    MLPs at once; bias and IA3 vectors as ``[L, 1, n]``)."""
     p, q = factors if factors is not None else svd_factors(lin.weight, rank)
     xs = x if lin.in_scale is None else _scale(x, lin.in_scale)
     us, vs = [(xs.to(p.dtype) @ p).float()], [q.float()]
     if lin.lora_a is not None:
         lx = xs if lin.lora_input is None else lin.lora_input
-        us.append(lin.lora_scale * (lx.to(lin.lora_a.dtype) @ lin.lora_a.t()).float())
+        us.append(lin.lora_scale * (lx.to(lin.lora_a.dtype) @ lin.lora_a.mT).float())
         vs.append(lin.lora_b.float())
-    u, v = torch.cat(us, 1), torch.cat(vs, 1)
+    u, v = torch.cat(us, -1), torch.cat(vs, -1)
     b = lin.bias.float() if lin.bias is not None else None
     if lin.out_scale is not None:
         s = lin.out_scale.float()
-        v, b = v * s[:, None], (b * s if b is not None else None)
+        v, b = v * s.reshape(*v.shape[:-1], 1), (b * s if b is not None else None)
     return u, v, b
 
 
 def estimate(u, v, bias, activation: str, second=None) -> torch.Tensor:
     """The estimated intermediate ``h = act(U @ V.T + b) [* (U2 @ V2.T + b2)]``: ``[T, ffn]``."""
-    h = u.float() @ v.float().t()
+    h = u.float() @ v.float().mT
     if bias is not None:
         h = h + bias.float()
     h = ACTIVATIONS[activation](h)
     if second is not None:
         u2, v2, b2 = second
-        h2 = u2.float() @ v2.float().t()
+        h2 = u2.float() @ v2.float().mT
         h = h * (h2 + b2.float() if b2 is not None else h2)
     return h
 
