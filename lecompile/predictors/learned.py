@@ -198,7 +198,6 @@ def _train(jobs: List[tuple]) -> None:
     (the gradient of the losses' sum is each MLP's), so this is each MLP trained alone."""
     start = time.perf_counter()
     x, fc1, up, activation, f1, f2, steps = jobs[0]
-    factors = [f for f in (f1, f2) if f is not None]
     with torch.no_grad():
         target = torch.empty(len(jobs), x.shape[0], fc1.weight.shape[0], device=x.device)
         for i, job in enumerate(jobs):
@@ -207,7 +206,7 @@ def _train(jobs: List[tuple]) -> None:
     xs = torch.stack([job[0] for job in jobs])
     first, second = _stacked([job[1] for job in jobs]), _stacked([job[2] for job in jobs])
     # Per factor of each linear: the MLPs' tensors stacked into one leaf, its Adam state likewise.
-    owners = [[job[4 + i] for job in jobs] for i in range(len(factors))]
+    owners = [[job[4] for job in jobs]] + ([[job[5] for job in jobs]] if f2 is not None else [])
     pairs = [(fs, name, torch.stack([getattr(f, name).detach() for f in fs]).requires_grad_())
              for fs in owners for name in ("p", "q")]
     leaves = [leaf for _, _, leaf in pairs]
