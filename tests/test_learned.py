@@ -1,6 +1,8 @@
 """The learned predictor: trained on the exposer's labels it beats the SVD estimate on data
 the SVD cannot see, keeps its state outside the model, and runs inside a compiled step."""
 
+import dataclasses
+
 import pytest
 import torch
 from test_ops import make_mlp
@@ -51,11 +53,12 @@ def test_learned_recall_beats_svd_on_held_out_tokens(activation, gated):
     assert recall(exact, exact, 128) == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("activation,gated,adapters", [("relu", False, "lora"), ("silu", True, "lora"),
+@pytest.mark.parametrize("activation,gated,adapters", [("relu", False, "lora"), ("silu", True, "lora-dropout"),
                                                        ("gelu", False, "ia3")])
 def test_mlps_of_one_shape_train_together_as_each_alone(activation, gated, adapters, monkeypatch):
     """Three MLPs trained as one batch (stacked tensors) end with the factors and Adam state each
-    gets trained alone, over two calibrations (the second resumes each one's Adam state)."""
+    gets trained alone, over two calibrations (the second resumes each one's Adam state).
+    ``lora-dropout``: LoRA's A reads its own input (dropout applied), drawn with the same rows."""
     real_train, batch_sizes = learned._train, []
 
     def spy(jobs):
@@ -68,12 +71,16 @@ def test_mlps_of_one_shape_train_together_as_each_alone(activation, gated, adapt
         monkeypatch.setattr(learned, "TRAIN_BATCH_BYTES", batch_bytes)
         batch_sizes.clear()
         clear_learned()
-        mlps = [make_mlp(32, 256, torch.float32, gated, adapters, seed=seed) for seed in range(3)]
+        mlps = [make_mlp(32, 256, torch.float32, gated, adapters.split("-")[0], seed=seed) for seed in range(3)]
         counters.clear()
         for calibration_step in range(2):
             for i, (fc1, up, _) in enumerate(mlps):
-                observe(torch.randn(192, 32, generator=torch.Generator().manual_seed(10 * calibration_step + i)),
-                        fc1, up, activation, RANK, train_steps=5)
+                g = torch.Generator().manual_seed(10 * calibration_step + i)
+                x = torch.randn(192, 32, generator=g)
+                if adapters == "lora-dropout":
+                    dropped = x * (torch.rand(x.shape, generator=g) > 0.1) / 0.9
+                    fc1, up = (dataclasses.replace(lin, lora_input=dropped) for lin in (fc1, up))
+                observe(x, fc1, up, activation, RANK, train_steps=5)
             assert train_pending() == 3
         assert counters["lecompile"]["learned_train_calls"] == 6
         assert batch_sizes == ([3, 3] if batch_bytes else [1] * 6)
@@ -82,7 +89,7 @@ def test_mlps_of_one_shape_train_together_as_each_alone(activation, gated, adapt
                  [{k: v.clone() for k, v in f.optimizer.state[t].items()} for t in (f.p, f.q)]) for f in trained]
 
     batched, alone = train({"cpu": 1 << 30}), train({})
-    untrained = svd_factors(make_mlp(32, 256, torch.float32, gated, adapters, seed=0)[0].weight, RANK)
+    untrained = svd_factors(make_mlp(32, 256, torch.float32, gated, "none", seed=0)[0].weight, RANK)
     assert not torch.allclose(batched[0][1][0], untrained[0].float()), "no training happened: the test cannot fail"
     for (calls, factors, states), (calls_alone, factors_alone, states_alone) in zip(batched, alone):
         assert calls == calls_alone
