@@ -239,9 +239,23 @@ def readme_table(e2e: Optional[dict] = None) -> str:
                            "vs strongest", "vs Inductor (PEFT defaults)", "quality"], rows)
 
 
-def quality_line(quality: dict) -> str:
+def timed_setting(setting: str, e2e: dict) -> Optional[str]:
+    """Where the quality setting ``setting`` was last timed end to end (CUDA graphs): its case, device
+    and ratios to the strongest setup, after its warm-up and over its whole schedule."""
+    rows = [(device, r) for device, cases in e2e_latest(e2e).items() for case_rows in cases.values()
+            for r in case_rows if r.get("quality_setting") == setting and r["variant"].endswith("-cg")
+            and "speedup_vs_strongest" in r]
+    if not rows:
+        return None
+    device, row = max(rows, key=lambda dr: dr[1]["run"])
+    whole = ratio(row.get("schedule_speedup_vs_strongest"))
+    return (f"timed on {row['case']} ({device}, CUDA graphs): {ratio(row['speedup_vs_strongest'])} the strongest "
+            f"dense setup after its dense warm-up" + (f", {whole} over its whole schedule" if whole else ""))
+
+
+def quality_line(quality: dict, e2e: dict) -> str:
     """The default config's quality, and the sparsest sparse setting that passes (else the closest),
-    from the quality harness."""
+    from the quality harness, with where that setting was timed end to end (``e2e``)."""
     by = {s["setting"]: s for s in quality["summary"]}
     default, meta = by["default"], quality["meta"]
     sparse = [s for s in by.values() if s["kept_mlp"] < 1.0]
@@ -256,6 +270,8 @@ def quality_line(quality: dict) -> str:
         line += (f"; {lead}: `{best['setting']}`, {100 * best['heldout_delta']:+.1f}% at {best['kept_mlp']:.2f} of "
                  f"the MLP compute, exact match {best['exact_match']:.2f} against dense LoRA's "
                  f"{by['dense']['exact_match']:.2f} ({seeds}; every setting in [docs/results.md](docs/results.md))")
+        timed = timed_setting(best["setting"], e2e)
+        line += f"; {timed}" if timed else "; its speed not yet measured"
     return line + "."
 
 
@@ -263,7 +279,7 @@ def readme() -> str:
     text = README.read_text()
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
-    return f"{head}{BEGIN}\n{readme_table()}\n\n{quality_line(load('quality'))}\n{END}{tail}"
+    return f"{head}{BEGIN}\n{readme_table()}\n\n{quality_line(load('quality'), load('e2e'))}\n{END}{tail}"
 
 
 def main(argv=None) -> int:

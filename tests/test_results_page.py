@@ -66,3 +66,28 @@ def test_compile_section_shows_each_run_on_its_device_with_the_cold_steps_phases
                          + "1.0 | " * len(PHASES) + "20.0 | - |")
     assert lines[-2].startswith("| - | cpu | tiny 8x512 | lecompile-d1 | 3.0 |")  # a row from before any merge
     assert lines[-1].startswith("| - | cpu | y 8x512 | lecompile-d1 | 60.0 | - |")  # the warm process failed
+
+
+def test_quality_line_says_where_the_passing_setting_was_timed():
+    summary = [dict(setting=name, steps=300, seeds=3, kept_mlp=kept, heldout_delta=delta, heldout_delta_std=0.001,
+                    exact_match=0.7, passes=delta < 0.01)
+               for name, kept, delta in (("dense", 1.0, 0.0), ("default", 1.0, 0.0), ("a", 0.8, 0.008),
+                                         ("b", 0.5, 0.3))]
+    quality = {"meta": {"device": "NVIDIA H200"}, "summary": summary}
+
+    def run(number, device):
+        return {"run": number, "device": device, "command": "python -m benchmarks.e2e"}
+
+    def row(number, variant, **extra):
+        return dict(run=number, case="opt-1.3b lora 8x512", variant=variant, ms=50.0, **extra)
+
+    e2e = {"meta": {"runs": [run(1, "NVIDIA H200"), run(2, "NVIDIA H100")]}, "rows": [
+        row(1, "lecompile-a-cg", quality_setting="a", speedup_vs_strongest=0.8, schedule_speedup_vs_strongest=0.5),
+        row(2, "lecompile-a", quality_setting="a", speedup_vs_strongest=0.6),  # no CUDA graphs: not the one
+        row(2, "lecompile-a-cg", quality_setting="a", speedup_vs_strongest=0.9, schedule_speedup_vs_strongest=0.4)]}
+    line = results_page.quality_line(quality, e2e)
+    assert "the sparsest setting that keeps it: `a`, +0.8% at 0.80" in line
+    assert line.endswith("; timed on opt-1.3b lora 8x512 (NVIDIA H100, CUDA graphs): 0.90x the strongest dense "
+                         "setup after its dense warm-up, 0.40x over its whole schedule.")
+    assert results_page.quality_line(quality, {"meta": {"runs": []}, "rows": []}).endswith(
+        "; its speed not yet measured.")
