@@ -185,12 +185,6 @@ def _stacked(lins: List[Optional[AdaptedLinear]]) -> Optional[AdaptedLinear]:
                          stack("in_scale", True), stack("out_scale", True), lins[0].lora_scale)
 
 
-def _rows(lin: Optional[AdaptedLinear], rows: torch.Tensor) -> Optional[AdaptedLinear]:
-    if lin is None or lin.lora_input is None:
-        return lin
-    return AdaptedLinear(**{**lin.__dict__, "lora_input": lin.lora_input[:, rows]})
-
-
 def _train(jobs: List[tuple]) -> None:
     """Train the predictors of ``jobs`` (one :func:`_signature`) ``steps`` Adam steps each to
     match the exposer's labels of their recorded tokens, all at once: their tensors stacked along a
@@ -221,9 +215,11 @@ def _train(jobs: List[tuple]) -> None:
     with torch.enable_grad():
         for _ in range(steps):
             rows = torch.randint(0, x.shape[0], (min(TOKENS_PER_STEP, x.shape[0]),), generator=g, device=x.device)
-            h2 = low_rank(xs[:, rows], _rows(second, rows), 0, factors=leaves[2:]) if second is not None else None
-            est = estimate(*low_rank(xs[:, rows], _rows(first, rows), 0, factors=leaves[:2]), activation, h2)
-            loss = ((est.abs() - target[:, rows]).square().mean((-2, -1)) / scale).sum()
+            per_mlp = (slice(None), rows)  # the same rows of every MLP's tokens
+            x_rows = xs[per_mlp]
+            h2 = low_rank(x_rows, second.rows(per_mlp), 0, factors=leaves[2:]) if second is not None else None
+            est = estimate(*low_rank(x_rows, first.rows(per_mlp), 0, factors=leaves[:2]), activation, h2)
+            loss = ((est.abs() - target[per_mlp]).square().mean((-2, -1)) / scale).sum()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
