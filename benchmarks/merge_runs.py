@@ -15,6 +15,7 @@ all rows.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -60,6 +61,23 @@ def _merge_quality(results: dict, new: dict, rows: list, run: int) -> None:
     results["summary"] = summarize(results["rows"])
 
 
+#: Benchmarks whose ``plot(rows, path)`` draws their results file, by the module that has it.
+PLOTS = {"compile_time": "benchmarks.compile_time", "sparse_mlp": "benchmarks.bench_sparse_mlp",
+         "step_breakdown": "benchmarks.step_breakdown"}
+
+
+def plot(results: dict, path: Path) -> None:
+    """Redraw ``results``'s plot at ``path``; benchmarks without one are left alone."""
+    benchmark = results["meta"]["benchmark"]
+    if benchmark == "e2e":
+        e2e.plot(results["rows"], path)
+    elif benchmark.startswith("quality"):
+        from benchmarks import quality
+        quality.plot(results["summary"], results["rows"], path, quality.task_of(benchmark))
+    elif benchmark in PLOTS:
+        importlib.import_module(PLOTS[benchmark]).plot(results["rows"], path)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", type=Path, help="the results file to extend, e.g. benchmarks/results/e2e.json")
@@ -67,22 +85,13 @@ def main(argv=None) -> int:
     parser.add_argument("--what", required=True, help="one line: what the run measured, what cut it short")
     parser.add_argument("--commit", default=None, help="the commit the run's code was (overrides the recorded one)")
     parser.add_argument("--plot", action="store_true",
-                        help="redraw the plot beside the results (e2e, quality, compile_time, sparse_mlp)")
+                        help="redraw the plot beside the results (e2e, quality, " + ", ".join(PLOTS) + ")")
     args = parser.parse_args(argv)
     results, new = json.loads(args.results.read_text()), json.loads(args.new.read_text())
     run = merge(results, new, args.what, args.commit)
     args.results.write_text(json.dumps(results, indent=1) + "\n")
-    if args.plot and results["meta"]["benchmark"] == "e2e":
-        e2e.plot(results["rows"], args.results.with_suffix(".png"))
-    elif args.plot and results["meta"]["benchmark"].startswith("quality"):
-        from benchmarks.quality import plot
-        plot(results["summary"], results["rows"], args.results.with_suffix(".png"))
-    elif args.plot and results["meta"]["benchmark"] == "compile_time":
-        from benchmarks.compile_time import plot
-        plot(results["rows"], args.results.with_suffix(".png"))
-    elif args.plot and results["meta"]["benchmark"] == "sparse_mlp":
-        from benchmarks.bench_sparse_mlp import plot
-        plot(results["rows"], args.results.with_suffix(".png"))
+    if args.plot:
+        plot(results, args.results.with_suffix(".png"))
     print(f"{args.new} -> {args.results}: run {run}, {len(new['rows'])} rows")
     return 0
 

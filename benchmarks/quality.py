@@ -70,6 +70,8 @@ SMOLLM2_CONFIG = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
                       max_position_embeddings=8192, rms_norm_eps=9.999999747378752e-06, tie_word_embeddings=True,
                       rope_parameters={"rope_theta": 100000.0, "rope_type": "default"}, attention_bias=False,
                       mlp_bias=False, bos_token_id=1, eos_token_id=2, pad_token_id=2, unk_token_id=0)
+#: Held-out tokens evaluated at a time.
+EVAL_TOKENS = 32768
 #: Optimizer steps of a run unless ``--steps`` says otherwise.
 STEPS = 300
 #: Passing: mean held-out answer loss within this of dense LoRA's (relative).
@@ -247,18 +249,20 @@ TASKS = {"mixed": build_task, "recall": build_recall_task}
 
 
 @torch.no_grad()
-def evaluate(model, task: Task, device, batch_size: int = 8) -> dict:
+def evaluate(model, task: Task, device, tokens: int = EVAL_TOKENS) -> dict:
     """Held-out answer loss, answer-token accuracy and exact match of ``task.answers``, eager and
-    dense."""
+    dense, ``tokens`` tokens (whole rows, at least one) at a time."""
     model.eval()
     ids, labels = task.heldout
+    batch_size = max(1, tokens // ids.shape[1])
     loss_sum, right_sum, count, rows_right = 0.0, 0, 0, []
     for i in range(0, len(ids), batch_size):
         x, y = ids[i:i + batch_size].to(device), labels[i:i + batch_size].to(device)
-        logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()
+        logits = model(input_ids=x, use_cache=False).logits[:, :-1]
         target = y[:, 1:]
         mask = target != -100
-        loss_sum += torch.nn.functional.cross_entropy(logits[mask], target[mask], reduction="sum").item()
+        # Only the answer positions in float32: a long row's whole vocabulary would not fit beside other runs.
+        loss_sum += torch.nn.functional.cross_entropy(logits[mask].float(), target[mask], reduction="sum").item()
         right = (logits.argmax(-1) == target) | ~mask
         right_sum += (right & mask).sum().item()
         count += mask.sum().item()
@@ -377,22 +381,32 @@ def _stdev(values: List[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def plot(summary: List[dict], runs: List[dict], path: Path) -> None:
+def kept(summary_row: dict, task: str) -> float:
+    """What a setting keeps of the compute its task makes sparse: the MLP compute over the run on
+    the mixed task, the share of attention blocks on the recall one."""
+    if task == "recall":
+        return (summary_row["options"] or {}).get("attn_density", 1.0)
+    return summary_row["kept_mlp"]
+
+
+def plot(summary: List[dict], runs: List[dict], path: Path, task: str = "mixed") -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    what = "attention blocks" if task == "recall" else "MLP compute"
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
     for s in summary:
         color = "tab:green" if s.get("passes") else "tab:red"
-        ax1.errorbar(s["kept_mlp"], 100 * s.get("heldout_delta", 0.0), yerr=100 * s.get("heldout_delta_std", 0.0),
+        x = kept(s, task)
+        ax1.errorbar(x, 100 * s.get("heldout_delta", 0.0), yerr=100 * s.get("heldout_delta_std", 0.0),
                      fmt="o", color=color)
-        ax1.annotate(s["setting"], (s["kept_mlp"], 100 * s.get("heldout_delta", 0.0)), fontsize=7,
+        ax1.annotate(s["setting"], (x, 100 * s.get("heldout_delta", 0.0)), fontsize=7,
                      xytext=(4, 3), textcoords="offset points")
     ax1.axhline(100 * BUDGET, color="gray", ls=":", label=f"budget (+{100 * BUDGET:g}%)")
     ax1.axhline(0, color="black", lw=1)
-    ax1.set(xlabel="MLP compute kept over the run", ylabel="held-out answer loss vs dense LoRA (%)",
-            title="SmolLM2-135M, LoRA r=16: quality vs MLP compute (seed by seed vs dense: mean ± std)")
+    ax1.set(xlabel=f"{what} kept", ylabel="held-out answer loss vs dense LoRA (%)")
+    ax1.set_title(f"SmolLM2-135M, LoRA r=16: quality vs {what}\n(seed by seed vs dense: mean ± std)", fontsize=10)
     ax1.legend(fontsize=7)
     for name in [s["setting"] for s in summary]:
         curves = [r["losses"] for r in runs if r["setting"] == name]
@@ -564,14 +578,21 @@ def measured(results: Path, steps: int) -> set:
     return {(r["setting"], r["seed"]) for r in json.loads(results.read_text())["rows"] if r["steps"] == steps}
 
 
-def results_name(task: str) -> str:
-    """The results file's name (without ``.json``) of ``task``'s runs."""
-    return "quality" if task == "mixed" else f"quality_{task}"
+def results_name(task: str, seq_len: Optional[int] = None) -> str:
+    """The results file's name (without ``.json``) of ``task``'s runs at ``seq_len`` tokens a row
+    (the task's own length, :data:`SEQ_LEN`, when ``None``): other lengths get their own file."""
+    name = "quality" if task == "mixed" else f"quality_{task}"
+    return name if seq_len in (None, SEQ_LEN[task]) else f"{name}_{seq_len}"
+
+
+def task_of(name: str) -> str:
+    """The task of a results file named by :func:`results_name`."""
+    return next((task for task in TASKS if task != "mixed" and name.startswith(f"quality_{task}")), "mixed")
 
 
 def _write(args, runs: List[dict], failed: List[dict]) -> Path:
     runs = sorted(runs, key=lambda r: (r["setting"], r["seed"]))
-    name = results_name(args.task)
+    name = results_name(args.task, args.seq_len)
     data = {"meta": meta(name, command_line(), model="SmolLM2-135M-Instruct (GGUF Q4_1, dequantized)",
                          lora="r=16, alpha=32, on " + ",".join(TARGETS), batch=args.batch_size, seq=args.seq_len,
                          lr=args.lr, answer_tokens=ANSWER_TOKENS if args.task == "mixed" else RECALL_TOKENS,
@@ -579,7 +600,7 @@ def _write(args, runs: List[dict], failed: List[dict]) -> Path:
             "summary": summarize(runs), "rows": runs, "failed": failed}
     path = write_results(name, data, args.out)
     if runs:
-        plot(data["summary"], runs, args.out / f"{name}.png")
+        plot(data["summary"], runs, args.out / f"{name}.png", args.task)
     return path
 
 

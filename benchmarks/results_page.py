@@ -100,15 +100,18 @@ def _share(value: Optional[float]) -> Optional[str]:
 def breakdown_section(breakdown: dict) -> str:
     """The step breakdown: GPU ms per part of the step, with the GEMM and attention limits."""
     from benchmarks.step_breakdown import PARTS
-    table = [[r["case"], r["variant"], r["kernels_ms"]]
+    runs = {r["run"]: r for r in breakdown["meta"].get("runs", [])}
+    device = {run: r["device"] for run, r in runs.items()}
+    table = [[r.get("run"), device.get(r.get("run"), breakdown["meta"]["device"]), r["case"], r["variant"],
+              r["kernels_ms"]]
              + [f"{r['parts'][p]:.2f}" + (f" ({r['limits'][p]:.2f})" if r["limits"].get(p) is not None else "")
                 for p in PARTS] for r in breakdown["rows"]]
     return "\n\n".join([
         "## Where the step goes (`python -m benchmarks.step_breakdown`)",
-        f"PyTorch profiler on the {breakdown['meta']['device']}, without CUDA graphs: GPU ms per step in each part, "
-        "and in brackets the part's limit (its least FLOPs at the GPU's bf16 GEMM rate)."
-        + (f" {breakdown['meta']['what']}" if breakdown["meta"].get("what") else ""),
-        markdown_table(["case", "variant", "kernels ms", *PARTS], table)])
+        "PyTorch profiler without CUDA graphs: GPU ms per step in each part, and in brackets the part's limit (its "
+        "least FLOPs at the GPU's bf16 GEMM rate).",
+        markdown_table(["run", "device", "case", "variant", "kernels ms", *PARTS], table)]
+        + (["Runs:\n\n" + _run_list(runs.values())] if runs else []))
 
 
 def compile_section(compile_time: dict) -> str:
@@ -140,22 +143,29 @@ def compile_section(compile_time: dict) -> str:
 
 
 def harness_section(quality: dict) -> str:
-    """The quality harness: per setting, mean and spread over seeds, through the compiled path."""
-    from benchmarks.quality import MIN_SEEDS, settings
+    """A task of the quality harness: per setting, mean and spread over seeds, through the compiled path."""
+    from benchmarks.quality import MIN_SEEDS, kept, settings, task_of
     meta = quality["meta"]
-    table = [[s["setting"], _options(s["options"]), s["seeds"], s["steps"], f"{s['kept_mlp']:.2f}",
+    task = task_of(meta["benchmark"])
+    table = [[s["setting"], _options(s["options"]), s["seeds"], s["steps"], f"{kept(s, task):.2f}",
               f"{s['heldout_loss']:.4f} ± {s['heldout_loss_std']:.4f}",
               f"{100 * s['heldout_delta']:+.2f}% ± {100 * s['heldout_delta_std']:.2f}",
               f"{s['token_accuracy']:.3f}", f"{s['exact_match']:.3f}", f"{s['step1_loss']:.3f}",
               "yes" if s["passes"] else "no"] for s in quality["summary"]]
-    missing = [name for name in settings(300) if name not in {s["setting"] for s in quality["summary"]}]
+    missing = [name for name in settings(300, task) if name not in {s["setting"] for s in quality["summary"]}]
+    if task == "recall":
+        title = f"## Long-context quality at {meta['seq']} tokens (`python -m benchmarks.quality --task recall`)"
+        kept_is = "`kept` is the share of attention blocks each head computes"
+    else:
+        title = "## Quality through the compiled path (`python -m benchmarks.quality`)"
+        kept_is = "`kept` is the MLP compute kept over the run"
     return "\n\n".join([
-        "## Quality through the compiled path (`python -m benchmarks.quality`)",
+        title,
         f"{meta['model']}, LoRA {meta['lora']}, batches of {meta['batch']}x{meta['seq']} tokens, lr {meta['lr']}; "
         f"{meta['task']}. Trained through `torch.compile` (Inductor for `dense`, the backend for the rest) on the "
         f"{meta['device']}; evaluated eagerly and dense on held-out rows. Mean ± standard deviation over seeds; "
         "`vs dense` compares each seed with dense LoRA's run of the same seed (same data order and adapter "
-        "init): the mean and spread of those changes. `kept` is the MLP compute kept over the run. A setting "
+        f"init): the mean and spread of those changes. {kept_is}. A setting "
         f"passes with at least {MIN_SEEDS} seeds and a mean change within +{100 * meta['budget']:g}%.",
         markdown_table(["setting", "config", "seeds", "steps", "kept", "held-out answer loss", "vs dense",
                         "token acc.", "exact match", "step-1 loss", "passes"], table)]
@@ -211,7 +221,9 @@ def page() -> str:
         sections.append(breakdown_section(load("step_breakdown")))
     if (RESULTS / "compile_time.json").exists():
         sections.append(compile_section(load("compile_time")))
-    sections += [harness_section(load("quality")), quality_section(load("accuracy")), files_section()]
+    sections += [harness_section(load(path.stem)) for path in [RESULTS / "quality.json",
+                                                                 *sorted(RESULTS.glob("quality_recall*.json"))]]
+    sections += [quality_section(load("accuracy")), files_section()]
     return "\n\n".join([
         "# Results",
         "Generated by `python -m benchmarks.results_page` from `benchmarks/results/*.json`; do not edit by hand.",

@@ -133,7 +133,7 @@ def plot(rows: List[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(rows) + 3), 5))
-    labels = [f"{r['case']}\n{r['variant']}" for r in rows]
+    labels = [f"{r['case']}\n{r['variant']}" + (f"\nrun {r['run']}" if "run" in r else "") for r in rows]
     bottom = [0.0] * len(rows)
     for part in PARTS:
         values = [r["parts"][part] for r in rows]

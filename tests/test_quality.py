@@ -83,6 +83,24 @@ def test_evaluate_scores_a_perfect_model_as_perfect():
     assert metrics["token_accuracy"] == 1.0 and metrics["exact_match"] == 1.0 and metrics["heldout_loss"] < 1e-6
 
 
+def test_evaluate_gives_the_same_metrics_a_row_at_a_time():
+    task = quality.build_task(ByteTokenizer(), seq_len=128, arithmetic_train_rows=2, heldout_passages=3,
+                              heldout_arithmetic=2)
+    model = tiny_llama().eval()
+    whole, by_row = quality.evaluate(model, task, "cpu"), quality.evaluate(model, task, "cpu", tokens=128)
+    assert whole.keys() == by_row.keys()
+    for key in whole:
+        assert abs(whole[key] - by_row[key]) < 1e-5, key
+
+
+def test_each_row_length_of_a_task_has_its_own_results_file():
+    assert quality.results_name("mixed") == quality.results_name("mixed", 256) == "quality"
+    assert quality.results_name("recall", 4096) == "quality_recall"
+    assert quality.results_name("recall", 8192) == "quality_recall_8192"
+    for name in ("quality", "quality_recall", "quality_recall_8192"):
+        assert quality.results_name(quality.task_of(name)) == name.rsplit("_8192", 1)[0]
+
+
 @pytest.mark.slow
 def test_a_few_steps_through_the_compiled_path():
     task = quality.build_task(ByteTokenizer(), seq_len=128, arithmetic_train_rows=4, heldout_passages=2,

@@ -41,11 +41,16 @@ def test_breakdown_section_shows_each_part_with_its_limit():
     from benchmarks.step_breakdown import PARTS
     parts = dict.fromkeys(PARTS, 1.0) | {"base_gemm": 30.0}
     limits = {"base_gemm": 21.5, "adapter_gemm": 0.4, "attention": None}
-    data = {"meta": {"device": "NVIDIA H200"},
-            "rows": [{"case": "opt-1.3b lora 8x512", "variant": "lecompile-d1", "kernels_ms": 36.0,
+    run = {"run": 2, "what": "OPT", "command": "-", "date": "2026-12-05", "git_commit": "abc1234",
+           "device": "NVIDIA H100 80GB HBM3"}
+    data = {"meta": {"device": "NVIDIA H200", "runs": [run]},
+            "rows": [{"run": 2, "case": "opt-1.3b lora 8x512", "variant": "lecompile-d1", "kernels_ms": 36.0,
                       "parts": parts, "limits": limits}]}
-    row = results_page.breakdown_section(data).splitlines()[-1]
-    assert row.startswith("| opt-1.3b lora 8x512 | lecompile-d1 | 36.0 | 30.00 (21.50) | 1.00 (0.40) | 1.00 | ")
+    lines = results_page.breakdown_section(data).splitlines()
+    row = next(line for line in lines if "lecompile-d1" in line)
+    assert row.startswith("| 2 | NVIDIA H100 80GB HBM3 | opt-1.3b lora 8x512 | lecompile-d1 | 36.0 | 30.00 (21.50) | "
+                          "1.00 (0.40) | 1.00 | ")
+    assert lines[-1] == "- run 2 (2026-12-05, abc1234): OPT"
 
 
 def test_compile_section_shows_each_run_on_its_device_with_the_cold_steps_phases():
