@@ -247,16 +247,24 @@ def quality_task(setting: str) -> Optional[str]:
     return next((task for task in ("mixed", "recall") if setting in quality.settings(quality.STEPS, task)), None)
 
 
-def quality_summary(setting: str) -> Optional[dict]:
+def quality_summary(setting: str, seq: Optional[int] = None) -> Optional[dict]:
     """``setting``'s summary in its task's results file (``benchmarks/results/quality.json``,
-    ``quality_recall.json``); ``None`` if not measured."""
+    ``quality_recall.json``, ``quality_recall_<seq>.json``), at ``seq`` tokens a row where that
+    length was measured, else at the task's own; with ``seq`` set to the length it was measured
+    at. ``None`` if not measured."""
     import json
 
     from benchmarks import quality
     task = quality_task(setting)
-    path = RESULTS / f"{quality.results_name(task)}.json" if task else None
-    summary = json.loads(path.read_text())["summary"] if path is not None and path.exists() else []
-    return next((s for s in summary if s["setting"] == setting), None)
+    if task is None:
+        return None
+    for name in dict.fromkeys([quality.results_name(task, seq), quality.results_name(task)]):
+        path = RESULTS / f"{name}.json"
+        data = json.loads(path.read_text()) if path.exists() else {"summary": []}
+        found = next((s for s in data["summary"] if s["setting"] == setting), None)
+        if found is not None:
+            return {**found, "seq": data["meta"]["seq"]}
+    return None
 
 
 def quality_setting_config(setting: str, cudagraphs: bool) -> LongExposureConfig:
@@ -438,11 +446,12 @@ def run_variant(case: Case, variant: Variant, device: str, steps: int = 20, warm
         warmup_ms = statistics.median(dense_times) if dense_times else 0.0
         mean = extra["mean_ms"]
         whole = (dense_steps * warmup_ms + (total - dense_steps) * mean) / total if total else mean  # 0: no schedule
-        summary = quality_summary(variant.quality_setting)
+        summary = quality_summary(variant.quality_setting, case.seq)
         extra.update(quality_setting=variant.quality_setting, dense_warmup_steps=dense_steps, total_steps=total,
                      warmup_ms=round(warmup_ms, 3), schedule_ms=round(whole, 3),
                      heldout_delta=summary["heldout_delta"] if summary else None,
-                     quality_passes=summary["passes"] if summary else None)
+                     quality_passes=summary["passes"] if summary else None,
+                     quality_seq=summary["seq"] if summary else None)
     return StepResult(statistics.median(times), compile_s, loss1, peak, extra)
 
 

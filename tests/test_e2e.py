@@ -227,7 +227,7 @@ def test_step_flops_count_moe_experts_at_the_routed_share():
 
 def test_a_quality_setting_runs_its_whole_schedule_and_carries_its_measured_quality(monkeypatch):
     measured = {"setting": "schedule-learned-0.5", "steps": 20, "heldout_delta": 0.0078, "passes": True}
-    monkeypatch.setattr(e2e, "quality_summary", lambda setting: measured)
+    monkeypatch.setattr(e2e, "quality_summary", lambda setting, seq=None: {**measured, "seq": 256})
     (variant,) = e2e.variants(densities=(), baselines=False, quality_settings=["schedule-learned-0.5"])
     assert variant.name == "lecompile-schedule-learned-0.5"
     assert (variant.config.total_steps, variant.config.dense_warmup_steps) == (20, 2)  # as quality measured it
@@ -236,7 +236,7 @@ def test_a_quality_setting_runs_its_whole_schedule_and_carries_its_measured_qual
     assert "error" not in row, row.get("error")
     assert row["mlp_rewritten"] == 1  # the fourth layer
     assert row["quality_setting"] == "schedule-learned-0.5"
-    assert (row["heldout_delta"], row["quality_passes"]) == (0.0078, True)
+    assert (row["heldout_delta"], row["quality_passes"], row["quality_seq"]) == (0.0078, True, 256)
     assert row["schedule_ms"] == pytest.approx((2 * row["warmup_ms"] + 18 * row["mean_ms"]) / 20, abs=2e-3)
     strongest = {"variant": "inductor-bf16-adapters", "ms": 2 * row["ms"], "mlp_density": 1.0, "attn_density": 1.0,
                  "peak_mem_gib": 1.0, "loss_step1": 1.0}
@@ -251,12 +251,20 @@ def test_a_setting_that_is_no_lecompile_config_is_refused_by_name(setting):
 
 
 def test_an_attention_setting_takes_its_quality_from_the_long_context_results(monkeypatch, tmp_path):
-    (tmp_path / "quality_recall.json").write_text(json.dumps({"summary": [
-        {"setting": "attn-0.5", "steps": 300, "heldout_delta": 0.004, "passes": True}]}))
+    def measured(seq, delta):
+        return json.dumps({"meta": {"seq": seq}, "summary": [
+            {"setting": "attn-0.5", "steps": 300, "heldout_delta": delta, "passes": True}]})
+
+    (tmp_path / "quality_recall.json").write_text(measured(4096, 0.004))
+    (tmp_path / "quality_recall_8192.json").write_text(measured(8192, 0.008))
     monkeypatch.setattr(e2e, "RESULTS", tmp_path)
     (variant,) = e2e.variants(densities=(), baselines=False, quality_settings=["attn-0.5"])
     assert (variant.name, variant.config.attn_density, variant.config.mlp_density) == ("lecompile-attn-0.5", 0.5, 1.0)
     assert e2e.quality_summary("attn-0.5")["heldout_delta"] == 0.004
+    # A row's own length where it was measured, else the task's: the row says which.
+    assert (e2e.quality_summary("attn-0.5", 8192)["heldout_delta"], e2e.quality_summary("attn-0.5", 8192)["seq"]) == (
+        0.008, 8192)
+    assert e2e.quality_summary("attn-0.5", 16384)["seq"] == 4096
     assert e2e.quality_summary("schedule-learned-0.5") is None  # no quality.json in this folder
 
 
