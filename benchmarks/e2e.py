@@ -599,12 +599,15 @@ def add_ratios(rows: List[dict]) -> None:
 def training_step(case: Case, variant: Variant, device: str) -> Callable[[], torch.Tensor]:
     """One training step (forward, backward, AdamW) of ``case``'s model on random ids, run as
     ``variant`` runs it (lecompile with its config, Inductor, or eager), as a function to call repeatedly;
-    it returns the step's loss; ``step.model`` is the model."""
+    it returns the step's loss; ``step.model`` is the model, ``step.backend`` lecompile's backend
+    (``None`` for other variants)."""
     model = build(case, variant, device)
     ids = torch.randint(0, model.config.vocab_size, (case.batch, case.seq), device=device)
     torch._dynamo.reset()
+    backend = None
     if variant.backend == "lecompile":
-        fn = torch.compile(model, backend=LongExposureBackend(variant.config))
+        backend = LongExposureBackend(variant.config)
+        fn = torch.compile(model, backend=backend)
     elif variant.backend == "inductor":
         fn = torch.compile(model, mode="reduce-overhead" if variant.cudagraphs else None)
     else:
@@ -618,7 +621,7 @@ def training_step(case: Case, variant: Variant, device: str) -> Callable[[], tor
             opt.step()
         opt.zero_grad(set_to_none=True)
         return loss.detach()
-    step.model = model
+    step.model, step.backend = model, backend
     return step
 
 

@@ -111,7 +111,9 @@ def breakdown_section(breakdown: dict) -> str:
     return "\n\n".join([
         "## Where the step goes (`python -m benchmarks.step_breakdown`)",
         "PyTorch profiler without CUDA graphs: GPU ms per step in each part, and in brackets the part's limit (its "
-        "least FLOPs at the GPU's bf16 GEMM rate).",
+        "least FLOPs at the GPU's bf16 GEMM rate; for sparse MLPs the larger of that and the weight rows their "
+        "token groups read at the GPU's memory bandwidth, their FLOPs then out of `base_gemm`'s limit; rows before "
+        "that limit existed show the dense one).",
         markdown_table(["run", "device", "case", "variant", "kernels ms", *PARTS], table)]
         + (["Runs:\n\n" + _run_list(runs.values())] if runs else []))
 

@@ -19,16 +19,19 @@ and every GPU kernel's time goes to one part of the step, by the op that launche
 - ``rest``: anything else.
 
 The GEMM and attention parts get a limit: their least FLOPs (:func:`benchmarks.e2e.step_flops`)
-at the GPU's bf16 GEMM rate (:data:`benchmarks.e2e.GEMM_TFLOPS`). Results go to
-``step_breakdown.json`` (with each variant's costliest kernels) and a plot of the parts against
-their limits.
+at the GPU's bf16 GEMM rate (:data:`benchmarks.e2e.GEMM_TFLOPS`). In a sparse variant the
+rewritten MLPs leave ``base_gemm``'s limit for ``sparse_mlp``'s, the larger of their least FLOPs
+at that rate and the weight rows their token groups read at the GPU's memory bandwidth
+(:func:`sparse_mlp_work`): each group of tokens that shares a neuron set reads its own rows.
+Results go to ``step_breakdown.json`` (with each variant's costliest kernels) and a plot of the
+parts against their limits.
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator, List, Optional
 
 import torch
 
@@ -46,6 +49,8 @@ GROUPED_GEMM_OPS = ("aten::_grouped_mm",)  # [tokens, K] @ [experts, K, N]
 LORA_GEMM_KERNELS = ("_linear_low_rank_kernel",)
 LECOMPILE_PARTS = {"lecompile::sparse_mlp": "sparse_mlp", "lecompile::predict_": "predictor"}
 VARIANTS = ("inductor-bf16-adapters", "lecompile-d1")
+#: HBM bandwidth in bytes/s (the spec sheet's) of each GPU, by a word of its name.
+HBM_BYTES_PER_S = {"H200": 4.8e12, "H100": 3.35e12}
 
 
 def _ancestors(event) -> Iterator:
@@ -105,6 +110,59 @@ def top_kernels(prof, steps: int, n: int = 20) -> List[dict]:
                  launches=round(e.count / steps, 1)) for e in kernels[:n]]
 
 
+def sparse_mlp_work(entries, config, case: e2e.Case, hidden: int) -> Dict[str, float]:
+    """The least work of the rewritten MLPs among ``entries`` (the report's ``MLPEntry`` rows) in
+    one step of ``case`` under ``config``: ``flops``, ``weight_bytes`` (bf16 weights), and
+    ``dense_flops``, what the same MLPs take dense. Per MLP of ``p`` projections (3 gated, else 2)
+    over ``G`` token groups of ``g`` tokens (a tile, a sequence or the batch), ``D`` of them dense
+    (``dense_output_share``) and the rest at ``k`` neurons: FLOPs ``4 g hidden p (D ffn + (G - D) k)``
+    (the forward and the input gradient; frozen weights get no weight gradient), weight bytes
+    ``2 * 2 p hidden ((ffn if D else 0) + (G - D) k)`` (both passes read the rows: a dense group
+    shares one read of each weight, a sparse group reads its own ``k`` rows)."""
+    from lecompile.ops.token_groups import dense_group_count
+    tokens = case.batch * case.seq
+    group = {"tile": config.tuning.tile_size, "sequence": case.seq}.get(config.granularity, tokens)
+    groups = tokens // group
+    dense = dense_group_count(config.dense_output_share, groups) if config.dense_output_share else 0
+    work = dict(flops=0.0, weight_bytes=0.0, dense_flops=0.0)
+    for e in entries:
+        if not e.rewritten:
+            continue
+        p = 3 if e.pattern.endswith("_gated") else 2
+        work["flops"] += 4.0 * group * hidden * p * (dense * e.ffn + (groups - dense) * e.k)
+        work["weight_bytes"] += 2 * 2.0 * p * hidden * ((e.ffn if dense else 0) + (groups - dense) * e.k)
+        work["dense_flops"] += 4.0 * tokens * hidden * p * e.ffn
+    return work
+
+
+def hbm_bandwidth(device: str) -> Optional[float]:
+    """This GPU's memory bandwidth in bytes/s (:data:`HBM_BYTES_PER_S`), ``None`` for other devices."""
+    if torch.device(device).type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((bandwidth for word, bandwidth in HBM_BYTES_PER_S.items() if word in name), None)
+
+
+def limits_ms(step, case: e2e.Case, device: str) -> Dict[str, Optional[float]]:
+    """The limit of each part of ``step`` (from :func:`benchmarks.e2e.training_step`) in ms: see the
+    module's docstring; ``None`` on a GPU without a rate in :data:`benchmarks.e2e.GEMM_TFLOPS`."""
+    rate = e2e.gemm_rate(device)
+    flops = e2e.step_flops(step.model, case)
+    if rate is None:
+        return dict.fromkeys(flops)
+    rate *= 1e12
+    limits = {k: v / rate * 1e3 for k, v in flops.items()}
+    backend = getattr(step, "backend", None)
+    entries = {e.layer: e for r in backend.reports for e in r.mlp} if backend is not None else {}
+    if any(e.rewritten for e in entries.values()):
+        work = sparse_mlp_work(entries.values(), backend.config, case, step.model.config.hidden_size)
+        limits["base_gemm"] -= work["dense_flops"] / rate * 1e3
+        bandwidth = hbm_bandwidth(device)
+        if bandwidth is not None:
+            limits["sparse_mlp"] = max(work["flops"] / rate, work["weight_bytes"] / bandwidth) * 1e3
+    return {k: round(v, 3) for k, v in limits.items()}
+
+
 def profile_variant(case: e2e.Case, variant: e2e.Variant, device: str, steps: int = 3) -> dict:
     """One variant's step on the GPU, profiled after warm-up: ms per part, and the limits of the
     GEMM and attention parts (``None`` on a GPU without a rate in :data:`benchmarks.e2e.GEMM_TFLOPS`)."""
@@ -120,11 +178,8 @@ def profile_variant(case: e2e.Case, variant: e2e.Variant, device: str, steps: in
             step()
         torch.cuda.synchronize()
     parts = sort_kernels(prof, steps)
-    rate = e2e.gemm_rate(device)
-    limits = {k: round(v / (rate * 1e12) * 1e3, 3) if rate else None
-              for k, v in e2e.step_flops(step.model, case).items()}
     return dict(case=case.name, variant=variant.name, unit="ms per step", kernels_ms=round(sum(parts.values()), 3),
-                parts=parts, limits=limits, top_kernels=top_kernels(prof, steps))
+                parts=parts, limits=limits_ms(step, case, device), top_kernels=top_kernels(prof, steps))
 
 
 def plot(rows: List[dict], path: Path) -> None:

@@ -87,3 +87,38 @@ def test_lora_gemm_kernels_are_named_as_defined():
     time showed as 'rest' in the first H200 breakdown)."""
     from lecompile.kernels import lowrank_gemm
     assert all(hasattr(lowrank_gemm, name) for name in step_breakdown.LORA_GEMM_KERNELS)
+
+
+def test_sparse_mlp_work_counts_each_group_reading_its_own_rows():
+    from lecompile import LongExposureConfig
+    from lecompile.report import MLPEntry
+    config = LongExposureConfig.create(mlp_density=0.5, granularity="tile", tile_size=64, dense_output_share=0.5)
+    gated = MLPEntry("layers.3.mlp", "silu_gated", [], ffn=1024, k=512, density=0.5, granularity="tile",
+                     rewritten=True)
+    dense = MLPEntry("layers.0.mlp", "silu_gated", [], ffn=1024, k=1024, density=1.0, granularity="tile",
+                     rewritten=False)
+    work = step_breakdown.sparse_mlp_work([gated, dense], config, e2e.Case("tiny-llama", "lora", 2, 256), hidden=256)
+    # 512 tokens: 8 tiles of 64, 4 dense (all neurons), 4 at 512 neurons; 3 projections
+    assert work["flops"] == 4 * 64 * 256 * 3 * (4 * 1024 + 4 * 512)
+    assert work["dense_flops"] == 4 * 512 * 256 * 3 * 1024
+    assert work["weight_bytes"] == 2 * 2 * 3 * 256 * (1024 + 4 * 512)
+
+
+def test_a_sparse_variant_moves_its_mlps_from_the_base_gemm_limit_to_its_own(monkeypatch):
+    case = e2e.Case("tiny-llama", "lora", 2, 64)
+    dense, sparse = (next(v for v in e2e.variants(densities=(1.0, 0.5), baselines=False) if v.name == name)
+                     for name in ("lecompile-d1", "lecompile-d0.5"))
+    monkeypatch.setattr(e2e, "gemm_rate", lambda device: 1.0)  # TFLOP/s
+    monkeypatch.setattr(step_breakdown, "hbm_bandwidth", lambda device: 1e9)  # bytes/s
+    limits = {}
+    for variant in (dense, sparse):
+        step = e2e.training_step(case, variant, "cpu")
+        step()
+        limits[variant.name] = step_breakdown.limits_ms(step, case, "cpu")
+    assert "sparse_mlp" not in limits["lecompile-d1"]
+    # tiny-llama: 2 gated MLPs of 256 neurons over 64 hidden; 2 sequences of 64 tokens, 128 neurons each
+    moved = limits["lecompile-d1"]["base_gemm"] - limits["lecompile-d0.5"]["base_gemm"]
+    assert moved == pytest.approx(2 * 4 * 128 * 64 * 3 * 256 / 1e12 * 1e3, abs=2e-3)
+    # bound by the weight rows: each sequence reads its own 128 rows of 3 weights, in both passes
+    assert limits["lecompile-d0.5"]["sparse_mlp"] == pytest.approx(2 * 2 * 2 * 3 * 64 * 2 * 128 / 1e9 * 1e3,
+                                                                   abs=2e-3)
