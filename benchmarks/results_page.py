@@ -60,7 +60,7 @@ def _quality(row: dict) -> Optional[str]:
     if "quality_setting" not in row:
         return None
     delta = "not measured" if row.get("heldout_delta") is None else f"{100 * row['heldout_delta']:+.2f}%"
-    if row.get("quality_seq") not in (None, row["seq"]):
+    if row.get("quality_seq") not in (None, row.get("seq")):
         delta += f" (measured at {row['quality_seq']} tokens a row)"
     whole = ratio(row.get("schedule_speedup_vs_strongest"))
     return f"held-out {delta}" + (f"; whole schedule {whole}" if whole else "")
