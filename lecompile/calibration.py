@@ -1,5 +1,8 @@
-"""Calibration steps: dense steps whose graphs record each MLP's input (``lecompile::observe_mlp``)
-for the learned predictor's training and the density guard's measurements.
+"""Calibration steps: steps whose dense graph records each MLP's input (``lecompile::observe_mlp``)
+for the learned predictor's training and the density guard's measurements. The first (and the
+dense warm-up's) trains through the dense graph; a later one runs the dense graph's forward
+without gradients to record, then trains through the sparse graph
+(:class:`~lecompile.warmup.WarmupSwitch`).
 
 The first training step calibrates, then one in every ``every`` optimizer steps (:func:`due`). What
 a calibration step recorded is used after that step's ``optimizer.step()`` (a ``torch.optim``

@@ -38,19 +38,19 @@ class Tuning:
     svd_rank: int = 8
     #: Learned predictor: optimizer steps per training call (each on up to 1024 tokens).
     learned_train_steps: int = 20
-    #: One calibration step (dense, recording MLP inputs for the learned predictor's training and
-    #: the density guard, both after the optimizer step) in every this many optimizer steps; 0:
-    #: only the first.
+    #: One calibration step (recording MLP inputs in a dense forward for the learned predictor's
+    #: training and the density guard, both after the optimizer step; the first trains dense,
+    #: later ones sparse) in every this many optimizer steps; 0: only the first.
     calibrate_every: int = 100
     #: Density guard (experimental until the quality harness has measured it): each sparse MLP
     #: keeps at least this share of its exact activation mass (``sum h^2`` over its token groups),
     #: measured on calibration steps; a layer below it moves to a higher density, one with room
     #: moves back down, never below its set density (``lecompile.guard``). In [0, 1); 0: off.
     min_kept_mass: float = 0.0
-    #: Loss budget of the density guard (experimental): on each calibration step after the first,
-    #: the step trains through the sparse graph and a dense forward of the same batch shadows it;
-    #: where the sparse loss is more than this share above the dense one, ``min_kept_mass`` moves
-    #: one notch up :data:`lecompile.guard.MASS_TARGETS`, where it is under half of it, one notch
+    #: Loss budget of the density guard (experimental): on each calibration step after the first
+    #: (which trains through the sparse graph beside a dense forward of the same batch), where
+    #: the sparse loss is more than this share above the dense one, ``min_kept_mass`` moves one
+    #: notch up :data:`lecompile.guard.MASS_TARGETS`, where it is under half of it, one notch
     #: down. In [0, 1); 0: off. Starts from ``min_kept_mass`` (0.99 when that is 0).
     loss_budget: float = 0.0
     #: ``k`` is rounded up to a multiple of this (kernel tile; unaligned k ran 2-3x slower).
@@ -107,9 +107,9 @@ class LongExposureConfig:
     attn_density: float = 1.0
     #: How neuron indices are predicted: ``"svd"`` (training-free rank-8 estimate from the frozen
     #: weights plus the exact adapter terms), ``"learned"`` (those factors trained on the exact
-    #: activations of dense calibration steps: the warm-up, at least one step, then one step in
-    #: 100; frozen in between) or ``"oracle"`` (exact top-k of the dense activation: costs a dense
-    #: pass; tests and upper bounds).
+    #: activations of calibration steps: the warm-up, at least one step, then one step in 100,
+    #: which records in a dense forward and trains sparse; frozen in between) or ``"oracle"``
+    #: (exact top-k of the dense activation: costs a dense pass; tests and upper bounds).
     predictor: str = "svd"
     #: Tokens that share one neuron set: ``"sequence"``, ``"tile"`` (128 consecutive tokens of a
     #: sequence) or ``"batch"``.

@@ -143,9 +143,5 @@ class LossShadow:
     def __init__(self, index: int, guard: DensityGuard):
         self.index, self.guard = index, guard
 
-    def wanted(self) -> bool:
-        """A calibration step after the first: the sparse graph has run, with a predictor to judge."""
-        return calibration.steps_since() is not None
-
     def record(self, sparse_out, dense_out) -> None:
         self.guard.record_losses(sparse_out[self.index], dense_out[self.index])

@@ -24,16 +24,17 @@ MAX_SPARSE_GRAPHS = 4
 
 
 class WarmupSwitch:
-    """Two compiled forms of one graph: ``dense`` runs until the process has taken ``until``
-    optimizer steps, and whenever ``calibrate()`` says so (calibration steps); ``sparse`` runs
-    otherwise. With ``densities``, the sparse form follows the density guard: for each new value
-    of ``densities()`` (per-layer MLP densities, ``()`` for the configured ones) ``compile_for``
-    compiles one more sparse form, up to :data:`MAX_SPARSE_GRAPHS`. Calls of either form are
-    counted in ``torch._dynamo.utils.counters["lecompile"]`` (``dense_graph_calls``,
-    ``sparse_graph_calls``). With ``shadow`` (the density guard's loss budget), a calibration step
-    that ``shadow.wanted()`` trains through the sparse form instead, after a dense forward of the
-    same inputs without gradients (``shadow_graph_calls``); ``shadow.record(sparse_out, dense_out)``
-    sees both outputs."""
+    """Two compiled forms of one graph: ``dense`` trains until the process has taken ``until``
+    optimizer steps, and on the first calibration step (``calibrate()`` says when) if that comes
+    later; ``sparse`` trains otherwise. A later calibration step runs the dense form's forward
+    without gradients first, for what it records (``shadow_graph_calls``), then trains through
+    the sparse form: the dense form's activations never sit beside the sparse form's (a CUDA graph
+    keeps its own memory pool). With ``shadow`` (the density guard's loss budget),
+    ``shadow.record(sparse_out, dense_out)`` sees both outputs of such a step. With ``densities``,
+    the sparse form follows the density guard: for each new value of ``densities()`` (per-layer MLP
+    densities, ``()`` for the configured ones) ``compile_for`` compiles one more sparse form, up to
+    :data:`MAX_SPARSE_GRAPHS`. Calls of either form are counted in
+    ``torch._dynamo.utils.counters["lecompile"]`` (``dense_graph_calls``, ``sparse_graph_calls``)."""
 
     def __init__(self, dense, sparse, until: int, calibrate: Optional[Callable[[], bool]] = None,
                  densities: Optional[Callable[[], tuple]] = None,
@@ -45,9 +46,10 @@ class WarmupSwitch:
         self._announced = False
 
     def __call__(self, *args):
+        from . import calibration
         warming = optimizer_steps() < self.until
         if warming or (self.calibrate is not None and self.calibrate()):
-            if warming or self.shadow is None or not self.shadow.wanted():
+            if warming or calibration.steps_since() is None:  # no predictor has been calibrated yet
                 counters["lecompile"]["dense_graph_calls"] += 1
                 return self.dense(*args)
             return self._shadowed(args)
@@ -58,7 +60,8 @@ class WarmupSwitch:
         with torch.no_grad():  # first, so that its activations are gone before the sparse forward's
             dense_out = self.dense(*args)
         out = self._sparse(args)
-        self.shadow.record(out, dense_out)
+        if self.shadow is not None:
+            self.shadow.record(out, dense_out)
         return out
 
     def _sparse(self, args):
@@ -68,6 +71,8 @@ class WarmupSwitch:
             self._announced = True
             if self.calibrate is None:
                 self.dense = None  # never runs again: let its memory (a CUDA graph pool) go
+            if torch.cuda.is_available():  # the dense steps' cached blocks, never reused by a CUDA graph's own pool
+                torch.cuda.empty_cache()
         if self.densities is not None:
             self._follow(self.densities(), args)
         return self.sparse_forms[self.current](*args)

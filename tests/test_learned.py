@@ -140,8 +140,9 @@ def _compile_patches(monkeypatch):
 
 def test_learned_predictor_calibrates_on_dense_steps_and_trains_after_them(monkeypatch):
     """Step 0 runs dense and records each MLP's input; the training runs in the optimizer's
-    post-step hook, outside the compiled step; then sparse steps, with one dense calibration
-    step in every ``calibrate_every``. The calibration graph is never a CUDA graph."""
+    post-step hook, outside the compiled step; then sparse steps, with one calibration step in
+    every ``calibrate_every`` that records in a dense forward and trains sparse. The calibration
+    graph is never a CUDA graph."""
     clear_learned()
     model = tiny_model("llama", "lora")
     n_params = len(list(model.parameters()))
@@ -166,8 +167,9 @@ def test_learned_predictor_calibrates_on_dense_steps_and_trains_after_them(monke
             assert any(not torch.equal(f.p, before) for f, before in zip(learned_factors.values(), factors))
         sparse_calls.append(counters["lecompile"]["sparse_mlp_calls"] - calls)
         trainings.append(counters["lecompile"]["learned_train_calls"])
-    assert [c > 0 for c in sparse_calls] == [False, True, True, False, True, True, False]
-    assert trainings == [2, 2, 2, 4, 4, 4, 6]  # one per MLP after each dense step
+    assert [c > 0 for c in sparse_calls] == [False] + [True] * 6
+    assert trainings == [2, 2, 2, 4, 4, 4, 6]  # one per MLP after each calibration step
+    assert (counters["lecompile"]["dense_graph_calls"], counters["lecompile"]["shadow_graph_calls"]) == (1, 2)
     assert [p.get("triton.cudagraphs", False) for p in patches] == [False, True]  # calibration, sparse
     assert backend.report.mlp_rewritten == 2
     assert len(list(model.parameters())) == n_params

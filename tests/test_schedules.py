@@ -208,3 +208,41 @@ def test_more_layer_densities_than_layers_is_an_error():
     config = LongExposureConfig.create(**SPARSE, mlp_layer_densities=(1.0, 0.5, 0.5))
     with pytest.raises(Exception, match="mlp_layer_densities has 3 entries, but the model has 2 decoder layers"):
         torch.compile(model, backend=lecompile.longexposure(config))(**batch()).loss.backward()
+
+
+def _switch_run(monkeypatch, calibrate, steps_done, n=4):
+    """Forms called by a :class:`~lecompile.warmup.WarmupSwitch` warming up for 2 optimizer steps,
+    each with whether gradients were on, and the optimizer step at each ``torch.cuda.empty_cache``."""
+    from lecompile import calibration, warmup
+    emptied, calls = [], []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(warmup.optimizer_steps() - start))
+
+    def form(name):
+        return lambda x: calls.append((name, torch.is_grad_enabled())) or x
+
+    start = warmup.optimizer_steps()
+    switch = warmup.WarmupSwitch(form("dense"), form("sparse"), until=start + 2, calibrate=calibrate)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
+    calibration.resume(steps_done)
+    try:
+        for _ in range(n):
+            switch(torch.ones(1))
+            opt.step()
+    finally:
+        calibration.reset()
+    return calls, emptied
+
+
+def test_the_switch_to_sparse_hands_the_dense_steps_cached_memory_back(monkeypatch):
+    calls, emptied = _switch_run(monkeypatch, calibrate=None, steps_done=None)
+    assert calls == [("dense", True), ("dense", True), ("sparse", True), ("sparse", True)]
+    assert emptied == [2]  # once, before the first sparse step: a CUDA graph's pool never reuses those blocks
+
+
+def test_a_calibration_step_after_the_first_records_densely_and_trains_sparse(monkeypatch):
+    calls, _ = _switch_run(monkeypatch, calibrate=lambda: True, steps_done=0)
+    assert calls[:2] == [("dense", True), ("dense", True)]  # the warm-up trains dense
+    assert calls[2:] == [("dense", False), ("sparse", True)] * 2  # a forward without gradients, then the step
+    first, _ = _switch_run(monkeypatch, calibrate=lambda: True, steps_done=None, n=1)
+    assert first == [("dense", True)]  # no calibration yet: the first trains dense
