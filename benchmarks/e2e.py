@@ -451,6 +451,7 @@ def run_variant(case: Case, variant: Variant, device: str, steps: int = 20, warm
                      warmup_ms=round(warmup_ms, 3), schedule_ms=round(whole, 3),
                      heldout_delta=summary["heldout_delta"] if summary else None,
                      quality_passes=summary["passes"] if summary else None,
+                     quality_seeds=summary["seeds"] if summary else None,
                      quality_seq=summary["seq"] if summary else None)
     return StepResult(statistics.median(times), compile_s, loss1, peak, extra)
 

@@ -57,11 +57,15 @@ def e2e_latest(e2e: dict) -> Dict[str, Dict[str, List[dict]]]:
 
 def _quality(row: dict) -> Optional[str]:
     """A quality-setting row's held-out loss change and whole-schedule ratio to the strongest setup."""
+    from benchmarks.quality import MIN_SEEDS
     if "quality_setting" not in row:
         return None
     delta = "not measured" if row.get("heldout_delta") is None else f"{100 * row['heldout_delta']:+.2f}%"
-    if row.get("quality_seq") not in (None, row.get("seq")):
-        delta += f" (measured at {row['quality_seq']} tokens a row)"
+    measured = [f"at {row['quality_seq']} tokens a row"] if row.get("quality_seq") not in (None, row.get("seq")) else []
+    if row.get("quality_seeds") is not None and row["quality_seeds"] < MIN_SEEDS:
+        measured.append(f"{row['quality_seeds']} seed{'s' if row['quality_seeds'] > 1 else ''}, too few to pass")
+    if measured:
+        delta += f" ({', '.join(measured)})"
     whole = ratio(row.get("schedule_speedup_vs_strongest"))
     return f"held-out {delta}" + (f"; whole schedule {whole}" if whole else "")
 

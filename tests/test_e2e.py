@@ -226,7 +226,7 @@ def test_step_flops_count_moe_experts_at_the_routed_share():
 
 
 def test_a_quality_setting_runs_its_whole_schedule_and_carries_its_measured_quality(monkeypatch):
-    measured = {"setting": "schedule-learned-0.5", "steps": 20, "heldout_delta": 0.0078, "passes": True}
+    measured = {"setting": "schedule-learned-0.5", "steps": 20, "heldout_delta": 0.0078, "passes": True, "seeds": 3}
     monkeypatch.setattr(e2e, "quality_summary", lambda setting, seq=None: {**measured, "seq": 256})
     (variant,) = e2e.variants(densities=(), baselines=False, quality_settings=["schedule-learned-0.5"])
     assert variant.name == "lecompile-schedule-learned-0.5"
@@ -236,7 +236,8 @@ def test_a_quality_setting_runs_its_whole_schedule_and_carries_its_measured_qual
     assert "error" not in row, row.get("error")
     assert row["mlp_rewritten"] == 1  # the fourth layer
     assert row["quality_setting"] == "schedule-learned-0.5"
-    assert (row["heldout_delta"], row["quality_passes"], row["quality_seq"]) == (0.0078, True, 256)
+    assert (row["heldout_delta"], row["quality_passes"], row["quality_seeds"], row["quality_seq"]) == (
+        0.0078, True, 3, 256)
     assert row["schedule_ms"] == pytest.approx((2 * row["warmup_ms"] + 18 * row["mean_ms"]) / 20, abs=2e-3)
     strongest = {"variant": "inductor-bf16-adapters", "ms": 2 * row["ms"], "mlp_density": 1.0, "attn_density": 1.0,
                  "peak_mem_gib": 1.0, "loss_step1": 1.0}

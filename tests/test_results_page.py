@@ -96,3 +96,10 @@ def test_quality_line_says_where_the_passing_setting_was_timed():
                          "setup after its dense warm-up, 0.40x over its whole schedule.")
     assert results_page.quality_line(quality, {"meta": {"runs": []}, "rows": []}).endswith(
         "; its speed not yet measured.")
+
+
+def test_a_quality_row_says_where_its_quality_falls_short_of_the_harness():
+    row = dict(quality_setting="attn-0.5", seq=16384, heldout_delta=-0.19, quality_seq=8192, quality_seeds=1)
+    assert results_page._quality(row) == "held-out -19.00% (at 8192 tokens a row, 1 seed, too few to pass)"
+    row.update(seq=8192, quality_seeds=3)
+    assert results_page._quality(row) == "held-out -19.00%"
