@@ -46,7 +46,7 @@ class WarmupSwitch:
         self._announced = False
 
     def __call__(self, *args):
-        from . import calibration
+        from . import calibration  # which imports this module
         warming = optimizer_steps() < self.until
         if warming or (self.calibrate is not None and self.calibrate()):
             if warming or calibration.steps_since() is None:  # no predictor has been calibrated yet
