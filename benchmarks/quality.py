@@ -98,7 +98,8 @@ def settings(steps: int, task: str = "mixed") -> Dict[str, Optional[dict]]:
         "schedule-learned-0.5": dict(mlp_density=0.5, predictor="learned", **schedule),
         "schedule-learned-0.25": dict(mlp_density=0.25, predictor="learned", **schedule),
         # The same with larger tiles: fewer weight rows read per token (at 64 tokens the sparse MLPs'
-        # weight traffic alone takes as long as the dense MLPs' GEMMs; design notes).
+        # weight traffic alone takes as long as the dense MLPs' GEMMs; design notes). On this task's
+        # 256-token rows, t256 is one neuron set per row.
         **{f"schedule-learned-0.5-t{t}": dict(mlp_density=0.5, predictor="learned", **{**schedule, "tile_size": t})
            for t in (128, 256)},
         # SparseLoRA's recipe as the backend runs it: SVD estimator, first layers dense, 10% dense
