@@ -229,8 +229,7 @@ def page() -> str:
         sections.append(breakdown_section(load("step_breakdown")))
     if (RESULTS / "compile_time.json").exists():
         sections.append(compile_section(load("compile_time")))
-    sections += [harness_section(load(path.stem)) for path in [RESULTS / "quality.json",
-                                                                 *sorted(RESULTS.glob("quality_recall*.json"))]]
+    sections += [harness_section(load(path.stem)) for path in sorted(RESULTS.glob("quality*.json"))]
     sections += [quality_section(load("accuracy")), files_section()]
     return "\n\n".join([
         "# Results",

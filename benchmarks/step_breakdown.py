@@ -114,20 +114,21 @@ def sparse_mlp_work(entries, config, case: e2e.Case, hidden: int) -> Dict[str, f
     """The least work of the rewritten MLPs among ``entries`` (the report's ``MLPEntry`` rows) in
     one step of ``case`` under ``config``: ``flops``, ``weight_bytes`` (bf16 weights), and
     ``dense_flops``, what the same MLPs take dense. Per MLP of ``p`` projections (3 gated, else 2)
-    over ``G`` token groups of ``g`` tokens (a tile, a sequence or the batch), ``D`` of them dense
+    over ``G`` token groups of ``g`` tokens (a tile, a sequence or the batch: the granularity its
+    rewrite used), ``D`` of them dense
     (``dense_output_share``) and the rest at ``k`` neurons: FLOPs ``4 g hidden p (D ffn + (G - D) k)``
     (the forward and the input gradient; frozen weights get no weight gradient), weight bytes
     ``2 * 2 p hidden ((ffn if D else 0) + (G - D) k)`` (both passes read the rows: a dense group
     shares one read of each weight, a sparse group reads its own ``k`` rows)."""
     from lecompile.ops.token_groups import dense_group_count
     tokens = case.batch * case.seq
-    group = {"tile": config.tuning.tile_size, "sequence": case.seq}.get(config.granularity, tokens)
-    groups = tokens // group
-    dense = dense_group_count(config.dense_output_share, groups) if config.dense_output_share else 0
     work = dict(flops=0.0, weight_bytes=0.0, dense_flops=0.0)
     for e in entries:
         if not e.rewritten:
             continue
+        group = {"tile": config.tuning.tile_size, "sequence": case.seq}.get(e.granularity, tokens)
+        groups = tokens // group
+        dense = dense_group_count(config.dense_output_share, groups) if config.dense_output_share else 0
         p = 3 if e.pattern.endswith("_gated") else 2
         work["flops"] += 4.0 * group * hidden * p * (dense * e.ffn + (groups - dense) * e.k)
         work["weight_bytes"] += 2 * 2.0 * p * hidden * ((e.ffn if dense else 0) + (groups - dense) * e.k)

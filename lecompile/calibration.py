@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Callable, List, Optional
 
-from .warmup import after_each_step
+from . import warmup
 
 _steps_since: Optional[int] = None  # optimizer steps since the last calibration; None: none yet
 _work: List[Callable[[], None]] = []  # what runs after the current step; empty: it is no calibration step
@@ -27,7 +27,7 @@ def due(every: int) -> bool:
 
 def recorded(work: Callable[[], None]) -> None:
     """Called while a calibration step records: ``work()`` runs after its optimizer step."""
-    after_each_step(_after_step)
+    warmup.after_each_step(_after_step)
     if work not in _work:
         _work.append(work)
 

@@ -16,6 +16,8 @@ import torch
 import torch.fx as fx
 from torch._dynamo.utils import counters
 
+from . import calibration
+
 log = logging.getLogger("lecompile")
 
 
@@ -46,7 +48,6 @@ class WarmupSwitch:
         self._announced = False
 
     def __call__(self, *args):
-        from . import calibration  # which imports this module
         warming = optimizer_steps() < self.until
         if warming or (self.calibrate is not None and self.calibrate()):
             if warming or calibration.steps_since() is None:  # no predictor has been calibrated yet
