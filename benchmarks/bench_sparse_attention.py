@@ -3,11 +3,17 @@
 Variants (bf16, causal, GQA, q/k/v require grad):
 
 - ``dense-flash`` / ``dense-cudnn``: ``scaled_dot_product_attention(is_causal=True)`` on the
-  FlashAttention or the cuDNN backend; the faster of the two (per pass) is the baseline of every
-  ratio, named in ``baseline``;
+  FlashAttention or the cuDNN backend; ``dense-cudnn-expanded``: cuDNN on key/value heads repeated
+  to the query heads beforehand (cuDNN takes no ``enable_gqa``; the repeat is not timed, which
+  favours this baseline); the fastest (per pass) is the baseline of every ratio, named in
+  ``baseline``;
 - ``lecompile``: the same SDPA call compiled by the ``longexposure`` backend with
   ``attn_density``: its rewrite replaces the SDPA by the pooled predictor and the block-sparse
   FlexAttention operator, exactly what a model's attention runs (at density 1.0 it stays dense).
+
+With ``--max-autotune`` the ``lecompile`` rows compile under Inductor's ``max_autotune``, which
+times FlexAttention's kernel configs instead of taking the GPU's default one (``autotuned`` in
+the rows; Inductor prints the configs' times on stderr).
 
 A second set of ratios (``*_vs_inductor_dense``) takes the density-1.0 ``lecompile`` row, the
 SDPA as Inductor compiles it, as the baseline.
@@ -56,12 +62,20 @@ def dense_sdpa(backend: str):
     return run
 
 
+def expanded(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """Key or value heads repeated to ``heads`` (a leaf that requires grad, as the inputs are)."""
+    return x.detach().repeat_interleave(heads // x.shape[1], dim=1).requires_grad_()
+
+
 def fastest_dense(q, k, v) -> dict:
     """Per pass, ``(name, ms, peak GiB)`` of the fastest dense baseline that runs these inputs."""
     timed = {}
-    for name, backend in DENSE.items():
+    cases = [(name, backend, (q, k, v)) for name, backend in DENSE.items()]
+    if k.shape[1] != q.shape[1]:
+        cases.append(("dense-cudnn-expanded", "CUDNN_ATTENTION", (q, expanded(k, q.shape[1]), expanded(v, q.shape[1]))))
+    for name, backend, inputs in cases:
         try:
-            timed[name] = time_passes(dense_sdpa(backend), (q, k, v))
+            timed[name] = time_passes(dense_sdpa(backend), inputs)
         except RuntimeError:  # a backend without a kernel for these inputs (cuDNN: GQA, head dim)
             continue
     if not timed:
@@ -83,7 +97,7 @@ def time_passes(fn, inputs):
     return out
 
 
-def bench_seq(name, seq, densities, block):
+def bench_seq(name, seq, densities, block, max_autotune=False):
     """Rows of every density for one shape and sequence length."""
     heads, kv_heads, head_dim = SHAPES[name]
     batch = max(1, TOKENS // seq)
@@ -99,12 +113,14 @@ def bench_seq(name, seq, densities, block):
         keep = predict_blocks(q, k, any_b, steps, operands, True, block, density, "pooled")
         kept = (keep.sum((-1, -2)).float() / any_b.sum()).mean().item() if density < 1.0 else 1.0
         case = dict(case=f"{name} attention", batch=batch, seq=seq, heads=heads, kv_heads=kv_heads,
-                    head_dim=head_dim, block=block, dtype="bfloat16", density=density, kept_density=kept)
+                    head_dim=head_dim, block=block, dtype="bfloat16", density=density, kept_density=kept,
+                    autotuned=max_autotune)
         config = LongExposureConfig.create(mlp_density=1.0, attn_density=density, attn_block=block)
         backend = lecompile.longexposure(config)
         torch._dynamo.reset()
         try:
-            timed = time_passes(torch.compile(causal_sdpa, backend=backend, fullgraph=True), (q, k, v))
+            with torch._inductor.config.patch(max_autotune=max_autotune):
+                timed = time_passes(torch.compile(causal_sdpa, backend=backend, fullgraph=True), (q, k, v))
         except Exception as e:  # noqa: BLE001 - recorded in the results, per BENCHMARKS.md
             rows.append({**case, "variant": "lecompile", "error": f"{type(e).__name__}: {e}"[:300]})
             continue
@@ -161,13 +177,15 @@ def main(argv=None):
     parser.add_argument("--seqs", nargs="+", type=int, default=list(SEQS))
     parser.add_argument("--densities", nargs="+", type=float, default=list(DENSITIES))
     parser.add_argument("--block", type=int, default=128)
+    parser.add_argument("--max-autotune", action="store_true",
+                        help="compile the lecompile rows under Inductor's max_autotune (FlexAttention configs timed)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_sparse_attention needs a CUDA GPU")
     rows = []
     for n, s in tqdm([(n, s) for n in args.shapes for s in args.seqs], desc="attention"):
-        rows += bench_seq(n, s, args.densities, args.block)
+        rows += bench_seq(n, s, args.densities, args.block, args.max_autotune)
         write_results("sparse_attention", {"meta": meta("sparse_attention", command_line(), tokens_per_case=TOKENS),
                                            "rows": rows}, args.out)
     data = {"meta": meta("sparse_attention", command_line(), tokens_per_case=TOKENS), "rows": rows}
