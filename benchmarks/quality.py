@@ -85,7 +85,10 @@ def settings(steps: int, task: str = "mixed") -> Dict[str, Optional[dict]]:
     for ``task``: MLP sparsity on the short mixed task, attention sparsity on the long recall one."""
     if task == "recall":
         return {"dense": None, "default": {}, "attn-0.75": dict(attn_density=0.75), "attn-0.5": dict(attn_density=0.5),
-                "attn-0.25": dict(attn_density=0.25)}
+                "attn-0.25": dict(attn_density=0.25),
+                # The guard from 0.25 under a loss budget: attention density follows the sparse
+                # loss's cost on the calibration steps' batches (one in 25 steps).
+                "budget-attn-0.25": dict(attn_density=0.25, loss_budget=BUDGET, calibrate_every=25)}
     schedule = dict(granularity="tile", tile_size=64, mlp_layer_densities=(1.0,) * 3, warmup_fraction=0.1,
                     total_steps=steps, dense_output_share=0.5)
     return {
@@ -338,8 +341,10 @@ def train_run(base, task: Task, name: str, options: Optional[dict], steps: int, 
             last = now
     seconds = time.perf_counter() - start
     kept = 1.0 if config is None else kept_mlp(backend, config)
+    # The attention density the run ended at: the guard's under a loss budget.
+    attn = 1.0 if config is None else backend.guard.attn_density if backend.guard is not None else config.attn_density
     return {"setting": name, "seed": seed, "steps": steps, "options": _jsonable(options), "cudagraphs": cudagraphs,
-            "kept_mlp": round(kept, 4),
+            "kept_mlp": round(kept, 4), "attn_density": attn,
             "step1_loss": losses[0], "train_seconds": round(seconds, 1),
             # train_seconds - steps * median_step_seconds: about what compiling took, autotune_s of it
             # in Triton's autotuner
@@ -366,6 +371,8 @@ def summarize(runs: List[dict]) -> List[dict]:
     for name, rs in by.items():
         row = {"setting": name, "seeds": len(rs), "steps": rs[0]["steps"], "options": rs[0]["options"],
                "kept_mlp": round(statistics.mean(r["kept_mlp"] for r in rs), 4)}
+        if all("attn_density" in r for r in rs):  # runs from before it was recorded have only their options
+            row["attn_density"] = round(statistics.mean(r["attn_density"] for r in rs), 4)
         for key in ("heldout_loss", "token_accuracy", "exact_match", "step1_loss"):
             values = [r[key] for r in rs]
             row[key] = round(statistics.mean(values), 5)
@@ -388,9 +395,9 @@ def _stdev(values: List[float]) -> float:
 
 def kept(summary_row: dict, task: str) -> float:
     """What a setting keeps of the compute its task makes sparse: the MLP compute over the run on
-    the mixed task, the share of attention blocks on the recall one."""
+    the mixed task, the share of attention blocks on the recall one (where the runs ended)."""
     if task == "recall":
-        return (summary_row["options"] or {}).get("attn_density", 1.0)
+        return summary_row.get("attn_density", (summary_row["options"] or {}).get("attn_density", 1.0))
     return summary_row["kept_mlp"]
 
 

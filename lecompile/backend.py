@@ -75,7 +75,8 @@ class LongExposureBackend:
         self.reports: List[Report] = []
         self._warmup_until: Optional[int] = None  # optimizer step that ends the dense warm-up
         tuning = self.config.tuning
-        self.guard = DensityGuard(tuning.min_kept_mass, tuning.k_align, tuning.loss_budget) if tuning.guarded else None
+        self.guard = DensityGuard(tuning.min_kept_mass, tuning.k_align, tuning.loss_budget, self.config.sparse_mlp,
+                                  self.config.attn_density) if tuning.guarded else None
         self._warned_python_bound = False
         self.graph_breaks = GraphBreaks()
 
@@ -119,7 +120,8 @@ class LongExposureBackend:
         """The dense and sparse forms of a graph behind a :class:`WarmupSwitch`. Both are compiled
         now, inside Dynamo's compile, so Inductor knows which inputs are parameters (a CUDA graph
         must not copy them at each replay); with the density guard, a sparse form for new
-        per-layer densities is compiled when the guard first picks them."""
+        per-layer MLP densities or a new attention density is compiled when the guard first picks
+        them."""
         template = copy_graph(gm)
         # The calibration graph records in Python: never a CUDA graph.
         dense_patches = {k: v for k, v in patches.items() if k != "triton.cudagraphs"} if calibrated else patches
@@ -128,9 +130,10 @@ class LongExposureBackend:
         calibrate = functools.partial(calibration.due, self.config.tuning.calibrate_every) if calibrated else None
         densities = compile_for = shadow = None
         if self.guard is not None:
-            densities = functools.partial(self.guard.layer_densities, self.config.mlp_density_of)
-            compile_for = lambda layer_densities, args: self._compile(  # noqa: E731
-                copy_graph(template), args, patches, config=self.config.replace(mlp_layer_densities=layer_densities))
+            densities = functools.partial(self.guard.form, self.config.mlp_density_of)
+            compile_for = lambda form, args: self._compile(  # noqa: E731
+                copy_graph(template), args, patches, config=self.config.replace(
+                    mlp_layer_densities=form[0] or self.config.mlp_layer_densities, attn_density=form[1]))
             if self.guard.loss_budget:
                 loss = loss_output(template)  # the graph as Dynamo gave it: the passes add outputs
                 if loss is None:

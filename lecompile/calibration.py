@@ -32,6 +32,16 @@ def recorded(work: Callable[[], None]) -> None:
         _work.append(work)
 
 
+def counts() -> None:
+    """Count the current step as a calibration step whatever records in it (a guard of attention
+    alone records nothing on the first)."""
+    recorded(_nothing)
+
+
+def _nothing() -> None:
+    pass
+
+
 def steps_since() -> Optional[int]:
     """Optimizer steps since the last calibration (``None``: none yet)."""
     return _steps_since

@@ -50,8 +50,10 @@ class Tuning:
     #: Loss budget of the density guard (experimental): on each calibration step after the first
     #: (which trains through the sparse graph beside a dense forward of the same batch), where
     #: the sparse loss is more than this share above the dense one, ``min_kept_mass`` moves one
-    #: notch up :data:`lecompile.guard.MASS_TARGETS`, where it is under half of it, one notch
-    #: down. In [0, 1); 0: off. Starts from ``min_kept_mass`` (0.99 when that is 0).
+    #: notch up :data:`lecompile.guard.MASS_TARGETS` and a sparse attention's density one notch
+    #: up :data:`lecompile.guard.DENSITIES`, where it is under half of it, one notch down (never
+    #: below ``attn_density``). In [0, 1); 0: off. Starts from ``min_kept_mass`` (0.99 when that
+    #: is 0).
     loss_budget: float = 0.0
     #: ``k`` is rounded up to a multiple of this (kernel tile; unaligned k ran 2-3x slower).
     k_align: int = 128
@@ -168,10 +170,13 @@ class LongExposureConfig:
         self._check_disable()
         if not isinstance(self._tuning, Tuning):
             raise ValueError(f"LongExposureConfig._tuning must be a lecompile.config.Tuning, got {self._tuning!r}")
-        if self._tuning.guarded and min((self.mlp_density, *self.mlp_layer_densities)) == 1.0:
-            raise ValueError(f"LongExposureConfig: the density guard (min_kept_mass={self._tuning.min_kept_mass}, "
-                             f"loss_budget={self._tuning.loss_budget}) moves MLP densities up from mlp_density, "
-                             f"which is 1.0: set mlp_density below 1")
+        if self._tuning.min_kept_mass and not self.sparse_mlp:
+            raise ValueError(f"LongExposureConfig: the density guard (min_kept_mass={self._tuning.min_kept_mass}) "
+                             f"moves MLP densities up from mlp_density, which is 1.0: set mlp_density below 1")
+        if self._tuning.loss_budget and not self.sparse:
+            raise ValueError(f"LongExposureConfig: the density guard (loss_budget={self._tuning.loss_budget}) moves "
+                             f"MLP and attention densities up from mlp_density and attn_density, which are 1.0: "
+                             f"set mlp_density or attn_density below 1")
         if self.dump_dir is not None and not isinstance(self.dump_dir, (str, os.PathLike)):
             raise ValueError(f"LongExposureConfig.dump_dir must be a path or None, "
                              f"got {self.dump_dir!r}")
@@ -261,10 +266,15 @@ class LongExposureConfig:
         return min(self.mlp_density, self.attn_density, *self.mlp_layer_densities) < 1.0
 
     @property
+    def sparse_mlp(self) -> bool:
+        """Whether any MLP density is below 1."""
+        return min((self.mlp_density, *self.mlp_layer_densities)) < 1.0
+
+    @property
     def calibrated(self) -> bool:
-        """Whether sparse MLPs need calibration steps: the learned predictor's, the guard's."""
-        sparse_mlp = min((self.mlp_density, *self.mlp_layer_densities)) < 1.0
-        return sparse_mlp and (self.predictor == "learned" or self.tuning.guarded)
+        """Whether the run needs calibration steps: the learned predictor's, the guard's."""
+        return (self.sparse_mlp and (self.predictor == "learned" or self.tuning.guarded)) or (
+            self.attn_density < 1.0 and self.tuning.loss_budget > 0)
 
     @property
     def dense_warmup_steps(self) -> int:

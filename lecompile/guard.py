@@ -17,7 +17,9 @@ batch (no gradient, before the sparse one, so their activations are never held t
 the loss sparsity is measured against. A sparse loss more than the budget above the dense one
 moves ``min_kept_mass`` one notch up :data:`MASS_TARGETS`, one under half the budget one notch
 down (never back to a target that exceeded the budget: with the layers it made dense, a higher
-target measures no cost), before the layers' densities are chosen.
+target measures no cost), before the layers' densities are chosen. Sparse attention
+(``attn_density`` below 1) follows the same loss: its density moves one notch up or down
+:data:`DENSITIES`, never below the set density nor back to one that exceeded the budget.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from . import calibration
 
 log = logging.getLogger("lecompile")
 
-#: The densities a layer can move between.
+#: The densities a layer's MLP (or, under a loss budget, attention) can move between.
 DENSITIES = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
 #: The values ``min_kept_mass`` moves between under a loss budget.
 MASS_TARGETS = (0.5, 0.75, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999)
@@ -58,13 +60,16 @@ def kept_mass(scores: torch.Tensor, exact: torch.Tensor, k: int) -> float:
 class DensityGuard:
     """Per-layer densities for one backend; ``guard.key`` names it to the ops that measure."""
 
-    def __init__(self, min_kept_mass: float, k_align: int, loss_budget: float = 0.0):
-        self.min_kept_mass = min_kept_mass or (FIRST_MASS_TARGET if loss_budget else 0.0)
-        self.k_align, self.loss_budget = k_align, loss_budget
+    def __init__(self, min_kept_mass: float, k_align: int, loss_budget: float = 0.0, sparse_mlp: bool = True,
+                 attn_density: float = 1.0):
+        self.min_kept_mass = min_kept_mass or (FIRST_MASS_TARGET if loss_budget and sparse_mlp else 0.0)
+        self.k_align, self.loss_budget, self.sparse_mlp = k_align, loss_budget, sparse_mlp
+        self.set_attn_density = self.attn_density = attn_density  # attention: as set, and now
         self.densities: Dict[int, float] = {}        # layer -> density now
         self.measured: Dict[int, Dict[float, float]] = {}  # layer -> density -> kept mass, this step
         self.losses: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # (sparse, dense), this step
         self.over_budget: Set[float] = set()  # targets whose sparse loss exceeded the budget: never tried again
+        self.attn_over_budget: Set[float] = set()  # the same for attention densities
         self.changes: List[str] = []
         self.key = next(_keys)
         _guards[self.key] = self
@@ -83,25 +88,28 @@ class DensityGuard:
         calibration.recorded(self.update)
 
     def _follow_loss(self) -> None:
-        """Move :attr:`min_kept_mass` one notch along :data:`MASS_TARGETS` by the loss the
-        sparse graph cost on this step's batch."""
+        """Move :attr:`min_kept_mass` one notch along :data:`MASS_TARGETS`, and a sparse
+        attention's density one along :data:`DENSITIES`, by the loss the sparse graph cost on
+        this step's batch."""
         sparse, dense = (float(x) for x in self.losses)
         self.losses = None
         cost = sparse / dense - 1.0 if dense > 0 else 0.0
-        if cost > self.loss_budget:
-            self.over_budget.add(self.min_kept_mass)
-            notches = [t for t in MASS_TARGETS if t > self.min_kept_mass]
-        elif cost < self.loss_budget / 2:
-            notches = [t for t in reversed(MASS_TARGETS) if t < self.min_kept_mass][:1]
-            notches = [t for t in notches if t not in self.over_budget]
-        else:
-            notches = []
-        if notches:
-            change = (f"min_kept_mass {self.min_kept_mass:g} -> {notches[0]:g} (the sparse loss was {100 * cost:+.2f}% "
-                      f"of the dense one on this batch; loss_budget={self.loss_budget:g})")
-            self.min_kept_mass = notches[0]
-            self.changes.append(change)
-            log.info("lecompile guard: %s", change)
+        why = f"the sparse loss was {100 * cost:+.2f}% of the dense one on this batch; loss_budget={self.loss_budget:g}"
+        if self.sparse_mlp:
+            target = _notch(self.min_kept_mass, MASS_TARGETS, cost, self.loss_budget, self.over_budget)
+            if target != self.min_kept_mass:
+                self._change(f"min_kept_mass {self.min_kept_mass:g} -> {target:g} ({why})")
+                self.min_kept_mass = target
+        if self.set_attn_density < 1.0:
+            ladder = candidates(self.set_attn_density)
+            density = _notch(self.attn_density, ladder, cost, self.loss_budget, self.attn_over_budget)
+            if density != self.attn_density:
+                self._change(f"attention density {self.attn_density:g} -> {density:g} ({why})")
+                self.attn_density = density
+
+    def _change(self, change: str) -> None:
+        self.changes.append(change)
+        log.info("lecompile guard: %s", change)
 
     def update(self) -> bool:
         """Move each measured layer to the lowest density that keeps :attr:`min_kept_mass` (first
@@ -114,13 +122,17 @@ class DensityGuard:
             before = self.densities.get(layer, min(masses))  # at first, the layer's set density
             self.densities[layer] = density
             if density != before:
-                change = (f"layer {layer}: MLP density {before:g} -> {density:g} (keeps {masses[density]:.3f} of "
-                          f"the activation mass; min_kept_mass={self.min_kept_mass:g})")
-                self.changes.append(change)
-                log.info("lecompile guard: %s", change)
+                self._change(f"layer {layer}: MLP density {before:g} -> {density:g} (keeps {masses[density]:.3f} of "
+                             f"the activation mass; min_kept_mass={self.min_kept_mass:g})")
                 moved = True
         self.measured.clear()
         return moved
+
+    def form(self, set_density) -> tuple:
+        """The sparse graph the guard wants: ``()`` while every density is as configured, else
+        ``(mlp_layer_densities, attn_density)`` (``set_density`` as in :meth:`layer_densities`)."""
+        layers = self.layer_densities(set_density)
+        return (layers, self.attn_density) if layers or self.attn_density != self.set_attn_density else ()
 
     def layer_densities(self, set_density) -> Tuple[float, ...]:
         """``mlp_layer_densities`` for the sparse graph: the guard's density for each layer it has
@@ -129,6 +141,19 @@ class DensityGuard:
             return ()
         densities = tuple(self.densities.get(i, set_density(i)) for i in range(max(self.densities) + 1))
         return () if all(d == set_density(i) for i, d in enumerate(densities)) else densities
+
+
+def _notch(value: float, ladder: Tuple[float, ...], cost: float, budget: float, over_budget: Set[float]) -> float:
+    """``value`` moved along the ascending ``ladder`` by a loss ``cost``: one notch up when the cost
+    is over ``budget`` (``value`` joins ``over_budget``), one down when under half of it (never
+    onto a value in ``over_budget``), else where it is."""
+    if cost > budget:
+        over_budget.add(value)
+        return next((v for v in ladder if v > value), value)
+    if cost < budget / 2:
+        lower = [v for v in ladder if v < value][-1:]
+        return lower[0] if lower and lower[0] not in over_budget else value
+    return value
 
 
 def guard_of(key: int) -> Optional[DensityGuard]:

@@ -33,9 +33,9 @@ class WarmupSwitch:
     the sparse form: the dense form's activations never sit beside the sparse form's (a CUDA graph
     keeps its own memory pool). With ``shadow`` (the density guard's loss budget),
     ``shadow.record(sparse_out, dense_out)`` sees both outputs of such a step. With ``densities``,
-    the sparse form follows the density guard: for each new value of ``densities()`` (per-layer MLP
-    densities, ``()`` for the configured ones) ``compile_for`` compiles one more sparse form, up to
-    :data:`MAX_SPARSE_GRAPHS`. Calls of either form are counted in
+    the sparse form follows the density guard: for each new value of ``densities()`` (its
+    :meth:`~lecompile.guard.DensityGuard.form`: ``()`` for the configured densities)
+    ``compile_for`` compiles one more sparse form, up to :data:`MAX_SPARSE_GRAPHS`. Calls of either form are counted in
     ``torch._dynamo.utils.counters["lecompile"]`` (``dense_graph_calls``, ``sparse_graph_calls``)."""
 
     def __init__(self, dense, sparse, until: int, calibrate: Optional[Callable[[], bool]] = None,
@@ -50,6 +50,8 @@ class WarmupSwitch:
     def __call__(self, *args):
         warming = optimizer_steps() < self.until
         if warming or (self.calibrate is not None and self.calibrate()):
+            if not warming:
+                calibration.counts()
             if warming or calibration.steps_since() is None:  # no predictor has been calibrated yet
                 counters["lecompile"]["dense_graph_calls"] += 1
                 return self.dense(*args)
@@ -83,13 +85,21 @@ class WarmupSwitch:
             return
         if wanted not in self.sparse_forms:
             if len(self.sparse_forms) >= MAX_SPARSE_GRAPHS:
-                log.warning("lecompile guard: %d sparse forms of this graph compiled already; keeping MLP densities "
-                            "%s instead of %s", MAX_SPARSE_GRAPHS, self.current or "as configured", wanted)
+                log.warning("lecompile guard: %d sparse forms of this graph compiled already; keeping densities "
+                            "%s instead of %s", MAX_SPARSE_GRAPHS, describe(self.current), describe(wanted))
                 return
-            log.info("lecompile guard: compiling the sparse graph for per-layer MLP densities %s", wanted)
+            log.info("lecompile guard: compiling the sparse graph for %s", describe(wanted))
             self.sparse_forms[wanted] = self.compile_for(wanted, list(args))
             counters["lecompile"]["guard_recompiles"] += 1
         self.current = wanted
+
+
+def describe(form: tuple) -> str:
+    """A guard's :meth:`~lecompile.guard.DensityGuard.form` in words."""
+    if not form:
+        return "the configured densities"
+    layers, attention = form
+    return f"per-layer MLP densities {layers or 'as configured'}, attention density {attention:g}"
 
 
 _step_count = 0

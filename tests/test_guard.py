@@ -1,5 +1,6 @@
 """The density guard: per-layer MLP densities from the activation mass the predictor keeps,
-raised where it is below the target, lowered where there is room, with no recompile per step."""
+raised where it is below the target, lowered where there is room, with no recompile per step;
+under a loss budget, the mass target and a sparse attention's density follow the sparse loss."""
 
 import logging
 
@@ -9,10 +10,10 @@ from torch._dynamo.utils import counters
 
 import lecompile
 from lecompile import LongExposureConfig
-from lecompile.guard import FIRST_MASS_TARGET, MASS_TARGETS, DensityGuard, candidates, kept_mass
+from lecompile.guard import FIRST_MASS_TARGET, MASS_TARGETS, DensityGuard, LossShadow, candidates, kept_mass
 from lecompile.predictors import clear_learned
 
-from models import LAYERS, batch, tiny_model
+from models import LAYERS, VOCAB, batch, tiny_model
 
 
 def test_kept_mass_is_the_share_of_exact_mass_the_predicted_neurons_hold():
@@ -124,7 +125,75 @@ def test_loss_budget_in_a_compiled_run_shadows_calibration_steps_and_moves_the_t
     assert calls["guard_recompiles"] <= 2
 
 
-def test_a_guard_without_sparse_mlps_is_refused_by_name():
-    for name, value in (("min_kept_mass", 0.9), ("loss_budget", 0.01)):
-        with pytest.raises(ValueError, match=f"{name}={value}.*set mlp_density below 1"):
-            LongExposureConfig.create(**{name: value})
+def test_a_guard_with_nothing_sparse_to_move_is_refused_by_name():
+    with pytest.raises(ValueError, match="min_kept_mass=0.9.*set mlp_density below 1"):
+        LongExposureConfig.create(min_kept_mass=0.9, attn_density=0.5)  # the mass target is the MLPs'
+    with pytest.raises(ValueError, match="loss_budget=0.01.*set mlp_density or attn_density below 1"):
+        LongExposureConfig.create(loss_budget=0.01)
+    config = LongExposureConfig.create(attn_density=0.5, loss_budget=0.01)
+    assert config.calibrated and not config.sparse_mlp
+
+
+def test_a_loss_over_budget_raises_the_attention_density_and_one_well_under_lowers_it(caplog):
+    caplog.set_level(logging.INFO, logger="lecompile")
+    guard = DensityGuard(min_kept_mass=0.0, k_align=1, loss_budget=0.01, sparse_mlp=False, attn_density=0.25)
+    assert guard.min_kept_mass == 0.0 and guard.form(lambda i: 1.0) == ()
+    guard.record_losses(torch.tensor(2.05), torch.tensor(2.0))  # +2.5%
+    guard.update()
+    assert guard.attn_density == 0.375 and guard.min_kept_mass == 0.0  # no sparse MLP: no mass target
+    assert guard.changes == ["attention density 0.25 -> 0.375 (the sparse loss was +2.50% of the dense one on "
+                             "this batch; loss_budget=0.01)"]
+    assert "lecompile guard: attention density 0.25 -> 0.375" in caplog.text
+    assert guard.form(lambda i: 1.0) == ((), 0.375)
+    guard.record_losses(torch.tensor(2.03), torch.tensor(2.0))
+    guard.update()
+    assert guard.attn_density == 0.5
+    guard.record_losses(torch.tensor(2.001), torch.tensor(2.0))  # +0.05%: room, but 0.375 went over the budget
+    guard.update()
+    assert guard.attn_density == 0.5 and len(guard.changes) == 2
+    for _ in range(6):
+        guard.record_losses(torch.tensor(2.5), torch.tensor(2.0))
+        guard.update()
+    assert guard.attn_density == 1.0 and guard.form(lambda i: 1.0) == ((), 1.0)
+
+
+def test_the_attention_density_never_falls_below_the_set_one():
+    guard = DensityGuard(min_kept_mass=0.0, k_align=1, loss_budget=0.02, sparse_mlp=False, attn_density=0.3)
+    guard.record_losses(torch.tensor(2.1), torch.tensor(2.0))
+    guard.update()
+    assert guard.attn_density == 0.375
+    guard.attn_over_budget.clear()  # as if 0.3 had never gone over: room moves it back, and no further
+    for _ in range(3):
+        guard.record_losses(torch.tensor(1.9), torch.tensor(2.0))
+        guard.update()
+    assert guard.attn_density == 0.3 and guard.form(lambda i: 1.0) == ()
+
+
+def test_loss_budget_moves_a_compiled_run_s_attention_density_with_one_recompile_per_density(monkeypatch):
+    """Wiring: each calibration step's losses reach the guard, whose attention density the next
+    sparse form is compiled with. The losses are made to exceed the budget (on a random tiny
+    model sparse attention's cost has no fixed sign; the test above covers both directions)."""
+    monkeypatch.setattr(LossShadow, "record", lambda self, sparse, dense: self.guard.record_losses(
+        dense[self.index] * 1.5, dense[self.index]))
+    clear_learned()  # and the calibration schedule
+    counters.clear()
+    torch._dynamo.reset()
+    model = tiny_model("llama", "lora")
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    backend = lecompile.longexposure(LongExposureConfig.create(attn_density=0.25, attn_block=16, loss_budget=0.01,
+                                                               calibrate_every=2))
+    compiled = torch.compile(model, backend=backend)
+    ids = torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(1))
+    for step in range(6):  # 0 trains dense; 2 and 4 shadow (the guard moves after each); 3 and 5 compile
+        loss = compiled(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        assert torch.isfinite(loss)
+    calls = counters["lecompile"]
+    assert (calls["dense_graph_calls"], calls["shadow_graph_calls"], calls["sparse_graph_calls"]) == (1, 2, 5)
+    assert backend.guard.attn_density == 0.5 and calls["guard_recompiles"] == 2, backend.report.guard
+    assert [c.split(" (")[0] for c in backend.report.guard] == ["attention density 0.25 -> 0.375",
+                                                                "attention density 0.375 -> 0.5"]
+    latest = backend.reports[-1].attention  # the sparse form compiled for the guard's last density
+    assert len(latest) == LAYERS and all(e.rewritten and e.density == 0.5 for e in latest)
