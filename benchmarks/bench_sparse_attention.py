@@ -155,8 +155,9 @@ def plot(rows, path):
     names = sorted({r["case"] for r in rows})
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
     for ax, name in zip(axes[0], names):
-        for i, density in enumerate(sorted({r["density"] for r in rows if r["density"] < 1.0}, reverse=True)):
-            sel = sorted((r for r in rows if r["case"] == name and r.get("pass") == "fwd+bwd"
+        for i, density in enumerate(sorted({r["density"] for r in rows if r["density"] < 1.0 and r["case"] == name},
+                                           reverse=True)):
+            sel = sorted((r for r in rows if r["case"] == name and r.get("pass") == "fwd+bwd" and not r.get("autotuned")
                           and r["variant"] == "lecompile" and r["density"] == density), key=lambda r: r["seq"])
             seqs = [r["seq"] for r in sel]
             ax.plot(seqs, [r["speedup"] for r in sel], marker="o", color=f"C{i}",
