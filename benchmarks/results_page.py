@@ -209,6 +209,54 @@ def quality_section(accuracy: dict) -> str:
                        table)])
 
 
+def attention_latest(attention: dict, min_seq: int = 0) -> List[dict]:
+    """The forward+backward rows of the newest run of each (case, sequence, density) of the
+    block-sparse attention benchmark, at ``min_seq`` tokens or more, autotuned rows left out."""
+    latest: Dict[tuple, dict] = {}
+    for row in attention["rows"]:
+        if row.get("pass") != "fwd+bwd" or row.get("autotuned") or "ms" not in row or row["seq"] < min_seq:
+            continue
+        key = (row["case"], row["seq"], row["density"])
+        if key not in latest or row["run"] > latest[key]["run"]:
+            latest[key] = row
+    return [latest[k] for k in sorted(latest)]
+
+
+def fastest_dense(row: dict) -> tuple:
+    """``(name, ms)`` of the faster dense attention of a row's run: the benchmark's baseline (an SDPA
+    backend) or the same SDPA compiled by Inductor (``inductor_dense_ms``; on the H100 at head dim 64
+    it beat FlashAttention-2 when cuDNN took no GQA)."""
+    inductor = row.get("inductor_dense_ms")
+    if inductor is not None and inductor < row["baseline_ms"]:
+        return "inductor", inductor
+    return row["baseline"], row["baseline_ms"]
+
+
+def attention_section(attention: dict) -> str:
+    runs = {r["run"]: r for r in attention["meta"].get("runs", [])}
+    latest = attention_latest(attention)
+    table = []
+    for r in latest:
+        if r["density"] < 1.0:
+            name, dense = fastest_dense(r)
+            table.append([r["case"], r["seq"], r["batch"], r["density"], f"{r['kept_density']:.2f}", name,
+                          f"{dense:.2f}", f"{r['ms']:.2f}", ratio(dense / r["ms"]),
+                          f"{dense * r['kept_density'] / r['ms']:.2f}",
+                          f"{r['peak_mem_gib']:.2f} / {r['baseline_peak_mem_gib']:.2f}", r["run"]])
+    devices = sorted({runs[r["run"]].get("device") or attention["meta"].get("device") for r in latest})
+    return "\n\n".join([
+        "## Block-sparse attention (`python benchmarks/bench_sparse_attention.py`)",
+        "The backend's rewrite of a causal SDPA (pooled block predictor, block-sparse FlexAttention; bf16, blocks "
+        f"of 128 tokens, 16384 tokens per call) against the fastest dense attention its run measured (SDPA on "
+        f"FlashAttention or cuDNN, or the SDPA as Inductor compiles it), forward+backward GPU time, on the "
+        f"{', '.join(devices)}. `kept`: the share of causal blocks computed (the diagonal and the first key block "
+        "always are); `of ideal`: the dense time times `kept` over the sparse time; memory: peak GiB, sparse / "
+        "the SDPA baseline's. This times the attention alone; its quality is the long-context table below.",
+        markdown_table(["case", "sequence", "batch", "density", "kept", "dense", "dense ms", "sparse ms", "speedup",
+                        "of ideal", "peak GiB", "run"], table),
+        "Runs:\n\n" + _run_list(runs.values())])
+
+
 def files_section() -> str:
     rows = []
     for path in sorted(RESULTS.glob("*.json")):
@@ -229,6 +277,8 @@ def page() -> str:
         sections.append(breakdown_section(load("step_breakdown")))
     if (RESULTS / "compile_time.json").exists():
         sections.append(compile_section(load("compile_time")))
+    if (RESULTS / "sparse_attention.json").exists():
+        sections.append(attention_section(load("sparse_attention")))
     sections += [harness_section(load(path.stem)) for path in sorted(RESULTS.glob("quality*.json"))]
     sections += [quality_section(load("accuracy")), files_section()]
     return "\n\n".join([
@@ -294,11 +344,45 @@ def quality_line(quality: dict, e2e: dict) -> str:
     return line + "."
 
 
+def long_context_line(recall: dict, attention: dict) -> Optional[str]:
+    """The sparsest attention setting that passed the recall task, with its attention's speed at
+    8k tokens and more from the attention benchmark (the newest run of the llama-3-8b shape's
+    heads where it ran); ``None`` when no attention setting passed."""
+    from benchmarks.quality import kept
+    by = {s["setting"]: s for s in recall["summary"]}
+    passing = [s for s in by.values() if s["passes"] and kept(s, "recall") < 1.0]
+    if not passing or "dense" not in by:
+        return None
+    best = min(passing, key=lambda s: kept(s, "recall"))
+    density = kept(best, "recall")
+    line = (f"Long context: `{best['setting']}` (attention over {density:g} of the blocks) kept the quality of a "
+            f"recall fine-tune at {recall['meta']['seq']} tokens: held-out answer loss "
+            f"{100 * best['heldout_delta']:+.1f}% of dense LoRA's, exact match {best['exact_match']:.2f} against "
+            f"{by['dense']['exact_match']:.2f} ({best['seeds']} seeds)")
+    rows = [r for r in attention_latest(attention, min_seq=8192) if r["density"] == density]
+    cases = sorted({r["case"] for r in rows}, key=lambda c: ("8b" not in c, c))
+    rows = [r for r in rows if cases and r["case"] == cases[0]]
+    if not rows:
+        return line + "; its speed not yet measured."
+    device = next((run.get("device") for run in attention["meta"].get("runs", []) if run["run"] == rows[0]["run"]),
+                  attention["meta"].get("device"))
+    dense = [fastest_dense(r)[1] for r in rows]
+    speed = [d / r["ms"] for d, r in zip(dense, rows)]
+    ideal = [d * r["kept_density"] / r["ms"] for d, r in zip(dense, rows)]
+    seqs = [r["seq"] for r in rows]
+    return line + (f"; its attention alone, forward and backward, ran {min(speed):.2f}-{max(speed):.2f}x the fastest "
+                   f"dense attention at {min(seqs)}-{max(seqs)} tokens with {cases[0].split()[0]} heads ({device}), "
+                   f"{min(ideal):.2f}-{max(ideal):.2f} of the ideal; not yet timed end to end.")
+
+
 def readme() -> str:
     text = README.read_text()
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
-    return f"{head}{BEGIN}\n{readme_table()}\n\n{quality_line(load('quality'), load('e2e'))}\n{END}{tail}"
+    lines = [readme_table(), quality_line(load("quality"), load("e2e"))]
+    if (RESULTS / "quality_recall.json").exists() and (RESULTS / "sparse_attention.json").exists():
+        lines.append(long_context_line(load("quality_recall"), load("sparse_attention")))
+    return f"{head}{BEGIN}\n" + "\n\n".join(line for line in lines if line) + f"\n{END}{tail}"
 
 
 def main(argv=None) -> int:

@@ -103,3 +103,41 @@ def test_a_quality_row_says_where_its_quality_falls_short_of_the_harness():
     assert results_page._quality(row) == "held-out -19.00% (at 8192 tokens a row, 1 seed, too few to pass)"
     row.update(seq=8192, quality_seeds=3)
     assert results_page._quality(row) == "held-out -19.00%"
+
+
+def attention_row(run, seq, density, ms, **extra):
+    return dict(run=run, case="llama-3-8b attention", seq=seq, batch=1, density=density, kept_density=density,
+                variant="lecompile", ms=ms, baseline="dense-flash", baseline_ms=10.0, speedup=10.0 / ms,
+                ideal_ratio=10.0 * density / ms, peak_mem_gib=1.0, baseline_peak_mem_gib=2.0, **extra)
+
+
+def test_attention_rows_are_compared_with_the_fastest_dense_attention_of_their_run():
+    rows = [attention_row(1, 8192, 0.5, 8.0, **{"pass": "fwd+bwd"}),
+            attention_row(2, 8192, 0.5, 6.0, inductor_dense_ms=8.0, **{"pass": "fwd+bwd"}),  # newer: replaces run 1's
+            attention_row(2, 8192, 0.5, 1.0, **{"pass": "fwd"}),
+            attention_row(3, 8192, 0.5, 1.0, autotuned=True, **{"pass": "fwd+bwd"})]
+    latest = results_page.attention_latest({"rows": rows})
+    assert [r["run"] for r in latest] == [2]
+    assert results_page.fastest_dense(latest[0]) == ("inductor", 8.0)  # Inductor's SDPA beat the baseline's 10 ms
+    assert results_page.fastest_dense(rows[0]) == ("dense-flash", 10.0)
+
+
+def test_long_context_line_pairs_the_passing_attention_density_with_its_speed():
+    summary = [dict(setting="dense", options=None, seeds=3, exact_match=0.8, passes=True),
+               dict(setting="attn-0.5", options={"attn_density": 0.5}, seeds=3, heldout_delta=-0.2, exact_match=0.9,
+                    passes=True),
+               dict(setting="attn-0.25", options={"attn_density": 0.25}, seeds=3, heldout_delta=0.5, exact_match=0.5,
+                    passes=False)]
+    recall = {"meta": {"seq": 4096}, "summary": summary}
+    attention = {"meta": {"device": "GPU", "runs": [{"run": 1, "device": "H100"}]}, "rows": [
+        attention_row(1, seq, density, ms, **{"pass": "fwd+bwd"})
+        for seq, density, ms in ((4096, 0.5, 1.0), (8192, 0.5, 8.0), (32768, 0.5, 5.0), (8192, 0.25, 2.0))]}
+    line = results_page.long_context_line(recall, attention)
+    assert line.startswith("Long context: `attn-0.5` (attention over 0.5 of the blocks) kept the quality of a recall "
+                           "fine-tune at 4096 tokens: held-out answer loss -20.0% of dense LoRA's, exact match 0.90 "
+                           "against 0.80 (3 seeds)")
+    assert line.endswith("ran 1.25-2.00x the fastest dense attention at 8192-32768 tokens with llama-3-8b heads "
+                         "(H100), 0.62-1.00 of the ideal; not yet timed end to end.")
+    assert results_page.long_context_line(recall, {"meta": {}, "rows": []}).endswith("its speed not yet measured.")
+    summary[1]["passes"] = False
+    assert results_page.long_context_line(recall, attention) is None
