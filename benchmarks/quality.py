@@ -522,6 +522,9 @@ def main(argv=None):
     parser.add_argument("--device-files", type=Path, metavar="DIR",
                         help="write the model in parts a device call can carry, and the gguf package, into DIR; "
                              "then exit (see device_files())")
+    parser.add_argument("--logs", type=Path, metavar="DIR",
+                        help="write each run's output (its progress bar, warnings, errors) to DIR/<setting>-<seed>.log "
+                             "as it runs")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -542,6 +545,8 @@ def main(argv=None):
     if args.skip_measured:
         done = measured(args.skip_measured, args.steps)
         jobs = [job for job in jobs if job not in done]
+    if args.logs:
+        args.logs.mkdir(parents=True, exist_ok=True)
     runs, failed = [], []
     with tempfile.TemporaryDirectory() as tmp, tqdm(total=len(jobs), desc="runs") as bar:
         def launch(job):
@@ -553,10 +558,17 @@ def main(argv=None):
                 ["--warm-caches"] if args.warm_caches else []) + (["--cudagraphs"] if args.cudagraphs else [])
             # Runs share the machine's cores for compiling; seeds after the first of a setting hit the caches.
             env = {**os.environ, "TORCHINDUCTOR_COMPILE_THREADS": str(max(1, (os.cpu_count() or 1) // args.jobs))}
-            done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if args.logs:  # written as the run goes: a run cut short still shows how far it got
+                log_path = args.logs / f"{name}-{seed}.log"
+                with open(log_path, "w") as log:
+                    code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+                output = log_path.read_text(errors="replace")
+            else:
+                done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                code, output = done.returncode, done.stderr
             bar.update()
-            if done.returncode or not result.exists():
-                failed.append({"setting": name, "seed": seed, "error": done.stderr[-2000:]})
+            if code or not result.exists():
+                failed.append({"setting": name, "seed": seed, "error": output[-2000:]})
                 return
             runs.append(json.loads(result.read_text()))
             if not args.warm_caches:

@@ -157,6 +157,16 @@ def test_a_loss_over_budget_raises_the_attention_density_and_one_well_under_lowe
     assert guard.attn_density == 1.0 and guard.form(lambda i: 1.0) == ((), 1.0)
 
 
+def test_with_sparse_mlps_and_attention_a_loss_moves_both():
+    guard = DensityGuard(min_kept_mass=0.0, k_align=1, loss_budget=0.01, attn_density=0.5)
+    guard.record_losses(torch.tensor(2.1), torch.tensor(2.0))
+    guard.update()
+    assert (guard.min_kept_mass, guard.attn_density) == (0.995, 0.625)
+    assert [c.split(" (")[0] for c in guard.changes] == ["min_kept_mass 0.99 -> 0.995",
+                                                         "attention density 0.5 -> 0.625"]
+    assert guard.form(lambda i: 0.25) == ((), 0.625)
+
+
 def test_the_attention_density_never_falls_below_the_set_one():
     guard = DensityGuard(min_kept_mass=0.0, k_align=1, loss_budget=0.02, sparse_mlp=False, attn_density=0.3)
     guard.record_losses(torch.tensor(2.1), torch.tensor(2.0))

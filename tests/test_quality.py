@@ -183,6 +183,24 @@ def test_skip_measured_leaves_out_the_runs_a_results_file_has(tmp_path, monkeypa
     assert sorted(runs) == [("svd-0.5", 0), ("svd-0.5", 1)]  # svd-0.5's seed 0 ran 30 steps, not 300
 
 
+def test_logs_hold_each_run_s_output_as_it_runs(tmp_path, monkeypatch):
+    run = quality.subprocess.run
+
+    def launch(cmd, **kwargs):  # a run that prints its progress, then fails
+        if "--one" not in cmd:
+            return run(cmd, **kwargs)
+        kwargs["stdout"].write("dense seed 1:  40%|####      | 2/5\nRuntimeError: out of memory\n")
+        kwargs["stdout"].flush()
+        return SimpleNamespace(returncode=1)
+
+    monkeypatch.setattr(quality.subprocess, "run", launch)
+    quality.main(["--settings", "dense", "--seeds", "2", "--logs", str(tmp_path / "logs"), "--out", str(tmp_path)])
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["dense-0.log", "dense-1.log"]
+    assert "2/5" in (tmp_path / "logs" / "dense-1.log").read_text()
+    failed = json.loads((tmp_path / "quality.json").read_text())["failed"]
+    assert [f["error"].splitlines()[-1] for f in failed] == ["RuntimeError: out of memory"] * 2
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("setting", ["dense", "svd-0.5"])
 def test_a_warm_run_compiles_what_a_run_of_other_weights_then_finds_cached(setting, monkeypatch, tmp_path):
