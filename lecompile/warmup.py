@@ -35,8 +35,9 @@ class WarmupSwitch:
     ``shadow.record(sparse_out, dense_out)`` sees both outputs of such a step. With ``densities``,
     the sparse form follows the density guard: for each new value of ``densities()`` (its
     :meth:`~lecompile.guard.DensityGuard.form`: ``()`` for the configured densities)
-    ``compile_for`` compiles one more sparse form, up to :data:`MAX_SPARSE_GRAPHS`. Calls of either form are counted in
-    ``torch._dynamo.utils.counters["lecompile"]`` (``dense_graph_calls``, ``sparse_graph_calls``)."""
+    ``compile_for`` compiles one more sparse form, up to :data:`MAX_SPARSE_GRAPHS`. Calls of
+    either form are counted in ``torch._dynamo.utils.counters["lecompile"]``
+    (``dense_graph_calls``, ``sparse_graph_calls``)."""
 
     def __init__(self, dense, sparse, until: int, calibrate: Optional[Callable[[], bool]] = None,
                  densities: Optional[Callable[[], tuple]] = None,
