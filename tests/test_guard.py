@@ -30,6 +30,26 @@ def mass_profile(ffn, head):
     return mass
 
 
+def compiled_run(config: LongExposureConfig, steps: int, inputs=None):
+    """Train a tiny LLaMA through the backend under ``config`` for ``steps`` SGD steps on one
+    batch (the guard measures the same thing each time), from a fresh calibration schedule; the
+    backend."""
+    clear_learned()  # and the calibration schedule
+    counters.clear()
+    torch._dynamo.reset()
+    model = tiny_model("llama", "lora")
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    backend = lecompile.longexposure(config)
+    compiled = torch.compile(model, backend=backend)
+    for _ in range(steps):
+        loss = compiled(**(inputs or batch(1))).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        assert torch.isfinite(loss)
+    return backend
+
+
 def test_guard_raises_a_layer_below_the_target_and_lowers_it_when_there_is_room(caplog):
     guard = DensityGuard(min_kept_mass=0.9, k_align=1)
     caplog.set_level(logging.INFO, logger="lecompile")
@@ -50,20 +70,8 @@ def test_guard_raises_a_layer_below_the_target_and_lowers_it_when_there_is_room(
 
 
 def test_guard_in_a_compiled_run_recompiles_once_per_new_densities_never_per_step():
-    clear_learned()
-    counters.clear()
-    torch._dynamo.reset()
-    model = tiny_model("llama", "lora")
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    backend = lecompile.longexposure(LongExposureConfig.create(mlp_density=0.25, k_align=16, min_kept_mass=0.9,
-                                                               calibrate_every=3))
-    compiled = torch.compile(model, backend=backend)
-    for step in range(7):
-        loss = compiled(**batch(1)).loss  # one batch: the guard measures the same thing each time
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        assert torch.isfinite(loss)
+    backend = compiled_run(LongExposureConfig.create(mlp_density=0.25, k_align=16, min_kept_mass=0.9,
+                                                     calibrate_every=3), steps=7)
     calls = counters["lecompile"]
     # steps 0, 3, 6 calibrate: 0 trains dense, 3 and 6 record in a dense forward and train sparse
     assert (calls["dense_graph_calls"], calls["shadow_graph_calls"], calls["sparse_graph_calls"]) == (1, 2, 6)
@@ -102,20 +110,8 @@ def test_a_loss_over_budget_raises_the_mass_target_and_one_well_under_lowers_it(
 
 @pytest.mark.parametrize("budget", [1e-6, 0.9])
 def test_loss_budget_in_a_compiled_run_shadows_calibration_steps_and_moves_the_target(budget):
-    clear_learned()
-    counters.clear()
-    torch._dynamo.reset()
-    model = tiny_model("llama", "lora")
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    backend = lecompile.longexposure(LongExposureConfig.create(mlp_density=0.25, k_align=16, loss_budget=budget,
-                                                               calibrate_every=2))
-    compiled = torch.compile(model, backend=backend)
-    for step in range(5):
-        loss = compiled(**batch(1)).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        assert torch.isfinite(loss)
+    backend = compiled_run(LongExposureConfig.create(mlp_density=0.25, k_align=16, loss_budget=budget,
+                                                     calibrate_every=2), steps=5)
     calls = counters["lecompile"]
     assert calls["dense_graph_calls"] == 1 and calls["shadow_graph_calls"] == 2  # steps 0; 2, 4
     assert calls["sparse_graph_calls"] == 4  # the shadowed steps train sparse
@@ -185,21 +181,11 @@ def test_loss_budget_moves_a_compiled_run_s_attention_density_with_one_recompile
     model sparse attention's cost has no fixed sign; the test above covers both directions)."""
     monkeypatch.setattr(LossShadow, "record", lambda self, sparse, dense: self.guard.record_losses(
         dense[self.index] * 1.5, dense[self.index]))
-    clear_learned()  # and the calibration schedule
-    counters.clear()
-    torch._dynamo.reset()
-    model = tiny_model("llama", "lora")
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    backend = lecompile.longexposure(LongExposureConfig.create(attn_density=0.25, attn_block=16, loss_budget=0.01,
-                                                               calibrate_every=2))
-    compiled = torch.compile(model, backend=backend)
-    ids = torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(1))
-    for step in range(6):  # 0 trains dense; 2 and 4 shadow (the guard moves after each); 3 and 5 compile
-        loss = compiled(input_ids=ids, labels=ids, use_cache=False).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        assert torch.isfinite(loss)
+    ids = torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(1))  # 4 blocks of 16 a row
+    # 6 steps: 0 trains dense; 2 and 4 shadow (the guard moves after each); 3 and 5 compile a form
+    backend = compiled_run(LongExposureConfig.create(attn_density=0.25, attn_block=16, loss_budget=0.01,
+                                                     calibrate_every=2), steps=6,
+                           inputs=dict(input_ids=ids, labels=ids, use_cache=False))
     calls = counters["lecompile"]
     assert (calls["dense_graph_calls"], calls["shadow_graph_calls"], calls["sparse_graph_calls"]) == (1, 2, 5)
     assert backend.guard.attn_density == 0.5 and calls["guard_recompiles"] == 2, backend.report.guard
