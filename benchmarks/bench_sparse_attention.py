@@ -13,7 +13,9 @@ Variants (bf16, causal, GQA, q/k/v require grad):
 
 With ``--max-autotune`` the ``lecompile`` rows compile under Inductor's ``max_autotune``, which
 times FlexAttention's kernel configs instead of taking the GPU's default one (``autotuned`` in
-the rows; Inductor prints the configs' times on stderr).
+the rows; Inductor prints the configs' times on stderr). ``--flex-option KEY=VALUE`` adds
+FlexAttention kernel options (``USE_TMA=true``, ``fwd_num_warps=8``, ...) to the ones the
+backend passes (``flex_options`` in the rows).
 
 A second set of ratios (``*_vs_inductor_dense``) takes the density-1.0 ``lecompile`` row, the
 SDPA as Inductor compiles it, as the baseline.
@@ -26,6 +28,7 @@ SDPA as Inductor compiles it, as the baseline.
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 
 import torch
@@ -35,6 +38,7 @@ from tqdm.auto import tqdm
 import lecompile
 from benchmarks.common import command_line, meta, write_results
 from lecompile import LongExposureConfig
+from lecompile.ops import block_attention
 from lecompile.ops.block_attention import allowed_blocks
 from lecompile.predictors.attention import predict_blocks
 
@@ -97,7 +101,29 @@ def time_passes(fn, inputs):
     return out
 
 
-def bench_seq(name, seq, densities, block, max_autotune=False):
+def parse_flex_options(items) -> dict:
+    """``["USE_TMA=true", "fwd_num_warps=8"]`` as FlexAttention kernel options (bools and ints)."""
+    options = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--flex-option {item!r} is not KEY=VALUE")
+        options[key] = raw.lower() == "true" if raw.lower() in ("true", "false") else int(raw)
+    return options
+
+
+@contextlib.contextmanager
+def extra_flex_options(options: dict):
+    """The backend's FlexAttention calls get ``options`` on top of their own kernel options."""
+    own = block_attention.kernel_options
+    block_attention.kernel_options = lambda block: {**own(block), **options}
+    try:
+        yield
+    finally:
+        block_attention.kernel_options = own
+
+
+def bench_seq(name, seq, densities, block, max_autotune=False, flex_options=None):
     """Rows of every density for one shape and sequence length."""
     heads, kv_heads, head_dim = SHAPES[name]
     batch = max(1, TOKENS // seq)
@@ -114,12 +140,12 @@ def bench_seq(name, seq, densities, block, max_autotune=False):
         kept = (keep.sum((-1, -2)).float() / any_b.sum()).mean().item() if density < 1.0 else 1.0
         case = dict(case=f"{name} attention", batch=batch, seq=seq, heads=heads, kv_heads=kv_heads,
                     head_dim=head_dim, block=block, dtype="bfloat16", density=density, kept_density=kept,
-                    autotuned=max_autotune)
+                    autotuned=max_autotune, **({"flex_options": flex_options} if flex_options else {}))
         config = LongExposureConfig.create(mlp_density=1.0, attn_density=density, attn_block=block)
         backend = lecompile.longexposure(config)
         torch._dynamo.reset()
         try:
-            with torch._inductor.config.patch(max_autotune=max_autotune):
+            with torch._inductor.config.patch(max_autotune=max_autotune), extra_flex_options(flex_options or {}):
                 timed = time_passes(torch.compile(causal_sdpa, backend=backend, fullgraph=True), (q, k, v))
         except Exception as e:  # noqa: BLE001 - recorded in the results, per BENCHMARKS.md
             rows.append({**case, "variant": "lecompile", "error": f"{type(e).__name__}: {e}"[:300]})
@@ -158,7 +184,8 @@ def plot(rows, path):
         for i, density in enumerate(sorted({r["density"] for r in rows if r["density"] < 1.0 and r["case"] == name},
                                            reverse=True)):
             sel = sorted((r for r in rows if r["case"] == name and r.get("pass") == "fwd+bwd" and not r.get("autotuned")
-                          and r["variant"] == "lecompile" and r["density"] == density), key=lambda r: r["seq"])
+                          and not r.get("flex_options") and r["variant"] == "lecompile" and r["density"] == density),
+                         key=lambda r: r["seq"])
             seqs = [r["seq"] for r in sel]
             ax.plot(seqs, [r["speedup"] for r in sel], marker="o", color=f"C{i}",
                     label=f"density {density} vs the fastest dense SDPA")
@@ -178,15 +205,18 @@ def main(argv=None):
     parser.add_argument("--seqs", nargs="+", type=int, default=list(SEQS))
     parser.add_argument("--densities", nargs="+", type=float, default=list(DENSITIES))
     parser.add_argument("--block", type=int, default=128)
+    parser.add_argument("--flex-option", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="FlexAttention kernel options added to the backend's, e.g. USE_TMA=true")
     parser.add_argument("--max-autotune", action="store_true",
                         help="compile the lecompile rows under Inductor's max_autotune (FlexAttention configs timed)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
+    flex_options = parse_flex_options(args.flex_option)
     if not torch.cuda.is_available():
         raise SystemExit("bench_sparse_attention needs a CUDA GPU")
     rows = []
     for n, s in tqdm([(n, s) for n in args.shapes for s in args.seqs], desc="attention"):
-        rows += bench_seq(n, s, args.densities, args.block, args.max_autotune)
+        rows += bench_seq(n, s, args.densities, args.block, args.max_autotune, flex_options)
         write_results("sparse_attention", {"meta": meta("sparse_attention", command_line(), tokens_per_case=TOKENS),
                                            "rows": rows}, args.out)
     data = {"meta": meta("sparse_attention", command_line(), tokens_per_case=TOKENS), "rows": rows}
