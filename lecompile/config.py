@@ -293,6 +293,9 @@ PRESETS = {
     # Sparse MLPs and attention with CUDA graphs, as timed in docs/results.md: faster, at a cost in
     # held-out loss (its quality table).
     "fast": {"mlp_density": 0.25, "attn_density": 0.5, "cudagraphs": True},
+    # Half the attention blocks, dense MLPs: the setting that kept the quality harness's
+    # long-context task at 4096 tokens (docs/results.md); for rows of thousands of tokens.
+    "long-context": {"attn_density": 0.5},
 }
 
 

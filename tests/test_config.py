@@ -34,11 +34,17 @@ def test_a_dozen_public_fields_and_the_tuning_knobs_apart():
     assert config.replace(svd_rank=4).tuning == Tuning(k_align=64, svd_rank=4)
 
 
+def test_the_long_context_preset_is_the_setting_the_quality_harness_measured():
+    from benchmarks.quality import settings
+    measured = settings(300, task="recall")["attn-0.5"]
+    assert LongExposureConfig.preset("long-context") == LongExposureConfig.create(**measured)
+
+
 def test_presets_by_name():
     assert LongExposureConfig.preset("exact") == LongExposureConfig()
     fast = LongExposureConfig.preset("fast", cudagraphs=False)
     assert fast.sparse and fast.mlp_density < 1.0 and not fast.cudagraphs
-    with pytest.raises(ValueError, match=r"unknown preset 'fastest'; the presets are \['exact', 'fast'\]"):
+    with pytest.raises(ValueError, match=r"unknown preset 'fastest'; the presets are \['exact', 'fast', 'long-"):
         LongExposureConfig.preset("fastest")
 
 
