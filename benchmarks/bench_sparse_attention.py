@@ -106,8 +106,8 @@ def parse_flex_options(items) -> dict:
     options = {}
     for item in items:
         key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--flex-option {item!r} is not KEY=VALUE")
+        if not sep or not key or not (raw.lower() in ("true", "false") or raw.lstrip("-").isdigit()):
+            raise ValueError(f"--flex-option {item!r} is not KEY=VALUE with VALUE true, false or an integer")
         options[key] = raw.lower() == "true" if raw.lower() in ("true", "false") else int(raw)
     return options
 

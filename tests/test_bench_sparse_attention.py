@@ -8,8 +8,9 @@ from lecompile.ops import block_attention
 
 def test_flex_options_parse_as_bools_and_ints():
     assert bench.parse_flex_options(["USE_TMA=true", "fwd_num_warps=8"]) == {"USE_TMA": True, "fwd_num_warps": 8}
-    with pytest.raises(ValueError, match="'USE_TMA' is not KEY=VALUE"):
-        bench.parse_flex_options(["USE_TMA"])
+    for bad in ("USE_TMA", "BLOCK_M=big"):
+        with pytest.raises(ValueError, match=f"'{bad}' is not KEY=VALUE with VALUE true, false or an integer"):
+            bench.parse_flex_options([bad])
 
 
 def test_extra_flex_options_reach_the_backend_s_calls_and_go_away_after():
