@@ -10,7 +10,13 @@ from torch._dynamo.utils import counters
 import lecompile
 from lecompile import LongExposureConfig
 from lecompile.ops.block_attention import allowed_blocks, block_attention_flex, block_attention_ref, kv_block_lists
-from lecompile.predictors.attention import atomic_layouts, choose_layouts, predict_blocks, transformers_attention
+from lecompile.predictors.attention import (
+    atomic_layouts,
+    choose_layouts,
+    choose_layouts_ref,
+    predict_blocks,
+    transformers_attention,
+)
 
 from models import ARCHS, LAYERS, VOCAB, tiny_model, train_step
 
@@ -59,6 +65,21 @@ def test_choose_layouts_respects_budget_and_keeps_sink_and_diagonal():
     mass = torch.zeros(1, 1, n, n)
     mass[..., 3:, 3] = 1.0
     assert choose_layouts(mass, allowed, 0.6)[0, 0, 3:, 3].all()
+
+
+@pytest.mark.parametrize("n, m", [(1, 1), (4, 4), (3, 5), (7, 3), (16, 16)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_choose_layouts_picks_what_the_reference_over_every_layout_picks(n, m, dtype):
+    torch.manual_seed(n * m)
+    causal = torch.ones(n, m, dtype=torch.bool).tril(m - n)
+    padded = causal.clone()
+    padded[:, : m // 2] = False  # left padding: a sequence whose first keys are masked
+    padded[: n // 2] = causal[: n // 2] & torch.eye(n, m, dtype=torch.bool)[: n // 2]
+    full = torch.ones(n, m, dtype=torch.bool)
+    for allowed in (causal[None, None], full[None, None], torch.stack([causal, padded])[:, None]):
+        mass = torch.rand(2, 3, n, m, dtype=dtype).masked_fill(~allowed, 0)
+        for density in (0.05, 0.3, 0.5, 0.75, 1.0):
+            assert torch.equal(choose_layouts(mass, allowed, density), choose_layouts_ref(mass, allowed, density))
 
 
 def test_allowed_blocks_of_causal_and_padding_masks():

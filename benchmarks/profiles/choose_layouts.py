@@ -1,15 +1,18 @@
-"""choose_layouts as it was (fp32 matmuls against float layouts) against the current one (broadcast
-reductions that Inductor fuses): same output on random inputs, and on the GPU the time of each,
-compiled and replayed as a CUDA graph. ``python -m benchmarks.profiles.choose_layouts``;
-the H100 numbers are in results/profiles/choose_layouts.txt."""
+"""choose_layouts three ways: as it was first (fp32 matmuls against float layouts), as it was next
+(broadcast reductions over every layout's mask, which Inductor fuses; now ``choose_layouts_ref``)
+and as it is (column and skewed-diagonal sums, ``O(n m)`` per head): same output on random inputs,
+and on the GPU the time of each, compiled and replayed as a CUDA graph.
+``python -m benchmarks.profiles.choose_layouts``; the H100 numbers of the first two are in
+results/profiles/choose_layouts.txt."""
 import torch
 
-from lecompile.predictors.attention import SELECTION_ROUNDS, atomic_layouts, choose_layouts
+from lecompile.predictors.attention import SELECTION_ROUNDS, atomic_layouts, choose_layouts, choose_layouts_ref
 
 
-def choose_layouts_matmul(mass, allowed, density, layouts):
+def choose_layouts_matmul(mass, allowed, density):
     """The function before commit feabfde."""
     B, H, n, m = mass.shape
+    layouts = atomic_layouts(n, m, mass.device)[0]
     allowed = allowed.expand(B, H, n, m)
     flat = layouts.flatten(1).float()
     budget = density * allowed.flatten(2).sum(-1, keepdim=True)
@@ -34,23 +37,26 @@ def case(B, H, n, device):
     mass = torch.rand(B, H, n, n, generator=g).to(device)
     allowed = torch.ones(n, n, dtype=torch.bool, device=device).tril()
     mass = (mass * allowed).softmax(-1) * allowed
-    return mass, allowed, atomic_layouts(n, n, device)[0]
+    return mass, allowed
+
+
+VERSIONS = {"matmul": choose_layouts_matmul, "fused": choose_layouts_ref, "diagonal sums": choose_layouts}
 
 
 def main():
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    for B, H, n in [(8, 32, 4), (2, 32, 16), (4, 32, 8)]:  # 8x512, 2x2048, 4x1024 in 128-token blocks
-        mass, allowed, layouts = case(B, H, n, device)
+    # 8x512, 2x2048, 4x1024, then 1x8192 to 1x32768, in 128-token blocks
+    for B, H, n in [(8, 32, 4), (2, 32, 16), (4, 32, 8), (1, 32, 64), (1, 32, 128), (1, 32, 256)]:
+        mass, allowed = case(B, H, n, device)
         for density in (0.5, 0.3):
-            a = choose_layouts_matmul(mass, allowed, density, layouts)
-            b = choose_layouts(mass, allowed, density, layouts)
-            print("equal", (B, H, n, density), torch.equal(a, b))
+            a, *others = (fn(mass, allowed, density) for fn in VERSIONS.values())
+            print("equal", (B, H, n, density), all(torch.equal(a, b) for b in others))
         if device == "cuda":
             from triton.testing import do_bench_cudagraph
-            for name, fn in (("matmul", choose_layouts_matmul), ("fused", choose_layouts)):
+            for name, fn in VERSIONS.items():
                 f = torch.compile(fn)
-                f(mass, allowed, 0.5, layouts)
-                ms = do_bench_cudagraph(lambda: f(mass, allowed, 0.5, layouts), rep=50)
+                f(mass, allowed, 0.5)
+                ms = do_bench_cudagraph(lambda: f(mass, allowed, 0.5), rep=50)
                 print(name, (B, H, n), f"{ms * 1000:.1f} us")
 
 

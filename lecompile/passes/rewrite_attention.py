@@ -1,7 +1,7 @@
 """Rewrite each matched attention block into ``predict_blocks`` + ``block_attention``.
 
-Per graph, the atomic layouts of each block-grid shape and the allowed blocks of each distinct
-mask are built by one node each, shared by every layer that uses them.
+Per graph, the allowed blocks of each distinct mask are built by one node, shared by every layer
+that uses them.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch.fx as fx
 from torch._dynamo.utils import counters
 
 from ..ops.block_attention import allowed_blocks, block_attention, flex_backward_tiles
-from ..predictors.attention import atomic_layouts, predict_blocks
+from ..predictors.attention import predict_blocks
 from ..report import AttentionEntry
 from .graph import meta_value, recompile, replace_uses, static_shape
 from .match_attention import AttentionMatch
@@ -24,7 +24,6 @@ from .match_attention import AttentionMatch
 def rewrite_attention(ctx) -> None:
     """Replace every rewritable attention in ``ctx.attention``; report each decision."""
     cfg = ctx.config
-    layouts: Dict[Tuple[int, int], fx.Node] = {}
     allowed: Dict[tuple, Tuple[fx.Node, fx.Node]] = {}
     changed = False
     for att in ctx.attention:
@@ -34,7 +33,7 @@ def rewrite_attention(ctx) -> None:
         entry.note = _why_dense(att, ctx)
         if entry.note:
             continue
-        _rewrite(ctx, att, layouts, allowed)
+        _rewrite(ctx, att, allowed)
         entry.rewritten = True
         counters["lecompile"]["block_attention"] += 1
         changed = True
@@ -74,16 +73,12 @@ def _why_dense(att: AttentionMatch, ctx) -> str:
     return ""
 
 
-def _rewrite(ctx, att: AttentionMatch, layouts, allowed) -> None:
+def _rewrite(ctx, att: AttentionMatch, allowed) -> None:
     cfg, graph = ctx.config, ctx.gm.graph
     q_len, kv_len = static_shape(att.q)[-2], static_shape(att.k)[-2]
-    n, m = q_len // cfg.tuning.attn_block, kv_len // cfg.tuning.attn_block
     device = meta_value(att.q).device
     steps, operands = list(att.steps), list(att.operands)
     with graph.inserting_before(att.out):
-        if (n, m) not in layouts:
-            built = graph.call_function(atomic_layouts, (n, m, device))
-            layouts[(n, m)] = graph.call_function(operator.getitem, (built, 0))
         key = (tuple(steps), tuple(operands), att.causal, q_len, kv_len)
         if key not in allowed:
             both = graph.call_function(allowed_blocks, (steps, operands, att.causal, q_len, kv_len,
@@ -92,7 +87,7 @@ def _rewrite(ctx, att: AttentionMatch, layouts, allowed) -> None:
         any_block, all_block = allowed[key]
         keep = graph.call_function(predict_blocks, (
             att.q, att.k, any_block, steps, operands, att.causal, cfg.tuning.attn_block, cfg.attn_density,
-            cfg.tuning.attn_predictor, layouts[(n, m)]))
+            cfg.tuning.attn_predictor))
         out = graph.call_function(block_attention, (att.q, att.k, att.v, keep, all_block, steps, operands,
                                                     att.causal, cfg.tuning.attn_block, att.enable_gqa))
         out_dtype = meta_value(att.out).dtype

@@ -3,9 +3,9 @@
 Long Exposure's attention exposer finds that each head's attention concentrates on a few
 *atomic* block layouts, different per head: attention sinks and other vertical columns (every
 query block reads key block ``j``), the local window and other diagonal bands (query block ``i``
-reads ``i - o``). The layouts of one shape are built once (:func:`atomic_layouts`); at run time a
-predictor scores them per (sequence, head) and keeps the best ones under a block budget
-(:func:`choose_layouts`), always with the diagonal block (every query sees itself) and the sink.
+reads ``i - o``), :func:`atomic_layouts`. At run time a predictor scores them per (sequence,
+head) and keeps the best ones under a block budget (:func:`choose_layouts`), always with the
+diagonal block (every query sees itself) and the sink.
 
 Scores (``[B, H, n, m]`` attention mass per block pair, rows summing to 1):
 
@@ -19,7 +19,7 @@ capacity does not.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import torch
 
@@ -34,8 +34,7 @@ def atomic_layouts(n: int, m: int, device=None) -> Tuple[Tensor, Tuple[str, ...]
     """The atomic layouts for ``n`` query blocks and ``m`` key blocks, as bool ``[P, n, m]``
     with their names: ``column j`` for every key block, ``diagonal o`` for every offset (query
     block ``i`` reads key block ``i + (m - n) - o``; ``diagonal 0`` is the causal diagonal).
-    The backend builds them once per shape and graph, for all its layers; callers intersect
-    them with the positions the scores allow."""
+    Callers intersect them with the positions the scores allow."""
     rows = torch.arange(n, device=device)[:, None]
     cols = torch.arange(m, device=device)[None, :]
     columns = (cols[None] == torch.arange(m, device=device)[:, None, None]).expand(m, n, m)
@@ -45,24 +44,57 @@ def atomic_layouts(n: int, m: int, device=None) -> Tuple[Tensor, Tuple[str, ...]
     return torch.cat([columns, diagonals]), names
 
 
-def choose_layouts(mass: Tensor, allowed: Tensor, density: float, layouts: Optional[Tensor] = None) -> Tensor:
+def choose_layouts(mass: Tensor, allowed: Tensor, density: float) -> Tensor:
     """Per (sequence, head), the union of the atomic layouts with the most attention mass per block,
     within ``density`` of the allowed blocks. ``mass [B, H, n, m]``, ``allowed`` bool broadcastable
-    to it; ``layouts`` from :func:`atomic_layouts` (built here if ``None``). Returns bool
-    ``[B, H, n, m]``. The causal diagonal (``diagonal 0``) and the sink (``column 0``) are always
-    kept."""
+    to it. Returns bool ``[B, H, n, m]``. The causal diagonal (``diagonal 0``) and the sink
+    (``column 0``) are always kept. The same choice as :func:`choose_layouts_ref`, in ``O(n m)`` per
+    head instead of ``O((n + m) n m)``: a layout's cost and gain are its column's or its
+    diagonal's sums, and the grid skewed so that diagonals become columns sums them all at once."""
     B, H, n, m = mass.shape
-    if layouts is None:
-        layouts = atomic_layouts(n, m, mass.device)[0]
     allowed = allowed.expand(B, H, n, m)
-    flat = layouts.flatten(1)                                             # bool [P, n*m]
+    offsets = sorted(range(1 - n, m), key=abs)  # the diagonals in atomic_layouts' order
+    skewed_at = torch.tensor([o + n - 1 for o in offsets], device=mass.device)  # each one's skewed column
+    rows = torch.arange(n, device=mass.device)[:, None]
+    cols = torch.arange(m, device=mass.device)[None, :]
+    diagonal_of = torch.empty(n + m - 1, dtype=torch.long, device=mass.device)
+    diagonal_of[skewed_at] = torch.arange(n + m - 1, device=mass.device)
+    diagonal_of = diagonal_of[rows - cols + m - 1]                        # [n, m]: each block's diagonal
+    budget = density * allowed.flatten(2).sum(-1, keepdim=True)
+    keep = allowed & ((cols == 0) | (diagonal_of == 0))                   # column 0, diagonal 0
+    # Greedy by mass per new block; a layout's cost is the blocks it adds, which overlap makes
+    # smaller once others are kept, so a second round spends what the first left over.
+    for _ in range(SELECTION_ROUNDS):
+        new = (allowed & ~keep).float()
+        gained = torch.where(allowed & ~keep, mass, 0.0)
+        cost = torch.cat([new.sum(-2), _diagonal_sums(new, skewed_at)], -1)       # [B, H, P]
+        gain = torch.cat([gained.sum(-2), _diagonal_sums(gained, skewed_at)], -1)
+        ratio = torch.where(cost > 0, gain / cost.clamp(min=1), -1.0)
+        order = ratio.argsort(dim=-1, descending=True)
+        spent = cost.gather(-1, order).cumsum(-1) + keep.flatten(2).sum(-1, keepdim=True)
+        chosen = (spent <= budget) & (ratio.gather(-1, order) >= 0)
+        picked = torch.zeros_like(chosen).scatter(-1, order, chosen)
+        added = picked[..., None, :m] | picked[..., m:][..., diagonal_of]
+        keep = keep | added & allowed
+    return keep
+
+
+def _diagonal_sums(x: Tensor, skewed_at: Tensor) -> Tensor:
+    """Sums of ``x [..., n, m]`` along each diagonal, in the order ``skewed_at`` gives: row ``i``
+    of the columns-reversed grid shifted right by ``i`` puts diagonal ``o`` in column ``o + n - 1``."""
+    *lead, n, m = x.shape
+    padded = torch.nn.functional.pad(x.flip(-1), (0, n)).flatten(-2)
+    return padded[..., : n * (n + m - 1)].reshape(*lead, n, n + m - 1).sum(-2).index_select(-1, skewed_at)
+
+
+def choose_layouts_ref(mass: Tensor, allowed: Tensor, density: float) -> Tensor:
+    """Reference of :func:`choose_layouts`: every atomic layout of :func:`atomic_layouts` as an
+    explicit mask, each one's cost and gain a reduction over the whole grid."""
+    B, H, n, m = mass.shape
+    allowed = allowed.expand(B, H, n, m)
+    flat = atomic_layouts(n, m, mass.device)[0].flatten(1)                # bool [P, n*m]
     budget = density * allowed.flatten(2).sum(-1, keepdim=True)
     keep = allowed & (flat[0] | flat[m]).reshape(n, m)                    # column 0, diagonal 0
-    # Greedy by mass per new block; a layout's cost is the blocks it adds, which overlap makes
-    # smaller once others are kept, so a second round spends what the first left over. Costs and
-    # gains are broadcast reductions over [B, H, P, n*m], not matmuls with float layouts: Inductor
-    # fuses them, where the matmuls ran as fp32 CUDA-core GEMMs (this function, compiled, 1.4-2.1x
-    # faster on the H100 at the block grids of 8x512 to 2x2048 tokens).
     for _ in range(SELECTION_ROUNDS):
         new = (allowed & ~keep).flatten(2)[:, :, None, :] & flat          # [B, H, P, n*m]
         cost = new.sum(-1, dtype=torch.float32)
@@ -101,8 +133,7 @@ METHODS = ("pooled", "oracle")
 
 @torch.no_grad()
 def predict_blocks(q: Tensor, k: Tensor, allowed: Tensor, steps: Sequence[str], operands: Sequence[Operand],
-                   causal: bool, block: int, density: float, method: str,
-                   layouts: Optional[Tensor] = None) -> Tensor:
+                   causal: bool, block: int, density: float, method: str) -> Tensor:
     """The blocks each (sequence, head) computes: bool ``[B, H, L / block, S / block]``.
 
     ``allowed`` is the ``any`` half of :func:`~lecompile.ops.block_attention.allowed_blocks`;
@@ -118,7 +149,7 @@ def predict_blocks(q: Tensor, k: Tensor, allowed: Tensor, steps: Sequence[str], 
         mass = pooled_mass(q, k, allowed, leading_scale(steps, operands)[0], block)
     else:
         mass = oracle_mass(q, k, steps, operands, causal, block)
-    return choose_layouts(mass, allowed, density, layouts)
+    return choose_layouts(mass, allowed, density)
 
 
 def transformers_attention(density: float, block: int, method: str = "pooled", choose=None, kept=None):
