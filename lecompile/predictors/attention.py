@@ -65,9 +65,9 @@ def choose_layouts(mass: Tensor, allowed: Tensor, density: float) -> Tensor:
     # Greedy by mass per new block; a layout's cost is the blocks it adds, which overlap makes
     # smaller once others are kept, so a second round spends what the first left over.
     for _ in range(SELECTION_ROUNDS):
-        new = (allowed & ~keep).float()
-        gained = torch.where(allowed & ~keep, mass, 0.0)
-        cost = torch.cat([new.sum(-2), _diagonal_sums(new, skewed_at)], -1)       # [B, H, P]
+        new = allowed & ~keep
+        count, gained = new.float(), torch.where(new, mass, 0.0)
+        cost = torch.cat([count.sum(-2), _diagonal_sums(count, skewed_at)], -1)       # [B, H, P]
         gain = torch.cat([gained.sum(-2), _diagonal_sums(gained, skewed_at)], -1)
         ratio = torch.where(cost > 0, gain / cost.clamp(min=1), -1.0)
         order = ratio.argsort(dim=-1, descending=True)
