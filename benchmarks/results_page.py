@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from benchmarks.common import RESULTS
 
@@ -234,18 +234,29 @@ def fastest_dense(row: dict) -> tuple:
     return row["baseline"], row["baseline_ms"]
 
 
+def _vs_fastest_dense(row: dict) -> Tuple[float, float]:
+    """A row's speedup over :func:`fastest_dense` and its share of the ideal, ``dense x kept / ms``."""
+    dense = fastest_dense(row)[1]
+    return dense / row["ms"], dense * row["kept_density"] / row["ms"]
+
+
+def _run_device(results: dict, run: int) -> Optional[str]:
+    """The device of run ``run`` of a results file (the file's own where the run has none)."""
+    return next((r.get("device") for r in results["meta"].get("runs", []) if r["run"] == run), None) \
+        or results["meta"].get("device")
+
+
 def attention_section(attention: dict) -> str:
-    runs = {r["run"]: r for r in attention["meta"].get("runs", [])}
     latest = attention_latest(attention)
     table = []
     for r in latest:
         if r["density"] < 1.0:
             name, dense = fastest_dense(r)
+            speedup, ideal = _vs_fastest_dense(r)
             table.append([r["case"], r["seq"], r["batch"], r["density"], f"{r['kept_density']:.2f}", name,
-                          f"{dense:.2f}", f"{r['ms']:.2f}", ratio(dense / r["ms"]),
-                          f"{dense * r['kept_density'] / r['ms']:.2f}",
+                          f"{dense:.2f}", f"{r['ms']:.2f}", ratio(speedup), f"{ideal:.2f}",
                           f"{r['peak_mem_gib']:.2f} / {r['baseline_peak_mem_gib']:.2f}", r["run"]])
-    devices = sorted({runs[r["run"]].get("device") or attention["meta"].get("device") for r in latest})
+    devices = sorted({_run_device(attention, r["run"]) for r in latest})
     return "\n\n".join([
         "## Block-sparse attention (`python benchmarks/bench_sparse_attention.py`)",
         "The backend's rewrite of a causal SDPA (pooled block predictor, block-sparse FlexAttention; bf16, blocks "
@@ -256,7 +267,7 @@ def attention_section(attention: dict) -> str:
         "the SDPA baseline's. This times the attention alone; its quality is the long-context table below.",
         markdown_table(["case", "sequence", "batch", "density", "kept", "dense", "dense ms", "sparse ms", "speedup",
                         "of ideal", "peak GiB", "run"], table),
-        "Runs:\n\n" + _run_list(runs.values())])
+        "Runs:\n\n" + _run_list(attention["meta"].get("runs", []))])
 
 
 def files_section() -> str:
@@ -366,11 +377,8 @@ def long_context_line(recall: dict, attention: dict) -> Optional[str]:
     rows = [r for r in rows if cases and r["case"] == cases[0]]
     if not rows:
         return line + "; its speed not yet measured."
-    device = next((run.get("device") for run in attention["meta"].get("runs", []) if run["run"] == rows[0]["run"]),
-                  attention["meta"].get("device"))
-    dense = [fastest_dense(r)[1] for r in rows]
-    speed = [d / r["ms"] for d, r in zip(dense, rows)]
-    ideal = [d * r["kept_density"] / r["ms"] for d, r in zip(dense, rows)]
+    device = _run_device(attention, rows[0]["run"])
+    speed, ideal = zip(*map(_vs_fastest_dense, rows))
     seqs = [r["seq"] for r in rows]
     return line + (f"; its attention alone, forward and backward, ran {min(speed):.2f}-{max(speed):.2f}x the fastest "
                    f"dense attention at {min(seqs)}-{max(seqs)} tokens with {cases[0].split()[0]} heads ({device}), "

@@ -263,7 +263,7 @@ class LongExposureConfig:
     @property
     def sparse(self) -> bool:
         """Whether any MLP or attention density is below 1."""
-        return min(self.mlp_density, self.attn_density, *self.mlp_layer_densities) < 1.0
+        return self.sparse_mlp or self.attn_density < 1.0
 
     @property
     def sparse_mlp(self) -> bool:

@@ -69,11 +69,7 @@ def choose_layouts(mass: Tensor, allowed: Tensor, density: float) -> Tensor:
         count, gained = new.float(), torch.where(new, mass, 0.0)
         cost = torch.cat([count.sum(-2), _diagonal_sums(count, skewed_at)], -1)       # [B, H, P]
         gain = torch.cat([gained.sum(-2), _diagonal_sums(gained, skewed_at)], -1)
-        ratio = torch.where(cost > 0, gain / cost.clamp(min=1), -1.0)
-        order = ratio.argsort(dim=-1, descending=True)
-        spent = cost.gather(-1, order).cumsum(-1) + keep.flatten(2).sum(-1, keepdim=True)
-        chosen = (spent <= budget) & (ratio.gather(-1, order) >= 0)
-        picked = torch.zeros_like(chosen).scatter(-1, order, chosen)
+        picked = _pick(cost, gain, keep, budget)
         added = picked[..., None, :m] | picked[..., m:][..., diagonal_of]
         keep = keep | added & allowed
     return keep
@@ -99,13 +95,19 @@ def choose_layouts_ref(mass: Tensor, allowed: Tensor, density: float) -> Tensor:
         new = (allowed & ~keep).flatten(2)[:, :, None, :] & flat          # [B, H, P, n*m]
         cost = new.sum(-1, dtype=torch.float32)
         gain = torch.where(new, mass.flatten(2)[:, :, None, :], 0.0).sum(-1)
-        ratio = torch.where(cost > 0, gain / cost.clamp(min=1), -1.0)
-        order = ratio.argsort(dim=-1, descending=True)
-        spent = cost.gather(-1, order).cumsum(-1) + keep.flatten(2).sum(-1, keepdim=True)
-        chosen = (spent <= budget) & (ratio.gather(-1, order) >= 0)
-        picked = torch.zeros_like(chosen).scatter(-1, order, chosen)
+        picked = _pick(cost, gain, keep, budget)
         keep = keep | (picked[..., None] & flat).any(-2).reshape(B, H, n, m) & allowed
     return keep
+
+
+def _pick(cost: Tensor, gain: Tensor, keep: Tensor, budget: Tensor) -> Tensor:
+    """One greedy round: bool ``[B, H, P]``, the layouts taken in order of gain per new block while
+    the blocks kept so far (``keep [B, H, n, m]``) and theirs (``cost [B, H, P]``) fit ``budget``."""
+    ratio = torch.where(cost > 0, gain / cost.clamp(min=1), -1.0)
+    order = ratio.argsort(dim=-1, descending=True)
+    spent = cost.gather(-1, order).cumsum(-1) + keep.flatten(2).sum(-1, keepdim=True)
+    chosen = (spent <= budget) & (ratio.gather(-1, order) >= 0)
+    return torch.zeros_like(chosen).scatter(-1, order, chosen)
 
 
 def pooled_mass(q: Tensor, k: Tensor, allowed: Tensor, scale: float, block: int) -> Tensor:
