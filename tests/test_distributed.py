@@ -5,6 +5,7 @@ loss equals a single-process compiled step on that half, and the synchronized gr
 the mean of the two single-process gradients (no cross-rank state in the predictors or ops).
 """
 
+import faulthandler
 import logging
 import os
 import socket
@@ -39,31 +40,35 @@ def _worker(rank, port, wrapper, out_dir):
     log = open(os.path.join(out_dir, f"{rank}.log"), "w")
     os.dup2(log.fileno(), 1)
     os.dup2(log.fileno(), 2)
+    # A rank stuck anywhere prints every thread's stack to its log and exits before the test stops
+    # waiting: the failure says where it was stuck.
+    faulthandler.dump_traceback_later(2 * RANK_TIMEOUT - 30, exit=True)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     # One thread and no compile workers per rank: two ranks share a small CI machine's cores.
     torch.set_num_threads(1)
     torch._inductor.config.compile_threads = 1
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=RANK_TIMEOUT))
-    try:
-        model = tiny_model("llama", "lora")
-        if wrapper == "ddp":
-            from torch.nn.parallel import DistributedDataParallel
-            wrapped = DistributedDataParallel(model)
-        else:
-            from torch.distributed.fsdp import fully_shard
-            for layer in model.base_model.model.model.layers:
-                fully_shard(layer)
-            wrapped = fully_shard(model)
-        backend = lecompile.longexposure(LongExposureConfig.create(**CONFIG))
-        loss = torch.compile(wrapped, backend=backend)(**rank_batch(rank)).loss
-        loss.backward()
-        grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach().clone()
-                 for n, p in model.named_parameters() if p.grad is not None}
-        report = backend.report
-        torch.save((loss.item(), report.mlp_rewritten, str(report).splitlines()[0], grads),
-                   os.path.join(out_dir, f"{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    model = tiny_model("llama", "lora")
+    if wrapper == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+        wrapped = DistributedDataParallel(model)
+    else:
+        from torch.distributed.fsdp import fully_shard
+        for layer in model.base_model.model.model.layers:
+            fully_shard(layer)
+        wrapped = fully_shard(model)
+    backend = lecompile.longexposure(LongExposureConfig.create(**CONFIG))
+    loss = torch.compile(wrapped, backend=backend)(**rank_batch(rank)).loss
+    loss.backward()
+    grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach().clone()
+             for n, p in model.named_parameters() if p.grad is not None}
+    report = backend.report
+    torch.save((loss.item(), report.mlp_rewritten, str(report).splitlines()[0], grads),
+               os.path.join(out_dir, f"{rank}.pt"))
+    # The ranks tear down together (a rank that leaves while the other still works can hang it),
+    # and only after success: destroying a group that another rank still uses can deadlock.
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def _tail(path, chars=3000) -> str:
