@@ -97,6 +97,19 @@ def test_allowed_blocks_of_causal_and_padding_masks():
     assert torch.equal(any_a, any_m) and torch.equal(all_a, all_m)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("q_len,kv_len,block", [(64, 64, 16), (32, 96, 16), (128, 128, 32), (16, 64, 8)])
+def test_allowed_blocks_without_masks_match_the_token_mask(causal, q_len, kv_len, block):
+    """Causal-only scores get their blocks from the block corners: the same as reducing the token mask."""
+    tokens = torch.ones(q_len, kv_len, dtype=torch.bool)
+    if causal:
+        tokens = tokens.tril(kv_len - q_len)
+    tiles = tokens.reshape(q_len // block, block, kv_len // block, block)
+    any_b, all_b = allowed_blocks(["mul"], [0.25], causal, q_len, kv_len, block, "cpu")
+    assert torch.equal(any_b[0, 0], tiles.any(-1).any(-2)) and torch.equal(all_b[0, 0], tiles.all(-1).all(-2))
+    assert any_b.shape == all_b.shape == (1, 1, q_len // block, kv_len // block)
+
+
 def masked_dense(q, k, v, keep, mask, scale):
     """The reference spelled out: SDPA with the token mask of ``keep`` and ``mask`` combined."""
     tokens = keep.repeat_interleave(BLOCK, -2).repeat_interleave(BLOCK, -1) & mask

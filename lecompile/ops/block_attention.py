@@ -78,18 +78,35 @@ def allowed_blocks(steps: Sequence[str], operands: Sequence[Operand], causal: bo
     (``B'``, ``H'`` are 1 where no mask has those dims). A position is allowed when it is causal
     (if ``causal``), every ``mask`` step is True there and every ``add`` step is above
     ``finfo.min / 2`` (transformers' additive masks use ``finfo.min``), counting only the steps
-    after the last ``tanh``."""
+    after the last ``tanh``. Without such masks the blocks come from their corners: the graph
+    computes ``n m`` values per step, not the ``L S`` of a token mask (a GiB at 32k tokens)."""
+    start = _last_tanh(steps) + 1
+    masks = [x for kind, x in zip(steps[start:], operands[start:])
+             if kind == "mask" or (kind == "add" and x.is_floating_point() and x.dim() >= 2)]
+    if not masks:
+        return _causal_blocks(causal, q_len, kv_len, block, device)
     allowed = torch.ones(1, 1, q_len, kv_len, dtype=torch.bool, device=device)
     if causal:
         allowed = allowed.tril(kv_len - q_len)
-    start = _last_tanh(steps) + 1
-    for kind, x in zip(steps[start:], operands[start:]):
-        if kind == "mask":
-            allowed = allowed & x
-        elif kind == "add" and x.is_floating_point() and x.dim() >= 2:
-            allowed = allowed & (x > torch.finfo(x.dtype).min / 2)
+    for x in masks:
+        allowed = allowed & (x if x.dtype == torch.bool else x > torch.finfo(x.dtype).min / 2)
     tiles = allowed.reshape(*allowed.shape[:2], q_len // block, block, kv_len // block, block)
     return tiles.any(-1).any(-2), tiles.all(-1).all(-2)
+
+
+def _causal_blocks(causal: bool, q_len: int, kv_len: int, block: int, device) -> Tuple[Tensor, Tensor]:
+    """``(any, all)`` of the causal mask per block (query ``i`` sees key ``j <= i + kv_len - q_len``):
+    a block has an allowed position if its last query sees its first key, and all allowed if its
+    first query sees its last key. Without ``causal`` every block is full."""
+    n, m = q_len // block, kv_len // block
+    if not causal:
+        full = torch.ones(1, 1, n, m, dtype=torch.bool, device=device)
+        return full, full
+    first_query = torch.arange(n, device=device)[:, None] * block + (kv_len - q_len)
+    first_key = torch.arange(m, device=device)[None, :] * block
+    any_b = first_query + block - 1 >= first_key
+    all_b = first_query >= first_key + block - 1
+    return any_b[None, None], all_b[None, None]
 
 
 def block_attention_ref(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, steps: Sequence[str],
