@@ -63,7 +63,7 @@ def _merge_quality(results: dict, new: dict, rows: list, run: int) -> None:
 
 #: Benchmarks whose ``plot(rows, path)`` draws their results file, by the module that has it.
 PLOTS = {"compile_time": "benchmarks.compile_time", "sparse_mlp": "benchmarks.bench_sparse_mlp",
-         "step_breakdown": "benchmarks.step_breakdown"}
+         "sparse_attention": "benchmarks.bench_sparse_attention", "step_breakdown": "benchmarks.step_breakdown"}
 
 
 def plot(results: dict, path: Path) -> None:
