@@ -15,7 +15,8 @@ With ``--max-autotune`` the ``lecompile`` rows compile under Inductor's ``max_au
 times FlexAttention's kernel configs instead of taking the GPU's default one (``autotuned`` in
 the rows; Inductor prints the configs' times on stderr). ``--flex-option KEY=VALUE`` adds
 FlexAttention kernel options (``USE_TMA=true``, ``fwd_num_warps=8``, ...) to the ones the
-backend passes (``flex_options`` in the rows).
+backend passes (``flex_options`` in the rows); ``BACKEND=FLASH`` runs FlexAttention on
+FlashAttention 4's CuTe kernels instead of its Triton ones, where ``flash_attn.cute`` is installed.
 
 A second set of ratios (``*_vs_inductor_dense``) takes the density-1.0 ``lecompile`` row, the
 SDPA as Inductor compiles it, as the baseline.
@@ -101,11 +102,22 @@ def time_passes(fn, inputs):
     return out
 
 
+#: FlexAttention's implementations (kernel option ``BACKEND``); ``FLASH`` needs ``flash_attn.cute``
+#: (FlashAttention 4's CuTe kernels, package ``flash-attn-4``), block-sparse on Hopper and newer.
+FLEX_BACKENDS = ("AUTO", "TRITON", "FLASH", "TRITON_DECODE")
+
+
 def parse_flex_options(items) -> dict:
-    """``["USE_TMA=true", "fwd_num_warps=8"]`` as FlexAttention kernel options (bools and ints)."""
+    """``["USE_TMA=true", "fwd_num_warps=8", "BACKEND=FLASH"]`` as FlexAttention kernel options
+    (bools, ints, and the implementation by name)."""
     options = {}
     for item in items:
         key, sep, raw = item.partition("=")
+        if key == "BACKEND" and sep:
+            if raw not in FLEX_BACKENDS:
+                raise ValueError(f"--flex-option {item!r}: BACKEND must be one of {FLEX_BACKENDS}")
+            options[key] = raw
+            continue
         if not sep or not key or not (raw.lower() in ("true", "false") or raw.lstrip("-").isdigit()):
             raise ValueError(f"--flex-option {item!r} is not KEY=VALUE with VALUE true, false or an integer")
         options[key] = raw.lower() == "true" if raw.lower() in ("true", "false") else int(raw)
@@ -218,7 +230,7 @@ def main(argv=None):
     parser.add_argument("--densities", nargs="+", type=float, default=list(DENSITIES))
     parser.add_argument("--block", type=int, default=128)
     parser.add_argument("--flex-option", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="FlexAttention kernel options added to the backend's, e.g. USE_TMA=true")
+                        help="FlexAttention kernel options added to the backend's, e.g. USE_TMA=true or BACKEND=FLASH")
     parser.add_argument("--max-autotune", action="store_true",
                         help="compile the lecompile rows under Inductor's max_autotune (FlexAttention configs timed)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
