@@ -20,6 +20,7 @@ ENV_PREFIX = "LECOMPILE_"
 OTHER_ENV = ("LECOMPILE_CACHE",)
 
 ATTN_PREDICTORS = ("pooled", "oracle")
+ATTN_KERNELS = ("triton", "flash")
 GRANULARITIES = ("sequence", "tile", "batch")
 
 
@@ -32,6 +33,10 @@ class Tuning:
     attn_block: int = 128
     #: ``"pooled"`` (block-mean queries against block-mean keys) or ``"oracle"`` (exact mass).
     attn_predictor: str = "pooled"
+    #: Block-sparse attention's kernels on the GPU: FlexAttention's ``"triton"`` ones, or
+    #: ``"flash"``, FlexAttention on FlashAttention 4's CuTe kernels (needs ``flash_attn.cute``,
+    #: package ``flash-attn-4``; Hopper or newer).
+    attn_kernel: str = "triton"
     #: Tokens per tile when ``granularity="tile"``: a positive multiple of 16.
     tile_size: int = 128
     #: Rank of the SVD and learned predictors' estimate, at least 1.
@@ -72,6 +77,7 @@ class Tuning:
 
     def __post_init__(self) -> None:
         _check_choice("attn_predictor", self.attn_predictor, ATTN_PREDICTORS)
+        _check_choice("attn_kernel", self.attn_kernel, ATTN_KERNELS)
         _check_int("attn_block", self.attn_block, "a positive multiple of 16", lambda v: v > 0 and v % 16 == 0)
         _check_int("tile_size", self.tile_size, "a positive multiple of 16", lambda v: v > 0 and v % 16 == 0)
         _check_int("svd_rank", self.svd_rank, "an integer >= 1", lambda v: v >= 1)

@@ -417,6 +417,23 @@ def test_blocks_inductors_flex_backward_cannot_tile_leave_attention_dense(monkey
     assert all(e.rewritten for e in lecompile.explain(model, **inputs, config=config).attention)
 
 
+def test_flash_kernels_are_asked_for_by_name_and_their_absence_is_reported(monkeypatch):
+    from lecompile.ops import block_attention
+    from lecompile.passes import rewrite_attention
+    assert block_attention.flex_options(128, "flash") == {"BACKEND": "FLASH"}
+    assert block_attention.flex_options(64, "triton") == block_attention.kernel_options(64)
+    with pytest.raises(ValueError, match="attn_kernel"):
+        LongExposureConfig.create(attn_kernel="cute")
+    model, inputs = tiny_model("llama", "lora"), attention_batch(padded=False)
+    config = LongExposureConfig.create(mlp_density=1.0, attn_density=0.5, attn_block=16, attn_kernel="flash")
+    monkeypatch.setattr(rewrite_attention, "flash_available", lambda: False)
+    report = lecompile.explain(model, **inputs, config=config)
+    assert report.attention and all(not e.rewritten and "attn_kernel='flash' needs FlashAttention 4's CuTe kernels"
+                                    in e.note for e in report.attention), str(report)
+    monkeypatch.setattr(rewrite_attention, "flash_available", lambda: True)  # the CPU runs the reference
+    assert all(e.rewritten for e in lecompile.explain(model, **inputs, config=config).attention)
+
+
 class ALiBiAttention(torch.nn.Module):
     """BLOOM's shape of attention: the bias enters inside the product (``baddbmm``)."""
 

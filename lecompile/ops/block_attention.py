@@ -27,6 +27,7 @@ higher-order op reaches Inductor.
 
 from __future__ import annotations
 
+import importlib.util
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -173,6 +174,20 @@ def flex_backward_tiles(q: Tensor) -> Optional[List[Tuple[int, int, int, int]]]:
     return [(c.block_m1, c.block_n1, c.block_m2, c.block_n2) for c in configs]
 
 
+def flash_available() -> bool:
+    """Whether FlashAttention 4's CuTe kernels (``flash_attn.cute``) are installed: FlexAttention's
+    ``BACKEND="FLASH"`` runs on them."""
+    try:
+        return importlib.util.find_spec("flash_attn.cute") is not None
+    except ImportError:  # a flash_attn without the cute subpackage
+        return False
+
+
+def flex_options(block: int, kernel: str) -> dict:
+    """FlexAttention's kernel options for ``block`` on ``kernel`` (``"triton"`` or ``"flash"``)."""
+    return {"BACKEND": "FLASH"} if kernel == "flash" else kernel_options(block)
+
+
 def kernel_options(block: int) -> dict:
     """FlexAttention kernel tiles that divide ``block`` (its defaults assume blocks of 128)."""
     if block >= 128:
@@ -185,9 +200,10 @@ def kernel_options(block: int) -> dict:
 
 def block_attention_flex(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, full: Tensor,
                          steps: Sequence[str], operands: Sequence[Operand], causal: bool, block: int,
-                         enable_gqa: bool = False) -> Tensor:
+                         enable_gqa: bool = False, kernel: str = "triton") -> Tensor:
     """FlexAttention over the blocks in ``keep``; ``full`` marks kept blocks whose positions are
-    all allowed (no mask evaluation there). Same semantics as :func:`block_attention_ref`."""
+    all allowed (no mask evaluation there). Same semantics as :func:`block_attention_ref`.
+    ``kernel``: FlexAttention's Triton kernels or, ``"flash"``, FlashAttention 4's."""
     check_steps(steps, operands)
     B, H, q_len, _ = q.shape
     kv_len = k.shape[-2]
@@ -236,7 +252,7 @@ def block_attention_flex(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, full: Te
     mask = BlockMask.from_kv_blocks(
         num, idx, full_num, full_idx, BLOCK_SIZE=block, seq_lengths=(q_len, kv_len),
         mask_mod=(lambda b, h, qi, ki: mask_mod(b, h, qi, ki, *buffers)) if dynamo else mask_mod)
-    options = kernel_options(block)
+    options = flex_options(block, kernel)
     if dynamo:
         return flex_attention(q, k, v, lambda s, b, h, qi, ki: score_mod(s, b, h, qi, ki, *score_tensors),
                               mask, scale=float(scale), enable_gqa=q.shape[1] != k.shape[1],
@@ -263,10 +279,11 @@ def _at(x: Tensor, b, h, qi, ki):
 
 
 def block_attention(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, full: Tensor, steps: List[str],
-                    operands: List[Operand], causal: bool, block: int, enable_gqa: bool = False) -> Tensor:
-    """Block-sparse attention: FlexAttention on CUDA, the dense reference elsewhere (FlexAttention's
-    CPU kernels do not train). See the module docstring for the arguments."""
+                    operands: List[Operand], causal: bool, block: int, enable_gqa: bool = False,
+                    kernel: str = "triton") -> Tensor:
+    """Block-sparse attention: FlexAttention on CUDA (on ``kernel``'s kernels), the dense reference
+    elsewhere (FlexAttention's CPU kernels do not train). See the module docstring for the arguments."""
     if q.device.type == "cuda":
-        return block_attention_flex(q, k, v, keep, full, steps, operands, causal, block, enable_gqa)
+        return block_attention_flex(q, k, v, keep, full, steps, operands, causal, block, enable_gqa, kernel)
     return block_attention_ref(q, k, v, keep, steps, operands, causal, block, enable_gqa)
 

@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 from torch._dynamo.utils import counters
 
-from ..ops.block_attention import allowed_blocks, block_attention, flex_backward_tiles
+from ..ops.block_attention import allowed_blocks, block_attention, flash_available, flex_backward_tiles
 from ..predictors.attention import predict_blocks
 from ..report import AttentionEntry
 from .graph import meta_value, recompile, replace_uses, static_shape
@@ -65,8 +65,11 @@ def _why_dense(att: AttentionMatch, ctx) -> str:
         return f"sequence lengths {q[-2]} / {k[-2]} are not multiples of attn_block={block}: dense"
     if q[-2] > k[-2]:
         return f"more queries ({q[-2]}) than keys ({k[-2]}): dense"
+    if cfg.tuning.attn_kernel == "flash" and not flash_available():
+        return ("attn_kernel='flash' needs FlashAttention 4's CuTe kernels (flash_attn.cute, package "
+                "flash-attn-4), which are not installed: dense")
     tiles = flex_backward_tiles(meta_value(att.q))
-    if tiles and not any(all(block % t == 0 for t in tile) for tile in tiles):
+    if cfg.tuning.attn_kernel == "triton" and tiles and not any(all(block % t == 0 for t in tile) for tile in tiles):
         need = max(math.lcm(*tile) for tile in tiles)
         return (f"Inductor's FlexAttention backward on this GPU (head dim {q[-1]}) only has tiles {tiles}, which "
                 f"attn_block={block} is not a multiple of (use attn_block={need}): dense")
@@ -89,7 +92,8 @@ def _rewrite(ctx, att: AttentionMatch, allowed) -> None:
             att.q, att.k, any_block, steps, operands, att.causal, cfg.tuning.attn_block, cfg.attn_density,
             cfg.tuning.attn_predictor))
         out = graph.call_function(block_attention, (att.q, att.k, att.v, keep, all_block, steps, operands,
-                                                    att.causal, cfg.tuning.attn_block, att.enable_gqa))
+                                                    att.causal, cfg.tuning.attn_block, att.enable_gqa,
+                                                    cfg.tuning.attn_kernel))
         out_dtype = meta_value(att.out).dtype
         if out_dtype != meta_value(att.v).dtype:
             out = graph.call_function(torch.ops.aten._to_copy.default, (out,), {"dtype": out_dtype})
