@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 import lecompile
 from benchmarks.common import command_line, meta, write_results
+from benchmarks.results_page import attention_latest
 from lecompile import LongExposureConfig
 from lecompile.ops import block_attention
 from lecompile.ops.block_attention import allowed_blocks
@@ -185,25 +186,12 @@ def add_inductor_dense_ratios(rows):
     return rows
 
 
-def latest_timed(rows):
-    """The plotted rows: forward+backward at the backend's own kernel options, of the latest run
-    that measured each (case, density, sequence length)."""
-    latest = {}
-    for r in rows:
-        if r.get("pass") == "fwd+bwd" and r["variant"] == "lecompile" and "ms" in r \
-                and not r.get("autotuned") and not r.get("flex_options"):
-            key = (r["case"], r["density"], r["seq"])
-            if r.get("run", 0) >= latest.get(key, {}).get("run", 0):
-                latest[key] = r
-    return list(latest.values())
-
-
 def plot(rows, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = latest_timed(rows)
+    rows = attention_latest({"rows": rows})  # a results file holds several runs: the latest of each point
     names = sorted({r["case"] for r in rows})
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
     for ax, name in zip(axes[0], names):

@@ -47,7 +47,7 @@ def e2e_latest(e2e: dict) -> Dict[str, Dict[str, List[dict]]]:
         if "ms" not in row or any(flag in run["command"] for flag in EXPERIMENT_FLAGS):
             continue
         key = (run.get("device") or "device not recorded", row["case"], row["variant"])
-        if key not in latest or row["run"] > latest[key]["run"]:
+        if key not in latest or row.get("run", 0) > latest[key].get("run", 0):  # a new file's rows have no run
             latest[key] = row
     out: Dict[str, Dict[str, List[dict]]] = {}
     for (device, case, _), row in sorted(latest.items(), key=lambda kv: kv[1]["run"]):
@@ -219,7 +219,7 @@ def attention_latest(attention: dict, min_seq: int = 0) -> List[dict]:
                 or row["seq"] < min_seq):
             continue
         key = (row["case"], row["seq"], row["density"])
-        if key not in latest or row["run"] > latest[key]["run"]:
+        if key not in latest or row.get("run", 0) > latest[key].get("run", 0):  # a new file's rows have no run
             latest[key] = row
     return [latest[k] for k in sorted(latest)]
 

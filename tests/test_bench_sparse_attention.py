@@ -1,4 +1,4 @@
-"""The attention benchmark's CPU-side parts: its FlexAttention option override, its plotted rows."""
+"""The attention benchmark's CPU-side parts: its FlexAttention option override."""
 
 import pytest
 
@@ -24,12 +24,3 @@ def test_extra_flex_options_reach_the_backend_s_calls_and_go_away_after():
     with bench.extra_flex_options({"USE_TMA": True, "fwd_BLOCK_M": 32}):
         assert block_attention.kernel_options(64) == {**own, "USE_TMA": True, "fwd_BLOCK_M": 32}
     assert block_attention.kernel_options(64) == own
-
-
-def test_the_plot_shows_each_point_of_the_latest_run_that_timed_it():
-    row = dict(case="llama-3-8b attention", density=0.5, seq=8192, variant="lecompile", ms=1.0)
-    rows = [{**row, "run": 3, "pass": "fwd+bwd"}, {**row, "run": 5, "pass": "fwd+bwd"},
-            {**row, "run": 5, "pass": "fwd"}, {**row, "run": 6, "pass": "fwd+bwd", "autotuned": True},
-            {**row, "run": 4, "pass": "fwd+bwd", "seq": 16384}, {**row, "run": 7, "pass": "fwd+bwd", "error": "x"}]
-    rows[-1].pop("ms")
-    assert sorted((r["seq"], r["run"]) for r in bench.latest_timed(rows)) == [(8192, 5), (16384, 4)]
