@@ -17,6 +17,9 @@ the rows; Inductor prints the configs' times on stderr). ``--flex-option KEY=VAL
 FlexAttention kernel options (``USE_TMA=true``, ``fwd_num_warps=8``, ...) to the ones the
 backend passes (``flex_options`` in the rows); ``BACKEND=FLASH`` runs FlexAttention on
 FlashAttention 4's CuTe kernels instead of its Triton ones, where ``flash_attn.cute`` is installed.
+``--layout band`` keeps a causal band of the same density instead of the predictor's layouts
+(``layout`` in the rows): every key block then carries the same work, where a kept column (the
+sink, always kept) is walked by every query block below it.
 
 A second set of ratios (``*_vs_inductor_dense``) takes the density-1.0 ``lecompile`` row, the
 SDPA as Inductor compiles it, as the baseline.
@@ -42,6 +45,7 @@ from benchmarks.results_page import attention_latest
 from lecompile import LongExposureConfig
 from lecompile.ops import block_attention
 from lecompile.ops.block_attention import allowed_blocks
+from lecompile.passes import rewrite_attention
 from lecompile.predictors.attention import predict_blocks
 
 #: (query heads, key/value heads, head dim)
@@ -103,6 +107,8 @@ def time_passes(fn, inputs):
     return out
 
 
+#: What the ``lecompile`` rows keep: the predictor's layouts, or a causal band (:func:`band_blocks`).
+LAYOUTS = ("predicted", "band")
 #: FlexAttention's implementations (kernel option ``BACKEND``); ``FLASH`` needs ``flash_attn.cute``
 #: (FlashAttention 4's CuTe kernels, package ``flash-attn-4``), block-sparse on Hopper and newer.
 FLEX_BACKENDS = ("AUTO", "TRITON", "FLASH", "TRITON_DECODE")
@@ -136,7 +142,37 @@ def extra_flex_options(options: dict):
         block_attention.kernel_options = own
 
 
-def bench_seq(name, seq, densities, block, max_autotune=False, flex_options=None):
+def band_width(n: int, density: float) -> int:
+    """The narrowest causal band (query block ``i`` reads key blocks ``i - w + 1 .. i``) over ``n``
+    blocks that keeps ``density`` of the causal blocks: ``w n - w (w - 1) / 2 >= density n (n + 1) / 2``."""
+    return next(w for w in range(1, n + 1) if w * n - w * (w - 1) // 2 >= density * n * (n + 1) / 2)
+
+
+def band_blocks(allowed: torch.Tensor, density: float) -> torch.Tensor:
+    """The causal band of :func:`band_width` within ``allowed [..., n, n]``: every key block but
+    the first ``w - 1`` is read by ``w`` query blocks, so no kernel program walks a whole column."""
+    n = allowed.shape[-1]
+    rows, cols = torch.arange(n, device=allowed.device)[:, None], torch.arange(n, device=allowed.device)[None, :]
+    return allowed & (rows - cols >= 0) & (rows - cols < band_width(n, density))
+
+
+@contextlib.contextmanager
+def band_layout():
+    """The backend's rewrite keeps :func:`band_blocks` instead of the predictor's layouts: a probe of
+    the sparse kernels' speed when every key block carries the same work."""
+    own = rewrite_attention.predict_blocks
+
+    def band(q, k, allowed, steps, operands, causal, block, density, method):
+        return band_blocks(allowed, density).expand(q.shape[0], q.shape[1], -1, -1)
+
+    rewrite_attention.predict_blocks = band
+    try:
+        yield
+    finally:
+        rewrite_attention.predict_blocks = own
+
+
+def bench_seq(name, seq, densities, block, max_autotune=False, flex_options=None, layout="predicted"):
     """Rows of every density for one shape and sequence length."""
     heads, kv_heads, head_dim = SHAPES[name]
     batch = max(1, TOKENS // seq)
@@ -149,16 +185,21 @@ def bench_seq(name, seq, densities, block, max_autotune=False, flex_options=None
     dense = fastest_dense(q, k, v)
     rows = []
     for density in densities:
-        keep = predict_blocks(q, k, any_b, steps, operands, True, block, density, "pooled")
+        if layout == "band":
+            keep = band_blocks(any_b, density)
+        else:
+            keep = predict_blocks(q, k, any_b, steps, operands, True, block, density, "pooled")
         kept = (keep.sum((-1, -2)).float() / any_b.sum()).mean().item() if density < 1.0 else 1.0
         case = dict(case=f"{name} attention", batch=batch, seq=seq, heads=heads, kv_heads=kv_heads,
                     head_dim=head_dim, block=block, dtype="bfloat16", density=density, kept_density=kept,
-                    autotuned=max_autotune, **({"flex_options": flex_options} if flex_options else {}))
+                    autotuned=max_autotune, **({"flex_options": flex_options} if flex_options else {}),
+                    **({"layout": layout} if layout != "predicted" else {}))
         config = LongExposureConfig.create(mlp_density=1.0, attn_density=density, attn_block=block)
         backend = lecompile.longexposure(config)
         torch._dynamo.reset()
         try:
-            with torch._inductor.config.patch(max_autotune=max_autotune), extra_flex_options(flex_options or {}):
+            with torch._inductor.config.patch(max_autotune=max_autotune), extra_flex_options(flex_options or {}), \
+                    (band_layout() if layout == "band" else contextlib.nullcontext()):
                 timed = time_passes(torch.compile(causal_sdpa, backend=backend, fullgraph=True), (q, k, v))
         except Exception as e:  # noqa: BLE001 - recorded in the results, per BENCHMARKS.md
             rows.append({**case, "variant": "lecompile", "error": f"{type(e).__name__}: {e}"[:300]})
@@ -221,6 +262,9 @@ def main(argv=None):
                         help="FlexAttention kernel options added to the backend's, e.g. USE_TMA=true or BACKEND=FLASH")
     parser.add_argument("--max-autotune", action="store_true",
                         help="compile the lecompile rows under Inductor's max_autotune (FlexAttention configs timed)")
+    parser.add_argument("--layout", choices=LAYOUTS, default="predicted",
+                        help="band: keep a causal band of the same density instead of the predictor's layouts "
+                             "(a probe of the kernels' speed when every key block has the same work)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
     flex_options = parse_flex_options(args.flex_option)
@@ -228,7 +272,7 @@ def main(argv=None):
         raise SystemExit("bench_sparse_attention needs a CUDA GPU")
     rows = []
     for n, s in tqdm([(n, s) for n in args.shapes for s in args.seqs], desc="attention"):
-        rows += bench_seq(n, s, args.densities, args.block, args.max_autotune, flex_options)
+        rows += bench_seq(n, s, args.densities, args.block, args.max_autotune, flex_options, args.layout)
         write_results("sparse_attention", {"meta": meta("sparse_attention", command_line(), tokens_per_case=TOKENS),
                                            "rows": rows}, args.out)
     data = {"meta": meta("sparse_attention", command_line(), tokens_per_case=TOKENS), "rows": rows}

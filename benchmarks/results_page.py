@@ -212,11 +212,11 @@ def quality_section(accuracy: dict) -> str:
 def attention_latest(attention: dict, min_seq: int = 0) -> List[dict]:
     """The forward+backward rows of the newest run of each (case, sequence, density) of the
     block-sparse attention benchmark, at ``min_seq`` tokens or more, autotuned rows and rows with
-    extra FlexAttention options (experiments) left out."""
+    extra FlexAttention options or another layout than the predictor's (experiments) left out."""
     latest: Dict[tuple, dict] = {}
     for row in attention["rows"]:
-        if (row.get("pass") != "fwd+bwd" or row.get("autotuned") or row.get("flex_options") or "ms" not in row
-                or row["seq"] < min_seq):
+        if (row.get("pass") != "fwd+bwd" or row.get("autotuned") or row.get("flex_options") or row.get("layout")
+                or "ms" not in row or row["seq"] < min_seq):
             continue
         key = (row["case"], row["seq"], row["density"])
         if key not in latest or row.get("run", 0) > latest[key].get("run", 0):  # a new file's rows have no run

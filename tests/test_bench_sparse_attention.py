@@ -1,6 +1,7 @@
-"""The attention benchmark's CPU-side parts: its FlexAttention option override."""
+"""The attention benchmark's CPU-side parts: its FlexAttention option override, its band layout."""
 
 import pytest
+import torch
 
 from benchmarks import bench_sparse_attention as bench
 from lecompile.ops import block_attention
@@ -24,3 +25,32 @@ def test_extra_flex_options_reach_the_backend_s_calls_and_go_away_after():
     with bench.extra_flex_options({"USE_TMA": True, "fwd_BLOCK_M": 32}):
         assert block_attention.kernel_options(64) == {**own, "USE_TMA": True, "fwd_BLOCK_M": 32}
     assert block_attention.kernel_options(64) == own
+
+
+@pytest.mark.parametrize("n", [1, 7, 64, 256])
+@pytest.mark.parametrize("density", [0.1, 0.25, 0.5, 1.0])
+def test_the_band_is_the_narrowest_that_keeps_the_density(n, density):
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    band = bench.band_blocks(causal, density)
+    w = bench.band_width(n, density)
+    assert band.sum() >= density * causal.sum()
+    narrower = causal & (torch.arange(n)[:, None] - torch.arange(n)[None, :] < w - 1)
+    assert w == 1 or narrower.sum() < density * causal.sum()
+    assert band.diagonal().all() and not (band & ~causal).any()
+    assert band[:, 0].sum() == min(w, n), "the first key block is read by the band's w query blocks only"
+
+
+def test_the_band_replaces_the_predictor_in_the_backends_graph():
+    import lecompile
+    from lecompile import LongExposureConfig
+    from lecompile.ops.block_attention import allowed_blocks, block_attention_ref
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, h, 64, 16, requires_grad=True) for h in (4, 2, 2))  # training: rewritten
+    backend = lecompile.longexposure(LongExposureConfig.create(attn_density=0.25, attn_block=16))
+    torch._dynamo.reset()
+    with bench.band_layout():
+        out = torch.compile(bench.causal_sdpa, backend=backend, fullgraph=True)(q, k, v)
+    assert backend.report.attention_rewritten == 1
+    keep = bench.band_blocks(allowed_blocks(["mul"], [0.25], True, 64, 64, 16, "cpu")[0], 0.25).expand(1, 4, -1, -1)
+    torch.testing.assert_close(out, block_attention_ref(q, k, v, keep, ["mul"], [0.25], True, 16, enable_gqa=True))
+    assert not torch.allclose(out, bench.causal_sdpa(q, k, v), atol=1e-3), "the band had no effect: cannot fail"
