@@ -15,8 +15,9 @@ With ``--max-autotune`` the ``lecompile`` rows compile under Inductor's ``max_au
 times FlexAttention's kernel configs instead of taking the GPU's default one (``autotuned`` in
 the rows; Inductor prints the configs' times on stderr). ``--flex-option KEY=VALUE`` adds
 FlexAttention kernel options (``USE_TMA=true``, ``fwd_num_warps=8``, ...) to the ones the
-backend passes (``flex_options`` in the rows); ``BACKEND=FLASH`` runs FlexAttention on
-FlashAttention 4's CuTe kernels instead of its Triton ones, where ``flash_attn.cute`` is installed.
+backend passes (``flex_options`` in the rows). ``--set NAME=VALUE`` adds backend settings to the
+rows' configs (``settings`` in the rows), e.g. ``attn_kernel=flash`` (FlashAttention 4's kernels,
+where ``flash_attn.cute`` is installed) or ``attn_expand_kv=true``.
 ``--layout band`` keeps a causal band of the same density instead of the predictor's layouts
 (``layout`` in the rows): every key block then carries the same work, where a kept column (the
 sink, always kept) is walked by every query block below it.
@@ -109,22 +110,11 @@ def time_passes(fn, inputs):
 
 #: What the ``lecompile`` rows keep: the predictor's layouts, or a causal band (:func:`band_blocks`).
 LAYOUTS = ("predicted", "band")
-#: FlexAttention's implementations (kernel option ``BACKEND``); ``FLASH`` needs ``flash_attn.cute``
-#: (FlashAttention 4's CuTe kernels, package ``flash-attn-4``), block-sparse on Hopper and newer.
-FLEX_BACKENDS = ("AUTO", "TRITON", "FLASH", "TRITON_DECODE")
-
-
 def parse_flex_options(items) -> dict:
-    """``["USE_TMA=true", "fwd_num_warps=8", "BACKEND=FLASH"]`` as FlexAttention kernel options
-    (bools, ints, and the implementation by name)."""
+    """``["USE_TMA=true", "fwd_num_warps=8"]`` as FlexAttention kernel options (bools and ints)."""
     options = {}
     for item in items:
         key, sep, raw = item.partition("=")
-        if key == "BACKEND" and sep:
-            if raw not in FLEX_BACKENDS:
-                raise ValueError(f"--flex-option {item!r}: BACKEND must be one of {FLEX_BACKENDS}")
-            options[key] = raw
-            continue
         if not sep or not key or not (raw.lower() in ("true", "false") or raw.lstrip("-").isdigit()):
             raise ValueError(f"--flex-option {item!r} is not KEY=VALUE with VALUE true, false or an integer")
         options[key] = raw.lower() == "true" if raw.lower() in ("true", "false") else int(raw)
@@ -172,8 +162,10 @@ def band_layout():
         rewrite_attention.predict_blocks = own
 
 
-def bench_seq(name, seq, densities, block, max_autotune=False, flex_options=None, layout="predicted"):
-    """Rows of every density for one shape and sequence length."""
+def bench_seq(name, seq, densities, block, max_autotune=False, flex_options=None, layout="predicted",
+              settings=None):
+    """Rows of every density for one shape and sequence length; ``settings``: more of the backend's
+    (:meth:`LongExposureConfig.create`)."""
     heads, kv_heads, head_dim = SHAPES[name]
     batch = max(1, TOKENS // seq)
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -193,8 +185,9 @@ def bench_seq(name, seq, densities, block, max_autotune=False, flex_options=None
         case = dict(case=f"{name} attention", batch=batch, seq=seq, heads=heads, kv_heads=kv_heads,
                     head_dim=head_dim, block=block, dtype="bfloat16", density=density, kept_density=kept,
                     autotuned=max_autotune, **({"flex_options": flex_options} if flex_options else {}),
-                    **({"layout": layout} if layout != "predicted" else {}))
-        config = LongExposureConfig.create(mlp_density=1.0, attn_density=density, attn_block=block)
+                    **({"layout": layout} if layout != "predicted" else {}),
+                    **({"settings": settings} if settings else {}))
+        config = LongExposureConfig.create(mlp_density=1.0, attn_density=density, attn_block=block, **(settings or {}))
         backend = lecompile.longexposure(config)
         torch._dynamo.reset()
         try:
@@ -259,20 +252,24 @@ def main(argv=None):
     parser.add_argument("--densities", nargs="+", type=float, default=list(DENSITIES))
     parser.add_argument("--block", type=int, default=128)
     parser.add_argument("--flex-option", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="FlexAttention kernel options added to the backend's, e.g. USE_TMA=true or BACKEND=FLASH")
+                        help="FlexAttention kernel options added to the backend's, e.g. USE_TMA=true")
     parser.add_argument("--max-autotune", action="store_true",
                         help="compile the lecompile rows under Inductor's max_autotune (FlexAttention configs timed)")
     parser.add_argument("--layout", choices=LAYOUTS, default="predicted",
                         help="band: keep a causal band of the same density instead of the predictor's layouts "
                              "(a probe of the kernels' speed when every key block has the same work)")
+    parser.add_argument("--set", nargs="+", default=[], metavar="NAME=VALUE",
+                        help="backend settings for the lecompile rows, e.g. attn_kernel=flash attn_expand_kv=true")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
     flex_options = parse_flex_options(args.flex_option)
+    settings = LongExposureConfig.parse_settings(args.set)
+    LongExposureConfig.create(**settings)  # a bad value names itself here, before any GPU work
     if not torch.cuda.is_available():
         raise SystemExit("bench_sparse_attention needs a CUDA GPU")
     rows = []
     for n, s in tqdm([(n, s) for n in args.shapes for s in args.seqs], desc="attention"):
-        rows += bench_seq(n, s, args.densities, args.block, args.max_autotune, flex_options, args.layout)
+        rows += bench_seq(n, s, args.densities, args.block, args.max_autotune, flex_options, args.layout, settings)
         write_results("sparse_attention", {"meta": meta("sparse_attention", command_line(), tokens_per_case=TOKENS),
                                            "rows": rows}, args.out)
     data = {"meta": meta("sparse_attention", command_line(), tokens_per_case=TOKENS), "rows": rows}

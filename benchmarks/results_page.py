@@ -212,10 +212,11 @@ def quality_section(accuracy: dict) -> str:
 def attention_latest(attention: dict, min_seq: int = 0) -> List[dict]:
     """The forward+backward rows of the newest run of each (case, sequence, density) of the
     block-sparse attention benchmark, at ``min_seq`` tokens or more, autotuned rows and rows with
-    extra FlexAttention options or another layout than the predictor's (experiments) left out."""
+    extra FlexAttention options, backend settings or another layout than the predictor's
+    (experiments) left out."""
     latest: Dict[tuple, dict] = {}
     for row in attention["rows"]:
-        if (row.get("pass") != "fwd+bwd" or row.get("autotuned") or row.get("flex_options") or row.get("layout")
+        if (row.get("pass") != "fwd+bwd" or any(row.get(k) for k in ("autotuned", "flex_options", "layout", "settings"))
                 or "ms" not in row or row["seq"] < min_seq):
             continue
         key = (row["case"], row["seq"], row["density"])

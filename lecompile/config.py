@@ -37,6 +37,10 @@ class Tuning:
     #: ``"flash"``, FlexAttention on FlashAttention 4's CuTe kernels (needs ``flash_attn.cute``,
     #: package ``flash-attn-4``; Hopper or newer).
     attn_kernel: str = "triton"
+    #: Block-sparse attention with fewer key/value heads than query heads runs FlexAttention on
+    #: key/value heads repeated to the query heads: no key block's backward program walks every
+    #: query head of its group in turn, for a repeat and a sum of the key/value gradients.
+    attn_expand_kv: bool = False
     #: Tokens per tile when ``granularity="tile"``: a positive multiple of 16.
     tile_size: int = 128
     #: Rank of the SVD and learned predictors' estimate, at least 1.
@@ -87,7 +91,7 @@ class Tuning:
         for name in ("min_kept_mass", "loss_budget"):
             object.__setattr__(self, name, _as_float(getattr(self, name)))
             _check_share(name, getattr(self, name))
-        for name in ("share_lora_input", "lora_in_gemm", "recompute_pointwise"):
+        for name in ("attn_expand_kv", "share_lora_input", "lora_in_gemm", "recompute_pointwise"):
             _check_bool(name, getattr(self, name))
 
 

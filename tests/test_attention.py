@@ -200,6 +200,19 @@ def test_operator_under_users_torch_compile(masking):
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_key_value_heads_repeated_to_the_query_heads_give_the_same_attention():
+    """``attn_expand_kv``: the kernels see as many key/value heads as query heads, same result.
+    (Gradients: tests/test_cuda.py.)"""
+    q, k, v = (t.detach() for t in qkv(H=4, Hkv=2))
+    any_b, all_b = allowed_blocks(["mul"], [0.25], True, q.shape[-2], q.shape[-2], BLOCK, "cpu")
+    keep = predict_blocks(q, k, any_b, ["mul"], [0.25], True, BLOCK, 0.5, "pooled")
+    torch._dynamo.reset()
+    compiled = torch.compile(block_attention_flex, backend="eager", fullgraph=True)
+    out = compiled(q, k, v, keep, all_b, ["mul"], [0.25], True, BLOCK, enable_gqa=True, expand_kv=True)
+    expected = block_attention_ref(q, k, v, keep, ["mul"], [0.25], True, BLOCK, enable_gqa=True)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_traced_for_inductor_the_mask_reads_no_block_table():
     """Traced for Inductor (fake tensors, as in the backend's graph) mask_mod gets only the
     model's masks: the kernels skip unlisted blocks, and a per-element lookup of the kept-block

@@ -14,12 +14,6 @@ def test_flex_options_parse_as_bools_and_ints():
             bench.parse_flex_options([bad])
 
 
-def test_flex_options_name_the_implementation():
-    assert bench.parse_flex_options(["BACKEND=FLASH", "USE_TMA=false"]) == {"BACKEND": "FLASH", "USE_TMA": False}
-    with pytest.raises(ValueError, match=r"'BACKEND=CUTE': BACKEND must be one of \('AUTO', 'TRITON', 'FLASH'"):
-        bench.parse_flex_options(["BACKEND=CUTE"])
-
-
 def test_extra_flex_options_reach_the_backend_s_calls_and_go_away_after():
     own = block_attention.kernel_options(64)
     with bench.extra_flex_options({"USE_TMA": True, "fwd_BLOCK_M": 32}):

@@ -200,12 +200,14 @@ def test_block_sparse_attention_on_cuda_matches_reference_model(arch, impl, monk
         torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-3, rtol=1e-3, msg=name)
 
 
+@pytest.mark.parametrize("expand_kv", [False, True], ids=["gqa", "expanded"])
 @pytest.mark.parametrize("softcap", [False, True], ids=["plain", "softcap"])
 @pytest.mark.parametrize("block", [64, 128])
-def test_block_attention_under_users_torch_compile_trains(block, softcap):
+def test_block_attention_under_users_torch_compile_trains(block, softcap, expand_kv):
     """The operator inside a user's torch.compile (public flex_attention, Inductor's kernels):
     outputs and q/k/v gradients match the masked dense reference, with Gemma 2's soft-capping
-    (a ``tanh`` in FlexAttention's score_mod) too."""
+    (a ``tanh`` in FlexAttention's score_mod) too, and with key/value heads repeated to the query
+    heads (``attn_expand_kv``: the key/value gradients summed back over each group)."""
     from lecompile.ops.block_attention import allowed_blocks, block_attention_flex, block_attention_ref
     from lecompile.predictors.attention import predict_blocks
 
@@ -216,7 +218,7 @@ def test_block_attention_under_users_torch_compile_trains(block, softcap):
     keep = predict_blocks(q, k, any_b, steps, operands, True, block, 0.5, "pooled")
     torch._dynamo.reset()
     out = torch.compile(block_attention_flex, fullgraph=True)(q, k, v, keep, all_b, steps, operands, True, block,
-                                                               enable_gqa=True)
+                                                               enable_gqa=True, expand_kv=expand_kv)
     ref = block_attention_ref(q, k, v, keep, steps, operands, True, block, enable_gqa=True)
     torch.testing.assert_close(out, ref, atol=2e-3, rtol=2e-3)
     grad = torch.randn_like(out)

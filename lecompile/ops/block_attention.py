@@ -200,11 +200,14 @@ def kernel_options(block: int) -> dict:
 
 def block_attention_flex(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, full: Tensor,
                          steps: Sequence[str], operands: Sequence[Operand], causal: bool, block: int,
-                         enable_gqa: bool = False, kernel: str = "triton") -> Tensor:
+                         enable_gqa: bool = False, kernel: str = "triton", expand_kv: bool = False) -> Tensor:
     """FlexAttention over the blocks in ``keep``; ``full`` marks kept blocks whose positions are
     all allowed (no mask evaluation there). Same semantics as :func:`block_attention_ref`.
-    ``kernel``: FlexAttention's Triton kernels or, ``"flash"``, FlashAttention 4's."""
+    ``kernel``: FlexAttention's Triton kernels or, ``"flash"``, FlashAttention 4's; ``expand_kv``:
+    key/value heads repeated to the query heads first (the kernels see no GQA)."""
     check_steps(steps, operands)
+    if expand_kv and k.shape[1] != q.shape[1]:
+        k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
     B, H, q_len, _ = q.shape
     kv_len = k.shape[-2]
     keep = keep.expand(B, H, *keep.shape[-2:])
@@ -280,10 +283,12 @@ def _at(x: Tensor, b, h, qi, ki):
 
 def block_attention(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, full: Tensor, steps: List[str],
                     operands: List[Operand], causal: bool, block: int, enable_gqa: bool = False,
-                    kernel: str = "triton") -> Tensor:
-    """Block-sparse attention: FlexAttention on CUDA (on ``kernel``'s kernels), the dense reference
-    elsewhere (FlexAttention's CPU kernels do not train). See the module docstring for the arguments."""
+                    kernel: str = "triton", expand_kv: bool = False) -> Tensor:
+    """Block-sparse attention: FlexAttention on CUDA (see :func:`block_attention_flex` for ``kernel``
+    and ``expand_kv``), the dense reference elsewhere (FlexAttention's CPU kernels do not train).
+    See the module docstring for the other arguments."""
     if q.device.type == "cuda":
-        return block_attention_flex(q, k, v, keep, full, steps, operands, causal, block, enable_gqa, kernel)
+        return block_attention_flex(q, k, v, keep, full, steps, operands, causal, block, enable_gqa, kernel,
+                                    expand_kv)
     return block_attention_ref(q, k, v, keep, steps, operands, causal, block, enable_gqa)
 

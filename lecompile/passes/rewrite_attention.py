@@ -93,7 +93,7 @@ def _rewrite(ctx, att: AttentionMatch, allowed) -> None:
             cfg.tuning.attn_predictor))
         out = graph.call_function(block_attention, (att.q, att.k, att.v, keep, all_block, steps, operands,
                                                     att.causal, cfg.tuning.attn_block, att.enable_gqa,
-                                                    cfg.tuning.attn_kernel))
+                                                    cfg.tuning.attn_kernel, cfg.tuning.attn_expand_kv))
         out_dtype = meta_value(att.out).dtype
         if out_dtype != meta_value(att.v).dtype:
             out = graph.call_function(torch.ops.aten._to_copy.default, (out,), {"dtype": out_dtype})
