@@ -340,10 +340,14 @@ def quality_line(quality: dict, e2e: dict) -> str:
     """The default config's quality, and the sparsest sparse setting that passes (else the closest),
     from the quality harness, with where that setting was timed end to end (``e2e``)."""
     by = {s["setting"]: s for s in quality["summary"]}
-    default, meta = by["default"], quality["meta"]
+    default = by["default"]
     sparse = [s for s in by.values() if s["kept_mlp"] < 1.0]
+    # The devices the default's and dense LoRA's rows ran on: a later run may have replaced either.
+    devices = sorted({_run_device(quality, r.get("run")) for r in quality.get("rows", [])
+                      if r["setting"] in ("default", "dense")} - {None}) or [quality["meta"]["device"]]
     line = (f"Quality of the default config, fine-tuning SmolLM2-135M through the backend ({default['steps']} steps, "
-            f"{default['seeds']} seeds, {meta['device']}): held-out answer loss {100 * default['heldout_delta']:+.2f}% "
+            f"{default['seeds']} seeds, {' and '.join(devices)}): held-out answer loss "
+            f"{100 * default['heldout_delta']:+.2f}% "
             f"of dense LoRA's, seed by seed (spread ±{100 * default['heldout_delta_std']:.2f}%)")
     passing = [s for s in sparse if s["passes"]]
     if passing or sparse:

@@ -79,6 +79,12 @@ def test_quality_line_says_where_the_passing_setting_was_timed():
                for name, kept, delta in (("dense", 1.0, 0.0), ("default", 1.0, 0.0), ("a", 0.8, 0.008),
                                          ("b", 0.5, 0.3))]
     quality = {"meta": {"device": "NVIDIA H200"}, "summary": summary}
+    assert "(300 steps, 3 seeds, NVIDIA H200)" in results_page.quality_line(quality, {"meta": {"runs": []}, "rows": []})
+    quality.update(rows=[dict(setting="default", run=1), dict(setting="dense", run=2), dict(setting="a", run=3)])
+    quality["meta"]["runs"] = [dict(run=1, device="NVIDIA H200"), dict(run=2, device="NVIDIA H100"),
+                               dict(run=3, device="NVIDIA B200")]
+    assert "(300 steps, 3 seeds, NVIDIA H100 and NVIDIA H200)" in results_page.quality_line(
+        quality, {"meta": {"runs": []}, "rows": []}), "the devices of the default's and dense LoRA's rows"
 
     def run(number, device):
         return {"run": number, "device": device, "command": "python -m benchmarks.e2e"}
