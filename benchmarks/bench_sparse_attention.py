@@ -110,6 +110,8 @@ def time_passes(fn, inputs):
 
 #: What the ``lecompile`` rows keep: the predictor's layouts, or a causal band (:func:`band_blocks`).
 LAYOUTS = ("predicted", "band")
+
+
 def parse_flex_options(items) -> dict:
     """``["USE_TMA=true", "fwd_num_warps=8"]`` as FlexAttention kernel options (bools and ints)."""
     options = {}

@@ -47,7 +47,7 @@ def e2e_latest(e2e: dict) -> Dict[str, Dict[str, List[dict]]]:
         if "ms" not in row or any(flag in run["command"] for flag in EXPERIMENT_FLAGS):
             continue
         key = (run.get("device") or "device not recorded", row["case"], row["variant"])
-        if key not in latest or row.get("run", 0) > latest[key].get("run", 0):  # a new file's rows have no run
+        if key not in latest or row["run"] > latest[key]["run"]:
             latest[key] = row
     out: Dict[str, Dict[str, List[dict]]] = {}
     for (device, case, _), row in sorted(latest.items(), key=lambda kv: kv[1]["run"]):
