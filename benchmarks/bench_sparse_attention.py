@@ -20,7 +20,10 @@ rows' configs (``settings`` in the rows), e.g. ``attn_kernel=flash`` (FlashAtten
 where ``flash_attn.cute`` is installed) or ``attn_expand_kv=true``.
 ``--layout band`` keeps a causal band of the same density instead of the predictor's layouts
 (``layout`` in the rows): every key block then carries the same work, where a kept column (the
-sink, always kept) is walked by every query block below it.
+sink, always kept) is walked by every query block below it. ``--arms`` times several such
+configurations in one process, against one measurement of the dense baselines: each arm is
+``default`` or comma-separated ``NAME=VALUE`` settings, ``layout=band`` among them, e.g.
+``--arms default attn_expand_kv=true layout=band attn_kernel=flash``.
 
 A second set of ratios (``*_vs_inductor_dense``) takes the density-1.0 ``lecompile`` row, the
 SDPA as Inductor compiles it, as the baseline.
@@ -164,10 +167,22 @@ def band_layout():
         rewrite_attention.predict_blocks = own
 
 
-def bench_seq(name, seq, densities, block, max_autotune=False, flex_options=None, layout="predicted",
-              settings=None):
-    """Rows of every density for one shape and sequence length; ``settings``: more of the backend's
-    (:meth:`LongExposureConfig.create`)."""
+def parse_arm(text: str) -> tuple:
+    """``"default"`` or ``"NAME=VALUE,..."`` (backend settings, ``layout=...`` among them) as
+    ``(settings, layout)``; a bad name or value raises here, before any GPU work."""
+    items = [] if text == "default" else text.split(",")
+    layouts = [i.partition("=")[2] for i in items if i.startswith("layout=")]
+    if len(layouts) > 1 or any(layout not in LAYOUTS for layout in layouts):
+        raise ValueError(f"--arms {text!r}: at most one layout=..., one of {LAYOUTS}")
+    settings = LongExposureConfig.parse_settings([i for i in items if not i.startswith("layout=")])
+    LongExposureConfig.create(**settings)
+    return settings, (layouts[0] if layouts else "predicted")
+
+
+def bench_seq(name, seq, densities, block, max_autotune=False, flex_options=None, arms=(({}, "predicted"),)):
+    """Rows of every density for one shape and sequence length, per arm ``(settings, layout)``:
+    ``settings`` are more of the backend's (:meth:`LongExposureConfig.create`), ``layout`` one of
+    :data:`LAYOUTS`."""
     heads, kv_heads, head_dim = SHAPES[name]
     batch = max(1, TOKENS // seq)
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -178,7 +193,7 @@ def bench_seq(name, seq, densities, block, max_autotune=False, flex_options=None
     any_b, _ = allowed_blocks(steps, operands, True, seq, seq, block, "cuda")
     dense = fastest_dense(q, k, v)
     rows = []
-    for density in densities:
+    for (settings, layout), density in ((arm, d) for arm in arms for d in densities):
         if layout == "band":
             keep = band_blocks(any_b, density)
         else:
@@ -262,16 +277,21 @@ def main(argv=None):
                              "(a probe of the kernels' speed when every key block has the same work)")
     parser.add_argument("--set", nargs="+", default=[], metavar="NAME=VALUE",
                         help="backend settings for the lecompile rows, e.g. attn_kernel=flash attn_expand_kv=true")
+    parser.add_argument("--arms", nargs="+", default=None, metavar="ARM",
+                        help="several configurations in one process, one dense baseline: each 'default' or "
+                             "comma-separated NAME=VALUE settings, layout=band among them (replaces --set, --layout)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
     flex_options = parse_flex_options(args.flex_option)
-    settings = LongExposureConfig.parse_settings(args.set)
-    LongExposureConfig.create(**settings)  # a bad value names itself here, before any GPU work
+    if args.arms and (args.set or args.layout != "predicted"):
+        parser.error("--arms replaces --set and --layout: name those in the arms")
+    # a bad value names itself here, before any GPU work
+    arms = [parse_arm(a) for a in args.arms or [",".join([*args.set, f"layout={args.layout}"])]]
     if not torch.cuda.is_available():
         raise SystemExit("bench_sparse_attention needs a CUDA GPU")
     rows = []
     for n, s in tqdm([(n, s) for n in args.shapes for s in args.seqs], desc="attention"):
-        rows += bench_seq(n, s, args.densities, args.block, args.max_autotune, flex_options, args.layout, settings)
+        rows += bench_seq(n, s, args.densities, args.block, args.max_autotune, flex_options, arms)
         write_results("sparse_attention", {"meta": meta("sparse_attention", command_line(), tokens_per_case=TOKENS),
                                            "rows": rows}, args.out)
     data = {"meta": meta("sparse_attention", command_line(), tokens_per_case=TOKENS), "rows": rows}

@@ -1,4 +1,4 @@
-"""The attention benchmark's CPU-side parts: its FlexAttention option override, its band layout."""
+"""The attention benchmark's CPU-side parts: its FlexAttention option override, its band layout, its arms."""
 
 import pytest
 import torch
@@ -48,3 +48,19 @@ def test_the_band_replaces_the_predictor_in_the_backends_graph():
     keep = bench.band_blocks(allowed_blocks(["mul"], [0.25], True, 64, 64, 16, "cpu")[0], 0.25).expand(1, 4, -1, -1)
     torch.testing.assert_close(out, block_attention_ref(q, k, v, keep, ["mul"], [0.25], True, 16, enable_gqa=True))
     assert not torch.allclose(out, bench.causal_sdpa(q, k, v), atol=1e-3), "the band had no effect: cannot fail"
+
+
+def test_arms_parse_into_settings_and_a_layout():
+    assert bench.parse_arm("default") == ({}, "predicted")
+    assert bench.parse_arm("attn_expand_kv=true") == ({"attn_expand_kv": True}, "predicted")
+    assert bench.parse_arm("layout=band,attn_kernel=triton") == ({"attn_kernel": "triton"}, "band")
+
+
+@pytest.mark.parametrize("bad, match", [("layout=diagonal", "at most one layout"),
+                                        ("layout=band,layout=predicted", "at most one layout"),
+                                        ("attn_kernel=cuda", "attn_kernel")])
+def test_a_bad_arm_names_itself_before_any_gpu_work(bad, match):
+    with pytest.raises(ValueError, match=match):
+        bench.parse_arm(bad)
+    with pytest.raises(ValueError, match=match):  # before the GPU check, which exits on this machine
+        bench.main(["--arms", "default", bad])
