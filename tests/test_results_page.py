@@ -95,13 +95,21 @@ def test_quality_line_says_where_the_passing_setting_was_timed():
     e2e = {"meta": {"runs": [run(1, "NVIDIA H200"), run(2, "NVIDIA H100")]}, "rows": [
         row(1, "lecompile-a-cg", quality_setting="a", speedup_vs_strongest=0.8, schedule_speedup_vs_strongest=0.5),
         row(2, "lecompile-a", quality_setting="a", speedup_vs_strongest=0.6),  # no CUDA graphs: not the one
-        row(2, "lecompile-a-cg", quality_setting="a", speedup_vs_strongest=0.9, schedule_speedup_vs_strongest=0.4)]}
+        row(2, "lecompile-a-cg", quality_setting="a", speedup_vs_strongest=0.9, schedule_speedup_vs_strongest=0.4,
+            speedup_vs_d1=0.85)]}
     line = results_page.quality_line(quality, e2e)
     assert "the sparsest setting that keeps it: `a`, +0.8% at 0.80" in line
     assert line.endswith("; timed on opt-1.3b lora 8x512 (NVIDIA H100, CUDA graphs): 0.90x the strongest dense "
-                         "setup after its dense warm-up, 0.40x over its whole schedule.")
+                         "setup (0.85x lecompile at density 1.0) after its dense warm-up, 0.40x over its whole "
+                         "schedule.")
     assert results_page.quality_line(quality, {"meta": {"runs": []}, "rows": []}).endswith(
         "; its speed not yet measured.")
+    # As sparse and passing too, and faster end to end: the line names it instead.
+    quality["summary"].append({**quality["summary"][2], "setting": "c", "heldout_delta": 0.009})
+    e2e["rows"].append(row(2, "lecompile-c-cg", quality_setting="c", speedup_vs_strongest=1.03))
+    assert "keeps it: `c`, +0.9% at 0.80" in results_page.quality_line(quality, e2e)
+    assert "keeps it: `a`" in results_page.quality_line(quality, {"meta": {"runs": []}, "rows": []}), \
+        "untimed, the smaller held-out loss change decides"
 
 
 def test_a_quality_row_says_where_its_quality_falls_short_of_the_harness():
