@@ -179,6 +179,12 @@ def parse_arm(text: str) -> tuple:
     return settings, (layouts[0] if layouts else "predicted")
 
 
+def arm_points(arms, densities) -> list:
+    """``(arm, density)`` to time: every arm at every density below 1.0, and density 1.0 once, with
+    the first arm (it leaves attention to Inductor whatever the arm's settings)."""
+    return [(arm, d) for i, arm in enumerate(arms) for d in densities if d < 1.0 or i == 0]
+
+
 def bench_seq(name, seq, densities, block, max_autotune=False, flex_options=None, arms=(({}, "predicted"),)):
     """Rows of every density for one shape and sequence length, per arm ``(settings, layout)``:
     ``settings`` are more of the backend's (:meth:`LongExposureConfig.create`), ``layout`` one of
@@ -193,7 +199,7 @@ def bench_seq(name, seq, densities, block, max_autotune=False, flex_options=None
     any_b, _ = allowed_blocks(steps, operands, True, seq, seq, block, "cuda")
     dense = fastest_dense(q, k, v)
     rows = []
-    for (settings, layout), density in ((arm, d) for arm in arms for d in densities):
+    for (settings, layout), density in arm_points(arms, densities):
         if layout == "band":
             keep = band_blocks(any_b, density)
         else:

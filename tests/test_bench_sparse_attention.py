@@ -56,6 +56,11 @@ def test_arms_parse_into_settings_and_a_layout():
     assert bench.parse_arm("layout=band,attn_kernel=triton") == ({"attn_kernel": "triton"}, "band")
 
 
+def test_density_one_is_timed_once_whatever_the_arms():
+    default, expand = ({}, "predicted"), ({"attn_expand_kv": True}, "predicted")
+    assert bench.arm_points([default, expand], [1.0, 0.5]) == [(default, 1.0), (default, 0.5), (expand, 0.5)]
+
+
 @pytest.mark.parametrize("bad, match", [("layout=diagonal", "at most one layout"),
                                         ("layout=band,layout=predicted", "at most one layout"),
                                         ("attn_kernel=cuda", "attn_kernel")])
