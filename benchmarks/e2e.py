@@ -632,22 +632,38 @@ SHAPES = {"8x512": (8, 512), "4x1024": (4, 1024), "2x2048": (2, 2048),
           "1x4096": (1, 4096), "1x8192": (1, 8192), "1x16384": (1, 16384), "1x32768": (1, 32768)}
 
 
+#: Cases in the plot: the newest ones (docs/results.md tables every case).
+PLOTTED_CASES = 12
+
+
+def newest_cases(latest: Dict[tuple, dict], limit: int = PLOTTED_CASES) -> List[str]:
+    """The ``limit`` cases measured last (rows of a fresh run, without ``run``, count as newest), in
+    the order they were first measured."""
+    cases = list(dict.fromkeys(case for case, _ in latest))
+    newest = {case: max(r.get("run", math.inf) for (c, _), r in latest.items() if c == case) for case in cases}
+    kept = set(sorted(cases, key=lambda c: newest[c], reverse=True)[:limit])
+    return [case for case in cases if case in kept]
+
+
 def plot(rows: List[dict], path) -> None:
-    """Per case (latest run of each variant): the step speedup of eager PEFT, the SparseLoRA-style
-    baseline and every CUDA-graph variant over Inductor with PEFT's defaults, and the peak memory of
-    the variants without CUDA graphs (whose pools the allocator's peak does not count) over eager's."""
+    """Per case (latest run of each variant; the :data:`PLOTTED_CASES` newest cases): the step
+    speedup of eager PEFT, the SparseLoRA-style baseline and every CUDA-graph variant over Inductor
+    with PEFT's defaults, and the peak memory of the variants without CUDA graphs (whose pools the
+    allocator's peak does not count) over eager's."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     latest = {(r["case"], r["variant"]): r for r in rows if "ms" in r}  # rows come in run order
-    cases = list(dict.fromkeys(case for case, _ in latest))
+    cases = newest_cases(latest)
+    latest = {(c, v): r for (c, v), r in latest.items() if c in cases}
     panels = [
         ("speedup", lambda v: v == "eager" or v.startswith("sparselora") or v.endswith("-cg"),
          "step speedup over Inductor (PEFT defaults)", "training step, same run's Inductor = 1"),
         ("mem_vs_eager", lambda v: v != "eager" and not v.endswith("-cg"),
          "peak memory / eager PEFT's", "peak memory allocated, without CUDA graphs"),
     ]
-    fig, axes = plt.subplots(3, 1, figsize=(max(8.0, 1.6 * len(cases) + 4), 13))
+    fig, axes = plt.subplots(4, 1, figsize=(max(8.0, 1.6 * len(cases) + 4), 17))
+    fig.suptitle(f"the {len(cases)} newest cases; every case in docs/results.md", fontsize=9)
     for ax, (key, shown, ylabel, title) in zip(axes, panels):
         names = [v for v in dict.fromkeys(v for _, v in latest) if shown(v)
                  and any(latest.get((c, v), {}).get(key) is not None for c in cases)]
@@ -662,23 +678,55 @@ def plot(rows: List[dict], path) -> None:
         if names:
             ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     _plot_density_curves(axes[2], latest, cases)
-    fig.tight_layout()
+    _plot_quality_points(axes[3], latest, cases)
+    fig.tight_layout(rect=(0, 0, 1, 0.98))  # room for the suptitle
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def density_curves(latest: Dict[tuple, dict], cases: Sequence[str]) -> Dict[str, List[tuple]]:
     """Per case, ``(MLP density, speedup over the strongest baseline)`` of its lecompile CUDA-graph
-    variants with dense attention, by density (cases with at least two densities). The strongest
-    baseline replays CUDA graphs, so its time is stable across runs."""
+    variants with dense attention at fixed densities, by density (cases with at least two
+    densities). The strongest baseline replays CUDA graphs, so its time is stable across runs."""
     curves = {}
     for case in cases:
         points = sorted((r["mlp_density"], r["speedup_vs_strongest"]) for (c, v), r in latest.items()
                         if c == case and v.startswith("lecompile") and v.endswith("-cg")
-                        and r.get("attn_density") == 1.0 and r.get("speedup_vs_strongest") is not None)
+                        and r.get("attn_density") == 1.0 and r.get("speedup_vs_strongest") is not None
+                        and "quality_setting" not in r)  # a schedule's density is not its compute
         if len(points) > 1:
             curves[case] = points
     return curves
+
+
+def quality_points(latest: Dict[tuple, dict], cases: Sequence[str]) -> Dict[str, List[tuple]]:
+    """Per case with a quality setting timed, ``(held-out loss change in %, speedup over the strongest
+    baseline, label)`` of its CUDA-graph quality-setting variants and, at 0 (exact), density 1.0."""
+    points = {}
+    for case in cases:
+        rows = [r for (c, v), r in latest.items() if c == case and v.endswith("-cg")
+                and r.get("speedup_vs_strongest") is not None]
+        timed = [(100 * r["heldout_delta"], r["speedup_vs_strongest"], r["quality_setting"]) for r in rows
+                 if r.get("quality_setting") and r.get("heldout_delta") is not None]
+        if timed:
+            exact = [(0.0, r["speedup_vs_strongest"], "density 1.0") for r in rows if r["variant"] == "lecompile-d1-cg"]
+            points[case] = exact + timed
+    return points
+
+
+def _plot_quality_points(ax, latest, cases) -> None:
+    for i, (case, points) in enumerate(quality_points(latest, cases).items()):
+        xs, ys, labels = zip(*points)
+        ax.scatter(xs, ys, color=f"C{i}", label=case)
+        for x, y, label in points:
+            ax.annotate(label, (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.axhline(1.0, color="grey", lw=1)
+    ax.axvline(1.0, color="red", lw=0.8, ls="--")  # the quality harness's rule: within 1% of dense LoRA
+    ax.set(xlabel="held-out answer loss vs dense LoRA, % (quality harness, SmolLM2-135M)",
+           ylabel="step speedup over the strongest baseline",
+           title="speed beside quality: settings the quality harness measured, with CUDA graphs")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="upper right")
 
 
 def _plot_density_curves(ax, latest, cases) -> None:
