@@ -716,14 +716,14 @@ def quality_points(latest: Dict[tuple, dict], cases: Sequence[str]) -> Dict[str,
 
 def _plot_quality_points(ax, latest, cases) -> None:
     for i, (case, points) in enumerate(quality_points(latest, cases).items()):
-        xs, ys, labels = zip(*points)
+        xs, ys, _ = zip(*points)
         ax.scatter(xs, ys, color=f"C{i}", label=case)
         for x, y, label in points:
             ax.annotate(label, (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
     ax.axhline(1.0, color="grey", lw=1)
     ax.axvline(1.0, color="red", lw=0.8, ls="--")  # the quality harness's rule: within 1% of dense LoRA
     ax.set(xlabel="held-out answer loss vs dense LoRA, % (quality harness, SmolLM2-135M)",
-           ylabel="step speedup over the strongest baseline",
+           ylabel="step speedup over the strongest baseline\n(a schedule's: after its dense warm-up)",
            title="speed beside quality: settings the quality harness measured, with CUDA graphs")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, loc="upper right")
@@ -734,7 +734,8 @@ def _plot_density_curves(ax, latest, cases) -> None:
         ax.plot(*zip(*points), marker="o", label=case)
     ax.axhline(1.0, color="grey", lw=1)
     ax.set(xlabel="MLP density", ylabel="step speedup over the strongest baseline",
-           title="lecompile with CUDA graphs against Inductor + bf16 adapters + CUDA graphs")
+           title="lecompile with CUDA graphs against Inductor + bf16 adapters + CUDA graphs, fixed MLP densities: "
+                 "speed only (the quality each keeps: docs/results.md)")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, loc="upper right")
 
