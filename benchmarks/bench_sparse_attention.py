@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 from pathlib import Path
 
 import torch
@@ -169,8 +170,9 @@ def band_layout():
 
 def parse_arm(text: str) -> tuple:
     """``"default"`` or ``"NAME=VALUE,..."`` (backend settings, ``layout=...`` among them) as
-    ``(settings, layout)``; a bad name or value raises here, before any GPU work."""
-    items = [] if text == "default" else text.split(",")
+    ``(settings, layout)``; a bad name or value raises here, before any GPU work. A comma starts a
+    new setting only before ``NAME=``: tuple and set values keep theirs (``disable=a,b``)."""
+    items = [] if text == "default" else re.split(r",(?=\w+=)", text)
     layouts = [i.partition("=")[2] for i in items if i.startswith("layout=")]
     if len(layouts) > 1 or any(layout not in LAYOUTS for layout in layouts):
         raise ValueError(f"--arms {text!r}: at most one layout=..., one of {LAYOUTS}")
@@ -292,7 +294,12 @@ def main(argv=None):
     if args.arms and (args.set or args.layout != "predicted"):
         parser.error("--arms replaces --set and --layout: name those in the arms")
     # a bad value names itself here, before any GPU work
-    arms = [parse_arm(a) for a in args.arms or [",".join([*args.set, f"layout={args.layout}"])]]
+    if args.arms:
+        arms = [parse_arm(a) for a in args.arms]
+    else:
+        settings = LongExposureConfig.parse_settings(args.set)
+        LongExposureConfig.create(**settings)
+        arms = [(settings, args.layout)]
     if not torch.cuda.is_available():
         raise SystemExit("bench_sparse_attention needs a CUDA GPU")
     rows = []

@@ -54,6 +54,12 @@ def test_arms_parse_into_settings_and_a_layout():
     assert bench.parse_arm("default") == ({}, "predicted")
     assert bench.parse_arm("attn_expand_kv=true") == ({"attn_expand_kv": True}, "predicted")
     assert bench.parse_arm("layout=band,attn_kernel=triton") == ({"attn_kernel": "triton"}, "band")
+    assert bench.parse_arm("mlp_layer_densities=1.0,0.5,layout=band") == ({"mlp_layer_densities": (1.0, 0.5)}, "band")
+
+
+def test_set_values_with_commas_stay_whole_without_arms():
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):  # parsed and checked, then the GPU check
+        bench.main(["--set", "mlp_layer_densities=1.0,1.0", "disable=fuse_loss,norms_from_output"])
 
 
 def test_density_one_is_timed_once_whatever_the_arms():
