@@ -13,7 +13,7 @@ from models import LAYERS, batch, tiny_model
 SPARSE = LongExposureConfig.create(mlp_density=0.5, k_align=64, predictor="oracle")
 
 
-def step(checkpointing=None):
+def step(checkpointing=None, config=SPARSE):
     """Loss, LoRA gradients, the report and the bytes of activations saved for the backward (the
     parameters not counted) of one compiled training step of a tiny LoRA LLaMA."""
     model = tiny_model("llama", "lora")
@@ -28,7 +28,7 @@ def step(checkpointing=None):
         return t
 
     torch._dynamo.reset()
-    backend = lecompile.longexposure(SPARSE)
+    backend = lecompile.longexposure(config)
     compiled = torch.compile(model, backend=backend)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = compiled(**batch()).loss
@@ -52,5 +52,31 @@ def test_checkpointed_layers_are_rewritten_and_recomputed(use_reentrant, without
     assert saved < 0.5 * ref_saved, (saved, ref_saved)
     torch.testing.assert_close(loss, ref_loss, atol=2e-5, rtol=1e-4)
     assert grads.keys() == ref_grads.keys() and len(grads) == 2 * 5 * LAYERS  # A and B of five linears
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_checkpointed_block_attention_is_saved_the_rest_recomputed(monkeypatch):
+    """Block-sparse attention inside checkpointed layers: rewritten, its output saved for the
+    backward (the rest of the region stays recomputed), the same loss and gradients as without
+    checkpointing."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    from lecompile import passes
+    from lecompile.ops.block_attention import block_attention
+    from lecompile.passes.inline_checkpoints import RECOMPUTE
+
+    tags = []
+    record = passes.Pass("record_tags", lambda ctx: tags.extend(
+        (n.target is block_attention, n.meta.get(RECOMPUTE)) for n in ctx.gm.graph.nodes if RECOMPUTE in n.meta))
+    monkeypatch.setattr(passes, "PASSES", (*passes.PASSES, record))
+    config = LongExposureConfig.create(mlp_density=1.0, attn_density=0.5, attn_block=16)
+    ref_loss, ref_grads, ref_report, _ = step(config=config)
+    assert not tags and ref_report.attention_rewritten == LAYERS
+    loss, grads, report, _ = step(checkpointing=False, config=config)
+    assert report.attention_rewritten == LAYERS, str(report)
+    assert [policy for is_attention, policy in tags if is_attention] == [CheckpointPolicy.MUST_SAVE] * LAYERS
+    assert {policy for is_attention, policy in tags if not is_attention} == {CheckpointPolicy.PREFER_RECOMPUTE}
+    torch.testing.assert_close(loss, ref_loss, atol=2e-5, rtol=1e-4)
     for name in grads:
         torch.testing.assert_close(grads[name], ref_grads[name], atol=2e-5, rtol=1e-4, msg=name)

@@ -226,6 +226,59 @@ def test_block_attention_under_users_torch_compile_trains(block, softcap, expand
         torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
 
 
+def _needs_flash():
+    from lecompile.ops.block_attention import flash_available
+    if not flash_available():
+        pytest.skip("FlashAttention 4's CuTe kernels (flash-attn-4) are not installed")
+
+
+@pytest.mark.parametrize("density", [0.5, 0.25])
+def test_block_attention_on_flash_kernels_matches_reference(density):
+    """``kernel="flash"`` (FlexAttention's FlashAttention 4 backend, bf16 only) inside a user's
+    torch.compile: outputs and q/k/v gradients match the masked dense reference in fp32."""
+    from lecompile.ops.block_attention import allowed_blocks, block_attention_flex, block_attention_ref
+    from lecompile.predictors.attention import predict_blocks
+
+    _needs_flash()
+    torch.manual_seed(0)
+    seq, block, steps, operands = 1024, 128, ["mul"], [128 ** -0.5]
+    q, k, v = (torch.randn(2, h, seq, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for h in (8, 2, 2))
+    any_b, all_b = allowed_blocks(steps, operands, True, seq, seq, block, "cuda")
+    keep = predict_blocks(q, k, any_b, steps, operands, True, block, density, "pooled")
+    torch._dynamo.reset()
+    out = torch.compile(block_attention_flex, fullgraph=True)(q, k, v, keep, all_b, steps, operands, True, block,
+                                                               enable_gqa=True, kernel="flash")
+    ref = block_attention_ref(*(x.float() for x in (q, k, v)), keep, steps, operands, True, block, enable_gqa=True)
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+    grad = torch.randn_like(out)
+    for got, want in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad.float())):
+        torch.testing.assert_close(got.float(), want, atol=3e-2, rtol=3e-2)
+
+
+def test_backend_on_flash_kernels_matches_triton_kernels():
+    """The backend's rewrite with ``attn_kernel="flash"`` against the same rewrite on FlexAttention's
+    Triton kernels (same predictor, same blocks): outputs and q/k/v gradients agree."""
+    import torch.nn.functional as F
+
+    _needs_flash()
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, h, 2048, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for h in (8, 2, 2))
+    grad = torch.randn(1, 8, 2048, 128, device="cuda", dtype=torch.bfloat16)
+    results = []
+    for kernel in ("triton", "flash"):
+        backend = lecompile.longexposure(LongExposureConfig.create(mlp_density=1.0, attn_density=0.5,
+                                                                   attn_kernel=kernel))
+        torch._dynamo.reset()
+        out = torch.compile(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+                            backend=backend, fullgraph=True)(q, k, v)
+        assert backend.report.attention_rewritten == 1, str(backend.report)
+        results.append((out, *torch.autograd.grad(out, (q, k, v), grad)))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=3e-2)
+
+
 def test_context_only_on_cuda_matches_reference_model():
     """dense_output_share on CUDA (the dense token groups through the sparse-MLP kernels with
     every neuron): loss and gradients match the eager masked model."""
