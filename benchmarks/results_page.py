@@ -209,15 +209,26 @@ def quality_section(accuracy: dict) -> str:
                        table)])
 
 
-def attention_latest(attention: dict, min_seq: int = 0) -> List[dict]:
+#: Block-sparse attention's kernels (``attn_kernel``), as the page names them.
+ATTENTION_KERNELS = {"triton": "FlexAttention's Triton kernels", "flash": "FlashAttention 4's kernels"}
+
+
+def attention_kernel(row: dict) -> Optional[str]:
+    """The ``attn_kernel`` a row of the attention benchmark ran on, or ``None`` for an experiment
+    (autotuned, extra FlexAttention options, another layout than the predictor's, other settings)."""
+    settings = row.get("settings") or {}
+    if any(row.get(k) for k in ("autotuned", "flex_options", "layout")) or set(settings) - {"attn_kernel"}:
+        return None
+    return settings.get("attn_kernel", "triton")
+
+
+def attention_latest(attention: dict, min_seq: int = 0, kernel: str = "triton") -> List[dict]:
     """The forward+backward rows of the newest run of each (case, sequence, density) of the
-    block-sparse attention benchmark, at ``min_seq`` tokens or more, autotuned rows and rows with
-    extra FlexAttention options, backend settings or another layout than the predictor's
-    (experiments) left out."""
+    block-sparse attention benchmark on ``kernel``, at ``min_seq`` tokens or more (experiments,
+    see :func:`attention_kernel`, left out)."""
     latest: Dict[tuple, dict] = {}
     for row in attention["rows"]:
-        if (row.get("pass") != "fwd+bwd" or any(row.get(k) for k in ("autotuned", "flex_options", "layout", "settings"))
-                or "ms" not in row or row["seq"] < min_seq):
+        if row.get("pass") != "fwd+bwd" or attention_kernel(row) != kernel or "ms" not in row or row["seq"] < min_seq:
             continue
         key = (row["case"], row["seq"], row["density"])
         if key not in latest or row.get("run", 0) > latest[key].get("run", 0):  # a new file's rows have no run
@@ -248,26 +259,29 @@ def _run_device(results: dict, run: int) -> Optional[str]:
 
 
 def attention_section(attention: dict) -> str:
-    latest = attention_latest(attention)
-    table = []
-    for r in latest:
-        if r["density"] < 1.0:
-            name, dense = fastest_dense(r)
-            speedup, ideal = _vs_fastest_dense(r)
-            table.append([r["case"], r["seq"], r["batch"], r["density"], f"{r['kept_density']:.2f}", name,
-                          f"{dense:.2f}", f"{r['ms']:.2f}", ratio(speedup), f"{ideal:.2f}",
-                          f"{r['peak_mem_gib']:.2f} / {r['baseline_peak_mem_gib']:.2f}", r["run"]])
-    devices = sorted({_run_device(attention, r["run"]) for r in latest})
+    table, devices = [], set()
+    for kernel in ATTENTION_KERNELS:
+        for r in attention_latest(attention, kernel=kernel):
+            devices.add(_run_device(attention, r["run"]))
+            if r["density"] < 1.0:
+                name, dense = fastest_dense(r)
+                speedup, ideal = _vs_fastest_dense(r)
+                gpu = (_run_device(attention, r["run"]) or "-").removeprefix("NVIDIA ").split()[0]
+                table.append([r["case"], kernel, r["seq"], r["batch"], r["density"], f"{r['kept_density']:.2f}", name,
+                              f"{dense:.2f}", f"{r['ms']:.2f}", ratio(speedup), f"{ideal:.2f}",
+                              f"{r['peak_mem_gib']:.2f} / {r['baseline_peak_mem_gib']:.2f}", gpu, r["run"]])
     return "\n\n".join([
         "## Block-sparse attention (`python benchmarks/bench_sparse_attention.py`)",
         "The backend's rewrite of a causal SDPA (pooled block predictor, block-sparse FlexAttention; bf16, blocks "
         f"of 128 tokens, 16384 tokens per call) against the fastest dense attention its run measured (SDPA on "
         f"FlashAttention or cuDNN, or the SDPA as Inductor compiles it), forward+backward GPU time, on the "
-        f"{', '.join(devices)}. `kept`: the share of causal blocks computed (the diagonal and the first key block "
-        "always are); `of ideal`: the dense time times `kept` over the sparse time; memory: peak GiB, sparse / "
-        "the SDPA baseline's. This times the attention alone; its quality is the long-context table below.",
-        markdown_table(["case", "sequence", "batch", "density", "kept", "dense", "dense ms", "sparse ms", "speedup",
-                        "of ideal", "peak GiB", "run"], table),
+        f"{', '.join(sorted(devices))}. `kernel`: the sparse attention's (`attn_kernel`: `triton`, FlexAttention's "
+        "Triton kernels, the default; `flash`, FlashAttention 4's CuTe kernels); `kept`: the share of causal blocks "
+        "computed (the diagonal and the first key block always are); `of ideal`: the dense time times `kept` over "
+        "the sparse time; memory: peak GiB, sparse / the SDPA baseline's. This times the attention alone; its "
+        "quality is the long-context table below.",
+        markdown_table(["case", "kernel", "sequence", "batch", "density", "kept", "dense", "dense ms", "sparse ms",
+                        "speedup", "of ideal", "peak GiB", "GPU", "run"], table),
         "Runs:\n\n" + _run_list(attention["meta"].get("runs", []))])
 
 
@@ -375,8 +389,8 @@ def quality_line(quality: dict, e2e: dict) -> str:
 
 def long_context_line(recall: dict, attention: dict) -> Optional[str]:
     """The sparsest attention setting that passed the recall task, with its attention's speed at
-    8k tokens and more from the attention benchmark (the newest run of the llama-3-8b shape's
-    heads where it ran); ``None`` when no attention setting passed."""
+    8k tokens and more from the attention benchmark on each kernel (:func:`_attention_speed`);
+    ``None`` when no attention setting passed."""
     from benchmarks.quality import kept
     by = {s["setting"]: s for s in recall["summary"]}
     passing = [s for s in by.values() if s["passes"] and kept(s, "recall") < 1.0]
@@ -388,17 +402,36 @@ def long_context_line(recall: dict, attention: dict) -> Optional[str]:
             f"recall fine-tune at {recall['meta']['seq']} tokens: held-out answer loss "
             f"{100 * best['heldout_delta']:+.1f}% of dense LoRA's, exact match {best['exact_match']:.2f} against "
             f"{by['dense']['exact_match']:.2f} ({best['seeds']} seeds)")
-    rows = [r for r in attention_latest(attention, min_seq=8192) if r["density"] == density]
-    cases = sorted({r["case"] for r in rows}, key=lambda c: ("8b" not in c, c))
-    rows = [r for r in rows if cases and r["case"] == cases[0]]
-    if not rows:
+    speeds = []
+    for kernel, name in ATTENTION_KERNELS.items():
+        speed = _attention_speed(attention, density, kernel)
+        if speed:
+            setting = f' (`attn_kernel="{kernel}"`)' if kernel != "triton" else ""
+            speeds.append(f"{speed} on {name}{setting}")
+    if not speeds:
         return line + "; its speed not yet measured."
-    device = _run_device(attention, rows[0]["run"])
+    return f"{line}; its attention alone, forward and backward, ran {', '.join(speeds)}; not yet timed end to end."
+
+
+def _attention_speed(attention: dict, density: float, kernel: str) -> Optional[str]:
+    """The speed range of ``kernel`` at ``density`` and 8k tokens or more, from the newest device's
+    rows of the case with the largest heads (the llama-3-8b shape where it ran)."""
+    rows = [r for r in attention_latest(attention, min_seq=8192, kernel=kernel) if r["density"] == density]
+    cases = sorted({r["case"] for r in rows}, key=lambda c: ("8b" not in c, c))
+    rows = [r for r in rows if r["case"] == cases[0]] if cases else []
+    if not rows:
+        return None
+    device = _run_device(attention, max(rows, key=lambda r: r["run"])["run"])
+    rows = [r for r in rows if _run_device(attention, r["run"]) == device]  # ratios of one kind of GPU
     speed, ideal = zip(*map(_vs_fastest_dense, rows))
-    seqs = [r["seq"] for r in rows]
-    return line + (f"; its attention alone, forward and backward, ran {min(speed):.2f}-{max(speed):.2f}x the fastest "
-                   f"dense attention at {min(seqs)}-{max(seqs)} tokens with {cases[0].split()[0]} heads ({device}), "
-                   f"{min(ideal):.2f}-{max(ideal):.2f} of the ideal; not yet timed end to end.")
+    return (f"{_span(speed, '.2f')}x the fastest dense attention at {_span([r['seq'] for r in rows], 'd')} tokens "
+            f"with {cases[0].split()[0]} heads ({device}), {_span(ideal, '.2f')} of the ideal")
+
+
+def _span(values, spec: str) -> str:
+    """``low-high`` of ``values`` in format ``spec``, one number where they agree."""
+    low, high = format(min(values), spec), format(max(values), spec)
+    return low if low == high else f"{low}-{high}"
 
 
 def readme() -> str:

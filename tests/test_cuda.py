@@ -253,7 +253,7 @@ def test_block_attention_on_flash_kernels_matches_reference(density):
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
     grad = torch.randn_like(out)
     for got, want in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad.float())):
-        torch.testing.assert_close(got.float(), want, atol=3e-2, rtol=3e-2)
+        torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=3e-2)
 
 
 def test_backend_on_flash_kernels_matches_triton_kernels():

@@ -151,7 +151,17 @@ def test_long_context_line_pairs_the_passing_attention_density_with_its_speed():
                            "fine-tune at 4096 tokens: held-out answer loss -20.0% of dense LoRA's, exact match 0.90 "
                            "against 0.80 (3 seeds)")
     assert line.endswith("ran 1.25-2.00x the fastest dense attention at 8192-32768 tokens with llama-3-8b heads "
-                         "(H100), 0.62-1.00 of the ideal; not yet timed end to end.")
+                         "(H100), 0.62-1.00 of the ideal on FlexAttention's Triton kernels; not yet timed end to end.")
+    # FlashAttention 4's rows join the line; a newer device's rows replace the older device's range
+    attention["meta"]["runs"].append({"run": 2, "device": "H200"})
+    attention["rows"] += [attention_row(2, 8192, 0.5, 4.0, settings={"attn_kernel": "flash"}, **{"pass": "fwd+bwd"}),
+                          attention_row(2, 32768, 0.5, 4.0, layout="band", **{"pass": "fwd+bwd"}),  # an experiment
+                          attention_row(2, 32768, 0.5, 6.0, **{"pass": "fwd+bwd"})]
+    line = results_page.long_context_line(recall, attention)
+    assert line.endswith("ran 1.67x the fastest dense attention at 32768 tokens with llama-3-8b heads "
+                         "(H200), 0.83 of the ideal on FlexAttention's Triton kernels, 2.50x the fastest "
+                         "dense attention at 8192 tokens with llama-3-8b heads (H200), 1.25 of the ideal on "
+                         "FlashAttention 4's kernels (`attn_kernel=\"flash\"`); not yet timed end to end.")
     assert results_page.long_context_line(recall, {"meta": {}, "rows": []}).endswith("its speed not yet measured.")
     summary[1]["passes"] = False
     assert results_page.long_context_line(recall, attention) is None
