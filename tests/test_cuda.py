@@ -200,6 +200,30 @@ def test_block_sparse_attention_on_cuda_matches_reference_model(arch, impl, monk
         torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-3, rtol=1e-3, msg=name)
 
 
+def test_checkpointed_block_sparse_attention_on_cuda_matches_without_checkpointing():
+    """Gradient checkpointing with block-sparse attention on FlexAttention's kernels: the attention
+    saved, the rest of each layer recomputed in the backward graph Inductor lowers (recomputed block
+    lists failed FlexAttention's lowering there); loss and gradients as without checkpointing."""
+    torch.manual_seed(0)
+    model = tiny_model("llama", "lora").cuda()
+    ids = torch.randint(0, 128, (1, 512), device="cuda")
+    inputs = {"input_ids": ids, "labels": ids, "use_cache": False}
+    config = LongExposureConfig.create(mlp_density=1.0, attn_density=0.5, attn_block=64)
+    results = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        backend = lecompile.longexposure(config)
+        torch._dynamo.reset()
+        results.append(train_step(torch.compile(model, backend=backend), model, inputs))
+        assert backend.report.attention_rewritten == LAYERS, str(backend.report)
+        assert backend.report.checkpointed == (LAYERS if checkpointing else 0), str(backend.report)
+    (ref_loss, ref_grads), (loss, grads) = results
+    torch.testing.assert_close(loss, ref_loss, atol=1e-4, rtol=1e-4)
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-3, rtol=1e-3, msg=name)
+
+
 @pytest.mark.parametrize("expand_kv", [False, True], ids=["gqa", "expanded"])
 @pytest.mark.parametrize("softcap", [False, True], ids=["plain", "softcap"])
 @pytest.mark.parametrize("block", [64, 128])
