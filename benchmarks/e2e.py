@@ -11,7 +11,8 @@ a random-init bf16 model built from its config (weights identical across variant
   ``autocast_adapter_dtype=False``);
 - ``lecompile-d<density>``: the ``longexposure`` backend at that MLP density (1.0 is the
   overhead check: adapter fusion only); ``-a<density>`` adds block-sparse attention at that
-  attention density;
+  attention density; ``-flash`` (``--attn-kernels flash``): that attention on FlashAttention 4's
+  kernels (``attn_kernel="flash"``), a variant of its own beside the Triton kernels';
 - ``-cg`` suffix (``--cudagraphs``): the same replayed as CUDA graphs (Inductor's
   ``mode="reduce-overhead"``, lecompile's ``cudagraphs=True``);
 - ``lecompile-<setting>`` (``--quality-settings``): the backend configured as that setting of the
@@ -65,6 +66,7 @@ from torch._dynamo.utils import counters
 from benchmarks.common import RESULTS, autotune_record, autotune_seconds, autotuning, command_line, meta, write_results
 from benchmarks.sparselora import SlicedOutput, mlp_blocks, replace, sparsify_mlps
 from lecompile import LongExposureBackend, LongExposureConfig
+from lecompile.config import ATTN_KERNELS
 from lecompile.predictors import PREDICTORS
 
 log = logging.getLogger(__name__)
@@ -206,19 +208,21 @@ class Variant:
 def variants(densities: Sequence[float] = (1.0, 0.5, 0.25, 0.15), predictor: str = "svd",
              granularity: str = "sequence", baselines: bool = True, cudagraphs: bool = False,
              attn_densities: Sequence[float] = (1.0,), attn_block: int = 128,
-             settings: Optional[dict] = None, quality_settings: Sequence[str] = ()) -> List[Variant]:
+             settings: Optional[dict] = None, quality_settings: Sequence[str] = (),
+             attn_kernels: Sequence[str] = ("triton",)) -> List[Variant]:
     """The baselines, then lecompile at each MLP density and attention density, then as each of
     ``quality_settings`` (:func:`quality_setting_config`). ``cudagraphs`` adds the strongest
     baseline and every lecompile variant replayed as CUDA graphs (suffix ``-cg``). ``settings``
-    are further :class:`LongExposureConfig` fields of the density variants."""
+    are further :class:`LongExposureConfig` fields of the density variants. Variants with sparse
+    attention run once per ``attn_kernels`` entry (suffix ``-flash`` for ``attn_kernel="flash"``)."""
     def variant_fields(d, a, cg):  # what each lecompile variant sets itself
         return dict(mlp_density=d, predictor=predictor, granularity=granularity, cudagraphs=cg,
                     attn_density=a, attn_block=attn_block)
 
-    clash = sorted(set(settings or {}) & set(variant_fields(1.0, 1.0, False)))
+    clash = sorted(set(settings or {}) & {*variant_fields(1.0, 1.0, False), "attn_kernel"})
     if clash:
         raise ValueError(f"settings {clash} are set per variant (use the densities, predictor, granularity, "
-                         f"cudagraphs and attention-block options instead)")
+                         f"cudagraphs, attention-block and attention-kernel options instead)")
     out = []
     if baselines:
         out = [Variant("eager", "eager"), Variant("eager-bf16-adapters", "eager", adapters_fp32=False),
@@ -231,13 +235,21 @@ def variants(densities: Sequence[float] = (1.0, 0.5, 0.25, 0.15), predictor: str
     for cg in (False, True) if cudagraphs else (False,):
         for a in attn_densities:
             for d in densities:
-                name = f"lecompile-d{d:g}" + (f"-a{a:g}" if a < 1.0 else "") + ("-cg" if cg else "")
-                out.append(Variant(name, "lecompile", cudagraphs=cg,
-                                   config=LongExposureConfig.create(**variant_fields(d, a, cg), **(settings or {}))))
+                for kernel in attn_kernels if a < 1.0 else ("triton",):
+                    name = f"lecompile-d{d:g}" + (f"-a{a:g}" if a < 1.0 else "") + _kernel_suffix(kernel, cg)
+                    out.append(Variant(name, "lecompile", cudagraphs=cg, config=LongExposureConfig.create(
+                        **variant_fields(d, a, cg), attn_kernel=kernel, **(settings or {}))))
         for setting in quality_settings:
-            out.append(Variant(f"lecompile-{setting}" + ("-cg" if cg else ""), "lecompile", cudagraphs=cg,
-                               config=quality_setting_config(setting, cg), quality_setting=setting))
+            sparse_attention = quality_setting_config(setting, cg).attn_density < 1.0
+            for kernel in attn_kernels if sparse_attention else ("triton",):
+                out.append(Variant(f"lecompile-{setting}" + _kernel_suffix(kernel, cg), "lecompile", cudagraphs=cg,
+                                   config=quality_setting_config(setting, cg, attn_kernel=kernel),
+                                   quality_setting=setting))
     return out
+
+
+def _kernel_suffix(attn_kernel: str, cudagraphs: bool) -> str:
+    return ("" if attn_kernel == "triton" else f"-{attn_kernel}") + ("-cg" if cudagraphs else "")
 
 
 def quality_task(setting: str) -> Optional[str]:
@@ -267,10 +279,11 @@ def quality_summary(setting: str, seq: Optional[int] = None) -> Optional[dict]:
     return None
 
 
-def quality_setting_config(setting: str, cudagraphs: bool) -> LongExposureConfig:
+def quality_setting_config(setting: str, cudagraphs: bool, **tuning) -> LongExposureConfig:
     """The config of the quality harness's ``setting`` (:func:`benchmarks.quality.settings`) at the
     step count its quality was measured at (a schedule's dense warm-up is a share of
-    ``total_steps``); a ``ValueError`` names the settings there are."""
+    ``total_steps``), with ``tuning`` settings that do not change its results (the attention's
+    kernels, say); a ``ValueError`` names the settings there are."""
     from benchmarks import quality
     task, summary = quality_task(setting), quality_summary(setting)
     steps = summary["steps"] if summary else quality.STEPS
@@ -278,7 +291,7 @@ def quality_setting_config(setting: str, cudagraphs: bool) -> LongExposureConfig
     if options is None:
         known = sorted({k for t in ("mixed", "recall") for k, v in quality.settings(steps, t).items() if v is not None})
         raise ValueError(f"{setting!r} is not a lecompile setting of the quality harness; choose from {known}")
-    return LongExposureConfig.create(**options, cudagraphs=cudagraphs)
+    return LongExposureConfig.create(**options, cudagraphs=cudagraphs, **tuning)
 
 
 @dataclass
@@ -530,7 +543,8 @@ def run_case(case: Case, variant_list: Sequence[Variant], device: str, steps: in
                    layers=layers, checkpointing=case.checkpointing, layer_breaks=case.layer_breaks,
                    tokens=case.batch * case.seq, dtype="bfloat16", variant=v.name,
                    mlp_density=v.mlp_density, attn_density=v.attn_density, tf32=v.tf32,
-                   adapters="fp32" if v.adapters_fp32 else "bf16", cudagraphs=v.cudagraphs)
+                   adapters="fp32" if v.adapters_fp32 else "bf16", cudagraphs=v.cudagraphs,
+                   **({"attn_kernel": v.config.tuning.attn_kernel} if v.attn_density < 1.0 else {}))
         try:
             r = run_variant(case, v, device, steps, warmup)
             row.update(ms=round(r.ms, 3), tokens_per_s=round(case.batch * case.seq / r.ms * 1e3),
@@ -706,12 +720,18 @@ def quality_points(latest: Dict[tuple, dict], cases: Sequence[str]) -> Dict[str,
     for case in cases:
         rows = [r for (c, v), r in latest.items() if c == case and v.endswith("-cg")
                 and r.get("speedup_vs_strongest") is not None]
-        timed = [(100 * r["heldout_delta"], r["speedup_vs_strongest"], r["quality_setting"]) for r in rows
-                 if r.get("quality_setting") and r.get("heldout_delta") is not None]
+        timed = [(100 * r["heldout_delta"], r["speedup_vs_strongest"], _setting_label(r))
+                 for r in rows if r.get("quality_setting") and r.get("heldout_delta") is not None]
         if timed:
             exact = [(0.0, r["speedup_vs_strongest"], "density 1.0") for r in rows if r["variant"] == "lecompile-d1-cg"]
             points[case] = exact + timed
     return points
+
+
+def _setting_label(row: dict) -> str:
+    """A quality setting's name, with its attention kernel where it is not the default."""
+    kernel = row.get("attn_kernel", "triton")
+    return row["quality_setting"] + ("" if kernel == "triton" else f" ({kernel})")
 
 
 def _plot_quality_points(ax, latest, cases) -> None:
@@ -755,6 +775,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--attn-densities", nargs="+", type=float, default=[1.0],
                         help="attention densities of the lecompile variants (1.0: dense attention)")
     parser.add_argument("--attn-block", type=int, default=128, help="tokens per attention block")
+    parser.add_argument("--attn-kernels", nargs="+", default=["triton"], choices=ATTN_KERNELS,
+                        help="the kernels of the variants with sparse attention, each a variant of its own "
+                             "(flash: FlashAttention 4's, suffix -flash)")
     parser.add_argument("--predictor", default="svd", choices=sorted(PREDICTORS))
     parser.add_argument("--granularity", default="sequence", choices=("sequence", "tile", "batch"))
     parser.add_argument("--no-baselines", action="store_true", help="lecompile variants only")
@@ -799,7 +822,7 @@ def run(args) -> dict:
     inductor_options = parse_inductor_options(args.inductor_option)
     vs = variants(args.densities, args.predictor, args.granularity, baselines=not args.no_baselines,
                   cudagraphs=args.cudagraphs, attn_densities=args.attn_densities, attn_block=args.attn_block,
-                  settings=settings, quality_settings=args.quality_settings)
+                  settings=settings, quality_settings=args.quality_settings, attn_kernels=args.attn_kernels)
     if args.variants:
         unknown = set(args.variants) - {v.name for v in vs}
         if unknown:

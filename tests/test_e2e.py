@@ -52,8 +52,24 @@ def test_sparse_attention_variant_rewrites_attention(tmp_path):
     assert [v.name for v in chosen] == ["lecompile-d0.5", "lecompile-d0.5-a0.5"]
     rows = e2e.run_case(case, chosen, "cpu", steps=1, warmup=0)
     assert [r.get("attention_rewritten") for r in rows] == [0, 2], rows
-    assert rows[1]["attn_density"] == 0.5
+    assert rows[1]["attn_density"] == 0.5 and rows[1]["attn_kernel"] == "triton" and "attn_kernel" not in rows[0]
     e2e.plot(rows, tmp_path / "e2e.png")
+
+
+def test_attention_kernels_make_variants_of_their_own():
+    names = {v.name: v.config.tuning.attn_kernel for v in e2e.variants(
+        densities=(1.0,), baselines=False, attn_densities=(1.0, 0.5), quality_settings=["attn-0.5", "default"],
+        attn_kernels=("triton", "flash"), cudagraphs=True) if v.config is not None}
+    assert names == {"lecompile-d1": "triton", "lecompile-d1-a0.5": "triton", "lecompile-d1-a0.5-flash": "flash",
+                     "lecompile-attn-0.5": "triton", "lecompile-attn-0.5-flash": "flash", "lecompile-default": "triton",
+                     "lecompile-d1-cg": "triton", "lecompile-d1-a0.5-cg": "triton",
+                     "lecompile-d1-a0.5-flash-cg": "flash",
+                     "lecompile-attn-0.5-cg": "triton", "lecompile-attn-0.5-flash-cg": "flash",
+                     "lecompile-default-cg": "triton"}
+    with pytest.raises(ValueError, match=r"settings \['attn_kernel'\] are set per variant"):
+        e2e.variants(densities=(1.0,), settings={"attn_kernel": "flash"})
+    with pytest.raises(SystemExit):  # argparse names the choices
+        e2e.main(["--models", "tiny-llama", "--attn-kernels", "cute", "--out", "unused"])
 
 
 def test_training_step_trains_the_adapters_through_lecompile():
