@@ -1,6 +1,8 @@
 """Block-sparse attention: layouts, predictor, operator vs masked dense reference, and the rewrite
 of tiny models' SDPA and eager attention against an eager model running the reference."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -445,6 +447,13 @@ def test_flash_kernels_are_asked_for_by_name_and_their_absence_is_reported(monke
                                     in e.note for e in report.attention), str(report)
     monkeypatch.setattr(rewrite_attention, "flash_available", lambda: True)  # the CPU runs the reference
     assert all(e.rewritten for e in lecompile.explain(model, **inputs, config=config).attention)
+    # On a GPU the kernels take bf16/fp16 on Hopper or newer; elsewhere attention stays dense, saying why.
+    cuda = lambda dtype: SimpleNamespace(dtype=dtype, device=torch.device("cuda"))  # noqa: E731
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (8, 0))
+    assert rewrite_attention._why_not_flash(cuda(torch.float32)) == "runs bf16 and fp16 attention only, not float32"
+    assert rewrite_attention._why_not_flash(cuda(torch.bfloat16)) == "needs a Hopper GPU or newer (sm90+), not sm80"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
+    assert rewrite_attention._why_not_flash(cuda(torch.bfloat16)) == ""
 
 
 class ALiBiAttention(torch.nn.Module):

@@ -65,14 +65,30 @@ def _why_dense(att: AttentionMatch, ctx) -> str:
         return f"sequence lengths {q[-2]} / {k[-2]} are not multiples of attn_block={block}: dense"
     if q[-2] > k[-2]:
         return f"more queries ({q[-2]}) than keys ({k[-2]}): dense"
-    if cfg.tuning.attn_kernel == "flash" and not flash_available():
-        return ("attn_kernel='flash' needs FlashAttention 4's CuTe kernels (flash_attn.cute, package "
-                "flash-attn-4), which are not installed: dense")
+    if cfg.tuning.attn_kernel == "flash":
+        why = _why_not_flash(meta_value(att.q))
+        if why:
+            return f"attn_kernel='flash' {why}: dense"
     tiles = flex_backward_tiles(meta_value(att.q))
     if cfg.tuning.attn_kernel == "triton" and tiles and not any(all(block % t == 0 for t in tile) for tile in tiles):
         need = max(math.lcm(*tile) for tile in tiles)
         return (f"Inductor's FlexAttention backward on this GPU (head dim {q[-1]}) only has tiles {tiles}, which "
                 f"attn_block={block} is not a multiple of (use attn_block={need}): dense")
+    return ""
+
+
+def _why_not_flash(q: torch.Tensor) -> str:
+    """Why FlashAttention 4's kernels cannot run attention on ``q``, or ``""`` (off CUDA the
+    reference runs whatever the kernel)."""
+    if not flash_available():
+        return "needs FlashAttention 4's CuTe kernels (flash_attn.cute, package flash-attn-4), which are not installed"
+    if q.device.type != "cuda":
+        return ""
+    if q.dtype not in (torch.bfloat16, torch.float16):
+        return f"runs bf16 and fp16 attention only, not {str(q.dtype).removeprefix('torch.')}"
+    major, minor = torch.cuda.get_device_capability(q.device)
+    if major < 9:
+        return f"needs a Hopper GPU or newer (sm90+), not sm{major}{minor}"
     return ""
 
 
