@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 import lecompile
 from benchmarks.common import command_line, meta, write_results
-from benchmarks.results_page import attention_latest
+from benchmarks.results_page import ATTENTION_KERNELS, attention_latest
 from lecompile import LongExposureConfig
 from lecompile.ops import block_attention
 from lecompile.ops.block_attention import allowed_blocks
@@ -250,22 +250,28 @@ def plot(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = attention_latest({"rows": rows})  # a results file holds several runs: the latest of each point
-    names = sorted({r["case"] for r in rows})
+    # a results file holds several runs: the latest of each point, per kernel
+    latest = {kernel: attention_latest({"rows": rows}, kernel=kernel) for kernel in ATTENTION_KERNELS}
+    names = sorted({r["case"] for kernel_rows in latest.values() for r in kernel_rows})
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
     for ax, name in zip(axes[0], names):
-        for i, density in enumerate(sorted({r["density"] for r in rows if r["density"] < 1.0 and r["case"] == name},
-                                           reverse=True)):
-            sel = sorted((r for r in rows if r["case"] == name and r["density"] == density), key=lambda r: r["seq"])
-            seqs = [r["seq"] for r in sel]
-            ax.plot(seqs, [r["speedup"] for r in sel], marker="o", color=f"C{i}",
-                    label=f"density {density} vs the fastest dense SDPA")
-            if all("speedup_vs_inductor_dense" in r for r in sel):
-                ax.plot(seqs, [r["speedup_vs_inductor_dense"] for r in sel], marker="s", ls="--", color=f"C{i}",
-                        label=f"density {density} vs Inductor's dense SDPA")
+        densities = sorted({r["density"] for kernel_rows in latest.values() for r in kernel_rows
+                            if r["density"] < 1.0 and r["case"] == name}, reverse=True)
+        for i, density in enumerate(densities):
+            for kernel, marker in zip(ATTENTION_KERNELS, "o^"):
+                sel = sorted((r for r in latest[kernel] if r["case"] == name and r["density"] == density),
+                             key=lambda r: r["seq"])
+                if not sel:
+                    continue
+                seqs = [r["seq"] for r in sel]
+                ax.plot(seqs, [r["speedup"] for r in sel], marker=marker, color=f"C{i}",
+                        label=f"density {density}, {kernel} kernels, vs the fastest dense SDPA")
+                if kernel == "triton" and all("speedup_vs_inductor_dense" in r for r in sel):
+                    ax.plot(seqs, [r["speedup_vs_inductor_dense"] for r in sel], marker="s", ls="--", color=f"C{i}",
+                            label=f"density {density}, {kernel} kernels, vs Inductor's dense SDPA")
         ax.axhline(1.0, color="gray", lw=0.8)
         ax.set(xscale="log", xlabel="sequence length", ylabel="speedup, forward+backward", title=name)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
