@@ -213,8 +213,9 @@ def variants(densities: Sequence[float] = (1.0, 0.5, 0.25, 0.15), predictor: str
     """The baselines, then lecompile at each MLP density and attention density, then as each of
     ``quality_settings`` (:func:`quality_setting_config`). ``cudagraphs`` adds the strongest
     baseline and every lecompile variant replayed as CUDA graphs (suffix ``-cg``). ``settings``
-    are further :class:`LongExposureConfig` fields of the density variants. Variants with sparse
-    attention run once per ``attn_kernels`` entry (suffix ``-flash`` for ``attn_kernel="flash"``)."""
+    are further :class:`LongExposureConfig` fields of the density variants. Variants with block
+    attention (sparse, or ``attn_mask_blocks`` in ``settings``) run once per ``attn_kernels`` entry
+    (suffix ``-flash`` for ``attn_kernel="flash"``)."""
     def variant_fields(d, a, cg):  # what each lecompile variant sets itself
         return dict(mlp_density=d, predictor=predictor, granularity=granularity, cudagraphs=cg,
                     attn_density=a, attn_block=attn_block)
@@ -235,7 +236,7 @@ def variants(densities: Sequence[float] = (1.0, 0.5, 0.25, 0.15), predictor: str
     for cg in (False, True) if cudagraphs else (False,):
         for a in attn_densities:
             for d in densities:
-                for kernel in attn_kernels if a < 1.0 else ("triton",):
+                for kernel in attn_kernels if a < 1.0 or (settings or {}).get("attn_mask_blocks") else ("triton",):
                     name = f"lecompile-d{d:g}" + (f"-a{a:g}" if a < 1.0 else "") + _kernel_suffix(kernel, cg)
                     out.append(Variant(name, "lecompile", cudagraphs=cg, config=LongExposureConfig.create(
                         **variant_fields(d, a, cg), attn_kernel=kernel, **(settings or {}))))
@@ -246,6 +247,11 @@ def variants(densities: Sequence[float] = (1.0, 0.5, 0.25, 0.15), predictor: str
                                    config=quality_setting_config(setting, cg, attn_kernel=kernel),
                                    quality_setting=setting))
     return out
+
+
+def _block_attention(config: Optional[LongExposureConfig]) -> bool:
+    """Whether ``config`` runs block attention (sparse, or exact over a token mask's blocks)."""
+    return config is not None and (config.attn_density < 1.0 or config.tuning.attn_mask_blocks)
 
 
 def _kernel_suffix(attn_kernel: str, cudagraphs: bool) -> str:
@@ -544,7 +550,7 @@ def run_case(case: Case, variant_list: Sequence[Variant], device: str, steps: in
                    tokens=case.batch * case.seq, dtype="bfloat16", variant=v.name,
                    mlp_density=v.mlp_density, attn_density=v.attn_density, tf32=v.tf32,
                    adapters="fp32" if v.adapters_fp32 else "bf16", cudagraphs=v.cudagraphs,
-                   **({"attn_kernel": v.config.tuning.attn_kernel} if v.attn_density < 1.0 else {}))
+                   **({"attn_kernel": v.config.tuning.attn_kernel} if _block_attention(v.config) else {}))
         try:
             r = run_variant(case, v, device, steps, warmup)
             row.update(ms=round(r.ms, 3), tokens_per_s=round(case.batch * case.seq / r.ms * 1e3),

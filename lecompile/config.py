@@ -41,6 +41,11 @@ class Tuning:
     #: key/value heads repeated to the query heads: no key block's backward program walks every
     #: query head of its group in turn, for a repeat and a sum of the key/value gradients.
     attn_expand_kv: bool = False
+    #: At ``attn_density`` 1.0, attention with a token mask (transformers builds one for every
+    #: causal LM under torch.compile) runs as block attention over every block the mask allows, on
+    #: ``attn_kernel``'s kernels (exact, no predictor), instead of SDPA with the mask, which reads an
+    #: ``[L, S]`` mask and takes neither FlashAttention's nor cuDNN's causal kernels.
+    attn_mask_blocks: bool = False
     #: Tokens per tile when ``granularity="tile"``: a positive multiple of 16.
     tile_size: int = 128
     #: Rank of the SVD and learned predictors' estimate, at least 1.
@@ -91,7 +96,7 @@ class Tuning:
         for name in ("min_kept_mass", "loss_budget"):
             object.__setattr__(self, name, _as_float(getattr(self, name)))
             _check_share(name, getattr(self, name))
-        for name in ("attn_expand_kv", "share_lora_input", "lora_in_gemm", "recompute_pointwise"):
+        for name in ("attn_expand_kv", "attn_mask_blocks", "share_lora_input", "lora_in_gemm", "recompute_pointwise"):
             _check_bool(name, getattr(self, name))
 
 

@@ -312,6 +312,35 @@ def test_rewrite_matches_reference_model(arch, impl, monkeypatch):
         torch.testing.assert_close(grads[name], ref_grads[name], atol=2e-5, rtol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("padded", [False, True], ids=["causal", "padded"])
+def test_masked_attention_at_density_one_runs_as_exact_blocks(padded):
+    """``attn_mask_blocks``: at density 1.0 the model's masked SDPA becomes block attention over
+    every block its mask allows: the same loss and gradients as the SDPA; an SDPA without a token
+    mask stays as it is."""
+    model, inputs = tiny_model("llama", "lora"), attention_batch(padded=padded)
+    torch._dynamo.reset()
+    ref_loss, ref_grads = train_step(torch.compile(model, backend=lecompile.longexposure(
+        LongExposureConfig.create(mlp_density=1.0))), model, inputs)
+    torch._dynamo.reset()
+    config = LongExposureConfig.create(mlp_density=1.0, attn_block=BLOCK, attn_mask_blocks=True)
+    backend = lecompile.longexposure(config)
+    loss, grads = train_step(torch.compile(model, backend=backend), model, inputs)
+    assert backend.report.attention_rewritten == LAYERS, str(backend.report)
+    assert all(e.note.startswith("attn_mask_blocks: exact") for e in backend.report.attention)
+    torch.testing.assert_close(loss, ref_loss, atol=2e-5, rtol=1e-4)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=2e-5, rtol=1e-4, msg=name)
+
+    def causal(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True).sum()
+
+    q = torch.randn(1, 2, SEQ, 16, requires_grad=True)
+    report = lecompile.explain(causal, q, q, q, config=config)
+    assert report.attention and not report.attention[0].rewritten
+    assert report.attention[0].note == "attn_density 1.0: dense"
+
+
 @pytest.mark.slow
 def test_gemma2_soft_capped_attention_matches_the_reference_model(monkeypatch):
     """Gemma 2's eager attention soft-caps its scores (``tanh``) before the mask: rewritten, the

@@ -66,6 +66,10 @@ def test_attention_kernels_make_variants_of_their_own():
                      "lecompile-d1-a0.5-flash-cg": "flash",
                      "lecompile-attn-0.5-cg": "triton", "lecompile-attn-0.5-flash-cg": "flash",
                      "lecompile-default-cg": "triton"}
+    exact = e2e.variants(densities=(1.0,), baselines=False, settings={"attn_mask_blocks": True},
+                         attn_kernels=("triton", "flash"))
+    assert [(v.name, v.config.tuning.attn_kernel) for v in exact] == [("lecompile-d1", "triton"),
+                                                                       ("lecompile-d1-flash", "flash")]
     with pytest.raises(ValueError, match=r"settings \['attn_kernel'\] are set per variant"):
         e2e.variants(densities=(1.0,), settings={"attn_kernel": "flash"})
     with pytest.raises(SystemExit):  # argparse names the choices

@@ -1,4 +1,6 @@
-"""Rewrite each matched attention block into ``predict_blocks`` + ``block_attention``.
+"""Rewrite each matched attention block into ``predict_blocks`` + ``block_attention`` (at density
+1.0 with ``attn_mask_blocks``, a masked attention into ``block_attention`` over the blocks its mask
+allows).
 
 Per graph, the allowed blocks of each distinct mask are built by one node, shared by every layer
 that uses them.
@@ -35,6 +37,8 @@ def rewrite_attention(ctx) -> None:
             continue
         _rewrite(ctx, att, allowed)
         entry.rewritten = True
+        if cfg.attn_density == 1.0:
+            entry.note = "attn_mask_blocks: exact block attention over the blocks the token mask allows"
         counters["lecompile"]["block_attention"] += 1
         changed = True
     if changed:
@@ -43,7 +47,7 @@ def rewrite_attention(ctx) -> None:
 
 def _why_dense(att: AttentionMatch, ctx) -> str:
     cfg = ctx.config
-    if cfg.attn_density == 1.0:
+    if cfg.attn_density == 1.0 and not (cfg.tuning.attn_mask_blocks and _token_mask(att)):
         return "attn_density 1.0: dense"
     if not cfg.enabled("rewrite_attention"):
         return "disabled (disable={'rewrite_attention'}): dense"
@@ -77,6 +81,13 @@ def _why_dense(att: AttentionMatch, ctx) -> str:
     return ""
 
 
+def _token_mask(att: AttentionMatch) -> bool:
+    """Whether the scores take a mask of token positions (a boolean ``mask`` step or an additive
+    one of two dims or more), which :func:`allowed_blocks` turns into blocks."""
+    return any(kind == "mask" or (kind == "add" and isinstance(x, fx.Node) and meta_value(x).dim() >= 2)
+               for kind, x in zip(att.steps, att.operands))
+
+
 def _why_not_flash(q: torch.Tensor) -> str:
     """Why FlashAttention 4's kernels cannot run attention on ``q``, or ``""`` (off CUDA the
     reference runs whatever the kernel)."""
@@ -104,7 +115,7 @@ def _rewrite(ctx, att: AttentionMatch, allowed) -> None:
                                                         cfg.tuning.attn_block, device))
             allowed[key] = tuple(graph.call_function(operator.getitem, (both, i)) for i in range(2))
         any_block, all_block = allowed[key]
-        keep = graph.call_function(predict_blocks, (
+        keep = any_block if cfg.attn_density == 1.0 else graph.call_function(predict_blocks, (
             att.q, att.k, any_block, steps, operands, att.causal, cfg.tuning.attn_block, cfg.attn_density,
             cfg.tuning.attn_predictor))
         out = graph.call_function(block_attention, (att.q, att.k, att.v, keep, all_block, steps, operands,
