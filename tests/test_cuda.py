@@ -303,21 +303,45 @@ def test_backend_on_flash_kernels_matches_triton_kernels():
         torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=3e-2)
 
 
-def test_flash_kernels_in_a_model_match_triton_kernels():
-    """A bf16 LoRA LLaMA (head dim 128) through the backend with ``attn_kernel="flash"``: the
-    model's own mask (transformers builds one under torch.compile) reaches FlashAttention 4's
-    kernels as FlexAttention's mask function; loss and LoRA gradients match the Triton kernels'."""
+def _bf16_llama():
+    """A bf16 LoRA LLaMA with head dim 128 (FlashAttention 4 takes it) and a batch for it."""
     import peft
     import transformers
 
-    _needs_flash()
     config = transformers.LlamaConfig(vocab_size=128, hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2)
     torch.manual_seed(0)
     model = peft.get_peft_model(transformers.LlamaForCausalLM(config).to("cuda", torch.bfloat16),
                                 peft.LoraConfig(r=4, target_modules="all-linear"), autocast_adapter_dtype=False).train()
     ids = torch.randint(0, 128, (2, 1024), device="cuda")
-    inputs = {"input_ids": ids, "labels": ids, "use_cache": False}
+    return model, {"input_ids": ids, "labels": ids, "use_cache": False}
+
+
+@pytest.mark.parametrize("kernel", ["triton", "flash"])
+def test_mask_blocks_on_cuda_match_the_masked_sdpa(kernel):
+    """``attn_mask_blocks`` at density 1.0: the model's masked SDPA as exact block attention on
+    each kernel; loss and LoRA gradients match the SDPA Inductor compiles."""
+    if kernel == "flash":
+        _needs_flash()
+    model, inputs = _bf16_llama()
+    results = []
+    for settings in ({}, {"attn_mask_blocks": True, "attn_kernel": kernel}):
+        backend = lecompile.longexposure(LongExposureConfig.create(mlp_density=1.0, **settings))
+        torch._dynamo.reset()
+        results.append(train_step(torch.compile(model, backend=backend), model, inputs))
+        assert backend.report.attention_rewritten == (2 if settings else 0), str(backend.report)
+    (ref_loss, ref_grads), (loss, grads) = results
+    torch.testing.assert_close(loss, ref_loss, atol=2e-2, rtol=2e-2)
+    for name in grads:
+        torch.testing.assert_close(grads[name].float(), ref_grads[name].float(), atol=5e-2, rtol=5e-2, msg=name)
+
+
+def test_flash_kernels_in_a_model_match_triton_kernels():
+    """A bf16 LoRA LLaMA (head dim 128) through the backend with ``attn_kernel="flash"``: the
+    model's own mask (transformers builds one under torch.compile) reaches FlashAttention 4's
+    kernels as FlexAttention's mask function; loss and LoRA gradients match the Triton kernels'."""
+    _needs_flash()
+    model, inputs = _bf16_llama()
     results = []
     for kernel in ("triton", "flash"):
         backend = lecompile.longexposure(LongExposureConfig.create(mlp_density=1.0, attn_density=0.5,
