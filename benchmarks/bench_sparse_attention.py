@@ -23,7 +23,10 @@ where ``flash_attn.cute`` is installed) or ``attn_expand_kv=true``.
 sink, always kept) is walked by every query block below it. ``--arms`` times several such
 configurations in one process, against one measurement of the dense baselines: each arm is
 ``default`` or comma-separated ``NAME=VALUE`` settings, ``layout=band`` among them, e.g.
-``--arms default attn_expand_kv=true layout=band attn_kernel=flash``.
+``--arms default attn_expand_kv=true layout=band attn_kernel=flash``. ``--masked`` gives the
+compiled SDPA a boolean causal mask instead of ``is_causal``, as transformers' compiled models
+call it (rows: ``masked``); an arm with ``attn_mask_blocks=true`` then rewrites it at density 1.0
+too, exact blocks against Inductor's masked SDPA (the dense baselines keep ``is_causal``).
 
 A second set of ratios (``*_vs_inductor_dense``) takes the density-1.0 ``lecompile`` row, the
 SDPA as Inductor compiles it, as the baseline.
@@ -62,6 +65,11 @@ TOKENS = 16384  # batch = TOKENS // seq
 
 def causal_sdpa(q, k, v):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+
+def masked_sdpa(q, k, v, mask):
+    """Causal attention as transformers' compiled models call it: a boolean ``[1, 1, L, S]`` mask."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
 #: The dense baselines: SDPA on one backend each.
@@ -183,20 +191,27 @@ def parse_arm(text: str) -> tuple:
 
 def arm_points(arms, densities) -> list:
     """``(arm, density)`` to time: every arm at every density below 1.0, and density 1.0 once, with
-    the first arm (it leaves attention to Inductor whatever the arm's settings)."""
-    return [(arm, d) for i, arm in enumerate(arms) for d in densities if d < 1.0 or i == 0]
+    the first arm (it leaves attention to Inductor whatever the arm's settings), and again with each
+    arm that sets ``attn_mask_blocks`` (which rewrites a masked attention at density 1.0)."""
+    return [(arm, d) for i, arm in enumerate(arms) for d in densities
+            if d < 1.0 or i == 0 or arm[0].get("attn_mask_blocks")]
 
 
-def bench_seq(name, seq, densities, block, max_autotune=False, flex_options=None, arms=(({}, "predicted"),)):
+def bench_seq(name, seq, densities, block, max_autotune=False, flex_options=None, arms=(({}, "predicted"),),
+              masked=False):
     """Rows of every density for one shape and sequence length, per arm ``(settings, layout)``:
     ``settings`` are more of the backend's (:meth:`LongExposureConfig.create`), ``layout`` one of
-    :data:`LAYOUTS`."""
+    :data:`LAYOUTS`. ``masked``: the compiled SDPA takes a boolean causal mask instead of
+    ``is_causal`` (:func:`masked_sdpa`); the dense baselines keep ``is_causal``."""
     heads, kv_heads, head_dim = SHAPES[name]
     batch = max(1, TOKENS // seq)
     g = torch.Generator(device="cuda").manual_seed(0)
     make = lambda h: torch.randn(batch, h, seq, head_dim, device="cuda", generator=g,  # noqa: E731
                                  dtype=torch.bfloat16).requires_grad_()
     q, k, v = make(heads), make(kv_heads), make(kv_heads)
+    fn, inputs = causal_sdpa, (q, k, v)
+    if masked:
+        fn, inputs = masked_sdpa, (q, k, v, torch.ones(seq, seq, dtype=torch.bool, device="cuda").tril()[None, None])
     steps, operands = ["mul"], [head_dim ** -0.5]
     any_b, _ = allowed_blocks(steps, operands, True, seq, seq, block, "cuda")
     dense = fastest_dense(q, k, v)
@@ -210,7 +225,7 @@ def bench_seq(name, seq, densities, block, max_autotune=False, flex_options=None
         case = dict(case=f"{name} attention", batch=batch, seq=seq, heads=heads, kv_heads=kv_heads,
                     head_dim=head_dim, block=block, dtype="bfloat16", density=density, kept_density=kept,
                     autotuned=max_autotune, **({"flex_options": flex_options} if flex_options else {}),
-                    **({"layout": layout} if layout != "predicted" else {}),
+                    **({"layout": layout} if layout != "predicted" else {}), **({"masked": True} if masked else {}),
                     **({"settings": settings} if settings else {}))
         config = LongExposureConfig.create(mlp_density=1.0, attn_density=density, attn_block=block, **(settings or {}))
         backend = lecompile.longexposure(config)
@@ -218,7 +233,7 @@ def bench_seq(name, seq, densities, block, max_autotune=False, flex_options=None
         try:
             with torch._inductor.config.patch(max_autotune=max_autotune), extra_flex_options(flex_options or {}), \
                     (band_layout() if layout == "band" else contextlib.nullcontext()):
-                timed = time_passes(torch.compile(causal_sdpa, backend=backend, fullgraph=True), (q, k, v))
+                timed = time_passes(torch.compile(fn, backend=backend, fullgraph=True), inputs)
         except Exception as e:  # noqa: BLE001 - recorded in the results, per BENCHMARKS.md
             rows.append({**case, "variant": "lecompile", "error": f"{type(e).__name__}: {e}"[:300]})
             continue
@@ -294,6 +309,9 @@ def main(argv=None):
     parser.add_argument("--arms", nargs="+", default=None, metavar="ARM",
                         help="several configurations in one process, one dense baseline: each 'default' or "
                              "comma-separated NAME=VALUE settings, layout=band among them (replaces --set, --layout)")
+    parser.add_argument("--masked", action="store_true",
+                        help="the compiled SDPA takes a boolean causal mask, as transformers' compiled models pass "
+                             "it (rows: masked), e.g. with an arm attn_mask_blocks=true at density 1.0")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
     flex_options = parse_flex_options(args.flex_option)
@@ -310,7 +328,7 @@ def main(argv=None):
         raise SystemExit("bench_sparse_attention needs a CUDA GPU")
     rows = []
     for n, s in tqdm([(n, s) for n in args.shapes for s in args.seqs], desc="attention"):
-        rows += bench_seq(n, s, args.densities, args.block, args.max_autotune, flex_options, arms)
+        rows += bench_seq(n, s, args.densities, args.block, args.max_autotune, flex_options, arms, args.masked)
         write_results("sparse_attention", {"meta": meta("sparse_attention", command_line(), tokens_per_case=TOKENS),
                                            "rows": rows}, args.out)
     data = {"meta": meta("sparse_attention", command_line(), tokens_per_case=TOKENS), "rows": rows}

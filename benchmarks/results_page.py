@@ -215,9 +215,10 @@ ATTENTION_KERNELS = {"triton": "FlexAttention's Triton kernels", "flash": "Flash
 
 def attention_kernel(row: dict) -> Optional[str]:
     """The ``attn_kernel`` a row of the attention benchmark ran on, or ``None`` for an experiment
-    (autotuned, extra FlexAttention options, another layout than the predictor's, other settings)."""
+    (autotuned, extra FlexAttention options, another layout than the predictor's, a masked SDPA,
+    other settings)."""
     settings = row.get("settings") or {}
-    if any(row.get(k) for k in ("autotuned", "flex_options", "layout")) or set(settings) - {"attn_kernel"}:
+    if any(row.get(k) for k in ("autotuned", "flex_options", "layout", "masked")) or set(settings) - {"attn_kernel"}:
         return None
     return settings.get("attn_kernel", "triton")
 

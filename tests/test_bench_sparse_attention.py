@@ -65,6 +65,22 @@ def test_set_values_with_commas_stay_whole_without_arms():
 def test_density_one_is_timed_once_whatever_the_arms():
     default, expand = ({}, "predicted"), ({"attn_expand_kv": True}, "predicted")
     assert bench.arm_points([default, expand], [1.0, 0.5]) == [(default, 1.0), (default, 0.5), (expand, 0.5)]
+    blocks = ({"attn_mask_blocks": True}, "predicted")  # rewrites density 1.0 too: timed there
+    assert bench.arm_points([default, blocks], [1.0]) == [(default, 1.0), (blocks, 1.0)]
+
+
+def test_the_masked_sdpa_at_density_one_becomes_exact_blocks_with_attn_mask_blocks():
+    import lecompile
+    from lecompile import LongExposureConfig
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, h, 64, 16, requires_grad=True) for h in (4, 2, 2))
+    mask = torch.ones(64, 64, dtype=torch.bool).tril()[None, None]
+    for settings, rewritten in (({}, 0), ({"attn_mask_blocks": True}, 1)):
+        backend = lecompile.longexposure(LongExposureConfig.create(attn_block=16, **settings))
+        torch._dynamo.reset()
+        out = torch.compile(bench.masked_sdpa, backend=backend, fullgraph=True)(q, k, v, mask)
+        assert backend.report.attention_rewritten == rewritten, str(backend.report)
+        torch.testing.assert_close(out, bench.causal_sdpa(q, k, v), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("bad, match", [("layout=diagonal", "at most one layout"),
