@@ -312,7 +312,7 @@ def test_rewrite_matches_reference_model(arch, impl, monkeypatch):
         torch.testing.assert_close(grads[name], ref_grads[name], atol=2e-5, rtol=1e-4, msg=name)
 
 
-@pytest.mark.parametrize("padded", [False, True], ids=["causal", "padded"])
+@pytest.mark.parametrize("padded", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["causal", "padded"])
 def test_masked_attention_at_density_one_runs_as_exact_blocks(padded):
     """``attn_mask_blocks``: at density 1.0 the model's masked SDPA becomes block attention over
     every block its mask allows: the same loss and gradients as the SDPA; an SDPA without a token

@@ -29,11 +29,11 @@ from ..ops.block_attention import block_attention
 #: The tags the partitioner reads (``torch._functorch.partitioners.must_recompute``).
 RECOMPUTE, REGION = "recompute", "ac_graph_id"
 #: Rewritten ops whose results the backward reads instead of recomputing them: block-sparse
-#: attention. Its forward is the costliest part of a long-context layer, and recomputed in the
-#: backward graph its block lists would be computed in the graph that lowers the attention, which
-#: Inductor's FlexAttention lowering rejects ("convert FlexibleLayout to FixedLayout first"). Saved,
-#: the region keeps one more ``[tokens, hidden]`` value (and the block lists), as selective
-#: checkpointing that saves attention does.
+#: attention. Its forward is the costliest part of a long-context layer, and recomputed, its block
+#: lists are computed in the backward graph that lowers the attention, where Inductor's
+#: FlexAttention lowering failed ("convert FlexibleLayout to FixedLayout first"). Saved, the region
+#: keeps one more ``[tokens, hidden]`` value (and the block lists), as selective checkpointing that
+#: saves attention does.
 SAVED = (block_attention,)
 _region_ids = itertools.count(1)
 
@@ -103,6 +103,8 @@ def tag_rewritten_nodes(ctx) -> None:
     """Give the nodes the rewrites created inside a checkpointed region that region's tags: the
     region of the nodes that use them (a value computed for a region), else of their inputs; the
     ops in :data:`SAVED` are saved instead of recomputed."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
     if not ctx.report.checkpointed:
         return
     nodes = [n for n in ctx.gm.graph.nodes if n.op in ("call_function", "call_method")]
@@ -117,8 +119,6 @@ def tag_rewritten_nodes(ctx) -> None:
             regions = {tags[i] for i in node.all_input_nodes if i in tags}
             if len(regions) == 1:
                 tags[node] = regions.pop()
-    from torch.utils.checkpoint import CheckpointPolicy
-
     for node in new:
         if node in tags:
             node.meta[RECOMPUTE], node.meta[REGION] = tags[node]

@@ -84,8 +84,11 @@ def _why_dense(att: AttentionMatch, ctx) -> str:
 def _token_mask(att: AttentionMatch) -> bool:
     """Whether the scores take a mask of token positions (a boolean ``mask`` step or an additive
     one of two dims or more), which :func:`allowed_blocks` turns into blocks."""
-    return any(kind == "mask" or (kind == "add" and isinstance(x, fx.Node) and meta_value(x).dim() >= 2)
-               for kind, x in zip(att.steps, att.operands))
+    def additive_mask(x) -> bool:
+        value = meta_value(x) if isinstance(x, fx.Node) else None
+        return isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() >= 2
+
+    return any(kind == "mask" or (kind == "add" and additive_mask(x)) for kind, x in zip(att.steps, att.operands))
 
 
 def _why_not_flash(q: torch.Tensor) -> str:
