@@ -149,6 +149,7 @@ class LongExposureBackend:
         config = config or self.config
         dump_dir = self.config.resolved_dump_dir()
         before = gm.code if dump_dir else None
+        original = copy_graph(gm) if self.inductor else None  # compiled instead if the rewritten graph cannot be
         with dynamo_timed("lecompile_passes"):  # in torch._dynamo.utils.compile_times(), beside Inductor's phases
             report = run_passes(gm, example_inputs, config, dense_warmup=dense_warmup, module_training=module_training,
                                 guard=self.guard.key if self.guard is not None and dense_warmup else -1)
@@ -175,6 +176,16 @@ class LongExposureBackend:
                 report.notes.append(UNTRACEABLE_GROUPED_MM)
                 log.warning("lecompile: %s", UNTRACEABLE_GROUPED_MM)
             raise
+        except Exception as e:  # noqa: BLE001 - any failure of the rewritten graph: compile the original
+            if original is None or gm.code == original.code:
+                raise
+            why = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
+            report.compiled_plain(why)
+            log.warning("lecompile: graph %d%s: Inductor could not compile the rewritten graph (%s); it compiles as "
+                        "plain Inductor, without lecompile's rewrites (the report says so)", graph_id, report.who, why)
+            compiled = self._lower(original, example_inputs, patches, config)
+            if dump_dir:
+                _dump(Path(dump_dir), graph_id, before, original.code, report)
         # The predictor factors the passes started on the background thread, computed while Inductor compiled.
         with dynamo_timed("lecompile_weight_caches_wait"):
             finish_prefetches()

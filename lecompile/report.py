@@ -106,6 +106,25 @@ class Report:
                       self.rank if self.rank is not None else other.rank,
                       self.world_size if self.world_size is not None else other.world_size)
 
+    def compiled_plain(self, why: str) -> None:
+        """Mark this graph's rewrites undone: Inductor could not compile the rewritten graph
+        (``why``), so the graph as Dynamo gave it was compiled instead."""
+        note = f"Inductor could not compile the rewritten graph ({why}): it runs as plain Inductor"
+        for entry in (*self.mlp, *self.attention):
+            if entry.rewritten:
+                entry.rewritten, entry.note = False, note
+        for linear in self.linears:
+            if linear.fused:
+                linear.fused, linear.in_gemm, linear.shared_with, linear.note = False, False, [], note
+        for loss in self.losses:
+            if loss.fused:
+                loss.fused, loss.note = False, note
+        for norm in self.norms:
+            if norm.from_output:
+                norm.from_output, norm.note = False, note
+        self.checkpointed = 0
+        self.notes.append(note)
+
     @property
     def who(self) -> str:
         """``" (rank r of n)"`` in a torch.distributed run, else ``""``."""

@@ -1,6 +1,8 @@
 """Inputs and states users run into, across architectures: each case matches its reference
 (eager PEFT, or the same step without the state in question) or raises a clear error."""
 
+import logging
+
 import peft
 import pytest
 import torch
@@ -101,3 +103,32 @@ def test_half_precision_steps_stay_close_to_eager(dtype):
     torch.testing.assert_close(loss.float(), want_loss.float(), atol=2e-2, rtol=2e-2)
     for name in grads:
         torch.testing.assert_close(grads[name].float(), want_grads[name].float(), atol=3e-2, rtol=5e-2, msg=name)
+
+
+def test_a_rewritten_graph_inductor_cannot_compile_runs_as_plain_inductor(monkeypatch, caplog):
+    """Inductor failing on the rewritten graph (a lowering it does not support, say) costs the
+    rewrites, not the step: the graph as Dynamo gave it compiles instead, with a warning, and the
+    report says which rewrites were undone and why."""
+    import torch._inductor.compile_fx as compile_fx_module
+
+    own = compile_fx_module.compile_fx
+
+    def refuse_lecompile_ops(gm, example_inputs, **kwargs):
+        if "lecompile" in gm.code:
+            raise RuntimeError("no lowering for this op\nmore detail")
+        return own(gm, example_inputs, **kwargs)
+
+    model = tiny_model("llama", "lora")
+    ref_loss, ref_grads = train_step(torch.compile(model, backend="inductor"), model, batch())
+    monkeypatch.setattr(compile_fx_module, "compile_fx", refuse_lecompile_ops)
+    torch._dynamo.reset()
+    backend = lecompile.longexposure(LongExposureConfig.create(mlp_density=1.0))
+    with caplog.at_level(logging.WARNING, logger="lecompile"):
+        loss, grads = train_step(torch.compile(model, backend=backend), model, batch())
+    report = backend.report
+    why = "Inductor could not compile the rewritten graph (RuntimeError: no lowering for this op): it runs as plain"
+    assert report.linears and report.linears_fused == 0 and all(why in e.note for e in report.linears), str(report)
+    assert any(why in n for n in report.notes) and why.split(":")[0] in caplog.text
+    torch.testing.assert_close(loss, ref_loss, atol=2e-5, rtol=1e-4)
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=2e-5, rtol=1e-4, msg=name)
