@@ -782,8 +782,8 @@ def add_arguments(parser) -> None:
                         help="attention densities of the lecompile variants (1.0: dense attention)")
     parser.add_argument("--attn-block", type=int, default=128, help="tokens per attention block")
     parser.add_argument("--attn-kernels", nargs="+", default=["triton"], choices=ATTN_KERNELS,
-                        help="the kernels of the variants with sparse attention, each a variant of its own "
-                             "(flash: FlashAttention 4's, suffix -flash)")
+                        help="the kernels of the variants with block attention (sparse, or attn_mask_blocks), each "
+                             "a variant of its own (flash: FlashAttention 4's, suffix -flash)")
     parser.add_argument("--predictor", default="svd", choices=sorted(PREDICTORS))
     parser.add_argument("--granularity", default="sequence", choices=("sequence", "tile", "batch"))
     parser.add_argument("--no-baselines", action="store_true", help="lecompile variants only")

@@ -263,11 +263,12 @@ def attention_section(attention: dict) -> str:
     table, devices = [], set()
     for kernel in ATTENTION_KERNELS:
         for r in attention_latest(attention, kernel=kernel):
-            devices.add(_run_device(attention, r["run"]))
+            device = _run_device(attention, r["run"])
+            devices.add(device)
             if r["density"] < 1.0:
                 name, dense = fastest_dense(r)
                 speedup, ideal = _vs_fastest_dense(r)
-                gpu = (_run_device(attention, r["run"]) or "-").removeprefix("NVIDIA ").split()[0]
+                gpu = (device or "-").removeprefix("NVIDIA ").split()[0]
                 table.append([r["case"], kernel, r["seq"], r["batch"], r["density"], f"{r['kept_density']:.2f}", name,
                               f"{dense:.2f}", f"{r['ms']:.2f}", ratio(speedup), f"{ideal:.2f}",
                               f"{r['peak_mem_gib']:.2f} / {r['baseline_peak_mem_gib']:.2f}", gpu, r["run"]])

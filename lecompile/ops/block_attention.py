@@ -81,9 +81,7 @@ def allowed_blocks(steps: Sequence[str], operands: Sequence[Operand], causal: bo
     ``finfo.min / 2`` (transformers' additive masks use ``finfo.min``), counting only the steps
     after the last ``tanh``. Without such masks the blocks come from their corners: the graph
     computes ``n m`` values per step, not the ``L S`` of a token mask (a GiB at 32k tokens)."""
-    start = _last_tanh(steps) + 1
-    masks = [x for kind, x in zip(steps[start:], operands[start:])
-             if kind == "mask" or (kind == "add" and x.is_floating_point() and x.dim() >= 2)]
+    masks = token_masks(steps, operands)
     if not masks:
         return _causal_blocks(causal, q_len, kv_len, block, device)
     allowed = torch.ones(1, 1, q_len, kv_len, dtype=torch.bool, device=device)
@@ -93,6 +91,14 @@ def allowed_blocks(steps: Sequence[str], operands: Sequence[Operand], causal: bo
         allowed = allowed & (x if x.dtype == torch.bool else x > torch.finfo(x.dtype).min / 2)
     tiles = allowed.reshape(*allowed.shape[:2], q_len // block, block, kv_len // block, block)
     return tiles.any(-1).any(-2), tiles.all(-1).all(-2)
+
+
+def token_masks(steps: Sequence[str], operands: Sequence[Operand]) -> List[Tensor]:
+    """The operands that mask token positions: ``mask`` steps and additive ones of two dims or more
+    (transformers' ``finfo.min`` masks), after the last ``tanh`` (before it they do not mask)."""
+    start = _last_tanh(steps) + 1
+    return [x for kind, x in zip(steps[start:], operands[start:])
+            if kind == "mask" or (kind == "add" and isinstance(x, Tensor) and x.is_floating_point() and x.dim() >= 2)]
 
 
 def _causal_blocks(causal: bool, q_len: int, kv_len: int, block: int, device) -> Tuple[Tensor, Tensor]:

@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 from torch._dynamo.utils import counters
 
-from ..ops.block_attention import allowed_blocks, block_attention, flash_available, flex_backward_tiles
+from ..ops.block_attention import allowed_blocks, block_attention, flash_available, flex_backward_tiles, token_masks
 from ..predictors.attention import predict_blocks
 from ..report import AttentionEntry
 from .graph import meta_value, recompile, replace_uses, static_shape
@@ -82,13 +82,9 @@ def _why_dense(att: AttentionMatch, ctx) -> str:
 
 
 def _token_mask(att: AttentionMatch) -> bool:
-    """Whether the scores take a mask of token positions (a boolean ``mask`` step or an additive
-    one of two dims or more), which :func:`allowed_blocks` turns into blocks."""
-    def additive_mask(x) -> bool:
-        value = meta_value(x) if isinstance(x, fx.Node) else None
-        return isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() >= 2
-
-    return any(kind == "mask" or (kind == "add" and additive_mask(x)) for kind, x in zip(att.steps, att.operands))
+    """Whether the scores take a mask of token positions, which :func:`allowed_blocks` turns into blocks."""
+    values = [meta_value(x) if isinstance(x, fx.Node) else x for x in att.operands]
+    return bool(token_masks(att.steps, values))
 
 
 def _why_not_flash(q: torch.Tensor) -> str:
