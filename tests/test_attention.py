@@ -479,10 +479,12 @@ def test_flash_kernels_are_asked_for_by_name_and_their_absence_is_reported(monke
     # On a GPU the kernels take bf16/fp16 on Hopper or newer; elsewhere attention stays dense, saying why.
     cuda = lambda dtype: SimpleNamespace(dtype=dtype, device=torch.device("cuda"))  # noqa: E731
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (8, 0))
-    assert rewrite_attention._why_not_flash(cuda(torch.float32)) == "runs bf16 and fp16 attention only, not float32"
-    assert rewrite_attention._why_not_flash(cuda(torch.bfloat16)) == "needs a Hopper GPU or newer (sm90+), not sm80"
+    why = rewrite_attention._why_not_flash
+    assert why(cuda(torch.float32), False) == "runs bf16 and fp16 attention only, not float32"
+    assert why(cuda(torch.bfloat16), False) == "needs a Hopper GPU or newer (sm90+), not sm80"
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
-    assert rewrite_attention._why_not_flash(cuda(torch.bfloat16)) == ""
+    assert why(cuda(torch.bfloat16), False) == ""
+    assert why(cuda(torch.bfloat16), True) == rewrite_attention.FLASH_TOKEN_MASK
 
 
 class ALiBiAttention(torch.nn.Module):

@@ -317,15 +317,12 @@ def _bf16_llama():
     return model, {"input_ids": ids, "labels": ids, "use_cache": False}
 
 
-@pytest.mark.parametrize("kernel", ["triton", "flash"])
-def test_mask_blocks_on_cuda_match_the_masked_sdpa(kernel):
+def test_mask_blocks_on_cuda_match_the_masked_sdpa():
     """``attn_mask_blocks`` at density 1.0: the model's masked SDPA as exact block attention on
-    each kernel; loss and LoRA gradients match the SDPA Inductor compiles."""
-    if kernel == "flash":
-        _needs_flash()
+    FlexAttention's Triton kernels; loss and LoRA gradients match the SDPA Inductor compiles."""
     model, inputs = _bf16_llama()
     results = []
-    for settings in ({}, {"attn_mask_blocks": True, "attn_kernel": kernel}):
+    for settings in ({}, {"attn_mask_blocks": True}):
         backend = lecompile.longexposure(LongExposureConfig.create(mlp_density=1.0, **settings))
         torch._dynamo.reset()
         results.append(train_step(torch.compile(model, backend=backend), model, inputs))
@@ -336,23 +333,20 @@ def test_mask_blocks_on_cuda_match_the_masked_sdpa(kernel):
         torch.testing.assert_close(grads[name].float(), ref_grads[name].float(), atol=5e-2, rtol=5e-2, msg=name)
 
 
-def test_flash_kernels_in_a_model_match_triton_kernels():
-    """A bf16 LoRA LLaMA (head dim 128) through the backend with ``attn_kernel="flash"``: the
-    model's own mask (transformers builds one under torch.compile) reaches FlashAttention 4's
-    kernels as FlexAttention's mask function; loss and LoRA gradients match the Triton kernels'."""
+def test_flash_kernels_leave_a_models_masked_attention_dense():
+    """transformers builds a token mask under torch.compile, which FlexAttention's FlashAttention 4
+    code generation cannot read: with ``attn_kernel="flash"`` the model's attention stays dense, the
+    report says why, and the step trains."""
+    from lecompile.passes.rewrite_attention import FLASH_TOKEN_MASK
+
     _needs_flash()
     model, inputs = _bf16_llama()
-    results = []
-    for kernel in ("triton", "flash"):
-        backend = lecompile.longexposure(LongExposureConfig.create(mlp_density=1.0, attn_density=0.5,
-                                                                   attn_kernel=kernel))
-        torch._dynamo.reset()
-        results.append(train_step(torch.compile(model, backend=backend), model, inputs))
-        assert backend.report.attention_rewritten == 2, str(backend.report)
-    (ref_loss, ref_grads), (loss, grads) = results
-    torch.testing.assert_close(loss, ref_loss, atol=2e-2, rtol=2e-2)
-    for name in grads:
-        torch.testing.assert_close(grads[name].float(), ref_grads[name].float(), atol=5e-2, rtol=5e-2, msg=name)
+    backend = lecompile.longexposure(LongExposureConfig.create(mlp_density=1.0, attn_density=0.5, attn_kernel="flash"))
+    torch._dynamo.reset()
+    loss, grads = train_step(torch.compile(model, backend=backend), model, inputs)
+    assert backend.report.attention_rewritten == 0, str(backend.report)
+    assert all(FLASH_TOKEN_MASK in e.note for e in backend.report.attention), str(backend.report)
+    assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads.values())
 
 
 def test_context_only_on_cuda_matches_reference_model():

@@ -221,9 +221,9 @@ def block_attention_flex(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, full: Te
     partial = keep & ~full
     scale, n_lead = leading_scale(steps, operands)
     rest = list(zip(steps[n_lead:], operands[n_lead:]))
-    masks = [_as_4d(x) for kind, x in rest if kind == "mask"]
+    masks = [_fixed_layout(_as_4d(x)) for kind, x in rest if kind == "mask"]
     score_kinds = [kind for kind, _ in rest if kind != "mask"]
-    score_operands = [_as_4d(x) if isinstance(x, Tensor) else x for kind, x in rest if kind != "mask"]
+    score_operands = [_fixed_layout(_as_4d(x)) if isinstance(x, Tensor) else x for kind, x in rest if kind != "mask"]
     score_tensors = [x for x in score_operands if isinstance(x, Tensor)]
     offset = kv_len - q_len
 
@@ -277,6 +277,17 @@ def block_attention_flex(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, full: Te
 
 def _as_4d(x: Tensor) -> Tensor:
     return x if x.dim() in (0, 4) else x.reshape((1,) * (4 - x.dim()) + tuple(x.shape))
+
+
+def _fixed_layout(x: Tensor) -> Tensor:
+    """``x``, the same view, through ``as_strided``, which Inductor lowers with the layout of ``x``'s
+    storage fixed. Its FlexAttention lowering needs that of the tensors the mask and score functions
+    read, and torch 2.11's does not fix it itself: a mask the graph computes (transformers' causal
+    mask) failed it ("convert FlexibleLayout to FixedLayout first") under gradient checkpointing.
+    Left as it is under Dynamo, which cannot trace ``storage_offset``."""
+    if torch.compiler.is_dynamo_compiling():
+        return x
+    return x.as_strided(x.shape, x.stride(), x.storage_offset())
 
 
 def _at(x: Tensor, b, h, qi, ki):

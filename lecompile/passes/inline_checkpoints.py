@@ -8,8 +8,7 @@ way the higher-order op itself does when AOTAutograd traces it (``recompute`` =
 ``PREFER_RECOMPUTE``, one ``ac_graph_id`` per region); AOTAutograd keeps these tags on the nodes
 it traces, and its partitioner recomputes tagged nodes in the backward instead of saving them.
 After the rewrites, :func:`tag_rewritten_nodes` gives the nodes the passes created the tag of the
-region they sit in, so a rewritten region is recomputed as the original would have been, except
-block-sparse attention, whose output is saved (see :data:`SAVED`).
+region they sit in, so a rewritten region is recomputed as the original would have been.
 
 Selective checkpointing (a ``context_fn`` policy) and bodies with nested subgraphs are left as
 they are and reported.
@@ -24,17 +23,8 @@ from typing import Dict, Optional
 import torch
 import torch.fx as fx
 
-from ..ops.block_attention import block_attention
-
 #: The tags the partitioner reads (``torch._functorch.partitioners.must_recompute``).
 RECOMPUTE, REGION = "recompute", "ac_graph_id"
-#: Rewritten ops whose results the backward reads instead of recomputing them: block-sparse
-#: attention. Its forward is the costliest part of a long-context layer, and recomputed, its block
-#: lists are computed in the backward graph that lowers the attention, where Inductor's
-#: FlexAttention lowering failed ("convert FlexibleLayout to FixedLayout first"). Saved, the region
-#: keeps one more ``[tokens, hidden]`` value (and the block lists), as selective checkpointing that
-#: saves attention does.
-SAVED = (block_attention,)
 _region_ids = itertools.count(1)
 
 
@@ -101,10 +91,7 @@ def _replace_outputs(node: fx.Node, outputs) -> None:
 
 def tag_rewritten_nodes(ctx) -> None:
     """Give the nodes the rewrites created inside a checkpointed region that region's tags: the
-    region of the nodes that use them (a value computed for a region), else of their inputs; the
-    ops in :data:`SAVED` are saved instead of recomputed."""
-    from torch.utils.checkpoint import CheckpointPolicy
-
+    region of the nodes that use them (a value computed for a region), else of their inputs."""
     if not ctx.report.checkpointed:
         return
     nodes = [n for n in ctx.gm.graph.nodes if n.op in ("call_function", "call_method")]
@@ -122,5 +109,3 @@ def tag_rewritten_nodes(ctx) -> None:
     for node in new:
         if node in tags:
             node.meta[RECOMPUTE], node.meta[REGION] = tags[node]
-            if node.target in SAVED:
-                node.meta[RECOMPUTE] = CheckpointPolicy.MUST_SAVE

@@ -70,7 +70,7 @@ def _why_dense(att: AttentionMatch, ctx) -> str:
     if q[-2] > k[-2]:
         return f"more queries ({q[-2]}) than keys ({k[-2]}): dense"
     if cfg.tuning.attn_kernel == "flash":
-        why = _why_not_flash(meta_value(att.q))
+        why = _why_not_flash(meta_value(att.q), _token_mask(att))
         if why:
             return f"attn_kernel='flash' {why}: dense"
     tiles = flex_backward_tiles(meta_value(att.q))
@@ -87,9 +87,16 @@ def _token_mask(att: AttentionMatch) -> bool:
     return bool(token_masks(att.steps, values))
 
 
-def _why_not_flash(q: torch.Tensor) -> str:
-    """Why FlashAttention 4's kernels cannot run attention on ``q``, or ``""`` (off CUDA the
-    reference runs whatever the kernel)."""
+#: Measured on an H100 with torch 2.11: FlexAttention's FlashAttention 4 code generation fails on a
+#: mask function that reads a tensor at a constant index (a broadcast dim of the model's mask), and
+#: on a view of it in its place.
+FLASH_TOKEN_MASK = ("cannot read the model's token mask (FlexAttention's code generation for FlashAttention 4 "
+                    "fails on it in torch 2.11)")
+
+
+def _why_not_flash(q: torch.Tensor, token_mask: bool) -> str:
+    """Why FlashAttention 4's kernels cannot run attention on ``q`` (whose scores take a mask of
+    token positions if ``token_mask``), or ``""`` (off CUDA the reference runs whatever the kernel)."""
     if not flash_available():
         return "needs FlashAttention 4's CuTe kernels (flash_attn.cute, package flash-attn-4), which are not installed"
     if q.device.type != "cuda":
@@ -99,6 +106,8 @@ def _why_not_flash(q: torch.Tensor) -> str:
     major, minor = torch.cuda.get_device_capability(q.device)
     if major < 9:
         return f"needs a Hopper GPU or newer (sm90+), not sm{major}{minor}"
+    if token_mask:
+        return FLASH_TOKEN_MASK
     return ""
 
 
