@@ -260,14 +260,18 @@ def add_inductor_dense_ratios(rows):
     return rows
 
 
-def plot(rows, path):
+def plot(rows, path) -> bool:
+    """Speedup against sequence length per case, kernel and density; False (nothing drawn) when no
+    row is plotted (experiments, such as masked rows, are not)."""
+    # a results file holds several runs: the latest of each point, per kernel
+    latest = {kernel: attention_latest({"rows": rows}, kernel=kernel) for kernel in ATTENTION_KERNELS}
+    names = sorted({r["case"] for kernel_rows in latest.values() for r in kernel_rows})
+    if not names:
+        return False
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    # a results file holds several runs: the latest of each point, per kernel
-    latest = {kernel: attention_latest({"rows": rows}, kernel=kernel) for kernel in ATTENTION_KERNELS}
-    names = sorted({r["case"] for kernel_rows in latest.values() for r in kernel_rows})
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
     for ax, name in zip(axes[0], names):
         densities = sorted({r["density"] for kernel_rows in latest.values() for r in kernel_rows
@@ -289,6 +293,7 @@ def plot(rows, path):
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    return True
 
 
 def main(argv=None):
@@ -333,7 +338,8 @@ def main(argv=None):
                                            "rows": rows}, args.out)
     data = {"meta": meta("sparse_attention", command_line(), tokens_per_case=TOKENS), "rows": rows}
     path = write_results("sparse_attention", data, args.out)
-    plot(rows, args.out / "sparse_attention.png")
+    if not plot(rows, args.out / "sparse_attention.png"):
+        print("no plotted rows (experiments only): no plot")
     print(path)
 
 

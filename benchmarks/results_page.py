@@ -408,7 +408,8 @@ def long_context_line(recall: dict, attention: dict) -> Optional[str]:
     for kernel, name in ATTENTION_KERNELS.items():
         speed = _attention_speed(attention, density, kernel)
         if speed:
-            setting = f' (`attn_kernel="{kernel}"`)' if kernel != "triton" else ""
+            setting = (f' (`attn_kernel="{kernel}"`; attention without a token mask only, so not yet in compiled '
+                       'Hugging Face models)') if kernel != "triton" else ""
             speeds.append(f"{speed} on {name}{setting}")
     if not speeds:
         return line + "; its speed not yet measured."

@@ -91,3 +91,10 @@ def test_a_bad_arm_names_itself_before_any_gpu_work(bad, match):
         bench.parse_arm(bad)
     with pytest.raises(ValueError, match=match):  # before the GPU check, which exits on this machine
         bench.main(["--arms", "default", bad])
+
+
+def test_a_run_of_experiments_only_draws_no_plot(tmp_path):
+    masked = {"case": "llama-3-8b attention", "seq": 8192, "density": 1.0, "pass": "fwd+bwd", "ms": 11.2,
+              "masked": True, "settings": {"attn_mask_blocks": True}}
+    assert not bench.plot([masked], tmp_path / "sparse_attention.png")
+    assert not (tmp_path / "sparse_attention.png").exists()
