@@ -201,9 +201,9 @@ def test_block_sparse_attention_on_cuda_matches_reference_model(arch, impl, monk
 
 
 def test_checkpointed_block_sparse_attention_on_cuda_matches_without_checkpointing():
-    """Gradient checkpointing with block-sparse attention on FlexAttention's kernels: the attention
-    saved, the rest of each layer recomputed in the backward graph Inductor lowers (recomputed block
-    lists failed FlexAttention's lowering there); loss and gradients as without checkpointing."""
+    """Gradient checkpointing with block-sparse attention on FlexAttention's kernels: rewritten (the
+    model's mask, computed in the graph, failed FlexAttention's lowering in torch 2.11; it now
+    reaches FlexAttention with a fixed layout), loss and gradients as without checkpointing."""
     torch.manual_seed(0)
     model = tiny_model("llama", "lora").cuda()
     ids = torch.randint(0, 128, (1, 512), device="cuda")
