@@ -13,6 +13,8 @@ a random-init bf16 model built from its config (weights identical across variant
   overhead check: adapter fusion only); ``-a<density>`` adds block-sparse attention at that
   attention density; ``-flash`` (``--attn-kernels flash``): that attention on FlashAttention 4's
   kernels (``attn_kernel="flash"``), a variant of its own beside the Triton kernels';
+  ``-mask-blocks`` (``--mask-blocks``): attention density 1.0 with ``attn_mask_blocks`` (the
+  model's masked SDPA as exact block attention), beside the same density without it;
 - ``-cg`` suffix (``--cudagraphs``): the same replayed as CUDA graphs (Inductor's
   ``mode="reduce-overhead"``, lecompile's ``cudagraphs=True``);
 - ``lecompile-<setting>`` (``--quality-settings``): the backend configured as that setting of the
@@ -209,21 +211,22 @@ def variants(densities: Sequence[float] = (1.0, 0.5, 0.25, 0.15), predictor: str
              granularity: str = "sequence", baselines: bool = True, cudagraphs: bool = False,
              attn_densities: Sequence[float] = (1.0,), attn_block: int = 128,
              settings: Optional[dict] = None, quality_settings: Sequence[str] = (),
-             attn_kernels: Sequence[str] = ("triton",)) -> List[Variant]:
+             attn_kernels: Sequence[str] = ("triton",), mask_blocks: bool = False) -> List[Variant]:
     """The baselines, then lecompile at each MLP density and attention density, then as each of
     ``quality_settings`` (:func:`quality_setting_config`). ``cudagraphs`` adds the strongest
     baseline and every lecompile variant replayed as CUDA graphs (suffix ``-cg``). ``settings``
-    are further :class:`LongExposureConfig` fields of the density variants. Variants with block
-    attention (sparse, or ``attn_mask_blocks`` in ``settings``) run once per ``attn_kernels`` entry
-    (suffix ``-flash`` for ``attn_kernel="flash"``)."""
+    are further :class:`LongExposureConfig` fields of the density variants. Variants with sparse
+    attention run once per ``attn_kernels`` entry (suffix ``-flash`` for ``attn_kernel="flash"``);
+    ``mask_blocks`` adds each density variant with dense attention again with ``attn_mask_blocks``
+    (suffix ``-mask-blocks``; Triton kernels: FlashAttention 4's take no token mask)."""
     def variant_fields(d, a, cg):  # what each lecompile variant sets itself
         return dict(mlp_density=d, predictor=predictor, granularity=granularity, cudagraphs=cg,
                     attn_density=a, attn_block=attn_block)
 
-    clash = sorted(set(settings or {}) & {*variant_fields(1.0, 1.0, False), "attn_kernel"})
+    clash = sorted(set(settings or {}) & {*variant_fields(1.0, 1.0, False), "attn_kernel", "attn_mask_blocks"})
     if clash:
         raise ValueError(f"settings {clash} are set per variant (use the densities, predictor, granularity, "
-                         f"cudagraphs, attention-block and attention-kernel options instead)")
+                         f"cudagraphs, attention-block, attention-kernel and mask-blocks options instead)")
     out = []
     if baselines:
         out = [Variant("eager", "eager"), Variant("eager-bf16-adapters", "eager", adapters_fp32=False),
@@ -236,10 +239,14 @@ def variants(densities: Sequence[float] = (1.0, 0.5, 0.25, 0.15), predictor: str
     for cg in (False, True) if cudagraphs else (False,):
         for a in attn_densities:
             for d in densities:
-                for kernel in attn_kernels if a < 1.0 or (settings or {}).get("attn_mask_blocks") else ("triton",):
+                for kernel in attn_kernels if a < 1.0 else ("triton",):
                     name = f"lecompile-d{d:g}" + (f"-a{a:g}" if a < 1.0 else "") + _kernel_suffix(kernel, cg)
                     out.append(Variant(name, "lecompile", cudagraphs=cg, config=LongExposureConfig.create(
                         **variant_fields(d, a, cg), attn_kernel=kernel, **(settings or {}))))
+                if a == 1.0 and mask_blocks:
+                    out.append(Variant(f"lecompile-d{d:g}-mask-blocks" + _kernel_suffix("triton", cg), "lecompile",
+                                       cudagraphs=cg, config=LongExposureConfig.create(
+                                           **variant_fields(d, a, cg), attn_mask_blocks=True, **(settings or {}))))
         for setting in quality_settings:
             sparse_attention = quality_setting_config(setting, cg).attn_density < 1.0
             for kernel in attn_kernels if sparse_attention else ("triton",):
@@ -782,8 +789,11 @@ def add_arguments(parser) -> None:
                         help="attention densities of the lecompile variants (1.0: dense attention)")
     parser.add_argument("--attn-block", type=int, default=128, help="tokens per attention block")
     parser.add_argument("--attn-kernels", nargs="+", default=["triton"], choices=ATTN_KERNELS,
-                        help="the kernels of the variants with block attention (sparse, or attn_mask_blocks), each "
-                             "a variant of its own (flash: FlashAttention 4's, suffix -flash)")
+                        help="the kernels of the variants with sparse attention, each a variant of its own (flash: "
+                             "FlashAttention 4's, suffix -flash)")
+    parser.add_argument("--mask-blocks", action="store_true",
+                        help="add each lecompile variant with dense attention again with attn_mask_blocks (the "
+                             "model's masked SDPA as exact block attention; suffix -mask-blocks)")
     parser.add_argument("--predictor", default="svd", choices=sorted(PREDICTORS))
     parser.add_argument("--granularity", default="sequence", choices=("sequence", "tile", "batch"))
     parser.add_argument("--no-baselines", action="store_true", help="lecompile variants only")
@@ -828,7 +838,8 @@ def run(args) -> dict:
     inductor_options = parse_inductor_options(args.inductor_option)
     vs = variants(args.densities, args.predictor, args.granularity, baselines=not args.no_baselines,
                   cudagraphs=args.cudagraphs, attn_densities=args.attn_densities, attn_block=args.attn_block,
-                  settings=settings, quality_settings=args.quality_settings, attn_kernels=args.attn_kernels)
+                  settings=settings, quality_settings=args.quality_settings, attn_kernels=args.attn_kernels,
+                  mask_blocks=args.mask_blocks)
     if args.variants:
         unknown = set(args.variants) - {v.name for v in vs}
         if unknown:

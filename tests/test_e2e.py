@@ -66,12 +66,14 @@ def test_attention_kernels_make_variants_of_their_own():
                      "lecompile-d1-a0.5-flash-cg": "flash",
                      "lecompile-attn-0.5-cg": "triton", "lecompile-attn-0.5-flash-cg": "flash",
                      "lecompile-default-cg": "triton"}
-    exact = e2e.variants(densities=(1.0,), baselines=False, settings={"attn_mask_blocks": True},
-                         attn_kernels=("triton", "flash"))
-    assert [(v.name, v.config.tuning.attn_kernel) for v in exact] == [("lecompile-d1", "triton"),
-                                                                       ("lecompile-d1-flash", "flash")]
-    with pytest.raises(ValueError, match=r"settings \['attn_kernel'\] are set per variant"):
-        e2e.variants(densities=(1.0,), settings={"attn_kernel": "flash"})
+    exact = e2e.variants(densities=(1.0,), baselines=False, attn_kernels=("triton", "flash"), mask_blocks=True,
+                         cudagraphs=True)
+    assert [(v.name, v.config.tuning.attn_kernel, v.config.tuning.attn_mask_blocks) for v in exact] == [
+        ("lecompile-d1", "triton", False), ("lecompile-d1-mask-blocks", "triton", True),
+        ("lecompile-d1-cg", "triton", False), ("lecompile-d1-mask-blocks-cg", "triton", True)]
+    for owned in ("attn_kernel", "attn_mask_blocks"):
+        with pytest.raises(ValueError, match=rf"settings \['{owned}'\] are set per variant"):
+            e2e.variants(densities=(1.0,), settings={owned: True})
     with pytest.raises(SystemExit):  # argparse names the choices
         e2e.main(["--models", "tiny-llama", "--attn-kernels", "cute", "--out", "unused"])
 
