@@ -43,8 +43,8 @@ class Tuning:
     attn_expand_kv: bool = False
     #: At ``attn_density`` 1.0, attention with a token mask (transformers builds one for every
     #: causal LM under torch.compile) runs as block attention over every block the mask allows, on
-    #: ``attn_kernel``'s kernels (exact, no predictor), instead of SDPA with the mask, which reads an
-    #: ``[L, S]`` mask and takes neither FlashAttention's nor cuDNN's causal kernels.
+    #: FlexAttention's Triton kernels (exact, no predictor), instead of SDPA with the mask, which
+    #: reads an ``[L, S]`` mask and takes neither FlashAttention's nor cuDNN's causal kernels.
     attn_mask_blocks: bool = False
     #: Tokens per tile when ``granularity="tile"``: a positive multiple of 16.
     tile_size: int = 128
