@@ -35,6 +35,7 @@ class AttentionEntry:
     density: float = 1.0         # the block budget per head (attn_density)
     block: int = 0               # tokens per block
     rewritten: bool = False
+    kernel: str = ""             # where rewritten: the kernels it runs on (triton / flash)
     note: str = ""
 
 
@@ -164,9 +165,10 @@ class Report:
         if self.attention:
             lines.append(format_table(
                 ["attention", "kind", "heads", "query_len", "head_dim", "peft", "density", "block",
-                 "rewritten"],
+                 "rewritten", "kernel"],
                 [[e.layer, e.kind, e.heads, e.query_len, e.head_dim, ",".join(e.peft) or "-",
-                  f"{e.density:.3f}", e.block, "yes" if e.rewritten else "no"] for e in self.attention]))
+                  f"{e.density:.3f}", e.block, "yes" if e.rewritten else "no", e.kernel or "-"]
+                 for e in self.attention]))
             notes = sorted({e.note for e in self.attention if e.note})
             lines += [f"  note: {n}" for n in notes]
         if self.linears:

@@ -472,11 +472,13 @@ def test_flash_kernels_are_asked_for_by_name_and_their_absence_is_reported(monke
     config = LongExposureConfig.create(mlp_density=1.0, attn_density=0.5, attn_block=16, attn_kernel="flash")
     monkeypatch.setattr(rewrite_attention, "flash_available", lambda: False)
     report = lecompile.explain(model, **inputs, config=config)
-    assert report.attention and all(not e.rewritten and "attn_kernel='flash' needs FlashAttention 4's CuTe kernels"
-                                    in e.note for e in report.attention), str(report)
+    assert report.attention and all(
+        e.rewritten and e.kernel == "triton" and "attn_kernel='flash' needs FlashAttention 4's CuTe kernels" in e.note
+        and e.note.endswith("FlexAttention's Triton kernels instead") for e in report.attention), str(report)
     monkeypatch.setattr(rewrite_attention, "flash_available", lambda: True)  # the CPU runs the reference
-    assert all(e.rewritten for e in lecompile.explain(model, **inputs, config=config).attention)
-    # On a GPU the kernels take bf16/fp16 on Hopper or newer; elsewhere attention stays dense, saying why.
+    assert all(e.rewritten and e.kernel == "flash" for e in lecompile.explain(model, **inputs, config=config).attention)
+    # On a GPU the kernels take bf16/fp16 on Hopper or newer, and no token mask; elsewhere the Triton
+    # kernels run attention, the note saying why.
     cuda = lambda dtype: SimpleNamespace(dtype=dtype, device=torch.device("cuda"))  # noqa: E731
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (8, 0))
     why = rewrite_attention._why_not_flash

@@ -35,10 +35,11 @@ def rewrite_attention(ctx) -> None:
         entry.note = _why_dense(att, ctx)
         if entry.note:
             continue
-        _rewrite(ctx, att, allowed)
+        entry.kernel, not_flash = _kernel(att, cfg)
+        _rewrite(ctx, att, allowed, entry.kernel)
         entry.rewritten = True
-        if cfg.attn_density == 1.0:
-            entry.note = "attn_mask_blocks: exact block attention over the blocks the token mask allows"
+        mask_blocks = "attn_mask_blocks: exact block attention over the blocks the token mask allows"
+        entry.note = "; ".join(n for n in (mask_blocks if cfg.attn_density == 1.0 else "", not_flash) if n)
         counters["lecompile"]["block_attention"] += 1
         changed = True
     if changed:
@@ -69,12 +70,8 @@ def _why_dense(att: AttentionMatch, ctx) -> str:
         return f"sequence lengths {q[-2]} / {k[-2]} are not multiples of attn_block={block}: dense"
     if q[-2] > k[-2]:
         return f"more queries ({q[-2]}) than keys ({k[-2]}): dense"
-    if cfg.tuning.attn_kernel == "flash":
-        why = _why_not_flash(meta_value(att.q), _token_mask(att))
-        if why:
-            return f"attn_kernel='flash' {why}: dense"
     tiles = flex_backward_tiles(meta_value(att.q))
-    if cfg.tuning.attn_kernel == "triton" and tiles and not any(all(block % t == 0 for t in tile) for tile in tiles):
+    if _kernel(att, cfg)[0] == "triton" and tiles and not any(all(block % t == 0 for t in tile) for tile in tiles):
         need = max(math.lcm(*tile) for tile in tiles)
         return (f"Inductor's FlexAttention backward on this GPU (head dim {q[-1]}) only has tiles {tiles}, which "
                 f"attn_block={block} is not a multiple of (use attn_block={need}): dense")
@@ -94,6 +91,15 @@ FLASH_TOKEN_MASK = ("cannot read the model's token mask (FlexAttention's code ge
                     "fails on it in torch 2.11)")
 
 
+def _kernel(att: AttentionMatch, cfg) -> Tuple[str, str]:
+    """The kernels ``att`` runs on: ``attn_kernel``'s, or FlexAttention's Triton kernels where
+    FlashAttention 4's were asked for and cannot run it, with a note saying why."""
+    if cfg.tuning.attn_kernel != "flash":
+        return cfg.tuning.attn_kernel, ""
+    why = _why_not_flash(meta_value(att.q), _token_mask(att))
+    return ("triton", f"attn_kernel='flash' {why}: FlexAttention's Triton kernels instead") if why else ("flash", "")
+
+
 def _why_not_flash(q: torch.Tensor, token_mask: bool) -> str:
     """Why FlashAttention 4's kernels cannot run attention on ``q`` (whose scores take a mask of
     token positions if ``token_mask``), or ``""`` (off CUDA the reference runs whatever the kernel)."""
@@ -111,7 +117,7 @@ def _why_not_flash(q: torch.Tensor, token_mask: bool) -> str:
     return ""
 
 
-def _rewrite(ctx, att: AttentionMatch, allowed) -> None:
+def _rewrite(ctx, att: AttentionMatch, allowed, kernel: str) -> None:
     cfg, graph = ctx.config, ctx.gm.graph
     q_len, kv_len = static_shape(att.q)[-2], static_shape(att.k)[-2]
     device = meta_value(att.q).device
@@ -128,7 +134,7 @@ def _rewrite(ctx, att: AttentionMatch, allowed) -> None:
             cfg.tuning.attn_predictor))
         out = graph.call_function(block_attention, (att.q, att.k, att.v, keep, all_block, steps, operands,
                                                     att.causal, cfg.tuning.attn_block, att.enable_gqa,
-                                                    cfg.tuning.attn_kernel, cfg.tuning.attn_expand_kv))
+                                                    kernel, cfg.tuning.attn_expand_kv))
         out_dtype = meta_value(att.out).dtype
         if out_dtype != meta_value(att.v).dtype:
             out = graph.call_function(torch.ops.aten._to_copy.default, (out,), {"dtype": out_dtype})
