@@ -216,11 +216,12 @@ ATTENTION_KERNELS = {"triton": "FlexAttention's Triton kernels", "flash": "Flash
 def attention_kernel(row: dict) -> Optional[str]:
     """The ``attn_kernel`` a row of the attention benchmark ran on, or ``None`` for an experiment
     (autotuned, extra FlexAttention options, another layout than the predictor's, a masked SDPA,
-    other settings)."""
+    other settings) or a row whose attention ran on other kernels than it asked for."""
     settings = row.get("settings") or {}
     if any(row.get(k) for k in ("autotuned", "flex_options", "layout", "masked")) or set(settings) - {"attn_kernel"}:
         return None
-    return settings.get("attn_kernel", "triton")
+    asked = settings.get("attn_kernel", "triton")
+    return None if row.get("kernels") and row["kernels"] != [asked] else asked
 
 
 def attention_latest(attention: dict, min_seq: int = 0, kernel: str = "triton") -> List[dict]:

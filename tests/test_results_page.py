@@ -136,6 +136,15 @@ def test_attention_rows_are_compared_with_the_fastest_dense_attention_of_their_r
     assert results_page.fastest_dense(rows[0]) == ("dense-flash", 10.0)
 
 
+def test_attention_rows_count_for_the_kernels_that_ran():
+    flash = {"settings": {"attn_kernel": "flash"}}
+    assert results_page.attention_kernel({**flash, "kernels": ["flash"]}) == "flash"
+    assert results_page.attention_kernel({**flash, "kernels": ["triton"]}) is None  # FA4 could not run it
+    assert results_page.attention_kernel({**flash}) == "flash"  # rows from before the benchmark recorded it
+    assert results_page.attention_kernel({"kernels": []}) == "triton"  # density 1.0: nothing rewritten
+    assert results_page.attention_kernel({"masked": True, "kernels": ["triton"]}) is None
+
+
 def test_long_context_line_pairs_the_passing_attention_density_with_its_speed():
     summary = [dict(setting="dense", options=None, seeds=3, exact_match=0.8, passes=True),
                dict(setting="attn-0.5", options={"attn_density": 0.5}, seeds=3, heldout_delta=-0.2, exact_match=0.9,
