@@ -114,6 +114,8 @@ class Report:
         for entry in (*self.mlp, *self.attention):
             if entry.rewritten:
                 entry.rewritten, entry.note = False, note
+        for entry in self.attention:
+            entry.kernel = ""
         for linear in self.linears:
             if linear.fused:
                 linear.fused, linear.in_gemm, linear.shared_with, linear.note = False, False, [], note

@@ -132,3 +132,12 @@ def test_a_rewritten_graph_inductor_cannot_compile_runs_as_plain_inductor(monkey
     torch.testing.assert_close(loss, ref_loss, atol=2e-5, rtol=1e-4)
     for name in grads:
         torch.testing.assert_close(grads[name], ref_grads[name], atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_undone_attention_rewrites_name_no_kernel():
+    from lecompile.report import AttentionEntry, Report
+
+    report = Report(attention=[AttentionEntry("layers.0.self_attn", "sdpa", 4, 512, 16, ["q_proj:lora"], 0.5, 64,
+                                              rewritten=True, kernel="triton")])
+    report.compiled_plain("InductorError: no lowering")
+    assert [(e.rewritten, e.kernel) for e in report.attention] == [(False, "")]
