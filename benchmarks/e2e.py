@@ -457,9 +457,8 @@ def run_variant(case: Case, variant: Variant, device: str, steps: int = 20, warm
                  "lora_linears_in_gemm": sum(e.in_gemm for e in report.linears),
                  "loss_fused": any(e.fused for e in report.losses),
                  "graphs_compiled": len(backend.reports)}
-        kernels = sorted({e.kernel for e in report.attention if e.rewritten})
-        if kernels:  # what attention ran on: attn_kernel="flash" hands what FA4 cannot run to the Triton kernels
-            extra["attn_kernel"] = "+".join(kernels)
+        if report.attention_kernels:  # what ran: attn_kernel="flash" hands what FA4 cannot run to the Triton kernels
+            extra["attn_kernel"] = "+".join(report.attention_kernels)
     elif variant.backend == "sparselora":
         extra = {"mlp_rewritten": sum(isinstance(m, SlicedOutput) for m in model.modules())}
     extra["peak_reserved_gib"] = round(reserved, 3)

@@ -142,6 +142,11 @@ class Report:
         return sum(e.rewritten for e in self.attention)
 
     @property
+    def attention_kernels(self) -> List[str]:
+        """The kernels the rewritten attention runs on, sorted (none where nothing was rewritten)."""
+        return sorted({e.kernel for e in self.attention if e.rewritten})
+
+    @property
     def linears_fused(self) -> int:
         return sum(e.fused for e in self.linears)
 

@@ -139,5 +139,6 @@ def test_undone_attention_rewrites_name_no_kernel():
 
     report = Report(attention=[AttentionEntry("layers.0.self_attn", "sdpa", 4, 512, 16, ["q_proj:lora"], 0.5, 64,
                                               rewritten=True, kernel="triton")])
+    assert report.attention_kernels == ["triton"]
     report.compiled_plain("InductorError: no lowering")
-    assert [(e.rewritten, e.kernel) for e in report.attention] == [(False, "")]
+    assert [(e.rewritten, e.kernel) for e in report.attention] == [(False, "")] and report.attention_kernels == []
