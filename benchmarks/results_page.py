@@ -80,22 +80,24 @@ def e2e_section(e2e: dict) -> str:
              "`lecompile-<setting>` rows: a setting of the quality harness over its whole schedule (the median step "
              "after its dense warm-up; `quality`: its held-out loss change against dense LoRA, and the mean step of "
              "the whole schedule, warm-up and predictor refreshes included, against the strongest setup). "
-             "`of limit`: the step's physical limit (its base GEMMs and attention at the GPU's bf16 GEMM rate) over "
-             "the step time, where the run recorded it; `compile s`: the first step (the variants of a case compile "
-             "one after another in one process and share Inductor's and Triton's caches, so a later variant may reuse "
-             "kernels an earlier one built: these are not cold-compile times)."]
+             "`vs d1`: against lecompile at density 1.0 (without `attn_mask_blocks`) of the same run, replayed the "
+             "same way. `of limit`: the step's physical limit (its base GEMMs and attention at the GPU's bf16 GEMM "
+             "rate) over the step time, where the run recorded it; `compile s`: the first step (the variants of a case "
+             "compile one after another in one process and share Inductor's and Triton's caches, so a later variant "
+             "may reuse kernels an earlier one built: these are not cold-compile times)."]
     order = sorted(e2e_latest(e2e).items(), key=lambda kv: kv[0] != "NVIDIA H200")
     for device, cases in order:
         parts.append(f"### {device}")
         for case, rows in cases.items():
             table = [[r["variant"], f"{r['ms']:.1f}", ratio(r.get("speedup_vs_eager")), ratio(r.get("speedup")),
-                      ratio(r.get("speedup_vs_strongest")), _share(r.get("limit_ratio")), f"{r['peak_mem_gib']:.2f}",
-                      r.get("compile_s"), {True: "yes", False: "no"}.get(r.get("loss_matches_eager")), _quality(r),
+                      ratio(r.get("speedup_vs_strongest")), ratio(r.get("speedup_vs_d1")), _share(r.get("limit_ratio")),
+                      f"{r['peak_mem_gib']:.2f}", r.get("compile_s"),
+                      {True: "yes", False: "no"}.get(r.get("loss_matches_eager")), _quality(r),
                       r["run"]]
                      for r in rows]
             parts.append(f"**{case}**\n\n" + markdown_table(
-                ["variant", "step ms", "vs eager", "vs Inductor", "vs strongest", "of limit", "peak GiB", "compile s",
-                 "loss ok", "quality", "run"], table))
+                ["variant", "step ms", "vs eager", "vs Inductor", "vs strongest", "vs d1", "of limit", "peak GiB",
+                 "compile s", "loss ok", "quality", "run"], table))
     return "\n\n".join(parts)
 
 
@@ -390,10 +392,10 @@ def quality_line(quality: dict, e2e: dict) -> str:
     return line + "."
 
 
-def long_context_line(recall: dict, attention: dict) -> Optional[str]:
+def long_context_line(recall: dict, attention: dict, e2e: Optional[dict] = None) -> Optional[str]:
     """The sparsest attention setting that passed the recall task, with its attention's speed at
-    8k tokens and more from the attention benchmark on each kernel (:func:`_attention_speed`);
-    ``None`` when no attention setting passed."""
+    8k tokens and more from the attention benchmark on each kernel (:func:`_attention_speed`) and
+    its whole training step's (:func:`_long_context_step`); ``None`` when no attention setting passed."""
     from benchmarks.quality import kept
     by = {s["setting"]: s for s in recall["summary"]}
     passing = [s for s in by.values() if s["passes"] and kept(s, "recall") < 1.0]
@@ -412,9 +414,28 @@ def long_context_line(recall: dict, attention: dict) -> Optional[str]:
             setting = (f' (`attn_kernel="{kernel}"`; attention without a token mask only, so not yet in compiled '
                        'Hugging Face models)') if kernel != "triton" else ""
             speeds.append(f"{speed} on {name}{setting}")
+    step = _long_context_step(load("e2e") if e2e is None else e2e, density)
+    step = f"; {step}" if step else "; not yet timed end to end"
     if not speeds:
-        return line + "; its speed not yet measured."
-    return f"{line}; its attention alone, forward and backward, ran {', '.join(speeds)}; not yet timed end to end."
+        return f"{line}; its attention's speed not yet measured{step}."
+    return f"{line}; its attention alone, forward and backward, ran {', '.join(speeds)}{step}."
+
+
+def _long_context_step(e2e: dict, density: float) -> Optional[str]:
+    """The newest whole training step at 4096 tokens or more with attention density ``density``
+    (MLPs dense), against the strongest setup of its run."""
+    rows = [(device, r) for device, cases in e2e_latest(e2e).items() for case_rows in cases.values()
+            for r in case_rows if r["seq"] >= 4096 and r.get("attn_density") == density
+            and r.get("mlp_density", 1.0) == 1.0 and r.get("speedup_vs_strongest") is not None]
+    if not rows:
+        return None
+    device, row = max(rows, key=lambda dr: dr[1]["run"])
+    same_run = {r["variant"]: r for r in e2e_latest(e2e)[device][row["case"]] if r["run"] == row["run"]}
+    base, exact = same_run[row["strongest_baseline"]], same_run.get("lecompile-d1-mask-blocks")
+    exact = f" (exact attention, `attn_mask_blocks`: {ratio(exact['speedup_vs_strongest'])})" if exact else ""
+    return (f"a whole training step of {row['case']} ({device}): {ratio(row['speedup_vs_strongest'])} "
+            f"`{base['variant']}` of the same run{exact}, {row['ms']:.0f} against {base['ms']:.0f} ms, peak memory "
+            f"{row['peak_mem_gib']:.1f} against {base['peak_mem_gib']:.1f} GiB")
 
 
 def _attention_speed(attention: dict, density: float, kernel: str) -> Optional[str]:

@@ -152,10 +152,11 @@ def test_long_context_line_pairs_the_passing_attention_density_with_its_speed():
                dict(setting="attn-0.25", options={"attn_density": 0.25}, seeds=3, heldout_delta=0.5, exact_match=0.5,
                     passes=False)]
     recall = {"meta": {"seq": 4096}, "summary": summary}
+    no_steps = {"meta": {"runs": []}, "rows": []}
     attention = {"meta": {"device": "GPU", "runs": [{"run": 1, "device": "H100"}]}, "rows": [
         attention_row(1, seq, density, ms, **{"pass": "fwd+bwd"})
         for seq, density, ms in ((4096, 0.5, 1.0), (8192, 0.5, 8.0), (32768, 0.5, 5.0), (8192, 0.25, 2.0))]}
-    line = results_page.long_context_line(recall, attention)
+    line = results_page.long_context_line(recall, attention, no_steps)
     assert line.startswith("Long context: `attn-0.5` (attention over 0.5 of the blocks) kept the quality of a recall "
                            "fine-tune at 4096 tokens: held-out answer loss -20.0% of dense LoRA's, exact match 0.90 "
                            "against 0.80 (3 seeds)")
@@ -166,12 +167,41 @@ def test_long_context_line_pairs_the_passing_attention_density_with_its_speed():
     attention["rows"] += [attention_row(2, 8192, 0.5, 4.0, settings={"attn_kernel": "flash"}, **{"pass": "fwd+bwd"}),
                           attention_row(2, 32768, 0.5, 4.0, layout="band", **{"pass": "fwd+bwd"}),  # an experiment
                           attention_row(2, 32768, 0.5, 6.0, **{"pass": "fwd+bwd"})]
-    line = results_page.long_context_line(recall, attention)
+    line = results_page.long_context_line(recall, attention, no_steps)
     assert line.endswith("ran 1.67x the fastest dense attention at 32768 tokens with llama-3-8b heads "
                          "(H200), 0.83 of the ideal on FlexAttention's Triton kernels, 2.50x the fastest "
                          "dense attention at 8192 tokens with llama-3-8b heads (H200), 1.25 of the ideal on "
                          "FlashAttention 4's kernels (`attn_kernel=\"flash\"`; attention without a token mask only, "
                          "so not yet in compiled Hugging Face models); not yet timed end to end.")
-    assert results_page.long_context_line(recall, {"meta": {}, "rows": []}).endswith("its speed not yet measured.")
+    assert results_page.long_context_line(recall, {"meta": {}, "rows": []}, no_steps).endswith(
+        "its attention's speed not yet measured; not yet timed end to end.")
     summary[1]["passes"] = False
-    assert results_page.long_context_line(recall, attention) is None
+    assert results_page.long_context_line(recall, attention, no_steps) is None
+
+
+def test_long_context_line_adds_the_newest_long_training_step_at_the_passing_density():
+    summary = [dict(setting="dense", options=None, seeds=3, exact_match=0.8, passes=True),
+               dict(setting="attn-0.5", options={"attn_density": 0.5}, seeds=3, heldout_delta=-0.2, exact_match=0.9,
+                    passes=True)]
+    recall = {"meta": {"seq": 4096}, "summary": summary}
+
+    def row(run, case, variant, ms, seq, attn_density=1.0, mlp_density=1.0, peak=10.0):
+        return dict(run=run, case=case, variant=variant, ms=ms, seq=seq, attn_density=attn_density,
+                    mlp_density=mlp_density, peak_mem_gib=peak, speedup_vs_strongest=round(100 / ms, 3),
+                    strongest_baseline="inductor-bf16-adapters")
+
+    runs = [{"run": run, "device": "H100", "command": "python -m benchmarks.e2e"} for run in (1, 2)]
+    e2e = {"meta": {"runs": runs}, "rows": [
+        row(1, "m 1x8192", "inductor-bf16-adapters", 100.0, 8192),
+        row(1, "m 1x8192", "lecompile-d1-a0.5", 50.0, 8192, attn_density=0.5, peak=4.0),
+        row(2, "m 2x2048", "inductor-bf16-adapters", 100.0, 2048),  # too short
+        row(2, "m 2x2048", "lecompile-d1-a0.5", 80.0, 2048, attn_density=0.5),
+        row(2, "m 1x4096", "inductor-bf16-adapters", 100.0, 4096),
+        row(2, "m 1x4096", "lecompile-d0.25-a0.5", 40.0, 4096, attn_density=0.5, mlp_density=0.25),  # sparse MLPs
+        row(2, "m 1x4096", "lecompile-d1-a0.25", 40.0, 4096, attn_density=0.25)]}  # another density
+    line = results_page.long_context_line(recall, {"meta": {}, "rows": []}, e2e)
+    assert line.endswith("; a whole training step of m 1x8192 (H100): 2.00x `inductor-bf16-adapters` of the same "
+                         "run, 50 against 100 ms, peak memory 4.0 against 10.0 GiB.")
+    e2e["rows"].append(row(1, "m 1x8192", "lecompile-d1-mask-blocks", 80.0, 8192))
+    assert "of the same run (exact attention, `attn_mask_blocks`: 1.25x), 50 against" in \
+        results_page.long_context_line(recall, {"meta": {}, "rows": []}, e2e)
