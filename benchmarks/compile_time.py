@@ -3,9 +3,11 @@
     python -m benchmarks.compile_time --models qwen2-1.5b --variants inductor inductor-bf16-adapters-cg \\
         lecompile-d1 lecompile-d1-cg lecompile-d0.25-cg
 
-Each (case, variant) of :mod:`benchmarks.e2e` compiles in two fresh processes that share a cache
-directory of their own (``TORCHINDUCTOR_CACHE_DIR``, ``TRITON_CACHE_DIR``, nothing from other
-variants or earlier runs): the first starts cold, the second warm, as a second run of the same
+Each (case, variant) of :mod:`benchmarks.e2e` (its sparse-attention ``-a<density>`` and
+``-mask-blocks`` variants included; ``--checkpointing``: every decoder layer checkpointed)
+compiles in two fresh processes that share a cache directory of their own
+(``TORCHINDUCTOR_CACHE_DIR``, ``TRITON_CACHE_DIR``, nothing from other variants or earlier
+runs): the first starts cold, the second warm, as a second run of the same
 training script on the same machine would. Each process times the first training step (forward,
 backward, AdamW: everything compiles there) and breaks it into disjoint phases: from
 ``torch._dynamo.utils.compile_times()``, Dynamo's tracing, lecompile's passes, the frozen-weight
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -65,17 +68,15 @@ MEASURED_PHASES = ("autotune", "triton_jit")
 STRONGEST = "inductor-bf16-adapters-cg"
 
 
-def first_step(model: str, variant: str, shape: str, layers, device: str) -> dict:
+def first_step(model: str, variant: str, shape: str, layers, device: str,
+               checkpointing: bool = False) -> dict:
     """Build ``model`` as :mod:`benchmarks.e2e` does, run one training step through ``variant``,
     and return its seconds, phases and cache counters (this process's caches as they are)."""
     from torch._dynamo.utils import compilation_time_metrics, counters
 
     from benchmarks import e2e
-    chosen = {v.name: v for v in e2e.variants(densities=_densities(variant), cudagraphs=variant.endswith("-cg"))}
-    if variant not in chosen:
-        raise ValueError(f"unknown variant {variant!r}; choose from {sorted(chosen)}")
-    case = e2e.Case(model, "lora", *parse_shape(shape), layers=layers)
-    step = e2e.training_step(case, chosen[variant], device)
+    case = e2e.Case(model, "lora", *parse_shape(shape), layers=layers, checkpointing=checkpointing)
+    step = e2e.training_step(case, lookup_variant(variant), device)
     start = time.perf_counter()
     with autotuning() as tuned, jit_compiles() as compiled:
         loss = step().item()  # .item() waits for the GPU
@@ -107,13 +108,22 @@ def parse_shape(shape: str) -> Tuple[int, int]:
     return int(batch), int(seq)
 
 
-def _densities(variant: str) -> List[float]:
-    """The MLP density a ``lecompile-d<density>[-...]`` name asks for (1.0 for other names)."""
-    head = variant[len("lecompile-d"):].split("-")[0] if variant.startswith("lecompile-d") else ""
+def lookup_variant(name: str):
+    """The :mod:`benchmarks.e2e` variant called ``name``: a baseline, or
+    ``lecompile-d<MLP density>[-a<attention density>][-mask-blocks][-cg]``; a ``ValueError`` names
+    an unknown one."""
+    from benchmarks import e2e
+    densities = re.match(r"lecompile-d([0-9.]+)(?:-a([0-9.]+))?", name)
     try:
-        return [float(head)]
+        mlp, attention = (float(d) if d else 1.0 for d in (densities.groups() if densities else (None, None)))
     except ValueError:
-        return [1.0]
+        mlp = attention = 1.0  # not a number: no such variant below
+    chosen = {v.name: v for v in e2e.variants(densities=[mlp], cudagraphs=name.endswith("-cg"),
+                                              attn_densities=sorted({1.0, attention}),
+                                              mask_blocks=name.endswith(("-mask-blocks", "-mask-blocks-cg")))}
+    if name not in chosen:
+        raise ValueError(f"unknown variant {name!r}; choose from {sorted(chosen)}")
+    return chosen[name]
 
 
 def run_process(cmd: List[str], env: dict, timeout: float) -> Tuple[int, str, str]:
@@ -132,15 +142,17 @@ def run_process(cmd: List[str], env: dict, timeout: float) -> Tuple[int, str, st
     return process.returncode, stdout, stderr
 
 
-def measure(model: str, variant: str, shape: str, layers, device: str, timeout: float) -> dict:
+def measure(model: str, variant: str, shape: str, layers, device: str, timeout: float,
+            checkpointing: bool = False) -> dict:
     """The cold and the warm process of one (case, variant), sharing a fresh cache directory."""
-    row = {"model": model, "layers": layers, "shape": shape, "variant": variant}
+    row = {"model": model, "layers": layers, "shape": shape, "variant": variant, "checkpointing": checkpointing}
     with tempfile.TemporaryDirectory(prefix="lecompile-compile-time-", ignore_cleanup_errors=True) as cache:
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, TRITON_CACHE_DIR=str(Path(cache) / "triton"))
         env.pop("TORCHINDUCTOR_FORCE_DISABLE_CACHES", None)
         for run in ("cold", "warm"):
             cmd = [sys.executable, "-m", "benchmarks.compile_time", "--one", model, variant, "--shapes", shape,
-                   "--device", device] + (["--layers", str(layers)] if layers else [])
+                   "--device", device] + (["--layers", str(layers)] if layers else []) + (
+                       ["--checkpointing"] if checkpointing else [])
             try:
                 returncode, stdout, stderr = run_process(cmd, env, timeout)
             except subprocess.TimeoutExpired:
@@ -167,7 +179,7 @@ def measure(model: str, variant: str, shape: str, layers, device: str, timeout: 
 def add_ratios(rows: List[dict]) -> None:
     """``cold_vs_inductor`` and ``cold_vs_strongest`` of each row, against the same case's rows."""
     def case(r):
-        return r["model"], r["layers"], r["shape"]
+        return r["model"], r["layers"], r["shape"], r.get("checkpointing", False)
 
     cold = {(case(r), r["variant"]): r["cold_s"] for r in rows if "cold_s" in r}
     for r in rows:
@@ -184,7 +196,7 @@ def plot(rows: List[dict], path) -> None:
     done = [r for r in rows if "warm_s" in r]  # both processes ran
     fig, ax = plt.subplots(figsize=(max(8.0, 1.6 * len(done) + 4), 5.5))
     labels = [f"{r['variant']}\n{r['model']}{' (' + str(r['layers']) + ' layers)' if r['layers'] else ''} {r['shape']}"
-              + (f"\nrun {r['run']}" if "run" in r else "") for r in done]
+              + (" ckpt" if r.get("checkpointing") else "") + (f"\nrun {r['run']}" if "run" in r else "") for r in done]
     xs = range(len(done))
     bottom = [0.0] * len(done)
     for phase in (*PHASES, *MEASURED_PHASES):
@@ -203,14 +215,14 @@ def plot(rows: List[dict], path) -> None:
 
 
 def run(models: Sequence[str], variants: Sequence[str], shapes: Sequence[str], layers, device: str,
-        out: Path, timeout: float) -> dict:
+        out: Path, timeout: float, checkpointing: bool = False) -> dict:
     from tqdm.auto import tqdm
     rows: List[dict] = []
     data = {"meta": meta("compile_time", command_line(), settings={"method": "lora", "init": "random, seed 0"}),
             "rows": rows}
     jobs = [(m, v, s) for m in models for s in shapes for v in variants]
     for model, variant, shape in tqdm(jobs, desc="compile time", unit="variant"):
-        rows.append(measure(model, variant, shape, layers, device, timeout))
+        rows.append(measure(model, variant, shape, layers, device, timeout, checkpointing))
         add_ratios(rows)
         write_results("compile_time", data, out)  # saved as it goes, in case the run is cut short
     plot(rows, out / "compile_time.png")
@@ -223,9 +235,12 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["opt-1.3b"], choices=list(e2e.MODELS))
     parser.add_argument("--variants", nargs="+", default=["inductor", "lecompile-d1"],
-                        help="benchmarks.e2e variant names (lecompile-d<density>[-cg], inductor, ...)")
+                        help="benchmarks.e2e variant names (inductor, lecompile-d<MLP density>[-a<attention "
+                             "density>][-mask-blocks][-cg], ...)")
     parser.add_argument("--shapes", nargs="+", default=["8x512"], help="BATCHxSEQ each (default: 8x512)")
     parser.add_argument("--layers", type=int, default=None, help="fewer decoder layers than the published model")
+    parser.add_argument("--checkpointing", action="store_true",
+                        help="gradient checkpointing (non-reentrant) on every decoder layer, every variant")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds each process may take")
     parser.add_argument("--out", default=str(RESULTS), help="folder for compile_time.json and .png")
@@ -235,7 +250,7 @@ def main(argv=None) -> int:
     if args.layers is not None and args.layers < 1:
         parser.error(f"--layers must be >= 1, got {args.layers}")
     if args.one:
-        print(json.dumps(first_step(*args.one, args.shapes[0], args.layers, device)))
+        print(json.dumps(first_step(*args.one, args.shapes[0], args.layers, device, args.checkpointing)))
         return 0
     for shape in args.shapes:  # wrong names and shapes fail here, not after the first measurements
         try:
@@ -243,9 +258,12 @@ def main(argv=None) -> int:
         except ValueError as err:
             parser.error(str(err))
     for variant in args.variants:
-        if variant not in {v.name for v in e2e.variants(densities=_densities(variant), cudagraphs=True)}:
-            parser.error(f"unknown variant {variant!r}")
-    data = run(args.models, args.variants, args.shapes, args.layers, device, Path(args.out), args.timeout)
+        try:
+            lookup_variant(variant)
+        except ValueError as err:
+            parser.error(str(err))
+    data = run(args.models, args.variants, args.shapes, args.layers, device, Path(args.out), args.timeout,
+               args.checkpointing)
     from lecompile.report import format_table
     cols = ["model", "shape", "variant", "cold_s", "warm_s", "cold_vs_inductor", "cold_vs_strongest", "error"]
     print(format_table(cols, [[r.get(c, "-") for c in cols] for r in data["rows"]]))

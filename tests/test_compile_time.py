@@ -39,6 +39,23 @@ def test_bad_shapes_are_named(shape):
         compile_time.parse_shape(shape)
 
 
+@pytest.mark.parametrize("name, mlp, attention, mask_blocks, cudagraphs", [
+    ("lecompile-d0.25-cg", 0.25, 1.0, False, True), ("lecompile-d1-a0.5", 1.0, 0.5, False, False),
+    ("lecompile-d0.25-a0.5-cg", 0.25, 0.5, False, True), ("lecompile-d1-mask-blocks", 1.0, 1.0, True, False)])
+def test_variants_are_looked_up_by_their_benchmark_names(name, mlp, attention, mask_blocks, cudagraphs):
+    config = compile_time.lookup_variant(name).config
+    assert (config.mlp_density, config.attn_density, config.tuning.attn_mask_blocks, config.cudagraphs) == (
+        mlp, attention, mask_blocks, cudagraphs)
+    assert compile_time.lookup_variant("inductor-bf16-adapters-cg").config is None
+
+
+def test_ratios_keep_checkpointed_cases_apart():
+    rows = [dict(model="m", layers=2, shape="1x4096", variant=v, cold_s=s, checkpointing=c)
+            for v, s, c in (("inductor", 10.0, False), ("lecompile-d1-a0.5", 30.0, True), ("inductor", 20.0, True))]
+    compile_time.add_ratios(rows)
+    assert rows[1]["cold_vs_inductor"] == 1.5
+
+
 def test_unknown_variants_are_refused_before_measuring(capsys):
     with pytest.raises(SystemExit):
         compile_time.main(["--variants", "lecompile-dfast"])

@@ -60,7 +60,7 @@ def test_compile_section_shows_each_run_on_its_device_with_the_cold_steps_phases
            "warm_s": 12.5, "cold_next_step_s": 0.4, "cold_phases": phases, "cold_vs_inductor": 1.5}
     data = {"meta": {"device": "cpu", "runs": [{"run": 2, "device": "NVIDIA H200", "date": "2026-12-05",
                                                 "git_commit": "abc1234", "what": "on the GPU"}]},
-            "rows": [{"run": 2, **row}, {**row, "model": "tiny", "cold_s": 3.0},
+            "rows": [{"run": 2, **row}, {**row, "model": "tiny", "cold_s": 3.0, "checkpointing": True},
                      {"model": "x", "variant": "inductor", "error": "cold process failed"}]}
     data["rows"].append({**row, "model": "y", "error": "warm process failed"})
     del data["rows"][-1]["warm_s"]
@@ -69,7 +69,7 @@ def test_compile_section_shows_each_run_on_its_device_with_the_cold_steps_phases
     lines = text.split("\n\nRuns:")[0].splitlines()
     assert lines[-3] == ("| 2 | NVIDIA H200 | qwen2-1.5b 8x512 | lecompile-d1 | 60.0 | 12.5 | 0.4 | 1.50x | - | "
                          + "1.0 | " * len(PHASES) + "20.0 | - |")
-    assert lines[-2].startswith("| - | cpu | tiny 8x512 | lecompile-d1 | 3.0 |")  # a row from before any merge
+    assert lines[-2].startswith("| - | cpu | tiny 8x512 checkpointing | lecompile-d1 | 3.0 |")  # before any merge
     assert lines[-1].startswith("| - | cpu | y 8x512 | lecompile-d1 | 60.0 | - |")  # the warm process failed
 
 
