@@ -25,6 +25,7 @@ import torch
 
 from benchmarks import e2e
 from benchmarks.common import RESULTS, command_line, meta, write_results
+from lecompile.layers import decoder_layers
 
 CUDA_GRAPHS = ("inductor", "inductor-bf16-adapters-cg", "lecompile-d1-cg", "lecompile-d0.25-cg")
 NO_CUDA_GRAPHS = ("inductor", "inductor-bf16-adapters", "lecompile-d1", "lecompile-d0.25")
@@ -50,7 +51,7 @@ def wrapper(parallelism: str, device: str):
         from torch.distributed.fsdp import fully_shard
 
         def wrap(model):
-            for layer in e2e.decoder_layers(model):
+            for layer in decoder_layers(model):
                 fully_shard(layer)
             return fully_shard(model)
     return wrap

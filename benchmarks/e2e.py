@@ -67,7 +67,7 @@ from torch._dynamo.utils import counters
 
 from benchmarks.common import RESULTS, autotune_record, autotune_seconds, autotuning, command_line, meta, write_results
 from benchmarks.sparselora import SlicedOutput, mlp_blocks, replace, sparsify_mlps
-from lecompile import LongExposureBackend, LongExposureConfig
+from lecompile import LongExposureBackend, LongExposureConfig, compile_layers_once
 from lecompile.config import ATTN_KERNELS
 from lecompile.predictors import PREDICTORS
 
@@ -370,21 +370,10 @@ def build(case: Case, variant: Variant, device: str, dtype=torch.bfloat16):
     if case.checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if case.layer_breaks:
-        for layer in decoder_layers(base):
-            layer.register_forward_pre_hook(_graph_break)
+        compile_layers_once(base)
     if getattr(base, "loss_type", None) is None:  # GPT-2: transformers' warning would break the graph
         base.loss_type = "ForCausalLM"
     return model.train()
-
-
-def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The model's stack of decoder layers: its longest ``ModuleList``."""
-    return max((m for m in model.modules() if isinstance(m, torch.nn.ModuleList)), key=len)
-
-
-def _graph_break(module, args):
-    """What transformers' per-layer graph breaks look like to Dynamo (OPT on some 5.x releases)."""
-    torch._dynamo.graph_break()
 
 
 @contextlib.contextmanager
@@ -783,9 +772,10 @@ def add_arguments(parser) -> None:
                         help="build the models with this many decoder layers (default: all)")
     parser.add_argument("--checkpointing", action="store_true",
                         help="gradient checkpointing (non-reentrant) on every decoder layer, every variant")
-    parser.add_argument("--layer-breaks", action="store_true",
-                        help="each case also with a Dynamo graph break before every decoder layer (what such "
-                             "breaks cost: the two rows side by side)")
+    parser.add_argument("--layer-breaks", nargs="?", const="also", choices=["also", "only"],
+                        help="each case also (or, 'only', only) with a Dynamo graph break before every decoder "
+                             "layer (lecompile.compile_layers_once: each distinct layer compiles once; with "
+                             "'also', what the breaks cost: the two rows side by side)")
     parser.add_argument("--densities", nargs="+", type=float, default=[1.0, 0.5, 0.25, 0.15])
     parser.add_argument("--attn-densities", nargs="+", type=float, default=[1.0],
                         help="attention densities of the lecompile variants (1.0: dense attention)")
@@ -835,7 +825,7 @@ def run(args) -> dict:
         raise ValueError(f"--layers must be >= 1, got {args.layers}")
     cases = [Case(m, meth, *SHAPES[s], layers=args.layers, checkpointing=args.checkpointing, layer_breaks=breaks)
              for m in args.models for meth in args.methods for s in args.shapes
-             for breaks in ((False, True) if args.layer_breaks else (False,))]
+             for breaks in {"also": (False, True), "only": (True,), None: (False,)}[args.layer_breaks]]
     settings = LongExposureConfig.parse_settings(args.set)
     inductor_options = parse_inductor_options(args.inductor_option)
     vs = variants(args.densities, args.predictor, args.granularity, baselines=not args.no_baselines,

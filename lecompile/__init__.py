@@ -6,12 +6,14 @@
     model = torch.compile(model, backend=lecompile.longexposure(lecompile.LongExposureConfig(mlp_density=0.25)))
     report = lecompile.explain(model, **batch)
     densities = lecompile.auto_layer_densities(model, input_ids, mean_density=0.5)
+    lecompile.compile_layers_once(model)  # before torch.compile: each distinct decoder layer compiles once
 """
 
 import logging
 
 from .backend import LongExposureBackend, explain, longexposure
 from .config import LongExposureConfig
+from .layers import compile_layers_once
 from .predictors.learned import load_state_dict as load_predictor_state_dict
 from .predictors.learned import state_dict as predictor_state_dict
 from .report import Report
@@ -32,5 +34,5 @@ def _register_torch_logs() -> None:
 _register_torch_logs()
 
 __version__ = "0.1.0"
-__all__ = ["LongExposureBackend", "LongExposureConfig", "Report", "auto_layer_densities", "explain",
-           "load_predictor_state_dict", "longexposure", "predictor_state_dict"]
+__all__ = ["LongExposureBackend", "LongExposureConfig", "Report", "auto_layer_densities", "compile_layers_once",
+           "explain", "load_predictor_state_dict", "longexposure", "predictor_state_dict"]
