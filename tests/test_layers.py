@@ -59,3 +59,25 @@ def test_every_layer_runs_one_compiled_graph_with_the_loss_and_gradients_of_eage
         assert len(layer_graphs) == 2 and all(r.linears_fused == 5 for r in layer_graphs)  # q, v, gate, up, down
         graphs[layers] = len(backend.reports)
     assert graphs[2] == graphs[4]
+
+
+@pytest.mark.slow
+def test_checkpointed_layers_with_block_attention_train_as_in_one_graph():
+    config = lecompile.LongExposureConfig.create(attn_density=0.5, attn_block=16)
+    results = []
+    for once in (False, True):
+        model = tiny_model("llama", "lora")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if once:
+            lecompile.compile_layers_once(model)
+        torch._dynamo.reset()
+        backend = lecompile.longexposure(config)
+        results.append((*train_step(torch.compile(model, backend=backend), model, batch()), backend.report))
+    (ref_loss, ref_grads, ref_report), (loss, grads, report) = results
+    assert ref_report.attention_rewritten == ref_report.checkpointed == models.LAYERS
+    # One layer graph for all: checkpointing makes the embeddings' output require grad, so every layer's input does.
+    assert report.attention_rewritten == report.checkpointed == 1
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=2e-5)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=2e-5, msg=name)
