@@ -214,6 +214,8 @@ def main(argv=None) -> int:
     parser.add_argument("--densities", nargs="+", type=float, default=[1.0],
                         help="MLP densities of the lecompile variants to choose from")
     parser.add_argument("--attn-densities", nargs="+", type=float, default=[1.0])
+    parser.add_argument("--mask-blocks", action="store_true",
+                        help="add the density variants with attn_mask_blocks (e.g. lecompile-d1-mask-blocks)")
     parser.add_argument("--quality-settings", nargs="+", default=[], metavar="SETTING",
                         help="lecompile variants configured as these settings of the quality harness, profiled "
                              "after their dense warm-up (e.g. schedule-learned-0.5)")
@@ -227,7 +229,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     device = args.device
     available = e2e.variants(densities=args.densities, attn_densities=args.attn_densities,
-                             quality_settings=args.quality_settings)
+                             quality_settings=args.quality_settings, mask_blocks=args.mask_blocks)
     if args.variants is None:
         args.variants = list(VARIANTS) + [f"lecompile-{setting}" for setting in args.quality_settings]
     unknown = sorted(set(args.variants) - {v.name for v in available})

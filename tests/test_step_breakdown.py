@@ -122,3 +122,13 @@ def test_a_sparse_variant_moves_its_mlps_from_the_base_gemm_limit_to_its_own(mon
     # bound by the weight rows: each sequence reads its own 128 rows of 3 weights, in both passes
     assert limits["lecompile-d0.5"]["sparse_mlp"] == pytest.approx(2 * 2 * 2 * 3 * 64 * 2 * 128 / 1e9 * 1e3,
                                                                    abs=2e-3)
+
+
+def test_mask_blocks_variants_are_profiled_beside_their_density(monkeypatch, tmp_path):
+    profiled = []
+    monkeypatch.setattr(step_breakdown, "profile_variant", lambda case, variant, device, steps: profiled.append(
+        (variant.name, variant.config.tuning.attn_mask_blocks)) or {})
+    monkeypatch.setattr(step_breakdown, "plot", lambda rows, path: None)
+    step_breakdown.main(["--mask-blocks", "--variants", "lecompile-d1", "lecompile-d1-mask-blocks", "--models",
+                         "tiny-llama", "--out", str(tmp_path)])
+    assert profiled == [("lecompile-d1", False), ("lecompile-d1-mask-blocks", True)]
