@@ -415,16 +415,17 @@ def long_context_line(recall: dict, attention: dict, e2e: Optional[dict] = None)
             setting = (f' (`attn_kernel="{kernel}"`; attention without a token mask only, so not yet in compiled '
                        'Hugging Face models)') if kernel != "triton" else ""
             speeds.append(f"{speed} on {name}{setting}")
-    step = _long_context_step(load("e2e") if e2e is None else e2e, density)
+    step = _long_context_step(load("e2e") if e2e is None else e2e, density, recall["meta"]["seq"])
     step = f"; {step}" if step else "; not yet timed end to end"
     if not speeds:
         return f"{line}; its attention's speed not yet measured{step}."
     return f"{line}; its attention alone, forward and backward, ran {', '.join(speeds)}{step}."
 
 
-def _long_context_step(e2e: dict, density: float) -> Optional[str]:
+def _long_context_step(e2e: dict, density: float, quality_seq: int) -> Optional[str]:
     """The newest whole training step at 4096 tokens or more with attention density ``density``
-    (MLPs dense), against the strongest setup of its run."""
+    (MLPs dense), against the strongest setup of its run; it says so where its sequence is not
+    ``quality_seq``, the one the density's quality was measured at."""
     rows = [(device, r) for device, cases in e2e_latest(e2e).items() for case_rows in cases.values()
             for r in case_rows if r["seq"] >= 4096 and r.get("attn_density") == density
             and r.get("mlp_density", 1.0) == 1.0 and r.get("speedup_vs_strongest") is not None]
@@ -436,7 +437,8 @@ def _long_context_step(e2e: dict, density: float) -> Optional[str]:
     exact = f" (exact attention, `attn_mask_blocks`: {ratio(exact['speedup_vs_strongest'])})" if exact else ""
     return (f"a whole training step of {row['case']} ({device}): {ratio(row['speedup_vs_strongest'])} "
             f"`{base['variant']}` of the same run{exact}, {row['ms']:.0f} against {base['ms']:.0f} ms, peak memory "
-            f"{row['peak_mem_gib']:.1f} against {base['peak_mem_gib']:.1f} GiB")
+            f"{row['peak_mem_gib']:.1f} against {base['peak_mem_gib']:.1f} GiB"
+            + (f" (quality measured at {quality_seq} tokens, not {row['seq']})" if row["seq"] != quality_seq else ""))
 
 
 def _attention_speed(attention: dict, density: float, kernel: str) -> Optional[str]:

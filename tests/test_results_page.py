@@ -201,7 +201,8 @@ def test_long_context_line_adds_the_newest_long_training_step_at_the_passing_den
         row(2, "m 1x4096", "lecompile-d1-a0.25", 40.0, 4096, attn_density=0.25)]}  # another density
     line = results_page.long_context_line(recall, {"meta": {}, "rows": []}, e2e)
     assert line.endswith("; a whole training step of m 1x8192 (H100): 2.00x `inductor-bf16-adapters` of the same "
-                         "run, 50 against 100 ms, peak memory 4.0 against 10.0 GiB.")
+                         "run, 50 against 100 ms, peak memory 4.0 against 10.0 GiB (quality measured at 4096 "
+                         "tokens, not 8192).")
     e2e["rows"].append(row(1, "m 1x8192", "lecompile-d1-mask-blocks", 80.0, 8192))
     assert "of the same run (exact attention, `attn_mask_blocks`: 1.25x), 50 against" in \
         results_page.long_context_line(recall, {"meta": {}, "rows": []}, e2e)
