@@ -344,7 +344,8 @@ def readme_table(e2e: Optional[dict] = None) -> str:
 
 def _timed_row(setting: str, e2e: dict) -> Optional[tuple]:
     """``(device, row)`` of the quality setting ``setting``'s newest end-to-end timing with CUDA graphs."""
-    rows = [(device, r) for device, cases in e2e_latest(e2e).items() for case_rows in cases.values()
+    latest = e2e_latest(e2e)
+    rows = [(device, r) for device, cases in latest.items() for case_rows in cases.values()
             for r in case_rows if r.get("quality_setting") == setting and r["variant"].endswith("-cg")
             and "speedup_vs_strongest" in r]
     return max(rows, key=lambda dr: dr[1]["run"]) if rows else None
@@ -426,13 +427,14 @@ def _long_context_step(e2e: dict, density: float, quality_seq: int) -> Optional[
     """The newest whole training step at 4096 tokens or more with attention density ``density``
     (MLPs dense), against the strongest setup of its run; it says so where its sequence is not
     ``quality_seq``, the one the density's quality was measured at."""
-    rows = [(device, r) for device, cases in e2e_latest(e2e).items() for case_rows in cases.values()
+    latest = e2e_latest(e2e)
+    rows = [(device, r) for device, cases in latest.items() for case_rows in cases.values()
             for r in case_rows if r["seq"] >= 4096 and r.get("attn_density") == density
             and r.get("mlp_density", 1.0) == 1.0 and r.get("speedup_vs_strongest") is not None]
     if not rows:
         return None
     device, row = max(rows, key=lambda dr: dr[1]["run"])
-    same_run = {r["variant"]: r for r in e2e_latest(e2e)[device][row["case"]] if r["run"] == row["run"]}
+    same_run = {r["variant"]: r for r in latest[device][row["case"]] if r["run"] == row["run"]}
     base, exact = same_run[row["strongest_baseline"]], same_run.get("lecompile-d1-mask-blocks")
     exact = f" (exact attention, `attn_mask_blocks`: {ratio(exact['speedup_vs_strongest'])})" if exact else ""
     return (f"a whole training step of {row['case']} ({device}): {ratio(row['speedup_vs_strongest'])} "
