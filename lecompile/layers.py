@@ -9,27 +9,30 @@ of the graph, not constants in it), recompiling only where a layer differs (its 
 
 from __future__ import annotations
 
-from typing import List
+from typing import Dict, List
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
+
+#: Each decoder layer class and the subclass that breaks the graph before calling it: one per
+#: class, so that all of a model's layers keep one type and Dynamo's guards pass for every layer.
+_BREAKING_CLASSES: Dict[type, type] = {}
 
 
-class LayerHooks:
-    """The hooks :func:`compile_layers_once` registered; :meth:`remove` takes them off again."""
+class LayerBreaks:
+    """The layers :func:`compile_layers_once` changed; :meth:`remove` gives them their classes back."""
 
-    def __init__(self, layers: List[nn.Module], handles: List[RemovableHandle]):
+    def __init__(self, layers: List[nn.Module], classes: List[type]):
         self.layers = layers
-        self._handles = handles
+        self._classes = classes
 
     def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        for layer, cls in zip(self.layers, self._classes):
+            layer.__class__ = cls
+        self._classes = [type(layer) for layer in self.layers]
 
 
-def compile_layers_once(model: nn.Module) -> LayerHooks:
+def compile_layers_once(model: nn.Module) -> LayerBreaks:
     """Have ``torch.compile`` compile ``model``'s decoder layer once and run it for every layer.
 
     Call it before the model's first compiled step::
@@ -37,18 +40,25 @@ def compile_layers_once(model: nn.Module) -> LayerHooks:
         lecompile.compile_layers_once(model)
         model = torch.compile(model, backend="longexposure")
 
-    It puts a Dynamo graph break before every decoder layer (a forward pre-hook), so the backend
-    gets one graph per distinct layer, plus the graphs around the layers. The rewrites apply in
-    each layer's graph as usual, gradient checkpointing included; what needs the whole model in one
-    graph does not: ``mlp_layer_densities`` cannot tell the layers apart (``mlp_density`` applies to
-    all) and ``dense_output_share`` cannot see the loss. Each break costs a graph launch per layer.
+    It puts a Dynamo graph break before every decoder layer, so the backend gets one graph per
+    distinct layer, plus the graphs around the layers. The rewrites apply in each layer's graph as
+    usual, gradient checkpointing included; what needs the whole model in one graph does not:
+    ``mlp_layer_densities`` cannot tell the layers apart (``mlp_density`` applies to all) and
+    ``dense_output_share`` cannot see the loss. Each break costs a graph launch per layer.
 
     The decoder layers are the modules of the classes a Hugging Face model lists in
-    ``_no_split_modules``, else the longest ``nn.ModuleList`` of modules of one class. Returns the
-    hooks; ``.remove()`` takes them off. A model without such layers is a ``ValueError``.
+    ``_no_split_modules``, else the longest ``nn.ModuleList`` of modules of one class. The break
+    comes before the layer's whole ``__call__`` (the way FSDP2's ``fully_shard`` does, each layer
+    gets a subclass of its class, of the same name), so it stays outside a checkpoint that a layer
+    class puts around its call (transformers before 5.2x) as well as around its ``forward``: a
+    break inside a checkpointed region would leave the layer uncompiled. Returns the changed
+    layers; ``.remove()`` restores their classes. A model without such layers is a ``ValueError``.
     """
     layers = decoder_layers(model)
-    return LayerHooks(layers, [layer.register_forward_pre_hook(_graph_break) for layer in layers])
+    classes = [type(layer) for layer in layers]
+    for layer in layers:
+        layer.__class__ = _breaking_class(type(layer))
+    return LayerBreaks(layers, classes)
 
 
 def decoder_layers(model: nn.Module) -> List[nn.Module]:
@@ -67,5 +77,14 @@ def decoder_layers(model: nn.Module) -> List[nn.Module]:
     return list(max(stacks, key=len))
 
 
-def _graph_break(module: nn.Module, args) -> None:
-    torch._dynamo.graph_break()
+def _breaking_class(cls: type) -> type:
+    if cls in _BREAKING_CLASSES.values():  # compile_layers_once called twice
+        return cls
+    if cls not in _BREAKING_CLASSES:
+        def __call__(self, *args, **kwargs):
+            torch._dynamo.graph_break()
+            return cls.__call__(self, *args, **kwargs)
+
+        _BREAKING_CLASSES[cls] = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
+                                                              "__qualname__": cls.__qualname__})
+    return _BREAKING_CLASSES[cls]

@@ -32,10 +32,61 @@ def test_a_model_without_decoder_layers_is_refused():
 
 def test_remove_takes_the_graph_breaks_off_again():
     model = tiny_model("llama", "lora")
-    hooks = lecompile.compile_layers_once(model)
-    assert all(len(layer._forward_pre_hooks) == 1 for layer in hooks.layers)
-    hooks.remove()
-    assert all(not layer._forward_pre_hooks for layer in hooks.layers)
+    originals = [type(layer) for layer in decoder_layers(model)]
+    breaks = lecompile.compile_layers_once(model)
+    lecompile.compile_layers_once(model)  # a second call changes nothing more
+    assert len({type(layer) for layer in breaks.layers}) == 1  # one type: Dynamo's guards pass for every layer
+    assert all(type(layer) is not cls and isinstance(layer, cls) and type(layer).__name__ == cls.__name__
+               for layer, cls in zip(breaks.layers, originals))
+    breaks.remove()
+    assert [type(layer) for layer in breaks.layers] == originals
+
+
+class _CallCheckpointedLayer(nn.Module):
+    """Checkpoints its whole ``__call__``, hooks included, as transformers 5.17's layers do."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return torch.relu(self.linear(x))
+
+    def __call__(self, x):
+        return torch.utils.checkpoint.checkpoint(super().__call__, x, use_reentrant=False)
+
+
+class _Stack(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(_CallCheckpointedLayer() for _ in range(3))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x.sum()
+
+
+def test_a_layer_checkpointed_around_its_call_still_compiles_once():
+    model = _Stack()
+    reference = copy.deepcopy(model)
+    lecompile.compile_layers_once(model)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    x = torch.randn(4, 8, requires_grad=True)
+    torch.compile(model, backend=backend)(x).backward()
+    reference(x.detach().requires_grad_()).backward()
+    # The break is outside the checkpoint: one layer graph, with the checkpoint in it, serves all three layers.
+    checkpointed = [g for g in graphs if any(n.op == "call_function" and "checkpoint" in str(n.target)
+                                             for n in g.graph.nodes)]
+    assert len(checkpointed) == 1
+    for (name, p), ref in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, ref.grad, msg=name)
 
 
 @pytest.mark.slow
