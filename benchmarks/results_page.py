@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from benchmarks.common import RESULTS
 
@@ -394,10 +394,12 @@ def quality_line(quality: dict, e2e: dict) -> str:
     return line + "."
 
 
-def long_context_line(recall: dict, attention: dict, e2e: Optional[dict] = None) -> Optional[str]:
-    """The sparsest attention setting that passed the recall task, with its attention's speed at
-    8k tokens and more from the attention benchmark on each kernel (:func:`_attention_speed`) and
-    its whole training step's (:func:`_long_context_step`); ``None`` when no attention setting passed."""
+def long_context_line(recall: dict, attention: dict, e2e: Optional[dict] = None,
+                      longer: Sequence[dict] = ()) -> Optional[str]:
+    """The sparsest attention setting that passed the recall task, with its quality at the longer
+    lengths of ``longer`` (recall results at more tokens), its attention's speed at 8k tokens and
+    more from the attention benchmark on each kernel (:func:`_attention_speed`) and its whole
+    training step's (:func:`_long_context_step`); ``None`` when no attention setting passed."""
     from benchmarks.quality import kept
     by = {s["setting"]: s for s in recall["summary"]}
     passing = [s for s in by.values() if s["passes"] and kept(s, "recall") < 1.0]
@@ -409,6 +411,16 @@ def long_context_line(recall: dict, attention: dict, e2e: Optional[dict] = None)
             f"recall fine-tune at {recall['meta']['seq']} tokens: held-out answer loss "
             f"{100 * best['heldout_delta']:+.1f}% of dense LoRA's, exact match {best['exact_match']:.2f} against "
             f"{by['dense']['exact_match']:.2f} ({best['seeds']} seeds)")
+    quality_seq = recall["meta"]["seq"]
+    for long in sorted(longer, key=lambda r: r["meta"]["seq"]):
+        long_by = {s["setting"]: s for s in long["summary"]}
+        at, dense = long_by.get(best["setting"]), long_by.get("dense")
+        if at and dense:
+            seeds = f"{at['seeds']} seed" + ("s" if at["seeds"] > 1 else "")
+            line += (f"; at {long['meta']['seq']} tokens {100 * at['heldout_delta']:+.1f}%, exact match "
+                     f"{at['exact_match']:.2f} against {dense['exact_match']:.2f} ({seeds}"
+                     + ("" if at["passes"] else ", not within the budget") + ")")
+            quality_seq = long["meta"]["seq"] if at["passes"] else quality_seq
     speeds = []
     for kernel, name in ATTENTION_KERNELS.items():
         speed = _attention_speed(attention, density, kernel)
@@ -416,7 +428,7 @@ def long_context_line(recall: dict, attention: dict, e2e: Optional[dict] = None)
             setting = (f' (`attn_kernel="{kernel}"`; attention without a token mask only, so not yet in compiled '
                        'Hugging Face models)') if kernel != "triton" else ""
             speeds.append(f"{speed} on {name}{setting}")
-    step = _long_context_step(load("e2e") if e2e is None else e2e, density, recall["meta"]["seq"])
+    step = _long_context_step(load("e2e") if e2e is None else e2e, density, quality_seq)
     step = f"; {step}" if step else "; not yet timed end to end"
     if not speeds:
         return f"{line}; its attention's speed not yet measured{step}."
@@ -470,7 +482,8 @@ def readme() -> str:
     _, tail = rest.split(END, 1)
     lines = [readme_table(), quality_line(load("quality"), load("e2e"))]
     if (RESULTS / "quality_recall.json").exists() and (RESULTS / "sparse_attention.json").exists():
-        lines.append(long_context_line(load("quality_recall"), load("sparse_attention")))
+        longer = [json.loads(path.read_text()) for path in sorted(RESULTS.glob("quality_recall_*.json"))]
+        lines.append(long_context_line(load("quality_recall"), load("sparse_attention"), longer=longer))
     return f"{head}{BEGIN}\n" + "\n\n".join(line for line in lines if line) + f"\n{END}{tail}"
 
 

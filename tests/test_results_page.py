@@ -203,6 +203,16 @@ def test_long_context_line_adds_the_newest_long_training_step_at_the_passing_den
     assert line.endswith("; a whole training step of m 1x8192 (H100): 2.00x `inductor-bf16-adapters` of the same "
                          "run, 50 against 100 ms, peak memory 4.0 against 10.0 GiB (quality measured at 4096 "
                          "tokens, not 8192).")
+    # Quality at a longer length joins the line; where it passes, the step is compared with that length.
+    longer = {"meta": {"seq": 8192}, "summary": [
+        dict(summary[0], exact_match=0.7), dict(summary[1], seeds=2, heldout_delta=0.3, exact_match=0.6, passes=False)]}
+    line = results_page.long_context_line(recall, {"meta": {}, "rows": []}, e2e, longer=[longer])
+    assert "(3 seeds); at 8192 tokens +30.0%, exact match 0.60 against 0.70 (2 seeds, not within the budget);" in line
+    assert line.endswith("(quality measured at 4096 tokens, not 8192).")
+    longer["summary"][1].update(seeds=3, heldout_delta=-0.1, passes=True)
+    line = results_page.long_context_line(recall, {"meta": {}, "rows": []}, e2e, longer=[longer])
+    assert "at 8192 tokens -10.0%, exact match 0.60 against 0.70 (3 seeds);" in line
+    assert line.endswith("peak memory 4.0 against 10.0 GiB.")
     e2e["rows"].append(row(1, "m 1x8192", "lecompile-d1-mask-blocks", 80.0, 8192))
     assert "of the same run (exact attention, `attn_mask_blocks`: 1.25x), 50 against" in \
         results_page.long_context_line(recall, {"meta": {}, "rows": []}, e2e)
