@@ -110,17 +110,22 @@ def breakdown_section(breakdown: dict) -> str:
     from benchmarks.step_breakdown import PARTS
     runs = {r["run"]: r for r in breakdown["meta"].get("runs", [])}
     device = {run: r["device"] for run, r in runs.items()}
+    host = ("step_ms", "idle_ms", "launches", "syncs")
     table = [[r.get("run"), device.get(r.get("run"), breakdown["meta"]["device"]), r["case"], r["variant"],
               r["kernels_ms"]]
              + [f"{r['parts'][p]:.2f}" + (f" ({r['limits'][p]:.2f})" if r["limits"].get(p) is not None else "")
-                for p in PARTS] for r in breakdown["rows"]]
+                for p in PARTS]
+             + [r[k] if r.get(k) is not None else "-" for k in host] for r in breakdown["rows"]]
     return "\n\n".join([
         "## Where the step goes (`python -m benchmarks.step_breakdown`)",
         "PyTorch profiler without CUDA graphs: GPU ms per step in each part, and in brackets the part's limit (its "
         "least FLOPs at the GPU's bf16 GEMM rate; for sparse MLPs the larger of that and the weight rows their "
         "token groups read at the GPU's memory bandwidth, their FLOPs then out of `base_gemm`'s limit; rows before "
-        "that limit existed show the dense one).",
-        markdown_table(["run", "device", "case", "variant", "kernels ms", *PARTS], table)]
+        "that limit existed show the dense one). `step ms`: the step's wall time without the profiler; `idle ms`: "
+        "the part of it without a kernel on the GPU (launches, host work); `launches` and `syncs` (the host waiting "
+        "for the GPU) per step; `-` in rows from before these were recorded.",
+        markdown_table(["run", "device", "case", "variant", "kernels ms", *PARTS, "step ms", "idle ms", "launches",
+                        "syncs"], table)]
         + (["Runs:\n\n" + _run_list(runs.values())] if runs else []))
 
 

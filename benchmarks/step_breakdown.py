@@ -23,6 +23,9 @@ at the GPU's bf16 GEMM rate (:data:`benchmarks.e2e.GEMM_TFLOPS`). In a sparse va
 rewritten MLPs leave ``base_gemm``'s limit for ``sparse_mlp``'s, the larger of their least FLOPs
 at that rate and the weight rows their token groups read at the GPU's memory bandwidth
 (:func:`sparse_mlp_work`): each group of tokens that shares a neuron set reads its own rows.
+Beside the kernels, each row has the step's wall time without the profiler (``step_ms``), the
+part of it the GPU ran no kernel (``idle_ms``: launches and host work it waited for), and the
+kernel launches and host synchronizations per step (:func:`host_counts`).
 Results go to ``step_breakdown.json`` (with each variant's costliest kernels) and a plot of the
 parts against their limits.
 """
@@ -30,6 +33,7 @@ parts against their limits.
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional
 
@@ -100,6 +104,27 @@ def _is_kernel(event) -> bool:
     """A GPU kernel or copy; not a user annotation (such as ``Optimizer.step``), whose GPU span
     covers the idle time between its kernels too."""
     return event.device_type.name == "CUDA" and not getattr(event, "is_user_annotation", False)
+
+
+def host_counts(prof, steps: int) -> Dict[str, Optional[float]]:
+    """Per step: GPU kernels and copies launched (``launches``), and the host's waits on the GPU
+    (``syncs``: CUDA runtime synchronizations and blocking copies) past the one that closes the
+    profiled steps; ``None`` where the profile has no CUDA runtime calls."""
+    events = list(prof.events())
+    launches = sum(len(getattr(op, "kernels", ())) for op in events)
+    runtime = [e.name for e in events if e.device_type.name == "CPU" and e.name.startswith("cuda")]
+    syncs = sum(1 for name in runtime if name.endswith("Synchronize") or name == "cudaMemcpy") - 1
+    return dict(launches=round(launches / steps, 1), syncs=round(syncs / steps, 1) if runtime else None)
+
+
+def step_wall_ms(step, steps: int) -> float:
+    """Wall ms per step over ``steps`` steps, the GPU synchronized before and after."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps * 1e3
 
 
 def top_kernels(prof, steps: int, n: int = 20) -> List[dict]:
@@ -173,14 +198,16 @@ def profile_variant(case: e2e.Case, variant: e2e.Variant, device: str, steps: in
     step = e2e.training_step(case, variant, device)
     for _ in range(3 + (variant.config.dense_warmup_steps if variant.quality_setting else 0)):  # into the sparse phase
         step()
-    torch.cuda.synchronize()
+    wall = step_wall_ms(step, steps)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
     parts = sort_kernels(prof, steps)
-    return dict(case=case.name, variant=variant.name, unit="ms per step", kernels_ms=round(sum(parts.values()), 3),
-                parts=parts, limits=limits_ms(step, case, device), top_kernels=top_kernels(prof, steps))
+    kernels = round(sum(parts.values()), 3)
+    return dict(case=case.name, variant=variant.name, unit="ms per step", kernels_ms=kernels, parts=parts,
+                step_ms=round(wall, 3), idle_ms=round(wall - kernels, 3), **host_counts(prof, steps),
+                limits=limits_ms(step, case, device), top_kernels=top_kernels(prof, steps))
 
 
 def plot(rows: List[dict], path: Path) -> None:

@@ -132,3 +132,18 @@ def test_mask_blocks_variants_are_profiled_beside_their_density(monkeypatch, tmp
     step_breakdown.main(["--mask-blocks", "--variants", "lecompile-d1", "lecompile-d1-mask-blocks", "--models",
                          "tiny-llama", "--out", str(tmp_path)])
     assert profiled == [("lecompile-d1", False), ("lecompile-d1-mask-blocks", True)]
+
+
+def test_host_counts_are_launches_and_waits_per_step():
+    cpu = SimpleNamespace(name="CPU")
+
+    def call(name, kernels=0):
+        return SimpleNamespace(name=name, device_type=cpu, kernels=[object()] * kernels)
+
+    events = [call("aten::mm", kernels=2), call("cudaLaunchKernel"), call("cudaLaunchKernel"),
+              call("aten::_local_scalar_dense", kernels=1), call("cudaMemcpyAsync"), call("cudaStreamSynchronize"),
+              call("cudaMemcpy"), call("cudaDeviceSynchronize")]  # the last: the one closing the profiled steps
+    counts = step_breakdown.host_counts(SimpleNamespace(events=lambda: events), steps=2)
+    assert counts == {"launches": 1.5, "syncs": 1.0}
+    without_runtime = SimpleNamespace(events=lambda: events[:1])
+    assert step_breakdown.host_counts(without_runtime, steps=1) == {"launches": 2.0, "syncs": None}
