@@ -70,7 +70,23 @@ def _quality(row: dict) -> Optional[str]:
     return f"held-out {delta}" + (f"; whole schedule {whole}" if whole else "")
 
 
-def e2e_section(e2e: dict) -> str:
+def _recall_quality(row: dict, recall: Sequence[dict]) -> Optional[str]:
+    """A row with sparse attention and dense MLPs: the recall task's held-out loss change at its
+    attention density (``recall``: the task's results at each length), at the longest length
+    measured up to the row's, else the shortest."""
+    density = row.get("attn_density", 1.0)
+    if density >= 1.0 or row.get("mlp_density", 1.0) != 1.0 or "quality_setting" in row:
+        return None
+    found = [(r["meta"]["seq"], s) for r in recall for s in r["summary"] if s["setting"] == f"attn-{density:g}"]
+    if not found:
+        return "recall not measured"
+    shorter = [f for f in found if f[0] <= row["seq"]]
+    seq, s = max(shorter, key=lambda f: f[0]) if shorter else min(found, key=lambda f: f[0])
+    seeds = f"{s['seeds']} seed" + ("s" if s["seeds"] > 1 else "")
+    return f"recall {100 * s['heldout_delta']:+.1f}% at {seq} tokens ({seeds}{'' if s['passes'] else ', fails'})"
+
+
+def e2e_section(e2e: dict, recall: Sequence[dict] = ()) -> str:
     parts = ["## Whole training steps (`python -m benchmarks.e2e`)",
              "Random-init bf16 models from their Hugging Face configs, forward + backward + AdamW, median step. "
              "Variants: `eager` / `inductor` are PEFT's defaults (fp32 adapters); `inductor-bf16-adapters-cg` is the "
@@ -79,7 +95,9 @@ def e2e_section(e2e: dict) -> str:
              "*set* densities whose quality cost is under Quality below, not quality-checked ones, except "
              "`lecompile-<setting>` rows: a setting of the quality harness over its whole schedule (the median step "
              "after its dense warm-up; `quality`: its held-out loss change against dense LoRA, and the mean step of "
-             "the whole schedule, warm-up and predictor refreshes included, against the strongest setup). "
+             "the whole schedule, warm-up and predictor refreshes included, against the strongest setup); rows with "
+             "sparse attention and dense MLPs: the long-context recall task's held-out loss change at that attention "
+             "density, at the longest length measured up to the row's (Long-context quality below). "
              "`vs d1`: against lecompile at density 1.0 (without `attn_mask_blocks`) of the same run, replayed the "
              "same way. `of limit`: the step's physical limit (its base GEMMs and attention at the GPU's bf16 GEMM "
              "rate) over the step time, where the run recorded it; `compile s`: the first step (the variants of a case "
@@ -92,7 +110,8 @@ def e2e_section(e2e: dict) -> str:
             table = [[r["variant"], f"{r['ms']:.1f}", ratio(r.get("speedup_vs_eager")), ratio(r.get("speedup")),
                       ratio(r.get("speedup_vs_strongest")), ratio(r.get("speedup_vs_d1")), _share(r.get("limit_ratio")),
                       f"{r['peak_mem_gib']:.2f}", r.get("compile_s"),
-                      {True: "yes", False: "no"}.get(r.get("loss_matches_eager")), _quality(r),
+                      {True: "yes", False: "no"}.get(r.get("loss_matches_eager")),
+                      _quality(r) or _recall_quality(r, recall),
                       r["run"]]
                      for r in rows]
             parts.append(f"**{case}**\n\n" + markdown_table(
@@ -311,7 +330,8 @@ def files_section() -> str:
 
 
 def page() -> str:
-    sections = [e2e_section(load("e2e"))]
+    recall = [load(path.stem) for path in sorted(RESULTS.glob("quality_recall*.json"))]
+    sections = [e2e_section(load("e2e"), recall)]
     if (RESULTS / "step_breakdown.json").exists():
         sections.append(breakdown_section(load("step_breakdown")))
     if (RESULTS / "compile_time.json").exists():

@@ -216,3 +216,21 @@ def test_long_context_line_adds_the_newest_long_training_step_at_the_passing_den
     e2e["rows"].append(row(1, "m 1x8192", "lecompile-d1-mask-blocks", 80.0, 8192))
     assert "of the same run (exact attention, `attn_mask_blocks`: 1.25x), 50 against" in \
         results_page.long_context_line(recall, {"meta": {}, "rows": []}, e2e)
+
+
+def test_sparse_attention_rows_carry_the_recall_quality_at_their_density():
+    def recall(seq, *summary):
+        return {"meta": {"seq": seq}, "summary": [dict(zip(("setting", "heldout_delta", "seeds", "passes"), s))
+                                                  for s in summary]}
+
+    results = [recall(4096, ("attn-0.5", -0.6, 3, True), ("attn-0.25", 0.5, 3, False)),
+               recall(8192, ("attn-0.5", -0.3, 3, True))]
+    row = dict(seq=32768, attn_density=0.5, mlp_density=1.0)
+    assert results_page._recall_quality(row, results) == "recall -30.0% at 8192 tokens (3 seeds)"
+    assert results_page._recall_quality(dict(row, seq=4096), results) == "recall -60.0% at 4096 tokens (3 seeds)"
+    assert results_page._recall_quality(dict(row, seq=512), results) == "recall -60.0% at 4096 tokens (3 seeds)"
+    assert results_page._recall_quality(dict(row, attn_density=0.25), results) == \
+        "recall +50.0% at 4096 tokens (3 seeds, fails)"
+    assert results_page._recall_quality(dict(row, attn_density=0.1), results) == "recall not measured"
+    assert results_page._recall_quality(dict(row, attn_density=1.0), results) is None  # exact attention
+    assert results_page._recall_quality(dict(row, mlp_density=0.5), results) is None  # its MLPs' cost is not in it
