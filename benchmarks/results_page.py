@@ -38,13 +38,15 @@ def ratio(value: Optional[float]) -> Optional[str]:
     return None if value is None else f"{value:.2f}x"
 
 
-def e2e_latest(e2e: dict) -> Dict[str, Dict[str, List[dict]]]:
-    """Per device and case, the newest row of each variant, from runs with the default settings."""
+def e2e_latest(e2e: dict, out_of_memory: bool = False) -> Dict[str, Dict[str, List[dict]]]:
+    """Per device and case, the newest row of each variant, from runs with the default settings;
+    with ``out_of_memory``, a variant that ran out of GPU memory counts as a row too."""
     runs = {r["run"]: r for r in e2e["meta"]["runs"]}
     latest: Dict[tuple, dict] = {}
     for row in e2e["rows"]:
         run = runs[row["run"]]
-        if "ms" not in row or any(flag in run["command"] for flag in EXPERIMENT_FLAGS):
+        if not ("ms" in row or out_of_memory and row.get("out_of_memory")) \
+                or any(flag in run["command"] for flag in EXPERIMENT_FLAGS):
             continue
         key = (run.get("device") or "device not recorded", row["case"], row["variant"])
         if key not in latest or row["run"] > latest[key]["run"]:
@@ -103,11 +105,12 @@ def e2e_section(e2e: dict, recall: Sequence[dict] = ()) -> str:
              "rate) over the step time, where the run recorded it; `compile s`: the first step (the variants of a case "
              "compile one after another in one process and share Inductor's and Triton's caches, so a later variant "
              "may reuse kernels an earlier one built: these are not cold-compile times)."]
-    order = sorted(e2e_latest(e2e).items(), key=lambda kv: kv[0] != "NVIDIA H200")
+    order = sorted(e2e_latest(e2e, out_of_memory=True).items(), key=lambda kv: kv[0] != "NVIDIA H200")
     for device, cases in order:
         parts.append(f"### {device}")
         for case, rows in cases.items():
-            table = [[r["variant"], f"{r['ms']:.1f}", ratio(r.get("speedup_vs_eager")), ratio(r.get("speedup")),
+            table = [[r["variant"], "out of memory"] + [None] * 9 + [r["run"]] if "ms" not in r else
+                     [r["variant"], f"{r['ms']:.1f}", ratio(r.get("speedup_vs_eager")), ratio(r.get("speedup")),
                       ratio(r.get("speedup_vs_strongest")), ratio(r.get("speedup_vs_d1")), _share(r.get("limit_ratio")),
                       f"{r['peak_mem_gib']:.2f}", r.get("compile_s"),
                       {True: "yes", False: "no"}.get(r.get("loss_matches_eager")),

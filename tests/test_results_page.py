@@ -234,3 +234,15 @@ def test_sparse_attention_rows_carry_the_recall_quality_at_their_density():
     assert results_page._recall_quality(dict(row, attn_density=0.1), results) == "recall not measured"
     assert results_page._recall_quality(dict(row, attn_density=1.0), results) is None  # exact attention
     assert results_page._recall_quality(dict(row, mlp_density=0.5), results) is None  # its MLPs' cost is not in it
+
+
+def test_a_variant_out_of_memory_keeps_its_row_on_the_page():
+    run = {"run": 1, "device": "H100", "command": "python -m benchmarks.e2e"}
+    rows = [dict(run=1, case="m 1x65536", variant="inductor-bf16-adapters", seq=65536, error="OutOfMemoryError()",
+                 out_of_memory=True),
+            dict(run=1, case="m 1x65536", variant="lecompile-d1-a0.5", seq=65536, ms=900.0, peak_mem_gib=60.0,
+                 compile_s=100.0, attn_density=0.5, mlp_density=1.0)]
+    section = results_page.e2e_section({"meta": {"runs": [run]}, "rows": rows})
+    assert "| inductor-bf16-adapters | out of memory | - | - | - | - | - | - | - | - | - | 1 |" in section
+    assert "| lecompile-d1-a0.5 | 900.0 | - | - | - | - | - | 60.00 | 100.0 | - | recall not measured | 1 |" in section
+    assert "out of memory" not in str(results_page.e2e_latest({"meta": {"runs": [run]}, "rows": rows}))
