@@ -4,7 +4,8 @@
         lecompile-d1 lecompile-d1-cg lecompile-d0.25-cg
 
 Each (case, variant) of :mod:`benchmarks.e2e` (its sparse-attention ``-a<density>`` and
-``-mask-blocks`` variants included; ``--checkpointing``: every decoder layer checkpointed)
+``-mask-blocks`` variants included; ``--checkpointing``: every decoder layer checkpointed;
+``--layer-breaks``: ``lecompile.compile_layers_once``, one compiled graph for every decoder layer)
 compiles in two fresh processes that share a cache directory of their own
 (``TORCHINDUCTOR_CACHE_DIR``, ``TRITON_CACHE_DIR``, nothing from other variants or earlier
 runs): the first starts cold, the second warm, as a second run of the same
@@ -69,13 +70,14 @@ STRONGEST = "inductor-bf16-adapters-cg"
 
 
 def first_step(model: str, variant: str, shape: str, layers, device: str,
-               checkpointing: bool = False) -> dict:
+               checkpointing: bool = False, layer_breaks: bool = False) -> dict:
     """Build ``model`` as :mod:`benchmarks.e2e` does, run one training step through ``variant``,
     and return its seconds, phases and cache counters (this process's caches as they are)."""
     from torch._dynamo.utils import compilation_time_metrics, counters
 
     from benchmarks import e2e
-    case = e2e.Case(model, "lora", *parse_shape(shape), layers=layers, checkpointing=checkpointing)
+    case = e2e.Case(model, "lora", *parse_shape(shape), layers=layers, checkpointing=checkpointing,
+                    layer_breaks=layer_breaks)
     step = e2e.training_step(case, lookup_variant(variant), device)
     start = time.perf_counter()
     with autotuning() as tuned, jit_compiles() as compiled:
@@ -143,16 +145,17 @@ def run_process(cmd: List[str], env: dict, timeout: float) -> Tuple[int, str, st
 
 
 def measure(model: str, variant: str, shape: str, layers, device: str, timeout: float,
-            checkpointing: bool = False) -> dict:
+            checkpointing: bool = False, layer_breaks: bool = False) -> dict:
     """The cold and the warm process of one (case, variant), sharing a fresh cache directory."""
-    row = {"model": model, "layers": layers, "shape": shape, "variant": variant, "checkpointing": checkpointing}
+    row = {"model": model, "layers": layers, "shape": shape, "variant": variant, "checkpointing": checkpointing,
+           "layer_breaks": layer_breaks}
     with tempfile.TemporaryDirectory(prefix="lecompile-compile-time-", ignore_cleanup_errors=True) as cache:
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, TRITON_CACHE_DIR=str(Path(cache) / "triton"))
         env.pop("TORCHINDUCTOR_FORCE_DISABLE_CACHES", None)
         for run in ("cold", "warm"):
             cmd = [sys.executable, "-m", "benchmarks.compile_time", "--one", model, variant, "--shapes", shape,
                    "--device", device] + (["--layers", str(layers)] if layers else []) + (
-                       ["--checkpointing"] if checkpointing else [])
+                       ["--checkpointing"] if checkpointing else []) + (["--layer-breaks"] if layer_breaks else [])
             try:
                 returncode, stdout, stderr = run_process(cmd, env, timeout)
             except subprocess.TimeoutExpired:
@@ -179,7 +182,7 @@ def measure(model: str, variant: str, shape: str, layers, device: str, timeout: 
 def add_ratios(rows: List[dict]) -> None:
     """``cold_vs_inductor`` and ``cold_vs_strongest`` of each row, against the same case's rows."""
     def case(r):
-        return r["model"], r["layers"], r["shape"], r.get("checkpointing", False)
+        return r["model"], r["layers"], r["shape"], r.get("checkpointing", False), r.get("layer_breaks", False)
 
     cold = {(case(r), r["variant"]): r["cold_s"] for r in rows if "cold_s" in r}
     for r in rows:
@@ -196,7 +199,8 @@ def plot(rows: List[dict], path) -> None:
     done = [r for r in rows if "warm_s" in r]  # both processes ran
     fig, ax = plt.subplots(figsize=(max(8.0, 1.6 * len(done) + 4), 5.5))
     labels = [f"{r['variant']}\n{r['model']}{' (' + str(r['layers']) + ' layers)' if r['layers'] else ''} {r['shape']}"
-              + (" ckpt" if r.get("checkpointing") else "") + (f"\nrun {r['run']}" if "run" in r else "") for r in done]
+              + (" ckpt" if r.get("checkpointing") else "") + (" breaks" if r.get("layer_breaks") else "")
+              + (f"\nrun {r['run']}" if "run" in r else "") for r in done]
     xs = range(len(done))
     bottom = [0.0] * len(done)
     for phase in (*PHASES, *MEASURED_PHASES):
@@ -215,14 +219,14 @@ def plot(rows: List[dict], path) -> None:
 
 
 def run(models: Sequence[str], variants: Sequence[str], shapes: Sequence[str], layers, device: str,
-        out: Path, timeout: float, checkpointing: bool = False) -> dict:
+        out: Path, timeout: float, checkpointing: bool = False, layer_breaks: bool = False) -> dict:
     from tqdm.auto import tqdm
     rows: List[dict] = []
     data = {"meta": meta("compile_time", command_line(), settings={"method": "lora", "init": "random, seed 0"}),
             "rows": rows}
     jobs = [(m, v, s) for m in models for s in shapes for v in variants]
     for model, variant, shape in tqdm(jobs, desc="compile time", unit="variant"):
-        rows.append(measure(model, variant, shape, layers, device, timeout, checkpointing))
+        rows.append(measure(model, variant, shape, layers, device, timeout, checkpointing, layer_breaks))
         add_ratios(rows)
         write_results("compile_time", data, out)  # saved as it goes, in case the run is cut short
     plot(rows, out / "compile_time.png")
@@ -241,6 +245,8 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", type=int, default=None, help="fewer decoder layers than the published model")
     parser.add_argument("--checkpointing", action="store_true",
                         help="gradient checkpointing (non-reentrant) on every decoder layer, every variant")
+    parser.add_argument("--layer-breaks", action="store_true",
+                        help="lecompile.compile_layers_once on every variant: each distinct layer compiles once")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds each process may take")
     parser.add_argument("--out", default=str(RESULTS), help="folder for compile_time.json and .png")
@@ -250,7 +256,8 @@ def main(argv=None) -> int:
     if args.layers is not None and args.layers < 1:
         parser.error(f"--layers must be >= 1, got {args.layers}")
     if args.one:
-        print(json.dumps(first_step(*args.one, args.shapes[0], args.layers, device, args.checkpointing)))
+        print(json.dumps(first_step(*args.one, args.shapes[0], args.layers, device, args.checkpointing,
+                                    args.layer_breaks)))
         return 0
     for shape in args.shapes:  # wrong names and shapes fail here, not after the first measurements
         try:
@@ -263,7 +270,7 @@ def main(argv=None) -> int:
         except ValueError as err:
             parser.error(str(err))
     data = run(args.models, args.variants, args.shapes, args.layers, device, Path(args.out), args.timeout,
-               args.checkpointing)
+               args.checkpointing, args.layer_breaks)
     from lecompile.report import format_table
     cols = ["model", "shape", "variant", "cold_s", "warm_s", "cold_vs_inductor", "cold_vs_strongest", "error"]
     print(format_table(cols, [[r.get(c, "-") for c in cols] for r in data["rows"]]))

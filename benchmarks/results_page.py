@@ -162,7 +162,8 @@ def compile_section(compile_time: dict) -> str:
             continue
         device = runs.get(r.get("run"), compile_time["meta"]).get("device")
         layers = f" ({r['layers']} layers)" if r["layers"] else ""
-        case = f"{r['model']}{layers} {r['shape']}" + (" checkpointing" if r.get("checkpointing") else "")
+        case = (f"{r['model']}{layers} {r['shape']}" + (" checkpointing" if r.get("checkpointing") else "")
+                + (" layer-breaks" if r.get("layer_breaks") else ""))
         table.append([r.get("run"), device, case, r["variant"], r["cold_s"],
                       r.get("warm_s"), r.get("cold_next_step_s"), ratio(r.get("cold_vs_inductor")),
                       ratio(r.get("cold_vs_strongest")),

@@ -49,11 +49,14 @@ def test_variants_are_looked_up_by_their_benchmark_names(name, mlp, attention, m
     assert compile_time.lookup_variant("inductor-bf16-adapters-cg").config is None
 
 
-def test_ratios_keep_checkpointed_cases_apart():
-    rows = [dict(model="m", layers=2, shape="1x4096", variant=v, cold_s=s, checkpointing=c)
-            for v, s, c in (("inductor", 10.0, False), ("lecompile-d1-a0.5", 30.0, True), ("inductor", 20.0, True))]
+def test_ratios_keep_checkpointed_and_layer_broken_cases_apart():
+    rows = [dict(model="m", layers=2, shape="1x4096", variant=v, cold_s=s, checkpointing=c, layer_breaks=b)
+            for v, s, c, b in (("inductor", 10.0, False, False), ("lecompile-d1-a0.5", 30.0, True, False),
+                               ("inductor", 20.0, True, False), ("inductor", 5.0, True, True),
+                               ("lecompile-d1-a0.5", 6.0, True, True))]
     compile_time.add_ratios(rows)
     assert rows[1]["cold_vs_inductor"] == 1.5
+    assert rows[4]["cold_vs_inductor"] == 1.2
 
 
 def test_unknown_variants_are_refused_before_measuring(capsys):
