@@ -454,8 +454,8 @@ def long_context_line(recall: dict, attention: dict, e2e: Optional[dict] = None,
     for kernel, name in ATTENTION_KERNELS.items():
         speed = _attention_speed(attention, density, kernel)
         if speed:
-            setting = (f' (`attn_kernel="{kernel}"`; attention without a token mask only, so not yet in compiled '
-                       'Hugging Face models)') if kernel != "triton" else ""
+            setting = (f' (`attn_kernel="{kernel}"`; attention whose token mask depends on the batch stays on the '
+                       'Triton kernels)') if kernel != "triton" else ""
             speeds.append(f"{speed} on {name}{setting}")
     step = _long_context_step(load("e2e") if e2e is None else e2e, density, quality_seq)
     step = f"; {step}" if step else "; not yet timed end to end"

@@ -303,8 +303,9 @@ def test_backend_on_flash_kernels_matches_triton_kernels():
         torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=3e-2)
 
 
-def _bf16_llama():
-    """A bf16 LoRA LLaMA with head dim 128 (FlashAttention 4 takes it) and a batch for it."""
+def _bf16_llama(padded: bool = False):
+    """A bf16 LoRA LLaMA with head dim 128 (FlashAttention 4 takes it) and a batch for it;
+    ``padded``: its last row left-padded, so the model's token mask depends on the batch."""
     import peft
     import transformers
 
@@ -314,13 +315,20 @@ def _bf16_llama():
     model = peft.get_peft_model(transformers.LlamaForCausalLM(config).to("cuda", torch.bfloat16),
                                 peft.LoraConfig(r=4, target_modules="all-linear"), autocast_adapter_dtype=False).train()
     ids = torch.randint(0, 128, (2, 1024), device="cuda")
-    return model, {"input_ids": ids, "labels": ids, "use_cache": False}
+    inputs = {"input_ids": ids, "labels": ids, "use_cache": False}
+    if padded:
+        mask = torch.ones_like(ids)
+        mask[-1, :100] = 0
+        # The first real token's label too: the last pad predicts it, a query with no allowed key.
+        inputs.update(attention_mask=mask, labels=ids.masked_fill(mask == 0, -100).index_fill(
+            1, torch.tensor([100], device="cuda"), -100))
+    return model, inputs
 
 
 def test_mask_blocks_on_cuda_match_the_masked_sdpa():
     """``attn_mask_blocks`` at density 1.0: the model's masked SDPA as exact block attention on
     FlexAttention's Triton kernels; loss and LoRA gradients match the SDPA Inductor compiles."""
-    model, inputs = _bf16_llama()
+    model, inputs = _bf16_llama(padded=True)
     results = []
     for settings in ({}, {"attn_mask_blocks": True}):
         backend = lecompile.longexposure(LongExposureConfig.create(mlp_density=1.0, **settings))
@@ -333,14 +341,45 @@ def test_mask_blocks_on_cuda_match_the_masked_sdpa():
         torch.testing.assert_close(grads[name].float(), ref_grads[name].float(), atol=5e-2, rtol=5e-2, msg=name)
 
 
+def test_a_models_causal_only_mask_runs_on_causal_kernels():
+    """Without an ``attention_mask`` the model's token mask is the causal mask, which lecompile
+    drops: at density 1.0 the SDPA runs causal (loss and gradients those of Inductor's masked SDPA),
+    and block-sparse attention runs on FlashAttention 4's kernels where asked (those of the Triton
+    kernels)."""
+    from lecompile.passes.rewrite_attention import CAUSAL_MASK
+
+    model, inputs = _bf16_llama()
+    torch._dynamo.reset()
+    ref_loss, ref_grads = train_step(torch.compile(model, backend="inductor"), model, inputs)
+    backend = lecompile.longexposure(LongExposureConfig.create(mlp_density=1.0))
+    torch._dynamo.reset()
+    loss, grads = train_step(torch.compile(model, backend=backend), model, inputs)
+    assert all(CAUSAL_MASK in e.note for e in backend.report.attention), str(backend.report)
+    torch.testing.assert_close(loss, ref_loss, atol=2e-2, rtol=2e-2)
+    for name in grads:
+        torch.testing.assert_close(grads[name].float(), ref_grads[name].float(), atol=5e-2, rtol=5e-2, msg=name)
+    _needs_flash()
+    results = []
+    for kernel in ("triton", "flash"):
+        backend = lecompile.longexposure(LongExposureConfig.create(mlp_density=1.0, attn_density=0.5,
+                                                                   attn_kernel=kernel))
+        torch._dynamo.reset()
+        results.append(train_step(torch.compile(model, backend=backend), model, inputs))
+        assert [e.kernel for e in backend.report.attention] == [kernel] * 2, str(backend.report)
+    (ref_loss, ref_grads), (loss, grads) = results
+    torch.testing.assert_close(loss, ref_loss, atol=2e-2, rtol=2e-2)
+    for name in grads:
+        torch.testing.assert_close(grads[name].float(), ref_grads[name].float(), atol=5e-2, rtol=5e-2, msg=name)
+
+
 def test_flash_kernels_hand_a_models_masked_attention_to_the_triton_kernels():
-    """transformers builds a token mask under torch.compile, which FlexAttention's FlashAttention 4
+    """A token mask that depends on the batch (padding), which FlexAttention's FlashAttention 4
     code generation cannot read: with ``attn_kernel="flash"`` the model's attention runs on the
     Triton kernels, the report says why, and loss and gradients are those of ``attn_kernel="triton"``."""
     from lecompile.passes.rewrite_attention import FLASH_TOKEN_MASK
 
     _needs_flash()
-    model, inputs = _bf16_llama()
+    model, inputs = _bf16_llama(padded=True)
     results = []
     for kernel in ("triton", "flash"):
         backend = lecompile.longexposure(LongExposureConfig.create(mlp_density=1.0, attn_density=0.5,

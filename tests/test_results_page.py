@@ -171,8 +171,8 @@ def test_long_context_line_pairs_the_passing_attention_density_with_its_speed():
     assert line.endswith("ran 1.67x the fastest dense attention at 32768 tokens with llama-3-8b heads "
                          "(H200), 0.83 of the ideal on FlexAttention's Triton kernels, 2.50x the fastest "
                          "dense attention at 8192 tokens with llama-3-8b heads (H200), 1.25 of the ideal on "
-                         "FlashAttention 4's kernels (`attn_kernel=\"flash\"`; attention without a token mask only, "
-                         "so not yet in compiled Hugging Face models); not yet timed end to end.")
+                         "FlashAttention 4's kernels (`attn_kernel=\"flash\"`; attention whose token mask depends on "
+                         "the batch stays on the Triton kernels); not yet timed end to end.")
     assert results_page.long_context_line(recall, {"meta": {}, "rows": []}, no_steps).endswith(
         "its attention's speed not yet measured; not yet timed end to end.")
     summary[1]["passes"] = False

@@ -22,6 +22,7 @@ from ..report import MLPEntry, Report, Unmatched
 # Modules, not their pass functions: ``lecompile.passes.fuse_lora`` stays the module.
 from . import (
     alibi_attention,
+    causal_masks,
     fold_adapters,
     fuse_lora,
     fuse_loss,
@@ -103,6 +104,7 @@ PASSES: Sequence[Pass] = (
     Pass("match_mlp", match_mlp.match_mlp, when_disabled=None),
     Pass("alibi_attention", alibi_attention.alibi_attention),
     Pass("match_attention", match_attention.match_attention),
+    Pass("causal_masks", causal_masks.causal_masks),
     Pass("rewrite_mlp", rewrite_mlp.rewrite_mlp, when_disabled="report"),
     Pass("rewrite_attention", rewrite_attention.rewrite_attention, when_disabled="report"),
     Pass("fuse_lora", fuse_lora.fuse_lora, when_disabled="report"),

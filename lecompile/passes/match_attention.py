@@ -54,6 +54,7 @@ class AttentionMatch:
     causal: bool = False
     enable_gqa: bool = False
     why_not: str = ""              # why this block cannot be rewritten ("" if it can)
+    mask_was_causal: bool = False  # its token mask, the causal mask, left the steps (passes.causal_masks)
 
 
 SCORE_STEPS = {operator.mul: "mul", torch.mul: "mul", operator.truediv: "div", torch.div: "div",

@@ -32,18 +32,24 @@ def rewrite_attention(ctx) -> None:
         entry = AttentionEntry(att.name, att.kind, att.heads, att.query_len, att.head_dim, att.peft,
                                density=cfg.attn_density, block=cfg.tuning.attn_block)
         ctx.report.attention.append(entry)
+        causal = CAUSAL_MASK if att.mask_was_causal else ""
         entry.note = _why_dense(att, ctx)
         if entry.note:
+            # An SDPA call runs causal without the mask; an eager attention left dense keeps it.
+            entry.note = "; ".join(n for n in (entry.note, causal if att.kind == "sdpa" else "") if n)
             continue
         entry.kernel, not_flash = _kernel(att, cfg)
         _rewrite(ctx, att, allowed, entry.kernel)
         entry.rewritten = True
         mask_blocks = "attn_mask_blocks: exact block attention over the blocks the token mask allows"
-        entry.note = "; ".join(n for n in (mask_blocks if cfg.attn_density == 1.0 else "", not_flash) if n)
+        entry.note = "; ".join(n for n in (mask_blocks if cfg.attn_density == 1.0 else "", causal, not_flash) if n)
         counters["lecompile"]["block_attention"] += 1
         changed = True
     if changed:
         recompile(ctx.gm)
+
+
+CAUSAL_MASK = "the model's token mask is the causal mask (built from constants): causal attention without it"
 
 
 def _why_dense(att: AttentionMatch, ctx) -> str:
