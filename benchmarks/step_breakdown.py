@@ -242,7 +242,8 @@ def main(argv=None) -> int:
                         help="MLP densities of the lecompile variants to choose from")
     parser.add_argument("--attn-densities", nargs="+", type=float, default=[1.0])
     parser.add_argument("--mask-blocks", action="store_true",
-                        help="add the density variants with attn_mask_blocks (e.g. lecompile-d1-mask-blocks)")
+                        help="add the density variants with attn_mask_blocks (e.g. lecompile-d1-mask-blocks; "
+                             "on the harness's unpadded batches the same graphs since the causal_masks pass)")
     parser.add_argument("--quality-settings", nargs="+", default=[], metavar="SETTING",
                         help="lecompile variants configured as these settings of the quality harness, profiled "
                              "after their dense warm-up (e.g. schedule-learned-0.5)")
