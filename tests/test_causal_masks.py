@@ -103,13 +103,18 @@ def test_is_causal_aligns_fewer_queries_to_the_last_keys():
 
 
 def test_only_values_computed_from_constants_are_evaluated():
+    root = torch.nn.Module()
+    root.register_buffer("bias", torch.ones(1, 1, 8, 8, dtype=torch.bool).tril())  # GPT-2's causal buffer
     graph = fx.Graph()
     x = graph.placeholder("x")
     tril = graph.call_method("tril", (graph.call_function(torch.ones, (4, 4), {"dtype": torch.bool}),))
+    sliced = graph.call_function(operator.getitem, (graph.get_attr("bias"), (Ellipsis, slice(4), slice(4))))
     noise = graph.call_function(operator.gt, (graph.call_function(torch.rand, (4, 4)), 0.5))
     from_input = graph.call_function(operator.gt, (x, 0))
-    graph.output((tril, noise, from_input))
-    ctx = SimpleNamespace(gm=fx.GraphModule(torch.nn.Module(), graph), value_of=lambda node: None)
-    torch.testing.assert_close(causal_masks.constant_value(ctx, tril), torch.ones(4, 4, dtype=torch.bool).tril())
+    graph.output((tril, sliced, noise, from_input))
+    ctx = SimpleNamespace(gm=fx.GraphModule(root, graph))
+    causal = torch.ones(4, 4, dtype=torch.bool).tril()
+    torch.testing.assert_close(causal_masks.constant_value(ctx, tril), causal)
+    torch.testing.assert_close(causal_masks.constant_value(ctx, sliced), causal[None, None])
     assert causal_masks.constant_value(ctx, noise) is None
     assert causal_masks.constant_value(ctx, from_input) is None

@@ -13,6 +13,8 @@ without a token mask (an eager attention left dense keeps its mask).
 
 from __future__ import annotations
 
+import functools
+import logging
 from typing import Dict, Optional
 
 import torch
@@ -22,6 +24,8 @@ from torch.fx.node import map_arg
 
 from .graph import static_shape
 from .match_attention import AttentionMatch
+
+log = logging.getLogger("lecompile")
 
 #: Ops whose values differ from call to call: a mask built with them is no constant.
 RANDOM = ("rand", "randn", "randint", "randperm", "bernoulli", "dropout", "normal", "uniform", "multinomial")
@@ -62,7 +66,7 @@ def causal_masks(ctx) -> None:
 
 def constant_value(ctx, node: fx.Node) -> Optional[torch.Tensor]:
     """``node``'s value, computed now, when no graph input, module call or random op leads to it
-    (constants, ``get_attr`` tensors and what the graph computes from them); else ``None``."""
+    (constants, ``get_attr`` attributes and what the graph computes from them); else ``None``."""
     needed, stack = set(), [node]
     while stack:
         n = stack.pop()
@@ -79,13 +83,14 @@ def constant_value(ctx, node: fx.Node) -> Optional[torch.Tensor]:
                 if n not in needed:
                     continue
                 args, kwargs = map_arg((n.args, n.kwargs), env.__getitem__)
-                if n.op == "get_attr":
-                    env[n] = ctx.value_of(n)
+                if n.op == "get_attr":  # a buffer, or a subgraph a higher-order op runs (vmap's)
+                    env[n] = functools.reduce(getattr, str(n.target).split("."), ctx.gm)
                 elif n.op == "call_method":
                     env[n] = getattr(args[0], n.target)(*args[1:], **kwargs)
                 else:
                     env[n] = n.target(*args, **kwargs)
-    except Exception:  # noqa: BLE001 - whatever fails to run now stays in the graph, untouched
+    except Exception as err:  # noqa: BLE001 - whatever fails to run now stays in the graph, untouched
+        log.debug("lecompile: %s could not be computed at compile time (%r); its attention keeps it", node, err)
         return None
     value = env[node]
     return value if isinstance(value, torch.Tensor) else None
