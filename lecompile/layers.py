@@ -50,7 +50,7 @@ def compile_layers_once(model: nn.Module) -> LayerBreaks:
     ``_no_split_modules``, else the longest ``nn.ModuleList`` of modules of one class. The break
     comes before the layer's whole ``__call__`` (the way FSDP2's ``fully_shard`` does, each layer
     gets a subclass of its class, of the same name), so it stays outside a checkpoint that a layer
-    class puts around its call (transformers before 5.2x) as well as around its ``forward``: a
+    class puts around its call (transformers 5.17 does) as well as around its ``forward``: a
     break inside a checkpointed region would leave the layer uncompiled. Returns the changed
     layers; ``.remove()`` restores their classes. A model without such layers is a ``ValueError``.
     """
