@@ -325,6 +325,18 @@ def _bf16_llama(padded: bool = False):
     return model, inputs
 
 
+def _on_triton_then_flash(model, inputs):
+    """Loss, LoRA gradients and report of a step with block-sparse attention (density 0.5) asked
+    for on the Triton kernels, then on FlashAttention 4's."""
+    runs = []
+    for kernel in ("triton", "flash"):
+        backend = lecompile.longexposure(LongExposureConfig.create(mlp_density=1.0, attn_density=0.5,
+                                                                   attn_kernel=kernel))
+        torch._dynamo.reset()
+        runs.append((*train_step(torch.compile(model, backend=backend), model, inputs), backend.report))
+    return runs
+
+
 def test_mask_blocks_on_cuda_match_the_masked_sdpa():
     """``attn_mask_blocks`` at density 1.0: the model's masked SDPA as exact block attention on
     FlexAttention's Triton kernels; loss and LoRA gradients match the SDPA Inductor compiles."""
@@ -359,14 +371,9 @@ def test_a_models_causal_only_mask_runs_on_causal_kernels():
     for name in grads:
         torch.testing.assert_close(grads[name].float(), ref_grads[name].float(), atol=5e-2, rtol=5e-2, msg=name)
     _needs_flash()
-    results = []
-    for kernel in ("triton", "flash"):
-        backend = lecompile.longexposure(LongExposureConfig.create(mlp_density=1.0, attn_density=0.5,
-                                                                   attn_kernel=kernel))
-        torch._dynamo.reset()
-        results.append(train_step(torch.compile(model, backend=backend), model, inputs))
-        assert [e.kernel for e in backend.report.attention] == [kernel] * 2, str(backend.report)
-    (ref_loss, ref_grads), (loss, grads) = results
+    (ref_loss, ref_grads, triton), (loss, grads, flash) = _on_triton_then_flash(model, inputs)
+    assert [e.kernel for e in triton.attention] == ["triton"] * 2, str(triton)
+    assert [e.kernel for e in flash.attention] == ["flash"] * 2, str(flash)
     torch.testing.assert_close(loss, ref_loss, atol=2e-2, rtol=2e-2)
     for name in grads:
         torch.testing.assert_close(grads[name].float(), ref_grads[name].float(), atol=5e-2, rtol=5e-2, msg=name)
@@ -380,15 +387,9 @@ def test_flash_kernels_hand_a_models_masked_attention_to_the_triton_kernels():
 
     _needs_flash()
     model, inputs = _bf16_llama(padded=True)
-    results = []
-    for kernel in ("triton", "flash"):
-        backend = lecompile.longexposure(LongExposureConfig.create(mlp_density=1.0, attn_density=0.5,
-                                                                   attn_kernel=kernel))
-        torch._dynamo.reset()
-        results.append(train_step(torch.compile(model, backend=backend), model, inputs))
-        assert [e.kernel for e in backend.report.attention] == ["triton"] * 2, str(backend.report)
-    assert all(FLASH_TOKEN_MASK in e.note for e in backend.report.attention), str(backend.report)
-    (ref_loss, ref_grads), (loss, grads) = results
+    (ref_loss, ref_grads, _), (loss, grads, flash) = _on_triton_then_flash(model, inputs)
+    assert [e.kernel for e in flash.attention] == ["triton"] * 2, str(flash)
+    assert all(FLASH_TOKEN_MASK in e.note for e in flash.attention), str(flash)
     torch.testing.assert_close(loss, ref_loss)
     for name in grads:
         torch.testing.assert_close(grads[name], ref_grads[name], msg=name)
