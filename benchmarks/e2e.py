@@ -316,13 +316,32 @@ class Case:
     layers: Optional[int] = None  # fewer decoder layers than the published model (to fit the GPU)
     checkpointing: bool = False   # Hugging Face's gradient checkpointing (non-reentrant) on every layer
     layer_breaks: bool = False    # a Dynamo graph break before every decoder layer: one graph per layer
+    padded: bool = False          # an attention_mask with the last row left-padded (see batch_inputs)
 
     @property
     def name(self) -> str:
         layers = f" ({self.layers} layers)" if self.layers else ""
         checkpointing = " checkpointing" if self.checkpointing else ""
         breaks = " layer-breaks" if self.layer_breaks else ""
-        return f"{self.model}{layers} {self.method} {self.batch}x{self.seq}{checkpointing}{breaks}"
+        padded = " padded" if self.padded else ""
+        return f"{self.model}{layers} {self.method} {self.batch}x{self.seq}{checkpointing}{breaks}{padded}"
+
+
+def batch_inputs(case: Case, vocab: int, device: str, generator: Optional[torch.Generator] = None) -> dict:
+    """The model's keyword arguments for one step of ``case``: random ids as input and labels; with
+    ``case.padded``, an ``attention_mask`` whose last row is left-padded by a quarter of the
+    sequence (no labels there, nor on the first real token, which the last pad predicts), so the
+    model's token mask depends on the batch, as a padded fine-tuning batch's does."""
+    ids = torch.randint(0, vocab, (case.batch, case.seq), generator=generator).to(device)
+    inputs = {"input_ids": ids, "labels": ids, "use_cache": False}
+    if case.padded:
+        pad = case.seq // 4
+        mask = torch.ones_like(ids)
+        mask[-1, :pad] = 0
+        labels = ids.masked_fill(mask == 0, -100)
+        labels[-1, pad] = -100
+        inputs.update(attention_mask=mask, labels=labels)
+    return inputs
 
 
 @dataclass
@@ -396,9 +415,7 @@ def run_variant(case: Case, variant: Variant, device: str, steps: int = 20, warm
     if cuda:
         torch.cuda.empty_cache()  # the previous variant's model is gone: start from its memory
     model = build(case, variant, device)
-    vocab = model.config.vocab_size
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, vocab, (case.batch, case.seq), generator=g).to(device)
+    inputs = batch_inputs(case, model.config.vocab_size, device, torch.Generator().manual_seed(1))
     backend = None
     fn = wrap(model) if wrap is not None else model
     if variant.backend == "lecompile":
@@ -410,7 +427,7 @@ def run_variant(case: Case, variant: Variant, device: str, steps: int = 20, warm
     opt = torch.optim.AdamW(params, lr=1e-5)
 
     def step():
-        loss = fn(input_ids=ids, labels=ids, use_cache=False).loss
+        loss = fn(**inputs).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -545,7 +562,7 @@ def run_case(case: Case, variant_list: Sequence[Variant], device: str, steps: in
             progress.set_postfix_str(f"{case.name} {v.name}")
         row = dict(case=case.name, model=case.model, method=case.method, batch=case.batch, seq=case.seq,
                    layers=layers, checkpointing=case.checkpointing, layer_breaks=case.layer_breaks,
-                   tokens=case.batch * case.seq, dtype="bfloat16", variant=v.name,
+                   padded=case.padded, tokens=case.batch * case.seq, dtype="bfloat16", variant=v.name,
                    mlp_density=v.mlp_density, attn_density=v.attn_density, tf32=v.tf32,
                    adapters="fp32" if v.adapters_fp32 else "bf16", cudagraphs=v.cudagraphs,
                    **({"attn_kernel": v.config.tuning.attn_kernel} if _block_attention(v.config) else {}))
@@ -573,7 +590,7 @@ def add_adapter_shares(rows: List[dict]) -> None:
     same model, shape and variant: the share of the step that LoRA's adapters add."""
     def same(r):
         return (r["model"], r["layers"], r["batch"], r["seq"], r.get("checkpointing", False),
-                r.get("layer_breaks", False), r["variant"])
+                r.get("layer_breaks", False), r.get("padded", False), r["variant"])
 
     norms = {same(r): r["ms"] for r in rows if r["method"] == "norms" and "ms" in r}
     for r in rows:
@@ -621,7 +638,7 @@ def training_step(case: Case, variant: Variant, device: str) -> Callable[[], tor
     it returns the step's loss; ``step.model`` is the model, ``step.backend`` lecompile's backend
     (``None`` for other variants)."""
     model = build(case, variant, device)
-    ids = torch.randint(0, model.config.vocab_size, (case.batch, case.seq), device=device)
+    inputs = batch_inputs(case, model.config.vocab_size, device)
     torch._dynamo.reset()
     backend = None
     if variant.backend == "lecompile":
@@ -635,7 +652,7 @@ def training_step(case: Case, variant: Variant, device: str) -> Callable[[], tor
 
     def step():
         with _tf32(variant.tf32):
-            loss = fn(input_ids=ids, labels=ids, use_cache=False).loss
+            loss = fn(**inputs).loss
             loss.backward()
             opt.step()
         opt.zero_grad(set_to_none=True)
@@ -784,6 +801,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--attn-kernels", nargs="+", default=["triton"], choices=ATTN_KERNELS,
                         help="the kernels of the variants with sparse attention, each a variant of its own (flash: "
                              "FlashAttention 4's, suffix -flash)")
+    parser.add_argument("--padded", action="store_true",
+                        help="batches with an attention_mask, the last row left-padded by a quarter (the model's "
+                             "token mask then depends on the batch: what attn_mask_blocks is for)")
     parser.add_argument("--mask-blocks", action="store_true",
                         help="add each lecompile variant with dense attention again with attn_mask_blocks (the "
                              "model's masked SDPA as exact block attention; suffix -mask-blocks). The harness "
@@ -826,7 +846,8 @@ def run(args) -> dict:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.layers is not None and args.layers < 1:
         raise ValueError(f"--layers must be >= 1, got {args.layers}")
-    cases = [Case(m, meth, *SHAPES[s], layers=args.layers, checkpointing=args.checkpointing, layer_breaks=breaks)
+    cases = [Case(m, meth, *SHAPES[s], layers=args.layers, checkpointing=args.checkpointing, layer_breaks=breaks,
+                  padded=args.padded)
              for m in args.models for meth in args.methods for s in args.shapes
              for breaks in {"also": (False, True), "only": (True,), None: (False,)}[args.layer_breaks]]
     settings = LongExposureConfig.parse_settings(args.set)

@@ -46,6 +46,20 @@ def test_layer_breaks_case_compiles_a_graph_per_layer_and_still_rewrites_each():
     assert lec["mlp_matched"] == 2 and lec["lora_linears_fused"] == 14  # 7 LoRA linears per layer, as unbroken
 
 
+def test_padded_batches_keep_a_token_mask_for_attn_mask_blocks():
+    chosen = [v for v in e2e.variants(densities=(1.0,), mask_blocks=True, attn_block=16)
+              if v.name in ("eager", "lecompile-d1-mask-blocks")]
+    for padded, rewritten in ((False, 0), (True, 2)):  # unpadded: the causal-only mask is dropped instead
+        case = e2e.Case("tiny-llama", "lora", 2, 64, padded=padded)
+        eager, lec = e2e.run_case(case, chosen, "cpu", steps=1, warmup=0)
+        assert lec.get("attention_rewritten") == rewritten and lec["padded"] is padded, lec
+        assert lec["loss_matches_eager"] is True, (lec["loss_step1"], eager["loss_step1"])
+    assert case.name.endswith("padded")
+    inputs = e2e.batch_inputs(case, 100, "cpu")
+    assert inputs["attention_mask"][-1, :16].sum() == 0 and inputs["attention_mask"][:, 16:].all()
+    assert (inputs["labels"][-1, :17] == -100).all() and (inputs["labels"][0] >= 0).all()
+
+
 def test_sparse_attention_variant_rewrites_attention(tmp_path):
     case = e2e.Case("tiny-llama", "lora", 2, 64)
     chosen = [v for v in e2e.variants(densities=(0.5,), baselines=False, attn_densities=(1.0, 0.5), attn_block=16)]
