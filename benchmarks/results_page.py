@@ -511,7 +511,7 @@ def readme() -> str:
     _, tail = rest.split(END, 1)
     lines = [readme_table(), quality_line(load("quality"), load("e2e"))]
     if (RESULTS / "quality_recall.json").exists() and (RESULTS / "sparse_attention.json").exists():
-        longer = [json.loads(path.read_text()) for path in sorted(RESULTS.glob("quality_recall_*.json"))]
+        longer = [load(path.stem) for path in sorted(RESULTS.glob("quality_recall_*.json"))]
         lines.append(long_context_line(load("quality_recall"), load("sparse_attention"), longer=longer))
     return f"{head}{BEGIN}\n" + "\n\n".join(line for line in lines if line) + f"\n{END}{tail}"
 
