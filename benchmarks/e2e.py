@@ -806,9 +806,9 @@ def add_arguments(parser) -> None:
                              "token mask then depends on the batch: what attn_mask_blocks is for)")
     parser.add_argument("--mask-blocks", action="store_true",
                         help="add each lecompile variant with dense attention again with attn_mask_blocks (the "
-                             "model's masked SDPA as exact block attention; suffix -mask-blocks). The harness "
-                             "passes no attention_mask, so the model's mask is only causal and the causal_masks "
-                             "pass drops it: these variants then run as the ones without it")
+                             "model's masked SDPA as exact block attention; suffix -mask-blocks). Without --padded "
+                             "the model's mask is only causal and the causal_masks pass drops it: these variants "
+                             "then run as the ones without it")
     parser.add_argument("--predictor", default="svd", choices=sorted(PREDICTORS))
     parser.add_argument("--granularity", default="sequence", choices=("sequence", "tile", "batch"))
     parser.add_argument("--no-baselines", action="store_true", help="lecompile variants only")
