@@ -22,8 +22,9 @@ import torch.fx as fx
 from torch._dynamo.utils import counters
 from torch.fx.node import map_arg
 
-from .graph import static_shape
-from .match_attention import AttentionMatch
+from ..ops.block_attention import token_masks
+from .graph import meta_value, static_shape
+from .match_attention import AttentionMatch, sdpa_arguments
 
 log = logging.getLogger("lecompile")
 
@@ -42,11 +43,13 @@ def causal_masks(ctx) -> None:
         q, k = static_shape(att.q), static_shape(att.k)
         if q is None or k is None or len(q) != 4 or len(k) != 4 or q[-2] != k[-2]:
             continue
-        masks = [i for i, (kind, x) in enumerate(zip(att.steps, att.operands))
-                 if kind in ("mask", "add") and isinstance(x, fx.Node) and len(static_shape(x) or ()) >= 2]
-        if len(masks) != 1 or "tanh" in att.steps[masks[0]:]:
+        # The token masks as the block-sparse op reads them (after the last soft-capping tanh).
+        metas = [meta_value(x) if isinstance(x, fx.Node) else x for x in att.operands]
+        masks = token_masks(att.steps, metas)
+        indices = [i for i, x in enumerate(metas) if any(x is m for m in masks)]
+        if len(indices) != 1 or not isinstance(att.operands[indices[0]], fx.Node):
             continue
-        i = masks[0]
+        i = indices[0]
         node = att.operands[i]
         if node not in values:
             values[node] = constant_value(ctx, node)
@@ -124,10 +127,7 @@ def _is_random(node: fx.Node) -> bool:
 
 def _sdpa_causal(att: AttentionMatch) -> None:
     """The SDPA call without its mask, ``is_causal=True``."""
-    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
     node = att.node
-    kwargs = dict(zip(names, node.args))
-    kwargs.update(node.kwargs)
-    kwargs.update(attn_mask=None, is_causal=True)
+    kwargs = {**sdpa_arguments(node), "attn_mask": None, "is_causal": True}
     node.args = (kwargs.pop("query"), kwargs.pop("key"), kwargs.pop("value"))
     node.kwargs = kwargs

@@ -129,12 +129,17 @@ def _scores_source(softmax: fx.Node) -> str:
     return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
 
 
+SDPA_ARGUMENTS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+def sdpa_arguments(node: fx.Node) -> dict:
+    """An SDPA call's arguments by name (:data:`SDPA_ARGUMENTS`), those it passes, by position or keyword."""
+    return {**dict(zip(SDPA_ARGUMENTS, node.args)), **node.kwargs}
+
+
 def _read_sdpa(node: fx.Node, match: AttentionMatch) -> None:
-    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
     defaults = (None, None, None, None, 0.0, False, None, False)
-    a = dict(zip(names, defaults))
-    a.update(zip(names, node.args))
-    a.update(node.kwargs)
+    a = {**dict(zip(SDPA_ARGUMENTS, defaults)), **sdpa_arguments(node)}
     match.q, match.k, match.v, match.out = a["query"], a["key"], a["value"], node
     match.causal, match.enable_gqa = bool(a["is_causal"]), bool(a["enable_gqa"])
     head_dim = (shape(a["query"]) or (None,))[-1]
