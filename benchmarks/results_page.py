@@ -57,6 +57,10 @@ def e2e_latest(e2e: dict, out_of_memory: bool = False) -> Dict[str, Dict[str, Li
     return out
 
 
+def _seeds(n: int) -> str:
+    return f"{n} seed" + ("s" if n > 1 else "")
+
+
 def _quality(row: dict) -> Optional[str]:
     """A quality-setting row's held-out loss change and whole-schedule ratio to the strongest setup."""
     from benchmarks.quality import MIN_SEEDS
@@ -65,7 +69,7 @@ def _quality(row: dict) -> Optional[str]:
     delta = "not measured" if row.get("heldout_delta") is None else f"{100 * row['heldout_delta']:+.2f}%"
     measured = [f"at {row['quality_seq']} tokens a row"] if row.get("quality_seq") not in (None, row.get("seq")) else []
     if row.get("quality_seeds") is not None and row["quality_seeds"] < MIN_SEEDS:
-        measured.append(f"{row['quality_seeds']} seed{'s' if row['quality_seeds'] > 1 else ''}, too few to pass")
+        measured.append(f"{_seeds(row['quality_seeds'])}, too few to pass")
     if measured:
         delta += f" ({', '.join(measured)})"
     whole = ratio(row.get("schedule_speedup_vs_strongest"))
@@ -84,8 +88,8 @@ def _recall_quality(row: dict, recall: Sequence[dict]) -> Optional[str]:
         return "recall not measured"
     shorter = [f for f in found if f[0] <= row["seq"]]
     seq, s = max(shorter, key=lambda f: f[0]) if shorter else min(found, key=lambda f: f[0])
-    seeds = f"{s['seeds']} seed" + ("s" if s["seeds"] > 1 else "")
-    return f"recall {100 * s['heldout_delta']:+.1f}% at {seq} tokens ({seeds}{'' if s['passes'] else ', fails'})"
+    fails = "" if s["passes"] else ", fails"
+    return f"recall {100 * s['heldout_delta']:+.1f}% at {seq} tokens ({_seeds(s['seeds'])}{fails})"
 
 
 def e2e_section(e2e: dict, recall: Sequence[dict] = ()) -> str:
@@ -414,7 +418,7 @@ def quality_line(quality: dict, e2e: dict) -> str:
             return round(s["kept_mlp"], 2), -timed[1]["speedup_vs_strongest"] if timed else 0.0, s["heldout_delta"]
         best = min(passing, key=sparsest_then_fastest) if passing else min(sparse, key=lambda s: s["heldout_delta"])
         lead = "the sparsest setting that keeps it" if passing else "no sparse setting keeps it yet; closest"
-        seeds = f"{best['seeds']} seed" + ("s" if best["seeds"] > 1 else "")
+        seeds = _seeds(best["seeds"])
         line += (f"; {lead}: `{best['setting']}`, {100 * best['heldout_delta']:+.1f}% at {best['kept_mlp']:.2f} of "
                  f"the MLP compute, exact match {best['exact_match']:.2f} against dense LoRA's "
                  f"{by['dense']['exact_match']:.2f} ({seeds}; every setting in [docs/results.md](docs/results.md))")
@@ -445,9 +449,8 @@ def long_context_line(recall: dict, attention: dict, e2e: Optional[dict] = None,
         long_by = {s["setting"]: s for s in long["summary"]}
         at, dense = long_by.get(best["setting"]), long_by.get("dense")
         if at and dense:
-            seeds = f"{at['seeds']} seed" + ("s" if at["seeds"] > 1 else "")
             line += (f"; at {long['meta']['seq']} tokens {100 * at['heldout_delta']:+.1f}%, exact match "
-                     f"{at['exact_match']:.2f} against {dense['exact_match']:.2f} ({seeds}"
+                     f"{at['exact_match']:.2f} against {dense['exact_match']:.2f} ({_seeds(at['seeds'])}"
                      + ("" if at["passes"] else ", not within the budget") + ")")
             quality_seq = long["meta"]["seq"] if at["passes"] else quality_seq
     speeds = []
