@@ -5,14 +5,27 @@ layers again: compile time grows with the depth, by minutes for deep models at l
 A graph break before every decoder layer makes each layer a frame of its own; Dynamo compiles the
 layer's code once and runs that compiled code for every layer (the layers' parameters are inputs
 of the graph, not constants in it), recompiling only where a layer differs (its guards fail).
+
+Each layer's graph then gets the model's attention mask as an input, whose values the backend
+cannot read at compile time (in one whole graph the ``causal_masks`` pass drops a mask built from
+constants alone). So the break itself, running eagerly, checks the mask once per forward: where it
+is only the causal mask and the layer's attention is transformers' SDPA, the layer gets no mask and
+its SDPA runs ``is_causal`` (the causal kernels, and block-sparse attention without a token mask).
 """
 
 from __future__ import annotations
 
+import logging
+import weakref
 from typing import Dict, List
 
 import torch
 from torch import nn
+from torch._dynamo.utils import counters
+
+from .passes.causal_masks import is_causal
+
+log = logging.getLogger("lecompile")
 
 #: Each decoder layer class and the subclass that breaks the graph before calling it: one per
 #: class, so that all of a model's layers keep one type and Dynamo's guards pass for every layer.
@@ -51,8 +64,10 @@ def compile_layers_once(model: nn.Module) -> LayerBreaks:
     comes before the layer's whole ``__call__`` (the way FSDP2's ``fully_shard`` does, each layer
     gets a subclass of its class, of the same name), so it stays outside a checkpoint that a layer
     class puts around its call (transformers 5.17 does) as well as around its ``forward``: a
-    break inside a checkpointed region would leave the layer uncompiled. Returns the changed
-    layers; ``.remove()`` restores their classes. A model without such layers is a ``ValueError``.
+    break inside a checkpointed region would leave the layer uncompiled. An ``attention_mask``
+    that is only the causal mask is not passed to layers whose attention is transformers' SDPA
+    (see the module docstring); a padding or packing mask is. Returns the changed layers;
+    ``.remove()`` restores their classes. A model without such layers is a ``ValueError``.
     """
     layers = decoder_layers(model)
     classes = [type(layer) for layer in layers]
@@ -83,8 +98,39 @@ def _breaking_class(cls: type) -> type:
     if cls not in _BREAKING_CLASSES:
         def __call__(self, *args, **kwargs):
             torch._dynamo.graph_break()
-            return cls.__call__(self, *args, **kwargs)
+            return cls.__call__(self, *args, **_without_causal_mask(self, kwargs))
 
         _BREAKING_CLASSES[cls] = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
                                                               "__qualname__": cls.__qualname__})
     return _BREAKING_CLASSES[cls]
+
+
+#: The last attention mask checked (a weak reference), its version then, and whether it was causal
+#: only: every layer of a forward gets the same mask, which is checked once.
+_last_mask: list = [None, -1, False]
+
+
+@torch._dynamo.disable
+def _without_causal_mask(layer: nn.Module, kwargs: dict) -> dict:
+    """``kwargs`` without ``attention_mask`` where that is only the causal mask and ``layer``'s
+    attention, transformers' SDPA, then runs causal; else ``kwargs``."""
+    mask = kwargs.get("attention_mask")
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or not _runs_causal_sdpa(layer):
+        return kwargs
+    ref, version, causal = _last_mask
+    if ref is None or ref() is not mask or version != mask._version:
+        q_len, kv_len = mask.shape[-2:]
+        causal = q_len == kv_len and is_causal(mask, "mask" if mask.dtype == torch.bool else "add", q_len, kv_len)
+        _last_mask[:] = [weakref.ref(mask), mask._version, causal]
+        log.debug("lecompile: the %s attention mask is %s", tuple(mask.shape),
+                  "only causal: decoder layers run causal SDPA without it" if causal else "not only causal: it stays")
+        counters["lecompile"]["causal_mask_dropped_at_layers" if causal else "mask_kept_at_layers"] += 1
+    return {**kwargs, "attention_mask": None} if causal else kwargs
+
+
+def _runs_causal_sdpa(layer: nn.Module) -> bool:
+    """Whether every attention in ``layer`` is transformers' SDPA attention, which runs causal
+    without a mask (an ``eager`` attention would run unmasked)."""
+    implementations = {getattr(m.config, "_attn_implementation", None) for m in layer.modules()
+                       if hasattr(m, "config")}
+    return implementations == {"sdpa"} and all(getattr(m, "is_causal", True) is True for m in layer.modules())

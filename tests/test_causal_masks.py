@@ -94,7 +94,8 @@ def test_block_attention_over_a_dropped_mask_reads_no_token_mask():
      False),  # a bias where it keeps
 ])
 def test_is_causal(kind, value, expected):
-    assert causal_masks.is_causal(value, kind, 4, 4) is expected
+    for rows in (4096, 3):  # all queries at once, and in a block of 3 then 1
+        assert causal_masks.is_causal(value, kind, 4, 4, rows=rows) is expected
 
 
 def test_is_causal_aligns_fewer_queries_to_the_last_keys():

@@ -379,6 +379,24 @@ def test_a_models_causal_only_mask_runs_on_causal_kernels():
         torch.testing.assert_close(grads[name].float(), ref_grads[name].float(), atol=5e-2, rtol=5e-2, msg=name)
 
 
+def test_layer_breaks_drop_a_causal_only_mask_so_the_flash_kernels_take_every_layer():
+    """Under ``compile_layers_once`` each layer's graph would get the model's mask as an input; the
+    break drops it when it is only causal, so FlashAttention 4's kernels take the layers' attention,
+    with the loss and gradients of the Triton kernels."""
+    _needs_flash()
+    model, inputs = _bf16_llama()
+    breaks = lecompile.compile_layers_once(model)
+    try:
+        (ref_loss, ref_grads, triton), (loss, grads, flash) = _on_triton_then_flash(model, inputs)
+    finally:
+        breaks.remove()
+    assert triton.attention and all(e.kernel == "triton" for e in triton.attention), str(triton)
+    assert flash.attention and all(e.kernel == "flash" for e in flash.attention), str(flash)
+    torch.testing.assert_close(loss, ref_loss, atol=2e-2, rtol=2e-2)
+    for name in grads:
+        torch.testing.assert_close(grads[name].float(), ref_grads[name].float(), atol=5e-2, rtol=5e-2, msg=name)
+
+
 def test_flash_kernels_hand_a_models_masked_attention_to_the_triton_kernels():
     """A token mask that depends on the batch (padding), which FlexAttention's FlashAttention 4
     code generation cannot read: with ``attn_kernel="flash"`` the model's attention runs on the

@@ -89,6 +89,48 @@ def test_a_layer_checkpointed_around_its_call_still_compiles_once():
         torch.testing.assert_close(p.grad, ref.grad, msg=name)
 
 
+def _layer_sdpa_calls(model, inputs):
+    """The SDPA calls of the graphs Dynamo hands a backend for ``model(**inputs)`` (layers broken)."""
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(model, backend=capture)(**inputs)
+    return [n for g in graphs for n in g.graph.nodes if n.target is torch.nn.functional.scaled_dot_product_attention]
+
+
+def test_a_causal_only_mask_leaves_the_layers_which_run_causal_sdpa():
+    model = tiny_model("llama", "lora")
+    reference = copy.deepcopy(model)
+    lecompile.compile_layers_once(model)
+    calls = _layer_sdpa_calls(model, batch())
+    assert calls and all(n.kwargs.get("attn_mask") is None and n.kwargs["is_causal"] for n in calls)
+    loss, grads = train_step(model, model, batch())  # eager, through the breaking calls
+    ref_loss, ref_grads = train_step(reference, reference, batch())
+    torch.testing.assert_close(loss, ref_loss)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], msg=name)
+
+
+def test_a_padding_mask_or_an_eager_attention_keeps_the_mask():
+    model = tiny_model("llama", "lora")
+    lecompile.compile_layers_once(model)
+    padding = torch.ones(models.BATCH, models.SEQ, dtype=torch.long).index_fill(1, torch.tensor([0]), 0)
+    padded = {**batch(), "attention_mask": padding}
+    calls = _layer_sdpa_calls(model, padded)
+    assert calls and all(n.kwargs.get("attn_mask") is not None for n in calls)
+    eager = tiny_model("llama", "lora")
+    eager.set_attn_implementation("eager")
+    reference = copy.deepcopy(eager)
+    lecompile.compile_layers_once(eager)
+    torch._dynamo.reset()
+    loss, _ = train_step(torch.compile(eager, backend="eager"), eager, batch())
+    torch.testing.assert_close(loss, train_step(reference, reference, batch())[0])
+
+
 @pytest.mark.slow
 def test_every_layer_runs_one_compiled_graph_with_the_loss_and_gradients_of_eager(monkeypatch):
     graphs = {}
