@@ -15,9 +15,11 @@ its SDPA runs ``is_causal`` (the causal kernels, and block-sparse attention with
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import weakref
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -98,7 +100,8 @@ def _breaking_class(cls: type) -> type:
     if cls not in _BREAKING_CLASSES:
         def __call__(self, *args, **kwargs):
             torch._dynamo.graph_break()
-            return cls.__call__(self, *args, **_without_causal_mask(self, kwargs))
+            args, kwargs = _without_causal_mask(self, args, kwargs)
+            return cls.__call__(self, *args, **kwargs)
 
         _BREAKING_CLASSES[cls] = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
                                                               "__qualname__": cls.__qualname__})
@@ -111,12 +114,17 @@ _last_mask: list = [None, -1, False]
 
 
 @torch._dynamo.disable
-def _without_causal_mask(layer: nn.Module, kwargs: dict) -> dict:
-    """``kwargs`` without ``attention_mask`` where that is only the causal mask and ``layer``'s
-    attention, transformers' SDPA, then runs causal; else ``kwargs``."""
-    mask = kwargs.get("attention_mask")
+def _without_causal_mask(layer: nn.Module, args: tuple, kwargs: dict) -> Tuple[tuple, dict]:
+    """``args`` and ``kwargs`` without the ``attention_mask`` (by name, or by its place in
+    ``layer.forward``'s parameters, as GPT-2 passes it) where that is only the causal mask and
+    ``layer``'s attention, transformers' SDPA, then runs causal; else as they are."""
+    position = _mask_position(type(layer))
+    by_name = "attention_mask" in kwargs
+    if not by_name and (position is None or position >= len(args)):
+        return args, kwargs
+    mask = kwargs["attention_mask"] if by_name else args[position]
     if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or not _runs_causal_sdpa(layer):
-        return kwargs
+        return args, kwargs
     ref, version, causal = _last_mask
     if ref is None or ref() is not mask or version != mask._version:
         q_len, kv_len = mask.shape[-2:]
@@ -125,7 +133,18 @@ def _without_causal_mask(layer: nn.Module, kwargs: dict) -> dict:
         log.debug("lecompile: the %s attention mask is %s", tuple(mask.shape),
                   "only causal: decoder layers run causal SDPA without it" if causal else "not only causal: it stays")
         counters["lecompile"]["causal_mask_dropped_at_layers" if causal else "mask_kept_at_layers"] += 1
-    return {**kwargs, "attention_mask": None} if causal else kwargs
+    if not causal:
+        return args, kwargs
+    if by_name:
+        return args, {**kwargs, "attention_mask": None}
+    return args[:position] + (None,) + args[position + 1:], kwargs
+
+
+@functools.lru_cache(maxsize=None)
+def _mask_position(cls: type) -> Optional[int]:
+    """Where ``cls.forward`` takes ``attention_mask`` among its positional arguments (after self)."""
+    names = list(inspect.signature(cls.forward).parameters)[1:]
+    return names.index("attention_mask") if "attention_mask" in names else None
 
 
 def _runs_causal_sdpa(layer: nn.Module) -> bool:

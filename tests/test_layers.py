@@ -102,8 +102,9 @@ def _layer_sdpa_calls(model, inputs):
     return [n for g in graphs for n in g.graph.nodes if n.target is torch.nn.functional.scaled_dot_product_attention]
 
 
-def test_a_causal_only_mask_leaves_the_layers_which_run_causal_sdpa():
-    model = tiny_model("llama", "lora")
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # GPT-2 passes the mask by position
+def test_a_causal_only_mask_leaves_the_layers_which_run_causal_sdpa(arch):
+    model = tiny_model(arch, "lora")
     reference = copy.deepcopy(model)
     lecompile.compile_layers_once(model)
     calls = _layer_sdpa_calls(model, batch())
