@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -104,6 +105,8 @@ def e2e_section(e2e: dict, recall: Sequence[dict] = ()) -> str:
              "the whole schedule, warm-up and predictor refreshes included, against the strongest setup); rows with "
              "sparse attention and dense MLPs: the long-context recall task's held-out loss change at that attention "
              "density, at the longest length measured up to the row's (Long-context quality below). "
+             "Each ratio compares rows of one run (`run`; a table may hold several runs' rows; "
+             "`benchmarks/results/e2e.json` says what each run measured). "
              "`vs d1`: against lecompile at density 1.0 (without `attn_mask_blocks`) of the same run, replayed the "
              "same way. `of limit`: the step's physical limit (its base GEMMs and attention at the GPU's bf16 GEMM "
              "rate) over the step time, where the run recorded it; `compile s`: the first step (the variants of a case "
@@ -113,9 +116,10 @@ def e2e_section(e2e: dict, recall: Sequence[dict] = ()) -> str:
     for device, cases in order:
         parts.append(f"### {device}")
         for case, rows in cases.items():
+            runs = {r["variant"]: r["run"] for r in rows}
             table = [[r["variant"], "out of memory"] + [None] * 9 + [r["run"]] if "ms" not in r else
                      [r["variant"], f"{r['ms']:.1f}", ratio(r.get("speedup_vs_eager")), ratio(r.get("speedup")),
-                      ratio(r.get("speedup_vs_strongest")), ratio(r.get("speedup_vs_d1")), _share(r.get("limit_ratio")),
+                      _vs_strongest(r, runs), ratio(r.get("speedup_vs_d1")), _share(r.get("limit_ratio")),
                       f"{r['peak_mem_gib']:.2f}", r.get("compile_s"),
                       {True: "yes", False: "no"}.get(r.get("loss_matches_eager")),
                       _quality(r) or _recall_quality(r, recall),
@@ -125,6 +129,14 @@ def e2e_section(e2e: dict, recall: Sequence[dict] = ()) -> str:
                 ["variant", "step ms", "vs eager", "vs Inductor", "vs strongest", "vs d1", "of limit", "peak GiB",
                  "compile s", "loss ok", "quality", "run"], table))
     return "\n\n".join(parts)
+
+
+def _vs_strongest(row: dict, runs: Dict[str, int]) -> Optional[str]:
+    """``row``'s ratio to the strongest setup, naming its run where the table shows that setup's
+    row of another run (``runs``: each variant's run in the table)."""
+    text = ratio(row.get("speedup_vs_strongest"))
+    baseline_run = runs.get(row.get("strongest_baseline"), row["run"])
+    return f"{text} (run {row['run']}'s baseline)" if text and baseline_run != row["run"] else text
 
 
 def _share(value: Optional[float]) -> Optional[str]:
@@ -468,23 +480,62 @@ def long_context_line(recall: dict, attention: dict, e2e: Optional[dict] = None,
 
 
 def _long_context_step(e2e: dict, density: float, quality_seq: int) -> Optional[str]:
-    """The newest whole training step at 4096 tokens or more with attention density ``density``
-    (MLPs dense), against the strongest setup of its run; it says so where its sequence is not
-    ``quality_seq``, the one the density's quality was measured at."""
+    """The whole training step at 4096 tokens or more of the case where attention density
+    ``density`` (MLPs dense) was timed last, in that case's newest run with its strongest setup:
+    the sparse row against that setup (it says so where its sequence is not ``quality_seq``, the
+    one the density's quality was measured at), or, where that run has none, lecompile at density
+    1.0 and that the density was not timed against it; and a longer sequence of the same case at
+    which the strongest setup ran out of GPU memory."""
     latest = e2e_latest(e2e)
     rows = [(device, r) for device, cases in latest.items() for case_rows in cases.values()
             for r in case_rows if r["seq"] >= 4096 and r.get("attn_density") == density
-            and r.get("mlp_density", 1.0) == 1.0 and r.get("speedup_vs_strongest") is not None]
+            and r.get("mlp_density", 1.0) == 1.0 and r.get("speedup_vs_strongest") is not None
+            and r.get("attn_kernel", "triton") == "triton"]
     if not rows:
         return None
     device, row = max(rows, key=lambda dr: dr[1]["run"])
-    same_run = {r["variant"]: r for r in latest[device][row["case"]] if r["run"] == row["run"]}
-    base, exact = same_run[row["strongest_baseline"]], same_run.get("lecompile-d1-mask-blocks")
-    exact = f" (exact attention, `attn_mask_blocks`: {ratio(exact['speedup_vs_strongest'])})" if exact else ""
-    return (f"a whole training step of {row['case']} ({device}): {ratio(row['speedup_vs_strongest'])} "
-            f"`{base['variant']}` of the same run{exact}, {row['ms']:.0f} against {base['ms']:.0f} ms, peak memory "
-            f"{row['peak_mem_gib']:.1f} against {base['peak_mem_gib']:.1f} GiB"
-            + (f" (quality measured at {quality_seq} tokens, not {row['seq']})" if row["seq"] != quality_seq else ""))
+    newest = {r["variant"]: r for r in latest[device][row["case"]]}[row["strongest_baseline"]]["run"]
+    same_run = {r["variant"]: r for r in e2e["rows"] if r["case"] == row["case"] and r["run"] == newest}
+    base, sparse = same_run[row["strongest_baseline"]], same_run.get(row["variant"])
+    exact = [(label, same_run[name]) for name, label in
+             (("lecompile-d1", "density 1.0"), ("lecompile-d1-mask-blocks", "`attn_mask_blocks`"))
+             if same_run.get(name, {}).get("speedup_vs_strongest")]
+    text = f"a whole training step of {row['case']} ({device}): "
+    if sparse:
+        exact = ", ".join(f"{label}: {ratio(r['speedup_vs_strongest'])}" for label, r in exact)
+        text += (f"{ratio(sparse['speedup_vs_strongest'])} `{base['variant']}` of the same run"
+                 + (f" (exact attention, {exact})" if exact else "")
+                 + f", {sparse['ms']:.0f} against {base['ms']:.0f} ms, peak memory {sparse['peak_mem_gib']:.1f} "
+                 f"against {base['peak_mem_gib']:.1f} GiB"
+                 + (f" (quality measured at {quality_seq} tokens, not {sparse['seq']})"
+                    if sparse["seq"] != quality_seq else ""))
+    elif exact:
+        label, r = exact[0]
+        text += (f"lecompile at {label} (exact) {ratio(r['speedup_vs_strongest'])} `{base['variant']}` of the same "
+                 f"run, {r['ms']:.0f} against {base['ms']:.0f} ms, peak memory {r['peak_mem_gib']:.1f} against "
+                 f"{base['peak_mem_gib']:.1f} GiB; attention density {density:g} not yet timed in that run")
+    else:
+        return None
+    return text + _out_of_memory_beyond(e2e, device, row)
+
+
+def _out_of_memory_beyond(e2e: dict, device: str, row: dict) -> str:
+    """Where the strongest setup ran out of GPU memory on ``row``'s case at a longer sequence and
+    lecompile at density 1.0 ran: that sequence, lecompile's step time and peak memory."""
+    for case, rows in sorted(e2e_latest(e2e, out_of_memory=True).get(device, {}).items(),
+                             key=lambda kv: kv[1][0]["seq"]):
+        by = {r["variant"]: r for r in rows}
+        base, exact = by.get(row["strongest_baseline"], {}), by.get("lecompile-d1", {})
+        if (rows[0]["seq"] > row["seq"] and _without_shape(case) == _without_shape(row["case"])
+                and base.get("out_of_memory") and "ms" in exact):
+            return (f"; at {rows[0]['seq']} tokens `{row['strongest_baseline']}` ran out of GPU memory, lecompile at "
+                    f"density 1.0 took {exact['ms']:.0f} ms and {exact['peak_mem_gib']:.1f} GiB")
+    return ""
+
+
+def _without_shape(case: str) -> str:
+    """A case's name without its ``<batch>x<seq>`` word."""
+    return " ".join(word for word in case.split() if not re.fullmatch(r"\d+x\d+", word))
 
 
 def _attention_speed(attention: dict, density: float, kernel: str) -> Optional[str]:

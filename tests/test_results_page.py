@@ -216,6 +216,18 @@ def test_long_context_line_adds_the_newest_long_training_step_at_the_passing_den
     e2e["rows"].append(row(1, "m 1x8192", "lecompile-d1-mask-blocks", 80.0, 8192))
     assert "of the same run (exact attention, `attn_mask_blocks`: 1.25x), 50 against" in \
         results_page.long_context_line(recall, {"meta": {}, "rows": []}, e2e)
+    # A newer run of the case without the sparse row: its exact row, not the older run's ratio against another
+    # baseline; and a longer sequence where the baseline ran out of memory.
+    e2e["meta"]["runs"].append({"run": 3, "device": "H100", "command": "python -m benchmarks.e2e"})
+    e2e["rows"] += [row(3, "m 1x8192", "inductor-bf16-adapters", 40.0, 8192),
+                    row(3, "m 1x8192", "lecompile-d1", 32.0, 8192, peak=3.0),
+                    dict(run=3, case="m 1x16384", variant="inductor-bf16-adapters", seq=16384, out_of_memory=True),
+                    row(3, "m 1x16384", "lecompile-d1", 90.0, 16384, peak=7.0)]
+    assert results_page.long_context_line(recall, {"meta": {}, "rows": []}, e2e).endswith(
+        "; a whole training step of m 1x8192 (H100): lecompile at density 1.0 (exact) 3.12x `inductor-bf16-adapters` "
+        "of the same run, 32 against 40 ms, peak memory 3.0 against 10.0 GiB; attention density 0.5 not yet timed in "
+        "that run; at 16384 tokens `inductor-bf16-adapters` ran out of GPU memory, lecompile at density 1.0 took 90 "
+        "ms and 7.0 GiB.")
 
 
 def test_sparse_attention_rows_carry_the_recall_quality_at_their_density():
@@ -246,3 +258,15 @@ def test_a_variant_out_of_memory_keeps_its_row_on_the_page():
     assert "| inductor-bf16-adapters | out of memory | - | - | - | - | - | - | - | - | - | 1 |" in section
     assert "| lecompile-d1-a0.5 | 900.0 | - | - | - | - | - | 60.00 | 100.0 | - | recall not measured | 1 |" in section
     assert "out of memory" not in str(results_page.e2e_latest({"meta": {"runs": [run]}, "rows": rows}))
+
+
+def test_a_ratio_against_another_runs_baseline_names_its_run():
+    runs = [{"run": run, "device": "H100", "command": "python -m benchmarks.e2e"} for run in (1, 2)]
+    base = dict(case="m 1x4096", seq=4096, peak_mem_gib=1.0, strongest_baseline="inductor-bf16-adapters")
+    rows = [dict(base, run=1, variant="inductor-bf16-adapters", ms=100.0, speedup_vs_strongest=1.0),
+            dict(base, run=1, variant="lecompile-d1-a0.5", ms=50.0, speedup_vs_strongest=2.0),
+            dict(base, run=2, variant="inductor-bf16-adapters", ms=60.0, speedup_vs_strongest=1.0),
+            dict(base, run=2, variant="lecompile-d1", ms=50.0, speedup_vs_strongest=1.2)]
+    section = results_page.e2e_section({"meta": {"runs": runs}, "rows": rows})
+    assert "| lecompile-d1-a0.5 | 50.0 | - | - | 2.00x (run 1's baseline) |" in section
+    assert "| lecompile-d1 | 50.0 | - | - | 1.20x |" in section
