@@ -55,6 +55,7 @@ import contextlib
 import functools
 import logging
 import math
+import signal
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -552,9 +553,12 @@ def timed_ms(step: Callable[[], object], cuda: bool) -> float:
 
 
 def run_case(case: Case, variant_list: Sequence[Variant], device: str, steps: int = 20,
-             warmup: int = 3, progress=None, on_row: Optional[Callable[[dict], None]] = None) -> List[dict]:
+             warmup: int = 3, progress=None, on_row: Optional[Callable[[dict], None]] = None,
+             variant_timeout: Optional[float] = None) -> List[dict]:
     """Every variant of ``case``, with ratios to the baselines measured in this call.
-    ``on_row`` sees each row as soon as it is measured (to save partial results)."""
+    ``on_row`` sees each row as soon as it is measured (to save partial results); a variant still
+    running after ``variant_timeout`` seconds is stopped and recorded as timed out (see
+    :func:`time_limit`), and the next one runs."""
     rows = []
     layers = case.layers or MODELS[case.model]().num_hidden_layers
     for v in variant_list:
@@ -567,7 +571,8 @@ def run_case(case: Case, variant_list: Sequence[Variant], device: str, steps: in
                    adapters="fp32" if v.adapters_fp32 else "bf16", cudagraphs=v.cudagraphs,
                    **({"attn_kernel": v.config.tuning.attn_kernel} if _block_attention(v.config) else {}))
         try:
-            r = run_variant(case, v, device, steps, warmup)
+            with time_limit(variant_timeout):
+                r = run_variant(case, v, device, steps, warmup)
             row.update(ms=round(r.ms, 3), tokens_per_s=round(case.batch * case.seq / r.ms * 1e3),
                        peak_mem_gib=round(r.peak_mem_gib, 3), compile_s=round(r.compile_s, 1),
                        loss_step1=round(r.loss_step1, 5), **r.extra)
@@ -576,6 +581,8 @@ def run_case(case: Case, variant_list: Sequence[Variant], device: str, steps: in
             row["error"] = repr(err)[:400]
             if isinstance(err, torch.OutOfMemoryError):
                 row["out_of_memory"] = True
+            if isinstance(err, VariantTimeout):
+                row["timed_out"] = True
         rows.append(row)
         if on_row is not None:
             on_row(row)
@@ -583,6 +590,31 @@ def run_case(case: Case, variant_list: Sequence[Variant], device: str, steps: in
             progress.update()
     add_ratios(rows)
     return rows
+
+
+class VariantTimeout(TimeoutError):
+    """A variant ran past ``--variant-timeout``."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: Optional[float]):
+    """Raise :class:`VariantTimeout` in the main thread once ``seconds`` have passed (``None``: no
+    limit). It is a SIGALRM, so it lands between Python operations: a long native call (a kernel
+    compiler's) ends first."""
+    if seconds is None:
+        yield
+        return
+
+    def stop(signum, frame):
+        raise VariantTimeout(f"still running after --variant-timeout {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def add_adapter_shares(rows: List[dict]) -> None:
@@ -827,6 +859,9 @@ def add_arguments(parser) -> None:
                         help="run only these variants (names as in the results, e.g. eager lecompile-d0.25-cg)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per variant (median)")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--variant-timeout", type=float, default=None, metavar="SECONDS",
+                        help="stop a variant (compile and steps) still running after this long, record it as "
+                             "timed out and go on with the next (default: no limit)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--out", default=str(RESULTS),
                         help="folder for e2e.json and e2e.png (default: benchmarks/results)")
@@ -846,6 +881,8 @@ def run(args) -> dict:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.layers is not None and args.layers < 1:
         raise ValueError(f"--layers must be >= 1, got {args.layers}")
+    if args.variant_timeout is not None and args.variant_timeout <= 0:
+        raise ValueError(f"--variant-timeout must be > 0 seconds, got {args.variant_timeout}")
     cases = [Case(m, meth, *SHAPES[s], layers=args.layers, checkpointing=args.checkpointing, layer_breaks=breaks,
                   padded=args.padded)
              for m in args.models for meth in args.methods for s in args.shapes
@@ -878,7 +915,8 @@ def run(args) -> dict:
     with inductor_config.patch(inductor_options):
         with tqdm(total=len(cases) * len(vs), desc="e2e", unit="run") as bar:
             for case in cases:
-                rows += run_case(case, vs, device, args.steps, args.warmup, progress=bar, on_row=save_partial)
+                rows += run_case(case, vs, device, args.steps, args.warmup, progress=bar, on_row=save_partial,
+                                 variant_timeout=args.variant_timeout)
                 add_adapter_shares(rows)
                 write_results("e2e", data, out)  # with the case's ratios
     path = write_results("e2e", data, out)
