@@ -147,9 +147,17 @@ def _mask_position(cls: type) -> Optional[int]:
     return names.index("attention_mask") if "attention_mask" in names else None
 
 
+#: Each decoder layer's modules that carry a config or ``is_causal``, found on its first call: a walk
+#: over all of a LoRA layer's modules costs more per call than the rest of the check.
+_attention_modules: "weakref.WeakKeyDictionary[nn.Module, List[nn.Module]]" = weakref.WeakKeyDictionary()
+
+
 def _runs_causal_sdpa(layer: nn.Module) -> bool:
     """Whether every attention in ``layer`` is transformers' SDPA attention, which runs causal
-    without a mask (an ``eager`` attention would run unmasked)."""
-    implementations = {getattr(m.config, "_attn_implementation", None) for m in layer.modules()
-                       if hasattr(m, "config")}
-    return implementations == {"sdpa"} and all(getattr(m, "is_causal", True) is True for m in layer.modules())
+    without a mask (an ``eager`` attention would run unmasked); read at every call, so a changed
+    attention implementation counts."""
+    if layer not in _attention_modules:
+        _attention_modules[layer] = [m for m in layer.modules() if hasattr(m, "config") or hasattr(m, "is_causal")]
+    modules = _attention_modules[layer]
+    implementations = {getattr(m.config, "_attn_implementation", None) for m in modules if hasattr(m, "config")}
+    return implementations == {"sdpa"} and all(getattr(m, "is_causal", True) is True for m in modules)
