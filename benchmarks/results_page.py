@@ -502,9 +502,9 @@ def _long_context_step(e2e: dict, density: float, quality_seq: int) -> Optional[
              if same_run.get(name, {}).get("speedup_vs_strongest")]
     text = f"a whole training step of {row['case']} ({device}): "
     if sparse:
-        exact = ", ".join(f"{label}: {ratio(r['speedup_vs_strongest'])}" for label, r in exact)
+        ratios = ", ".join(f"{label}: {ratio(r['speedup_vs_strongest'])}" for label, r in exact)
         text += (f"{ratio(sparse['speedup_vs_strongest'])} `{base['variant']}` of the same run"
-                 + (f" (exact attention, {exact})" if exact else "")
+                 + (f" (exact attention, {ratios})" if ratios else "")
                  + f", {sparse['ms']:.0f} against {base['ms']:.0f} ms, peak memory {sparse['peak_mem_gib']:.1f} "
                  f"against {base['peak_mem_gib']:.1f} GiB"
                  + (f" (quality measured at {quality_seq} tokens, not {sparse['seq']})"
