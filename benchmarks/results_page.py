@@ -482,8 +482,9 @@ def long_context_line(recall: dict, attention: dict, e2e: Optional[dict] = None,
 def _long_context_step(e2e: dict, density: float, quality_seq: int) -> Optional[str]:
     """The whole training step at 4096 tokens or more of the case where attention density
     ``density`` (MLPs dense) was timed last, in that case's newest run with its strongest setup:
-    the sparse row against that setup (it says so where its sequence is not ``quality_seq``, the
-    one the density's quality was measured at), or, where that run has none, lecompile at density
+    the sparse row against that setup, with that run's rows of the density on other attention
+    kernels (it says so where its sequence is not ``quality_seq``, the one the density's quality
+    was measured at), or, where that run has none, lecompile at density
     1.0 and that the density was not timed against it; and a longer sequence of the same case at
     which the strongest setup ran out of GPU memory."""
     latest = e2e_latest(e2e)
@@ -500,12 +501,19 @@ def _long_context_step(e2e: dict, density: float, quality_seq: int) -> Optional[
     exact = [(label, same_run[name]) for name, label in
              (("lecompile-d1", "density 1.0"), ("lecompile-d1-mask-blocks", "`attn_mask_blocks`"))
              if same_run.get(name, {}).get("speedup_vs_strongest")]
+    other_kernels = [r for r in same_run.values() if r.get("attn_density") == density
+                     and r.get("mlp_density", 1.0) == 1.0 and r.get("attn_kernel", "triton") != "triton"
+                     and r.get("speedup_vs_strongest")]
     text = f"a whole training step of {row['case']} ({device}): "
     if sparse:
         ratios = ", ".join(f"{label}: {ratio(r['speedup_vs_strongest'])}" for label, r in exact)
+        kernels = "".join(f", {ratio(r['speedup_vs_strongest'])} and {r['ms']:.0f} ms on "
+                          f"{ATTENTION_KERNELS[r['attn_kernel']]}" for r in other_kernels)
         text += (f"{ratio(sparse['speedup_vs_strongest'])} `{base['variant']}` of the same run"
                  + (f" (exact attention, {ratios})" if ratios else "")
-                 + f", {sparse['ms']:.0f} against {base['ms']:.0f} ms, peak memory {sparse['peak_mem_gib']:.1f} "
+                 + f", {sparse['ms']:.0f} against {base['ms']:.0f} ms"
+                 + (f" on {ATTENTION_KERNELS['triton']}{kernels}" if kernels else "")
+                 + f", peak memory {sparse['peak_mem_gib']:.1f} "
                  f"against {base['peak_mem_gib']:.1f} GiB"
                  + (f" (quality measured at {quality_seq} tokens, not {sparse['seq']})"
                     if sparse["seq"] != quality_seq else ""))

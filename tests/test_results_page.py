@@ -216,6 +216,11 @@ def test_long_context_line_adds_the_newest_long_training_step_at_the_passing_den
     e2e["rows"].append(row(1, "m 1x8192", "lecompile-d1-mask-blocks", 80.0, 8192))
     assert "of the same run (exact attention, `attn_mask_blocks`: 1.25x), 50 against" in \
         results_page.long_context_line(recall, {"meta": {}, "rows": []}, e2e)
+    # The same density on FlashAttention 4's kernels joins the sparse row of its run.
+    e2e["rows"].append(dict(row(1, "m 1x8192", "lecompile-d1-a0.5-flash", 40.0, 8192, attn_density=0.5),
+                            attn_kernel="flash"))
+    assert ("50 against 100 ms on FlexAttention's Triton kernels, 2.50x and 40 ms on FlashAttention 4's kernels, "
+            "peak memory 4.0") in results_page.long_context_line(recall, {"meta": {}, "rows": []}, e2e)
     # A newer run of the case without the sparse row: its exact row, not the older run's ratio against another
     # baseline; and a longer sequence where the baseline ran out of memory.
     e2e["meta"]["runs"].append({"run": 3, "device": "H100", "command": "python -m benchmarks.e2e"})
