@@ -1,6 +1,7 @@
 """Block-sparse attention: layouts, predictor, operator vs masked dense reference, and the rewrite
 of tiny models' SDPA and eager attention against an eager model running the reference."""
 
+import importlib.util
 from types import SimpleNamespace
 
 import pytest
@@ -469,12 +470,23 @@ def test_flash_kernels_are_asked_for_by_name_and_their_absence_is_reported(monke
         LongExposureConfig.create(attn_kernel="cute")
     model, inputs = tiny_model("llama", "lora"), attention_batch(padded=False)
     config = LongExposureConfig.create(mlp_density=1.0, attn_density=0.5, attn_block=16, attn_kernel="flash")
-    monkeypatch.setattr(rewrite_attention, "flash_available", lambda: False)
+    find_spec = importlib.util.find_spec
+    installed = {"flash_attn.cute": False, "cutlass": False}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: (
+        (object() if installed[name] else None) if name in installed else find_spec(name, *a)))
     report = lecompile.explain(model, **inputs, config=config)
     assert report.attention and all(
         e.rewritten and e.kernel == "triton" and "attn_kernel='flash' needs FlashAttention 4's CuTe kernels" in e.note
         and e.note.endswith("FlexAttention's Triton kernels instead") for e in report.attention), str(report)
-    monkeypatch.setattr(rewrite_attention, "flash_available", lambda: True)  # the CPU runs the reference
+    # flash-attn-4 installed where Python cannot import the CUTLASS DSL (a pip --target install):
+    # Inductor's generated code would fail to import, so the Triton kernels run it, saying why.
+    installed["flash_attn.cute"] = True
+    assert "`cutlass` module, which is not importable" in block_attention.flash_missing()
+    assert not block_attention.flash_available()
+    assert all(e.kernel == "triton" and "dsl_packages folder on PYTHONPATH" in e.note
+               for e in lecompile.explain(model, **inputs, config=config).attention)
+    installed["cutlass"] = True  # the CPU runs the reference
+    assert block_attention.flash_missing() == "" and block_attention.flash_available()
     assert all(e.rewritten and e.kernel == "flash" for e in lecompile.explain(model, **inputs, config=config).attention)
     # On a GPU the kernels take bf16/fp16 on Hopper or newer, and no token mask; elsewhere the Triton
     # kernels run attention, the note saying why.

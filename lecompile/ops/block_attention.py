@@ -180,13 +180,25 @@ def flex_backward_tiles(q: Tensor) -> Optional[List[Tuple[int, int, int, int]]]:
     return [(c.block_m1, c.block_n1, c.block_m2, c.block_n2) for c in configs]
 
 
-def flash_available() -> bool:
-    """Whether FlashAttention 4's CuTe kernels (``flash_attn.cute``) are installed: FlexAttention's
-    ``BACKEND="FLASH"`` runs on them."""
+def flash_missing() -> str:
+    """What keeps FlashAttention 4's CuTe kernels (``flash_attn.cute``, on which FlexAttention's
+    ``BACKEND="FLASH"`` runs) from importing here, or ``""``."""
     try:
-        return importlib.util.find_spec("flash_attn.cute") is not None
-    except ImportError:  # a flash_attn without the cute subpackage
-        return False
+        if importlib.util.find_spec("flash_attn.cute") is None:
+            raise ImportError
+    except ImportError:  # no flash_attn, or one without the cute subpackage
+        return "needs FlashAttention 4's CuTe kernels (flash_attn.cute, package flash-attn-4), which are not installed"
+    if importlib.util.find_spec("cutlass") is None:
+        # nvidia-cutlass-dsl puts ``cutlass`` on sys.path from a .pth file, which Python reads only in
+        # site-packages; without it Inductor's generated code fails to import when it first runs.
+        return ("needs the CUTLASS DSL's `cutlass` module, which is not importable (package nvidia-cutlass-dsl; "
+                "installed with pip --target, put its nvidia_cutlass_dsl/dsl_packages folder on PYTHONPATH)")
+    return ""
+
+
+def flash_available() -> bool:
+    """Whether FlashAttention 4's CuTe kernels can run here (:func:`flash_missing`)."""
+    return not flash_missing()
 
 
 def flex_options(block: int, kernel: str) -> dict:

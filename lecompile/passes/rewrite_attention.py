@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 from torch._dynamo.utils import counters
 
-from ..ops.block_attention import allowed_blocks, block_attention, flash_available, flex_backward_tiles, token_masks
+from ..ops.block_attention import allowed_blocks, block_attention, flash_missing, flex_backward_tiles, token_masks
 from ..predictors.attention import predict_blocks
 from ..report import AttentionEntry
 from .graph import meta_value, recompile, replace_uses, static_shape
@@ -109,8 +109,9 @@ def _kernel(att: AttentionMatch, cfg) -> Tuple[str, str]:
 def _why_not_flash(q: torch.Tensor, token_mask: bool) -> str:
     """Why FlashAttention 4's kernels cannot run attention on ``q`` (whose scores take a mask of
     token positions if ``token_mask``), or ``""`` (off CUDA the reference runs whatever the kernel)."""
-    if not flash_available():
-        return "needs FlashAttention 4's CuTe kernels (flash_attn.cute, package flash-attn-4), which are not installed"
+    missing = flash_missing()
+    if missing:
+        return missing
     if q.device.type != "cuda":
         return ""
     if q.dtype not in (torch.bfloat16, torch.float16):
