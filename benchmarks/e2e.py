@@ -55,10 +55,9 @@ import contextlib
 import functools
 import logging
 import math
-import signal
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -67,6 +66,7 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 from benchmarks.common import RESULTS, autotune_record, autotune_seconds, autotuning, command_line, meta, write_results
+from benchmarks.own_process import ProcessFailed, ProcessTimeout, in_own_process
 from benchmarks.sparselora import SlicedOutput, mlp_blocks, replace, sparsify_mlps
 from lecompile import LongExposureBackend, LongExposureConfig, compile_layers_once
 from lecompile.config import ATTN_KERNELS
@@ -554,11 +554,13 @@ def timed_ms(step: Callable[[], object], cuda: bool) -> float:
 
 def run_case(case: Case, variant_list: Sequence[Variant], device: str, steps: int = 20,
              warmup: int = 3, progress=None, on_row: Optional[Callable[[dict], None]] = None,
-             variant_timeout: Optional[float] = None) -> List[dict]:
+             variant_timeout: Optional[float] = None, inductor_options: Optional[dict] = None) -> List[dict]:
     """Every variant of ``case``, with ratios to the baselines measured in this call.
-    ``on_row`` sees each row as soon as it is measured (to save partial results); a variant still
-    running after ``variant_timeout`` seconds is stopped and recorded as timed out (see
-    :func:`time_limit`), and the next one runs."""
+    ``on_row`` sees each row as soon as it is measured (to save partial results). With
+    ``variant_timeout``, each variant runs in a process of its own under ``inductor_options``
+    (:func:`benchmarks.own_process.in_own_process`), killed and recorded as timed out after that
+    many seconds, and the next one runs; its compile then finds only the on-disk caches of the
+    variants before it."""
     rows = []
     layers = case.layers or MODELS[case.model]().num_hidden_layers
     for v in variant_list:
@@ -571,17 +573,20 @@ def run_case(case: Case, variant_list: Sequence[Variant], device: str, steps: in
                    adapters="fp32" if v.adapters_fp32 else "bf16", cudagraphs=v.cudagraphs,
                    **({"attn_kernel": v.config.tuning.attn_kernel} if _block_attention(v.config) else {}))
         try:
-            with time_limit(variant_timeout):
+            if variant_timeout is None:
                 r = run_variant(case, v, device, steps, warmup)
+            else:
+                r = StepResult(**in_own_process(_run_variant_with, (inductor_options or {}, case, v, device, steps,
+                                                                    warmup), variant_timeout, "--variant-timeout"))
             row.update(ms=round(r.ms, 3), tokens_per_s=round(case.batch * case.seq / r.ms * 1e3),
                        peak_mem_gib=round(r.peak_mem_gib, 3), compile_s=round(r.compile_s, 1),
                        loss_step1=round(r.loss_step1, 5), **r.extra)
         except Exception as err:  # a case that cannot run is recorded, not dropped
             log.warning("%s %s failed: %r", case.name, v.name, err)
             row["error"] = repr(err)[:400]
-            if isinstance(err, torch.OutOfMemoryError):
+            if isinstance(err, torch.OutOfMemoryError) or (isinstance(err, ProcessFailed) and err.out_of_memory):
                 row["out_of_memory"] = True
-            if isinstance(err, VariantTimeout):
+            if isinstance(err, ProcessTimeout):
                 row["timed_out"] = True
         rows.append(row)
         if on_row is not None:
@@ -592,29 +597,13 @@ def run_case(case: Case, variant_list: Sequence[Variant], device: str, steps: in
     return rows
 
 
-class VariantTimeout(TimeoutError):
-    """A variant ran past ``--variant-timeout``."""
-
-
-@contextlib.contextmanager
-def time_limit(seconds: Optional[float]):
-    """Raise :class:`VariantTimeout` in the main thread once ``seconds`` have passed (``None``: no
-    limit). It is a SIGALRM, so it lands between Python operations: a long native call (a kernel
-    compiler's) ends first."""
-    if seconds is None:
-        yield
-        return
-
-    def stop(signum, frame):
-        raise VariantTimeout(f"still running after --variant-timeout {seconds:g} s")
-
-    previous = signal.signal(signal.SIGALRM, stop)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+def _run_variant_with(inductor_options: dict, *args) -> dict:
+    """:func:`run_variant` under ``inductor_options`` (a spawned process starts from the defaults),
+    its result as a dict: run as ``python -m``, this module is ``__mp_main__`` in the spawned
+    process, a name the parent cannot unpickle its classes from."""
+    import torch._inductor.config as inductor_config
+    with inductor_config.patch(inductor_options):
+        return asdict(run_variant(*args))
 
 
 def add_adapter_shares(rows: List[dict]) -> None:
@@ -860,8 +849,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per variant (median)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--variant-timeout", type=float, default=None, metavar="SECONDS",
-                        help="stop a variant (compile and steps) still running after this long, record it as "
-                             "timed out and go on with the next (default: no limit)")
+                        help="run each variant in a process of its own and kill it (its compile workers "
+                             "too) after this long, recording it as timed out (default: no limit, one process)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--out", default=str(RESULTS),
                         help="folder for e2e.json and e2e.png (default: benchmarks/results)")
@@ -916,7 +905,7 @@ def run(args) -> dict:
         with tqdm(total=len(cases) * len(vs), desc="e2e", unit="run") as bar:
             for case in cases:
                 rows += run_case(case, vs, device, args.steps, args.warmup, progress=bar, on_row=save_partial,
-                                 variant_timeout=args.variant_timeout)
+                                 variant_timeout=args.variant_timeout, inductor_options=inductor_options)
                 add_adapter_shares(rows)
                 write_results("e2e", data, out)  # with the case's ratios
     path = write_results("e2e", data, out)
