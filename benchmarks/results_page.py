@@ -482,11 +482,11 @@ def long_context_line(recall: dict, attention: dict, e2e: Optional[dict] = None,
 def _long_context_step(e2e: dict, density: float, quality_seq: int) -> Optional[str]:
     """The whole training step at 4096 tokens or more of the case where attention density
     ``density`` (MLPs dense) was timed last, in that case's newest run with its strongest setup:
-    the sparse row against that setup, with that run's rows of the density on other attention
-    kernels (it says so where its sequence is not ``quality_seq``, the one the density's quality
-    was measured at), or, where that run has none, lecompile at density
-    1.0 and that the density was not timed against it; and a longer sequence of the same case at
-    which the strongest setup ran out of GPU memory."""
+    the sparse row against that setup (saying so where its sequence is not ``quality_seq``, the
+    one the density's quality was measured at) and that run's rows of the density on other
+    attention kernels, or, where that run has none, lecompile at density 1.0 and that the density
+    was not timed against it; and a longer sequence of the same case at which the strongest setup
+    ran out of GPU memory."""
     latest = e2e_latest(e2e)
     rows = [(device, r) for device, cases in latest.items() for case_rows in cases.values()
             for r in case_rows if r["seq"] >= 4096 and r.get("attn_density") == density

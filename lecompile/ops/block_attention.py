@@ -184,9 +184,10 @@ def flash_missing() -> str:
     """What keeps FlashAttention 4's CuTe kernels (``flash_attn.cute``, on which FlexAttention's
     ``BACKEND="FLASH"`` runs) from importing here, or ``""``."""
     try:
-        if importlib.util.find_spec("flash_attn.cute") is None:
-            raise ImportError
-    except ImportError:  # no flash_attn, or one without the cute subpackage
+        installed = importlib.util.find_spec("flash_attn.cute") is not None
+    except ImportError:  # a flash_attn without the cute subpackage
+        installed = False
+    if not installed:
         return "needs FlashAttention 4's CuTe kernels (flash_attn.cute, package flash-attn-4), which are not installed"
     if importlib.util.find_spec("cutlass") is None:
         # nvidia-cutlass-dsl puts ``cutlass`` on sys.path from a .pth file, which Python reads only in
