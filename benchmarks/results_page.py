@@ -442,9 +442,9 @@ def quality_line(quality: dict, e2e: dict) -> str:
 def long_context_line(recall: dict, attention: dict, e2e: Optional[dict] = None,
                       longer: Sequence[dict] = ()) -> Optional[str]:
     """The sparsest attention setting that passed the recall task, with its quality at the longer
-    lengths of ``longer`` (recall results at more tokens), its attention's speed at 8k tokens and
-    more from the attention benchmark on each kernel (:func:`_attention_speed`) and its whole
-    training step's (:func:`_long_context_step`); ``None`` when no attention setting passed."""
+    lengths of ``longer`` (recall results at more tokens), then a bullet for its attention's speed
+    at 8k tokens and more on each kernel (:func:`_attention_speed`) and one for its whole training
+    step (:func:`_long_context_step`); ``None`` when no attention setting passed."""
     from benchmarks.quality import kept
     by = {s["setting"]: s for s in recall["summary"]}
     passing = [s for s in by.values() if s["passes"] and kept(s, "recall") < 1.0]
@@ -452,31 +452,30 @@ def long_context_line(recall: dict, attention: dict, e2e: Optional[dict] = None,
         return None
     best = min(passing, key=lambda s: kept(s, "recall"))
     density = kept(best, "recall")
-    line = (f"Long context: `{best['setting']}` (attention over {density:g} of the blocks) kept the quality of a "
-            f"recall fine-tune at {recall['meta']['seq']} tokens: held-out answer loss "
-            f"{100 * best['heldout_delta']:+.1f}% of dense LoRA's, exact match {best['exact_match']:.2f} against "
-            f"{by['dense']['exact_match']:.2f} ({best['seeds']} seeds)")
+    lines = [f"Long context: `{best['setting']}` (attention over {density:g} of the blocks) kept the quality of a "
+             f"recall fine-tune at {recall['meta']['seq']} tokens: held-out answer loss "
+             f"{100 * best['heldout_delta']:+.1f}% of dense LoRA's, exact match {best['exact_match']:.2f} against "
+             f"{by['dense']['exact_match']:.2f} ({best['seeds']} seeds)"]
     quality_seq = recall["meta"]["seq"]
     for long in sorted(longer, key=lambda r: r["meta"]["seq"]):
         long_by = {s["setting"]: s for s in long["summary"]}
         at, dense = long_by.get(best["setting"]), long_by.get("dense")
         if at and dense:
-            line += (f"; at {long['meta']['seq']} tokens {100 * at['heldout_delta']:+.1f}%, exact match "
-                     f"{at['exact_match']:.2f} against {dense['exact_match']:.2f} ({_seeds(at['seeds'])}"
-                     + ("" if at["passes"] else ", not within the budget") + ")")
+            lines[0] += (f"; at {long['meta']['seq']} tokens {100 * at['heldout_delta']:+.1f}%, exact match "
+                         f"{at['exact_match']:.2f} against {dense['exact_match']:.2f} ({_seeds(at['seeds'])}"
+                         + ("" if at["passes"] else ", not within the budget") + ")")
             quality_seq = long["meta"]["seq"] if at["passes"] else quality_seq
-    speeds = []
     for kernel, name in ATTENTION_KERNELS.items():
         speed = _attention_speed(attention, density, kernel)
         if speed:
             setting = (f' (`attn_kernel="{kernel}"`; attention whose token mask depends on the batch stays on the '
                        'Triton kernels)') if kernel != "triton" else ""
-            speeds.append(f"{speed} on {name}{setting}")
+            lines.append(f"- its attention alone, forward and backward, on {name}{setting}: {speed}")
+    if len(lines) == 1:
+        lines.append("- its attention's speed: not yet measured")
     step = _long_context_step(load("e2e") if e2e is None else e2e, density, quality_seq)
-    step = f"; {step}" if step else "; not yet timed end to end"
-    if not speeds:
-        return f"{line}; its attention's speed not yet measured{step}."
-    return f"{line}; its attention alone, forward and backward, ran {', '.join(speeds)}{step}."
+    lines.append(f"- {step}" if step else "- its whole training step: not yet timed")
+    return f"{lines[0]}:\n\n" + "\n".join(lines[1:])
 
 
 def _long_context_step(e2e: dict, density: float, quality_seq: int) -> Optional[str]:

@@ -160,21 +160,22 @@ def test_long_context_line_pairs_the_passing_attention_density_with_its_speed():
     assert line.startswith("Long context: `attn-0.5` (attention over 0.5 of the blocks) kept the quality of a recall "
                            "fine-tune at 4096 tokens: held-out answer loss -20.0% of dense LoRA's, exact match 0.90 "
                            "against 0.80 (3 seeds)")
-    assert line.endswith("ran 1.25-2.00x the fastest dense attention at 8192-32768 tokens with llama-3-8b heads "
-                         "(H100), 0.62-1.00 of the ideal on FlexAttention's Triton kernels; not yet timed end to end.")
+    assert line.endswith("against 0.80 (3 seeds):\n\n- its attention alone, forward and backward, on FlexAttention's "
+                         "Triton kernels: 1.25-2.00x the fastest dense attention at 8192-32768 tokens with llama-3-8b "
+                         "heads (H100), 0.62-1.00 of the ideal\n- its whole training step: not yet timed")
     # FlashAttention 4's rows join the line; a newer device's rows replace the older device's range
     attention["meta"]["runs"].append({"run": 2, "device": "H200"})
     attention["rows"] += [attention_row(2, 8192, 0.5, 4.0, settings={"attn_kernel": "flash"}, **{"pass": "fwd+bwd"}),
                           attention_row(2, 32768, 0.5, 4.0, layout="band", **{"pass": "fwd+bwd"}),  # an experiment
                           attention_row(2, 32768, 0.5, 6.0, **{"pass": "fwd+bwd"})]
     line = results_page.long_context_line(recall, attention, no_steps)
-    assert line.endswith("ran 1.67x the fastest dense attention at 32768 tokens with llama-3-8b heads "
-                         "(H200), 0.83 of the ideal on FlexAttention's Triton kernels, 2.50x the fastest "
-                         "dense attention at 8192 tokens with llama-3-8b heads (H200), 1.25 of the ideal on "
-                         "FlashAttention 4's kernels (`attn_kernel=\"flash\"`; attention whose token mask depends on "
-                         "the batch stays on the Triton kernels); not yet timed end to end.")
+    assert line.endswith("Triton kernels: 1.67x the fastest dense attention at 32768 tokens with llama-3-8b heads "
+                         "(H200), 0.83 of the ideal\n- its attention alone, forward and backward, on FlashAttention "
+                         "4's kernels (`attn_kernel=\"flash\"`; attention whose token mask depends on the batch stays "
+                         "on the Triton kernels): 2.50x the fastest dense attention at 8192 tokens with llama-3-8b "
+                         "heads (H200), 1.25 of the ideal\n- its whole training step: not yet timed")
     assert results_page.long_context_line(recall, {"meta": {}, "rows": []}, no_steps).endswith(
-        "its attention's speed not yet measured; not yet timed end to end.")
+        "(3 seeds):\n\n- its attention's speed: not yet measured\n- its whole training step: not yet timed")
     summary[1]["passes"] = False
     assert results_page.long_context_line(recall, attention, no_steps) is None
 
@@ -200,19 +201,19 @@ def test_long_context_line_adds_the_newest_long_training_step_at_the_passing_den
         row(2, "m 1x4096", "lecompile-d0.25-a0.5", 40.0, 4096, attn_density=0.5, mlp_density=0.25),  # sparse MLPs
         row(2, "m 1x4096", "lecompile-d1-a0.25", 40.0, 4096, attn_density=0.25)]}  # another density
     line = results_page.long_context_line(recall, {"meta": {}, "rows": []}, e2e)
-    assert line.endswith("; a whole training step of m 1x8192 (H100): 2.00x `inductor-bf16-adapters` of the same "
+    assert line.endswith("\n- a whole training step of m 1x8192 (H100): 2.00x `inductor-bf16-adapters` of the same "
                          "run, 50 against 100 ms, peak memory 4.0 against 10.0 GiB (quality measured at 4096 "
-                         "tokens, not 8192).")
+                         "tokens, not 8192)")
     # Quality at a longer length joins the line; where it passes, the step is compared with that length.
     longer = {"meta": {"seq": 8192}, "summary": [
         dict(summary[0], exact_match=0.7), dict(summary[1], seeds=2, heldout_delta=0.3, exact_match=0.6, passes=False)]}
     line = results_page.long_context_line(recall, {"meta": {}, "rows": []}, e2e, longer=[longer])
-    assert "(3 seeds); at 8192 tokens +30.0%, exact match 0.60 against 0.70 (2 seeds, not within the budget);" in line
-    assert line.endswith("(quality measured at 4096 tokens, not 8192).")
+    assert "(3 seeds); at 8192 tokens +30.0%, exact match 0.60 against 0.70 (2 seeds, not within the budget):" in line
+    assert line.endswith("(quality measured at 4096 tokens, not 8192)")
     longer["summary"][1].update(seeds=3, heldout_delta=-0.1, passes=True)
     line = results_page.long_context_line(recall, {"meta": {}, "rows": []}, e2e, longer=[longer])
-    assert "at 8192 tokens -10.0%, exact match 0.60 against 0.70 (3 seeds);" in line
-    assert line.endswith("peak memory 4.0 against 10.0 GiB.")
+    assert "at 8192 tokens -10.0%, exact match 0.60 against 0.70 (3 seeds):" in line
+    assert line.endswith("peak memory 4.0 against 10.0 GiB")
     e2e["rows"].append(row(1, "m 1x8192", "lecompile-d1-mask-blocks", 80.0, 8192))
     assert "of the same run (exact attention, `attn_mask_blocks`: 1.25x), 50 against" in \
         results_page.long_context_line(recall, {"meta": {}, "rows": []}, e2e)
@@ -229,10 +230,10 @@ def test_long_context_line_adds_the_newest_long_training_step_at_the_passing_den
                     dict(run=3, case="m 1x16384", variant="inductor-bf16-adapters", seq=16384, out_of_memory=True),
                     row(3, "m 1x16384", "lecompile-d1", 90.0, 16384, peak=7.0)]
     assert results_page.long_context_line(recall, {"meta": {}, "rows": []}, e2e).endswith(
-        "; a whole training step of m 1x8192 (H100): lecompile at density 1.0 (exact) 3.12x `inductor-bf16-adapters` "
+        "\n- a whole training step of m 1x8192 (H100): lecompile at density 1.0 (exact) 3.12x `inductor-bf16-adapters` "
         "of the same run, 32 against 40 ms, peak memory 3.0 against 10.0 GiB; attention density 0.5 not yet timed in "
         "that run; at 16384 tokens `inductor-bf16-adapters` ran out of GPU memory, lecompile at density 1.0 took 90 "
-        "ms and 7.0 GiB.")
+        "ms and 7.0 GiB")
 
 
 def test_sparse_attention_rows_carry_the_recall_quality_at_their_density():
