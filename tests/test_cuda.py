@@ -251,9 +251,10 @@ def test_block_attention_under_users_torch_compile_trains(block, softcap, expand
 
 
 def _needs_flash():
-    from lecompile.ops.block_attention import flash_available
-    if not flash_available():
-        pytest.skip("FlashAttention 4's CuTe kernels (flash-attn-4) are not installed")
+    from lecompile.ops.block_attention import flash_missing
+    missing = flash_missing()
+    if missing:
+        pytest.skip(f"attn_kernel='flash' {missing}")
 
 
 @pytest.mark.parametrize("density", [0.5, 0.25])

@@ -197,11 +197,6 @@ def flash_missing() -> str:
     return ""
 
 
-def flash_available() -> bool:
-    """Whether FlashAttention 4's CuTe kernels can run here (:func:`flash_missing`)."""
-    return not flash_missing()
-
-
 def flex_options(block: int, kernel: str) -> dict:
     """FlexAttention's kernel options for ``block`` on ``kernel`` (``"triton"`` or ``"flash"``)."""
     return {"BACKEND": "FLASH"} if kernel == "flash" else kernel_options(block)
