@@ -22,12 +22,15 @@ one). Rows carry both processes' seconds and their second step's (the step itsel
 compiling: on the CPU a large share of the first), the warm process's cache hits, and the cold
 compile over the same case's ``inductor`` and strongest (``inductor-bf16-adapters-cg``) rows when
 they ran.
+``--stacks SECONDS``: each process dumps its Python stacks that often, and a process that runs
+past ``--timeout`` leaves its last dump in the row: where a compile that never ends sits.
 Writes ``compile_time.json`` and ``compile_time.png``.
 """
 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import re
@@ -130,23 +133,41 @@ def lookup_variant(name: str):
 
 def run_process(cmd: List[str], env: dict, timeout: float) -> Tuple[int, str, str]:
     """``cmd``'s exit code, stdout and stderr. It runs in a process group of its own, killed whole when
-    it ends or runs past ``timeout`` (``subprocess.TimeoutExpired``): Inductor's compile workers
-    would otherwise outlive it, writing into the cache directory :func:`measure` is removing."""
+    it ends or runs past ``timeout`` (``subprocess.TimeoutExpired``, whose ``stderr`` is what the
+    process wrote until then): Inductor's compile workers would otherwise outlive it, writing into
+    the cache directory :func:`measure` is removing."""
     with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           start_new_session=True, cwd=Path(__file__).parent.parent) as process:
         try:
             stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired as expired:
+            _kill_group(process)
+            expired.output, expired.stderr = process.communicate()
+            raise
         finally:
-            try:
-                os.killpg(process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            _kill_group(process)
     return process.returncode, stdout, stderr
 
 
+def _kill_group(process: subprocess.Popen) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def last_stacks(stderr: str, limit: int = 8000) -> str:
+    """The last dump of a process's Python stacks (``faulthandler``, ``--stacks``) in ``stderr``,
+    at most ``limit`` characters of it, or ``""``."""
+    start = stderr.rfind("Timeout (")
+    return stderr[start:start + limit] if start >= 0 else ""
+
+
 def measure(model: str, variant: str, shape: str, layers, device: str, timeout: float,
-            checkpointing: bool = False, layer_breaks: bool = False) -> dict:
-    """The cold and the warm process of one (case, variant), sharing a fresh cache directory."""
+            checkpointing: bool = False, layer_breaks: bool = False, stacks: float = 0) -> dict:
+    """The cold and the warm process of one (case, variant), sharing a fresh cache directory.
+    ``stacks``: each process dumps its Python stacks every ``stacks`` seconds, and a row whose
+    process ran past ``timeout`` keeps the last dump (``<run>_last_stacks``): where it was."""
     row = {"model": model, "layers": layers, "shape": shape, "variant": variant, "checkpointing": checkpointing,
            "layer_breaks": layer_breaks}
     with tempfile.TemporaryDirectory(prefix="lecompile-compile-time-", ignore_cleanup_errors=True) as cache:
@@ -155,11 +176,14 @@ def measure(model: str, variant: str, shape: str, layers, device: str, timeout: 
         for run in ("cold", "warm"):
             cmd = [sys.executable, "-m", "benchmarks.compile_time", "--one", model, variant, "--shapes", shape,
                    "--device", device] + (["--layers", str(layers)] if layers else []) + (
-                       ["--checkpointing"] if checkpointing else []) + (["--layer-breaks"] if layer_breaks else [])
+                       ["--checkpointing"] if checkpointing else []) + (["--layer-breaks"] if layer_breaks else []) + (
+                       ["--stacks", str(stacks)] if stacks else [])
             try:
                 returncode, stdout, stderr = run_process(cmd, env, timeout)
-            except subprocess.TimeoutExpired:
+            except subprocess.TimeoutExpired as expired:
                 row["error"] = f"{run} process ran past {timeout:g} s"
+                if last_stacks(expired.stderr or ""):
+                    row[f"{run}_last_stacks"] = last_stacks(expired.stderr)
                 return row
             if returncode != 0:
                 last = (stderr.strip().splitlines() or [f"exit code {returncode}"])[-1]
@@ -219,14 +243,14 @@ def plot(rows: List[dict], path) -> None:
 
 
 def run(models: Sequence[str], variants: Sequence[str], shapes: Sequence[str], layers, device: str,
-        out: Path, timeout: float, checkpointing: bool = False, layer_breaks: bool = False) -> dict:
+        out: Path, timeout: float, checkpointing: bool = False, layer_breaks: bool = False, stacks: float = 0) -> dict:
     from tqdm.auto import tqdm
     rows: List[dict] = []
     data = {"meta": meta("compile_time", command_line(), settings={"method": "lora", "init": "random, seed 0"}),
             "rows": rows}
     jobs = [(m, v, s) for m in models for s in shapes for v in variants]
     for model, variant, shape in tqdm(jobs, desc="compile time", unit="variant"):
-        rows.append(measure(model, variant, shape, layers, device, timeout, checkpointing, layer_breaks))
+        rows.append(measure(model, variant, shape, layers, device, timeout, checkpointing, layer_breaks, stacks))
         add_ratios(rows)
         write_results("compile_time", data, out)  # saved as it goes, in case the run is cut short
     plot(rows, out / "compile_time.png")
@@ -249,13 +273,20 @@ def main(argv=None) -> int:
                         help="lecompile.compile_layers_once on every variant: each distinct layer compiles once")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds each process may take")
+    parser.add_argument("--stacks", type=float, default=0, metavar="SECONDS",
+                        help="each process dumps its Python stacks every SECONDS (faulthandler); a row whose "
+                             "process ran past --timeout keeps the last dump: what it was compiling")
     parser.add_argument("--out", default=str(RESULTS), help="folder for compile_time.json and .png")
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.layers is not None and args.layers < 1:
         parser.error(f"--layers must be >= 1, got {args.layers}")
+    if args.stacks < 0:
+        parser.error(f"--stacks must be >= 0 seconds, got {args.stacks:g}")
     if args.one:
+        if args.stacks:
+            faulthandler.dump_traceback_later(args.stacks, repeat=True)
         print(json.dumps(first_step(*args.one, args.shapes[0], args.layers, device, args.checkpointing,
                                     args.layer_breaks)))
         return 0
@@ -270,7 +301,7 @@ def main(argv=None) -> int:
         except ValueError as err:
             parser.error(str(err))
     data = run(args.models, args.variants, args.shapes, args.layers, device, Path(args.out), args.timeout,
-               args.checkpointing, args.layer_breaks)
+               args.checkpointing, args.layer_breaks, args.stacks)
     from lecompile.report import format_table
     cols = ["model", "shape", "variant", "cold_s", "warm_s", "cold_vs_inductor", "cold_vs_strongest", "error"]
     print(format_table(cols, [[r.get(c, "-") for c in cols] for r in data["rows"]]))

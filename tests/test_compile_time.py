@@ -94,3 +94,23 @@ def test_a_process_that_ends_returns_its_output():
     code, out, err = compile_time.run_process([sys.executable, "-c", "import sys; print('out'); sys.exit(3)"],
                                               dict(os.environ), timeout=60)
     assert (code, out.strip(), err) == (3, "out", "")
+
+
+def test_a_process_past_its_timeout_leaves_its_last_stack_dump():
+    hangs = ("import faulthandler, time\n"
+             "faulthandler.dump_traceback_later(0.5, repeat=True)\n"
+             "def compiling_a_kernel():\n"
+             "    time.sleep(60)\n"
+             "compiling_a_kernel()\n")
+    with pytest.raises(subprocess.TimeoutExpired) as expired:
+        compile_time.run_process([sys.executable, "-c", hangs], dict(os.environ), timeout=3)
+    stacks = compile_time.last_stacks(expired.value.stderr)
+    assert stacks.startswith("Timeout (") and "compiling_a_kernel" in stacks
+    assert stacks.count("Timeout (") == 1  # the last dump only
+    assert compile_time.last_stacks("no dump here") == ""
+
+
+def test_negative_stack_intervals_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        compile_time.main(["--stacks", "-1"])
+    assert "--stacks must be >= 0 seconds, got -1" in capsys.readouterr().err
