@@ -9,10 +9,17 @@ import torch
 import torch.nn.functional as F
 import transformers
 from torch._dynamo.utils import counters
+from torch.nn.attention.flex_attention import BlockMask, noop_mask
 
 import lecompile
 from lecompile import LongExposureConfig
-from lecompile.ops.block_attention import allowed_blocks, block_attention_flex, block_attention_ref, kv_block_lists
+from lecompile.ops.block_attention import (
+    allowed_blocks,
+    block_attention_flex,
+    block_attention_ref,
+    block_mask,
+    kv_block_lists,
+)
 from lecompile.predictors.attention import (
     atomic_layouts,
     choose_layouts,
@@ -245,6 +252,19 @@ def test_kv_block_lists_order_kept_blocks_first():
     blocks = torch.tensor([[0, 1, 0, 1], [1, 0, 0, 0]], dtype=torch.bool)[None, None]
     num, idx = kv_block_lists(blocks)
     assert num.tolist() == [[[2, 1]]] and idx[0, 0, 0, :2].tolist() == [1, 3] and idx[0, 0, 1, 0] == 0
+
+
+def test_block_mask_has_the_query_block_lists_flex_attention_derives():
+    keep = torch.rand(2, 3, 6, 6, generator=torch.Generator().manual_seed(0)) > 0.4
+    full = keep & (torch.rand(2, 3, 6, 6, generator=torch.Generator().manual_seed(1)) > 0.5)
+    partial = keep & ~full
+    ours = block_mask(partial, full, BLOCK, (6 * BLOCK, 6 * BLOCK), noop_mask)
+    flex = BlockMask.from_kv_blocks(*kv_block_lists(partial), *kv_block_lists(full), BLOCK_SIZE=BLOCK,
+                                    seq_lengths=(6 * BLOCK, 6 * BLOCK))
+    for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks", "q_indices",
+                 "full_q_num_blocks", "full_q_indices"):
+        assert torch.equal(getattr(ours, name), getattr(flex, name)), name
+    assert ours.BLOCK_SIZE == flex.BLOCK_SIZE and ours.seq_lengths == flex.seq_lengths
 
 
 def test_bad_inputs_name_the_problem():

@@ -35,6 +35,8 @@ from torch._higher_order_ops.flex_attention import flex_attention as flex_attent
 from torch._subclasses.fake_tensor import is_fake
 from torch.nn.attention.flex_attention import BlockMask, _apply_kernel_options, flex_attention
 
+from .argsort import argsort
+
 Tensor = torch.Tensor
 Operand = Union[float, int, Tensor, None]
 
@@ -160,8 +162,21 @@ def kv_block_lists(blocks: Tensor) -> Tuple[Tensor, Tensor]:
     """``(num [B, H, n], indices [B, H, n, m])`` of the True entries of ``blocks [B, H, n, m]``,
     each row's kept indices first and ascending (FlexAttention's ``kv_num_blocks``/``kv_indices``)."""
     num = blocks.sum(-1, dtype=torch.int32)
-    order = torch.argsort(blocks.to(torch.int8), dim=-1, descending=True, stable=True)
+    order = argsort(blocks.to(torch.int8), descending=True, stable=True)
     return num, order.to(torch.int32)
+
+
+def block_mask(partial: Tensor, full: Tensor, block: int, seq_lengths: Tuple[int, int], mask_mod) -> BlockMask:
+    """FlexAttention's block mask of the blocks in ``partial`` (``mask_mod`` evaluated in them) and
+    ``full`` (not), both bool ``[B, H, n, m]``. The query blocks' lists, which the backward reads,
+    come from the transposed masks as the key blocks' do: ``BlockMask.from_kv_blocks`` would derive
+    them with ``torch.argsort``, which Inductor compiles into a sort kernel of its own (see
+    :mod:`.argsort`)."""
+    (num, idx), (full_num, full_idx), (q_num, q_idx), (full_q_num, full_q_idx) = (
+        kv_block_lists(x) for x in (partial, full, partial.transpose(-2, -1), full.transpose(-2, -1)))
+    return BlockMask(seq_lengths=seq_lengths, kv_num_blocks=num, kv_indices=idx, full_kv_num_blocks=full_num,
+                     full_kv_indices=full_idx, q_num_blocks=q_num, q_indices=q_idx, full_q_num_blocks=full_q_num,
+                     full_q_indices=full_q_idx, BLOCK_SIZE=(block, block), mask_mod=mask_mod)
 
 
 def flex_backward_tiles(q: Tensor) -> Optional[List[Tuple[int, int, int, int]]]:
@@ -264,11 +279,8 @@ def block_attention_flex(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, full: Te
 
     # Traced by Dynamo (a user's torch.compile around this function), the public API is called,
     # the one Dynamo reads; it lifts the tensors the closures capture as buffers.
-    num, idx = kv_block_lists(partial)
-    full_num, full_idx = kv_block_lists(full)
-    mask = BlockMask.from_kv_blocks(
-        num, idx, full_num, full_idx, BLOCK_SIZE=block, seq_lengths=(q_len, kv_len),
-        mask_mod=(lambda b, h, qi, ki: mask_mod(b, h, qi, ki, *buffers)) if dynamo else mask_mod)
+    mask = block_mask(partial, full, block, (q_len, kv_len),
+                      (lambda b, h, qi, ki: mask_mod(b, h, qi, ki, *buffers)) if dynamo else mask_mod)
     options = flex_options(block, kernel)
     if dynamo:
         return flex_attention(q, k, v, lambda s, b, h, qi, ki: score_mod(s, b, h, qi, ki, *score_tensors),

@@ -15,6 +15,8 @@ from typing import Sequence, Tuple
 import torch
 from torch import Tensor
 
+from .argsort import argsort
+
 
 def output_tokens(target: Tensor, ignore_index: int) -> Tensor:
     """Bool ``[T]``: the tokens the loss reads (``target != ignore_index``)."""
@@ -31,8 +33,8 @@ def dense_first_order(outputs: Tensor, group: int) -> Tuple[Tensor, Tensor]:
     """``(order, inverse)`` of the ``T / group`` groups: groups holding an output token first
     (each part in its original order), and the permutation that undoes it."""
     has_output = outputs.reshape(-1, group).any(-1)
-    order = torch.argsort((~has_output).to(torch.int8), stable=True)
-    return order, torch.argsort(order)
+    order = argsort((~has_output).to(torch.int8), stable=True)
+    return order, torch.empty_like(order).scatter(0, order, torch.arange(order.numel(), device=order.device))
 
 
 def split_groups(t: Tensor, order: Tensor, group: int, dense: int) -> Tuple[Tensor, Tensor]:

@@ -23,6 +23,7 @@ from typing import Sequence, Tuple
 
 import torch
 
+from ..ops.argsort import argsort
 from ..ops.block_attention import Operand, leading_scale, masked_scores
 
 Tensor = torch.Tensor
@@ -104,7 +105,7 @@ def _pick(cost: Tensor, gain: Tensor, keep: Tensor, budget: Tensor) -> Tensor:
     """One greedy round: bool ``[B, H, P]``, the layouts taken in order of gain per new block while
     the blocks kept so far (``keep [B, H, n, m]``) and theirs (``cost [B, H, P]``) fit ``budget``."""
     ratio = torch.where(cost > 0, gain / cost.clamp(min=1), -1.0)
-    order = ratio.argsort(dim=-1, descending=True)
+    order = argsort(ratio, descending=True, stable=True)
     spent = cost.gather(-1, order).cumsum(-1) + keep.flatten(2).sum(-1, keepdim=True)
     chosen = (spent <= budget) & (ratio.gather(-1, order) >= 0)
     return torch.zeros_like(chosen).scatter(-1, order, chosen)
