@@ -17,8 +17,8 @@ Tensor = torch.Tensor
 
 @torch.library.custom_op("lecompile::argsort", mutates_args=())
 def argsort(x: Tensor, descending: bool = False, stable: bool = False) -> Tensor:
-    """``torch.argsort(x, dim=-1, descending=descending, stable=stable)``."""
-    return torch.argsort(x, dim=-1, descending=descending, stable=stable)
+    """``torch.argsort(x, dim=-1, descending=descending, stable=stable)``, contiguous."""
+    return torch.argsort(x.contiguous(), dim=-1, descending=descending, stable=stable)
 
 
 @argsort.register_fake
