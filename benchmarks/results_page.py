@@ -479,51 +479,37 @@ def long_context_line(recall: dict, attention: dict, e2e: Optional[dict] = None,
 
 
 def _long_context_step(e2e: dict, density: float, quality_seq: int) -> Optional[str]:
-    """The whole training step at 4096 tokens or more of the case where attention density
-    ``density`` (MLPs dense) was timed last, in that case's newest run with its strongest setup:
-    the sparse row against that setup (saying so where its sequence is not ``quality_seq``, the
-    one the density's quality was measured at) and that run's rows of the density on other
-    attention kernels, or, where that run has none, lecompile at density 1.0 and that the density
-    was not timed against it; and a longer sequence of the same case at which the strongest setup
-    ran out of GPU memory."""
+    """The whole training step at 4096 tokens or more with attention density ``density`` (MLPs
+    dense), on the device and case (less its shape) timed last: per attention kernel, the speedup
+    over the strongest setup of each row's own run at every length timed; at the longest length,
+    time and peak memory against that setup's; the length the density's quality was measured at,
+    where it is not all of them; and a longer sequence of the case at which the strongest setup ran
+    out of GPU memory."""
     latest = e2e_latest(e2e)
     rows = [(device, r) for device, cases in latest.items() for case_rows in cases.values()
             for r in case_rows if r["seq"] >= 4096 and r.get("attn_density") == density
-            and r.get("mlp_density", 1.0) == 1.0 and r.get("speedup_vs_strongest") is not None
-            and r.get("attn_kernel", "triton") == "triton"]
+            and r.get("mlp_density", 1.0) == 1.0 and r.get("speedup_vs_strongest") is not None]
     if not rows:
         return None
-    device, row = max(rows, key=lambda dr: dr[1]["run"])
-    newest = {r["variant"]: r for r in latest[device][row["case"]]}[row["strongest_baseline"]]["run"]
-    same_run = {r["variant"]: r for r in e2e["rows"] if r["case"] == row["case"] and r["run"] == newest}
-    base, sparse = same_run[row["strongest_baseline"]], same_run.get(row["variant"])
-    exact = [(label, same_run[name]) for name, label in
-             (("lecompile-d1", "density 1.0"), ("lecompile-d1-mask-blocks", "`attn_mask_blocks`"))
-             if same_run.get(name, {}).get("speedup_vs_strongest")]
-    other_kernels = [r for r in same_run.values() if r.get("attn_density") == density
-                     and r.get("mlp_density", 1.0) == 1.0 and r.get("attn_kernel", "triton") != "triton"
-                     and r.get("speedup_vs_strongest")]
-    text = f"a whole training step of {row['case']} ({device}): "
-    if sparse:
-        ratios = ", ".join(f"{label}: {ratio(r['speedup_vs_strongest'])}" for label, r in exact)
-        kernels = "".join(f", {ratio(r['speedup_vs_strongest'])} and {r['ms']:.0f} ms on "
-                          f"{ATTENTION_KERNELS[r['attn_kernel']]}" for r in other_kernels)
-        text += (f"{ratio(sparse['speedup_vs_strongest'])} `{base['variant']}` of the same run"
-                 + (f" (exact attention, {ratios})" if ratios else "")
-                 + f", {sparse['ms']:.0f} against {base['ms']:.0f} ms"
-                 + (f" on {ATTENTION_KERNELS['triton']}{kernels}" if kernels else "")
-                 + f", peak memory {sparse['peak_mem_gib']:.1f} "
-                 f"against {base['peak_mem_gib']:.1f} GiB"
-                 + (f" (quality measured at {quality_seq} tokens, not {sparse['seq']})"
-                    if sparse["seq"] != quality_seq else ""))
-    elif exact:
-        label, r = exact[0]
-        text += (f"lecompile at {label} (exact) {ratio(r['speedup_vs_strongest'])} `{base['variant']}` of the same "
-                 f"run, {r['ms']:.0f} against {base['ms']:.0f} ms, peak memory {r['peak_mem_gib']:.1f} against "
-                 f"{base['peak_mem_gib']:.1f} GiB; attention density {density:g} not yet timed in that run")
-    else:
-        return None
-    return text + _out_of_memory_beyond(e2e, device, row)
+    device, newest = max(rows, key=lambda dr: dr[1]["run"])
+    family = _without_shape(newest["case"])
+    by_kernel = {kernel: sorted((r for d, r in rows if d == device and _without_shape(r["case"]) == family
+                                 and r.get("attn_kernel", "triton") == kernel), key=lambda r: r["seq"])
+                 for kernel in ATTENTION_KERNELS}
+    speeds = [f"on {ATTENTION_KERNELS[kernel]} " + ", ".join(f"{ratio(r['speedup_vs_strongest'])} at {r['seq']}"
+                                                          for r in kernel_rows) + " tokens"
+              for kernel, kernel_rows in by_kernel.items() if kernel_rows]
+    longest = max((r for kernel_rows in by_kernel.values() for r in kernel_rows), key=lambda r: r["seq"])
+    base = next(r for r in e2e["rows"] if r["run"] == longest["run"] and r["case"] == longest["case"]
+                and r["variant"] == longest["strongest_baseline"])
+    seqs = {r["seq"] for kernel_rows in by_kernel.values() for r in kernel_rows}
+    return (f"a whole training step of {family} ({device}) against `{base['variant']}` of each row's run: "
+            + "; ".join(speeds)
+            + f"; at {longest['seq']} tokens {longest['ms']:.0f} against {base['ms']:.0f} ms on "
+            f"{ATTENTION_KERNELS[longest.get('attn_kernel', 'triton')]}, peak memory {longest['peak_mem_gib']:.1f} "
+            f"against {base['peak_mem_gib']:.1f} GiB"
+            + (f" (quality measured at {quality_seq} tokens)" if seqs != {quality_seq} else "")
+            + _out_of_memory_beyond(e2e, device, longest))
 
 
 def _out_of_memory_beyond(e2e: dict, device: str, row: dict) -> str:

@@ -26,11 +26,17 @@ def test_a_warm_process_hits_every_cache_and_trains_the_same(tmp_path):
 
 def test_ratios_compare_rows_of_one_case():
     rows = [dict(model="m", layers=None, shape="8x512", variant=v, cold_s=s)
-            for v, s in (("inductor", 10.0), (compile_time.STRONGEST, 20.0), ("lecompile-d1", 12.0))]
+            for v, s in (("inductor", 10.0), ("inductor-bf16-adapters-cg", 20.0), ("inductor-bf16-adapters", 8.0),
+                         ("lecompile-d1", 12.0))]
     rows.append(dict(model="m", layers=2, shape="8x512", variant="lecompile-d1", cold_s=5.0))
     compile_time.add_ratios(rows)
-    assert rows[2]["cold_vs_inductor"] == 1.2 and rows[2]["cold_vs_strongest"] == 0.6
-    assert "cold_vs_inductor" not in rows[3]  # another case: no baseline of its own
+    assert rows[3]["cold_vs_inductor"] == 1.2 and rows[3]["cold_vs_strongest"] == 0.6
+    assert "cold_vs_inductor" not in rows[4]  # another case: no baseline of its own
+    # without CUDA graphs (long sequences), the strongest setup is Inductor with bf16 adapters
+    long = [dict(model="m", layers=None, shape="1x16384", variant=v, cold_s=s)
+            for v, s in (("inductor-bf16-adapters", 20.0), ("lecompile-d1-a0.5", 30.0))]
+    compile_time.add_ratios(long)
+    assert long[1]["cold_vs_strongest"] == 1.5
 
 
 @pytest.mark.parametrize("shape", ["8", "8x", "0x512", "8x512x2", "ax512"])
