@@ -203,14 +203,14 @@ def test_long_context_line_adds_the_newest_long_training_step_at_the_passing_den
     line = results_page.long_context_line(recall, {"meta": {}, "rows": []}, e2e)
     assert line.endswith("\n- a whole training step of m (H100) against `inductor-bf16-adapters` of each row's run: on "
                          "FlexAttention's Triton kernels 2.00x at 8192 tokens; at 8192 tokens 50 against 100 ms on "
-                         "FlexAttention's Triton kernels, peak memory 4.0 against 10.0 GiB (quality measured at 4096 "
-                         "tokens)")
+                         "FlexAttention's Triton kernels, peak memory 4.0 against 10.0 GiB (quality measured up to "
+                         "4096 tokens)")
     # Quality at a longer length joins the line; where it passes, the step is compared with that length.
     longer = {"meta": {"seq": 8192}, "summary": [
         dict(summary[0], exact_match=0.7), dict(summary[1], seeds=2, heldout_delta=0.3, exact_match=0.6, passes=False)]}
     line = results_page.long_context_line(recall, {"meta": {}, "rows": []}, e2e, longer=[longer])
     assert "(3 seeds); at 8192 tokens +30.0%, exact match 0.60 against 0.70 (2 seeds, not within the budget):" in line
-    assert line.endswith("(quality measured at 4096 tokens)")
+    assert line.endswith("(quality measured up to 4096 tokens)")
     longer["summary"][1].update(seeds=3, heldout_delta=-0.1, passes=True)
     line = results_page.long_context_line(recall, {"meta": {}, "rows": []}, e2e, longer=[longer])
     assert "at 8192 tokens -10.0%, exact match 0.60 against 0.70 (3 seeds):" in line
@@ -227,13 +227,13 @@ def test_long_context_line_adds_the_newest_long_training_step_at_the_passing_den
         "\n- a whole training step of m (H100) against `inductor-bf16-adapters` of each row's run: on FlexAttention's "
         "Triton kernels 2.00x at 8192, 2.50x at 16384 tokens; on FlashAttention 4's kernels 2.50x at 8192 tokens; at "
         "16384 tokens 80 against 200 ms on FlexAttention's Triton kernels, peak memory 8.0 against 20.0 GiB (quality "
-        "measured at 4096 tokens)")
+        "measured up to 4096 tokens)")
     # A longer sequence where the strongest setup ran out of memory, lecompile at density 1.0 not.
     e2e["rows"] += [dict(run=3, case="m 1x32768", variant="inductor-bf16-adapters", seq=32768, out_of_memory=True),
                     row(3, "m 1x32768", "lecompile-d1", 90.0, 32768, peak=7.0)]
     assert results_page.long_context_line(recall, {"meta": {}, "rows": []}, e2e).endswith(
-        "(quality measured at 4096 tokens); at 32768 tokens `inductor-bf16-adapters` ran out of GPU memory, lecompile "
-        "at density 1.0 took 90 ms and 7.0 GiB")
+        "(quality measured up to 4096 tokens); at 32768 tokens `inductor-bf16-adapters` ran out of GPU memory, "
+        "lecompile at density 1.0 took 90 ms and 7.0 GiB")
 
 
 def test_sparse_attention_rows_carry_the_recall_quality_at_their_density():
