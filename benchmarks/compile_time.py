@@ -20,8 +20,8 @@ in ``cold_triton_jit``). ``cold_metrics`` keeps every ``compile_times()`` entry 
 second or more, for what the phases do not split (Inductor's kernel compiles and benchmarks, for
 one). Rows carry both processes' seconds and their second step's (the step itself, without
 compiling: on the CPU a large share of the first), the warm process's cache hits, and the cold
-compile over the same case's ``inductor`` and strongest (``inductor-bf16-adapters-cg``) rows when
-they ran.
+compile over the same case's ``inductor`` and strongest (``inductor-bf16-adapters-cg``, else
+``inductor-bf16-adapters``) rows when they ran.
 ``--stacks SECONDS``: each process dumps its Python stacks that often, and a process that runs
 past ``--timeout`` leaves its last dump in the row: where a compile that never ends sits.
 Writes ``compile_time.json`` and ``compile_time.png``.
