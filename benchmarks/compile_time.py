@@ -183,8 +183,9 @@ def measure(model: str, variant: str, shape: str, layers, device: str, timeout: 
                 returncode, stdout, stderr = run_process(cmd, env, timeout)
             except subprocess.TimeoutExpired as expired:
                 row["error"] = f"{run} process ran past {timeout:g} s"
-                if last_stacks(expired.stderr or ""):
-                    row[f"{run}_last_stacks"] = last_stacks(expired.stderr)
+                stacks_at_timeout = last_stacks(expired.stderr or "")
+                if stacks_at_timeout:
+                    row[f"{run}_last_stacks"] = stacks_at_timeout
                 return row
             if returncode != 0:
                 last = (stderr.strip().splitlines() or [f"exit code {returncode}"])[-1]

@@ -502,13 +502,12 @@ def _long_context_step(e2e: dict, density: float, quality_seq: int) -> Optional[
     longest = max((r for kernel_rows in by_kernel.values() for r in kernel_rows), key=lambda r: r["seq"])
     base = next(r for r in e2e["rows"] if r["run"] == longest["run"] and r["case"] == longest["case"]
                 and r["variant"] == longest["strongest_baseline"])
-    seqs = [r["seq"] for kernel_rows in by_kernel.values() for r in kernel_rows]
     return (f"a whole training step of {family} ({device}) against `{base['variant']}` of each row's run: "
             + "; ".join(speeds)
             + f"; at {longest['seq']} tokens {longest['ms']:.0f} against {base['ms']:.0f} ms on "
             f"{ATTENTION_KERNELS[longest.get('attn_kernel', 'triton')]}, peak memory {longest['peak_mem_gib']:.1f} "
             f"against {base['peak_mem_gib']:.1f} GiB"
-            + (f" (quality measured up to {quality_seq} tokens)" if max(seqs) > quality_seq else "")
+            + (f" (quality measured up to {quality_seq} tokens)" if longest["seq"] > quality_seq else "")
             + _out_of_memory_beyond(e2e, device, longest))
 
 
