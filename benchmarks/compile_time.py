@@ -18,8 +18,9 @@ autotuner took (per kernel in ``cold_autotune``, with the config each key chose)
 just-in-time compiles of the other kernels launched from Python (the custom ops' own, per kernel
 in ``cold_triton_jit``). ``cold_metrics`` keeps every ``compile_times()`` entry of a tenth of a
 second or more, for what the phases do not split (Inductor's kernel compiles and benchmarks, for
-one). Rows carry both processes' seconds and their second step's (the step itself, without
-compiling: on the CPU a large share of the first), the warm process's cache hits, and the cold
+one), and ``cold_inductor_counters`` Inductor's counters (kernels compiled, patterns matched).
+Rows carry both processes' seconds and their second step's (the step itself, without compiling:
+on the CPU a large share of the first), the warm process's cache hits, and the cold
 compile over the same case's ``inductor`` and strongest (``inductor-bf16-adapters-cg``, else
 ``inductor-bf16-adapters``) rows when they ran.
 ``--stacks SECONDS``: each process dumps its Python stacks that often, and a process that runs
@@ -74,15 +75,16 @@ STRONGEST = ("inductor-bf16-adapters-cg", "inductor-bf16-adapters")
 
 
 def first_step(model: str, variant: str, shape: str, layers, device: str,
-               checkpointing: bool = False, layer_breaks: bool = False) -> dict:
-    """Build ``model`` as :mod:`benchmarks.e2e` does, run one training step through ``variant``,
-    and return its seconds, phases and cache counters (this process's caches as they are)."""
+               checkpointing: bool = False, layer_breaks: bool = False, settings: Sequence[str] = ()) -> dict:
+    """Build ``model`` as :mod:`benchmarks.e2e` does, run one training step through ``variant``
+    (``settings``: ``FIELD=VALUE`` for a lecompile variant's config), and return its seconds,
+    phases and cache counters (this process's caches as they are)."""
     from torch._dynamo.utils import compilation_time_metrics, counters
 
     from benchmarks import e2e
     case = e2e.Case(model, "lora", *parse_shape(shape), layers=layers, checkpointing=checkpointing,
                     layer_breaks=layer_breaks)
-    step = e2e.training_step(case, lookup_variant(variant), device)
+    step = e2e.training_step(case, lookup_variant(variant, settings), device)
     start = time.perf_counter()
     with autotuning() as tuned, jit_compiles() as compiled:
         loss = step().item()  # .item() waits for the GPU
@@ -102,8 +104,8 @@ def first_step(model: str, variant: str, shape: str, layers, device: str,
                if sum(values) >= 0.1}
     caches = {name: counters[group][name] for group, names in CACHE_COUNTERS.items() for name in names}
     return {"first_step_s": round(seconds, 2), "next_step_s": round(next_seconds, 2), "phases": phases,
-            "caches": caches, "loss_step1": round(loss, 5), "autotune": autotune_record(tuned), "triton_jit": jit,
-            "metrics": metrics}
+            "caches": caches, "inductor_counters": dict(sorted(counters["inductor"].items())),
+            "loss_step1": round(loss, 5), "autotune": autotune_record(tuned), "triton_jit": jit, "metrics": metrics}
 
 
 def parse_shape(shape: str) -> Tuple[int, int]:
@@ -114,11 +116,13 @@ def parse_shape(shape: str) -> Tuple[int, int]:
     return int(batch), int(seq)
 
 
-def lookup_variant(name: str):
+def lookup_variant(name: str, settings: Sequence[str] = ()):
     """The :mod:`benchmarks.e2e` variant called ``name``: a baseline, or
-    ``lecompile-d<MLP density>[-a<attention density>][-mask-blocks][-cg]``; a ``ValueError`` names
-    an unknown one."""
+    ``lecompile-d<MLP density>[-a<attention density>][-mask-blocks][-cg]`` with ``settings``
+    (``FIELD=VALUE``, as ``python -m benchmarks.e2e --set`` takes them); a ``ValueError`` names
+    an unknown one or a bad setting."""
     from benchmarks import e2e
+    from lecompile import LongExposureConfig
     densities = re.match(r"lecompile-d([0-9.]+)(?:-a([0-9.]+))?", name)
     try:
         mlp, attention = (float(d) if d else 1.0 for d in (densities.groups() if densities else (None, None)))
@@ -126,7 +130,8 @@ def lookup_variant(name: str):
         mlp = attention = 1.0  # not a number: no such variant below
     chosen = {v.name: v for v in e2e.variants(densities=[mlp], cudagraphs=name.endswith("-cg"),
                                               attn_densities=sorted({1.0, attention}),
-                                              mask_blocks=name.endswith(("-mask-blocks", "-mask-blocks-cg")))}
+                                              mask_blocks=name.endswith(("-mask-blocks", "-mask-blocks-cg")),
+                                              settings=LongExposureConfig.parse_settings(settings))}
     if name not in chosen:
         raise ValueError(f"unknown variant {name!r}; choose from {sorted(chosen)}")
     return chosen[name]
@@ -165,12 +170,14 @@ def last_stacks(stderr: str, limit: int = 8000) -> str:
 
 
 def measure(model: str, variant: str, shape: str, layers, device: str, timeout: float,
-            checkpointing: bool = False, layer_breaks: bool = False, stacks: float = 0) -> dict:
+            checkpointing: bool = False, layer_breaks: bool = False, stacks: float = 0,
+            settings: Sequence[str] = ()) -> dict:
     """The cold and the warm process of one (case, variant), sharing a fresh cache directory.
+    ``settings``: ``FIELD=VALUE`` for a lecompile variant's config (the row keeps them).
     ``stacks``: each process dumps its Python stacks every ``stacks`` seconds, and a row whose
     process ran past ``timeout`` keeps the last dump (``<run>_last_stacks``): where it was."""
     row = {"model": model, "layers": layers, "shape": shape, "variant": variant, "checkpointing": checkpointing,
-           "layer_breaks": layer_breaks}
+           "layer_breaks": layer_breaks, **({"settings": list(settings)} if settings else {})}
     with tempfile.TemporaryDirectory(prefix="lecompile-compile-time-", ignore_cleanup_errors=True) as cache:
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, TRITON_CACHE_DIR=str(Path(cache) / "triton"))
         env.pop("TORCHINDUCTOR_FORCE_DISABLE_CACHES", None)
@@ -178,7 +185,7 @@ def measure(model: str, variant: str, shape: str, layers, device: str, timeout: 
             cmd = [sys.executable, "-m", "benchmarks.compile_time", "--one", model, variant, "--shapes", shape,
                    "--device", device] + (["--layers", str(layers)] if layers else []) + (
                        ["--checkpointing"] if checkpointing else []) + (["--layer-breaks"] if layer_breaks else []) + (
-                       ["--stacks", str(stacks)] if stacks else [])
+                       ["--stacks", str(stacks)] if stacks else []) + (["--set", *settings] if settings else [])
             try:
                 returncode, stdout, stderr = run_process(cmd, env, timeout)
             except subprocess.TimeoutExpired as expired:
@@ -200,6 +207,7 @@ def measure(model: str, variant: str, shape: str, layers, device: str, timeout: 
                 row["cold_autotune"] = result["autotune"]
                 row["cold_triton_jit"] = result["triton_jit"]
                 row["cold_metrics"] = result["metrics"]
+                row["cold_inductor_counters"] = result["inductor_counters"]
             else:
                 row["warm_caches"] = result["caches"]
     return row
@@ -229,6 +237,7 @@ def plot(rows: List[dict], path) -> None:
     fig, ax = plt.subplots(figsize=(max(8.0, 1.6 * len(done) + 4), 5.5))
     labels = [f"{r['variant']}\n{r['model']}{' (' + str(r['layers']) + ' layers)' if r['layers'] else ''} {r['shape']}"
               + (" ckpt" if r.get("checkpointing") else "") + (" breaks" if r.get("layer_breaks") else "")
+              + "".join(f"\n{setting}" for setting in r.get("settings", ()))
               + (f"\nrun {r['run']}" if "run" in r else "") for r in done]
     xs = range(len(done))
     bottom = [0.0] * len(done)
@@ -248,14 +257,16 @@ def plot(rows: List[dict], path) -> None:
 
 
 def run(models: Sequence[str], variants: Sequence[str], shapes: Sequence[str], layers, device: str,
-        out: Path, timeout: float, checkpointing: bool = False, layer_breaks: bool = False, stacks: float = 0) -> dict:
+        out: Path, timeout: float, checkpointing: bool = False, layer_breaks: bool = False, stacks: float = 0,
+        settings: Sequence[str] = ()) -> dict:
     from tqdm.auto import tqdm
     rows: List[dict] = []
     data = {"meta": meta("compile_time", command_line(), settings={"method": "lora", "init": "random, seed 0"}),
             "rows": rows}
     jobs = [(m, v, s) for m in models for s in shapes for v in variants]
     for model, variant, shape in tqdm(jobs, desc="compile time", unit="variant"):
-        rows.append(measure(model, variant, shape, layers, device, timeout, checkpointing, layer_breaks, stacks))
+        rows.append(measure(model, variant, shape, layers, device, timeout, checkpointing, layer_breaks, stacks,
+                            settings))
         add_ratios(rows)
         write_results("compile_time", data, out)  # saved as it goes, in case the run is cut short
     plot(rows, out / "compile_time.png")
@@ -281,6 +292,8 @@ def main(argv=None) -> int:
     parser.add_argument("--stacks", type=float, default=0, metavar="SECONDS",
                         help="each process dumps its Python stacks every SECONDS (faulthandler); a row whose "
                              "process ran past --timeout keeps the last dump: what it was compiling")
+    parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
+                        help="settings of every lecompile variant, e.g. lora_in_gemm=false (baselines ignore them)")
     parser.add_argument("--out", default=str(RESULTS), help="folder for compile_time.json and .png")
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -293,7 +306,7 @@ def main(argv=None) -> int:
         if args.stacks:
             faulthandler.dump_traceback_later(args.stacks, repeat=True)
         print(json.dumps(first_step(*args.one, args.shapes[0], args.layers, device, args.checkpointing,
-                                    args.layer_breaks)))
+                                    args.layer_breaks, args.set)))
         return 0
     for shape in args.shapes:  # wrong names and shapes fail here, not after the first measurements
         try:
@@ -302,11 +315,11 @@ def main(argv=None) -> int:
             parser.error(str(err))
     for variant in args.variants:
         try:
-            lookup_variant(variant)
+            lookup_variant(variant, args.set)
         except ValueError as err:
             parser.error(str(err))
     data = run(args.models, args.variants, args.shapes, args.layers, device, Path(args.out), args.timeout,
-               args.checkpointing, args.layer_breaks, args.stacks)
+               args.checkpointing, args.layer_breaks, args.stacks, args.set)
     from lecompile.report import format_table
     cols = ["model", "shape", "variant", "cold_s", "warm_s", "cold_vs_inductor", "cold_vs_strongest", "error"]
     print(format_table(cols, [[r.get(c, "-") for c in cols] for r in data["rows"]]))

@@ -55,6 +55,16 @@ def test_variants_are_looked_up_by_their_benchmark_names(name, mlp, attention, m
     assert compile_time.lookup_variant("inductor-bf16-adapters-cg").config is None
 
 
+def test_settings_reach_lecompile_variants_and_bad_ones_are_named():
+    config = compile_time.lookup_variant("lecompile-d1-cg", ["lora_in_gemm=false", "k_align=64"]).config
+    assert (config.tuning.lora_in_gemm, config.tuning.k_align, config.cudagraphs) == (False, 64, True)
+    assert compile_time.lookup_variant("inductor", ["lora_in_gemm=false"]).config is None
+    with pytest.raises(ValueError, match="lora_in_gem="):
+        compile_time.lookup_variant("lecompile-d1", ["lora_in_gem=false"])
+    with pytest.raises(ValueError, match="mlp_density"):  # set by the variant's name
+        compile_time.lookup_variant("lecompile-d1", ["mlp_density=0.5"])
+
+
 def test_ratios_keep_checkpointed_and_layer_broken_cases_apart():
     rows = [dict(model="m", layers=2, shape="1x4096", variant=v, cold_s=s, checkpointing=c, layer_breaks=b)
             for v, s, c, b in (("inductor", 10.0, False, False), ("lecompile-d1-a0.5", 30.0, True, False),
