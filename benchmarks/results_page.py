@@ -180,7 +180,8 @@ def compile_section(compile_time: dict) -> str:
         layers = f" ({r['layers']} layers)" if r["layers"] else ""
         case = (f"{r['model']}{layers} {r['shape']}" + (" checkpointing" if r.get("checkpointing") else "")
                 + (" layer-breaks" if r.get("layer_breaks") else ""))
-        table.append([r.get("run"), device, case, r["variant"], r["cold_s"],
+        variant = " ".join([r["variant"], *r.get("settings", ())])
+        table.append([r.get("run"), device, case, variant, r["cold_s"],
                       r.get("warm_s"), r.get("cold_next_step_s"), ratio(r.get("cold_vs_inductor")),
                       ratio(r.get("cold_vs_strongest")),
                       *(r["cold_phases"].get(p, "-") for p in phases)])
