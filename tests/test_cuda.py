@@ -86,8 +86,8 @@ def test_lora_linear_in_gemm_compiles_with_dynamic_shapes():
 @pytest.mark.parametrize("m,n,k,r", [(1000, 328, 200, 8), (4096, 2048, 2048, 16), (512, 8192, 2048, 48),
                                      (384, 2048, 8192, 16)])
 def test_low_rank_gemm_kernel_on_cuda_matches_reference(dtype, m, n, k, r):
-    """The kernel's real configs (persistent, warp-specialized, 128x256 tiles) on ragged and
-    model-sized shapes, the weight in both layouts, with and without bias and low-rank term."""
+    """The kernel's real configs (persistent, 128x256 tiles, warp-specialized where K <= N) on
+    ragged and model-sized shapes, the weight in both layouts, with and without bias and low-rank term."""
     from lecompile.kernels.lowrank_gemm import linear_low_rank, linear_low_rank_ref
     gen = torch.Generator(device="cuda").manual_seed(0)
     a = torch.randn(m, k, device="cuda", generator=gen).to(dtype)
@@ -100,6 +100,28 @@ def test_low_rank_gemm_kernel_on_cuda_matches_reference(dtype, m, n, k, r):
             want = linear_low_rank_ref(a, weight, *args).float()
             got = linear_low_rank(a, weight, *args).float()
             torch.testing.assert_close(got, want, atol=2e-2 * want.abs().max().item(), rtol=1e-2)
+
+
+def test_low_rank_gemm_is_analysed_once_per_signature_when_compiled(monkeypatch):
+    """Three launches of one signature in a compiled graph: Torch works out which tensors the
+    kernel writes once, not at every launch and trace, and the values stay exact."""
+    from torch._higher_order_ops import triton_kernel_wrap
+
+    from lecompile.kernels.lowrank_gemm import linear_low_rank_ref
+    from lecompile.ops import kernel_accesses
+    calls = []
+    torch_analysis = triton_kernel_wrap.identify_accessed_tensors.__wrapped__
+    monkeypatch.setattr(triton_kernel_wrap, "identify_accessed_tensors", kernel_accesses.memoized(
+        lambda *args: calls.append(args) or torch_analysis(*args)))
+    torch._dynamo.reset()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(136, 256, device="cuda", generator=gen).bfloat16()
+    weights = [(torch.randn(384, 256, device="cuda", generator=gen) / 16).bfloat16() for _ in range(3)]
+    lr = torch.ops.lecompile.linear_low_rank
+    got = torch.compile(lambda x: sum(lr(x, w, None, None, None) for w in weights), fullgraph=True)(x)
+    want = sum(linear_low_rank_ref(x, w).float() for w in weights)
+    torch.testing.assert_close(got.float(), want, atol=3e-2 * want.abs().max().item(), rtol=2e-2)
+    assert len(calls) == 1, len(calls)
 
 
 @pytest.mark.parametrize("warmup_steps", [0, 2])

@@ -67,3 +67,15 @@ def test_supports_and_errors_name_the_operands():
     assert not lowrank_gemm.supports_dims(torch.float16, 2048, 8192, 96)  # past MAX_RANK
     with pytest.raises(ValueError, match=r"weight \(24, 36\)"):
         lowrank_gemm.linear_low_rank(x[:, :36], w[:, :36])
+
+
+def test_each_launch_gets_one_config_by_its_shape(monkeypatch):
+    """One config per launch, so nothing is compiled or timed for the others: warp-specialized
+    unless the reduction is deeper than the output is wide (the H100 sweep's best on each side)."""
+    monkeypatch.setattr(lowrank_gemm, "_interpreting", lambda: False)
+    configs = lowrank_gemm._configs()
+    for k, n, specialized in ((2048, 8192, True), (4096, 4096, True), (8192, 2048, False)):
+        (picked,) = lowrank_gemm._one_tiling(configs, dict(M=4096, N=n, K=k))
+        assert picked.kwargs["WARP_SPECIALIZE"] is specialized and picked.kwargs["BLOCK_N"] == 256
+    assert lowrank_gemm._one_tiling(configs[:1], dict(M=1, N=8, K=64)) == configs[:1]
+    assert lowrank_gemm._linear_low_rank_kernel.early_config_prune is lowrank_gemm._one_tiling

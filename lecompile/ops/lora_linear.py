@@ -33,6 +33,8 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
+from . import kernel_accesses
+
 try:
     from ..kernels import lowrank_gemm
 except ImportError:  # no Triton, or one too old: the cuBLAS GEMMs run everywhere
@@ -171,6 +173,7 @@ def _linear_low_rank(a: Tensor, weight: Tensor, bias: Optional[Tensor], c: Optio
 if lowrank_gemm is not None and not _INTERPRETING:
     # A triton_op: Inductor writes the kernel's launch into its own code (no Python per call).
     torch.library.triton_op("lecompile::linear_low_rank", _linear_low_rank, mutates_args=())
+    kernel_accesses.memoize(lowrank_gemm._linear_low_rank_kernel)
 else:  # Triton's CPU interpreter cannot run under fake tensors: a plain custom op for the tests
     torch.library.custom_op("lecompile::linear_low_rank", _linear_low_rank, mutates_args=()).register_fake(
         lambda a, weight, bias, c, e: a.new_empty(a.shape[0], weight.shape[0]))

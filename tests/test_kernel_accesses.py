@@ -1,0 +1,81 @@
+"""Which tensors the backend's own Triton kernels write: Torch's analysis, kept per signature."""
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
+
+from lecompile.ops import kernel_accesses  # noqa: E402
+
+
+@triton.jit
+def _scale(x_ptr, out_ptr, n, FACTOR: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) * FACTOR, mask=offs < n)
+
+
+@triton.jit
+def _other(x_ptr, n):
+    pass
+
+
+def analysis(monkeypatch):
+    """``memoized`` around a stand-in for Torch's analysis that counts its calls; ``_scale`` memoized."""
+    monkeypatch.setattr(kernel_accesses, "_KERNELS", [_scale])
+    calls = []
+
+    def analyse(kernel, kwargs, tma_descriptor_metadata):
+        calls.append(kwargs)
+        return {"writes": ["out_ptr"]}
+    return kernel_accesses.memoized(analyse), calls
+
+
+def launch(n=100, dtype=torch.float32, factor=2):
+    return dict(x_ptr=torch.empty(n, dtype=dtype), out_ptr=torch.empty(n, dtype=dtype), n=n, FACTOR=factor, BLOCK=64)
+
+
+def test_one_analysis_per_signature_and_each_caller_gets_a_copy(monkeypatch):
+    identify, calls = analysis(monkeypatch)
+    first = identify(_scale, launch(), {})
+    first["writes"].append("x_ptr")  # a caller changing its answer changes no other's
+    assert identify(_scale, launch(), {}) == {"writes": ["out_ptr"]}
+    assert len(calls) == 1
+    for changed in (launch(n=101), launch(dtype=torch.bfloat16), launch(factor=3)):
+        identify(_scale, changed, {})
+    assert len(calls) == 4 and len(identify.answers) == 4
+
+
+def test_symbolic_sizes_share_one_answer_and_autotuners_key_on_their_first_config(monkeypatch):
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+    identify, calls = analysis(monkeypatch)
+    env = ShapeEnv()
+    for _ in range(2):
+        identify(_scale, dict(launch(), n=env.create_unbacked_symint()), {})
+    assert len(calls) == 1
+    tuned = [triton.autotune([triton.Config(dict(BLOCK=b))], key=["n"])(_scale) for b in (64, 64, 128)]
+    for kernel in tuned:
+        identify(kernel, {k: v for k, v in launch().items() if k != "BLOCK"}, {})
+    assert len(calls) == 3  # BLOCK=64 twice, then 128
+
+
+def test_other_kernels_and_host_descriptors_are_analysed_every_time(monkeypatch):
+    identify, calls = analysis(monkeypatch)
+    for _ in range(2):
+        identify(_other, dict(x_ptr=torch.empty(4), n=4), {})
+        identify(_scale, launch(), {"x_ptr": ("stable", ([64],))})
+        identify(_scale, dict(launch(), n=[1]), {})  # an argument of a kind the key does not cover
+    assert len(calls) == 6 and not identify.answers
+
+
+def test_memoize_wraps_torchs_analysis_once(monkeypatch):
+    from torch._higher_order_ops import triton_kernel_wrap
+    monkeypatch.setattr(kernel_accesses, "_KERNELS", [])
+    original = getattr(triton_kernel_wrap.identify_accessed_tensors, "__wrapped__",
+                       triton_kernel_wrap.identify_accessed_tensors)
+    monkeypatch.setattr(triton_kernel_wrap, "identify_accessed_tensors", original)
+    kernel_accesses.memoize(_scale)
+    wrapped = triton_kernel_wrap.identify_accessed_tensors
+    kernel_accesses.memoize(triton.autotune([triton.Config(dict(BLOCK=64))], key=["n"])(_scale))
+    assert triton_kernel_wrap.identify_accessed_tensors is wrapped and wrapped.__wrapped__ is original
+    assert kernel_accesses._KERNELS == [_scale]
