@@ -1,5 +1,10 @@
 """Which tensors the backend's own Triton kernels write: Torch's analysis, kept per signature."""
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -79,3 +84,51 @@ def test_memoize_wraps_torchs_analysis_once(monkeypatch):
     kernel_accesses.memoize(triton.autotune([triton.Config(dict(BLOCK=64))], key=["n"])(_scale))
     assert triton_kernel_wrap.identify_accessed_tensors is wrapped and wrapped.__wrapped__ is original
     assert kernel_accesses._KERNELS == [_scale]
+
+
+#: Traces the LoRA GEMM kernel as AOTAutograd does (``make_fx``, fake tensors), compiled for
+#: sm_90 (Triton lowers to its IR without a GPU), then asks Torch three times per launch which
+#: tensors it writes. Its own process: the tests' ``TRITON_INTERPRET=1`` holds from import on.
+TRACE_LORA_GEMM = """
+import json, torch, triton
+from triton.backends.compiler import GPUTarget
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.library import wrap_triton
+from torch._higher_order_ops import triton_kernel_wrap
+import lecompile.ops.lora_linear
+from lecompile.kernels import lowrank_gemm
+
+class Hopper:
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+triton.runtime.driver.set_active(Hopper())
+out = []
+for k, n in ((128, 512), (512, 128)):
+    def launch(a, w, y):
+        wrap_triton(lowrank_gemm._linear_low_rank_kernel)[(4,)](
+            a, w, a, w, y, y, 256, n, k, 0, k, k, k, k, W_KMAJOR=True, E_KMAJOR=True, RANK=16, LOW_RANK=False,
+            HAS_BIAS=False, NUM_SMS=4, DOT_FP32=False, GROUP_M=8)
+        return y
+    bf16 = dict(dtype=torch.bfloat16)
+    graph = make_fx(launch, tracing_mode="fake")(torch.empty(256, k, **bf16), torch.empty(n, k, **bf16),
+                                                 torch.empty(256, n, **bf16))
+    (node,) = [n for n in graph.graph.nodes if n.op == "call_function"]
+    kernel = triton_kernel_wrap.kernel_side_table.get_kernel(node.kwargs["kernel_idx"])
+    kwargs = {k: v.meta["val"] if isinstance(v, torch.fx.Node) else v for k, v in node.kwargs["kwargs"].items()}
+    writes = [triton_kernel_wrap.get_mutated_tensors(node.kwargs["kernel_idx"], node.kwargs["constant_args_idx"],
+                                                     kwargs, {}) for _ in range(3)]
+    out.append(dict(specialized=[c.kwargs["WARP_SPECIALIZE"] for c in kernel.configs], writes=writes))
+print(json.dumps(dict(launches=out, analysed=len(triton_kernel_wrap.identify_accessed_tensors.answers))))
+"""
+
+
+def test_the_lora_gemm_traced_as_inductor_does_gets_one_config_and_one_analysis_per_signature():
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    done = subprocess.run([sys.executable, "-c", TRACE_LORA_GEMM], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [launch["specialized"] for launch in result["launches"]] == [[True], [False]]  # K <= N, then K > N
+    assert all(launch["writes"] == [["out_ptr"]] * 3 for launch in result["launches"])
+    assert result["analysed"] == 2
