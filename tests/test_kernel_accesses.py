@@ -104,15 +104,15 @@ class Hopper:
 
 triton.runtime.driver.set_active(Hopper())
 out = []
-for k, n in ((128, 512), (512, 128)):
+for k, n in ((128, 2048), (4096, 2048)):  # 32 x 8 tiles of 128x256 each: the GPU's 132 SMs filled
     def launch(a, w, y):
         wrap_triton(lowrank_gemm._linear_low_rank_kernel)[(4,)](
-            a, w, a, w, y, y, 256, n, k, 0, k, k, k, k, W_KMAJOR=True, E_KMAJOR=True, RANK=16, LOW_RANK=False,
-            HAS_BIAS=False, NUM_SMS=4, DOT_FP32=False, GROUP_M=8)
+            a, w, a, w, y, y, 4096, n, k, 0, k, k, k, k, W_KMAJOR=True, E_KMAJOR=True, RANK=16, LOW_RANK=False,
+            HAS_BIAS=False, NUM_SMS=132, DOT_FP32=False, GROUP_M=8)
         return y
     bf16 = dict(dtype=torch.bfloat16)
-    graph = make_fx(launch, tracing_mode="fake")(torch.empty(256, k, **bf16), torch.empty(n, k, **bf16),
-                                                 torch.empty(256, n, **bf16))
+    graph = make_fx(launch, tracing_mode="fake")(torch.empty(4096, k, **bf16), torch.empty(n, k, **bf16),
+                                                 torch.empty(4096, n, **bf16))
     (node,) = [n for n in graph.graph.nodes if n.op == "call_function"]
     kernel = triton_kernel_wrap.kernel_side_table.get_kernel(node.kwargs["kernel_idx"])
     kwargs = {k: v.meta["val"] if isinstance(v, torch.fx.Node) else v for k, v in node.kwargs["kwargs"].items()}

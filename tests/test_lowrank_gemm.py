@@ -69,13 +69,15 @@ def test_supports_and_errors_name_the_operands():
         lowrank_gemm.linear_low_rank(x[:, :36], w[:, :36])
 
 
-def test_each_launch_gets_one_config_by_its_shape(monkeypatch):
+def test_each_launch_gets_one_config_by_its_shape_unless_its_output_is_narrow(monkeypatch):
     """One config per launch, so nothing is compiled or timed for the others: warp-specialized
-    unless the reduction is deeper than the output is wide (the H100 sweep's best on each side)."""
+    unless the reduction is deeper than the output is wide (the H100 sweep's best on each side);
+    an output with fewer 128x256 tiles than the GPU has SMs keeps every config, autotuned."""
     monkeypatch.setattr(lowrank_gemm, "_interpreting", lambda: False)
     configs = lowrank_gemm._configs()
     for k, n, specialized in ((2048, 8192, True), (4096, 4096, True), (8192, 2048, False)):
-        (picked,) = lowrank_gemm._one_tiling(configs, dict(M=4096, N=n, K=k))
+        (picked,) = lowrank_gemm._configs_for_shape(configs, dict(M=4096, N=n, K=k), NUM_SMS=132)
         assert picked.kwargs["WARP_SPECIALIZE"] is specialized and picked.kwargs["BLOCK_N"] == 256
-    assert lowrank_gemm._one_tiling(configs[:1], dict(M=1, N=8, K=64)) == configs[:1]
-    assert lowrank_gemm._linear_low_rank_kernel.early_config_prune is lowrank_gemm._one_tiling
+    assert lowrank_gemm._configs_for_shape(configs, dict(M=4096, N=512, K=2048), NUM_SMS=132) == configs  # 64 tiles
+    assert lowrank_gemm._configs_for_shape(configs[:1], dict(M=1, N=8, K=64), NUM_SMS=132) == configs[:1]
+    assert lowrank_gemm._linear_low_rank_kernel.early_config_prune is lowrank_gemm._configs_for_shape

@@ -37,10 +37,11 @@ MAX_RANK = 64
 _DTYPES = (torch.float16, torch.bfloat16)
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, warp-specialized): of 18 configs timed on each OPT /
-# LLaMA linear shape in the H100 sweep (profiles/lowrank_gemm.txt), the first came within 3% of the
-# best where K <= N, the second within 3.2% where K > N (:func:`_one_tiling`).
-_TILINGS = [(128, 256, 64, 8, 3, True), (128, 256, 64, 8, 3, False)]
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, warp-specialized): the best of 18 configs on each
+# OPT / LLaMA linear shape in the H100 sweep (profiles/lowrank_gemm.txt). The first came within 3%
+# of the best on every shape where K <= N, the second within 3.2% where K > N (:func:`_configs_for_shape`).
+_TILINGS = [(128, 256, 64, 8, 3, True), (128, 256, 64, 8, 3, False), (128, 128, 64, 4, 4, True),
+            (128, 128, 64, 8, 4, True)]
 
 
 def _configs():
@@ -50,14 +51,18 @@ def _configs():
             for bm, bn, bk, w, s, ws in _TILINGS]
 
 
-def _one_tiling(configs, named_args, **kwargs):
-    """The config of :data:`_TILINGS` for this launch's shape: warp-specialized unless ``K > N``.
-    Picked, not autotuned: under ``torch.compile`` Inductor would compile every config of the
-    kernel and time them all in the first step, to gain 1-2% on a few shapes."""
+def _configs_for_shape(configs, named_args, **kwargs):
+    """One config for this launch's shape where the sweep's shapes say which: 128x256 tiles,
+    warp-specialized unless ``K > N``. Under ``torch.compile`` Inductor compiles every config of
+    the kernel and times them all in the first step, to gain at most 3% here. Outputs too narrow
+    to fill the GPU with 128x256 tiles (none such was swept) keep every config, autotuned."""
     if len(configs) == 1:
         return configs
-    specialize = named_args["K"] <= named_args["N"]
-    return [next(c for c in configs if c.kwargs["WARP_SPECIALIZE"] == specialize)]
+    args = {**named_args, **kwargs}
+    if triton.cdiv(args["M"], 128) * triton.cdiv(args["N"], 256) < args["NUM_SMS"]:
+        return configs
+    specialize = args["K"] <= args["N"]
+    return [next(c for c in configs if c.kwargs["BLOCK_N"] == 256 and c.kwargs["WARP_SPECIALIZE"] == specialize)]
 
 
 @triton.jit
@@ -93,7 +98,7 @@ def _dot_operand(acc, a, desc, row, col, KMAJOR: tl.constexpr, DOT_FP32: tl.cons
 
 
 @triton.autotune(configs=_configs(), key=["M", "N", "K", "W_KMAJOR", "RANK"],
-                 prune_configs_by={"early_config_prune": _one_tiling}, **AUTOTUNE_CACHE)
+                 prune_configs_by={"early_config_prune": _configs_for_shape}, **AUTOTUNE_CACHE)
 @triton.jit
 def _linear_low_rank_kernel(a_ptr, w_ptr, c_ptr, e_ptr, bias_ptr, out_ptr, M, N, K, R,
                             stride_a, stride_w, stride_c, stride_e,
