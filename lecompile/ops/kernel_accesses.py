@@ -28,8 +28,9 @@ def memoize(kernel) -> None:
     if not any(fn is k for k in _KERNELS):
         _KERNELS.append(fn)
     from torch._higher_order_ops import triton_kernel_wrap
-    if not getattr(triton_kernel_wrap.identify_accessed_tensors, "_lecompile_memoized", False):
-        triton_kernel_wrap.identify_accessed_tensors = memoized(triton_kernel_wrap.identify_accessed_tensors)
+    analyse = getattr(triton_kernel_wrap, "identify_accessed_tensors", None)  # a Torch without it: nothing to keep
+    if analyse is not None and not getattr(analyse, "_lecompile_memoized", False):
+        triton_kernel_wrap.identify_accessed_tensors = memoized(analyse)
 
 
 def memoized(analyse: Callable) -> Callable:
