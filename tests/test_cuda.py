@@ -111,8 +111,9 @@ def test_low_rank_gemm_is_analysed_once_per_signature_when_compiled(monkeypatch)
     from lecompile.kernels.lowrank_gemm import linear_low_rank_ref
     from lecompile.ops import kernel_accesses
     calls = []
-    torch_analysis = triton_kernel_wrap.identify_accessed_tensors.__wrapped__
-    monkeypatch.setattr(triton_kernel_wrap, "identify_accessed_tensors", kernel_accesses.memoized(
+    name = kernel_accesses.analysis_name()
+    torch_analysis = getattr(triton_kernel_wrap, name).__wrapped__
+    monkeypatch.setattr(triton_kernel_wrap, name, kernel_accesses.memoized(
         lambda *args: calls.append(args) or torch_analysis(*args)))
     torch._dynamo.reset()
     gen = torch.Generator(device="cuda").manual_seed(0)

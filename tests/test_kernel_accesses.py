@@ -76,13 +76,14 @@ def test_other_kernels_and_host_descriptors_are_analysed_every_time(monkeypatch)
 def test_memoize_wraps_torchs_analysis_once(monkeypatch):
     from torch._higher_order_ops import triton_kernel_wrap
     monkeypatch.setattr(kernel_accesses, "_KERNELS", [])
-    original = getattr(triton_kernel_wrap.identify_accessed_tensors, "__wrapped__",
-                       triton_kernel_wrap.identify_accessed_tensors)
-    monkeypatch.setattr(triton_kernel_wrap, "identify_accessed_tensors", original)
+    name = kernel_accesses.analysis_name()
+    current = getattr(triton_kernel_wrap, name)
+    original = getattr(current, "__wrapped__", current)
+    monkeypatch.setattr(triton_kernel_wrap, name, original)
     kernel_accesses.memoize(_scale)
-    wrapped = triton_kernel_wrap.identify_accessed_tensors
+    wrapped = getattr(triton_kernel_wrap, name)
     kernel_accesses.memoize(triton.autotune([triton.Config(dict(BLOCK=64))], key=["n"])(_scale))
-    assert triton_kernel_wrap.identify_accessed_tensors is wrapped and wrapped.__wrapped__ is original
+    assert getattr(triton_kernel_wrap, name) is wrapped and wrapped.__wrapped__ is original
     assert kernel_accesses._KERNELS == [_scale]
 
 
@@ -97,6 +98,8 @@ from torch.library import wrap_triton
 from torch._higher_order_ops import triton_kernel_wrap
 import lecompile.ops.lora_linear
 from lecompile.kernels import lowrank_gemm
+from lecompile.ops import kernel_accesses
+analysis = getattr(triton_kernel_wrap, kernel_accesses.analysis_name())
 
 class Hopper:
     def get_current_target(self):
@@ -119,7 +122,7 @@ for k, n in ((128, 2048), (4096, 2048)):  # 32 x 8 tiles of 128x256 each: the GP
     writes = [triton_kernel_wrap.get_mutated_tensors(node.kwargs["kernel_idx"], node.kwargs["constant_args_idx"],
                                                      kwargs, {}) for _ in range(3)]
     out.append(dict(specialized=[c.kwargs["WARP_SPECIALIZE"] for c in kernel.configs], writes=writes))
-print(json.dumps(dict(launches=out, analysed=len(triton_kernel_wrap.identify_accessed_tensors.answers))))
+print(json.dumps(dict(launches=out, analysed=len(analysis.answers))))
 """
 
 

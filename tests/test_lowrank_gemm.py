@@ -72,12 +72,63 @@ def test_supports_and_errors_name_the_operands():
 def test_each_launch_gets_one_config_by_its_shape_unless_its_output_is_narrow(monkeypatch):
     """One config per launch, so nothing is compiled or timed for the others: warp-specialized
     unless the reduction is deeper than the output is wide (the H100 sweep's best on each side);
-    an output with fewer 128x256 tiles than the GPU has SMs keeps every config, autotuned."""
+    an output with fewer 128x256 tiles than the GPU has SMs, or a rank the sweep did not cover,
+    keeps every config that fits, autotuned."""
     monkeypatch.setattr(lowrank_gemm, "_interpreting", lambda: False)
     configs = lowrank_gemm._configs()
-    for k, n, specialized in ((2048, 8192, True), (4096, 4096, True), (8192, 2048, False)):
-        (picked,) = lowrank_gemm._configs_for_shape(configs, dict(M=4096, N=n, K=k), NUM_SMS=132)
-        assert picked.kwargs["WARP_SPECIALIZE"] is specialized and picked.kwargs["BLOCK_N"] == 256
-    assert lowrank_gemm._configs_for_shape(configs, dict(M=4096, N=512, K=2048), NUM_SMS=132) == configs  # 64 tiles
-    assert lowrank_gemm._configs_for_shape(configs[:1], dict(M=1, N=8, K=64), NUM_SMS=132) == configs[:1]
-    assert lowrank_gemm._linear_low_rank_kernel.early_config_prune is lowrank_gemm._configs_for_shape
+    prune = lowrank_gemm._configs_for_shape
+    for low_rank in (False, True):
+        for k, n, specialized in ((2048, 8192, True), (4096, 4096, True), (8192, 2048, False)):
+            (picked,) = prune(configs, dict(M=4096, N=n, K=k, LOW_RANK=low_rank, RANK=16), NUM_SMS=132)
+            assert picked.kwargs["WARP_SPECIALIZE"] is specialized and picked.kwargs["BLOCK_N"] == 256
+    assert prune(configs, dict(M=4096, N=512, K=2048, LOW_RANK=True, RANK=16), NUM_SMS=132) == configs  # 64 tiles
+    for n in (512, 8192):  # rank 64: all but the warp-specialized 128x256 config, which does not fit
+        assert prune(configs, dict(M=4096, N=n, K=2048, LOW_RANK=True, RANK=64), NUM_SMS=132) == configs[1:]
+    assert prune(configs[:1], dict(M=1, N=8, K=64, LOW_RANK=False, RANK=16), NUM_SMS=132) == configs[:1]
+    assert lowrank_gemm._linear_low_rank_kernel.early_config_prune is prune
+
+
+#: Compiles the kernel for sm_90 (no GPU needed: Triton's own ptxas) with every config the
+#: pruning keeps, and with the one it drops, at each rank step; prints each one's shared memory.
+#: Its own process: the tests' ``TRITON_INTERPRET=1`` holds from import on.
+COMPILE_FOR_HOPPER = """
+import json, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from lecompile.kernels import lowrank_gemm
+from lecompile.ops.kernel_accesses import _jit_function
+
+fn = _jit_function(lowrank_gemm._linear_low_rank_kernel)
+configs = lowrank_gemm._configs()
+out = []
+for rank in (16, 32, 64):
+    args = dict(M=4096, N=512, K=2048, LOW_RANK=True, RANK=rank, W_KMAJOR=True, E_KMAJOR=False, HAS_BIAS=False,
+                NUM_SMS=132, DOT_FP32=False, GROUP_M=8)
+    kept = lowrank_gemm._configs_for_shape(configs, args)
+    for config in configs:
+        constants = dict(args, **config.kwargs)
+        signature = {name: "constexpr" if name in constants and name not in ("M", "N", "K") else
+                     "*bf16" if name.endswith("_ptr") else "i32" for name in fn.arg_names}
+        source = ASTSource(fn, signature, {(fn.arg_names.index(name),): value for name, value in constants.items()
+                                           if signature[name] == "constexpr"})
+        kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                                options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+        out.append(dict(rank=rank, kept=config in kept, shared=kernel.metadata.shared))
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_every_config_kept_fits_in_hoppers_shared_memory():
+    import json
+    import os
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-c", COMPILE_FOR_HOPPER], env=dict(os.environ, TRITON_INTERPRET="0"),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    compiled = json.loads(done.stdout.strip().splitlines()[-1])
+    hopper = 232448  # bytes of shared memory one block may use on an H100 or H200
+    assert all(c["shared"] <= hopper for c in compiled if c["kept"]), compiled
+    assert all(c["shared"] > hopper for c in compiled if not c["kept"]), compiled
+    assert sum(not c["kept"] for c in compiled) == 2  # ranks 32 and 64

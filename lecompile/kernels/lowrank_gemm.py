@@ -52,18 +52,28 @@ def _configs():
 
 
 def _configs_for_shape(configs, named_args, **kwargs):
-    """One config for this launch's shape where the sweep's shapes say which: 128x256 tiles,
-    warp-specialized unless ``K > N`` (autotuning, which under ``torch.compile`` means Inductor
-    compiles every config and times them all in the first step, gained at most 3.2% on the swept
-    shapes). Outputs too narrow to fill the GPU with 128x256 tiles (none such was swept) keep
-    every config, autotuned."""
+    """The configs worth compiling for this launch. Where the sweep's shapes say which (outputs
+    that fill the GPU with 128x256 tiles, rank at most 16), one: 128x256 tiles, warp-specialized
+    unless ``K > N`` (autotuning, which under ``torch.compile`` means Inductor compiles every
+    config and times them all in the first step, gained at most 3.2% there). Elsewhere every
+    config that fits in shared memory, autotuned."""
     if len(configs) == 1:
         return configs
     args = {**named_args, **kwargs}
-    if triton.cdiv(args["M"], 128) * triton.cdiv(args["N"], 256) < args["NUM_SMS"]:
+    configs = [c for c in configs if _fits(c, args)]
+    swept = not args["LOW_RANK"] or args["RANK"] == 16
+    if not swept or triton.cdiv(args["M"], 128) * triton.cdiv(args["N"], 256) < args["NUM_SMS"]:
         return configs
     specialize = args["K"] <= args["N"]
     return [next(c for c in configs if c.kwargs["BLOCK_N"] == 256 and c.kwargs["WARP_SPECIALIZE"] == specialize)]
+
+
+def _fits(config, args) -> bool:
+    """Whether ``config`` fits in a Hopper SM's 227 KiB of shared memory: the warp-specialized
+    128x256 tiling keeps the low-rank step's tiles beside its three stages, 220 KiB at rank 16
+    and 232 KiB from rank 32 on (Triton 3.6 and 3.9 compiling for sm_90 agree)."""
+    return not (config.kwargs["WARP_SPECIALIZE"] and config.kwargs["BLOCK_N"] == 256
+                and args["LOW_RANK"] and args["RANK"] > 16)
 
 
 @triton.jit

@@ -2,7 +2,8 @@
 
 Each time a ``torch.library.triton_op``'s kernel is traced (functionalization, AOTAutograd's joint
 graph, Inductor's lowering and scheduling), Torch lowers the kernel to Triton IR to find the
-tensors it writes (``identify_accessed_tensors``), and a model calls the LoRA GEMM at every linear
+tensors it writes (``identify_accessed_tensors``; ``identify_mutated_tensors`` before Torch 2.13),
+and a model calls the LoRA GEMM at every linear
 of every layer. The answer depends only on what Triton is given: the kernel, its arguments' dtypes
 and values, fake tensors replaced by empty tensors of their dtype, symbolic sizes by 2, an
 autotuner's first config folded in. So for the kernels passed to :func:`memoize` it is kept per
@@ -19,6 +20,14 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 
 _KERNELS: List[Any] = []  # JITFunctions, compared by identity
+_ANALYSES = ("identify_accessed_tensors", "identify_mutated_tensors")  # its names, newest first
+
+
+def analysis_name() -> Optional[str]:
+    """The name of Torch's analysis in ``torch._higher_order_ops.triton_kernel_wrap``, or ``None``
+    where this Torch has none."""
+    from torch._higher_order_ops import triton_kernel_wrap
+    return next((name for name in _ANALYSES if hasattr(triton_kernel_wrap, name)), None)
 
 
 def memoize(kernel) -> None:
@@ -28,18 +37,21 @@ def memoize(kernel) -> None:
     if not any(fn is k for k in _KERNELS):
         _KERNELS.append(fn)
     from torch._higher_order_ops import triton_kernel_wrap
-    analyse = getattr(triton_kernel_wrap, "identify_accessed_tensors", None)  # a Torch without it: nothing to keep
-    if analyse is not None and not getattr(analyse, "_lecompile_memoized", False):
-        triton_kernel_wrap.identify_accessed_tensors = memoized(analyse)
+    name = analysis_name()
+    if name is None:  # a Torch without it: nothing to keep
+        return
+    analyse = getattr(triton_kernel_wrap, name)
+    if not getattr(analyse, "_lecompile_memoized", False):
+        setattr(triton_kernel_wrap, name, memoized(analyse))
 
 
 def memoized(analyse: Callable) -> Callable:
-    """``analyse`` (``identify_accessed_tensors(kernel, kwargs, tma_descriptor_metadata)``) with its
+    """``analyse`` (Torch's ``(kernel, kwargs, tma_descriptor_metadata)`` analysis) with its
     answers for the :func:`memoize`'d kernels kept per :func:`signature` (each caller gets a copy)."""
     answers: Dict[tuple, Any] = {}
 
     @functools.wraps(analyse)
-    def identify_accessed_tensors(kernel, kwargs, tma_descriptor_metadata, *args, **more):
+    def analyse_once(kernel, kwargs, tma_descriptor_metadata, *args, **more):
         key = None if args or more else signature(kernel, kwargs, tma_descriptor_metadata)
         if key is None:
             return analyse(kernel, kwargs, tma_descriptor_metadata, *args, **more)
@@ -47,9 +59,9 @@ def memoized(analyse: Callable) -> Callable:
             answers[key] = analyse(kernel, kwargs, tma_descriptor_metadata)
         return copy.deepcopy(answers[key])
 
-    identify_accessed_tensors._lecompile_memoized = True
-    identify_accessed_tensors.answers = answers
-    return identify_accessed_tensors
+    analyse_once._lecompile_memoized = True
+    analyse_once.answers = answers
+    return analyse_once
 
 
 def _jit_function(kernel):
