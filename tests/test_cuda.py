@@ -105,25 +105,29 @@ def test_low_rank_gemm_kernel_on_cuda_matches_reference(dtype, m, n, k, r):
 
 def test_low_rank_gemm_is_analysed_once_per_signature_when_compiled(monkeypatch):
     """Three launches of one signature in a compiled graph: Torch works out which tensors the
-    kernel writes once, not at every launch and trace, and the values stay exact."""
+    kernel writes once per signature (a traced form of the launch), not at every launch and
+    trace, and the values stay exact. Caches off: a cached graph is not traced at all."""
     from torch._higher_order_ops import triton_kernel_wrap
 
     from lecompile.kernels.lowrank_gemm import linear_low_rank_ref
     from lecompile.ops import kernel_accesses
-    calls = []
+    asked, analysed = [], []
     name = kernel_accesses.analysis_name()
     torch_analysis = getattr(triton_kernel_wrap, name).__wrapped__
-    monkeypatch.setattr(triton_kernel_wrap, name, kernel_accesses.memoized(
-        lambda *args: calls.append(args) or torch_analysis(*args)))
+    analyse = kernel_accesses.memoized(lambda *args: analysed.append(args) or torch_analysis(*args))
+    monkeypatch.setattr(triton_kernel_wrap, name, lambda *args: asked.append(args) or analyse(*args))
     torch._dynamo.reset()
     gen = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(136, 256, device="cuda", generator=gen).bfloat16()
     weights = [(torch.randn(384, 256, device="cuda", generator=gen) / 16).bfloat16() for _ in range(3)]
     lr = torch.ops.lecompile.linear_low_rank
-    got = torch.compile(lambda x: sum(lr(x, w, None, None, None) for w in weights), fullgraph=True)(x)
+    with torch._inductor.config.patch(force_disable_caches=True):
+        got = torch.compile(lambda x: sum(lr(x, w, None, None, None) for w in weights), fullgraph=True)(x)
     want = sum(linear_low_rank_ref(x, w).float() for w in weights)
     torch.testing.assert_close(got.float(), want, atol=3e-2 * want.abs().max().item(), rtol=2e-2)
-    assert len(calls) == 1, len(calls)
+    signatures = {kernel_accesses.signature(*args) for args in asked}
+    print(f"asked {len(asked)}, analysed {len(analysed)}, signatures {len(signatures)}")
+    assert len(asked) >= 3 and len(analysed) == len(analyse.answers) == len(signatures) < len(asked)
 
 
 @pytest.mark.parametrize("warmup_steps", [0, 2])
