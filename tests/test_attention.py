@@ -191,16 +191,18 @@ def test_soft_capped_scores_match_the_spelled_out_reference(predictor):
     assert allowed_blocks(*before_tanh, False, L, L, BLOCK, "cpu")[0].all()
 
 
-@pytest.mark.parametrize("masking", ["causal", "additive"])
+@pytest.mark.parametrize("masking", ["causal", "additive", "softcap"])
 def test_operator_under_users_torch_compile(masking):
     """Traced by Dynamo (benchmarks, users' own compiled functions) the operator goes through the
-    public flex_attention; same results as the reference. (FlexAttention does not train on the
-    CPU: tests/test_cuda.py checks the gradients of this path.)"""
+    public flex_attention; same results as the reference, also with Gemma 2's soft-capping.
+    (FlexAttention does not train on the CPU: tests/test_cuda.py checks the gradients of this path.)"""
     q, k, v = (t.detach() for t in qkv(H=4, Hkv=2))
     L, scale = q.shape[-2], q.shape[-1] ** -0.5
-    steps, operands, causal = (["mul"], [scale], True) if masking == "causal" else (
-        ["div", "add"], [torch.tensor(scale ** -1), torch.zeros(2, 1, L, L).masked_fill(~padded_mask(2, L, 5), -3e38)],
-        False)
+    steps, operands, causal = {
+        "causal": (["mul"], [scale], True),
+        "additive": (["div", "add"], [torch.tensor(scale ** -1),
+                                      torch.zeros(2, 1, L, L).masked_fill(~padded_mask(2, L, 5), -3e38)], False),
+        "softcap": (["mul", "div", "tanh", "mul"], [scale, 2.0, None, 2.0], True)}[masking]
     any_b, all_b = allowed_blocks(steps, operands, causal, L, L, BLOCK, "cpu")
     keep = predict_blocks(q, k, any_b, steps, operands, causal, BLOCK, 0.5, "pooled")
     torch._dynamo.reset()

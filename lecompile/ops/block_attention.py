@@ -61,7 +61,13 @@ def check_steps(steps: Sequence[str], operands: Sequence[Operand]) -> None:
 
 def _last_tanh(steps: Sequence[str]) -> int:
     """The index of the last ``tanh`` step, or -1: additive masks before it no longer mask."""
-    return max((i for i, kind in enumerate(steps) if kind == "tanh"), default=-1)
+    # A plain loop: Dynamo traces this inside a user's torch.compile, and it cannot trace
+    # ``max`` over a generator with ``default``
+    last = -1
+    for i, kind in enumerate(steps):
+        if kind == "tanh":
+            last = i
+    return last
 
 
 def leading_scale(steps: Sequence[str], operands: Sequence[Operand]) -> Tuple[float, int]:
