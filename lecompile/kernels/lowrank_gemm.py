@@ -70,8 +70,8 @@ def _configs_for_shape(configs, named_args, **kwargs):
 
 def _fits(config, args) -> bool:
     """Whether ``config`` fits in a Hopper SM's 227 KiB of shared memory: the warp-specialized
-    128x256 tiling keeps the low-rank step's tiles beside its three stages, 220 KiB at rank 16
-    and 232 KiB from rank 32 on (Triton 3.6 and 3.9 compiling for sm_90 agree)."""
+    128x256 tiling keeps the low-rank step's tiles beside its three stages: 220 KiB at rank 16,
+    232 at 32, 256 at 64 (Triton 3.6 and 3.9 compiling for sm_90 agree)."""
     return not (config.kwargs["WARP_SPECIALIZE"] and config.kwargs["BLOCK_N"] == 256
                 and args["LOW_RANK"] and args["RANK"] > 16)
 
