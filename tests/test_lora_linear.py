@@ -275,3 +275,38 @@ def test_linear_low_rank_op_passes_opcheck(kernel_on_cpu):
     c, e, b = (torch.randn(*s, generator=gen).half() for s in ((32, 8), (24, 8), (24,)))
     torch.library.opcheck(torch.ops.lecompile.linear_low_rank.default, (a, w, b, c, e),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_in_gemm_takes_the_kernel_on_hopper_gpus_only(monkeypatch):
+    """On a GPU the kernel was not built for (here Ampere's 8.0) ``in_gemm=True`` keeps the cuBLAS
+    path, and says why; metadata only, as for a fake tensor."""
+    from types import SimpleNamespace
+
+    module = importlib.import_module("lecompile.ops.lora_linear")
+    if module.lowrank_gemm is None:
+        pytest.skip("needs Triton >= 3.4")
+    x = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0), dtype=torch.bfloat16)
+    w, a = torch.empty(64, 32, dtype=torch.bfloat16), torch.empty(16, 32, dtype=torch.bfloat16)
+    for capability, runs in (((9, 0), True), ((8, 0), False)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert module.runs_in_gemm(x, [w], [None], [a]) is runs
+        assert (module.in_gemm_unavailable(x) == "") is runs
+
+
+def test_report_says_why_lora_stays_on_cublas_on_other_gpus(monkeypatch):
+    """``lora_in_gemm`` on (the default) where the kernel does not run: a note names the GPU."""
+    import lecompile
+    from lecompile.config import LongExposureConfig
+    from lecompile.passes import fuse_lora
+
+    from models import batch, tiny_model, train_step
+
+    why = "a GPU of compute capability 8.0 (the kernel is built for Hopper, 9.x)"
+    monkeypatch.setattr(fuse_lora, "in_gemm_unavailable", lambda x: why)
+    model, inputs = tiny_model("llama", "lora"), batch()
+    torch._dynamo.reset()
+    backend = lecompile.longexposure(LongExposureConfig.create(mlp_density=1.0))
+    train_step(torch.compile(model, backend=backend), model, inputs)
+    assert backend.report.notes.count(f"lora_in_gemm: LoRA's B-projections stay on cuBLAS GEMMs on {why}") == 1
+    assert all(e.fused and not e.in_gemm for e in backend.report.linears), str(backend.report)
+    assert why in str(backend.report)

@@ -132,3 +132,16 @@ def test_every_config_kept_fits_in_hoppers_shared_memory():
     assert all(c["shared"] <= hopper for c in compiled if c["kept"]), compiled
     assert all(c["shared"] > hopper for c in compiled if not c["kept"]), compiled
     assert sum(not c["kept"] for c in compiled) == 2  # ranks 32 and 64
+
+
+def test_the_kernel_runs_on_hopper_gpus_and_in_the_interpreter_only(monkeypatch):
+    """Compute capability 9.x runs it; Ampere, Ada and both Blackwells keep the cuBLAS path,
+    named in the answer (their configs do not compile or do not fit: ``unsupported_device``)."""
+    cuda = torch.device("cuda", 0)
+    for capability, runs in (((9, 0), True), ((8, 0), False), ((8, 9), False), ((10, 0), False), ((12, 0), False)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        why = lowrank_gemm.unsupported_device(cuda)
+        assert (why == "") is runs and (runs or f"{capability[0]}.{capability[1]}" in why), (capability, why)
+    assert lowrank_gemm.unsupported_device(torch.device("cpu")) == ""  # the tests' interpreter
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "CPU" in lowrank_gemm.unsupported_device(torch.device("cpu"))

@@ -172,14 +172,28 @@ def supports_dims(dtype: torch.dtype, k: int, n: int, r: Optional[int] = None) -
             and (r is None or (r % 8 == 0 and rank_block(r) <= MAX_RANK)))
 
 
+def unsupported_device(device: torch.device) -> str:
+    """Why the kernel does not run on ``device``, or ``""`` where it does: a Hopper GPU (compute
+    capability 9.x, where it was swept, timed and checked), or the CPU in Triton's interpreter.
+    Compiled for other GPUs on the CPU (Triton 3.9), Blackwell's compiler rejects its
+    warp-specialized configs (sm_100), consumer Blackwell lacks the shared memory for any of them
+    (sm_120), and GPUs before Hopper have no TMA to feed it."""
+    if device.type == "cpu":
+        return "" if _interpreting() else "the CPU (outside Triton's interpreter)"
+    if device.type != "cuda":
+        return f"a {device.type} device"
+    major, minor = torch.cuda.get_device_capability(device)
+    return "" if major == 9 else f"a GPU of compute capability {major}.{minor} (the kernel is built for Hopper, 9.x)"
+
+
 def supports(a: Tensor, weight: Tensor, low_rank: Optional[Tuple[Tensor, Tensor]] = None,
              bias: Optional[Tensor] = None) -> bool:
     """Whether :func:`linear_low_rank` runs the kernel for these operands, decided from metadata
-    only (so a fake tensor gets the same answer): CUDA (or Triton's CPU interpreter), one dtype
+    only (so a fake tensor gets the same answer): a Hopper GPU (or Triton's CPU interpreter), one dtype
     throughout, 2-D operands of matching shapes and :func:`supports_dims`. Layouts do not
     matter: operands TMA cannot read as they are are made contiguous."""
     tensors = [a, weight] + list(low_rank or ()) + ([bias] if bias is not None else [])
-    if not (a.device.type == "cuda" or (a.device.type == "cpu" and _interpreting())):
+    if unsupported_device(a.device):
         return False
     if any(t.dtype != a.dtype or t.device != a.device for t in tensors):
         return False

@@ -17,7 +17,7 @@ AOTAutograd traces it into plain matmuls, so Inductor fuses its casts and adds a
 backward. (A Python custom op with its own backward was measured on the H100: same GPU time,
 but about 0.2 ms of Python per call, which over every linear of a model made the step CPU-bound.)
 
-With ``in_gemm=True`` (fp16/bf16 on CUDA, ranks multiples of 8) LoRA's B-projection runs inside
+With ``in_gemm=True`` (fp16/bf16 on a Hopper GPU, ranks multiples of 8) LoRA's B-projection runs inside
 the base GEMM's kernel (:mod:`lecompile.kernels.lowrank_gemm`): ``y = x @ W.T + (s x A.T) @ B.T
 + bias`` as one reduction, and in the backward ``dx = dy @ W + dxa @ A`` likewise, so neither
 the ``[T, out]`` update nor the ``[T, in]`` gradient through ``A`` is written and re-read. An
@@ -104,12 +104,22 @@ def lora_linear_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_inp
 
 def runs_in_gemm(x: Tensor, weights: List[Tensor], biases: List[Optional[Tensor]], lora_a: List[Tensor]) -> bool:
     """Whether ``in_gemm=True`` takes the kernel path for these operands (metadata only): fp16/bf16
-    on CUDA, frozen base weights, widths and ranks the kernel takes (:func:`lowrank_gemm.supports_dims`)."""
+    on a Hopper GPU (:func:`lowrank_gemm.unsupported_device`), frozen base weights, widths and
+    ranks the kernel takes (:func:`lowrank_gemm.supports_dims`)."""
     if lowrank_gemm is None or not (x.is_cuda or (INTERPRET_ON_CPU and _INTERPRETING)):
+        return False
+    if in_gemm_unavailable(x):
         return False
     return all(not w.requires_grad and w.dtype == x.dtype and (b is None or b.dtype == x.dtype)
                and lowrank_gemm.supports_dims(x.dtype, w.shape[1], w.shape[0], a.shape[0])
                for w, b, a in zip(weights, biases, lora_a))
+
+
+def in_gemm_unavailable(x: Tensor) -> str:
+    """Why ``in_gemm=True`` keeps the cuBLAS path on ``x``'s GPU (not a Hopper one), or ``""``."""
+    if lowrank_gemm is None or not x.is_cuda:
+        return ""
+    return lowrank_gemm.unsupported_device(x.device)
 
 
 class _InGemm(torch.autograd.Function):

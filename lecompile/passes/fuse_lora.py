@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 from torch._dynamo.utils import counters
 
-from ..ops.lora_linear import lora_linear, lora_linears, runs_in_gemm
+from ..ops.lora_linear import in_gemm_unavailable, lora_linear, lora_linears, runs_in_gemm
 from ..report import LinearEntry
 from .fold_adapters import LinearMatch
 from .graph import meta_value, recompile, replace_uses
@@ -36,6 +36,10 @@ def fuse_lora(ctx) -> None:
         if not why:
             todo.append(lin)
             entries[lin.out].in_gemm = ctx.config.tuning.lora_in_gemm and _runs_in_gemm(lin, ctx)
+    no_kernel = in_gemm_unavailable(meta_value(todo[0].x)) if todo and ctx.config.tuning.lora_in_gemm else ""
+    note = f"lora_in_gemm: LoRA's B-projections stay on cuBLAS GEMMs on {no_kernel}"
+    if no_kernel and note not in ctx.report.notes:
+        ctx.report.notes.append(note)
     groups = _shared_input_groups(ctx.gm.graph, todo) if ctx.config.tuning.share_lora_input else [[lin] for lin in todo]
     for group in groups:
         if len(group) == 1:
