@@ -175,9 +175,10 @@ def supports_dims(dtype: torch.dtype, k: int, n: int, r: Optional[int] = None) -
 def unsupported_device(device: torch.device) -> str:
     """Why the kernel does not run on ``device``, or ``""`` where it does: a Hopper GPU (compute
     capability 9.x, where it was swept, timed and checked), or the CPU in Triton's interpreter.
-    Compiled for other GPUs on the CPU (Triton 3.9), Blackwell's compiler rejects its
-    warp-specialized configs (sm_100), consumer Blackwell lacks the shared memory for any of them
-    (sm_120), and GPUs before Hopper have no TMA to feed it."""
+    Compiled for other GPUs on the CPU (Triton 3.9): for Blackwell (sm_100) Triton rejects its
+    warp-specialized configs, consumer Blackwell (sm_120) lacks the shared memory for any of them,
+    and before Hopper (sm_80, sm_89) there is no TMA: it compiles without its pipelining and was
+    never timed there."""
     if device.type == "cpu":
         return "" if _interpreting() else "the CPU (outside Triton's interpreter)"
     if device.type != "cuda":

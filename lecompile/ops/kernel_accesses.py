@@ -2,13 +2,12 @@
 
 Each time a ``torch.library.triton_op``'s kernel is traced (functionalization, AOTAutograd's joint
 graph, Inductor's lowering and scheduling), Torch lowers the kernel to Triton IR to find the
-tensors it writes (``identify_accessed_tensors``; ``identify_mutated_tensors`` before Torch 2.13),
-and a model calls the LoRA GEMM at every linear
-of every layer. The answer depends only on what Triton is given: the kernel, its arguments' dtypes
-and values, fake tensors replaced by empty tensors of their dtype, symbolic sizes by 2, an
-autotuner's first config folded in. So for the kernels passed to :func:`memoize` it is kept per
-such signature; every other kernel is analysed as before. (pytorch/pytorch#193227 proposes the
-same cache for every kernel.)
+tensors it writes (``identify_accessed_tensors``; ``identify_mutated_tensors`` before Torch
+2.13), and a model calls the LoRA GEMM at every linear of every layer. The answer depends only
+on what Triton is given: the kernel, its arguments' dtypes and values, fake tensors replaced by
+empty tensors of their dtype, symbolic sizes by 2, an autotuner's first config folded in. So
+for the kernels passed to :func:`memoize` it is kept per such signature; every other kernel is
+analysed as before. (pytorch/pytorch#193227 proposes the same cache for every kernel.)
 """
 
 from __future__ import annotations
