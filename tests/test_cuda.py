@@ -126,8 +126,8 @@ def test_low_rank_gemm_is_analysed_once_per_signature_when_compiled(monkeypatch)
     want = sum(linear_low_rank_ref(x, w).float() for w in weights)
     torch.testing.assert_close(got.float(), want, atol=3e-2 * want.abs().max().item(), rtol=2e-2)
     signatures = {kernel_accesses.signature(*args) for args in asked}
-    print(f"asked {len(asked)}, analysed {len(analysed)}, signatures {len(signatures)}")
-    assert len(asked) >= 3 and len(analysed) == len(analyse.answers) == len(signatures) < len(asked)
+    counts = f"asked {len(asked)}, analysed {len(analysed)}, signatures {len(signatures)}"
+    assert len(asked) >= 3 and len(analysed) == len(analyse.answers) == len(signatures) < len(asked), counts
 
 
 @pytest.mark.parametrize("warmup_steps", [0, 2])
