@@ -65,7 +65,7 @@ def test_supports_and_errors_name_the_operands():
     assert not lowrank_gemm.supports(x, w, (x.new_zeros(16, 72), w.new_zeros(24, 72)))  # rank 72 > MAX_RANK
     assert lowrank_gemm.supports_dims(torch.float16, 2048, 8192, 48)
     assert not lowrank_gemm.supports_dims(torch.float16, 2048, 8192, 96)  # past MAX_RANK
-    with pytest.raises(ValueError, match=r"weight \(24, 36\)"):
+    with pytest.raises(ValueError, match=r"weight \(24, 36\).*multiples of 8"):
         lowrank_gemm.linear_low_rank(x[:, :36], w[:, :36])
 
 
@@ -145,3 +145,6 @@ def test_the_kernel_runs_on_hopper_gpus_and_in_the_interpreter_only(monkeypatch)
     assert lowrank_gemm.unsupported_device(torch.device("cpu")) == ""  # the tests' interpreter
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert "CPU" in lowrank_gemm.unsupported_device(torch.device("cpu"))
+    x = torch.zeros(16, 40, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"does not run on the CPU"):
+        lowrank_gemm.linear_low_rank(x, x[:24])

@@ -241,10 +241,12 @@ def linear_low_rank(a: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     around it can be a ``torch.library.triton_op`` whose launch Inductor writes itself."""
     from torch.library import wrap_triton
     if not supports(a, weight, low_rank, bias):
+        device = unsupported_device(a.device)
         raise ValueError(f"linear_low_rank: unsupported operands: a {tuple(a.shape)} {a.dtype} on {a.device}, "
                          f"weight {tuple(weight.shape)} {weight.dtype}"
                          + (f", low rank {tuple(low_rank[0].shape)} x {tuple(low_rank[1].shape)}" if low_rank else "")
-                         + f" (one dtype of fp16/bf16 on CUDA, K, N and r multiples of 8, r <= {MAX_RANK})")
+                         + (f": the kernel does not run on {device}" if device else
+                            f" (one dtype of fp16/bf16, K, N and r multiples of 8, r <= {MAX_RANK})"))
     m, n = a.shape[0], weight.shape[0]
     out = torch.empty(m, n, device=a.device, dtype=a.dtype)
     if m == 0 or n == 0:
