@@ -65,9 +65,11 @@ def train(model, variant: str, backend, train_batches, heldout, device, lr: floa
     steady = sorted(times[1:]) or times
     density, matched = "1.0 (dense)", "-"
     if isinstance(backend, LongExposureBackend):
-        report = backend.report
-        density = f"{backend.config.mlp_density} ({backend.config.predictor}, {backend.config.granularity})"
-        matched = f"{report.mlp_rewritten}/{len(report.mlp)} MLP, {len(report.attention)} attn"
+        report, config = backend.report, backend.config
+        density = ("1.0 (exact)" if config.mlp_density >= 1.0 else
+                   f"{config.mlp_density:g} ({config.predictor}, {config.granularity})")
+        matched = (f"{len(report.mlp)} MLP ({report.mlp_rewritten} sparse), {len(report.attention)} attention, "
+                   f"{sum(e.fused for e in report.linears)} LoRA linears fused")
     return RunResult(variant, 1000 * steady[len(steady) // 2], times[0], losses[0], losses[-1],
                      heldout_loss, density, matched, losses)
 
@@ -102,7 +104,7 @@ def format_results(results: List[RunResult]) -> str:
              f"{r.first_loss:.3f}", f"{r.last_loss:.3f}", f"{r.heldout_loss:.3f}", r.density, r.matched]
             for r in results]
     return format_table(["variant", "step ms", "speedup", "1st step s", "loss@1", "loss@end", "heldout",
-                   "mlp density", "matches"], rows)
+                   "mlp density", "matched"], rows)
 
 
 def main(argv=None) -> int:
