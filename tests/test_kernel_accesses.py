@@ -1,15 +1,12 @@
 """Which tensors the backend's own Triton kernels write: Torch's analysis, kept per signature."""
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
+
+from process_helpers import json_from_compiling_script  # noqa: E402
 
 from lecompile.ops import kernel_accesses  # noqa: E402
 
@@ -89,7 +86,7 @@ def test_memoize_wraps_torchs_analysis_once(monkeypatch):
 
 #: Traces the LoRA GEMM kernel as AOTAutograd does (``make_fx``, fake tensors), compiled for
 #: sm_90 (Triton lowers to its IR without a GPU), then asks Torch three times per launch which
-#: tensors it writes. Its own process: the tests' ``TRITON_INTERPRET=1`` holds from import on.
+#: tensors it writes.
 TRACE_LORA_GEMM = """
 import json, torch, triton
 from triton.backends.compiler import GPUTarget
@@ -127,11 +124,7 @@ print(json.dumps(dict(launches=out, analysed=len(analysis.answers))))
 
 
 def test_the_lora_gemm_traced_as_inductor_does_gets_one_config_and_one_analysis_per_signature():
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    done = subprocess.run([sys.executable, "-c", TRACE_LORA_GEMM], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = json_from_compiling_script(TRACE_LORA_GEMM, timeout=300)
     assert [launch["specialized"] for launch in result["launches"]] == [[True], [False]]  # K <= N, then K > N
     assert all(launch["writes"] == [["out_ptr"]] * 3 for launch in result["launches"])
     assert result["analysed"] == 2

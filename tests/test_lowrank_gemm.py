@@ -90,7 +90,6 @@ def test_each_launch_gets_one_config_by_its_shape_unless_its_output_is_narrow(mo
 
 #: Compiles the kernel for sm_90 (no GPU needed: Triton's own ptxas) with every config the
 #: pruning keeps, and with the one it drops, at each rank step; prints each one's shared memory.
-#: Its own process: the tests' ``TRITON_INTERPRET=1`` holds from import on.
 COMPILE_FOR_HOPPER = """
 import json, triton
 from triton.backends.compiler import GPUTarget
@@ -120,14 +119,8 @@ print(json.dumps(out))
 
 @pytest.mark.slow
 def test_every_config_kept_fits_in_hoppers_shared_memory():
-    import json
-    import os
-    import subprocess
-    import sys
-    done = subprocess.run([sys.executable, "-c", COMPILE_FOR_HOPPER], env=dict(os.environ, TRITON_INTERPRET="0"),
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    compiled = json.loads(done.stdout.strip().splitlines()[-1])
+    from process_helpers import json_from_compiling_script
+    compiled = json_from_compiling_script(COMPILE_FOR_HOPPER, timeout=600)
     hopper = 232448  # bytes of shared memory one block may use on an H100 or H200
     assert all(c["shared"] <= hopper for c in compiled if c["kept"]), compiled
     assert all(c["shared"] > hopper for c in compiled if not c["kept"]), compiled
