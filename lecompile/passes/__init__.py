@@ -34,6 +34,7 @@ from . import (
     norms_from_output,
     rewrite_attention,
     rewrite_mlp,
+    rotary_tables,
 )
 from .fold_adapters import LinearMatch
 from .graph import layer_index
@@ -110,6 +111,7 @@ PASSES: Sequence[Pass] = (
     Pass("fuse_lora", fuse_lora.fuse_lora, when_disabled="report"),
     Pass("fuse_loss", fuse_loss.fuse_loss, when_disabled="report"),
     Pass("norms_from_output", norms_from_output.norms_from_output),
+    Pass("rotary_tables", rotary_tables.rotary_tables),
     Pass("tag_rewritten_nodes", inline_checkpoints.tag_rewritten_nodes, when_disabled=None),
 )
 LAYER_GRAPH = ("decoder layer(s) without a layer index in their module paths: Dynamo compiled a decoder layer as "

@@ -1,0 +1,110 @@
+"""lecompile.passes.rotary_tables: rotary cos/sin tables computed once, values unchanged."""
+
+import copy
+import re
+
+import torch
+from torch._inductor.utils import run_and_get_code
+
+import lecompile
+from lecompile import LongExposureConfig
+from lecompile.passes import rotary_tables, run_passes
+
+from models import batch, tiny_model, train_step
+
+
+def _captured(fn, *args, **kwargs):
+    """The graph Dynamo hands a backend for ``fn(*args, **kwargs)``, and its example inputs."""
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append((gm, example_inputs))
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(fn, backend=capture)(*args, **kwargs)
+    assert len(graphs) == 1
+    return graphs[0]
+
+
+def _tables(gm):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is rotary_tables.REALIZE]
+
+
+def test_the_cos_and_sin_tables_of_a_llama_end_in_one_realization_each():
+    gm, example_inputs = _captured(tiny_model("llama", "lora"), **batch())
+    report = run_passes(gm, example_inputs, LongExposureConfig())
+    tables = _tables(gm)
+    assert len(tables) == 2, gm.code
+    for table in tables:  # after cos/sin, the scaling by attention_scaling and the cast
+        node = table.args[0]
+        assert node.target == "to"
+        assert {u.target for u in table.users} == {"unsqueeze"} and len(table.users) == 2  # both layers read it
+        while node.target not in ("cos", "sin"):
+            node = node.args[0]
+    assert rotary_tables.NOTE.format(n=2) in report.notes
+
+
+def test_disabled_by_name_or_outside_training():
+    gm, example_inputs = _captured(tiny_model("llama", "lora"), **batch())
+    run_passes(gm, example_inputs, LongExposureConfig(disable=frozenset({"rotary_tables"})))
+    assert not _tables(gm)
+    model = tiny_model("llama", "lora").eval()
+    gm, example_inputs = _captured(model, **batch())
+    run_passes(gm, example_inputs, LongExposureConfig(), module_training=False)
+    assert not _tables(gm)
+
+
+def _compiled_step(config):
+    model = tiny_model("llama", "lora")
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=lecompile.LongExposureBackend(config))
+    return run_and_get_code(lambda: train_step(compiled, model, batch()))
+
+
+def _kernels_computing(code: str, op: str) -> int:
+    """How many of Inductor's CPU kernels in ``code`` evaluate ``op`` (``.cos()`` on vectors)."""
+    kernels = re.split(r"async_compile\.cpp_pybinding", code)[1:]
+    return sum(1 for kernel in kernels if re.search(rf"[.:]{op}\(", kernel.split("'''")[1]))
+
+
+def test_inductor_evaluates_each_table_once_and_the_step_is_unchanged():
+    (loss, grads), codes = _compiled_step(LongExposureConfig())
+    (plain_loss, plain_grads), plain_codes = _compiled_step(LongExposureConfig(disable=frozenset({"rotary_tables"})))
+    for op in ("cos", "sin"):
+        assert sum(_kernels_computing(c, op) for c in codes) == 1, op
+        assert sum(_kernels_computing(c, op) for c in plain_codes) > 1, op  # inlined into every rotary kernel
+    torch.testing.assert_close(loss, plain_loss, rtol=0, atol=0)
+    assert grads.keys() == plain_grads.keys() and grads
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, plain_grads[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def _angles(x, theta, w):
+    return (x * torch.cos(theta) * 2.0).sum() + (torch.sin(theta * w) * x).sum()
+
+
+def test_tables_that_need_a_gradient_or_mix_in_another_tensor_are_left_alone():
+    x = torch.randn(4, 8, requires_grad=True)
+    theta = torch.randn(4, 8, requires_grad=True)  # trainable angles: sin(theta * w) needs a gradient
+    w = torch.randn(4, 8)
+    gm, example_inputs = _captured(_angles, x, theta, w)
+    run_passes(gm, example_inputs, LongExposureConfig())
+    assert not _tables(gm), gm.code
+
+    theta = torch.randn(4, 8)  # now cos(theta) qualifies; "x * cos" mixes in x, so it ends at cos itself
+    gm, example_inputs = _captured(_angles, x, theta, w)
+    run_passes(gm, example_inputs, LongExposureConfig())
+    tables = _tables(gm)
+    assert len(tables) == 2
+    assert {t.args[0].target for t in tables} == {torch.cos, torch.sin}
+    expected = _angles(x, theta, w)
+    torch.testing.assert_close(gm(*example_inputs)[0], expected)
+
+
+def test_the_pass_keeps_a_copy_of_the_graph_valid_to_rerun():
+    gm, example_inputs = _captured(tiny_model("qwen2", "lora"), **batch())
+    before = copy.deepcopy(gm)
+    run_passes(gm, example_inputs, LongExposureConfig())
+    assert len(_tables(gm)) == 2
+    torch.testing.assert_close(gm(*example_inputs)[0], before(*example_inputs)[0])
