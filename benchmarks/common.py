@@ -129,8 +129,15 @@ def write_results(name: str, data: dict, folder: Path = RESULTS) -> Path:
     """Write ``folder/<name>.json``; returns its path."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.json"
-    path.write_text(json.dumps(data, indent=1) + "\n")
+    path.write_text(json.dumps(data, indent=1, default=_sets_as_lists) + "\n")
     return path
+
+
+def _sets_as_lists(value):
+    """JSON for the sets in settings (``--set disable=fuse_loss`` is a frozenset): a sorted list."""
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
 def command_line() -> str:

@@ -67,3 +67,13 @@ def test_jit_compiles_adds_up_each_kernels_compiles_and_restores_triton(monkeypa
     assert JITFunction._do_compile is compile_
     assert {name: entry["compiles"] for name, entry in compiled.items()} == {"_norm_kernel": 2, "_loss_kernel": 1}
     assert compiled["_norm_kernel"]["seconds"] >= 0.02 and compiled["_loss_kernel"]["seconds"] >= 0.01
+
+
+def test_results_keep_set_valued_settings_as_sorted_lists(tmp_path):
+    import json
+
+    from benchmarks.common import write_results
+    from lecompile import LongExposureConfig
+    settings = LongExposureConfig.parse_settings(["disable=rotary_tables,fuse_loss"])  # what e2e --set gives
+    path = write_results("e2e", {"meta": {"lecompile_settings": settings}}, tmp_path)
+    assert json.loads(path.read_text())["meta"]["lecompile_settings"] == {"disable": ["fuse_loss", "rotary_tables"]}
