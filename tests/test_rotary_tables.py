@@ -55,8 +55,8 @@ def test_disabled_by_name_or_outside_training():
     assert not _tables(gm)
 
 
-def _compiled_step(config):
-    model = tiny_model("llama", "lora")
+def _compiled_step(config, dtype=torch.float32):
+    model = tiny_model("llama", "lora", dtype=dtype)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=lecompile.LongExposureBackend(config))
     return run_and_get_code(lambda: train_step(compiled, model, batch()))
@@ -78,6 +78,23 @@ def test_inductor_evaluates_each_table_once_and_the_step_is_unchanged():
     assert grads.keys() == plain_grads.keys() and grads
     for name, grad in grads.items():
         torch.testing.assert_close(grad, plain_grads[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_a_bf16_model_keeps_fp32_tables_and_inductors_numbers():
+    """The table is realized before the cast to bf16, and the backward recomputes that cast
+    rather than keeping the rounded table: the step's numbers are exactly Inductor's."""
+    gm, example_inputs = _captured(tiny_model("llama", "lora", dtype=torch.bfloat16), **batch())
+    run_passes(gm, example_inputs, LongExposureConfig())
+    tables = _tables(gm)
+    assert len(tables) == 2 and all(t.args[0].meta["example_value"].dtype == torch.float32 for t in tables)
+    assert all([u.kwargs.get("dtype") for u in t.users] == [torch.bfloat16] for t in tables), gm.code
+
+    (loss, grads), _ = _compiled_step(LongExposureConfig(), torch.bfloat16)
+    (plain_loss, plain_grads), _ = _compiled_step(LongExposureConfig(disable=frozenset({"rotary_tables"})),
+                                                  torch.bfloat16)
+    torch.testing.assert_close(loss, plain_loss, rtol=0, atol=0)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=0, atol=0, msg=name)
 
 
 def _angles(x, theta, w):

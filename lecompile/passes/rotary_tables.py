@@ -5,10 +5,12 @@ seq, head_dim]``) and hand them to every decoder layer. Inductor inlines such ch
 pointwise producers into their consumers, so each layer's rotary kernels, forward and backward,
 evaluate ``cos`` and ``sin`` again for every element of ``q`` and ``k``: once per head, in
 precise fp32 math, which makes those memory-bound kernels compute-bound. This pass ends each
-``cos``/``sin`` (with the scalar scaling and casts that follow it) in
-``prims.inductor_force_stride_order``, which makes Inductor write the table to memory once; the
-rotary kernels then only read it. Values are unchanged: the op is the identity on a tensor of
-those strides.
+``cos``/``sin`` (with the scalar scaling and casts that follow it, up to a cast to a narrower
+dtype) in ``prims.inductor_force_stride_order``, which makes Inductor write the table to memory
+once; the rotary kernels then only read it. Values are unchanged: the op is the identity on a
+tensor of those strides, and the table keeps its widest dtype, so a cast to bf16 after it still
+fuses into the rotary kernels, which (as without this pass) compute with the fp32 value; the
+backward recomputes such a cast rather than keep its rounded output.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 import torch._inductor.inductor_prims  # noqa: F401  (registers prims.inductor_force_stride_order)
 import torch.fx as fx
 from torch._dynamo.utils import counters
+from torch.utils.checkpoint import CheckpointPolicy
 
 from .graph import CASTS, is_call, is_method, meta_value, only_user, recompile, replace_uses
 
@@ -35,14 +38,17 @@ def rotary_tables(ctx) -> None:
     if not ctx.training:
         return
     graph = ctx.gm.graph
-    ends = {_table_end(node) for node in graph.nodes
-            if is_call(node, _TRIG_FUNCTIONS) or is_method(node, _TRIG_METHODS)}
+    ends = dict.fromkeys(_table_end(node) for node in graph.nodes  # graph order: the same code every time
+                         if is_call(node, _TRIG_FUNCTIONS) or is_method(node, _TRIG_METHODS))
     ends = [end for end in ends if _qualifies(end)]
     for end in ends:
         value = meta_value(end)
         with graph.inserting_after(end):
             table = graph.call_function(REALIZE, (end, list(value.stride())))
         replace_uses(end, table, delete_user_cb=lambda user: user is not table)
+        for cast in (user for user in table.users if is_method(user, CASTS)):
+            # Saved for the backward, a cast to bf16 would hand its rotary kernels rounded tables.
+            cast.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
         counters["lecompile"]["rotary_tables"] += 1
     if ends:
         recompile(ctx.gm)
@@ -50,12 +56,18 @@ def rotary_tables(ctx) -> None:
 
 
 def _table_end(node: fx.Node) -> fx.Node:
-    """``node`` followed through the single-use scalar scalings and casts after it."""
-    while True:
-        user = only_user(node)
-        if user is None or not _rescales(user, node):
-            return node
-        node = user
+    """``node`` followed through the single-use scalar scalings and casts after it, up to the last
+    step in its widest dtype."""
+    chain = [node]
+    while (user := only_user(chain[-1])) is not None and _rescales(user, chain[-1]):
+        chain.append(user)
+    widths = [_width(n) for n in chain]
+    return chain[max(i for i, w in enumerate(widths) if w == max(widths))]
+
+
+def _width(node: fx.Node) -> int:
+    value = meta_value(node)
+    return value.element_size() if value is not None else 0
 
 
 def _rescales(user: fx.Node, node: fx.Node) -> bool:
