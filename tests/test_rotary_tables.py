@@ -125,3 +125,20 @@ def test_the_pass_keeps_a_copy_of_the_graph_valid_to_rerun():
     run_passes(gm, example_inputs, LongExposureConfig())
     assert len(_tables(gm)) == 2
     torch.testing.assert_close(gm(*example_inputs)[0], before(*example_inputs)[0])
+
+
+def _bias_in_place(x, bias):
+    out = x * 2
+    out[0].add_(bias)  # its result unused, as GPT-OSS's experts add their biases
+    return out
+
+
+def test_the_rewrites_recompile_keeps_in_place_ops_whose_result_is_unused():
+    """The passes' dead-code elimination (after this pass's insertions too) keeps ``add_`` on a view:
+    dropping it had left GPT-OSS's expert biases without gradients."""
+    from lecompile.passes.graph import recompile
+    gm = torch.fx.symbolic_trace(_bias_in_place)
+    x, bias = torch.randn(3, 4), torch.randn(4)
+    recompile(gm)
+    assert any(n.target == "add_" for n in gm.graph.nodes)
+    torch.testing.assert_close(gm(x, bias), _bias_in_place(x, bias))

@@ -135,9 +135,16 @@ def replace_uses(old: fx.Node, new: fx.Node, delete_user_cb=lambda user: True) -
 
 def recompile(gm: fx.GraphModule) -> None:
     """After a rewrite: drop the nodes it left unused, check the graph, regenerate the code."""
-    gm.graph.eliminate_dead_code()
+    gm.graph.eliminate_dead_code(is_impure_node=mutates)
     gm.graph.lint()
     gm.recompile()
+
+
+def mutates(node: fx.Node) -> bool:
+    """Whether ``node`` has an effect beyond its result: FX's own test, and in-place tensor methods
+    (``out[i].add_(bias)`` in GPT-OSS's experts), which FX's dead-code elimination would drop."""
+    return node.is_impure() or (node.op == "call_method" and node.target.endswith("_")
+                                and not node.target.startswith("_"))
 
 
 def source_name(node: fx.Node) -> str:
