@@ -105,6 +105,19 @@ def train_step(model, params_of, inputs):
     return loss.detach(), {n: p.grad.clone() for n, p in params_of.named_parameters() if p.grad is not None}
 
 
+def dynamo_graphs(fn, *args, **kwargs) -> list:
+    """The graphs Dynamo hands a backend for ``fn(*args, **kwargs)``, each as ``(gm, example_inputs)``."""
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append((gm, example_inputs))
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(fn, backend=capture)(*args, **kwargs)
+    return graphs
+
+
 def mixtral_with_lora_on_experts(seed: int = 0) -> torch.nn.Module:
     """Tiny Mixtral with LoRA on ``all-linear``, which PEFT also applies to the stacked experts'
     weights and the router's weight (``ParamWrapper``: 6 of them in 2 layers)."""

@@ -14,21 +14,14 @@ from lecompile.passes import causal_masks, run_passes
 from lecompile.passes.graph import SDPA, is_call
 from lecompile.passes.rewrite_attention import CAUSAL_MASK
 
-from models import tiny_model, train_step
+from models import dynamo_graphs, tiny_model, train_step
 
 SEQ = 32
 
 
 def _captured(model, inputs):
     """The graph Dynamo hands a backend for ``model(**inputs)``, and its example inputs."""
-    graphs = []
-
-    def capture(gm, example_inputs):
-        graphs.append((gm, example_inputs))
-        return gm.forward
-
-    torch._dynamo.reset()
-    torch.compile(model, backend=capture)(**inputs)
+    graphs = dynamo_graphs(model, **inputs)
     assert len(graphs) == 1
     return graphs[0]
 

@@ -10,7 +10,7 @@ import lecompile
 from lecompile.layers import decoder_layers
 
 import models
-from models import batch, tiny_model, train_step
+from models import batch, dynamo_graphs, tiny_model, train_step
 
 
 def test_decoder_layers_are_the_modules_of_hugging_faces_layer_classes():
@@ -91,15 +91,8 @@ def test_a_layer_checkpointed_around_its_call_still_compiles_once():
 
 def _layer_sdpa_calls(model, inputs):
     """The SDPA calls of the graphs Dynamo hands a backend for ``model(**inputs)`` (layers broken)."""
-    graphs = []
-
-    def capture(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    torch.compile(model, backend=capture)(**inputs)
-    return [n for g in graphs for n in g.graph.nodes if n.target is torch.nn.functional.scaled_dot_product_attention]
+    return [n for g, _ in dynamo_graphs(model, **inputs) for n in g.graph.nodes
+            if n.target is torch.nn.functional.scaled_dot_product_attention]
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])  # GPT-2 passes the mask by position

@@ -10,19 +10,12 @@ import lecompile
 from lecompile import LongExposureConfig
 from lecompile.passes import rotary_tables, run_passes
 
-from models import batch, tiny_model, train_step
+from models import batch, dynamo_graphs, tiny_model, train_step
 
 
 def _captured(fn, *args, **kwargs):
-    """The graph Dynamo hands a backend for ``fn(*args, **kwargs)``, and its example inputs."""
-    graphs = []
-
-    def capture(gm, example_inputs):
-        graphs.append((gm, example_inputs))
-        return gm.forward
-
-    torch._dynamo.reset()
-    torch.compile(fn, backend=capture)(*args, **kwargs)
+    """The one graph Dynamo hands a backend for ``fn(*args, **kwargs)``, and its example inputs."""
+    graphs = dynamo_graphs(fn, *args, **kwargs)
     assert len(graphs) == 1
     return graphs[0]
 
