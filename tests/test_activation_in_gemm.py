@@ -1,0 +1,75 @@
+"""The ``activation_in_gemm`` pass: a dense MLP's down projection takes the activation's inputs,
+its backward GEMM ending in the activation's backward, with the loss and gradients of the pass
+turned off (the kernel in Triton's interpreter on CPU machines)."""
+
+import importlib
+
+import pytest
+import torch
+from test_fused_projections import tiny_phi3
+from torch._dynamo.utils import counters
+
+import lecompile
+from lecompile import LongExposureConfig
+from lecompile.passes.activation_in_gemm import NOTE
+
+from models import LAYERS, batch, tiny_model, train_step
+
+
+@pytest.fixture
+def kernel_on_cpu(monkeypatch):
+    module = importlib.import_module("lecompile.ops.lora_linear")
+    if module.lowrank_gemm is None:
+        pytest.skip("needs Triton >= 3.4")
+    monkeypatch.setattr(module, "INTERPRET_ON_CPU", True)
+
+
+def model_of(arch):
+    if arch == "phi3":  # gate and up as the halves of one linear (gate_up_proj)
+        return tiny_phi3("lora").half()
+    return tiny_model(arch, "lora", dtype=torch.float16, rank=8)
+
+
+def step(model, inputs, **config):
+    torch._dynamo.reset()
+    counters.clear()
+    backend = lecompile.longexposure(LongExposureConfig.create(mlp_density=1.0, **config))
+    loss, grads = train_step(torch.compile(model, backend=backend), model, inputs)
+    return loss, grads, backend.report, counters["lecompile"]["activation_in_gemm"]
+
+
+def check_against_the_pass_off(arch):
+    model, inputs = model_of(arch), batch()
+    if arch == "phi3":
+        for module in model.modules():  # rank 8: what the kernel takes
+            if hasattr(module, "lora_A"):
+                module.lora_A["default"].weight.data = torch.randn(8, module.in_features) / module.in_features ** 0.5
+                module.lora_B["default"].weight.data = torch.randn(module.out_features, 8) / 8
+                module.r["default"] = 8
+    loss, grads, report, rewritten = step(model, inputs)
+    loss_off, grads_off, report_off, rewritten_off = step(model, inputs, disable=["activation_in_gemm"])
+    assert rewritten == LAYERS and NOTE.format(n=LAYERS) in report.notes, str(report)
+    assert rewritten_off == 0 and not any(n.startswith("activation_in_gemm") for n in report_off.notes)
+    torch.testing.assert_close(loss, loss_off, atol=1e-2, rtol=1e-3)
+    assert grads.keys() == grads_off.keys() and any("lora_A" in n for n in grads)
+    for name in grads:
+        scale = grads_off[name].abs().max().item()
+        torch.testing.assert_close(grads[name], grads_off[name], atol=2e-2 * scale, rtol=0, msg=name)
+
+
+def test_llama_mlps_end_their_backward_gemm_in_the_activation(kernel_on_cpu):
+    check_against_the_pass_off("llama")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["gpt2", "phi3"])
+def test_other_activations_and_fused_projections(arch, kernel_on_cpu):
+    """GPT-2: a hand-written tanh GELU, ungated, Conv1D weights; Phi-3: gate and up as halves."""
+    check_against_the_pass_off(arch)
+
+
+def test_nothing_changes_without_the_kernel(kernel_on_cpu):
+    """``lora_in_gemm=False`` (or no Hopper GPU): the down projections stay as they were."""
+    model, inputs = model_of("llama"), batch()
+    _, _, report, rewritten = step(model, inputs, lora_in_gemm=False)
+    assert rewritten == 0 and not any(n.startswith("activation_in_gemm") for n in report.notes)
