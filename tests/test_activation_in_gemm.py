@@ -33,6 +33,7 @@ def model_of(arch):
 def step(model, inputs, **config):
     torch._dynamo.reset()
     counters.clear()
+    config = {"activation_in_gemm": True, **config}
     backend = lecompile.longexposure(LongExposureConfig.create(mlp_density=1.0, **config))
     loss, grads = train_step(torch.compile(model, backend=backend), model, inputs)
     return loss, grads, backend.report, counters["lecompile"]["activation_in_gemm"]
@@ -68,8 +69,11 @@ def test_other_activations_and_fused_projections(arch, kernel_on_cpu):
     check_against_the_pass_off(arch)
 
 
-def test_nothing_changes_without_the_kernel(kernel_on_cpu):
-    """``lora_in_gemm=False`` (or no Hopper GPU): the down projections stay as they were."""
+@pytest.mark.parametrize("setting", [dict(lora_in_gemm=False), dict(activation_in_gemm=False)])
+def test_nothing_changes_without_the_kernel_or_the_knob(setting, kernel_on_cpu):
+    """``lora_in_gemm=False`` (or no Hopper GPU), or the knob off (the default): the down
+    projections stay as they were."""
+    assert LongExposureConfig().tuning.activation_in_gemm is False
     model, inputs = model_of("llama"), batch()
-    _, _, report, rewritten = step(model, inputs, lora_in_gemm=False)
+    _, _, report, rewritten = step(model, inputs, **setting)
     assert rewritten == 0 and not any(n.startswith("activation_in_gemm") for n in report.notes)
