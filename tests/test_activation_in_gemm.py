@@ -2,10 +2,9 @@
 its backward GEMM ending in the activation's backward, with the loss and gradients of the pass
 turned off (the kernel in Triton's interpreter on CPU machines)."""
 
-import importlib
-
 import pytest
 import torch
+from test_activated_lora_linear import kernel_on_cpu  # noqa: F401  (the fixture)
 from test_fused_projections import tiny_phi3
 from torch._dynamo.utils import counters
 
@@ -17,13 +16,8 @@ from lecompile.passes.activation_in_gemm import NOTE
 
 from models import LAYERS, batch, dynamo_graphs, tiny_model, train_step
 
-
-@pytest.fixture
-def kernel_on_cpu(monkeypatch):
-    module = importlib.import_module("lecompile.ops.lora_linear")
-    if module.lowrank_gemm is None:
-        pytest.skip("needs Triton >= 3.4")
-    monkeypatch.setattr(module, "INTERPRET_ON_CPU", True)
+#: every test here runs the kernel path in Triton's interpreter on CPU machines
+pytestmark = pytest.mark.usefixtures("kernel_on_cpu")
 
 
 def model_of(arch):
@@ -60,19 +54,19 @@ def check_against_the_pass_off(arch):
         torch.testing.assert_close(grads[name], grads_off[name], atol=2e-2 * scale, rtol=0, msg=name)
 
 
-def test_llama_mlps_end_their_backward_gemm_in_the_activation(kernel_on_cpu):
+def test_llama_mlps_end_their_backward_gemm_in_the_activation():
     check_against_the_pass_off("llama")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["gpt2", "phi3"])
-def test_other_activations_and_fused_projections(arch, kernel_on_cpu):
+def test_other_activations_and_fused_projections(arch):
     """GPT-2: a hand-written tanh GELU, ungated, Conv1D weights; Phi-3: gate and up as halves."""
     check_against_the_pass_off(arch)
 
 
 @pytest.mark.parametrize("setting", [dict(), dict(lora_in_gemm=False), dict(activation_in_gemm=False)])
-def test_the_pass_needs_the_kernel_and_the_knob(setting, kernel_on_cpu):
+def test_the_pass_needs_the_kernel_and_the_knob(setting):
     """With both, every MLP's down projection is rewritten; with ``lora_in_gemm=False`` (or no
     Hopper GPU) or the knob off (the default), none is (the passes alone, on the graph Dynamo
     hands the backend)."""
