@@ -42,7 +42,7 @@ def activation_in_gemm(ctx) -> None:
             continue
         pre = ctx.lora_outputs.get(mlp.fc1.out, mlp.fc1.out)
         up = None if mlp.up is None else ctx.lora_outputs.get(mlp.up.out, mlp.up.out)
-        x, weight, bias, _, lora_a, lora_b, scale, _ = down.args
+        _, weight, bias, _, lora_a, lora_b, scale, _ = down.args
         with ctx.gm.graph.inserting_before(down):
             y = ctx.gm.graph.call_function(activated_lora_linear, (pre, up, mlp.activation, weight, bias, lora_a,
                                                                    lora_b, scale, True))

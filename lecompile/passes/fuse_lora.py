@@ -103,12 +103,13 @@ def _weight(graph: fx.Graph, lin: LinearMatch) -> fx.Node:
     return graph.call_method("t", (a.weight,)) if lin.weight_transposed else a.weight
 
 
-def _replace_output(graph: fx.Graph, lin: LinearMatch, y: fx.Node) -> Dict[fx.Node, fx.Node]:
+def _replace_output(graph: fx.Graph, lin: LinearMatch, y: fx.Node) -> fx.Node:
+    """Replace ``lin``'s output by the op's ``y`` (cast back to the output's dtype); returns the replacement."""
     out_dtype = meta_value(lin.out).dtype
     if out_dtype != meta_value(lin.x).dtype:
         y = graph.call_function(torch.ops.aten._to_copy.default, (y,), {"dtype": out_dtype})
     replace_uses(lin.out, y)
-    return {lin.out: y}
+    return y
 
 
 def _rewrite(graph: fx.Graph, lin: LinearMatch, in_gemm: bool) -> Dict[fx.Node, fx.Node]:
@@ -116,7 +117,7 @@ def _rewrite(graph: fx.Graph, lin: LinearMatch, in_gemm: bool) -> Dict[fx.Node, 
     with graph.inserting_before(lin.out):
         y = graph.call_function(lora_linear, (lin.x, _weight(graph, lin), a.bias, lin.dropped_lora_input,
                                               a.lora_a, a.lora_b, a.lora_scale, in_gemm))
-        return _replace_output(graph, lin, y)
+        return {lin.out: _replace_output(graph, lin, y)}
 
 
 def _rewrite_group(graph: fx.Graph, group: List[LinearMatch], in_gemm: bool) -> Dict[fx.Node, fx.Node]:
@@ -126,5 +127,5 @@ def _rewrite_group(graph: fx.Graph, group: List[LinearMatch], in_gemm: bool) -> 
             first.x, [_weight(graph, lin) for lin in group], [lin.adapted.bias for lin in group],
             first.dropped_lora_input, [lin.adapted.lora_a for lin in group],
             [lin.adapted.lora_b for lin in group], [lin.adapted.lora_scale for lin in group], in_gemm))
-        return {old: new for i, lin in enumerate(group)
-                for old, new in _replace_output(graph, lin, graph.call_function(operator.getitem, (ys, i))).items()}
+        return {lin.out: _replace_output(graph, lin, graph.call_function(operator.getitem, (ys, i)))
+                for i, lin in enumerate(group)}
