@@ -41,6 +41,7 @@ import torch
 
 from benchmarks import e2e
 from benchmarks.common import RESULTS, command_line, meta, write_results
+from lecompile.config import LongExposureConfig
 
 #: A product with a dimension this small is an adapter's (LoRA ranks, and q/k/v's stacked ranks).
 ADAPTER_DIM = 64
@@ -238,6 +239,7 @@ def main(argv=None) -> int:
     parser.add_argument("--models", nargs="+", default=["opt-1.3b", "llama-3.2-1b", "qwen2-1.5b"],
                         choices=list(e2e.MODELS))
     parser.add_argument("--shapes", nargs="+", default=["8x512"], choices=list(e2e.SHAPES))
+    parser.add_argument("--layers", type=int, default=None, help="fewer decoder layers than the published model")
     parser.add_argument("--densities", nargs="+", type=float, default=[1.0],
                         help="MLP densities of the lecompile variants to choose from")
     parser.add_argument("--attn-densities", nargs="+", type=float, default=[1.0])
@@ -251,12 +253,17 @@ def main(argv=None) -> int:
                         help="variants as named in e2e's results (e.g. lecompile-d0.5-a0.5, "
                              f"lecompile-schedule-learned-0.5); default: {', '.join(VARIANTS)} and the "
                              "--quality-settings")
+    parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
+                        help="settings of every lecompile density variant, e.g. activation_in_gemm=true")
     parser.add_argument("--steps", type=int, default=3, help="profiled steps per variant")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", default=str(RESULTS), help="folder for step_breakdown.json and .png")
     args = parser.parse_args(argv)
+    if args.layers is not None and args.layers < 1:
+        raise ValueError(f"--layers must be >= 1, got {args.layers}")
     device = args.device
-    available = e2e.variants(densities=args.densities, attn_densities=args.attn_densities,
+    settings = LongExposureConfig.parse_settings(args.set)
+    available = e2e.variants(densities=args.densities, attn_densities=args.attn_densities, settings=settings,
                              quality_settings=args.quality_settings, mask_blocks=args.mask_blocks)
     if args.variants is None:
         args.variants = list(VARIANTS) + [f"lecompile-{setting}" for setting in args.quality_settings]
@@ -265,12 +272,13 @@ def main(argv=None) -> int:
         raise ValueError(f"unknown variants {unknown}; with these densities: {[v.name for v in available]}")
     chosen = [v for v in available if v.name in args.variants]
     rows: List[dict] = []
-    data = {"meta": meta("step_breakdown", command_line(), settings=dict(steps=args.steps, adapter_dim=ADAPTER_DIM)),
+    data = {"meta": meta("step_breakdown", command_line(), settings=dict(steps=args.steps, adapter_dim=ADAPTER_DIM,
+                                                                         lecompile_settings=settings)),
             "rows": rows}
     out = Path(args.out)
     for model in args.models:
         for shape in args.shapes:
-            case = e2e.Case(model, "lora", *e2e.SHAPES[shape])
+            case = e2e.Case(model, "lora", *e2e.SHAPES[shape], layers=args.layers)
             for variant in chosen:
                 rows.append(profile_variant(case, variant, device, args.steps))
                 print(rows[-1], flush=True)
