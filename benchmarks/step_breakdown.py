@@ -254,7 +254,7 @@ def main(argv=None) -> int:
                              f"lecompile-schedule-learned-0.5); default: {', '.join(VARIANTS)} and the "
                              "--quality-settings")
     parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
-                        help="settings of every lecompile density variant, e.g. activation_in_gemm=true")
+                        help="settings of every lecompile density variant, e.g. lora_in_gemm=false")
     parser.add_argument("--steps", type=int, default=3, help="profiled steps per variant")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", default=str(RESULTS), help="folder for step_breakdown.json and .png")

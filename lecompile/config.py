@@ -75,9 +75,6 @@ class Tuning:
     share_lora_input: bool = True
     #: LoRA's B-projection inside the base GEMM's Triton kernel (CUDA, fp16/bf16); else cuBLAS.
     lora_in_gemm: bool = True
-    #: With ``lora_in_gemm``: a dense MLP's activation backward in its down projection's backward
-    #: GEMM (pass ``activation_in_gemm``). Off until a GPU run shows the step gaining from it.
-    activation_in_gemm: bool = False
     #: The backward recomputes norm outputs and casts that lecompile's ops read instead of keeping
     #: them (AOTAutograd's partitioner with ``ban_recompute_materialized_backward`` off).
     recompute_pointwise: bool = False
@@ -99,8 +96,7 @@ class Tuning:
         for name in ("min_kept_mass", "loss_budget"):
             object.__setattr__(self, name, _as_float(getattr(self, name)))
             _check_share(name, getattr(self, name))
-        for name in ("attn_expand_kv", "attn_mask_blocks", "share_lora_input", "lora_in_gemm", "activation_in_gemm",
-                     "recompute_pointwise"):
+        for name in ("attn_expand_kv", "attn_mask_blocks", "share_lora_input", "lora_in_gemm", "recompute_pointwise"):
             _check_bool(name, getattr(self, name))
 
 

@@ -35,38 +35,6 @@ def test_matches_reference(dtype, m, n, k, r, bias):
         torch.testing.assert_close(got, lowrank_gemm.linear_low_rank_ref(a, w, b, terms), **TOL[dtype])
 
 
-@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "silu"])
-@pytest.mark.parametrize("gated", [False, True])
-def test_ending_in_the_activations_backward_matches_reference(activation, gated):
-    """``dh = a @ w.T + c @ e.T`` never written: the epilogue returns ``dpre`` (and a gated
-    MLP's ``dup``); ``pre`` and ``up`` are the halves of one wider tensor (Phi-3's ``gate_up_proj``)."""
-    gen = torch.Generator().manual_seed(2)
-    dtype = torch.bfloat16
-    for m, n, k, r in SHAPES[:2]:
-        a, w = rand(m, k, dtype=dtype, gen=gen), rand(n, k, dtype=dtype, gen=gen)
-        low_rank = (rand(m, r, dtype=dtype, gen=gen), rand(n, r, dtype=dtype, gen=gen))
-        gate_up = rand(m, 2 * n, dtype=dtype, gen=gen) * 3
-        pre, up = gate_up[:, :n], (gate_up[:, n:] if gated else None)
-        got = lowrank_gemm.linear_low_rank_act_grad(a, w, low_rank, activation, pre, up)
-        want = lowrank_gemm.linear_low_rank_act_grad_ref(a, w, low_rank, activation, pre, up)
-        assert len(got) == (2 if gated else 1)
-        for g, x in zip(got, want):
-            assert g.dtype == dtype and g.shape == (m, n)
-            torch.testing.assert_close(g, x, **TOL[dtype])
-
-
-def test_the_activations_backward_names_bad_operands():
-    x = torch.zeros(16, 40, dtype=torch.bfloat16, device=DEVICE)
-    w = torch.zeros(24, 40, dtype=torch.bfloat16, device=DEVICE)
-    pre = torch.zeros(16, 24, dtype=torch.bfloat16, device=DEVICE)
-    with pytest.raises(ValueError, match="unknown activation 'tanh'"):
-        lowrank_gemm.linear_low_rank_act_grad(x, w, None, "tanh", pre)
-    with pytest.raises(ValueError, match=r"up must be \(16, 24\)"):
-        lowrank_gemm.linear_low_rank_act_grad(x, w, None, "silu", pre, pre.t().contiguous().t()[:, :16])
-    with pytest.raises(ValueError, match=r"pre must be .* unit stride"):
-        lowrank_gemm.linear_low_rank_act_grad(x, w, None, "silu", pre.t().contiguous().t())
-
-
 @pytest.mark.parametrize("layout", ["transposed_weights", "strided_rows", "column_major_input"])
 def test_any_layout_of_the_operands(layout):
     """``w`` and ``e`` are read in whichever layout has unit stride (the backward passes
@@ -121,8 +89,7 @@ def test_each_launch_gets_one_config_by_its_shape_unless_its_output_is_narrow(mo
 
 
 #: Compiles the kernel for sm_90 (no GPU needed: Triton's own ptxas) with every config the
-#: pruning keeps, and with the one it drops, at each rank step, and ending in a gated SiLU's
-#: backward at rank 16; prints each one's shared memory.
+#: pruning keeps, and with the one it drops, at each rank step; prints each one's shared memory.
 COMPILE_FOR_HOPPER = """
 import json, triton
 from triton.backends.compiler import GPUTarget
@@ -133,9 +100,9 @@ from lecompile.ops.kernel_accesses import _jit_function
 fn = _jit_function(lowrank_gemm._linear_low_rank_kernel)
 configs = lowrank_gemm._configs()
 out = []
-for rank, act in ((16, 0), (32, 0), (64, 0), (16, 4)):
+for rank in (16, 32, 64):
     args = dict(M=4096, N=512, K=2048, LOW_RANK=True, RANK=rank, W_KMAJOR=True, E_KMAJOR=False, HAS_BIAS=False,
-                ACT=act, GATED=act > 0, NUM_SMS=132, DOT_FP32=False, GROUP_M=8)
+                NUM_SMS=132, DOT_FP32=False, GROUP_M=8)
     kept = lowrank_gemm._configs_for_shape(configs, args)
     for config in configs:
         constants = dict(args, **config.kwargs)
@@ -145,7 +112,7 @@ for rank, act in ((16, 0), (32, 0), (64, 0), (16, 4)):
                                            if signature[name] == "constexpr"})
         kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                                 options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
-        out.append(dict(rank=rank, act=act, kept=config in kept, shared=kernel.metadata.shared))
+        out.append(dict(rank=rank, kept=config in kept, shared=kernel.metadata.shared))
 print(json.dumps(out))
 """
 
@@ -158,7 +125,6 @@ def test_every_config_kept_fits_in_hoppers_shared_memory():
     assert all(c["shared"] <= hopper for c in compiled if c["kept"]), compiled
     assert all(c["shared"] > hopper for c in compiled if not c["kept"]), compiled
     assert sum(not c["kept"] for c in compiled) == 2  # ranks 32 and 64
-    assert sum(c["act"] > 0 for c in compiled) == len(lowrank_gemm._TILINGS)
 
 
 def test_the_kernel_runs_on_hopper_gpus_and_in_the_interpreter_only(monkeypatch):

@@ -13,11 +13,6 @@ with Triton 3.6 it ran at 0.85-1.04 of cuBLAS on the base GEMMs of OPT and LLaMA
 (``benchmarks/results/profiles/lowrank_gemm.txt``). fp16 and bf16 operands, fp32 accumulation;
 :func:`supports` says which calls it takes, from metadata only. :func:`linear_low_rank_ref` is
 its PyTorch twin.
-
-The backward of an MLP's down projection can end in the activation's backward
-(:func:`linear_low_rank_act_grad`): the kernel's epilogue reads the activation's input ``pre``
-(and a gated MLP's ``up``) and writes ``dpre = dh * up * act'(pre)`` and ``dup = dh * act(pre)``
-instead of ``dh``, so ``dh [M, N]`` is never written nor read back by a separate kernel.
 """
 
 from __future__ import annotations
@@ -30,9 +25,8 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
-from .common import ACT_CODES, ACT_NONE, AUTOTUNE_CACHE, _activate_with_grad, _dot, _dot_fp32, _interpreting
+from .common import AUTOTUNE_CACHE, _dot, _dot_fp32, _interpreting
 
 if "warp_specialize" not in inspect.signature(tl.range).parameters:
     raise ImportError(f"lecompile.kernels.lowrank_gemm needs Triton >= 3.4, found {triton.__version__}")
@@ -114,52 +108,25 @@ def _dot_operand(acc, a, desc, row, col, KMAJOR: tl.constexpr, DOT_FP32: tl.cons
     return acc
 
 
-@triton.jit
-def _store_act_grad(dh, pre_desc, up_desc, dpre_desc, dup_desc, row, col, dtype,
-                    ACT: tl.constexpr, GATED: tl.constexpr):
-    """``dpre = dh * up * act'(pre)`` and ``dup = dh * act(pre)`` (``dh * act'(pre)`` ungated)
-    for one ``[rows, cols]`` slice of the output tile at ``(row, col)``."""
-    act, grad = _activate_with_grad(pre_desc.load([row, col]).to(tl.float32), ACT)
-    if GATED:
-        up = up_desc.load([row, col]).to(tl.float32)
-        dpre_desc.store([row, col], (dh * up * grad).to(dtype))
-        dup_desc.store([row, col], (dh * act).to(dtype))
-    else:
-        dpre_desc.store([row, col], (dh * grad).to(dtype))
-
-
-@triton.autotune(configs=_configs(), key=["M", "N", "K", "W_KMAJOR", "RANK", "ACT", "GATED"],
+@triton.autotune(configs=_configs(), key=["M", "N", "K", "W_KMAJOR", "RANK"],
                  prune_configs_by={"early_config_prune": _configs_for_shape}, **AUTOTUNE_CACHE)
 @triton.jit
-def _linear_low_rank_kernel(a_ptr, w_ptr, c_ptr, e_ptr, bias_ptr, out_ptr, pre_ptr, up_ptr, dup_ptr, M, N, K, R,
-                            stride_a, stride_w, stride_c, stride_e, stride_pre, stride_up,
+def _linear_low_rank_kernel(a_ptr, w_ptr, c_ptr, e_ptr, bias_ptr, out_ptr, M, N, K, R,
+                            stride_a, stride_w, stride_c, stride_e,
                             W_KMAJOR: tl.constexpr, E_KMAJOR: tl.constexpr, RANK: tl.constexpr,
-                            LOW_RANK: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr,
-                            NUM_SMS: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr,
-                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-                            GROUP_M: tl.constexpr):
+                            LOW_RANK: tl.constexpr, HAS_BIAS: tl.constexpr, NUM_SMS: tl.constexpr,
+                            DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, GROUP_M: tl.constexpr):
     # Descriptors made on the device: TMA fills tiles past the edges with zeros on loads (the
     # ragged K, and the rank padded to RANK) and drops them on stores.
     a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_a, 1], block_shape=[BLOCK_M, BLOCK_K])
     w_desc = _operand(w_ptr, N, K, stride_w, W_KMAJOR, BLOCK_N, BLOCK_K)
-    if ACT == 0:
-        out_desc = tl.make_tensor_descriptor(out_ptr, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N])
-    else:  # the epilogue works on half tiles: the activation's operands beside the accumulator
-        HALF: tl.constexpr = BLOCK_N // 2
-        out_desc = tl.make_tensor_descriptor(out_ptr, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, HALF])
-        pre_desc = tl.make_tensor_descriptor(pre_ptr, shape=[M, N], strides=[stride_pre, 1],
-                                             block_shape=[BLOCK_M, HALF])
-        up_desc, dup_desc = pre_desc, out_desc
-        if GATED:
-            up_desc = tl.make_tensor_descriptor(up_ptr, shape=[M, N], strides=[stride_up, 1],
-                                                block_shape=[BLOCK_M, HALF])
-            dup_desc = tl.make_tensor_descriptor(dup_ptr, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, HALF])
+    out_desc = tl.make_tensor_descriptor(out_ptr, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N])
     if LOW_RANK:
         c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, R], strides=[stride_c, 1], block_shape=[BLOCK_M, RANK])
         e_desc = _operand(e_ptr, N, R, stride_e, E_KMAJOR, BLOCK_N, RANK)
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
-    dtype = out_ptr.dtype.element_ty
     for tile_id in tl.range(tl.program_id(0), tiles_m * tiles_n, NUM_SMS, flatten=WARP_SPECIALIZE,
                             warp_specialize=WARP_SPECIALIZE):
         pid_m, pid_n = _tile(tile_id, tiles_m, tiles_n, GROUP_M)
@@ -173,15 +140,7 @@ def _linear_low_rank_kernel(a_ptr, w_ptr, c_ptr, e_ptr, bias_ptr, out_ptr, pre_p
         if HAS_BIAS:
             offs_n = on + tl.arange(0, BLOCK_N)
             acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-        if ACT == 0:
-            out_desc.store([om, on], acc.to(dtype))
-        else:
-            # dh rounded as a separate GEMM would have written it; two halves keep the registers
-            # the activation's operands need within what the accumulator leaves
-            dh = tl.permute(tl.reshape(acc.to(dtype).to(tl.float32), (BLOCK_M, 2, HALF)), (0, 2, 1))
-            dh0, dh1 = tl.split(dh)
-            _store_act_grad(dh0, pre_desc, up_desc, out_desc, dup_desc, om, on, dtype, ACT, GATED)
-            _store_act_grad(dh1, pre_desc, up_desc, out_desc, dup_desc, om, on + HALF, dtype, ACT, GATED)
+        out_desc.store([om, on], acc.to(out_ptr.dtype.element_ty))
 
 
 @functools.lru_cache(maxsize=None)
@@ -280,36 +239,7 @@ def linear_low_rank(a: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     with fp32 accumulation; ``a [M, K]``, ``weight [N, K]`` in either layout. Raises
     ``ValueError`` for operands :func:`supports` rejects. Traceable (``wrap_triton``), so the op
     around it can be a ``torch.library.triton_op`` whose launch Inductor writes itself."""
-    _check(a, weight, bias, low_rank)
-    out = torch.empty(a.shape[0], weight.shape[0], device=a.device, dtype=a.dtype)
-    _launch(a, weight, bias, low_rank, out)
-    return out
-
-
-def linear_low_rank_act_grad(a: Tensor, weight: Tensor, low_rank: Optional[Tuple[Tensor, Tensor]],
-                             activation: str, pre: Tensor, up: Optional[Tensor] = None) -> Tuple[Tensor, ...]:
-    """The backward of ``act(pre) * up`` (``act(pre)`` without ``up``) at ``dh = a @ weight.T + c @ e.T``,
-    with ``dh`` never written: ``(dpre, dup)`` (``(dpre,)`` without ``up``), ``dpre = dh * up *
-    act'(pre)``, ``dup = dh * act(pre)``, from ``dh`` rounded to ``a.dtype`` and fp32 math.
-    ``pre`` and ``up`` are ``[M, N]`` in ``a.dtype`` with unit stride along ``N``; ``activation``
-    one of :data:`~lecompile.kernels.common.ACT_CODES`' names."""
-    _check(a, weight, None, low_rank)
-    if activation not in ACT_CODES or ACT_CODES[activation] == ACT_NONE:
-        raise ValueError(f"linear_low_rank_act_grad: unknown activation {activation!r}; expected one of "
-                         f"{sorted(k for k in ACT_CODES if k)}")
-    shape = (a.shape[0], weight.shape[0])
-    for name, t in (("pre", pre), ("up", up)):
-        if t is not None and (tuple(t.shape) != shape or t.dtype != a.dtype or t.device != a.device
-                              or _unit_stride_dim(t) != 1):
-            raise ValueError(f"linear_low_rank_act_grad: {name} must be {shape} in {a.dtype} on {a.device} with "
-                             f"unit stride along its last dimension, got {tuple(t.shape)} {t.dtype} on {t.device} "
-                             f"with strides {t.stride()}")
-    outs = tuple(torch.empty(shape, device=a.device, dtype=a.dtype) for _ in range(1 if up is None else 2))
-    _launch(a, weight, None, low_rank, outs[0], (ACT_CODES[activation], pre, up, outs[-1]))
-    return outs
-
-
-def _check(a: Tensor, weight: Tensor, bias: Optional[Tensor], low_rank: Optional[Tuple[Tensor, Tensor]]) -> None:
+    from torch.library import wrap_triton
     if not supports(a, weight, low_rank, bias):
         device = unsupported_device(a.device)
         raise ValueError(f"linear_low_rank: unsupported operands: a {tuple(a.shape)} {a.dtype} on {a.device}, "
@@ -317,15 +247,10 @@ def _check(a: Tensor, weight: Tensor, bias: Optional[Tensor], low_rank: Optional
                          + (f", low rank {tuple(low_rank[0].shape)} x {tuple(low_rank[1].shape)}" if low_rank else "")
                          + (f": the kernel does not run on {device}" if device else
                             f" (one dtype of fp16/bf16, K, N and r multiples of 8, r <= {MAX_RANK})"))
-
-
-def _launch(a: Tensor, weight: Tensor, bias: Optional[Tensor], low_rank: Optional[Tuple[Tensor, Tensor]],
-            out: Tensor, act_grad: Optional[tuple] = None) -> None:
-    """One launch of the kernel into ``out``. ``act_grad = (code, pre, up, dup)`` ends it in the
-    activation's backward, ``out`` taking ``dpre``; ungated, ``up`` is ``None`` and ``dup`` is ``out``."""
     m, n = a.shape[0], weight.shape[0]
+    out = torch.empty(m, n, device=a.device, dtype=a.dtype)
     if m == 0 or n == 0:
-        return
+        return out
     a, _ = _operand_layout(a, transposable=False)
     weight, w_kmajor = _operand_layout(weight, transposable=True)
     c, e, e_kmajor, r = a, weight, True, 0
@@ -333,8 +258,6 @@ def _launch(a: Tensor, weight: Tensor, bias: Optional[Tensor], low_rank: Optiona
         c, _ = _operand_layout(low_rank[0], transposable=False)
         e, e_kmajor = _operand_layout(low_rank[1], transposable=True)
         r = low_rank[0].shape[1]
-    act, pre, up, dup = act_grad or (ACT_NONE, out, None, out)
-    up = pre if up is None else up
     if a.is_cuda:
         _ensure_allocator()
         sms = _num_sms(a.device.index if a.device.index is not None else torch.cuda.current_device())
@@ -344,11 +267,11 @@ def _launch(a: Tensor, weight: Tensor, bias: Optional[Tensor], low_rank: Optiona
     # Triton launches on the current device (and the descriptors' scratch memory comes from it)
     with torch.cuda.device(a.device) if a.is_cuda else contextlib.nullcontext():
         wrap_triton(_linear_low_rank_kernel)[grid](
-            a, weight, c, e, bias if bias is not None else out, out, pre, up, dup, m, n, a.shape[1], r,
-            a.stride(0), weight.stride(0), c.stride(0), e.stride(0), pre.stride(0), up.stride(0),
-            W_KMAJOR=w_kmajor, E_KMAJOR=e_kmajor, RANK=rank_block(r) if r else 16, LOW_RANK=low_rank is not None,
-            HAS_BIAS=bias is not None, ACT=act, GATED=dup is not out, NUM_SMS=sms, DOT_FP32=_dot_fp32(a.dtype),
-            GROUP_M=8)
+            a, weight, c, e, bias if bias is not None else out, out, m, n, a.shape[1], r,
+            a.stride(0), weight.stride(0), c.stride(0), e.stride(0), W_KMAJOR=w_kmajor, E_KMAJOR=e_kmajor,
+            RANK=rank_block(r) if r else 16, LOW_RANK=low_rank is not None, HAS_BIAS=bias is not None,
+            NUM_SMS=sms, DOT_FP32=_dot_fp32(a.dtype), GROUP_M=8)
+    return out
 
 
 def linear_low_rank_ref(a: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
@@ -360,14 +283,3 @@ def linear_low_rank_ref(a: Tensor, weight: Tensor, bias: Optional[Tensor] = None
     if bias is not None:
         y = y + bias.float()
     return y.to(a.dtype)
-
-
-def linear_low_rank_act_grad_ref(a: Tensor, weight: Tensor, low_rank: Optional[Tuple[Tensor, Tensor]],
-                                 activation: str, pre: Tensor, up: Optional[Tensor] = None) -> Tuple[Tensor, ...]:
-    """PyTorch twin of :func:`linear_low_rank_act_grad`."""
-    from ..activations import ACTIVATION_GRADS
-    dh = linear_low_rank_ref(a, weight, None, low_rank).float()
-    act, grad = ACTIVATION_GRADS[activation](pre.float())
-    if up is None:
-        return ((dh * grad).to(a.dtype),)
-    return (dh * up.float() * grad).to(a.dtype), (dh * act).to(a.dtype)

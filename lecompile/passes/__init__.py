@@ -21,7 +21,6 @@ from ..report import MLPEntry, Report, Unmatched
 
 # Modules, not their pass functions: ``lecompile.passes.fuse_lora`` stays the module.
 from . import (
-    activation_in_gemm,
     alibi_attention,
     causal_masks,
     fold_adapters,
@@ -64,8 +63,6 @@ class PassContext:
     mlps: List[MLPMatch] = field(default_factory=list)
     attention: List[AttentionMatch] = field(default_factory=list)
     inputs: Dict[fx.Node, object] = field(default_factory=dict)  # placeholder -> example input
-    #: each LoRA linear's output node -> the node of ``fuse_lora``'s op that replaced it
-    lora_outputs: Dict[fx.Node, fx.Node] = field(default_factory=dict)
 
     @property
     def training(self) -> bool:
@@ -112,7 +109,6 @@ PASSES: Sequence[Pass] = (
     Pass("rewrite_mlp", rewrite_mlp.rewrite_mlp, when_disabled="report"),
     Pass("rewrite_attention", rewrite_attention.rewrite_attention, when_disabled="report"),
     Pass("fuse_lora", fuse_lora.fuse_lora, when_disabled="report"),
-    Pass("activation_in_gemm", activation_in_gemm.activation_in_gemm),
     Pass("fuse_loss", fuse_loss.fuse_loss, when_disabled="report"),
     Pass("norms_from_output", norms_from_output.norms_from_output),
     Pass("rotary_tables", rotary_tables.rotary_tables),

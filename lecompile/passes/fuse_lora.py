@@ -35,7 +35,7 @@ def fuse_lora(ctx) -> None:
         ctx.report.linears.append(entries[lin.out])
         if not why:
             todo.append(lin)
-            entries[lin.out].in_gemm = ctx.config.tuning.lora_in_gemm and takes_kernel(lin, ctx)
+            entries[lin.out].in_gemm = ctx.config.tuning.lora_in_gemm and _runs_in_gemm(lin, ctx)
     no_kernel = in_gemm_unavailable(meta_value(todo[0].x)) if todo and ctx.config.tuning.lora_in_gemm else ""
     note = f"lora_in_gemm: LoRA's B-projections stay on cuBLAS GEMMs on {no_kernel}"
     if no_kernel and note not in ctx.report.notes:
@@ -43,9 +43,9 @@ def fuse_lora(ctx) -> None:
     groups = _shared_input_groups(ctx.gm.graph, todo) if ctx.config.tuning.share_lora_input else [[lin] for lin in todo]
     for group in groups:
         if len(group) == 1:
-            ctx.lora_outputs.update(_rewrite(ctx.gm.graph, group[0], ctx.config.tuning.lora_in_gemm))
+            _rewrite(ctx.gm.graph, group[0], ctx.config.tuning.lora_in_gemm)
         else:
-            ctx.lora_outputs.update(_rewrite_group(ctx.gm.graph, group, ctx.config.tuning.lora_in_gemm))
+            _rewrite_group(ctx.gm.graph, group, ctx.config.tuning.lora_in_gemm)
             for lin in group:
                 entries[lin.out].shared_with = [other.name for other in group if other is not lin]
         counters["lecompile"]["lora_linear"] += len(group)
@@ -67,7 +67,7 @@ def _unsupported(lin: LinearMatch, ctx) -> str:
     return ""
 
 
-def takes_kernel(lin: LinearMatch, ctx) -> bool:
+def _runs_in_gemm(lin: LinearMatch, ctx) -> bool:
     """Whether the op will take its kernel path for this linear (for the report; the op decides
     the same from the same metadata when AOTAutograd traces it)."""
     a = lin.adapted
@@ -103,29 +103,27 @@ def _weight(graph: fx.Graph, lin: LinearMatch) -> fx.Node:
     return graph.call_method("t", (a.weight,)) if lin.weight_transposed else a.weight
 
 
-def _replace_output(graph: fx.Graph, lin: LinearMatch, y: fx.Node) -> fx.Node:
-    """Replace ``lin``'s output by the op's ``y`` (cast back to the output's dtype); returns the replacement."""
+def _replace_output(graph: fx.Graph, lin: LinearMatch, y: fx.Node) -> None:
     out_dtype = meta_value(lin.out).dtype
     if out_dtype != meta_value(lin.x).dtype:
         y = graph.call_function(torch.ops.aten._to_copy.default, (y,), {"dtype": out_dtype})
     replace_uses(lin.out, y)
-    return y
 
 
-def _rewrite(graph: fx.Graph, lin: LinearMatch, in_gemm: bool) -> Dict[fx.Node, fx.Node]:
+def _rewrite(graph: fx.Graph, lin: LinearMatch, in_gemm: bool) -> None:
     a = lin.adapted
     with graph.inserting_before(lin.out):
         y = graph.call_function(lora_linear, (lin.x, _weight(graph, lin), a.bias, lin.dropped_lora_input,
                                               a.lora_a, a.lora_b, a.lora_scale, in_gemm))
-        return {lin.out: _replace_output(graph, lin, y)}
+        _replace_output(graph, lin, y)
 
 
-def _rewrite_group(graph: fx.Graph, group: List[LinearMatch], in_gemm: bool) -> Dict[fx.Node, fx.Node]:
+def _rewrite_group(graph: fx.Graph, group: List[LinearMatch], in_gemm: bool) -> None:
     first = group[0]
     with graph.inserting_before(first.out):
         ys = graph.call_function(lora_linears, (
             first.x, [_weight(graph, lin) for lin in group], [lin.adapted.bias for lin in group],
             first.dropped_lora_input, [lin.adapted.lora_a for lin in group],
             [lin.adapted.lora_b for lin in group], [lin.adapted.lora_scale for lin in group], in_gemm))
-        return {lin.out: _replace_output(graph, lin, graph.call_function(operator.getitem, (ys, i)))
-                for i, lin in enumerate(group)}
+        for i, lin in enumerate(group):
+            _replace_output(graph, lin, graph.call_function(operator.getitem, (ys, i)))
