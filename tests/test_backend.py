@@ -586,6 +586,30 @@ def saved_bytes_and_grads(model, inputs, config):
     return sum(storages.values()), loss.detach(), grads, backend.report
 
 
+def test_bf16_step_keeps_no_fp32_copy_of_an_activation():
+    """PEFT casts each LoRA input to its fp32 adapters' dtype. Inductor keeps those fp32 copies for
+    the backward (the positive control); lecompile's LoRA op keeps the bf16 input it already has."""
+    from models import BATCH, HIDDEN, SEQ, batch, tiny_model
+
+    def fp32_activations_kept(backend):
+        kept = []
+
+        def pack(t):
+            if t.dtype == torch.float32 and not isinstance(t, nn.Parameter) and t.numel() >= BATCH * SEQ * HIDDEN:
+                kept.append(tuple(t.shape))
+            return t
+
+        torch._dynamo.reset()
+        model = tiny_model("llama", "lora", dtype=torch.bfloat16)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = torch.compile(model, backend=backend)(**batch()).loss
+        loss.backward()
+        return kept
+
+    assert fp32_activations_kept("inductor"), "PEFT's fp32 casts of the LoRA inputs are kept under Inductor"
+    assert fp32_activations_kept(lecompile.longexposure(LongExposureConfig())) == []
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", [pytest.param("opt", marks=needs_opt_one_graph), "gpt2", "llama", "qwen2"])
 def test_layer_norms_keep_their_output_with_the_same_gradients(arch):
