@@ -134,6 +134,20 @@ def test_mask_blocks_variants_are_profiled_beside_their_density(monkeypatch, tmp
     assert profiled == [("lecompile-d1", False), ("lecompile-d1-mask-blocks", True)]
 
 
+def test_settings_and_layers_reach_the_lecompile_variants(monkeypatch, tmp_path):
+    profiled = []
+    monkeypatch.setattr(step_breakdown, "profile_variant", lambda case, variant, device, steps: profiled.append(
+        (case.layers, variant.name, variant.config and variant.config.tuning.lora_in_gemm)) or {})
+    monkeypatch.setattr(step_breakdown, "plot", lambda rows, path: None)
+    step_breakdown.main(["--layers", "1", "--set", "lora_in_gemm=false", "--models", "tiny-llama", "--out",
+                         str(tmp_path)])
+    assert profiled == [(1, "inductor-bf16-adapters", None), (1, "lecompile-d1", False)]
+    with pytest.raises(ValueError, match="--layers must be >= 1, got 0"):
+        step_breakdown.main(["--layers", "0", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="'lora_in_gem=false' is not NAME=VALUE"):
+        step_breakdown.main(["--set", "lora_in_gem=false", "--out", str(tmp_path)])
+
+
 def test_host_counts_are_launches_and_waits_per_step():
     cpu = SimpleNamespace(name="CPU")
 
