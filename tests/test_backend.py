@@ -566,24 +566,32 @@ def test_recompute_pointwise_keeps_less_for_the_backward_with_the_same_gradients
         torch.testing.assert_close(grads[name], want_grads[name], msg=name)
 
 
-def saved_bytes_and_grads(model, inputs, config):
-    """Bytes the compiled forward keeps for the backward (one entry per storage, parameters left
-    out), the loss, the gradients and the backend's report."""
-    storages = {}
+def saved_for_backward(model, inputs, backend):
+    """The tensors ``model``'s step compiled with ``backend`` keeps for the backward (parameters
+    left out), and the loss; the backward has run."""
+    saved = []
 
     def pack(t):
         if not isinstance(t, nn.Parameter):
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            saved.append(t)
         return t
 
     torch._dynamo.reset()
-    backend = lecompile.longexposure(config)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = torch.compile(model, backend=backend)(**inputs).loss
     loss.backward()
+    return saved, loss.detach()
+
+
+def saved_bytes_and_grads(model, inputs, config):
+    """Bytes the compiled forward keeps for the backward (one entry per storage, parameters left
+    out), the loss, the gradients and the backend's report."""
+    backend = lecompile.longexposure(config)
+    saved, loss = saved_for_backward(model, inputs, backend)
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved}
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
-    return sum(storages.values()), loss.detach(), grads, backend.report
+    return sum(storages.values()), loss, grads, backend.report
 
 
 def test_bf16_step_keeps_no_fp32_copy_of_an_activation():
@@ -592,19 +600,8 @@ def test_bf16_step_keeps_no_fp32_copy_of_an_activation():
     from models import BATCH, HIDDEN, SEQ, batch, tiny_model
 
     def fp32_activations_kept(backend):
-        kept = []
-
-        def pack(t):
-            if t.dtype == torch.float32 and not isinstance(t, nn.Parameter) and t.numel() >= BATCH * SEQ * HIDDEN:
-                kept.append(tuple(t.shape))
-            return t
-
-        torch._dynamo.reset()
-        model = tiny_model("llama", "lora", dtype=torch.bfloat16)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = torch.compile(model, backend=backend)(**batch()).loss
-        loss.backward()
-        return kept
+        saved, _ = saved_for_backward(tiny_model("llama", "lora", dtype=torch.bfloat16), batch(), backend)
+        return [tuple(t.shape) for t in saved if t.dtype == torch.float32 and t.numel() >= BATCH * SEQ * HIDDEN]
 
     assert fp32_activations_kept("inductor"), "PEFT's fp32 casts of the LoRA inputs are kept under Inductor"
     assert fp32_activations_kept(lecompile.longexposure(LongExposureConfig())) == []
