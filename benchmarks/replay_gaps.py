@@ -42,7 +42,8 @@ STEP_MARK = "replay_gaps.step"
 Span = Tuple[float, float, str]
 
 
-def _bin_label(i: int) -> str:
+def bin_label(i: int) -> str:
+    """The name of gap bin ``i`` of :data:`GAP_BINS_US`, such as ``"2-5 us"``."""
     low = 0 if i == 0 else GAP_BINS_US[i - 1]
     high = GAP_BINS_US[i]
     return f">={low:g} us" if high == float("inf") else f"{low:g}-{high:g} us"
@@ -72,7 +73,7 @@ def timeline(step_start_us: float, spans: Sequence[Span], top: int = 10) -> dict
     return dict(kernels=len(spans), kernels_ms=round(sum(s[1] - s[0] for s in spans) / 1e3, 3),
                 busy_ms=round(busy / 1e3, 3), head_ms=round((spans[0][0] - step_start_us) / 1e3, 3),
                 gap_ms=round(sum(g[0] for g in gaps) / 1e3, 3),
-                gaps={_bin_label(i): [n, round(ms, 3)] for i, (n, ms) in enumerate(bins)},
+                gaps={bin_label(i): [n, round(ms, 3)] for i, (n, ms) in enumerate(bins)},
                 top_gaps=[dict(us=round(length, 1), before=before[:90], after=after[:90])
                           for length, before, after in sorted(gaps, reverse=True)[:top]])
 

@@ -167,6 +167,26 @@ def breakdown_section(breakdown: dict) -> str:
         + (["Runs:\n\n" + _run_list(runs.values())] if runs else []))
 
 
+def replay_section(replay: dict) -> str:
+    """The CUDA-graph step's timeline: kernels, busy time, the host's lead-in and the idle gaps."""
+    from benchmarks.replay_gaps import GAP_BINS_US, bin_label
+    runs = {r["run"]: r for r in replay["meta"].get("runs", [])}
+    bins = [bin_label(i) for i in range(len(GAP_BINS_US))]
+    table = [[r.get("run"), runs.get(r.get("run"), replay["meta"]).get("device"), r["case"], r["variant"],
+              r["step_ms"], r["back_to_back_ms"], r["kernels"], r["kernels_ms"], r["busy_ms"], r["head_ms"],
+              r["gap_ms"], *(f"{r['gaps'][b][0]} / {r['gaps'][b][1]:.2f}" for b in bins)]
+             for r in replay["rows"]]
+    return "\n\n".join([
+        "## Where a CUDA-graph step waits (`python -m benchmarks.replay_gaps`)",
+        "The step as e2e times it (`step ms`: one step, then a wait for the GPU) and run back to back; its kernels' "
+        "count and summed ms, the ms at least one ran (`busy`), from the step's call to its first kernel (`head`: "
+        "the host's work before the GPU gets any) and the GPU's idle ms between its first and last kernel (`gaps`), "
+        "split by gap length (count / ms).",
+        markdown_table(["run", "device", "case", "variant", "step ms", "back to back ms", "kernels", "kernels ms",
+                        "busy ms", "head ms", "gap ms", *(f"gaps {b}" for b in bins)], table)]
+        + (["Runs:\n\n" + _run_list(runs.values())] if runs else []))
+
+
 def compile_section(compile_time: dict) -> str:
     """First-step seconds of a cold process and a warm one, and where the cold one's went."""
     from benchmarks.compile_time import MEASURED_PHASES, PHASES
@@ -355,6 +375,8 @@ def page() -> str:
     sections = [e2e_section(load("e2e"), recall)]
     if (RESULTS / "step_breakdown.json").exists():
         sections.append(breakdown_section(load("step_breakdown")))
+    if (RESULTS / "replay_gaps.json").exists():
+        sections.append(replay_section(load("replay_gaps")))
     if (RESULTS / "compile_time.json").exists():
         sections.append(compile_section(load("compile_time")))
     if (RESULTS / "sparse_attention.json").exists():

@@ -276,3 +276,17 @@ def test_a_ratio_against_another_runs_baseline_names_its_run():
     section = results_page.e2e_section({"meta": {"runs": runs}, "rows": rows})
     assert "| lecompile-d1-a0.5 | 50.0 | - | - | 2.00x (run 1's baseline) |" in section
     assert "| lecompile-d1 | 50.0 | - | - | 1.20x |" in section
+
+
+def test_replay_section_shows_the_gaps_by_length():
+    from benchmarks.replay_gaps import GAP_BINS_US, bin_label
+    gaps = {bin_label(i): [i, 0.1 * i] for i in range(len(GAP_BINS_US))}
+    row = {"run": 1, "case": "llama-3.2-1b (4 layers) lora 8x512", "variant": "lecompile-d1-cg", "step_ms": 17.9,
+           "back_to_back_ms": 17.5, "kernels": 427, "kernels_ms": 16.0, "busy_ms": 15.9, "head_ms": 0.2,
+           "gap_ms": 1.0, "gaps": gaps}
+    data = {"meta": {"device": "NVIDIA H100 80GB HBM3", "runs": [
+        {"run": 1, "what": "LLaMA", "date": "2026-12-07", "git_commit": "abc1234", "device": "NVIDIA H100 80GB HBM3"}]},
+        "rows": [row]}
+    line = next(line for line in results_page.replay_section(data).splitlines() if "lecompile-d1-cg" in line)
+    assert line == ("| 1 | NVIDIA H100 80GB HBM3 | llama-3.2-1b (4 layers) lora 8x512 | lecompile-d1-cg | 17.9 | "
+                    "17.5 | 427 | 16.0 | 15.9 | 0.2 | 1.0 | 0 / 0.00 | 1 / 0.10 | 2 / 0.20 | 3 / 0.30 | 4 / 0.40 |")
