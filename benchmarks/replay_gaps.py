@@ -83,9 +83,15 @@ def steps_of(events) -> List[Tuple[float, List[Span]]]:
     :data:`STEP_MARK` range that ended with a wait for the GPU, so its kernels ran inside it."""
     marks = sorted((e.start_ns() / 1e3, e.end_ns() / 1e3) for e in events
                    if e.name() == STEP_MARK and e.device_type().name == "CPU")
-    spans = [(e.start_ns() / 1e3, e.end_ns() / 1e3, e.name()) for e in events
-             if e.activity_type() in DEVICE_ACTIVITIES]
+    spans = [(e.start_ns() / 1e3, e.end_ns() / 1e3, e.name()) for e in events if _on_device(e)]
     return [(start, [s for s in spans if start <= s[0] < end]) for start, end in marks]
+
+
+def _on_device(event) -> bool:
+    """Whether a profiler event is a kernel or copy on the GPU (not a range annotated there)."""
+    if hasattr(event, "activity_type"):  # newer PyTorch
+        return event.activity_type() in DEVICE_ACTIVITIES
+    return event.device_type().name == "CUDA" and not event.is_user_annotation()
 
 
 def profile_variant(case: e2e.Case, variant: e2e.Variant, device: str, steps: int = 3, timed: int = 20) -> dict:
