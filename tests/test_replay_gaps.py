@@ -61,3 +61,13 @@ def test_main_profiles_each_chosen_variant(monkeypatch, tmp_path):
     replay_gaps.main(["--models", "tiny-llama", "--layers", "1", "--out", str(tmp_path)])
     assert [v for _, v in profiled] == list(replay_gaps.VARIANTS)
     assert (tmp_path / "replay_gaps.json").exists()
+
+
+def test_events_without_an_activity_type_are_told_apart_by_device():
+    # PyTorch 2.11's profiler events: no activity_type; GPU ranges are user annotations there
+    def old(name, start_us, end_us, device="CUDA", annotation=False):
+        return SimpleNamespace(name=lambda: name, start_ns=lambda: start_us * 1e3, end_ns=lambda: end_us * 1e3,
+                               device_type=lambda: SimpleNamespace(name=device), is_user_annotation=lambda: annotation)
+    events = [old(replay_gaps.STEP_MARK, 0, 100, "CPU", True), old(replay_gaps.STEP_MARK, 0, 100, annotation=True),
+              old("gemm", 10, 50), old("aten::mm", 5, 8, "CPU")]
+    assert replay_gaps.steps_of(events) == [(0, [(10, 50, "gemm")])]
