@@ -803,6 +803,12 @@ def _plot_density_curves(ax, latest, cases) -> None:
         ax.legend(fontsize=7, loc="upper right")
 
 
+def check_layers(layers: Optional[int]) -> None:
+    """Refuse a ``--layers`` value that builds no decoder layer."""
+    if layers is not None and layers < 1:
+        raise ValueError(f"--layers must be >= 1, got {layers}")
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--models", nargs="+", default=["opt-1.3b"], choices=list(MODELS))
     parser.add_argument("--methods", nargs="+", default=["lora"], choices=METHODS)
@@ -868,8 +874,7 @@ def run(args) -> dict:
     except ImportError:
         raise RuntimeError("the benchmark plots its results: pip install 'lecompile[bench]'") from None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.layers is not None and args.layers < 1:
-        raise ValueError(f"--layers must be >= 1, got {args.layers}")
+    check_layers(args.layers)
     if args.variant_timeout is not None and args.variant_timeout <= 0:
         raise ValueError(f"--variant-timeout must be > 0 seconds, got {args.variant_timeout}")
     cases = [Case(m, meth, *SHAPES[s], layers=args.layers, checkpointing=args.checkpointing, layer_breaks=breaks,

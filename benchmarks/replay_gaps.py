@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
@@ -31,6 +30,7 @@ import torch
 
 from benchmarks import e2e
 from benchmarks.common import RESULTS, command_line, meta, write_results
+from benchmarks.step_breakdown import step_wall_ms
 
 #: Upper ends of the gap-length bins, in microseconds.
 GAP_BINS_US = (2, 5, 20, 100, float("inf"))
@@ -104,12 +104,7 @@ def profile_variant(case: e2e.Case, variant: e2e.Variant, device: str, steps: in
     for _ in range(5):
         step()
     step_ms = statistics.median(e2e.timed_ms(step, True) for _ in range(timed))
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(timed):
-        step()
-    torch.cuda.synchronize()
-    back_to_back = (time.perf_counter() - start) / timed * 1e3
+    back_to_back = step_wall_ms(step, timed)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             with record_function(STEP_MARK):
@@ -132,8 +127,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", default=str(RESULTS), help="folder for replay_gaps.json")
     args = parser.parse_args(argv)
-    if args.layers is not None and args.layers < 1:
-        raise ValueError(f"--layers must be >= 1, got {args.layers}")
+    e2e.check_layers(args.layers)
     chosen = [v for v in e2e.variants(densities=[1.0], cudagraphs=True) if v.name in args.variants]
     rows: List[dict] = []
     data: Dict[str, object] = {"meta": meta("replay_gaps", command_line(), settings=dict(steps=args.steps)),

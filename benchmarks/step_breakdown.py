@@ -259,8 +259,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", default=str(RESULTS), help="folder for step_breakdown.json and .png")
     args = parser.parse_args(argv)
-    if args.layers is not None and args.layers < 1:
-        raise ValueError(f"--layers must be >= 1, got {args.layers}")
+    e2e.check_layers(args.layers)
     device = args.device
     settings = LongExposureConfig.parse_settings(args.set)
     available = e2e.variants(densities=args.densities, attn_densities=args.attn_densities, settings=settings,
