@@ -15,6 +15,8 @@ a random-init bf16 model built from its config (weights identical across variant
   kernels (``attn_kernel="flash"``), a variant of its own beside the Triton kernels';
   ``-mask-blocks`` (``--mask-blocks``): attention density 1.0 with ``attn_mask_blocks`` (the
   model's masked SDPA as exact block attention), beside the same density without it;
+- ``-without-<pass>`` (``--without``): a lecompile variant with that pass turned off (its
+  ``speedup_vs_d1`` is what the pass buys at density 1.0);
 - ``-cg`` suffix (``--cudagraphs``): the same replayed as CUDA graphs (Inductor's
   ``mode="reduce-overhead"``, lecompile's ``cudagraphs=True``);
 - ``lecompile-<setting>`` (``--quality-settings``): the backend configured as that setting of the
@@ -70,6 +72,7 @@ from benchmarks.own_process import ProcessFailed, ProcessTimeout, in_own_process
 from benchmarks.sparselora import SlicedOutput, mlp_blocks, replace, sparsify_mlps
 from lecompile import LongExposureBackend, LongExposureConfig, compile_layers_once
 from lecompile.config import ATTN_KERNELS
+from lecompile.passes import OPTIONAL_PASSES
 from lecompile.predictors import PREDICTORS
 
 log = logging.getLogger(__name__)
@@ -198,6 +201,7 @@ class Variant:
     cudagraphs: bool = False         # Inductor's mode="reduce-overhead" (CUDA graph trees)
     config: Optional[LongExposureConfig] = None
     quality_setting: Optional[str] = None  # the quality harness's setting this config is
+    without: Optional[str] = None          # the pass this lecompile variant runs without (an ablation)
 
     @property
     def mlp_density(self) -> float:
@@ -212,14 +216,17 @@ def variants(densities: Sequence[float] = (1.0, 0.5, 0.25, 0.15), predictor: str
              granularity: str = "sequence", baselines: bool = True, cudagraphs: bool = False,
              attn_densities: Sequence[float] = (1.0,), attn_block: int = 128,
              settings: Optional[dict] = None, quality_settings: Sequence[str] = (),
-             attn_kernels: Sequence[str] = ("triton",), mask_blocks: bool = False) -> List[Variant]:
+             attn_kernels: Sequence[str] = ("triton",), mask_blocks: bool = False,
+             without: Sequence[str] = ()) -> List[Variant]:
     """The baselines, then lecompile at each MLP density and attention density, then as each of
     ``quality_settings`` (:func:`quality_setting_config`). ``cudagraphs`` adds the strongest
     baseline and every lecompile variant replayed as CUDA graphs (suffix ``-cg``). ``settings``
     are further :class:`LongExposureConfig` fields of the density variants. Variants with sparse
     attention run once per ``attn_kernels`` entry (suffix ``-flash`` for ``attn_kernel="flash"``);
     ``mask_blocks`` adds each density variant with dense attention again with ``attn_mask_blocks``
-    (suffix ``-mask-blocks``; Triton kernels: FlashAttention 4's take no token mask)."""
+    (suffix ``-mask-blocks``; Triton kernels: FlashAttention 4's take no token mask); each pass in
+    ``without`` adds each density variant again with that pass disabled (suffix ``-without-<pass>``:
+    what the pass buys, timed in the same process)."""
     def variant_fields(d, a, cg):  # what each lecompile variant sets itself
         return dict(mlp_density=d, predictor=predictor, granularity=granularity, cudagraphs=cg,
                     attn_density=a, attn_block=attn_block)
@@ -244,6 +251,13 @@ def variants(densities: Sequence[float] = (1.0, 0.5, 0.25, 0.15), predictor: str
                     name = f"lecompile-d{d:g}" + (f"-a{a:g}" if a < 1.0 else "") + _kernel_suffix(kernel, cg)
                     out.append(Variant(name, "lecompile", cudagraphs=cg, config=LongExposureConfig.create(
                         **variant_fields(d, a, cg), attn_kernel=kernel, **(settings or {}))))
+                    for skipped in without:
+                        disable = frozenset((settings or {}).get("disable", ())) | {skipped}
+                        out.append(Variant(
+                            f"lecompile-d{d:g}" + (f"-a{a:g}" if a < 1.0 else "") + f"-without-{skipped}"
+                            + _kernel_suffix(kernel, cg), "lecompile", cudagraphs=cg, without=skipped,
+                            config=LongExposureConfig.create(**variant_fields(d, a, cg), attn_kernel=kernel,
+                                                             **{**(settings or {}), "disable": disable})))
                 if a == 1.0 and mask_blocks:
                     out.append(Variant(f"lecompile-d{d:g}-mask-blocks" + _kernel_suffix("triton", cg), "lecompile",
                                        cudagraphs=cg, config=LongExposureConfig.create(
@@ -571,6 +585,7 @@ def run_case(case: Case, variant_list: Sequence[Variant], device: str, steps: in
                    padded=case.padded, tokens=case.batch * case.seq, dtype="bfloat16", variant=v.name,
                    mlp_density=v.mlp_density, attn_density=v.attn_density, tf32=v.tf32,
                    adapters="fp32" if v.adapters_fp32 else "bf16", cudagraphs=v.cudagraphs,
+                   **({"without": v.without} if v.without else {}),
                    **({"attn_kernel": v.config.tuning.attn_kernel} if _block_attention(v.config) else {}))
         try:
             if variant_timeout is None:
@@ -836,6 +851,9 @@ def add_arguments(parser) -> None:
                              "model's masked SDPA as exact block attention; suffix -mask-blocks). Without --padded "
                              "the model's mask is only causal and the causal_masks pass drops it: these variants "
                              "then run as the ones without it")
+    parser.add_argument("--without", nargs="+", default=[], metavar="PASS", choices=OPTIONAL_PASSES,
+                        help="add each lecompile density variant again without each of these passes (suffix "
+                             "-without-PASS; its speedup_vs_d1 is what the pass buys, timed in this process)")
     parser.add_argument("--predictor", default="svd", choices=sorted(PREDICTORS))
     parser.add_argument("--granularity", default="sequence", choices=("sequence", "tile", "batch"))
     parser.add_argument("--no-baselines", action="store_true", help="lecompile variants only")
@@ -886,7 +904,7 @@ def run(args) -> dict:
     vs = variants(args.densities, args.predictor, args.granularity, baselines=not args.no_baselines,
                   cudagraphs=args.cudagraphs, attn_densities=args.attn_densities, attn_block=args.attn_block,
                   settings=settings, quality_settings=args.quality_settings, attn_kernels=args.attn_kernels,
-                  mask_blocks=args.mask_blocks)
+                  mask_blocks=args.mask_blocks, without=args.without)
     if args.variants:
         unknown = set(args.variants) - {v.name for v in vs}
         if unknown:

@@ -408,6 +408,31 @@ def test_a_models_causal_only_mask_runs_on_causal_kernels():
         torch.testing.assert_close(grads[name].float(), ref_grads[name].float(), atol=5e-2, rtol=5e-2, msg=name)
 
 
+def test_grouped_query_attention_runs_on_a_fused_kernel_with_the_repeated_heads_numbers():
+    """With the causal mask dropped, SDPA reads the 2 key/value heads themselves (``enable_gqa``)
+    on FlashAttention's or cuDNN's kernels, not its math fallback, with the loss and gradients of
+    the step that repeats them."""
+    from lecompile.passes.grouped_query_attention import NOTE
+
+    model, inputs = _bf16_llama()
+    runs = []
+    for disable in (frozenset({"grouped_query_attention"}), frozenset()):
+        backend = lecompile.longexposure(LongExposureConfig(disable=disable))
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend=backend)
+        train_step(compiled, model, inputs)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            loss, grads = train_step(compiled, model, inputs)
+            torch.cuda.synchronize()
+        runs.append((loss, grads, backend.report, {e.key.lower() for e in prof.key_averages()}))
+    (ref_loss, ref_grads, ref_report, _), (loss, grads, report, kernels) = runs
+    assert NOTE.format(n=2) in report.notes and NOTE.format(n=2) not in ref_report.notes, str(report)
+    assert any("flash" in k or "cudnn" in k or "fmha" in k for k in kernels), sorted(kernels)
+    torch.testing.assert_close(loss, ref_loss, atol=2e-2, rtol=2e-2)
+    for name in grads:
+        torch.testing.assert_close(grads[name].float(), ref_grads[name].float(), atol=5e-2, rtol=5e-2, msg=name)
+
+
 def test_layer_breaks_drop_a_causal_only_mask_so_the_flash_kernels_take_every_layer():
     """Under ``compile_layers_once`` each layer's graph would get the model's mask as an input; the
     break drops it when it is only causal, so FlashAttention 4's kernels take the layers' attention,

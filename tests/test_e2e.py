@@ -115,6 +115,23 @@ def test_settings_reach_every_lecompile_variant_and_no_baseline():
     assert all(v.config is None or v.config.tuning.svd_rank == 8 for v in vs if v.backend != "lecompile")
 
 
+def test_without_adds_each_density_variant_again_with_that_pass_off():
+    vs = e2e.variants(densities=(1.0, 0.5), baselines=False, cudagraphs=True, without=["rotary_tables"],
+                      settings={"disable": frozenset({"fuse_loss"})})
+    assert [(v.name, v.without) for v in vs] == [
+        ("lecompile-d1", None), ("lecompile-d1-without-rotary_tables", "rotary_tables"),
+        ("lecompile-d0.5", None), ("lecompile-d0.5-without-rotary_tables", "rotary_tables"),
+        ("lecompile-d1-cg", None), ("lecompile-d1-without-rotary_tables-cg", "rotary_tables"),
+        ("lecompile-d0.5-cg", None), ("lecompile-d0.5-without-rotary_tables-cg", "rotary_tables")]
+    for v in vs:
+        assert v.config.enabled("rotary_tables") == (v.without is None) and not v.config.enabled("fuse_loss")
+    rows = e2e.run_case(e2e.Case("tiny-llama", "lora", 2, 32), vs[:2], "cpu", steps=1, warmup=0)
+    assert rows[1]["without"] == "rotary_tables" and "without" not in rows[0]
+    assert rows[1]["speedup_vs_d1"] == round(rows[0]["ms"] / rows[1]["ms"], 3)
+    with pytest.raises(SystemExit):  # argparse names the passes
+        e2e.main(["--models", "tiny-llama", "--without", "fold_adapters", "--out", "unused"])
+
+
 def test_settings_that_variants_own_are_refused():
     with pytest.raises(ValueError, match=r"settings \['mlp_density'\] are set per variant"):
         e2e.main(["--models", "tiny-llama", "--set", "mlp_density=0.3", "--out", "unused"])
