@@ -16,7 +16,7 @@ the same sum, with the adapters' products on the tokens each expert receives.
 from __future__ import annotations
 
 import operator
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 import torch.fx as fx
@@ -25,7 +25,17 @@ from torch._dynamo.utils import counters
 
 from ..ops import experts_first  # noqa: F401  (defines torch.ops.lecompile.experts_first)
 from ..report import LinearEntry
-from .graph import grouped_mm_ops, is_call, is_cast, is_method, meta_value, recompile, replace_uses, source_name
+from .graph import (
+    grouped_mm_ops,
+    is_call,
+    is_cast,
+    is_method,
+    meta_value,
+    mutates,
+    recompile,
+    replace_uses,
+    source_name,
+)
 
 #: PEFT's ``ParamWrapper.get_delta_weight`` for stacked experts, by the layout of ``W`` it yields.
 EQUATIONS = {"o r e, e r i -> e o i": "out_in", "o r e, e r i -> e i o": "in_out"}
@@ -35,13 +45,15 @@ NOTE = "MoE experts: the adapter's products run on each expert's tokens; the upd
 def lora_experts(ctx) -> None:
     """Rewrite each ``grouped_mm`` whose weight is a stacked expert weight plus its LoRA update."""
     graph, rewritten, products = ctx.gm.graph, 0, grouped_mm_ops()
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    scalings = []  # PEFT's in-place scalings of updates no longer read
     for node in list(graph.nodes):
         if not (is_call(node, products) and len(node.args) >= 2):
             continue
-        update = _update(node.args[1])
+        update = _update(node.args[1], order)
         if update is None:
             continue
-        base, a, b, scale, layout, transposed = update
+        base, a, b, scale, layout, transposed, scaling = update
         x = node.args[0]
         why = _why_not(x)
         ctx.report.linears.append(LinearEntry(source_name(base), ["lora"], fused=not why, note=why or NOTE))
@@ -70,15 +82,22 @@ def lora_experts(ctx) -> None:
             out = graph.call_function(operator.add, (base_out, graph.call_function(operator.mul, (up, scale))))
         replace_uses(node, out)
         graph.erase_node(node)
+        scalings.append(scaling)
         rewritten += 1
     if rewritten:
         counters["lecompile"]["lora_experts"] += rewritten
+        graph.eliminate_dead_code(is_impure_node=mutates)  # the sums W + ΔW, now unread
+        for scaling in scalings:  # in place, kept by the elimination: the update is formed only for them
+            if scaling is not None and set(scaling.args[0].users) == {scaling} and not scaling.users:
+                graph.erase_node(scaling)
         recompile(ctx.gm)
 
 
-def _update(weight: fx.Node) -> Optional[tuple]:
-    """``(W, A, B, scale, layout, transposed)`` when ``weight`` is ``W + scale * einsum(B, A)``
-    (casts around the update, a transpose of the sum); else ``None``."""
+def _update(weight: fx.Node, order: Dict[fx.Node, int]) -> Optional[tuple]:
+    """``(W, A, B, scale, layout, transposed, scaling)`` when ``weight`` is ``W + scale * einsum(B, A)``
+    (casts around the update, a transpose of the sum; ``scaling``: the ``mul_`` node where the
+    update is scaled in place, as PEFT 0.22 does, before the sum reads it, else ``None``); else
+    ``None``. ``order``: each node's place in the graph."""
     transposed = False
     node = weight
     while isinstance(node, fx.Node) and (is_cast(node) or is_method(node, ("transpose",))):
@@ -94,16 +113,35 @@ def _update(weight: fx.Node) -> Optional[tuple]:
         return None
     while is_cast(delta):
         delta = delta.args[0]
-    if not (is_call(delta, (operator.mul,)) and isinstance(delta.args[1], (int, float))):
-        return None
-    product, scale = delta.args
+    scaling = None
+    if is_call(delta, (operator.mul,)) and isinstance(delta.args[1], (int, float)):
+        product, scale = delta.args
+    else:
+        product, scaling = delta, _scaled_in_place(delta, order)
+        if scaling is None:
+            return None
+        scale = scaling.args[1]
     if not (isinstance(product, fx.Node) and is_call(product, (torch.functional.einsum, torch.einsum))
             and product.args[0] in EQUATIONS and len(product.args) == 3):
         return None
     b, a = product.args[1:]
     if any(meta_value(t) is None or meta_value(t).dim() != 3 for t in (a, b, base)):
         return None
-    return base, a, b, float(scale), EQUATIONS[product.args[0]], transposed
+    return base, a, b, float(scale), EQUATIONS[product.args[0]], transposed, scaling
+
+
+def _scaled_in_place(product: fx.Node, order: Dict[fx.Node, int]) -> Optional[fx.Node]:
+    """The one ``product.mul_(number)`` node, placed before every other reader of ``product``; else ``None``."""
+    scalings = [u for u in product.users if is_method(u, ("mul_",))]
+    if len(scalings) != 1:
+        return None
+    scaling = scalings[0]
+    if (len(scaling.args) != 2 or scaling.kwargs or scaling.args[0] is not product
+            or not isinstance(scaling.args[1], (int, float))):
+        return None
+    if any(order.get(u, -1) < order.get(scaling, len(order)) for u in product.users if u is not scaling):
+        return None
+    return scaling
 
 
 def _replay(graph: fx.Graph, weight: fx.Node, base: fx.Node) -> fx.Node:
