@@ -477,7 +477,8 @@ def run_variant(case: Case, variant: Variant, device: str, steps: int = 20, warm
                  "lora_linears_fused": report.linears_fused,
                  "lora_linears_in_gemm": sum(e.in_gemm for e in report.linears),
                  "loss_fused": any(e.fused for e in report.losses),
-                 "graphs_compiled": len(backend.reports)}
+                 "graphs_compiled": len(backend.reports),
+                 "rewrites": dict(sorted(counters["lecompile"].items()))}  # each pass's hits (cleared per variant)
         if report.attention_kernels:  # what ran: attn_kernel="flash" hands what FA4 cannot run to the Triton kernels
             extra["attn_kernel"] = "+".join(report.attention_kernels)
     elif variant.backend == "sparselora":

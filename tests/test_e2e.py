@@ -127,6 +127,7 @@ def test_without_adds_each_density_variant_again_with_that_pass_off():
         assert v.config.enabled("rotary_tables") == (v.without is None) and not v.config.enabled("fuse_loss")
     rows = e2e.run_case(e2e.Case("tiny-llama", "lora", 2, 32), vs[:2], "cpu", steps=1, warmup=0)
     assert rows[1]["without"] == "rotary_tables" and "without" not in rows[0]
+    assert rows[0]["rewrites"]["rotary_tables"] > 0 and "rotary_tables" not in rows[1]["rewrites"]
     assert rows[1]["speedup_vs_d1"] == round(rows[0]["ms"] / rows[1]["ms"], 3)
     with pytest.raises(SystemExit):  # argparse names the passes
         e2e.main(["--models", "tiny-llama", "--without", "fold_adapters", "--out", "unused"])
