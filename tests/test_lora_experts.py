@@ -6,10 +6,12 @@ import torch
 
 import lecompile
 from lecompile.ops.experts_first import experts_first
+from lecompile.passes import run_passes
 
 from models import (
     FP32_MOE_COMPILES,
     batch,
+    dynamo_graphs,
     gpt_oss_with_lora_on_experts,
     mixtral_with_lora_on_experts,
     needs_fp32_moe_compile,
@@ -33,12 +35,18 @@ def test_experts_first_names_a_bad_shape():
         experts_first(torch.randn(4, 4))
 
 
-def _peft_expert_product(layout: str, transposed: bool):
-    """transformers' grouped product with PEFT's update of stacked experts, both orientations."""
+def _peft_expert_product(layout: str, transposed: bool, in_place: bool = False):
+    """transformers' grouped product with PEFT's update of stacked experts, both orientations;
+    ``in_place``: the update scaled in place, as PEFT 0.22 scales it."""
     equation = {"out_in": "o r e, e r i -> e o i", "in_out": "o r e, e r i -> e i o"}[layout]
 
     def product(x, w, a, b):
-        weight = w + torch.einsum(equation, b.reshape(-1, R, E), a.reshape(E, R, -1)) * SCALE
+        delta = torch.einsum(equation, b.reshape(-1, R, E), a.reshape(E, R, -1))
+        if in_place:
+            delta.mul_(SCALE)
+        else:
+            delta = delta * SCALE
+        weight = w + delta
         return torch._grouped_mm(x, weight.transpose(-2, -1) if transposed else weight, offs=OFFSETS)
 
     return product
@@ -48,15 +56,16 @@ def _assert_near(got, want, tol=0.02):
     assert (got.float() - want).abs().max() <= tol * want.abs().max()
 
 
-@pytest.mark.parametrize("layout, transposed", [("out_in", True), ("in_out", False), ("in_out", True),
-                                                ("out_in", False)])
-def test_grouped_product_with_the_update_equals_it_on_the_tokens(layout, transposed):
+@pytest.mark.parametrize("layout, transposed, in_place", [("out_in", True, False), ("in_out", False, False),
+                                                          ("in_out", True, False), ("out_in", False, False),
+                                                          ("out_in", True, True), ("in_out", False, True)])
+def test_grouped_product_with_the_update_equals_it_on_the_tokens(layout, transposed, in_place):
     """In bf16 (the dtype PyTorch's grouped GEMM compiles for), against the fp32 product."""
     torch.manual_seed(0)
     rows, cols = (OUT, IN) if layout == "out_in" else (IN, OUT)
     tensors = [torch.randn(12, cols if transposed else rows), torch.randn(E, rows, cols), torch.randn(E * R, IN),
                torch.randn(OUT, R * E)]
-    product = _peft_expert_product(layout, transposed)
+    product = _peft_expert_product(layout, transposed, in_place)
     x, w, a, b = (t.clone().requires_grad_(i != 1) for i, t in enumerate(tensors))
     want = product(x, w, a, b)
     want_grads = torch.autograd.grad(want.square().sum(), (x, a, b))
@@ -71,6 +80,16 @@ def test_grouped_product_with_the_update_equals_it_on_the_tokens(layout, transpo
     _assert_near(got, want)
     for g, w_ in zip(got_grads, want_grads):
         _assert_near(g, w_)
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_the_rewritten_graph_forms_no_update(in_place):
+    tensors = [torch.randn(12, IN), torch.randn(E, OUT, IN), torch.randn(E * R, IN), torch.randn(OUT, R * E)]
+    x, w, a, b = (t.to(torch.bfloat16).requires_grad_(i != 1) for i, t in enumerate(tensors))
+    (gm, example_inputs), = dynamo_graphs(_peft_expert_product("out_in", True, in_place), x, w, a, b)
+    assert any(n.target == "mul_" for n in gm.graph.nodes) == in_place
+    run_passes(gm, example_inputs, lecompile.LongExposureConfig())
+    assert not any(n.target in (torch.functional.einsum, torch.einsum, "mul_") for n in gm.graph.nodes), gm.code
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
