@@ -4,7 +4,7 @@ Under ``torch.compile`` transformers hands SDPA a mask, and so repeats each key/
 query heads (``repeat_kv``: ``x[:, :, None].expand(b, kv, n, s, d).reshape(b, kv * n, s, d)``):
 a copy of K and V in the forward, and a sum of their gradients over the copies in the backward.
 Once :mod:`~lecompile.passes.causal_masks` has dropped a mask that was only the causal mask, SDPA
-can read the grouped heads itself: this pass passes it ``key`` and ``value`` from before
+can read the grouped heads itself: this pass hands it ``key`` and ``value`` from before
 ``repeat_kv``, with ``enable_gqa=True``, where SDPA's fused kernels take grouped heads: no mask,
 no dropout, equal key and value head dims of at most 256, and on CUDA bf16 or fp16 on sm80 or
 newer with FlashAttention's or cuDNN's kernels enabled (the memory-efficient kernel takes no
