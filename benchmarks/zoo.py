@@ -16,9 +16,10 @@ column.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import torch
 from tqdm.auto import tqdm
@@ -26,7 +27,7 @@ from tqdm.auto import tqdm
 ROOT = Path(__file__).parents[1]
 DOC = ROOT / "docs" / "supported.md"
 BEGIN, END = "<!-- zoo table: begin (python -m benchmarks.zoo) -->", "<!-- zoo table: end -->"
-VERSION_LINE = "Measured with transformers {}."
+VERSION_LINE = "Measured with transformers {} and PEFT {}."  # PEFT decides what "all-linear" adapts
 VOCAB, HIDDEN, FFN, LAYERS, HEADS, BATCH, SEQ = 128, 64, 256, 2, 4, 2, 16
 TOL = dict(atol=2e-5, rtol=1e-4)
 SPARSE = dict(mlp_density=0.5, attn_density=0.5, attn_block=SEQ)
@@ -140,22 +141,24 @@ def table(rows: List[dict]) -> str:
 
 
 def document(rows: List[dict]) -> str:
-    """docs/supported.md with ``rows`` as its zoo table, under the transformers version that made them."""
+    """docs/supported.md with ``rows`` as its zoo table, under the transformers and PEFT versions that made them."""
+    import peft
     import transformers
     text = DOC.read_text()
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
-    return f"{head}{BEGIN}\n{VERSION_LINE.format(transformers.__version__)}\n\n{table(rows)}\n{END}{tail}"
+    versions = VERSION_LINE.format(transformers.__version__, peft.__version__)
+    return f"{head}{BEGIN}\n{versions}\n\n{table(rows)}\n{END}{tail}"
 
 
-def documented_transformers() -> str:
-    """The transformers version docs/supported.md's zoo table was measured with."""
+def documented_versions() -> Tuple[str, str]:
+    """The transformers and PEFT versions docs/supported.md's zoo table was measured with."""
     after = DOC.read_text().split(BEGIN, 1)[1].lstrip("\n").splitlines()[0]
-    prefix, suffix = VERSION_LINE.split("{}")
-    if not (after.startswith(prefix) and after.endswith(suffix)):
-        raise ValueError(f"{DOC} names no transformers version at the top of its zoo table: "
+    found = re.fullmatch(re.escape(VERSION_LINE).replace(re.escape("{}"), r"(\S+)"), after)
+    if found is None:
+        raise ValueError(f"{DOC} names no transformers and PEFT versions at the top of its zoo table: "
                          "run python -m benchmarks.zoo")
-    return after[len(prefix):len(after) - len(suffix)]
+    return found.group(1), found.group(2)
 
 
 def run_all(progress: bool = True) -> List[dict]:
