@@ -231,6 +231,9 @@ def variants(densities: Sequence[float] = (1.0, 0.5, 0.25, 0.15), predictor: str
         return dict(mlp_density=d, predictor=predictor, granularity=granularity, cudagraphs=cg,
                     attn_density=a, attn_block=attn_block)
 
+    def config(d, a, cg, **fields):  # ``fields`` over ``settings``: a -without variant's wider ``disable``
+        return LongExposureConfig.create(**variant_fields(d, a, cg), **{**(settings or {}), **fields})
+
     clash = sorted(set(settings or {}) & {*variant_fields(1.0, 1.0, False), "attn_kernel", "attn_mask_blocks"})
     if clash:
         raise ValueError(f"settings {clash} are set per variant (use the densities, predictor, granularity, "
@@ -247,21 +250,18 @@ def variants(densities: Sequence[float] = (1.0, 0.5, 0.25, 0.15), predictor: str
     for cg in (False, True) if cudagraphs else (False,):
         for a in attn_densities:
             for d in densities:
+                stem = f"lecompile-d{d:g}" + (f"-a{a:g}" if a < 1.0 else "")
                 for kernel in attn_kernels if a < 1.0 else ("triton",):
-                    name = f"lecompile-d{d:g}" + (f"-a{a:g}" if a < 1.0 else "") + _kernel_suffix(kernel, cg)
-                    out.append(Variant(name, "lecompile", cudagraphs=cg, config=LongExposureConfig.create(
-                        **variant_fields(d, a, cg), attn_kernel=kernel, **(settings or {}))))
+                    out.append(Variant(stem + _kernel_suffix(kernel, cg), "lecompile", cudagraphs=cg,
+                                       config=config(d, a, cg, attn_kernel=kernel)))
                     for skipped in without:
                         disable = frozenset((settings or {}).get("disable", ())) | {skipped}
-                        out.append(Variant(
-                            f"lecompile-d{d:g}" + (f"-a{a:g}" if a < 1.0 else "") + f"-without-{skipped}"
-                            + _kernel_suffix(kernel, cg), "lecompile", cudagraphs=cg, without=skipped,
-                            config=LongExposureConfig.create(**variant_fields(d, a, cg), attn_kernel=kernel,
-                                                             **{**(settings or {}), "disable": disable})))
+                        out.append(Variant(f"{stem}-without-{skipped}" + _kernel_suffix(kernel, cg), "lecompile",
+                                           cudagraphs=cg, without=skipped,
+                                           config=config(d, a, cg, attn_kernel=kernel, disable=disable)))
                 if a == 1.0 and mask_blocks:
-                    out.append(Variant(f"lecompile-d{d:g}-mask-blocks" + _kernel_suffix("triton", cg), "lecompile",
-                                       cudagraphs=cg, config=LongExposureConfig.create(
-                                           **variant_fields(d, a, cg), attn_mask_blocks=True, **(settings or {}))))
+                    out.append(Variant(f"{stem}-mask-blocks" + _kernel_suffix("triton", cg), "lecompile",
+                                       cudagraphs=cg, config=config(d, a, cg, attn_mask_blocks=True)))
         for setting in quality_settings:
             sparse_attention = quality_setting_config(setting, cg).attn_density < 1.0
             for kernel in attn_kernels if sparse_attention else ("triton",):

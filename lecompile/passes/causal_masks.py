@@ -24,7 +24,7 @@ from torch.fx.node import map_arg
 
 from ..ops.block_attention import token_masks
 from .graph import meta_value, static_shape
-from .match_attention import AttentionMatch, sdpa_arguments
+from .match_attention import set_sdpa_arguments
 
 log = logging.getLogger("lecompile")
 
@@ -57,8 +57,8 @@ def causal_masks(ctx) -> None:
             continue
         att.steps, att.operands = att.steps[:i] + att.steps[i + 1:], att.operands[:i] + att.operands[i + 1:]
         att.causal = att.mask_was_causal = True
-        if att.kind == "sdpa":
-            _sdpa_causal(att)
+        if att.kind == "sdpa":  # the call without its mask
+            set_sdpa_arguments(att.node, attn_mask=None, is_causal=True)
             changed = True
         counters["lecompile"]["causal_mask_dropped"] += 1
     if changed:
@@ -127,11 +127,3 @@ def is_causal(value: torch.Tensor, kind: str, q_len: int, kv_len: int, rows: int
 def _is_random(node: fx.Node) -> bool:
     name = getattr(node.target, "__name__", str(node.target))
     return node.op in ("call_function", "call_method") and any(word in name for word in RANDOM)
-
-
-def _sdpa_causal(att: AttentionMatch) -> None:
-    """The SDPA call without its mask, ``is_causal=True``."""
-    node = att.node
-    kwargs = {**sdpa_arguments(node), "attn_mask": None, "is_causal": True}
-    node.args = (kwargs.pop("query"), kwargs.pop("key"), kwargs.pop("value"))
-    node.kwargs = kwargs

@@ -22,7 +22,7 @@ import torch.fx as fx
 from torch._dynamo.utils import counters
 
 from .graph import SDPA, VIEWS, is_call, is_method, meta_value, recompile, static_shape
-from .match_attention import sdpa_arguments
+from .match_attention import sdpa_arguments, set_sdpa_arguments
 
 NOTE = ("grouped_query_attention: {n} attention call(s) read the key/value heads themselves (enable_gqa), "
         "not copies repeated for each query head")
@@ -41,9 +41,7 @@ def grouped_query_attention(ctx) -> None:
         key, value = _repeated_heads(a["key"]), _repeated_heads(a["value"])
         if key is None or value is None or key[1] != value[1]:
             continue
-        a.update(key=key[0], value=value[0], enable_gqa=True)
-        node.args = (a.pop("query"), a.pop("key"), a.pop("value"))
-        node.kwargs = a
+        set_sdpa_arguments(node, key=key[0], value=value[0], enable_gqa=True)
         rewritten += 1
         counters["lecompile"]["grouped_query_attention"] += 1
     if rewritten:

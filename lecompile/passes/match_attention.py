@@ -137,6 +137,13 @@ def sdpa_arguments(node: fx.Node) -> dict:
     return {**dict(zip(SDPA_ARGUMENTS, node.args)), **node.kwargs}
 
 
+def set_sdpa_arguments(node: fx.Node, **changes) -> None:
+    """Rewrite an SDPA call with ``changes`` to its arguments: query, key and value by position, the rest by name."""
+    kwargs = {**sdpa_arguments(node), **changes}
+    node.args = (kwargs.pop("query"), kwargs.pop("key"), kwargs.pop("value"))
+    node.kwargs = kwargs
+
+
 def _read_sdpa(node: fx.Node, match: AttentionMatch) -> None:
     defaults = (None, None, None, None, 0.0, False, None, False)
     a = {**dict(zip(SDPA_ARGUMENTS, defaults)), **sdpa_arguments(node)}
