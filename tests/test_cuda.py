@@ -433,30 +433,6 @@ def test_grouped_query_attention_runs_on_a_fused_kernel_with_the_repeated_heads_
         torch.testing.assert_close(grads[name].float(), ref_grads[name].float(), atol=5e-2, rtol=5e-2, msg=name)
 
 
-@pytest.mark.parametrize("kernel, padded", [("triton", True), ("flash", False)])
-def test_block_attention_on_grouped_heads_matches_the_repeated_heads(kernel, padded):
-    """Block-sparse attention reads the 2 key/value heads themselves, on FlexAttention's Triton
-    kernels over a padded batch (the model's mask stays) and on FlashAttention 4's (causal), with
-    the loss and gradients of the step that repeats them."""
-    from lecompile.passes.grouped_query_attention import NOTE
-
-    if kernel == "flash":
-        _needs_flash()
-    model, inputs = _bf16_llama(padded)
-    runs = []
-    for disable in (frozenset({"grouped_query_attention"}), frozenset()):
-        backend = lecompile.longexposure(LongExposureConfig.create(attn_density=0.5, attn_kernel=kernel,
-                                                                   disable=disable))
-        torch._dynamo.reset()
-        runs.append((*train_step(torch.compile(model, backend=backend), model, inputs), backend.report))
-    (ref_loss, ref_grads, ref_report), (loss, grads, report) = runs
-    assert report.attention_rewritten == 2 and NOTE.format(n=2) in report.notes, str(report)
-    assert not any(note.startswith("grouped_query_attention") for note in ref_report.notes), str(ref_report)
-    torch.testing.assert_close(loss, ref_loss, atol=2e-2, rtol=2e-2)
-    for name in grads:
-        torch.testing.assert_close(grads[name].float(), ref_grads[name].float(), atol=5e-2, rtol=5e-2, msg=name)
-
-
 def test_layer_breaks_drop_a_causal_only_mask_so_the_flash_kernels_take_every_layer():
     """Under ``compile_layers_once`` each layer's graph would get the model's mask as an input; the
     break drops it when it is only causal, so FlashAttention 4's kernels take the layers' attention,

@@ -1,5 +1,4 @@
-"""lecompile.passes.grouped_query_attention: SDPA and block attention read the grouped key/value heads,
-values unchanged."""
+"""lecompile.passes.grouped_query_attention: SDPA reads the grouped key/value heads, values unchanged."""
 
 import copy
 
@@ -12,7 +11,6 @@ from lecompile import LongExposureConfig
 from lecompile.ops.block_attention import block_attention
 from lecompile.passes import grouped_query_attention, run_passes
 from lecompile.passes.graph import SDPA, is_call
-from lecompile.predictors.attention import predict_blocks
 
 from models import LAYERS, VOCAB, batch, dynamo_graphs, tiny_model, train_step
 
@@ -56,68 +54,36 @@ def test_disabled_by_name_or_with_a_mask_left():
     assert not any(n.kwargs.get("enable_gqa") for n in _sdpa_calls(gm))
 
 
-def _compiled_step(config, inputs=None):
+def _compiled_step(config):
     model = tiny_model("llama", "lora")
     torch._dynamo.reset()
-    return train_step(torch.compile(model, backend=lecompile.LongExposureBackend(config)), model,
-                      inputs or batch())
+    return train_step(torch.compile(model, backend=lecompile.LongExposureBackend(config)), model, batch())
 
 
-def _assert_same_step(settings, inputs=None):
-    """The compiled step of these settings against the same with the pass disabled."""
-    loss, grads = _compiled_step(LongExposureConfig.create(**settings), inputs)
-    plain = LongExposureConfig.create(**settings, disable=frozenset({"grouped_query_attention"}))
-    plain_loss, plain_grads = _compiled_step(plain, inputs)
+def test_the_compiled_step_has_the_same_loss_and_gradients():
+    """In fp32 on the CPU; bf16 on the GPU's fused kernels: tests/test_cuda.py."""
+    loss, grads = _compiled_step(LongExposureConfig())
+    plain_loss, plain_grads = _compiled_step(LongExposureConfig(disable=frozenset({"grouped_query_attention"})))
     torch.testing.assert_close(loss, plain_loss, rtol=1e-5, atol=1e-5)
     assert grads.keys() == plain_grads.keys() and any("v_proj" in name for name in grads)
     for name, grad in plain_grads.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-5, msg=name)
 
 
-def test_the_compiled_step_has_the_same_loss_and_gradients():
-    """In fp32 on the CPU; bf16 on the GPU's fused kernels: tests/test_cuda.py."""
-    _assert_same_step({})
-
-
-def _padded_batch(seq=64):
-    """Four blocks of 16 tokens, the last sequence left-padded: the model's mask stays, so only
-    block attention can take grouped heads."""
-    ids = torch.randint(0, VOCAB, (2, seq), generator=torch.Generator().manual_seed(1))
+def test_block_attention_keeps_the_repeated_heads():
+    """FlexAttention on grouped heads made the step slower (the module docstring): block attention
+    reads the heads repeated for each query head, and the pass reports nothing."""
+    ids = torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
-    mask[-1, :7] = 0
-    # The first real token is left out too: it is predicted from the last pad, a query with no
-    # allowed key, whose output differs by implementation.
-    labels = ids.masked_fill(mask == 0, -100).index_fill(1, torch.tensor([7]), -100)
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "use_cache": False}
-
-
-SPARSE = dict(attn_density=0.5, attn_block=16)
-
-
-def test_block_attention_and_its_predictor_read_the_key_value_heads():
-    gm, example_inputs = _captured(tiny_model("llama", "lora"), **_padded_batch())
-    report = run_passes(gm, example_inputs, LongExposureConfig.create(**SPARSE))
+    mask[-1, :7] = 0  # left padding: the model's mask stays
+    gm, example_inputs = _captured(tiny_model("llama", "lora"), input_ids=ids, labels=ids, attention_mask=mask,
+                                   use_cache=False)
+    report = run_passes(gm, example_inputs, LongExposureConfig.create(attn_density=0.5, attn_block=16))
     calls = [n for n in gm.graph.nodes if is_call(n, (block_attention,))]
-    predictors = [n for n in gm.graph.nodes if is_call(n, (predict_blocks,))]
-    assert len(calls) == len(predictors) == LAYERS, gm.code
-    for node in calls + predictors:
-        q, k = (n.meta["example_value"] for n in node.args[:2])
-        assert k.shape[1] < q.shape[1], gm.code
-    assert all(n.args[9] for n in calls)  # enable_gqa
-    assert grouped_query_attention.NOTE.format(n=LAYERS) in report.notes
-    # repeat_kv's copies ([b, kv, n, s, d]) are gone; the mask's expand stays.
-    assert not any(n.target == "expand" and n.meta["example_value"].dim() == 5 for n in gm.graph.nodes), gm.code
-
-
-def test_block_attention_on_grouped_heads_has_the_same_loss_and_gradients():
-    _assert_same_step(SPARSE, _padded_batch())
-
-
-def test_block_attention_asked_for_repeated_heads_keeps_them():
-    gm, example_inputs = _captured(tiny_model("llama", "lora"), **_padded_batch())
-    report = run_passes(gm, example_inputs, LongExposureConfig.create(**SPARSE, attn_expand_kv=True))
-    calls = [n for n in gm.graph.nodes if is_call(n, (block_attention,))]
-    assert len(calls) == LAYERS and not any(n.args[9] for n in calls)
+    assert len(calls) == LAYERS, gm.code
+    for node in calls:
+        q, k, v = (n.meta["example_value"] for n in node.args[:3])
+        assert q.shape[1] == k.shape[1] == v.shape[1] and not node.args[9], gm.code  # enable_gqa
     assert not any(note.startswith("grouped_query_attention") for note in report.notes)
 
 

@@ -11,10 +11,9 @@ newer with FlashAttention's or cuDNN's kernels enabled (the memory-efficient ker
 grouped heads: SDPA would fall back to its math kernel). The values are SDPA's on the repeated
 heads; the key and value gradients sum over each group inside the kernel.
 
-Block-sparse attention (:mod:`~lecompile.passes.rewrite_attention`'s ``block_attention``) gets the
-same, with any mask: FlexAttention takes grouped heads, and only ``attn_expand_kv``, which asks for
-them repeated, keeps the copies. Its block predictor pools the keys of each head before comparing
-them with the queries, so it reads the heads themselves too and chooses the same blocks.
+Block-sparse attention (``block_attention``, from rewrite_attention) keeps the repeated heads:
+FlexAttention on grouped heads made the whole step slower, 2% on LLaMA-3.2-1B and 10% on
+Qwen2-1.5B (4 layers, 8192 tokens, half the blocks, H100; ``benchmarks/results/e2e.json`` run 146).
 """
 
 from __future__ import annotations
@@ -26,8 +25,6 @@ import torch
 import torch.fx as fx
 from torch._dynamo.utils import counters
 
-from ..ops.block_attention import block_attention
-from ..predictors.attention import predict_blocks
 from .graph import SDPA, VIEWS, is_call, is_method, meta_value, recompile, static_shape
 from .match_attention import sdpa_arguments, set_sdpa_arguments
 
@@ -37,44 +34,23 @@ MAX_HEAD_DIM = 256
 
 
 def grouped_query_attention(ctx) -> None:
-    """Hand every qualifying SDPA and block attention call, and the block predictor, the key/value
-    heads before ``repeat_kv`` (see the module docstring)."""
+    """Hand every qualifying SDPA call the key/value heads before ``repeat_kv`` (see the module docstring)."""
     rewritten = 0
     for node in ctx.gm.graph.nodes:
-        if is_call(node, (predict_blocks,)):
-            _group_predictor(node)
-        elif ((is_call(node, SDPA) and _group_sdpa(node))
-              or (is_call(node, (block_attention,)) and _group_block_attention(node))):
-            rewritten += 1
-            counters["lecompile"]["grouped_query_attention"] += 1
+        if not is_call(node, SDPA):
+            continue
+        a = sdpa_arguments(node)
+        if not _fused_kernels_take_groups(a):
+            continue
+        key, value = _repeated_heads(a["key"]), _repeated_heads(a["value"])
+        if key is None or value is None or key[1] != value[1]:
+            continue
+        set_sdpa_arguments(node, key=key[0], value=value[0], enable_gqa=True)
+        rewritten += 1
+        counters["lecompile"]["grouped_query_attention"] += 1
     if rewritten:
         recompile(ctx.gm)
         ctx.report.notes.append(NOTE.format(n=rewritten))
-
-
-def _group_sdpa(node: fx.Node) -> bool:
-    a = sdpa_arguments(node)
-    grouped = _fused_kernels_take_groups(a) and _grouped_heads(a["key"], a["value"])
-    if grouped:
-        set_sdpa_arguments(node, key=grouped[0], value=grouped[1], enable_gqa=True)
-    return bool(grouped)
-
-
-def _group_block_attention(node: fx.Node) -> bool:
-    """``node``: ``block_attention(q, k, v, keep, full, steps, operands, causal, block, enable_gqa,
-    kernel, expand_kv)`` as rewrite_attention writes it."""
-    q, k, v, keep, full, steps, operands, causal, block, enable_gqa, kernel, expand_kv = node.args
-    grouped = not (enable_gqa or expand_kv) and _grouped_heads(k, v)
-    if grouped:
-        node.args = (q, *grouped, keep, full, steps, operands, causal, block, True, kernel, expand_kv)
-    return bool(grouped)
-
-
-def _group_predictor(node: fx.Node) -> None:
-    """``predict_blocks(q, k, ...)`` pools the keys per head: the same blocks from the heads themselves."""
-    repeated = _repeated_heads(node.args[1])
-    if repeated is not None:
-        node.args = (node.args[0], repeated[0], *node.args[2:])
 
 
 def _fused_kernels_take_groups(a: dict) -> bool:
@@ -90,14 +66,6 @@ def _fused_kernels_take_groups(a: dict) -> bool:
         return False
     return (torch.cuda.get_device_capability(q.device) >= (8, 0)
             and (torch.backends.cuda.flash_sdp_enabled() or torch.backends.cuda.cudnn_sdp_enabled()))
-
-
-def _grouped_heads(key, value) -> Optional[Tuple[fx.Node, fx.Node]]:
-    """The key and value heads before ``repeat_kv`` when both were repeated alike; else ``None``."""
-    key, value = _repeated_heads(key), _repeated_heads(value)
-    if key is None or value is None or key[1] != value[1]:
-        return None
-    return key[0], value[0]
 
 
 def _repeated_heads(node) -> Optional[Tuple[fx.Node, int]]:
