@@ -503,7 +503,8 @@ def long_context_line(recall: dict, attention: dict, e2e: Optional[dict] = None,
 
 def _long_context_step(e2e: dict, density: float, quality_seq: int) -> Optional[str]:
     """The whole training step at 4096 tokens or more with attention density ``density`` (MLPs
-    dense), on the device and case (less its shape) timed last: per attention kernel, the speedup
+    dense; whole models, not a pass's ablation), on the device and case (less its shape) timed
+    last: per attention kernel, the speedup
     over the strongest setup of each row's own run at every length timed; at the longest length,
     time and peak memory against that setup's; the longest length the density's quality was measured
     at, where rows are longer; and a longer sequence of the case at which the strongest setup ran
@@ -511,7 +512,8 @@ def _long_context_step(e2e: dict, density: float, quality_seq: int) -> Optional[
     latest = e2e_latest(e2e)
     rows = [(device, r) for device, cases in latest.items() for case_rows in cases.values()
             for r in case_rows if r["seq"] >= 4096 and r.get("attn_density") == density
-            and r.get("mlp_density", 1.0) == 1.0 and r.get("speedup_vs_strongest") is not None]
+            and r.get("mlp_density", 1.0) == 1.0 and r.get("speedup_vs_strongest") is not None
+            and not _truncated(r["case"]) and not r.get("without")]
     if not rows:
         return None
     device, newest = max(rows, key=lambda dr: dr[1]["run"])
@@ -546,6 +548,11 @@ def _out_of_memory_beyond(e2e: dict, device: str, row: dict) -> str:
             return (f"; at {rows[0]['seq']} tokens `{row['strongest_baseline']}` ran out of GPU memory, lecompile at "
                     f"density 1.0 took {exact['ms']:.0f} ms and {exact['peak_mem_gib']:.1f} GiB")
     return ""
+
+
+def _truncated(case: str) -> bool:
+    """Whether a case runs fewer decoder layers than its model has (``(4 layers)`` in its name)."""
+    return re.search(r"\(\d+ layers\)", case) is not None
 
 
 def _without_shape(case: str) -> str:

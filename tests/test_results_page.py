@@ -199,7 +199,9 @@ def test_long_context_line_adds_the_newest_long_training_step_at_the_passing_den
         row(2, "m 2x2048", "lecompile-d1-a0.5", 80.0, 2048, attn_density=0.5),
         row(2, "m 1x4096", "inductor-bf16-adapters", 100.0, 4096),
         row(2, "m 1x4096", "lecompile-d0.25-a0.5", 40.0, 4096, attn_density=0.5, mlp_density=0.25),  # sparse MLPs
-        row(2, "m 1x4096", "lecompile-d1-a0.25", 40.0, 4096, attn_density=0.25)]}  # another density
+        row(2, "m 1x4096", "lecompile-d1-a0.25", 40.0, 4096, attn_density=0.25),  # another density
+        dict(row(2, "m 1x4096", "lecompile-d1-a0.5-without-p", 40.0, 4096, attn_density=0.5), without="p"),  # ablation
+        row(2, "m (4 layers) 1x4096", "lecompile-d1-a0.5", 40.0, 4096, attn_density=0.5)]}  # not the whole model
     line = results_page.long_context_line(recall, {"meta": {}, "rows": []}, e2e)
     assert line.endswith("\n- a whole training step of m (H100) against `inductor-bf16-adapters` of each row's run: on "
                          "FlexAttention's Triton kernels 2.00x at 8192 tokens; at 8192 tokens 50 against 100 ms on "
