@@ -24,8 +24,9 @@ rewritten MLPs leave ``base_gemm``'s limit for ``sparse_mlp``'s, the larger of t
 at that rate and the weight rows their token groups read at the GPU's memory bandwidth
 (:func:`sparse_mlp_work`): each group of tokens that shares a neuron set reads its own rows.
 Beside the kernels, each row has the step's wall time without the profiler (``step_ms``), the
-part of it the GPU ran no kernel (``idle_ms``: launches and host work it waited for), and the
-kernel launches and host synchronizations per step (:func:`host_counts`).
+part of it the GPU ran no kernel (``idle_ms``: launches and host work it waited for), the
+kernel launches and host synchronizations per step (:func:`host_counts`), and the host's
+costliest events (:func:`top_host_ops`: which calls the host's time goes to).
 Results go to ``step_breakdown.json`` (with each variant's costliest kernels) and a plot of the
 parts against their limits.
 """
@@ -136,6 +137,17 @@ def top_kernels(prof, steps: int, n: int = 20) -> List[dict]:
                  launches=round(e.count / steps, 1)) for e in kernels[:n]]
 
 
+def top_host_ops(prof, steps: int, n: int = 25) -> List[dict]:
+    """The ``n`` host events (ops, kernel launches, CUDA runtime calls) with the most self CPU
+    time per step, each with its inclusive time and calls per step. Profiled, so every call
+    costs a little more than it does unprofiled."""
+    events = sorted((e for e in prof.key_averages() if e.device_type.name == "CPU"),
+                    key=lambda e: e.self_cpu_time_total, reverse=True)
+    return [dict(name=e.key[:120], self_ms=round(e.self_cpu_time_total / 1e3 / steps, 3),
+                 total_ms=round(e.cpu_time_total / 1e3 / steps, 3), calls=round(e.count / steps, 1))
+            for e in events[:n]]
+
+
 def sparse_mlp_work(entries, config, case: e2e.Case, hidden: int) -> Dict[str, float]:
     """The least work of the rewritten MLPs among ``entries`` (the report's ``MLPEntry`` rows) in
     one step of ``case`` under ``config``: ``flops``, ``weight_bytes`` (bf16 weights), and
@@ -208,7 +220,8 @@ def profile_variant(case: e2e.Case, variant: e2e.Variant, device: str, steps: in
     kernels = round(sum(parts.values()), 3)
     return dict(case=case.name, variant=variant.name, unit="ms per step", kernels_ms=kernels, parts=parts,
                 step_ms=round(wall, 3), idle_ms=round(wall - kernels, 3), **host_counts(prof, steps),
-                limits=limits_ms(step, case, device), top_kernels=top_kernels(prof, steps))
+                limits=limits_ms(step, case, device), top_kernels=top_kernels(prof, steps),
+                top_host_ops=top_host_ops(prof, steps))
 
 
 def plot(rows: List[dict], path: Path) -> None:

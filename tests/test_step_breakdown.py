@@ -46,6 +46,21 @@ def test_a_real_profile_has_the_fields_it_reads():
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         x @ x
     assert step_breakdown.sort_kernels(prof, steps=1) == dict.fromkeys(step_breakdown.PARTS, 0.0)
+    (mm,) = [op for op in step_breakdown.top_host_ops(prof, steps=1) if op["name"] == "aten::mm"]
+    assert mm["calls"] == 1 and 0 < mm["self_ms"] <= mm["total_ms"]
+
+
+def test_top_host_ops_are_the_host_events_with_the_most_self_time_per_step():
+    def event(key, device, self_us, total_us, count):
+        return SimpleNamespace(key=key, device_type=SimpleNamespace(name=device), self_cpu_time_total=self_us,
+                               cpu_time_total=total_us, count=count)
+
+    events = [event("aten::mm", "CPU", 400.0, 600.0, 4), event("gemm_kernel", "CUDA", 9000.0, 0.0, 4),
+              event("lecompile::lm_head_cross_entropy", "CPU", 1000.0, 3000.0, 2),
+              event("aten::add", "CPU", 10.0, 10.0, 2)]
+    top = step_breakdown.top_host_ops(SimpleNamespace(key_averages=lambda: events), steps=2, n=2)
+    assert top == [dict(name="lecompile::lm_head_cross_entropy", self_ms=0.5, total_ms=1.5, calls=1.0),
+                   dict(name="aten::mm", self_ms=0.2, total_ms=0.3, calls=2.0)]
 
 
 def test_refuses_a_device_without_kernels():
