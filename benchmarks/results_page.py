@@ -504,11 +504,10 @@ def long_context_line(recall: dict, attention: dict, e2e: Optional[dict] = None,
 def _long_context_step(e2e: dict, density: float, quality_seq: int) -> Optional[str]:
     """The whole training step at 4096 tokens or more with attention density ``density`` (MLPs
     dense; whole models, not a pass's ablation), on the device and case (less its shape) timed
-    last: per attention kernel, the speedup
-    over the strongest setup of each row's own run at every length timed; at the longest length,
-    time and peak memory against that setup's; the longest length the density's quality was measured
-    at, where rows are longer; and a longer sequence of the case at which the strongest setup ran
-    out of GPU memory."""
+    last: per attention kernel, the speedup over the strongest setup of each row's own run at
+    every length timed; at the longest length, time and peak memory against that setup's; the
+    longest length the density's quality was measured at, where rows are longer; and a longer
+    sequence of the case at which the strongest setup ran out of GPU memory."""
     latest = e2e_latest(e2e)
     rows = [(device, r) for device, cases in latest.items() for case_rows in cases.values()
             for r in case_rows if r["seq"] >= 4096 and r.get("attn_density") == density
