@@ -1,11 +1,15 @@
 """The low-rank GEMM kernel (``a @ w.T + c @ e.T + bias``) against its PyTorch twin (Triton's
 interpreter on CPU machines)."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
 lowrank_gemm = pytest.importorskip("lecompile.kernels.lowrank_gemm")
 
+ROOT = Path(__file__).resolve().parents[1]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 #: Against fp32 math rounded once: the kernel accumulates in fp32 and rounds once, so the
 #: difference is the output's rounding (and the interpreter's bf16-to-fp32 conversions).
@@ -70,22 +74,51 @@ def test_supports_and_errors_name_the_operands():
 
 
 def test_each_launch_gets_one_config_by_its_shape_unless_its_output_is_narrow(monkeypatch):
-    """One config per launch, so nothing is compiled or timed for the others: warp-specialized
-    unless the reduction is deeper than the output is wide (the H100 sweep's best on each side);
-    an output with fewer 128x256 tiles than the GPU has SMs, or a rank the sweep did not cover,
-    keeps every config that fits, autotuned."""
+    """One config per launch, so nothing is compiled or timed for the others: 128x256 tiles,
+    warp-specialized unless the reduction is deeper than the output is wide (the H100 sweep's
+    best on each side), or 128x128 tiles where 128x256 ones leave much of their last round of
+    the GPU's SMs empty; an output with fewer 128x256 tiles than the GPU has SMs, or a rank the
+    sweep did not cover, keeps every config that fits, autotuned."""
     monkeypatch.setattr(lowrank_gemm, "_interpreting", lambda: False)
     configs = lowrank_gemm._configs()
     prune = lowrank_gemm._configs_for_shape
     for low_rank in (False, True):
-        for k, n, specialized in ((2048, 8192, True), (4096, 4096, True), (8192, 2048, False)):
-            (picked,) = prune(configs, dict(M=4096, N=n, K=k, LOW_RANK=low_rank, RANK=16), NUM_SMS=132)
-            assert picked.kwargs["WARP_SPECIALIZE"] is specialized and picked.kwargs["BLOCK_N"] == 256
+        for m, k, n, block_n, specialized in ((4096, 2048, 8192, 256, True), (4096, 4096, 4096, 256, True),
+                                              (4096, 8192, 2048, 256, False), (8192, 8960, 1536, 256, False),
+                                              (4096, 8960, 1536, 128, True), (4096, 1536, 1536, 128, True),
+                                              (4096, 2560, 2560, 128, True)):
+            (picked,) = prune(configs, dict(M=m, N=n, K=k, LOW_RANK=low_rank, RANK=16), NUM_SMS=132)
+            assert (picked.kwargs["BLOCK_N"], picked.kwargs["WARP_SPECIALIZE"]) == (block_n, specialized), (m, k, n)
     assert prune(configs, dict(M=4096, N=512, K=2048, LOW_RANK=True, RANK=16), NUM_SMS=132) == configs  # 64 tiles
     for n in (512, 8192):  # rank 64: all but the warp-specialized 128x256 config, which does not fit
         assert prune(configs, dict(M=4096, N=n, K=2048, LOW_RANK=True, RANK=64), NUM_SMS=132) == configs[1:]
     assert prune(configs[:1], dict(M=1, N=8, K=64, LOW_RANK=False, RANK=16), NUM_SMS=132) == configs[:1]
     assert lowrank_gemm._linear_low_rank_kernel.early_config_prune is prune
+
+
+def test_the_tiling_rule_agrees_with_the_sweep(monkeypatch):
+    """On every row of the H100 sweep (4096 tokens, rank 16, forward and input-gradient layouts)
+    the config the rule picks was timed no slower than the other tiling it weighs (the 128x256
+    config it would take, or the 128x128 one)."""
+    from benchmarks.profiles.lowrank_gemm import SHAPES
+    monkeypatch.setattr(lowrank_gemm, "_interpreting", lambda: False)
+    configs = lowrank_gemm._configs()
+    sweep = json.loads((ROOT / "benchmarks/results/profiles/lowrank_gemm.json").read_text())
+    timed = {(r["case"], r["layout"], tuple(r["cfg"])): r["ms"] for r in sweep["rows"] if r["lora"]}
+
+    def ms(case, layout, config):  # the sweep's row of the persistent kernel in this config
+        kw = config.kwargs
+        return timed[case, layout, (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], 8, config.num_stages,
+                                    config.num_warps, True, kw["WARP_SPECIALIZE"])]
+
+    narrow = next(c for c in configs if c.kwargs["BLOCK_N"] == 128 and c.num_warps == 4)
+    for case, (d_in, d_out) in SHAPES.items():
+        for layout, n, k in (("NT", d_out, d_in), ("NN", d_in, d_out)):
+            wide = next(c for c in configs if c.kwargs["BLOCK_N"] == 256 and c.kwargs["WARP_SPECIALIZE"] == (k <= n))
+            (picked,) = lowrank_gemm._configs_for_shape(configs, dict(M=4096, N=n, K=k, LOW_RANK=True, RANK=16),
+                                                        NUM_SMS=132)
+            other = narrow if picked is wide else wide
+            assert ms(case, layout, picked) <= ms(case, layout, other), (case, layout)
 
 
 #: Compiles the kernel for sm_90 (no GPU needed: Triton's own ptxas) with every config the

@@ -39,9 +39,13 @@ _DTYPES = (torch.float16, torch.bfloat16)
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, warp-specialized): the best of 18 configs on each
 # OPT / LLaMA linear shape in the H100 sweep (profiles/lowrank_gemm.txt). The first came within 3%
-# of the best on every shape where K <= N, the second within 3.2% where K > N (:func:`_configs_for_shape`).
+# of the best on every shape where K <= N, the second within 3.2% where K > N, the third was the
+# best of the 128x128 tilings (:func:`_configs_for_shape`).
 _TILINGS = [(128, 256, 64, 8, 3, True), (128, 256, 64, 8, 3, False), (128, 128, 64, 4, 4, True),
             (128, 128, 64, 8, 4, True)]
+#: A 128x128 tile's time over a 128x256 tile's of the same reduction, in the sweep's rows where
+#: both tilings fill whole rounds of the GPU's SMs (0.553-0.556).
+_HALF_TILE_TIME = 0.556
 
 
 def _configs():
@@ -51,11 +55,19 @@ def _configs():
             for bm, bn, bk, w, s, ws in _TILINGS]
 
 
+def _rounds(args, block_n: int) -> int:
+    """How many tiles of ``128 x block_n`` each of the persistent kernel's programs takes, at most."""
+    return triton.cdiv(triton.cdiv(args["M"], 128) * triton.cdiv(args["N"], block_n), args["NUM_SMS"])
+
+
 def _configs_for_shape(configs, named_args, **kwargs):
     """The configs worth compiling for this launch. Where the sweep's shapes say which (outputs
     that fill the GPU with 128x256 tiles, rank at most 16), one: 128x256 tiles, warp-specialized
     unless ``K > N`` (autotuning, which under ``torch.compile`` means Inductor compiles every
-    config and times them all in the first step, gained at most 3.2% there). Elsewhere every
+    config and times them all in the first step, gained at most 3.2% there), or 128x128 tiles
+    where they take less time by rounds of tiles: 192 tiles of 128x256 (Qwen2's 1536-wide
+    outputs at 4096 tokens) take two rounds on 132 SMs, the second a third empty, 384 of 128x128
+    three. That rule picks the faster of the two on all 16 rows of the sweep. Elsewhere every
     config that fits in shared memory, autotuned."""
     if len(configs) == 1:
         return configs
@@ -64,6 +76,8 @@ def _configs_for_shape(configs, named_args, **kwargs):
     swept = not args["LOW_RANK"] or args["RANK"] == 16
     if not swept or triton.cdiv(args["M"], 128) * triton.cdiv(args["N"], 256) < args["NUM_SMS"]:
         return configs
+    if _HALF_TILE_TIME * _rounds(args, 128) < _rounds(args, 256):
+        return [next(c for c in configs if c.kwargs["BLOCK_N"] == 128 and c.num_warps == 4)]
     specialize = args["K"] <= args["N"]
     return [next(c for c in configs if c.kwargs["BLOCK_N"] == 256 and c.kwargs["WARP_SPECIALIZE"] == specialize)]
 
