@@ -49,6 +49,24 @@ def test_op_matches_cross_entropy_loss_and_gradient(path, reduction, dtype, monk
     assert grad.dtype == dtype
 
 
+@pytest.mark.parametrize("layout", ["fp32 logits", "transposed hidden"])
+def test_gradient_comes_back_in_the_hidden_states_dtype_and_layout(layout, monkeypatch):
+    """A model that upcasts its logits, or hands the op a transposed view of its hidden states:
+    the gradient is written in the hidden states' dtype and layout, not the logits'."""
+    monkeypatch.setattr(lm_head_loss, "CHUNK_ELEMENTS", 300 * 10)
+    hidden, weight, target = _case(dtype=torch.bfloat16)
+    if layout == "transposed hidden":
+        hidden = hidden.detach().t().contiguous().t().requires_grad_()
+    logits = (hidden @ weight.t()).detach()
+    if layout == "fp32 logits":
+        logits = logits.float()
+    loss, grad = lm_head_cross_entropy(logits, hidden, weight, target, -100, "mean")
+    assert grad.dtype == torch.bfloat16 and grad.stride() == hidden.stride()
+    want_loss, want_grad = _reference(hidden, weight, target, "mean")
+    torch.testing.assert_close(loss, want_loss, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(grad.float(), want_grad.float(), atol=2e-2, rtol=2e-2)
+
+
 def test_rows_of_ignored_targets_get_no_loss_and_no_gradient(path):
     hidden, weight, target = _case(n=4, ignored=(0, 1, 2, 3))
     loss_rows = torch.full((4,), 7.0)

@@ -107,7 +107,10 @@ def lm_head_cross_entropy(logits: Tensor, hidden: Tensor, weight: Tensor, target
     for start in range(0, n, chunk):
         part = slice(start, start + chunk)
         grad = rows(logits[part], target[part], scale, ignore_index, loss_rows[part], width)
-        grad_hidden[part] = (grad @ w).to(hidden.dtype)
+        if grad.dtype == hidden.dtype and grad_hidden.is_contiguous():
+            torch.mm(grad, w, out=grad_hidden[part])  # the product written in place, not copied there
+        else:
+            grad_hidden[part] = grad @ w
     return loss_rows.sum() * scale[0], grad_hidden
 
 
