@@ -87,7 +87,7 @@ def test_lora_linear_in_gemm_compiles_with_dynamic_shapes():
                                      (384, 2048, 8192, 16), (4096, 2048, 8192, 16), (4096, 1536, 8960, 16)])
 def test_low_rank_gemm_kernel_on_cuda_matches_reference(dtype, m, n, k, r):
     """The kernel's real configs (persistent; outputs that fill the GPU get 128x256 tiles,
-    warp-specialized where K <= N, or 128x128 ones where those take fewer rounds of the SMs, as
+    warp-specialized where K <= N, or 128x128 ones where those take less time by rounds of the SMs, as
     Qwen2's 1536-wide outputs do; narrower ones the autotuner's pick of all four) on ragged and
     model-sized shapes, the weight in both layouts, with and without bias and low-rank term."""
     from lecompile.kernels.lowrank_gemm import linear_low_rank, linear_low_rank_ref

@@ -44,7 +44,7 @@ _DTYPES = (torch.float16, torch.bfloat16)
 _TILINGS = [(128, 256, 64, 8, 3, True), (128, 256, 64, 8, 3, False), (128, 128, 64, 4, 4, True),
             (128, 128, 64, 8, 4, True)]
 #: A 128x128 tile's time over a 128x256 tile's of the same reduction, in the sweep's rows where
-#: both tilings fill whole rounds of the GPU's SMs (0.553-0.556).
+#: both tilings fill nearly whole rounds of the GPU's SMs (0.553-0.556).
 _HALF_TILE_TIME = 0.556
 
 
@@ -66,7 +66,7 @@ def _configs_for_shape(configs, named_args, **kwargs):
     unless ``K > N`` (autotuning, which under ``torch.compile`` means Inductor compiles every
     config and times them all in the first step, gained at most 3.2% there), or 128x128 tiles
     where they take less time by rounds of tiles: 192 tiles of 128x256 (Qwen2's 1536-wide
-    outputs at 4096 tokens) take two rounds on 132 SMs, the second a third empty, 384 of 128x128
+    outputs at 4096 tokens) take two rounds on 132 SMs, the second with 60 tiles, 384 of 128x128
     three. That rule picks the faster of the two on all 16 rows of the sweep. Elsewhere every
     config that fits in shared memory, autotuned."""
     if len(configs) == 1:
