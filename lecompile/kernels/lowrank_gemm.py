@@ -55,9 +55,14 @@ def _configs():
             for bm, bn, bk, w, s, ws in _TILINGS]
 
 
+def _tiles(args, block_n: int) -> int:
+    """How many ``128 x block_n`` tiles the launch's output has."""
+    return triton.cdiv(args["M"], 128) * triton.cdiv(args["N"], block_n)
+
+
 def _rounds(args, block_n: int) -> int:
     """How many tiles of ``128 x block_n`` each of the persistent kernel's programs takes, at most."""
-    return triton.cdiv(triton.cdiv(args["M"], 128) * triton.cdiv(args["N"], block_n), args["NUM_SMS"])
+    return triton.cdiv(_tiles(args, block_n), args["NUM_SMS"])
 
 
 def _configs_for_shape(configs, named_args, **kwargs):
@@ -74,7 +79,7 @@ def _configs_for_shape(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     configs = [c for c in configs if _fits(c, args)]
     swept = not args["LOW_RANK"] or args["RANK"] == 16
-    if not swept or triton.cdiv(args["M"], 128) * triton.cdiv(args["N"], 256) < args["NUM_SMS"]:
+    if not swept or _tiles(args, 256) < args["NUM_SMS"]:
         return configs
     if _HALF_TILE_TIME * _rounds(args, 128) < _rounds(args, 256):
         return [next(c for c in configs if c.kwargs["BLOCK_N"] == 128 and c.num_warps == 4)]

@@ -104,10 +104,11 @@ def lm_head_cross_entropy(logits: Tensor, hidden: Tensor, weight: Tensor, target
     width = vocab if rows is cross_entropy_rows_ref else _aligned_vocab(vocab, logits.dtype)
     w = weight.to(logits.dtype) if width == vocab else _padded_weights(weight, logits.dtype, width)
     chunk = -(-n // -(-n * vocab // CHUNK_ELEMENTS))  # ceil(n / number of chunks)
+    in_place = logits.dtype == hidden.dtype and grad_hidden.is_contiguous()
     for start in range(0, n, chunk):
         part = slice(start, start + chunk)
         grad = rows(logits[part], target[part], scale, ignore_index, loss_rows[part], width)
-        if grad.dtype == hidden.dtype and grad_hidden.is_contiguous():
+        if in_place:
             torch.mm(grad, w, out=grad_hidden[part])  # the product written in place, not copied there
         else:
             grad_hidden[part] = grad @ w
